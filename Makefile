@@ -1,0 +1,81 @@
+# eva_optax developer tasks. Needs only python3 and make; everything else goes into .venv.
+#
+#   make install   create .venv and install the package with the test and example extras
+#   make data      locate Fashion-MNIST (installs the Debian package when run as root)
+#   make test      run the test suite (slow convergence runs excluded)
+#   make demo      Fashion-MNIST autoencoder: SGD vs Eva
+#   make bench     step-time benchmark
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+DATA_PACKAGE := dataset-fashion-mnist
+APT := DEBIAN_FRONTEND=noninteractive apt-get
+
+# Missing data is an error for the demo; for tests and benchmarks it is only a warning
+# (they use their own tiny files or synthetic data).
+REQUIRE_DATA ?= 1
+
+.PHONY: all $(VENV) install data demo test bench clean
+.DEFAULT_GOAL := test
+
+all: test
+
+$(VENV): $(PY)
+
+$(PY):
+	@if ! $(PYTHON) -m venv $(VENV); then \
+	  rm -rf $(VENV); \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "python3 -m venv failed; installing the Debian package python3-venv"; \
+	    $(APT) install -y -q python3-venv || { $(APT) update -q && $(APT) install -y -q python3-venv; }; \
+	    $(PYTHON) -m venv $(VENV); \
+	  else \
+	    echo "error: '$(PYTHON) -m venv' failed. Install the venv module (Debian/Ubuntu: apt-get install python3-venv)." >&2; \
+	    exit 1; \
+	  fi; \
+	fi
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[test,examples]'
+	@touch $@
+
+install: $(STAMP)
+
+DATA_MISSING = { \
+	  echo "" >&2; \
+	  echo "Fashion-MNIST is not available. Install the Debian package $(DATA_PACKAGE)" >&2; \
+	  echo "(as root: apt-get install $(DATA_PACKAGE)), or put the IDX files in a directory" >&2; \
+	  echo "and set EVA_OPTAX_DATA=/that/directory." >&2; \
+	  if [ "$(REQUIRE_DATA)" = 1 ]; then exit 1; fi; \
+	  echo "warning: continuing without Fashion-MNIST" >&2; }
+
+data: install
+	@if $(PY) -m eva_optax.datasets --check --no-download 2>/dev/null; then \
+	  :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "Fashion-MNIST not found; installing the Debian package $(DATA_PACKAGE)"; \
+	  $(APT) install -y -q $(DATA_PACKAGE) \
+	    || { $(APT) update -q && $(APT) install -y -q $(DATA_PACKAGE); } \
+	    || echo "warning: apt-get could not install $(DATA_PACKAGE)" >&2; \
+	  $(PY) -m eva_optax.datasets --check || $(DATA_MISSING); \
+	else \
+	  echo "Fashion-MNIST not found locally; trying to download it into the cache"; \
+	  $(PY) -m eva_optax.datasets --check || $(DATA_MISSING); \
+	fi
+
+demo: install data
+	$(PY) examples/autoencoder_demo.py
+
+test: REQUIRE_DATA := 0
+test: install data
+	$(PY) -m pytest -q
+
+bench: REQUIRE_DATA := 0
+bench: install data
+	$(PY) benchmarks/step_time.py
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .hypothesis
