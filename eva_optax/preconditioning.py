@@ -1,0 +1,159 @@
+"""The skeleton shared by layer-wise preconditioners: match, precondition, scale.
+
+A layer-wise rule (Eva, and every rule built on captured statistics) only has
+to say how one layer's gradient matrix is preconditioned; this module finds the
+layers in the update tree, checks the captured statistics against them, keeps
+running averages of the statistics, applies the global KL scaling to the
+preconditioned layers only, and passes every other parameter through unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from eva_optax import kl
+from eva_optax.layers import (
+    BIAS,
+    KERNEL,
+    LayerSlot,
+    LayerStats,
+    Path,
+    bias_vector,
+    check_stats_match,
+    find_layer_slots,
+    flatten_with_paths,
+    kernel_matrix,
+    layer_entries,
+    nest,
+    path_of,
+)
+from eva_optax.running_average import update_running_average
+
+
+class LayerGradient(NamedTuple):
+  """A layer's gradient as a matrix: kernel ``stack + (in, out)``, bias ``stack + (out,)``."""
+
+  kernel: jax.Array
+  bias: jax.Array | None
+
+
+class Preconditioned(NamedTuple):
+  """A layer's preconditioned update ``V`` and ``Σ ⟨V, Ĝ⟩`` over its entries."""
+
+  kernel: jax.Array
+  bias: jax.Array | None
+  update_dot_grad: jax.Array
+
+
+def require_stats(stats: Any, name: str) -> None:
+  if stats is None:
+    raise ValueError(
+        f"{name} needs the layer statistics: call tx.update(grads, state, params,"
+        " stats=stats) with the stats returned by eva_optax.value_and_grad"
+    )
+
+
+def empty_like_stats(slots: dict[Path, LayerSlot], side: str) -> dict[str, Any]:
+  """Zero running averages, ``side`` 'input' (``stack + (in,)``) or 'output'."""
+  flat = {}
+  for path, slot in slots.items():
+    stack, in_dim, out_dim = slot.layout.dims(slot.kernel_shape)
+    flat[path] = jnp.zeros(stack + ((in_dim,) if side == "input" else (out_dim,)), jnp.float32)
+  return nest(flat)
+
+
+def update_averages(
+    slots: dict[Path, LayerSlot],
+    stats: Any,
+    input_means: Any,
+    output_grad_means: Any,
+    stat_decay: jax.Array,
+    count: jax.Array,
+) -> tuple[dict[Path, tuple[jax.Array, jax.Array]], Any, Any]:
+  """Running averages of ā and ḡ for every layer the stats cover.
+
+  Returns the averaged ``(ā, ḡ)`` per preconditioned layer and the new
+  running-average trees (unchanged for layers without statistics this step).
+  """
+  entries = layer_entries(stats)
+  old_in = dict(flatten_with_paths(input_means))
+  old_out = dict(flatten_with_paths(output_grad_means))
+  new_in, new_out, averaged = dict(old_in), dict(old_out), {}
+  for path, slot in slots.items():
+    entry = entries.get(path)
+    if not isinstance(entry, LayerStats):
+      continue
+    check_stats_match(slot, entry)
+    new_in[path] = update_running_average(old_in[path], entry.input_mean, stat_decay, count)
+    new_out[path] = update_running_average(
+        old_out[path], entry.output_grad_mean, stat_decay, count
+    )
+    averaged[path] = (new_in[path], new_out[path])
+  return averaged, nest(new_in), nest(new_out)
+
+
+def apply_layerwise(
+    updates: Any,
+    slots: dict[Path, LayerSlot],
+    layers: dict[Path, Any],
+    precondition: Callable[[LayerGradient, Any], Preconditioned],
+    scale: Callable[[jax.Array], jax.Array],
+) -> Any:
+  """Preconditions the layers named in ``layers``, scales them, passes the rest.
+
+  Args:
+    updates: the gradient tree.
+    slots: every layer of the tree (:func:`find_layer_slots`).
+    layers: per layer to precondition, the statistics ``precondition`` needs.
+    precondition: ``(LayerGradient, statistics) -> Preconditioned``.
+    scale: ``Σ_layers ⟨V, Ĝ⟩ -> ν``, the factor applied to every ``V``.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
+  paths = [path_of(keys) for keys, _ in leaves]
+  index = {path: i for i, path in enumerate(paths)}
+  new = [leaf for _, leaf in leaves]
+  results: dict[Path, Preconditioned] = {}
+  for path, layer_stats in layers.items():
+    slot = slots[path]
+    k = new[index[path + (KERNEL,)]]
+    b = new[index[path + (BIAS,)]] if slot.has_bias else None
+    grad = LayerGradient(
+        kernel_matrix(k.astype(jnp.float32), slot.layout),
+        None if b is None else bias_vector(b.astype(jnp.float32), slot.layout),
+    )
+    results[path] = precondition(grad, layer_stats)
+  if not results:
+    return updates
+  total = sum(r.update_dot_grad for r in results.values())
+  nu = scale(total)
+  for path, r in results.items():
+    ki = index[path + (KERNEL,)]
+    new[ki] = (nu * r.kernel).reshape(new[ki].shape).astype(new[ki].dtype)
+    if r.bias is not None:
+      bi = index[path + (BIAS,)]
+      new[bi] = (nu * r.bias).reshape(new[bi].shape).astype(new[bi].dtype)
+  return jax.tree_util.tree_unflatten(treedef, new)
+
+
+def kl_scale(
+    scaling: str,
+    learning_rate: jax.Array | None,
+    kl_clip: jax.Array | None,
+) -> Callable[[jax.Array], jax.Array]:
+  """The ``scale`` argument of :func:`apply_layerwise` for KL clip / normalisation."""
+  return lambda total: kl.scale_factor(scaling, total, learning_rate, kl_clip)
+
+
+__all__ = [
+    "LayerGradient",
+    "Preconditioned",
+    "apply_layerwise",
+    "empty_like_stats",
+    "find_layer_slots",
+    "kl_scale",
+    "require_stats",
+    "update_averages",
+]
