@@ -1,0 +1,429 @@
+"""Eva's rule against dense linear algebra and a NumPy re-implementation."""
+
+import functools
+
+import flax.linen as nn
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import eva_optax
+from eva_optax import kl
+from eva_optax.preconditioning import LayerGradient
+from eva_optax.running_average import update_running_average
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# ---------------------------------------------------------------------------
+# Sherman–Morrison == explicit solve.
+
+
+@hypothesis.settings(deadline=None, max_examples=30)
+@hypothesis.given(
+    in_dim=st.integers(1, 6),
+    out_dim=st.integers(1, 5),
+    bias=st.booleans(),
+    damping=st.floats(1e-3, 10.0),
+    seed=st.integers(0, 2**16),
+)
+def test_sherman_morrison_equals_explicit_solve(in_dim, out_dim, bias, damping, seed):
+  rng = np.random.default_rng(seed)
+  a = rng.normal(size=in_dim)
+  g = rng.normal(size=out_dim)
+  kernel = rng.normal(size=(in_dim, out_dim))  # (in, out), as Flax stores it
+  b = rng.normal(size=out_dim) if bias else None
+  # Paper form: Ĝ (out, in+1), ā with a trailing 1 when there is a bias.
+  g_hat = np.concatenate([kernel.T, b[:, None]], axis=1) if bias else kernel.T
+  a_hat = np.concatenate([a, [1.0]]) if bias else a
+  u = np.kron(g, a_hat)  # vec of ḡ āᵀ, row-major, like g_hat.reshape(-1)
+  fisher = np.kron(np.outer(g, g), np.outer(a_hat, a_hat))
+  assert np.allclose(fisher, np.outer(u, u))
+  expected = np.linalg.solve(fisher + damping * np.eye(u.size), g_hat.reshape(-1))
+  expected = expected.reshape(g_hat.shape)
+
+  p = eva_optax.sherman_morrison(
+      LayerGradient(jnp.asarray(kernel, jnp.float32), None if b is None else jnp.asarray(b, jnp.float32)),
+      jnp.asarray(a, jnp.float32), jnp.asarray(g, jnp.float32), jnp.float32(damping),
+  )
+  got = np.concatenate([np.asarray(p.kernel).T, np.asarray(p.bias)[:, None]], 1) if bias else np.asarray(p.kernel).T
+  scale = np.abs(expected).max() + 1e-6
+  np.testing.assert_allclose(got / damping, expected, rtol=2e-4, atol=2e-4 * scale)
+  np.testing.assert_allclose(
+      float(p.update_dot_grad) / damping, float(np.vdot(expected, g_hat)), rtol=2e-3, atol=1e-4
+  )
+
+
+def test_sherman_morrison_stacked_layers_are_independent():
+  rng = np.random.default_rng(0)
+  k = rng.normal(size=(3, 4, 5)).astype(np.float32)
+  b = rng.normal(size=(3, 5)).astype(np.float32)
+  a = rng.normal(size=(3, 4)).astype(np.float32)
+  g = rng.normal(size=(3, 5)).astype(np.float32)
+  stacked = eva_optax.sherman_morrison(LayerGradient(k, b), a, g, 0.1)
+  total = 0.0
+  for i in range(3):
+    one = eva_optax.sherman_morrison(LayerGradient(k[i], b[i]), a[i], g[i], 0.1)
+    np.testing.assert_allclose(stacked.kernel[i], one.kernel, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stacked.bias[i], one.bias, rtol=1e-5, atol=1e-6)
+    total += float(one.update_dot_grad)
+  np.testing.assert_allclose(float(stacked.update_dot_grad), total, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# KL scaling and running averages.
+
+
+@pytest.mark.parametrize(
+    "dot, lr, clip, expected",
+    [
+        (4.0, 0.1, 0.001, min(1.0, np.sqrt(0.001 / (0.01 * 4.0)))),
+        (1e-6, 0.1, 0.001, 1.0),  # small updates are not scaled up
+        (0.0, 0.1, 0.001, 1.0),
+        (-1.0, 0.1, 0.001, 1.0),
+        (2.0, 0.0, 0.001, 1.0),
+    ],
+)
+def test_kl_clip_factor(dot, lr, clip, expected):
+  got = kl.kl_clip_factor(jnp.float32(dot), jnp.float32(lr), jnp.float32(clip))
+  np.testing.assert_allclose(float(got), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dot, expected", [(4.0, 0.5), (0.25, 2.0), (0.0, 1.0), (-3.0, 1.0)])
+def test_kl_normalise_factor(dot, expected):
+  np.testing.assert_allclose(float(kl.kl_normalise_factor(jnp.float32(dot))), expected, rtol=1e-6)
+
+
+def test_running_average_first_update_takes_new_value():
+  old, new = jnp.array([5.0, -5.0]), jnp.array([1.0, 2.0])
+  np.testing.assert_allclose(update_running_average(old, new, 0.3, jnp.int32(0)), new)
+  np.testing.assert_allclose(
+      update_running_average(old, new, 0.3, jnp.int32(1)), 0.3 * old + 0.7 * new, rtol=1e-6
+  )
+
+
+# ---------------------------------------------------------------------------
+# Small models shared by the trajectory and contract tests.
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(6)(x))
+    x = nn.LayerNorm()(x)  # not a layer: passes through
+    x = nn.Dense(5, use_bias=False)(x)
+    return nn.Dense(3)(nn.tanh(x))
+
+
+class CNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(4, (3, 3), strides=2, padding="SAME")(x))
+    x = nn.relu(nn.Conv(5, (2, 2), padding="VALID", use_bias=False)(x))
+    return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+def _problem(model, x_shape, seed=0):
+  key = jax.random.key(seed)
+  kx, ky, kp = jax.random.split(key, 3)
+  xs = jax.random.normal(kx, (4,) + x_shape)  # 4 steps of data
+  ys = jax.random.normal(ky, (4, x_shape[0], 3))
+  params = model.init(kp, xs[0])["params"]
+
+  def loss_fn(params, x, y):
+    return jnp.mean((model.apply({"params": params}, x) - y) ** 2)
+
+  return params, loss_fn, xs, ys
+
+
+PROBLEMS = {
+    "mlp": lambda: _problem(MLP(), (8, 7)),
+    "cnn": lambda: _problem(CNN(), (8, 9, 9, 2)),
+}
+
+
+def _numpy_eva_trajectory(params, grads_and_stats, *, lr, momentum, wd, damping, kl_clip, stat_decay):
+  """The whole update in NumPy, layer by layer, from the captured statistics."""
+  params = jax.tree.map(lambda p: np.asarray(p, np.float64), params)
+  flat = {"/".join(str(k.key) for k in path): v for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  buf = {k: np.zeros_like(v) for k, v in flat.items()}
+  avg_a, avg_g = {}, {}
+  for step, (grads, stats) in enumerate(grads_and_stats):
+    gflat = {"/".join(str(k.key) for k in path): np.asarray(v, np.float64) for path, v in jax.tree_util.tree_flatten_with_path(grads)[0]}
+    layers = {name: s for name, s in stats.items()}
+    vs, total = {}, 0.0
+    for name, s in layers.items():
+      a_new, g_new = np.asarray(s.input_mean, np.float64), np.asarray(s.output_grad_mean, np.float64)
+      if step == 0:
+        avg_a[name], avg_g[name] = a_new, g_new
+      else:
+        avg_a[name] = stat_decay * avg_a[name] + (1 - stat_decay) * a_new
+        avg_g[name] = stat_decay * avg_g[name] + (1 - stat_decay) * g_new
+      kernel = gflat[name + "/kernel"]
+      kmat = kernel.reshape(-1, kernel.shape[-1]).T  # (out, in)
+      a = avg_a[name]
+      if s.has_bias:
+        kmat = np.concatenate([kmat, gflat[name + "/bias"][:, None]], axis=1)
+        a = np.concatenate([a, [1.0]])
+      g = avg_g[name]
+      sval = g @ kmat @ a
+      v = (kmat - sval / (a @ a * (g @ g) + damping) * np.outer(g, a)) / damping
+      vs[name] = v
+      total += np.sum(v * kmat)
+    nu = min(1.0, np.sqrt(kl_clip / (lr**2 * total))) if total > 0 else 1.0
+    d = dict(gflat)
+    for name, v in vs.items():
+      kernel_shape = gflat[name + "/kernel"].shape
+      n_in = int(np.prod(kernel_shape[:-1]))
+      d[name + "/kernel"] = (nu * v[:, :n_in]).T.reshape(kernel_shape)
+      if layers[name].has_bias:
+        d[name + "/bias"] = nu * v[:, n_in]
+    for k in flat:
+      step_dir = d[k] + wd * flat[k]
+      buf[k] = momentum * buf[k] + step_dir
+      flat[k] = flat[k] - lr * buf[k]
+  return flat
+
+
+@pytest.mark.parametrize("problem", sorted(PROBLEMS))
+def test_trajectory_matches_numpy_reimplementation(problem):
+  params, loss_fn, xs, ys = PROBLEMS[problem]()
+  hp = dict(lr=0.3, momentum=0.9, wd=0.01, damping=0.05, kl_clip=0.002, stat_decay=0.2)
+  tx = eva_optax.eva(
+      hp["lr"], momentum=hp["momentum"], weight_decay=hp["wd"], damping=hp["damping"],
+      kl_clip=hp["kl_clip"], stat_decay=hp["stat_decay"],
+  )
+  grad_fn = jax.jit(eva_optax.value_and_grad(loss_fn))
+  state = tx.init(params)
+  p = params
+  # The NumPy model re-uses the gradients and statistics the JAX run saw at each step.
+  seen = []
+  for x, y in zip(xs, ys):
+    _, grads, stats = grad_fn(p, x, y)
+    seen.append((grads, stats))
+    updates, state = tx.update(grads, state, p, stats=stats)
+    p = optax.apply_updates(p, updates)
+  expected = _numpy_eva_trajectory(params, seen, **hp)
+  got = {"/".join(str(k.key) for k in path): v for path, v in jax.tree_util.tree_flatten_with_path(p)[0]}
+  assert set(got) == set(expected)
+  for k in got:
+    np.testing.assert_allclose(got[k], expected[k], rtol=2e-4, atol=2e-6, err_msg=k)
+  # The clip was active at least once, or the test would not test it.
+  assert not np.allclose(got["Dense_0/kernel"], params["Dense_0"]["kernel"])
+
+
+def test_kl_clip_is_active_and_global():
+  """ν is one factor for all preconditioned layers, and pass-through leaves are unscaled."""
+  params, loss_fn, xs, ys = PROBLEMS["mlp"]()
+  _, grads, stats = eva_optax.value_and_grad(loss_fn)(params, xs[0], ys[0])
+  big = eva_optax.scale_by_eva(10.0, kl_clip=1e-6)
+  none = eva_optax.scale_by_eva(10.0, kl_clip=1e9)
+  u_big, _ = big.update(grads, big.init(params), params, stats=stats)
+  u_none, _ = none.update(grads, none.init(params), params, stats=stats)
+  ratios = [
+      float(jnp.linalg.norm(u_big[m][k]) / jnp.linalg.norm(u_none[m][k]))
+      for m in ("Dense_0", "Dense_1", "Dense_2")
+      for k in u_big[m]
+  ]
+  assert max(ratios) < 1.0
+  np.testing.assert_allclose(ratios, ratios[0], rtol=1e-4)
+  for k in ("scale", "bias"):
+    np.testing.assert_array_equal(u_big["LayerNorm_0"][k], grads["LayerNorm_0"][k])
+
+
+def test_kl_normalise_divides_by_sqrt_of_global_dot():
+  """Extension form: V = P / sqrt(Σ⟨P, Ĝ⟩) with P the projection without 1/γ."""
+  params, loss_fn, xs, ys = PROBLEMS["cnn"]()
+  _, grads, stats = eva_optax.value_and_grad(loss_fn)(params, xs[0], ys[0])
+  gamma = 0.1
+  normalised = eva_optax.scale_by_eva(scaling="kl_normalise", damping=gamma)
+  unclipped = eva_optax.scale_by_eva(1.0, damping=gamma, kl_clip=1e12)  # ν = 1: P / γ
+  u_norm, _ = normalised.update(grads, normalised.init(params), params, stats=stats)
+  u_clip, _ = unclipped.update(grads, unclipped.init(params), params, stats=stats)
+  projection = jax.tree.map(lambda u: u * gamma, u_clip)
+  total = sum(float(jnp.vdot(projection[m][k], grads[m][k])) for m in grads for k in grads[m])
+  assert total > 0
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b / np.sqrt(total), rtol=1e-4, atol=1e-7),
+      u_norm, projection,
+  )
+
+
+# ---------------------------------------------------------------------------
+# Composition and the optax contract.
+
+
+def _run(tx, problem="mlp", steps=3, **extra):
+  params, loss_fn, xs, ys = PROBLEMS[problem]()
+  grad_fn = eva_optax.value_and_grad(loss_fn)
+  state = tx.init(params)
+  p = params
+  for x, y in list(zip(xs, ys))[:steps]:
+    _, grads, stats = grad_fn(p, x, y)
+    updates, state = tx.update(grads, state, p, stats=stats, **extra)
+    p = optax.apply_updates(p, updates)
+  return p, state
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_preconditioner_composition_equals_alias(nesterov):
+  lr, wd = 0.2, 5e-4
+  alias, _ = _run(eva_optax.eva(lr, momentum=0.9, nesterov=nesterov, weight_decay=wd), "cnn")
+  composed, _ = _run(
+      optax.chain(
+          eva_optax.scale_by_eva(learning_rate=lr),
+          optax.add_decayed_weights(wd),
+          optax.sgd(lr, momentum=0.9, nesterov=nesterov),
+      ),
+      "cnn",
+  )
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), alias, composed)
+
+
+def test_unknown_extra_args_are_ignored():
+  plain, _ = _run(eva_optax.eva(0.1))
+  extra, _ = _run(eva_optax.eva(0.1), unrelated=jnp.ones(3), other="x")
+  jax.tree.map(np.testing.assert_array_equal, plain, extra)
+
+
+def test_inject_hyperparams_gives_identical_updates():
+  kw = dict(momentum=0.9, weight_decay=1e-3, damping=0.05, kl_clip=0.01)
+  plain, _ = _run(eva_optax.eva(0.1, **kw))
+  injected, state = _run(optax.inject_hyperparams(eva_optax.eva)(learning_rate=0.1, **kw))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8), plain, injected)
+  assert set(state.hyperparams) >= {"learning_rate", "damping", "kl_clip"}
+
+
+def test_schedules_are_accepted():
+  lr = optax.linear_schedule(0.2, 0.05, 3)
+  damping = optax.exponential_decay(0.1, 1, 0.5)
+  clip = optax.constant_schedule(0.01)
+  scheduled, _ = _run(eva_optax.eva(lr, damping=damping, kl_clip=clip))
+  # Same as applying each step's values by hand through inject_hyperparams.
+  params, loss_fn, xs, ys = PROBLEMS["mlp"]()
+  grad_fn = eva_optax.value_and_grad(loss_fn)
+  tx = optax.inject_hyperparams(eva_optax.eva)(learning_rate=0.2, damping=0.1, kl_clip=0.01)
+  state, p = tx.init(params), params
+  for i, (x, y) in enumerate(list(zip(xs, ys))[:3]):
+    state.hyperparams["learning_rate"] = lr(i)
+    state.hyperparams["damping"] = damping(i)
+    _, grads, stats = grad_fn(p, x, y)
+    updates, state = tx.update(grads, state, p, stats=stats)
+    p = optax.apply_updates(p, updates)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), scheduled, p)
+
+
+def test_works_inside_chain_and_apply_if_finite():
+  tx = optax.apply_if_finite(optax.chain(optax.clip_by_global_norm(1.0), eva_optax.eva(0.1)), 3)
+  params, state = _run(tx)
+  assert int(state.notfinite_count) == 0
+  assert all(np.isfinite(np.asarray(l)).all() for l in jax.tree.leaves(params))
+
+
+def test_non_finite_step_is_skipped_without_corrupting_state():
+  params, loss_fn, xs, ys = PROBLEMS["mlp"]()
+  tx = optax.apply_if_finite(eva_optax.eva(0.1), 3)
+  state = tx.init(params)
+  _, grads, stats = eva_optax.value_and_grad(loss_fn)(params, xs[0], ys[0])
+  bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), grads)
+  step = jax.jit(functools.partial(tx.update))
+  updates, new_state = step(bad, state, params, stats=stats)
+  assert int(new_state.notfinite_count) == 1
+  jax.tree.map(np.testing.assert_array_equal, new_state.inner_state, state.inner_state)
+  assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))
+
+
+def test_no_recompilation_on_second_call():
+  params, loss_fn, xs, ys = PROBLEMS["cnn"]()
+  tx = eva_optax.eva(0.1, weight_decay=1e-4)
+  grad_fn = eva_optax.value_and_grad(loss_fn)
+  traces = []
+
+  @jax.jit
+  def step(params, state, x, y):
+    traces.append(1)
+    loss, grads, stats = grad_fn(params, x, y)
+    updates, state = tx.update(grads, state, params, stats=stats)
+    return optax.apply_updates(params, updates), state, loss
+
+  state = tx.init(params)
+  for x, y in zip(xs, ys):
+    params, state, loss = step(params, state, x, y)
+  assert len(traces) == 1
+  assert step._cache_size() == 1
+
+
+# ---------------------------------------------------------------------------
+# Errors.
+
+
+def test_update_without_stats_is_a_clear_error():
+  params, loss_fn, xs, ys = PROBLEMS["mlp"]()
+  tx = eva_optax.eva(0.1)
+  grads = jax.grad(loss_fn)(params, xs[0], ys[0])
+  with pytest.raises(ValueError, match="stats=stats"):
+    tx.update(grads, tx.init(params), params)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(damping=0.0), "damping"),
+        (dict(damping=-1.0), "damping"),
+        (dict(kl_clip=0.0), "kl_clip"),
+        (dict(stat_decay=1.0), "stat_decay"),
+        (dict(stat_decay=-0.1), "stat_decay"),
+        (dict(momentum=1.5), "momentum"),
+        (dict(weight_decay=-1.0), "weight_decay"),
+        (dict(damping=float("nan")), "damping"),
+        (dict(scaling="other"), "scaling"),
+    ],
+)
+def test_bad_hyperparameters_name_the_parameter(kwargs, name):
+  with pytest.raises(ValueError, match=name):
+    eva_optax.eva(0.1, **kwargs)
+
+
+def test_negative_learning_rate_is_refused():
+  with pytest.raises(ValueError, match="learning_rate"):
+    eva_optax.eva(-0.1)
+
+
+class Stacked(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    class Block(nn.Module):
+      @nn.compact
+      def __call__(self, h, _):
+        return nn.tanh(nn.Dense(h.shape[-1], use_bias=False)(h)), None
+
+    x, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)()(x, None)
+    return nn.DenseGeneral((3, 1), use_bias=False)(x).reshape(x.shape[0], 3)
+
+
+def test_unguessable_layout_is_an_error_then_layouts_of_fixes_it():
+  model = Stacked()
+  x = jax.random.normal(jax.random.key(0), (8, 5))
+  y = jax.random.normal(jax.random.key(1), (8, 3))
+  params = model.init(jax.random.key(2), x)["params"]
+  loss_fn = lambda p: jnp.mean((model.apply({"params": p}, x) - y) ** 2)
+  _, grads, stats = eva_optax.value_and_grad(loss_fn)(params)
+  tx = eva_optax.eva(0.1)
+  with pytest.raises(ValueError, match="layouts_of"):
+    tx.update(grads, tx.init(params), params, stats=stats)
+  layouts = eva_optax.layouts_of(jax.eval_shape(eva_optax.value_and_grad(loss_fn), params)[2])
+  tx = eva_optax.eva(0.1, layouts=layouts)
+  updates, state = tx.update(grads, tx.init(params), params, stats=stats)
+  assert state[0].input_mean["ScanBlock_0"]["Dense_0"].shape == (3, 5)
+  # Each stacked layer is preconditioned with its own statistics.
+  one = eva_optax.scale_by_eva(0.1, layouts=layouts)
+  u, _ = one.update(grads, one.init(params), params, stats=stats)
+  k = grads["ScanBlock_0"]["Dense_0"]["kernel"]
+  s = stats["ScanBlock_0"]["Dense_0"]
+  per_layer = [eva_optax.sherman_morrison(LayerGradient(k[i], None), s.input_mean[i], s.output_grad_mean[i], 0.03) for i in range(3)]
+  ratio = np.asarray(u["ScanBlock_0"]["Dense_0"]["kernel"][1]) / (np.asarray(per_layer[1].kernel) / 0.03)
+  np.testing.assert_allclose(ratio, ratio.flat[0], rtol=1e-4)
