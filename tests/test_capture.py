@@ -1,0 +1,702 @@
+"""The statistics of ``eva_optax.value_and_grad`` against an independent reference.
+
+The reference never touches the library's code path. It runs a plain forward
+pass of a model without lifted transforms, records with ``nn.intercept_methods``
+the raw input of every Dense / DenseGeneral / Conv call, adds a zero
+perturbation ``eps`` to each call's output and takes ``jax.grad`` w.r.t. the
+perturbations: that gives the full per-sample output gradients dL/dy. The means
+are then taken in float64 numpy; for Conv the im2col patches of the mean image
+are extracted with explicit loops over output positions and window offsets, on
+the (input-dilated, padded) mean image, following the padding rules of
+``flax.linen.Conv`` written out by hand.
+
+Conventions checked (DESIGN.md §1):
+
+* Dense: ā = mean of the input over every axis but the last; ḡ = mean of dL/dy
+  over the same axes, L the loss as written (a mean).
+* DenseGeneral: the same over the non-contracted axes, the input flattened in
+  the order of the kernel's input axes (Flax sorts ``axis``, so ascending axis
+  order even for ``axis=(-1, -2)``), ḡ flattened over the feature axes.
+* Conv: the batch mean first, then the mean of its patches over the output
+  positions, ordered like the kernel flattened from (*window, in) (HWIO);
+  ḡ = mean of dL/dy over batch and positions.
+* A module called several times: the mean of the per-call statistics.
+* Stacked layers (``nn.scan``): per-layer statistics, stack axis first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eva_optax
+from eva_optax import LayerStats, PassThrough
+
+RTOL = 1e-5
+ATOL = 1e-6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _quick_compiles():
+  """Fewer XLA optimisation passes: these tiny programs are compiled once and
+  run once, so compilation is nearly all of the file's run time (on 2 CPU
+  cores). The values computed are the same programs' values."""
+  before = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", before)
+
+
+# ---------------------------------------------------------------------------
+# Independent reference.
+
+
+def _tuple(v: Any, n: int | None = None) -> tuple:
+  if isinstance(v, int):
+    return (v,) * (n or 1)
+  return tuple(v)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+  """What the reference recorded about one layer call (static parts)."""
+
+  path: tuple[str, ...]
+  kind: str
+  config: dict
+
+
+def _config(module: nn.Module) -> tuple[str, dict] | None:
+  if isinstance(module, nn.Dense):
+    return "Dense", {}
+  if isinstance(module, nn.DenseGeneral):
+    return "DenseGeneral", {"axis": module.axis, "features": module.features}
+  if isinstance(module, nn.Conv):
+    if module.feature_group_count != 1:
+      return None  # not preconditioned; checked separately
+    return "Conv", {
+        "kernel_size": _tuple(module.kernel_size),
+        "strides": module.strides,
+        "padding": module.padding,
+        "input_dilation": module.input_dilation,
+        "kernel_dilation": module.kernel_dilation,
+    }
+  return None
+
+
+def _record(loss_fn, params, args, has_aux, ref_loss_fn, ref_params):
+  """Plain value and grads, and per call of the reference model: (static info,
+  x, y, kernel, bias, dL/dy) from a plain forward with perturbed outputs.
+
+  One jitted function; the static call info is collected while it is traced.
+  """
+  shapes: list[tuple[int, ...]] = []
+
+  def shape_interceptor(next_fun, a, kw, ctx):
+    y = next_fun(*a, **kw)
+    if ctx.method_name == "__call__" and _config(ctx.module) is not None:
+      shapes.append(tuple(y.shape))
+    return y
+
+  with nn.intercept_methods(shape_interceptor):
+    jax.eval_shape(lambda p: ref_loss_fn((ref_params or (lambda q: q))(p), *args), params)
+
+  calls: list[_Call] = []
+
+  def perturbed(eps, params, args):
+    calls.clear()
+    records = []
+
+    def interceptor(next_fun, a, kw, ctx):
+      found = _config(ctx.module) if ctx.method_name == "__call__" else None
+      if found is None:
+        return next_fun(*a, **kw)
+      x = a[0] if a else kw["inputs"]
+      y = next_fun(*a, **kw)
+      module = ctx.module
+      kernel = module.get_variable("params", "kernel")
+      bias = module.get_variable("params", "bias")
+      if bias is None:
+        bias = jnp.zeros(())
+      i = len(records)
+      records.append((x, y, kernel, bias))
+      calls.append(_Call(tuple(module.scope.path), found[0], found[1]))
+      return y + eps[i]
+
+    with nn.intercept_methods(interceptor):
+      out = ref_loss_fn(params, *args)
+    loss, aux = out if has_aux else (out, None)
+    return loss, (records, aux)
+
+  same_model = ref_loss_fn is loss_fn and ref_params is None
+
+  @jax.jit
+  def run(params, args):
+    eps = [jnp.zeros(s, jnp.float32) for s in shapes]
+    if same_model:
+      # The plain gradient from the same pass: the perturbations are zero.
+      (value, (records, aux)), (dys, grads) = jax.value_and_grad(
+          perturbed, argnums=(0, 1), has_aux=True
+      )(eps, params, args)
+      return (value if aux is None else (value, aux)), grads, dys, records
+    value, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(params, *args)
+    dys, (records, _) = jax.grad(perturbed, has_aux=True)(eps, ref_params(params), args)
+    return value, grads, dys, records
+
+  value, grads, dys, records = run(params, args)
+  assert len(calls) == len(shapes)
+  as64 = lambda a: np.asarray(a, np.float64)
+  return value, grads, [
+      (c, *map(as64, r), as64(dy)) for c, r, dy in zip(calls, records, dys)
+  ]
+
+
+def _dense_stats(x: np.ndarray, dy: np.ndarray):
+  return x.reshape(-1, x.shape[-1]).mean(0), dy.reshape(-1, dy.shape[-1]).mean(0)
+
+
+def _dense_general_stats(config: dict, x: np.ndarray, dy: np.ndarray):
+  # Flax sorts the contracted axes (``_normalize_axes``): the kernel's input
+  # axes, hence the flattened ā, follow ascending axis order even for
+  # axis=(-1, -2). The linear check in reference() pins this down.
+  axis = sorted(a % x.ndim for a in _tuple(config["axis"]))
+  rest = [a for a in range(x.ndim) if a not in axis]
+  xt = np.transpose(x, rest + axis)  # contracted axes last
+  in_dim = math.prod(x.shape[a] for a in axis)
+  n_features = len(_tuple(config["features"]))
+  out_dim = math.prod(dy.shape[dy.ndim - n_features :])
+  return (
+      xt.reshape(-1, in_dim).mean(0),
+      dy.reshape(-1, out_dim).mean(0),
+  )
+
+
+def _same_pads(size: int, window: int, stride: int) -> tuple[int, int]:
+  out = -(-size // stride)
+  total = max((out - 1) * stride + window - size, 0)
+  return total // 2, total - total // 2
+
+
+def _conv_patch_mean(config: dict, x: np.ndarray) -> np.ndarray:
+  """Mean im2col patch of the batch-mean image, explicit loops, HWIO order."""
+  ks = config["kernel_size"]
+  n = len(ks)
+  strides = _tuple(config["strides"] or 1, n)
+  in_dil = _tuple(config["input_dilation"] or 1, n)
+  k_dil = _tuple(config["kernel_dilation"] or 1, n)
+  eff = [(k - 1) * d + 1 for k, d in zip(ks, k_dil)]
+  image = x.reshape((-1,) + x.shape[x.ndim - n - 1 :]).mean(0)  # batch mean first
+  channels = image.shape[-1]
+  padding = config["padding"]
+
+  # Flax pads CIRCULAR / REFLECT / CAUSAL itself (before input dilation) and
+  # then convolves VALID; the other modes are lax padding of the dilated image.
+  if padding in ("CIRCULAR", "REFLECT"):
+    mode = {"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding]
+    image = np.pad(image, [((e - 1) // 2, e // 2) for e in eff] + [(0, 0)], mode=mode)
+    padding = "VALID"
+  elif padding == "CAUSAL":
+    image = np.pad(image, [(eff[0] - 1, 0), (0, 0)])
+    padding = "VALID"
+
+  if any(d > 1 for d in in_dil):
+    dilated = np.zeros(
+        tuple((s - 1) * d + 1 for s, d in zip(image.shape[:n], in_dil)) + (channels,)
+    )
+    dilated[tuple(slice(None, None, d) for d in in_dil)] = image
+    image = dilated
+
+  if padding == "VALID":
+    pads = [(0, 0)] * n
+  elif padding == "SAME":
+    pads = [_same_pads(s, e, st) for s, e, st in zip(image.shape[:n], eff, strides)]
+  elif isinstance(padding, int):
+    pads = [(padding, padding)] * n
+  else:
+    pads = [tuple(p) for p in padding]
+  image = np.pad(image, list(pads) + [(0, 0)])
+
+  out_shape = [(s - e) // st + 1 for s, e, st in zip(image.shape[:n], eff, strides)]
+  acc = np.zeros(tuple(ks) + (channels,))
+  for o in np.ndindex(*out_shape):
+    for w in np.ndindex(*ks):
+      acc[w] += image[tuple(oi * st + wi * d for oi, st, wi, d in zip(o, strides, w, k_dil))]
+  return acc.reshape(-1) / math.prod(out_shape), tuple(out_shape)
+
+
+def _conv_stats(config: dict, x: np.ndarray, dy: np.ndarray):
+  a, out_shape = _conv_patch_mean(config, x)
+  n = len(config["kernel_size"])
+  # The hand-written geometry must give the layer's own output size.
+  assert tuple(dy.shape[dy.ndim - n - 1 : -1]) == out_shape
+  return a, dy.reshape(-1, dy.shape[-1]).mean(0)
+
+
+def reference(loss_fn, params, args, has_aux=False, ref_loss_fn=None, ref_params=None):
+  """``(value, grads, {path: (ā, ḡ)})`` without the library.
+
+  ``value, grads``: plain ``jax.value_and_grad`` of ``loss_fn`` (when the
+  reference model is the model itself, taken in the same pass as dL/dy, whose
+  perturbations are zero). The statistics come from
+  ``ref_loss_fn(ref_params(params), *args)`` (default: the same loss and
+  params), a model without lifted transforms; per call, then averaged over the
+  calls of a module. Each call's ā is checked against the kernel's own order:
+  the layer is linear, so ā @ W must be the mean output less the bias.
+  """
+  ref_loss_fn = ref_loss_fn or loss_fn
+  value, grads, calls = _record(loss_fn, params, args, has_aux, ref_loss_fn, ref_params)
+  per_path: dict[tuple[str, ...], list] = {}
+  for call, x, y, kernel, bias, dy in calls:
+    if call.kind == "Dense":
+      a, g = _dense_stats(x, dy)
+    elif call.kind == "DenseGeneral":
+      a, g = _dense_general_stats(call.config, x, dy)
+    else:
+      a, g = _conv_stats(call.config, x, dy)
+    # The layer is linear: its mean output (less the bias) over batch and
+    # positions is ā @ W with W the kernel flattened to (in, out). This checks
+    # the reference's feature order (and, for Conv, its padding geometry)
+    # against the kernel's, through Flax's own computation.
+    w = kernel.reshape(a.shape[0], g.shape[0])
+    mean_out = (y - bias).reshape(-1, g.shape[0]).mean(0)
+    np.testing.assert_allclose(a @ w, mean_out, rtol=1e-4, atol=1e-5)
+    per_path.setdefault(call.path, []).append((a, g))
+  return value, grads, {
+      p: (np.mean([a for a, _ in s], 0), np.mean([g for _, g in s], 0))
+      for p, s in per_path.items()
+  }
+
+
+# ---------------------------------------------------------------------------
+# Helpers.
+
+
+def _entries(stats: Any) -> dict[tuple[str, ...], Any]:
+  leaves = jax.tree_util.tree_flatten_with_path(
+      stats, is_leaf=lambda s: isinstance(s, (LayerStats, PassThrough))
+  )[0]
+  return {tuple(k.key for k in keys): v for keys, v in leaves}
+
+
+def _layer_stats(stats):
+  return {p: e for p, e in _entries(stats).items() if isinstance(e, LayerStats)}
+
+
+def _data(seed: int, x_shape, out_shape):
+  rng = np.random.default_rng(seed)
+  # Non-zero, feature-dependent mean so that a wrong ordering or axis shows.
+  offset = rng.uniform(-1.0, 1.0, size=x_shape[-1:])
+  x = jnp.asarray((rng.normal(size=x_shape) + offset).astype(np.float32))
+  t = jnp.asarray(rng.normal(size=out_shape).astype(np.float32))
+  return x, t
+
+
+def _mse_loss(model):
+  def loss_fn(params, x, t):
+    return jnp.mean((model.apply({"params": params}, x) - t) ** 2)
+
+  return loss_fn
+
+
+def _assert_tree_close(a, b, rtol=RTOL, atol=ATOL):
+  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+  for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=atol)
+
+
+def _check_against(stats, expected, kinds=None):
+  got = _layer_stats(stats)
+  assert set(got) == set(expected)
+  for path, (a, g) in expected.items():
+    entry = got[path]
+    if kinds is not None:
+      assert entry.kind == kinds[path], path
+    assert entry.input_mean.shape == a.shape, path
+    assert entry.output_grad_mean.shape == g.shape, path
+    assert entry.input_mean.dtype == jnp.float32
+    np.testing.assert_allclose(entry.input_mean, a, rtol=RTOL, atol=ATOL, err_msg=str(path))
+    np.testing.assert_allclose(
+        entry.output_grad_mean, g, rtol=RTOL, atol=ATOL, err_msg=str(path)
+    )
+
+
+# ---------------------------------------------------------------------------
+# Models.
+
+
+class Nested(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return jnp.tanh(nn.Dense(5, name="dense")(x))
+
+
+class DenseNet(nn.Module):
+  """Dense layers on (batch, features) or (batch, seq, features) inputs; one
+  of them inside a submodule (a two-level stats path)."""
+
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    h = jnp.tanh(nn.Dense(6, use_bias=self.use_bias, name="hidden")(x))
+    h = Nested(name="block")(h)
+    return nn.Dense(3, name="out")(h)
+
+
+class DenseGeneralNet(nn.Module):
+  axis: Any
+  features: Any
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.DenseGeneral(self.features, axis=self.axis, name="proj")(x)
+    h = jnp.tanh(h)
+    n_features = len(_tuple(self.features))
+    axes = tuple(range(-n_features, 0))
+    return nn.DenseGeneral(3, axis=axes, name="merge")(h)
+
+
+class ConvNet(nn.Module):
+  conv: dict
+
+  @nn.compact
+  def __call__(self, x):
+    h = jnp.tanh(nn.Conv(name="conv", **self.conv)(x))
+    return nn.Dense(2, name="head")(h)
+
+
+class RepeatedNet(nn.Module):
+  """One Dense and one Conv, each called twice with the same parameters."""
+
+  @nn.compact
+  def __call__(self, x):
+    conv = nn.Conv(4, (3, 3), padding="SAME", name="conv")
+    y1 = jnp.tanh(conv(x))
+    y2 = jnp.tanh(conv(x[:, ::2, 1::2] * 2.0 - 0.3))  # other size, other values
+    f = jnp.concatenate(
+        [y1.mean(axis=(1, 2)), y2.reshape(y2.shape[0], -1)[:, :4]], axis=-1
+    )
+    dense = nn.Dense(8, name="shared")
+    h = jnp.tanh(dense(f))
+    h = jnp.tanh(dense(inputs=h[:, ::-1] + 0.5))  # second call by keyword
+    return nn.Dense(3, name="out")(h)
+
+
+class RematNet(nn.Module):
+  remat: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    wrap = nn.remat if self.remat else (lambda c: c)
+    h = jnp.tanh(wrap(nn.Conv)(4, (3, 3), strides=2, padding="SAME", name="conv")(x))
+    h = h.reshape(h.shape[0], -1)
+    h = jnp.tanh(wrap(nn.Dense)(6, name="dense")(h))
+    h = wrap(Nested)(name="block")(h)
+    return nn.Dense(3, name="out")(h)
+
+
+class Block(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    h = jnp.tanh(nn.Dense(5, name="up")(x))
+    return jnp.tanh(nn.Dense(4, name="down")(h)) + x, None
+
+
+class ScanNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    stack = nn.scan(
+        Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+    )
+    x, _ = stack(name="blocks")(x, None)
+    return nn.Dense(2, name="head")(x)
+
+
+class UnrolledNet(nn.Module):
+  """ScanNet written out by hand: the reference for the stacked layers."""
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(3):
+      x, _ = Block(name=f"block_{i}")(x, None)
+    return nn.Dense(2, name="head")(x)
+
+
+def _unroll_params(params):
+  out = {"head": params["head"]}
+  for i in range(3):
+    out[f"block_{i}"] = jax.tree_util.tree_map(lambda a: a[i], params["blocks"])
+  return out
+
+
+def _stack_expected(ref):
+  out = {("head",): ref[("head",)]}
+  for layer in ("up", "down"):
+    per = [ref[(f"block_{i}", layer)] for i in range(3)]
+    out[("blocks", layer)] = (
+        np.stack([a for a, _ in per]),
+        np.stack([g for _, g in per]),
+    )
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Cases: (model, reference model, param map, expected assembly, x shape).
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  model: nn.Module
+  x_shape: tuple[int, ...]
+  ref_model: nn.Module | None = None
+  to_ref_params: Callable | None = None
+  assemble: Callable = lambda r: r
+
+
+def _conv_case(x_shape, features=3, **conv):
+  return Case(ConvNet(conv=dict(features=features, **conv)), x_shape)
+
+
+CASES = {
+    "dense": Case(DenseNet(), (7, 4)),
+    "dense_sequence_no_bias": Case(DenseNet(use_bias=False), (3, 5, 4)),
+    "dense_general_2in_2out": Case(DenseGeneralNet(axis=(-2, -1), features=(2, 3)), (4, 5, 3, 2)),
+    "dense_general_reversed_axis": Case(DenseGeneralNet(axis=(-1, -2), features=(3, 2)), (4, 3, 5)),
+    "dense_general_split_axis": Case(DenseGeneralNet(axis=(1, -1), features=4), (3, 4, 5, 2)),
+    "conv1d_same": _conv_case((4, 9, 3), kernel_size=(3,), padding="SAME"),
+    "conv1d_causal_dilated": _conv_case((3, 10, 2), kernel_size=(3,), padding="CAUSAL", kernel_dilation=2),
+    "conv1d_int_padding_stride": _conv_case((3, 11, 2), kernel_size=(4,), strides=3, padding=1),
+    "conv2d_same_no_bias": _conv_case((3, 6, 5, 2), kernel_size=(3, 3), padding="SAME", use_bias=False),
+    "conv2d_same_stride": _conv_case((3, 7, 6, 2), kernel_size=(3, 2), strides=(2, 3), padding="SAME"),
+    "conv2d_valid_stride_two_batch_dims": _conv_case(
+        (2, 3, 7, 6, 3), kernel_size=(3, 2), strides=(2, 1), padding="VALID"
+    ),
+    "conv2d_explicit_stride": _conv_case((2, 6, 5, 2), kernel_size=(3, 3), strides=2, padding=((1, 2), (0, 1))),
+    "conv2d_circular": _conv_case((3, 5, 6, 2), kernel_size=(3, 4), padding="CIRCULAR"),
+    "conv2d_reflect": _conv_case((2, 5, 6, 2), kernel_size=(3, 3), padding="REFLECT"),
+    "conv2d_kernel_dilation": _conv_case((2, 8, 7, 2), kernel_size=(3, 2), kernel_dilation=(2, 3), padding="SAME"),
+    "conv2d_input_kernel_dilation_stride": _conv_case(
+        (2, 5, 4, 2), kernel_size=(2, 3), strides=(2, 1), input_dilation=(2, 3), kernel_dilation=(1, 2),
+        padding=((2, 1), (0, 2)),
+    ),
+    "conv3d_same_stride": _conv_case((2, 4, 5, 4, 2), kernel_size=(2, 3, 2), strides=(1, 2, 1), padding="SAME"),
+    "conv3d_explicit_dilated": _conv_case(
+        (2, 4, 4, 5, 2), kernel_size=(2, 2, 3), kernel_dilation=(2, 1, 1), padding=((0, 1), (1, 0), (1, 1))
+    ),
+    "repeated_calls": Case(RepeatedNet(), (3, 6, 6, 2)),
+    "remat": Case(
+        RematNet(remat=True), (3, 6, 5, 2), ref_model=RematNet(remat=False),
+        to_ref_params=lambda p: p,
+    ),
+    "scan": Case(
+        ScanNet(), (5, 4), ref_model=UnrolledNet(), to_ref_params=_unroll_params,
+        assemble=_stack_expected,
+    ),
+}
+
+
+def _init_params(model, x_shape, seed):
+  """Random parameters of the model's shapes (numpy; no compiled init)."""
+  x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)["params"]
+  rng = np.random.default_rng(seed)
+
+  def fill(s):
+    scale = 1.0 / math.sqrt(math.prod(s.shape[:-1])) if len(s.shape) >= 2 else 0.3
+    return jnp.asarray((rng.normal(size=s.shape) * scale).astype(np.float32))
+
+  return jax.tree_util.tree_map(fill, shapes)
+
+
+def _setup(case: Case, seed: int = 0):
+  params = _init_params(case.model, case.x_shape, seed)
+  x = jax.ShapeDtypeStruct(case.x_shape, jnp.float32)
+  out_shape = jax.eval_shape(lambda p, x: case.model.apply({"params": p}, x), params, x).shape
+  x, t = _data(seed, case.x_shape, out_shape)
+  return params, x, t
+
+
+def _expected(case: Case, params, x, t):
+  """Plain loss and grads of the case's model, and its reference statistics."""
+  loss_fn = _mse_loss(case.model)
+  ref_loss_fn = loss_fn if case.ref_model is None else _mse_loss(case.ref_model)
+  loss, grads, ref = reference(
+      loss_fn, params, (x, t), ref_loss_fn=ref_loss_fn, ref_params=case.to_ref_params
+  )
+  return loss, grads, case.assemble(ref)
+
+
+def _check_keyed_like_params(stats, params):
+  for path in _layer_stats(stats):
+    node = params
+    for k in path:
+      node = node[k]
+    assert "kernel" in node, path
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_stats_and_grads_match_reference(name):
+  case = CASES[name]
+  params, x, t = _setup(case)
+  loss_fn = _mse_loss(case.model)
+  want_loss, want_grads, expected = _expected(case, params, x, t)
+
+  loss, grads, stats = jax.jit(eva_optax.value_and_grad(loss_fn))(params, x, t)
+  np.testing.assert_allclose(loss, want_loss, rtol=RTOL, atol=ATOL)
+  _assert_tree_close(grads, want_grads)
+  _check_against(stats, expected)
+  _check_keyed_like_params(stats, params)
+
+
+def test_without_jit():
+  """The same statistics when nothing is jitted (a Conv + Dense model)."""
+  case = CASES["conv2d_same_no_bias"]
+  params, x, t = _setup(case)
+  loss_fn = _mse_loss(case.model)
+  want_loss, want_grads, expected = _expected(case, params, x, t)
+  loss, grads, stats = eva_optax.value_and_grad(loss_fn)(params, x, t)
+  np.testing.assert_allclose(loss, want_loss, rtol=RTOL, atol=ATOL)
+  _assert_tree_close(grads, want_grads)
+  _check_against(stats, expected)
+
+
+def _abstract_stats(name):
+  case = CASES[name]
+  params, x, t = _setup(case)
+  _, _, stats = jax.eval_shape(eva_optax.value_and_grad(_mse_loss(case.model)), params, x, t)
+  return _layer_stats(stats)
+
+
+def test_kinds_and_layouts():
+  proj = _abstract_stats("dense_general_2in_2out")[("proj",)]
+  assert proj.kind == "DenseGeneral" and proj.has_bias
+  assert proj.layout == eva_optax.KernelLayout(0, 2)
+  assert proj.input_mean.shape == (3 * 2,)
+  assert proj.output_grad_mean.shape == (2 * 3,)
+
+  entries = _abstract_stats("scan")
+  for layer, (n_in, n_out) in (("up", (4, 5)), ("down", (5, 4))):
+    e = entries[("blocks", layer)]
+    assert e.kind == "Dense" and e.layout == eva_optax.KernelLayout(1, 1)
+    assert e.input_mean.shape == (3, n_in) and e.output_grad_mean.shape == (3, n_out)
+  assert entries[("head",)].layout == eva_optax.KernelLayout(0, 1)
+
+  conv = _abstract_stats("conv2d_same_no_bias")[("conv",)]
+  assert conv.kind == "Conv" and not conv.has_bias
+  assert conv.layout == eva_optax.KernelLayout(0, 1)
+  assert conv.input_mean.shape == (3 * 3 * 2,)
+  assert conv.input_mean.dtype == jnp.float32
+
+  conv3 = _abstract_stats("conv3d_explicit_dilated")[("conv",)]
+  assert conv3.input_mean.shape == (2 * 2 * 3 * 2,)
+
+
+# ---------------------------------------------------------------------------
+# has_aux with BatchNorm.
+
+
+class BNNet(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    h = nn.relu(nn.Dense(6, name="dense")(x))
+    h = nn.BatchNorm(use_running_average=not train, momentum=0.8, name="bn")(h)
+    return nn.Dense(3, name="out")(jnp.tanh(h))
+
+
+def test_has_aux_with_batch_norm():
+  model = BNNet()
+  x, t = _data(3, (8, 4), (8, 3))
+  params = _init_params(model, x.shape, 1)
+  rng = np.random.default_rng(4)
+  batch_stats = {
+      "bn": {
+          "mean": jnp.asarray(rng.normal(size=6).astype(np.float32)),
+          "var": jnp.asarray(rng.uniform(0.5, 2.0, size=6).astype(np.float32)),
+      }
+  }
+
+  def loss_fn(params, batch_stats, x, t):
+    y, updates = model.apply(
+        {"params": params, "batch_stats": batch_stats}, x, mutable=["batch_stats"]
+    )
+    return jnp.mean((y - t) ** 2), (updates["batch_stats"], y)
+
+  (want_loss, want_aux), want_grads, expected = reference(
+      loss_fn, params, (batch_stats, x, t), has_aux=True
+  )
+  assert set(expected) == {("dense",), ("out",)}
+  # And literally jax.value_and_grad of the same loss.
+  (plain_loss, plain_aux), plain_grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+      params, batch_stats, x, t
+  )
+  np.testing.assert_allclose(plain_loss, want_loss, rtol=RTOL, atol=ATOL)
+  _assert_tree_close((plain_aux, plain_grads), (want_aux, want_grads))
+
+  grad_fn = jax.jit(eva_optax.value_and_grad(loss_fn, has_aux=True))
+  (loss, aux), grads, stats = grad_fn(params, batch_stats, x, t)
+  np.testing.assert_allclose(loss, want_loss, rtol=RTOL, atol=ATOL)
+  _assert_tree_close(aux, want_aux)
+  _assert_tree_close(grads, want_grads)
+  # The batch statistics were really updated (and passed through aux).
+  assert not np.allclose(aux[0]["bn"]["mean"], batch_stats["bn"]["mean"])
+  _check_against(stats, expected, kinds={("dense",): "Dense", ("out",): "Dense"})
+  assert ("bn",) not in _entries(stats)  # no kernel: not a layer of the stats
+
+
+def test_has_aux_requires_pair():
+  case = CASES["dense"]
+  params, x, t = _setup(case)
+  grad_fn = eva_optax.value_and_grad(_mse_loss(case.model), has_aux=True)
+  with pytest.raises(TypeError, match="has_aux"):
+    jax.eval_shape(grad_fn, params, x, t)
+
+
+# ---------------------------------------------------------------------------
+# Layers passed through.
+
+
+class PassThroughNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Conv(4, (3, 3), padding="SAME", feature_group_count=2, name="grouped")(x)
+    h = jnp.tanh(nn.ConvTranspose(4, (2, 2), strides=(2, 2), name="up")(jnp.tanh(h)))
+    h = jnp.tanh(nn.Conv(3, (3, 3), strides=2, padding="SAME", name="conv")(h))
+    h = nn.Einsum((3, 5), "bhwc,cd->bhwd", name="einsum")(h)
+    return nn.Dense(2, name="head")(jnp.tanh(h))
+
+
+def test_pass_through_layers():
+  model = PassThroughNet()
+  x_shape = (2, 4, 6, 2)
+  params = _init_params(model, x_shape, 2)
+  x, t = _data(5, x_shape, (2, 4, 6, 2))
+  loss_fn = _mse_loss(model)
+  want_loss, want_grads, expected = reference(loss_fn, params, (x, t))
+  assert set(expected) == {("conv",), ("head",)}
+
+  loss, grads, stats = jax.jit(eva_optax.value_and_grad(loss_fn))(params, x, t)
+  np.testing.assert_allclose(loss, want_loss, rtol=RTOL, atol=ATOL)
+  _assert_tree_close(grads, want_grads)
+  _check_against(stats, expected)
+
+  entries = _entries(stats)
+  assert set(entries) == {("grouped",), ("up",), ("conv",), ("einsum",), ("head",)}
+  grouped = entries[("grouped",)]
+  assert isinstance(grouped, PassThrough)
+  assert grouped.kind == "Conv"
+  assert "feature_group_count=2" in grouped.reason
+  for path, kind in ((("up",), "ConvTranspose"), (("einsum",), "Einsum")):
+    entry = entries[path]
+    assert isinstance(entry, PassThrough), path
+    assert entry.kind == kind
+    assert "not a Dense, DenseGeneral or Conv" in entry.reason
+  # describe() shows the module type next to the reason.
+  text = str(eva_optax.describe(params, stats))
+  assert "ConvTranspose" in text and "Einsum" in text
