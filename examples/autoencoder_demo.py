@@ -244,13 +244,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         results.append(train("SGD", tx, make_sgd_step, params, train_x, test_x, args))
     if "eva" in wanted:
-        if hasattr(eva_optax, "eva") and hasattr(eva_optax, "value_and_grad"):
-            tx = eva_optax.eva(
-                schedule(args.lr_eva), momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
-            )
-            results.append(train("Eva", tx, make_eva_step, params, train_x, test_x, args))
-        else:
-            print("eva_optax.eva is not available in this checkout; skipping Eva")
+        tx = eva_optax.eva(schedule(args.lr_eva), momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        results.append(train("Eva", tx, make_eva_step, params, train_x, test_x, args))
     if results:
         print_summary(results)
 
