@@ -38,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax
 import flax.linen as nn
@@ -58,6 +58,14 @@ from eva_optax.layers import (
 
 INPUT_PROBE = "eva_input_probe"
 OUTPUT_PROBE = "eva_output_probe"
+OUTPUT_FACTOR_PROBE = "eva_output_factor_probe"
+
+INPUT_MEAN = "input_mean"
+OUTPUT_GRAD_MEAN = "output_grad_mean"
+INPUT_FACTOR = "input_factor"
+OUTPUT_GRAD_FACTOR = "output_grad_factor"
+STATISTICS = (INPUT_MEAN, OUTPUT_GRAD_MEAN, INPUT_FACTOR, OUTPUT_GRAD_FACTOR)
+EVA_STATISTICS = (INPUT_MEAN, OUTPUT_GRAD_MEAN)
 
 _SUPPORTED = "Dense, DenseGeneral or Conv"
 
@@ -129,70 +137,120 @@ def _inputs_of(args: tuple, kwargs: dict) -> tuple[Any, Callable[[Any], tuple]]:
 # Statistics of one call.
 
 
-def _dense_input_mean(x: jax.Array) -> jax.Array:
-  return jnp.mean(x.reshape(-1, x.shape[-1]).astype(jnp.float32), axis=0)
+def _kernel_size(module: nn.Module) -> tuple[int, ...]:
+  ks = module.kernel_size
+  return (ks,) if isinstance(ks, int) else tuple(ks)
 
 
-def _dense_general_input_mean(module: nn.Module, x: jax.Array) -> jax.Array:
-  axis = nn.linear._normalize_axes(
-      nn.linear._canonicalize_tuple(module.axis), x.ndim
-  )
-  moved = jnp.moveaxis(x, axis, tuple(range(x.ndim - len(axis), x.ndim)))
-  in_dim = math.prod(x.shape[a] for a in axis)
-  return jnp.mean(moved.reshape(-1, in_dim).astype(jnp.float32), axis=0)
+def _input_rows(module: nn.Module, kind: str, x: jax.Array) -> jax.Array:
+  """The layer input as rows ``(positions, in)`` in the kernel's input order.
 
-
-def _conv_input_mean(module: nn.Module, x: jax.Array) -> jax.Array:
-  """Batch mean first, then the mean of its im2col patches, in HWIO order.
-
-  The patch mean is the gradient, w.r.t. a one-output kernel, of the mean over
-  positions of the layer's own convolution of the mean image: convolution is
-  linear in the kernel, so this reuses Flax's handling of every padding mode
-  (SAME, VALID, explicit, CIRCULAR, REFLECT, CAUSAL), stride and dilation.
+  Dense / DenseGeneral: every non-contracted position is a row. Conv: the
+  im2col patches of the input, obtained by the layer's own convolution with an
+  identity kernel (so every Flax padding mode, stride and dilation applies).
   """
-  kernel_size = (
-      (module.kernel_size,)
-      if isinstance(module.kernel_size, int)
-      else tuple(module.kernel_size)
-  )
+  if kind == "Dense":
+    return x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+  if kind == "DenseGeneral":
+    axis = nn.linear._normalize_axes(nn.linear._canonicalize_tuple(module.axis), x.ndim)
+    moved = jnp.moveaxis(x, axis, tuple(range(x.ndim - len(axis), x.ndim)))
+    in_dim = math.prod(x.shape[a] for a in axis)
+    return moved.reshape(-1, in_dim).astype(jnp.float32)
+  kernel_size = _kernel_size(module)
   spatial = x.shape[x.ndim - len(kernel_size) - 1 :]
+  in_dim = math.prod(kernel_size) * spatial[-1]
+  identity = jnp.eye(in_dim, dtype=jnp.float32).reshape(kernel_size + (spatial[-1], in_dim))
   images = x.reshape((-1,) + spatial).astype(jnp.float32)
-  mean_image = jnp.mean(images, axis=0, keepdims=True)
+  patches = _probe_conv(module, in_dim).apply({"params": {KERNEL: identity}}, images)
+  return patches.reshape(-1, in_dim)
+
+
+def _probe_conv(module: nn.Module, features: int) -> nn.Conv:
+  """The layer's convolution (same geometry), float32, no bias, no mask."""
   fields = {
       f.name: getattr(module, f.name)
       for f in dataclasses.fields(nn.Conv)
       if f.init and f.name not in ("parent", "name")
   }
   fields.update(
-      features=1,
+      features=features,
       use_bias=False,
       mask=None,
       dtype=jnp.float32,
       param_dtype=jnp.float32,
       precision=jax.lax.Precision.HIGHEST,
   )
-  probe_conv = nn.Conv(**fields)
+  return nn.Conv(**fields)
+
+
+def _input_mean(module: nn.Module, kind: str, x: jax.Array) -> jax.Array:
+  """ā of one call (without the bias 1).
+
+  Dense / DenseGeneral: the mean of the rows. Conv: batch mean first, then the
+  mean of its im2col patches, in HWIO order. The patch mean is the gradient,
+  w.r.t. a one-output kernel, of the mean over positions of the layer's own
+  convolution of the mean image: convolution is linear in the kernel, so this
+  reuses Flax's handling of every padding mode (SAME, VALID, explicit,
+  CIRCULAR, REFLECT, CAUSAL), stride and dilation.
+  """
+  if kind != "Conv":
+    return jnp.mean(_input_rows(module, kind, x), axis=0)
+  kernel_size = _kernel_size(module)
+  spatial = x.shape[x.ndim - len(kernel_size) - 1 :]
+  images = x.reshape((-1,) + spatial).astype(jnp.float32)
+  mean_image = jnp.mean(images, axis=0, keepdims=True)
+  conv = _probe_conv(module, 1)
   kernel = jnp.zeros(kernel_size + (spatial[-1], 1), jnp.float32)
-  conv = lambda k: probe_conv.apply({"params": {KERNEL: k}}, mean_image)
-  out, vjp = jax.vjp(conv, kernel)
+  out, vjp = jax.vjp(lambda k: conv.apply({"params": {KERNEL: k}}, mean_image), kernel)
   (patch_mean,) = vjp(jnp.full(out.shape, 1.0 / out.size, out.dtype))
   return patch_mean.reshape(-1)
 
 
-def _input_mean(module: nn.Module, kind: str, x: jax.Array) -> jax.Array:
-  _local.busy = True
-  try:
-    if kind == "Dense":
-      return _dense_input_mean(x)
-    if kind == "DenseGeneral":
-      return _dense_general_input_mean(module, x)
-    return _conv_input_mean(module, x)
-  finally:
-    _local.busy = False
+def _input_factor(module: nn.Module, layer: "_Layer", x: jax.Array) -> jax.Array:
+  """A = mean over rows of â âᵀ, with â = [row, 1] when the layer has a bias."""
+  rows = _input_rows(module, layer.kind, x)
+  if layer.has_bias:
+    rows = jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)], axis=1)
+  return jnp.einsum("ri,rj->ij", rows, rows, precision=jax.lax.Precision.HIGHEST) / rows.shape[0]
 
 
-def _tap_input(x: jax.Array, probe: jax.Array, input_mean: Callable) -> jax.Array:
-  """Identity on ``x`` whose VJP gives ``probe`` the cotangent ``[ā, 1]``."""
+def _batch_size(module: nn.Module, kind: str, x: jax.Array) -> int:
+  """Number of samples of a call: the leading axis (Dense), the batch axes (Conv)."""
+  if kind == "Conv":
+    return math.prod(x.shape[: x.ndim - len(_kernel_size(module)) - 1])
+  return x.shape[0] if x.ndim > 1 else 1
+
+
+def _output_grad_factor(cotangent: jax.Array, out_dim: int, batch: int) -> jax.Array:
+  """G = N · Σ_rows (∂L/∂y)(∂L/∂y)ᵀ, with N samples and L the mean loss.
+
+  For a loss that is a mean over N samples, N · ∂L/∂y is the per-sample
+  gradient, so for one row per sample G = E[g gᵀ]; positions (sequence, conv
+  output pixels) are summed within a sample, as in KFC (Grosse & Martens 2016).
+  """
+  rows = cotangent.reshape(-1, out_dim).astype(jnp.float32)
+  return batch * jnp.einsum("ro,rp->op", rows, rows, precision=jax.lax.Precision.HIGHEST)
+
+
+def _busy(fn: Callable) -> Callable:
+  """Runs ``fn`` with the interceptors switched off (it applies Flax modules)."""
+
+  def wrapped(*args):
+    _local.busy = True
+    try:
+      return fn(*args)
+    finally:
+      _local.busy = False
+
+  return wrapped
+
+
+def _tap_input(x: jax.Array, probe: dict, statistics: Callable) -> jax.Array:
+  """Identity on ``x`` whose VJP gives ``probe`` the cotangent ``statistics(x)``.
+
+  ``probe`` is a dict of zeros (``calls`` and the requested input statistics);
+  its cotangent is the dict of this call's values, ``calls`` being 1.
+  """
 
   @jax.custom_vjp
   def tap(x, probe):
@@ -200,14 +258,32 @@ def _tap_input(x: jax.Array, probe: jax.Array, input_mean: Callable) -> jax.Arra
     return x
 
   def fwd(x, probe):
-    stat = input_mean(x)
-    return x, jnp.concatenate([stat, jnp.ones((1,), stat.dtype)]).astype(probe.dtype)
+    values = statistics(x)
+    return x, {k: values[k].astype(v.dtype) for k, v in probe.items()}
 
-  def bwd(stat, cotangent):
-    return cotangent, stat
+  def bwd(values, cotangent):
+    return cotangent, values
 
   tap.defvjp(fwd, bwd)
   return tap(x, probe)
+
+
+def _tap_output(y: jax.Array, probe: jax.Array, factor: Callable) -> jax.Array:
+  """Identity on ``y`` whose VJP gives ``probe`` the cotangent ``factor(∂L/∂y)``."""
+
+  @jax.custom_vjp
+  def tap(y, probe):
+    del probe
+    return y
+
+  def fwd(y, probe):
+    return y, probe.dtype
+
+  def bwd(dtype, cotangent):
+    return cotangent, factor(cotangent).astype(dtype)
+
+  tap.defvjp(fwd, bwd)
+  return tap(y, probe)
 
 
 # ---------------------------------------------------------------------------
@@ -252,7 +328,7 @@ def _discovery_interceptor(seen: dict[Path, _Seen]):
   return interceptor
 
 
-def _capture_interceptor(layers: dict[Path, _Layer]):
+def _capture_interceptor(layers: dict[Path, _Layer], statistics: tuple[str, ...]):
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
     if (
@@ -265,15 +341,33 @@ def _capture_interceptor(layers: dict[Path, _Layer]):
     layer = layers.get(tuple(module.scope.path))
     if layer is None:
       return next_fun(*args, **kwargs)
-    input_probe = module.get_variable("params", INPUT_PROBE)
-    output_probe = module.get_variable("params", OUTPUT_PROBE)
     x, put_back = _inputs_of(args, kwargs)
-    x = _tap_input(x, input_probe, lambda x: _input_mean(module, layer.kind, x))
+
+    @_busy
+    def input_statistics(x):
+      values = {"calls": jnp.ones([], jnp.float32)}
+      if INPUT_MEAN in statistics:
+        values[INPUT_MEAN] = _input_mean(module, layer.kind, x)
+      if INPUT_FACTOR in statistics:
+        values[INPUT_FACTOR] = _input_factor(module, layer, x)
+      return values
+
+    x = _tap_input(x, module.get_variable("params", INPUT_PROBE), input_statistics)
+    batch = _batch_size(module, layer.kind, x)
     args, kwargs = put_back(x)
     y = next_fun(*args, **kwargs)
-    features = y.shape[y.ndim - layer.layout.output_ndim :]
-    positions = y.size // max(layer.out_dim, 1)
-    return y + (output_probe / positions).reshape(features).astype(y.dtype)
+    if OUTPUT_GRAD_MEAN in statistics:
+      features = y.shape[y.ndim - layer.layout.output_ndim :]
+      positions = y.size // max(layer.out_dim, 1)
+      output_probe = module.get_variable("params", OUTPUT_PROBE)
+      y = y + (output_probe / positions).reshape(features).astype(y.dtype)
+    if OUTPUT_GRAD_FACTOR in statistics:
+      y = _tap_output(
+          y,
+          module.get_variable("params", OUTPUT_FACTOR_PROBE),
+          lambda ct: _output_grad_factor(ct, layer.out_dim, batch),
+      )
+    return y
 
   return interceptor
 
@@ -288,18 +382,50 @@ def _copy_dicts(tree: Any) -> Any:
   return tree
 
 
-def _inject(params: Any, probes: dict[Path, tuple[jax.Array, jax.Array]]) -> Any:
+def _inject(params: Any, probes: dict[Path, dict[str, Any]]) -> Any:
   """``params`` with each layer's probes next to its kernel (a new tree)."""
   tree = _copy_dicts(params)
-  for path, (input_probe, output_probe) in probes.items():
+  for path, layer_probes in probes.items():
     node = tree
     for name in path:
       node = node[name]
-    node[INPUT_PROBE] = input_probe
-    node[OUTPUT_PROBE] = output_probe
+    node.update(layer_probes)
   if isinstance(params, flax.core.FrozenDict):
     return flax.core.freeze(tree)
   return tree
+
+
+def _probes(layer: _Layer, statistics: tuple[str, ...]) -> dict[str, Any]:
+  """Zero probes of one layer for the requested statistics."""
+  zeros = lambda *shape: jnp.zeros(layer.stack_shape + shape, jnp.float32)
+  n_in = layer.in_dim + (1 if layer.has_bias else 0)
+  inputs = {"calls": zeros()}
+  if INPUT_MEAN in statistics:
+    inputs[INPUT_MEAN] = zeros(layer.in_dim)
+  if INPUT_FACTOR in statistics:
+    inputs[INPUT_FACTOR] = zeros(n_in, n_in)
+  probes = {INPUT_PROBE: inputs}
+  if OUTPUT_GRAD_MEAN in statistics:
+    probes[OUTPUT_PROBE] = zeros(layer.out_dim)
+  if OUTPUT_GRAD_FACTOR in statistics:
+    probes[OUTPUT_FACTOR_PROBE] = zeros(layer.out_dim, layer.out_dim)
+  return probes
+
+
+def _layer_stats(layer: _Layer, probe_grads: dict[str, Any]) -> LayerStats:
+  """The statistics of one layer from its probes' gradients, averaged over calls."""
+  inputs = probe_grads[INPUT_PROBE]
+  calls = jnp.maximum(inputs["calls"], 1.0)
+  per_call = lambda v, n: None if v is None else v / calls.reshape(calls.shape + (1,) * n)
+  return LayerStats(
+      input_mean=per_call(inputs.get(INPUT_MEAN), 1),
+      output_grad_mean=per_call(probe_grads.get(OUTPUT_PROBE), 1),
+      input_factor=per_call(inputs.get(INPUT_FACTOR), 2),
+      output_grad_factor=per_call(probe_grads.get(OUTPUT_FACTOR_PROBE), 2),
+      kind=layer.kind,
+      layout=layer.layout,
+      has_bias=layer.has_bias,
+  )
 
 
 def _discover(
@@ -332,9 +458,12 @@ def _discover(
 
 
 def value_and_grad(
-    loss_fn: Callable[..., Any], has_aux: bool = False
+    loss_fn: Callable[..., Any],
+    has_aux: bool = False,
+    *,
+    statistics: Sequence[str] = EVA_STATISTICS,
 ) -> Callable[..., tuple[Any, Any, Any]]:
-  """Like :func:`jax.value_and_grad`, also returning Eva's statistics.
+  """Like :func:`jax.value_and_grad`, also returning per-layer curvature statistics.
 
   Args:
     loss_fn: ``loss_fn(params, *args, **kwargs)`` returning the scalar loss
@@ -342,6 +471,13 @@ def value_and_grad(
       Flax Linen model with ``model.apply({'params': params, ...}, ...)``;
       mutable collections (``batch_stats``) go through ``aux`` as usual.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    statistics: which statistics to capture, among ``'input_mean'`` (ā),
+      ``'output_grad_mean'`` (ḡ), ``'input_factor'`` (A = E[â âᵀ] over rows,
+      â = [a, 1] with a bias) and ``'output_grad_factor'`` (G = N·Σ_rows
+      (∂L/∂y)(∂L/∂y)ᵀ, the per-sample gradient covariance for a mean loss over
+      N samples). Default ``('input_mean', 'output_grad_mean')``, what Eva
+      needs; each optimizer documents its own (Eva-f: ``('input_mean',)``,
+      which skips the backward probes). Statistics not asked for are ``None``.
 
   Returns:
     ``grad_fn(params, *args, **kwargs) -> (value, grads, stats)``, with
@@ -358,19 +494,19 @@ def value_and_grad(
       loss, grads, stats = grad_fn(params, batch)
       updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
   """
+  statistics = tuple(statistics)
+  unknown = set(statistics) - set(STATISTICS)
+  if unknown or not statistics:
+    raise ValueError(
+        f"statistics must be a non-empty subset of {STATISTICS}; got {statistics!r}"
+    )
 
   def grad_fn(params: Any, *args: Any, **kwargs: Any):
     layers, skipped = _discover(loss_fn, params, args, kwargs)
-    probes = {
-        path: (
-            jnp.zeros(layer.stack_shape + (layer.in_dim + 1,), jnp.float32),
-            jnp.zeros(layer.stack_shape + (layer.out_dim,), jnp.float32),
-        )
-        for path, layer in layers.items()
-    }
+    probes = {path: _probes(layer, statistics) for path, layer in layers.items()}
 
     def wrapped(params, probes):
-      with nn.intercept_methods(_capture_interceptor(layers)):
+      with nn.intercept_methods(_capture_interceptor(layers, statistics)):
         out = loss_fn(_inject(params, probes), *args, **kwargs)
       if has_aux:
         if not (isinstance(out, (tuple, list)) and len(out) == 2):
@@ -383,16 +519,8 @@ def value_and_grad(
     )(params, probes)
 
     entries: dict[Path, Any] = dict(skipped)
-    for path, (input_grad, output_grad) in probe_grads.items():
-      layer = layers[path]
-      calls = jnp.maximum(input_grad[..., -1:], 1.0)
-      entries[path] = LayerStats(
-          input_mean=input_grad[..., :-1] / calls,
-          output_grad_mean=output_grad / calls,
-          kind=layer.kind,
-          layout=layer.layout,
-          has_bias=layer.has_bias,
-      )
+    for path, layer_grads in probe_grads.items():
+      entries[path] = _layer_stats(layers[path], layer_grads)
     value = (loss, aux) if has_aux else loss
     return value, grads, nest(entries)
 

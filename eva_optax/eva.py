@@ -37,11 +37,11 @@ from eva_optax.preconditioning import (
     LayerGradient,
     Preconditioned,
     apply_layerwise,
-    empty_like_stats,
     find_layer_slots,
     kl_scale,
     require_stats,
     update_averages,
+    zero_statistics,
 )
 
 
@@ -151,8 +151,8 @@ def scale_by_eva(
     slots = find_layer_slots(params, layouts)
     return ScaleByEvaState(
         count=jnp.zeros([], jnp.int32),
-        input_mean=empty_like_stats(slots, "input"),
-        output_grad_mean=empty_like_stats(slots, "output"),
+        input_mean=zero_statistics(slots, "input_mean"),
+        output_grad_mean=zero_statistics(slots, "output_grad_mean"),
     )
 
   def update_fn(updates, state, params=None, *, stats=None, **extra_args):
@@ -161,9 +161,13 @@ def scale_by_eva(
     count = state.count
     gamma = value_at(damping, count)
     slots = find_layer_slots(updates, layouts)
-    averaged, input_mean, output_grad_mean = update_averages(
-        slots, stats, state.input_mean, state.output_grad_mean,
-        jnp.asarray(stat_decay, jnp.float32), count,
+    averaged, averages = update_averages(
+        slots,
+        stats,
+        {"input_mean": state.input_mean, "output_grad_mean": state.output_grad_mean},
+        jnp.asarray(stat_decay, jnp.float32),
+        count,
+        "scale_by_eva",
     )
     if scaling == kl.KL_CLIP:
       inv_scale = 1.0 / gamma
@@ -173,7 +177,9 @@ def scale_by_eva(
       scale = kl_scale(scaling, None, None)
 
     def precondition(grad, layer_stats):
-      p = sherman_morrison(grad, *layer_stats, gamma)
+      p = sherman_morrison(
+          grad, layer_stats["input_mean"], layer_stats["output_grad_mean"], gamma
+      )
       return Preconditioned(
           p.kernel * inv_scale,
           None if p.bias is None else p.bias * inv_scale,
@@ -183,8 +189,8 @@ def scale_by_eva(
     updates = apply_layerwise(updates, slots, averaged, precondition, scale)
     new_state = ScaleByEvaState(
         count=optax.safe_increment(count),
-        input_mean=input_mean,
-        output_grad_mean=output_grad_mean,
+        input_mean=averages["input_mean"],
+        output_grad_mean=averages["output_grad_mean"],
     )
     return updates, new_state
 

@@ -66,20 +66,27 @@ class KernelLayout(NamedTuple):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayerStats:
-  """Kronecker vectors of one layer (or one stack of layers), as captured.
+  """Statistics of one layer (or one stack of layers), as captured.
 
   Attributes:
     input_mean: ā, shape ``stack + (in,)`` — mean input over batch and
       positions (for Conv: mean of the im2col patches), without the bias 1.
     output_grad_mean: ḡ, shape ``stack + (out,)`` — mean over batch and
       positions of the gradient of the (mean) loss w.r.t. the layer output.
+    input_factor: K-FAC's A = E[â âᵀ] over rows (positions), with â = [a, 1]
+      when the layer has a bias; ``stack + (in[+1], in[+1])``.
+    output_grad_factor: K-FAC's G = N·Σ_rows (∂L/∂y)(∂L/∂y)ᵀ for a loss that
+      is a mean over N samples; ``stack + (out, out)``.
+    Statistics that were not captured are ``None``.
     kind: ``'Dense'``, ``'DenseGeneral'`` or ``'Conv'`` (static).
     layout: the :class:`KernelLayout` of the layer's kernel (static).
     has_bias: whether the layer has a bias (static).
   """
 
-  input_mean: jax.Array
-  output_grad_mean: jax.Array
+  input_mean: jax.Array | None
+  output_grad_mean: jax.Array | None
+  input_factor: jax.Array | None = None
+  output_grad_factor: jax.Array | None = None
   kind: str = dataclasses.field(metadata=dict(static=True), default="Dense")
   layout: KernelLayout = dataclasses.field(
       metadata=dict(static=True), default=KernelLayout()
@@ -235,15 +242,20 @@ def check_stats_match(slot: LayerSlot, entry: LayerStats) -> None:
         " optimizer."
     )
   stack, in_dim, out_dim = slot.layout.dims(slot.kernel_shape)
-  want_in, want_out = stack + (in_dim,), stack + (out_dim,)
-  if tuple(entry.input_mean.shape) != want_in or tuple(
-      entry.output_grad_mean.shape
-  ) != want_out:
-    raise ValueError(
-        f"{where}: statistics of shapes {entry.input_mean.shape} and"
-        f" {entry.output_grad_mean.shape} do not fit the kernel"
-        f" {slot.kernel_shape} (expected {want_in} and {want_out})"
-    )
+  n_in = in_dim + (1 if slot.has_bias else 0)
+  wanted = {
+      "input_mean": stack + (in_dim,),
+      "output_grad_mean": stack + (out_dim,),
+      "input_factor": stack + (n_in, n_in),
+      "output_grad_factor": stack + (out_dim, out_dim),
+  }
+  for name, shape in wanted.items():
+    value = getattr(entry, name)
+    if value is not None and tuple(value.shape) != shape:
+      raise ValueError(
+          f"{where}: {name} of shape {tuple(value.shape)} does not fit the kernel"
+          f" {slot.kernel_shape} (expected {shape})"
+      )
   if entry.has_bias != slot.has_bias:
     raise ValueError(
         f"{where}: the capture says has_bias={entry.has_bias} but the parameters"

@@ -56,43 +56,67 @@ def require_stats(stats: Any, name: str) -> None:
     )
 
 
-def empty_like_stats(slots: dict[Path, LayerSlot], side: str) -> dict[str, Any]:
-  """Zero running averages, ``side`` 'input' (``stack + (in,)``) or 'output'."""
-  flat = {}
-  for path, slot in slots.items():
-    stack, in_dim, out_dim = slot.layout.dims(slot.kernel_shape)
-    flat[path] = jnp.zeros(stack + ((in_dim,) if side == "input" else (out_dim,)), jnp.float32)
-  return nest(flat)
+def statistic_shape(slot: LayerSlot, name: str) -> tuple[int, ...]:
+  """Shape of the statistic ``name`` (a :class:`LayerStats` field) of a layer."""
+  stack, in_dim, out_dim = slot.layout.dims(slot.kernel_shape)
+  n_in = in_dim + (1 if slot.has_bias else 0)
+  return stack + {
+      "input_mean": (in_dim,),
+      "output_grad_mean": (out_dim,),
+      "input_factor": (n_in, n_in),
+      "output_grad_factor": (out_dim, out_dim),
+  }[name]
+
+
+def zero_statistics(slots: dict[Path, LayerSlot], name: str) -> dict[str, Any]:
+  """Zero running averages of the statistic ``name`` for every layer, keyed by path."""
+  return nest({p: jnp.zeros(statistic_shape(s, name), jnp.float32) for p, s in slots.items()})
 
 
 def update_averages(
     slots: dict[Path, LayerSlot],
     stats: Any,
-    input_means: Any,
-    output_grad_means: Any,
+    averages: dict[str, Any],
     stat_decay: jax.Array,
     count: jax.Array,
-) -> tuple[dict[Path, tuple[jax.Array, jax.Array]], Any, Any]:
-  """Running averages of ā and ḡ for every layer the stats cover.
+    who: str,
+) -> tuple[dict[Path, dict[str, jax.Array]], dict[str, Any]]:
+  """Running averages of the statistics named in ``averages``, for every layer.
 
-  Returns the averaged ``(ā, ḡ)`` per preconditioned layer and the new
-  running-average trees (unchanged for layers without statistics this step).
+  Args:
+    slots: the layers of the update tree.
+    stats: the captured statistics.
+    averages: ``{statistic name: running-average tree keyed by module path}``.
+    stat_decay: weight of the old average (:mod:`eva_optax.running_average`).
+    count: the update count (the first update takes the new values).
+    who: the optimizer's name, for error messages.
+
+  Returns:
+    Per preconditioned layer, the averaged statistics by name; and the new
+    running-average trees (unchanged for layers without statistics this step).
   """
   entries = layer_entries(stats)
-  old_in = dict(flatten_with_paths(input_means))
-  old_out = dict(flatten_with_paths(output_grad_means))
-  new_in, new_out, averaged = dict(old_in), dict(old_out), {}
+  old = {name: dict(flatten_with_paths(tree)) for name, tree in averages.items()}
+  new = {name: dict(flat) for name, flat in old.items()}
+  averaged: dict[Path, dict[str, jax.Array]] = {}
   for path, slot in slots.items():
     entry = entries.get(path)
     if not isinstance(entry, LayerStats):
       continue
     check_stats_match(slot, entry)
-    new_in[path] = update_running_average(old_in[path], entry.input_mean, stat_decay, count)
-    new_out[path] = update_running_average(
-        old_out[path], entry.output_grad_mean, stat_decay, count
-    )
-    averaged[path] = (new_in[path], new_out[path])
-  return averaged, nest(new_in), nest(new_out)
+    missing = [name for name in averages if getattr(entry, name) is None]
+    if missing:
+      raise ValueError(
+          f"{who} needs the statistics {tuple(averages)}, but {missing} were not"
+          " captured: create the gradient function with"
+          f" eva_optax.value_and_grad(loss_fn, statistics={tuple(averages)})"
+      )
+    for name in averages:
+      new[name][path] = update_running_average(
+          old[name][path], getattr(entry, name), stat_decay, count
+      )
+    averaged[path] = {name: new[name][path] for name in averages}
+  return averaged, {name: nest(flat) for name, flat in new.items()}
 
 
 def apply_layerwise(
@@ -151,9 +175,10 @@ __all__ = [
     "LayerGradient",
     "Preconditioned",
     "apply_layerwise",
-    "empty_like_stats",
     "find_layer_slots",
     "kl_scale",
     "require_stats",
+    "statistic_shape",
     "update_averages",
+    "zero_statistics",
 ]
