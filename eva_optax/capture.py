@@ -276,10 +276,13 @@ def _tap_output(y: jax.Array, probe: jax.Array, factor: Callable) -> jax.Array:
     del probe
     return y
 
-  def fwd(y, probe):
-    return y, probe.dtype
+  dtype = probe.dtype
 
-  def bwd(dtype, cotangent):
+  def fwd(y, probe):
+    del probe
+    return y, None
+
+  def bwd(_, cotangent):
     return cotangent, factor(cotangent).astype(dtype)
 
   tap.defvjp(fwd, bwd)

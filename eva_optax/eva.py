@@ -32,17 +32,17 @@ import jax.numpy as jnp
 import optax
 
 from eva_optax import kl
-from eva_optax._hyper import Hyper, check_range, value_at
+from eva_optax._alias import with_sgd
+from eva_optax._hyper import Hyper
 from eva_optax.preconditioning import (
     LayerGradient,
     Preconditioned,
-    apply_layerwise,
-    find_layer_slots,
-    kl_scale,
-    require_stats,
-    update_averages,
-    zero_statistics,
+    layerwise_transformation,
+    scale_preconditioned,
 )
+
+#: What :func:`eva_optax.value_and_grad` must capture for Eva (its default).
+STATISTICS = ("input_mean", "output_grad_mean")
 
 
 def sherman_morrison(
@@ -139,62 +139,24 @@ def scale_by_eva(
     Zhang, Shi, Li. Eva: Practical Second-order Optimization with
     Kronecker-vectorized Approximation. ICLR 2023.
   """
-  kl.check_scaling(scaling)
-  if scaling == kl.KL_CLIP and learning_rate is None:
-    raise ValueError("scale_by_eva with scaling='kl_clip' needs learning_rate")
-  check_range("learning_rate", learning_rate, low=0.0, low_inclusive=True)
-  check_range("damping", damping, low=0.0)
-  check_range("kl_clip", kl_clip, low=0.0)
-  check_range("stat_decay", stat_decay, low=0.0, high=1.0, low_inclusive=True, high_inclusive=False)
-
-  def init_fn(params):
-    slots = find_layer_slots(params, layouts)
-    return ScaleByEvaState(
-        count=jnp.zeros([], jnp.int32),
-        input_mean=zero_statistics(slots, "input_mean"),
-        output_grad_mean=zero_statistics(slots, "output_grad_mean"),
+  def precondition(grad, layer_stats, gamma):
+    p = sherman_morrison(
+        grad, layer_stats["input_mean"], layer_stats["output_grad_mean"], gamma
     )
+    return p if scaling == kl.KL_NORMALISE else scale_preconditioned(p, 1.0 / gamma)
 
-  def update_fn(updates, state, params=None, *, stats=None, **extra_args):
-    del params, extra_args
-    require_stats(stats, "scale_by_eva")
-    count = state.count
-    gamma = value_at(damping, count)
-    slots = find_layer_slots(updates, layouts)
-    averaged, averages = update_averages(
-        slots,
-        stats,
-        {"input_mean": state.input_mean, "output_grad_mean": state.output_grad_mean},
-        jnp.asarray(stat_decay, jnp.float32),
-        count,
-        "scale_by_eva",
-    )
-    if scaling == kl.KL_CLIP:
-      inv_scale = 1.0 / gamma
-      scale = kl_scale(scaling, value_at(learning_rate, count), value_at(kl_clip, count))
-    else:
-      inv_scale = jnp.ones([], jnp.float32)
-      scale = kl_scale(scaling, None, None)
-
-    def precondition(grad, layer_stats):
-      p = sherman_morrison(
-          grad, layer_stats["input_mean"], layer_stats["output_grad_mean"], gamma
-      )
-      return Preconditioned(
-          p.kernel * inv_scale,
-          None if p.bias is None else p.bias * inv_scale,
-          p.update_dot_grad * inv_scale,
-      )
-
-    updates = apply_layerwise(updates, slots, averaged, precondition, scale)
-    new_state = ScaleByEvaState(
-        count=optax.safe_increment(count),
-        input_mean=averages["input_mean"],
-        output_grad_mean=averages["output_grad_mean"],
-    )
-    return updates, new_state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return layerwise_transformation(
+      who="scale_by_eva",
+      state_cls=ScaleByEvaState,
+      statistics=STATISTICS,
+      precondition=precondition,
+      learning_rate=learning_rate,
+      damping=damping,
+      kl_clip=kl_clip,
+      stat_decay=stat_decay,
+      scaling=scaling,
+      layouts=layouts,
+  )
 
 
 def eva(
@@ -237,9 +199,7 @@ def eva(
     Zhang, Shi, Li. Eva: Practical Second-order Optimization with
     Kronecker-vectorized Approximation. ICLR 2023.
   """
-  check_range("momentum", momentum, low=0.0, high=1.0, low_inclusive=True)
-  check_range("weight_decay", weight_decay, low=0.0, low_inclusive=True)
-  return optax.chain(
+  return with_sgd(
       scale_by_eva(
           learning_rate,
           damping=damping,
@@ -248,6 +208,8 @@ def eva(
           scaling=scaling,
           layouts=layouts,
       ),
-      optax.add_decayed_weights(weight_decay),
-      optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
+      learning_rate,
+      momentum=momentum,
+      nesterov=nesterov,
+      weight_decay=weight_decay,
   )

@@ -14,7 +14,10 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+import optax
+
 from eva_optax import kl
+from eva_optax._hyper import Hyper, check_range, value_at
 from eva_optax.layers import (
     BIAS,
     KERNEL,
@@ -46,6 +49,15 @@ class Preconditioned(NamedTuple):
   kernel: jax.Array
   bias: jax.Array | None
   update_dot_grad: jax.Array
+
+
+def scale_preconditioned(p: Preconditioned, factor: jax.Array) -> Preconditioned:
+  """``factor · V`` and ``factor · ⟨V, Ĝ⟩``."""
+  return Preconditioned(
+      p.kernel * factor,
+      None if p.bias is None else p.bias * factor,
+      p.update_dot_grad * factor,
+  )
 
 
 def require_stats(stats: Any, name: str) -> None:
@@ -171,13 +183,120 @@ def kl_scale(
   return lambda total: kl.scale_factor(scaling, total, learning_rate, kl_clip)
 
 
+def check_layerwise_hyperparameters(
+    who: str, learning_rate, damping, kl_clip, stat_decay, scaling: str
+) -> None:
+  """The argument checks every layer-wise preconditioner shares."""
+  kl.check_scaling(scaling)
+  if scaling == kl.KL_CLIP and learning_rate is None:
+    raise ValueError(f"{who} with scaling='kl_clip' needs learning_rate")
+  check_range("learning_rate", learning_rate, low=0.0, low_inclusive=True)
+  check_range("damping", damping, low=0.0)
+  check_range("kl_clip", kl_clip, low=0.0)
+  check_range(
+      "stat_decay", stat_decay, low=0.0, high=1.0, low_inclusive=True, high_inclusive=False
+  )
+
+
+def layerwise_transformation(
+    *,
+    who: str,
+    state_cls: type,
+    statistics: tuple[str, ...],
+    precondition: Callable[[LayerGradient, dict[str, jax.Array], jax.Array], Preconditioned],
+    learning_rate: Hyper | None,
+    damping: Hyper,
+    kl_clip: Hyper,
+    stat_decay: float | jax.Array,
+    scaling: str,
+    layouts: Any,
+    refresh: Callable[[dict[str, jax.Array], jax.Array], dict[str, jax.Array]] | None = None,
+    refresh_every: int = 1,
+    stats_every: int = 1,
+) -> optax.GradientTransformationExtraArgs:
+  """A layer-wise preconditioner from its rule, with everything else shared.
+
+  Per step: running averages of ``statistics`` (updated every ``stats_every``
+  steps), optionally a per-layer cache recomputed by ``refresh(averages,
+  damping)`` every ``refresh_every`` steps (inverses of K-FAC and FOOF, through
+  ``lax.cond`` so one compiled step serves every step), ``precondition`` of
+  each captured layer, then the KL clip / normalisation over all of them.
+
+  ``state_cls`` is a NamedTuple with the fields ``count``, one per statistic
+  name, and ``cache`` when ``refresh`` is given.
+  """
+  check_layerwise_hyperparameters(who, learning_rate, damping, kl_clip, stat_decay, scaling)
+  for name, every in (("refresh_every", refresh_every), ("stats_every", stats_every)):
+    if not isinstance(every, int) or every < 1:
+      raise ValueError(f"{name} must be an integer ≥ 1, got {every!r}")
+
+  def by_layer(trees: dict[str, Any]) -> dict[Path, dict[str, jax.Array]]:
+    """``{name: tree keyed by path}`` → ``{path: {name: array}}``."""
+    flat = {n: dict(flatten_with_paths(t)) for n, t in trees.items()}
+    paths = next(iter(flat.values())).keys() if flat else ()
+    return {p: {n: flat[n][p] for n in flat} for p in paths}
+
+  def refreshed(slots, averages, gamma):
+    per_layer = {p: refresh(v, gamma) for p, v in by_layer(averages).items()}
+    names = next(iter(per_layer.values())).keys() if per_layer else ()
+    return {n: nest({p: v[n] for p, v in per_layer.items()}) for n in names}
+
+  def init_fn(params):
+    slots = find_layer_slots(params, layouts)
+    averages = {name: zero_statistics(slots, name) for name in statistics}
+    fields = dict(count=jnp.zeros([], jnp.int32), **averages)
+    if refresh is not None:
+      shapes = jax.eval_shape(lambda: refreshed(slots, averages, jnp.float32(1.0)))
+      fields["cache"] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return state_cls(**fields)
+
+  def update_fn(updates, state, params=None, *, stats=None, **extra_args):
+    del params, extra_args
+    require_stats(stats, who)
+    count = state.count
+    gamma = value_at(damping, count)
+    slots = find_layer_slots(updates, layouts)
+    old = {name: getattr(state, name) for name in statistics}
+    averaged, averages = update_averages(
+        slots, stats, old, jnp.asarray(stat_decay, jnp.float32), count, who
+    )
+    if stats_every > 1:
+      take = count % stats_every == 0
+      averages = jax.tree.map(lambda n, o: jnp.where(take, n, o), averages, old)
+      current = by_layer(averages)
+      averaged = {p: current[p] for p in averaged}
+    fields = dict(count=optax.safe_increment(count), **averages)
+    if refresh is not None:
+      cache = jax.lax.cond(
+          count % refresh_every == 0,
+          lambda: refreshed(slots, averages, gamma),
+          lambda: state.cache,
+      )
+      fields["cache"] = cache
+      cached = by_layer(cache)
+      averaged = {p: {**averaged[p], **cached[p]} for p in averaged}
+    if scaling == kl.KL_CLIP:
+      scale = kl_scale(scaling, value_at(learning_rate, count), value_at(kl_clip, count))
+    else:
+      scale = kl_scale(scaling, None, None)
+    updates = apply_layerwise(
+        updates, slots, averaged, lambda g, s: precondition(g, s, gamma), scale
+    )
+    return updates, state_cls(**fields)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 __all__ = [
     "LayerGradient",
     "Preconditioned",
     "apply_layerwise",
     "find_layer_slots",
+    "check_layerwise_hyperparameters",
     "kl_scale",
+    "layerwise_transformation",
     "require_stats",
+    "scale_preconditioned",
     "statistic_shape",
     "update_averages",
     "zero_statistics",

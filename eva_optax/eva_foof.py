@@ -1,0 +1,159 @@
+"""Eva-f: vectorized FOOF, the input-side Kronecker vector only.
+
+FOOF preconditions a layer's gradient with its input factor only,
+Ĝ (A + γI)⁻¹. Eva-f replaces A by the rank-one ā āᵀ, whose damped inverse
+follows from Sherman–Morrison:
+
+    V = Ĝ − (Ĝ ā) āᵀ / (‖ā‖² + γ)        (= γ · Ĝ (ā āᵀ + γI)⁻¹)
+
+(ā with a trailing 1 when the layer has a bias). It needs only the forward
+statistic, so the capture skips the backward probes:
+``eva_optax.value_and_grad(loss_fn, statistics=eva_optax.eva_foof.STATISTICS)``.
+By default the updates are normalised across layers (the extension's KL
+normalisation, V / sqrt(Σ⟨V, Ĝ⟩)); ``scaling='kl_clip'`` uses V / γ and the
+KL clip instead.
+
+References:
+  Zhang, Shi, Li. Eva: A General Vectorized Approximation Framework for
+  Second-order Optimization. arXiv:2308.02123.
+  Benzing. Gradient descent on neurons and its link to approximate
+  second-order optimization (FOOF). ICML 2022.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from eva_optax import kl
+from eva_optax._alias import with_sgd
+from eva_optax._hyper import Hyper
+from eva_optax.preconditioning import (
+    LayerGradient,
+    Preconditioned,
+    layerwise_transformation,
+    scale_preconditioned,
+)
+
+#: What :func:`eva_optax.value_and_grad` must capture for Eva-f.
+STATISTICS = ("input_mean",)
+
+
+def foof_vector_projection(
+    grad: LayerGradient, input_mean: jax.Array, damping: jax.Array
+) -> Preconditioned:
+  """Ĝ − (Ĝā)āᵀ/(‖ā‖² + γ) for one layer (or a stack), and its ⟨·, Ĝ⟩.
+
+  Args:
+    grad: kernel gradient ``stack + (in, out)``, bias gradient ``stack + (out,)``
+      or ``None`` (matched by an implicit 1 in ā).
+    input_mean: ā, ``stack + (in,)``.
+    damping: γ > 0.
+  """
+  a, k, b = input_mean, grad.kernel, grad.bias
+  projected = jnp.einsum("...i,...io->...o", a, k)  # Ĝ ā
+  a_sq = jnp.sum(a * a, axis=-1)
+  grad_sq = jnp.sum(k * k, axis=(-2, -1))
+  if b is not None:
+    projected = projected + b
+    a_sq = a_sq + 1.0
+    grad_sq = grad_sq + jnp.sum(b * b, axis=-1)
+  coef = projected / (a_sq + damping)[..., None]
+  kernel = k - a[..., :, None] * coef[..., None, :]
+  bias = None if b is None else b - coef
+  dot = grad_sq - jnp.sum(coef * projected, axis=-1)
+  return Preconditioned(kernel, bias, jnp.sum(dot))
+
+
+class ScaleByEvaFoofState(NamedTuple):
+  """State of :func:`scale_by_eva_foof`: the update count and running ā per layer."""
+
+  count: jax.Array
+  input_mean: Any
+
+
+def scale_by_eva_foof(
+    learning_rate: Hyper | None = None,
+    *,
+    damping: Hyper = 0.03,
+    kl_clip: Hyper = 0.001,
+    stat_decay: float | jax.Array = 0.05,
+    scaling: str = kl.KL_NORMALISE,
+    layouts: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Eva-f's preconditioner: V = Ĝ − (Ĝā)āᵀ/(‖ā‖² + γ), normalised across layers.
+
+  Args:
+    learning_rate: η, used only with ``scaling='kl_clip'``.
+    damping: γ > 0, float or schedule. Default 0.03.
+    kl_clip: κ > 0, used only with ``scaling='kl_clip'``. Default 0.001.
+    stat_decay: weight of the old running average of ā. Default 0.05.
+    scaling: ``'kl_normalise'`` (default, the extension's form) or
+      ``'kl_clip'`` (V/γ, then the KL clip, as Eva's ICLR form).
+    layouts: see :func:`eva_optax.scale_by_eva`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``stats=``
+    captured with ``statistics=('input_mean',)`` (or more).
+
+  References:
+    Zhang, Shi, Li. Eva: A General Vectorized Approximation Framework for
+    Second-order Optimization. arXiv:2308.02123.
+  """
+
+  def precondition(grad, layer_stats, gamma):
+    p = foof_vector_projection(grad, layer_stats["input_mean"], gamma)
+    return p if scaling == kl.KL_NORMALISE else scale_preconditioned(p, 1.0 / gamma)
+
+  return layerwise_transformation(
+      who="scale_by_eva_foof",
+      state_cls=ScaleByEvaFoofState,
+      statistics=STATISTICS,
+      precondition=precondition,
+      learning_rate=learning_rate,
+      damping=damping,
+      kl_clip=kl_clip,
+      stat_decay=stat_decay,
+      scaling=scaling,
+      layouts=layouts,
+  )
+
+
+def eva_foof(
+    learning_rate: Hyper,
+    *,
+    momentum: float | jax.Array | None = 0.9,
+    nesterov: bool = False,
+    weight_decay: float | jax.Array = 0.0,
+    damping: Hyper = 0.03,
+    kl_clip: Hyper = 0.001,
+    stat_decay: float | jax.Array = 0.05,
+    scaling: str = kl.KL_NORMALISE,
+    layouts: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Eva-f in front of SGD: precondition → weight decay → momentum → learning rate.
+
+  See :func:`scale_by_eva_foof`; the tail is as in :func:`eva_optax.eva`.
+  Capture with ``eva_optax.value_and_grad(loss_fn, statistics=('input_mean',))``.
+
+  References:
+    Zhang, Shi, Li. Eva: A General Vectorized Approximation Framework for
+    Second-order Optimization. arXiv:2308.02123.
+  """
+  return with_sgd(
+      scale_by_eva_foof(
+          learning_rate,
+          damping=damping,
+          kl_clip=kl_clip,
+          stat_decay=stat_decay,
+          scaling=scaling,
+          layouts=layouts,
+      ),
+      learning_rate,
+      momentum=momentum,
+      nesterov=nesterov,
+      weight_decay=weight_decay,
+  )
