@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from eva_optax._alias import with_sgd
 from eva_optax._hyper import Hyper, check_range, value_at
 from eva_optax.grafting import sgd_graft
 
@@ -95,7 +96,7 @@ class ScaleByEvaShampooState(NamedTuple):
 
 
 def _is_preconditioned(x) -> bool:
-  return x.ndim >= 2
+  return x.ndim >= 2 and x.size > 0
 
 
 def scale_by_eva_shampoo(
@@ -209,11 +210,10 @@ def eva_shampoo(
     Zhang, Shi, Li. Eva: A General Vectorized Approximation Framework for
     Second-order Optimization. arXiv:2308.02123.
   """
-  check_range("learning_rate", learning_rate, low=0.0, low_inclusive=True)
-  check_range("momentum", momentum, low=0.0, high=1.0, low_inclusive=True)
-  check_range("weight_decay", weight_decay, low=0.0, low_inclusive=True)
-  return optax.chain(
+  return with_sgd(
       scale_by_eva_shampoo(damping=damping, stat_decay=stat_decay),
-      optax.add_decayed_weights(weight_decay),
-      optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
+      learning_rate,
+      momentum=momentum,
+      nesterov=nesterov,
+      weight_decay=weight_decay,
   )

@@ -67,6 +67,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from eva_optax._alias import with_sgd
 from eva_optax._hyper import Hyper, check_range, value_at
 from eva_optax.grafting import sgd_graft
 
@@ -387,16 +388,15 @@ def shampoo(
     Gupta, Koren, Singer. Shampoo: Preconditioned Stochastic Tensor
     Optimization. ICML 2018.
   """
-  check_range("learning_rate", learning_rate, low=0.0, low_inclusive=True)
-  check_range("momentum", momentum, low=0.0, high=1.0, low_inclusive=True)
-  check_range("weight_decay", weight_decay, low=0.0, low_inclusive=True)
-  return optax.chain(
+  return with_sgd(
       scale_by_shampoo(
           block_size=block_size,
           damping=damping,
           stat_decay=stat_decay,
           inverse_every=inverse_every,
       ),
-      optax.add_decayed_weights(weight_decay),
-      optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
+      learning_rate,
+      momentum=momentum,
+      nesterov=nesterov,
+      weight_decay=weight_decay,
   )

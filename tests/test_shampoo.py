@@ -1,0 +1,268 @@
+"""Blocked Shampoo against NumPy eigendecompositions, its block structure and periodic roots."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from eva_optax.shampoo import (
+    BlockLayout,
+    ScaleByShampooState,
+    block_layout,
+    merge_small_dims,
+    scale_by_shampoo,
+    shampoo,
+)
+
+
+# ---------------------------------------------------------------------------
+# An independent NumPy Shampoo (float64, uneven blocks, no padding).
+
+
+def _np_statistic(block, i):
+  """G_(i) G_(i)ᵀ: the matricisation along dimension i times its transpose."""
+  mat = np.moveaxis(block, i, 0).reshape(block.shape[i], -1)
+  return mat @ mat.T
+
+
+def _np_root(statistic, damping, exponent):
+  eigenvalues, eigenvectors = np.linalg.eigh(statistic)
+  scale = (np.maximum(eigenvalues, 0.0) + damping) ** (-1.0 / exponent)
+  return (eigenvectors * scale) @ eigenvectors.T
+
+
+def _np_precondition(block, roots):
+  for i, root in enumerate(roots):
+    block = np.moveaxis(np.tensordot(root, block, axes=([1], [i])), 0, i)
+  return block
+
+
+def _np_statistics(grads, stat_decay):
+  weight = 1.0 if stat_decay == 1.0 else 1.0 - stat_decay
+  stats = [np.zeros((d, d)) for d in grads[0].shape]
+  for g in grads:
+    g = g.astype(np.float64)
+    stats = [stat_decay * s + weight * _np_statistic(g, i) for i, s in enumerate(stats)]
+  return stats
+
+
+def _graft(direction, grad):
+  return direction * np.linalg.norm(grad) / np.linalg.norm(direction)
+
+
+def _grads(shape, steps, seed=0):
+  rng = np.random.default_rng(seed)
+  return [rng.normal(size=shape).astype(np.float32) for _ in range(steps)]
+
+
+def _run_single(tx, grads):
+  """Updates and states of ``tx`` on one parameter, one per gradient."""
+  state = tx.init(jnp.zeros(grads[0].shape))
+  updates, states = [], []
+  for g in grads:
+    u, state = tx.update(jnp.asarray(g), state)
+    updates.append(np.asarray(u))
+    states.append(state)
+  return updates, states
+
+
+# ---------------------------------------------------------------------------
+# Shapes.
+
+
+def test_merge_small_dims_matches_reference_examples():
+  assert merge_small_dims((1, 2, 512, 1, 2048, 1, 3, 4), 1024) == (1024, 2048, 12)
+  assert merge_small_dims((1, 2, 768, 1, 2048), 1024) == (2, 768, 2048)
+  assert merge_small_dims((3, 3, 64, 128), 128) == (9, 64, 128)
+  assert merge_small_dims((1, 300), 128) == (300,)
+
+
+def test_block_layout_of_a_tall_kernel():
+  layout = block_layout((300, 7), 128)
+  assert layout == BlockLayout(merged_shape=(300, 7), block_shape=(128, 7), grid=(3, 1))
+  assert layout.num_blocks == 3
+  for shape in [(7,), (), (4, 8), (1, 300), (0, 5)]:
+    assert block_layout(shape, 128) is None, shape
+
+
+# ---------------------------------------------------------------------------
+# The rule.
+
+
+@pytest.mark.parametrize(
+    "shape, block_size, stat_decay",
+    [((12, 10), 16, 1.0), ((12, 10), 16, 0.5), ((6, 5, 4), 8, 1.0)],
+)
+def test_roots_and_update_equal_numpy_eigendecomposition(shape, block_size, stat_decay):
+  damping = 1e-3
+  grads = _grads(shape, steps=3)
+  tx = scale_by_shampoo(block_size=block_size, damping=damping, stat_decay=stat_decay, inverse_every=1)
+  updates, states = _run_single(tx, grads)
+  state = states[-1]
+  k = len(shape)
+  stats = _np_statistics(grads, stat_decay)
+  roots = [_np_root(s, damping, 2 * k) for s in stats]
+  for i in range(k):
+    assert state.statistics[i].shape == (1, shape[i], shape[i])
+    np.testing.assert_allclose(state.statistics[i][0], stats[i], rtol=1e-5, atol=1e-5)
+    scale = np.abs(roots[i]).max()
+    np.testing.assert_allclose(state.inverse_roots[i][0], roots[i], rtol=1e-3, atol=1e-4 * scale)
+  g = grads[-1].astype(np.float64)
+  expected = _graft(_np_precondition(g, roots), g)
+  np.testing.assert_allclose(updates[-1], expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+  assert not np.allclose(updates[-1], g, rtol=1e-2, atol=1e-2)
+
+
+def test_blocks_are_preconditioned_separately_and_grafted_per_tensor():
+  damping, block_size = 1e-2, 128
+  grads = _grads((300, 7), steps=2, seed=1)
+  tx = scale_by_shampoo(block_size=block_size, damping=damping, inverse_every=1)
+  updates, states = _run_single(tx, grads)
+  state = states[-1]
+  assert [s.shape for s in state.statistics] == [(3, 128, 128), (3, 7, 7)]
+  assert [s.shape for s in state.inverse_roots] == [(3, 128, 128), (3, 7, 7)]
+  # The last block holds rows 256..299: its padded rows and columns stay zero.
+  np.testing.assert_array_equal(state.statistics[0][2, 44:, :], 0.0)
+  np.testing.assert_array_equal(state.statistics[0][2, :, 44:], 0.0)
+
+  rows = [slice(0, 128), slice(128, 256), slice(256, 300)]
+  directions = []
+  for b, r in enumerate(rows):
+    block_grads = [g[r] for g in grads]
+    stats = _np_statistics(block_grads, 1.0)
+    roots = [_np_root(s, damping, 4) for s in stats]
+    n = r.stop - r.start
+    np.testing.assert_allclose(state.statistics[0][b, :n, :n], stats[0], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(state.statistics[1][b], stats[1], rtol=1e-5, atol=1e-4)
+    directions.append(_np_precondition(block_grads[-1].astype(np.float64), roots))
+  g = grads[-1].astype(np.float64)
+  expected = _graft(np.concatenate(directions, axis=0), g)  # one norm for the whole tensor
+  np.testing.assert_allclose(updates[-1], expected, rtol=2e-3, atol=2e-4 * np.abs(expected).max())
+
+
+def test_merged_rank_one_parameters_pass_through():
+  rng = np.random.default_rng(2)
+  shapes = {"bias": (7,), "scale": (), "small": (4, 8), "row": (1, 300)}
+  grads = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+  tx = scale_by_shampoo()
+  state = tx.init(jax.tree.map(jnp.zeros_like, grads))
+  assert all(isinstance(v, optax.MaskedNode) for v in state.statistics.values())
+  updates, new_state = tx.update(grads, state)
+  jax.tree.map(np.testing.assert_array_equal, updates, grads)
+  assert jax.tree.structure(new_state) == jax.tree.structure(state)
+
+
+# ---------------------------------------------------------------------------
+# Periodic roots under one compilation.
+
+
+def test_roots_refresh_exactly_every_n_steps_with_one_compilation():
+  every, damping = 3, 1e-3
+  grads = _grads((12, 10), steps=7, seed=4)
+  tx = scale_by_shampoo(block_size=16, damping=damping, inverse_every=every)
+  traces = []
+
+  @jax.jit
+  def step(grad, state):
+    traces.append(1)
+    return tx.update(grad, state)
+
+  state = tx.init(jnp.zeros((12, 10)))
+  roots, updates = [], []
+  for g in grads:
+    u, state = step(jnp.asarray(g), state)
+    roots.append([np.asarray(r) for r in state.inverse_roots])
+    updates.append(np.asarray(u))
+  assert len(traces) == 1
+  assert step._cache_size() == 1
+
+  identity = [np.eye(12)[None], np.eye(10)[None]]
+  previous = identity
+  for t in range(len(grads)):
+    same = all(np.array_equal(a, b) for a, b in zip(roots[t], previous))
+    assert same == (t % every != 0), t
+    previous = roots[t]
+
+  # Step 4 uses the roots of step 3 (statistics of grads 0..3) on its own gradient.
+  stats = _np_statistics(grads[:4], 1.0)
+  np_roots = [_np_root(s, damping, 4) for s in stats]
+  for got, want in zip(roots[4], np_roots):
+    np.testing.assert_allclose(got[0], want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+  g = grads[4].astype(np.float64)
+  expected = _graft(_np_precondition(g, np_roots), g)
+  np.testing.assert_allclose(updates[4], expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+
+
+# ---------------------------------------------------------------------------
+# Composition and the optax contract.
+
+
+def _params_and_grads(steps=3, seed=5):
+  rng = np.random.default_rng(seed)
+  params = {
+      "dense": {"kernel": jnp.asarray(rng.normal(size=(12, 10)), jnp.float32),
+                "bias": jnp.asarray(rng.normal(size=(10,)), jnp.float32)},
+      "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)},
+  }
+  grads = [
+      jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+      for _ in range(steps)
+  ]
+  return params, grads
+
+
+def _run(tx, steps=3):
+  params, grads = _params_and_grads(steps)
+  state = tx.init(params)
+  for g in grads:
+    updates, state = tx.update(g, state, params)
+    params = optax.apply_updates(params, updates)
+  return params, state
+
+
+def test_alias_with_nesterov_equals_chain():
+  lr, wd = 0.1, 5e-4
+  kw = dict(block_size=16, damping=1e-4, inverse_every=2)
+  alias, state = _run(shampoo(lr, weight_decay=wd, **kw))
+  chained, _ = _run(
+      optax.chain(
+          scale_by_shampoo(**kw),
+          optax.add_decayed_weights(wd),
+          optax.sgd(lr, momentum=0.9, nesterov=True),
+      )
+  )
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), alias, chained)
+  assert isinstance(state[0], ScaleByShampooState)
+  assert [s.shape for s in state[0].statistics["conv"]["kernel"]] == [(1, 9, 9), (1, 8, 8)]
+
+
+def test_inject_hyperparams_needs_static_block_size():
+  kw = dict(weight_decay=1e-3, damping=1e-4, block_size=16, inverse_every=2)
+  plain, _ = _run(shampoo(0.1, **kw))
+  injected, _ = _run(optax.inject_hyperparams(shampoo, static_args=("block_size",))(0.1, **kw))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8), plain, injected)
+
+  params, grads = _params_and_grads(steps=1)
+  tx = optax.inject_hyperparams(shampoo)(0.1, **kw)
+  with pytest.raises(ValueError, match="block_size"):
+    jax.jit(tx.update)(grads[0], tx.init(params), params)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(block_size=0), "block_size"),
+        (dict(block_size=2.5), "block_size"),
+        (dict(block_size=True), "block_size"),
+        (dict(inverse_every=0), "inverse_every"),
+        (dict(damping=0.0), "damping"),
+        (dict(damping=float("nan")), "damping"),
+        (dict(stat_decay=1.5), "stat_decay"),
+        (dict(momentum=-0.1), "momentum"),
+        (dict(weight_decay=-1.0), "weight_decay"),
+    ],
+)
+def test_bad_hyperparameters_name_the_parameter(kwargs, name):
+  with pytest.raises(ValueError, match=name):
+    shampoo(0.1, **kwargs)
