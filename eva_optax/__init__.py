@@ -8,27 +8,64 @@ Public API::
     loss, grads, stats = grad_fn(params, batch)
     updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
     print(eva_optax.describe(params, stats))
+
+The vectorized framework and its baselines share the API: ``eva_foof`` (Eva-f),
+``eva_shampoo`` (Eva-s, gradient-only), ``kfac``, ``foof`` and ``shampoo``, each
+with its ``scale_by_*`` preconditioner. Layer-wise ones need the statistics they
+name in ``<module>.STATISTICS``, e.g.
+``value_and_grad(loss_fn, statistics=eva_optax.KFAC_STATISTICS)``.
 """
 
 from eva_optax.capture import value_and_grad
 from eva_optax.describe import describe
+from eva_optax.eva import STATISTICS as EVA_STATISTICS
 from eva_optax.eva import ScaleByEvaState, eva, scale_by_eva, sherman_morrison
+from eva_optax.eva_foof import STATISTICS as EVA_FOOF_STATISTICS
+from eva_optax.eva_foof import ScaleByEvaFoofState, eva_foof, scale_by_eva_foof
+from eva_optax.eva_shampoo import ScaleByEvaShampooState, eva_shampoo, scale_by_eva_shampoo
+from eva_optax.foof import STATISTICS as FOOF_STATISTICS
+from eva_optax.foof import ScaleByFoofState, foof, scale_by_foof
+from eva_optax.grafting import graft_to_norm, sgd_graft
+from eva_optax.kfac import STATISTICS as KFAC_STATISTICS
+from eva_optax.kfac import ScaleByKfacState, kfac, scale_by_kfac
 from eva_optax.kl import kl_clip_factor, kl_normalise_factor
 from eva_optax.layers import KernelLayout, LayerStats, PassThrough, layouts_of
+from eva_optax.shampoo import ScaleByShampooState, scale_by_shampoo, shampoo
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EVA_FOOF_STATISTICS",
+    "EVA_STATISTICS",
+    "FOOF_STATISTICS",
+    "KFAC_STATISTICS",
     "KernelLayout",
     "LayerStats",
     "PassThrough",
+    "ScaleByEvaFoofState",
+    "ScaleByEvaShampooState",
     "ScaleByEvaState",
+    "ScaleByFoofState",
+    "ScaleByKfacState",
+    "ScaleByShampooState",
     "describe",
     "eva",
+    "eva_foof",
+    "eva_shampoo",
+    "foof",
+    "graft_to_norm",
+    "kfac",
     "kl_clip_factor",
     "kl_normalise_factor",
     "layouts_of",
     "scale_by_eva",
+    "scale_by_eva_foof",
+    "scale_by_eva_shampoo",
+    "scale_by_foof",
+    "scale_by_kfac",
+    "scale_by_shampoo",
+    "sgd_graft",
+    "shampoo",
     "sherman_morrison",
     "value_and_grad",
 ]

@@ -13,6 +13,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import optax
 
@@ -198,6 +199,16 @@ def check_layerwise_hyperparameters(
   )
 
 
+def check_period(name: str, every: Any) -> None:
+  """``every`` must be an integer ≥ 1 (traced values, e.g. under
+  ``optax.inject_hyperparams``, are let through)."""
+  if isinstance(every, jax.core.Tracer):
+    return
+  value = np.asarray(every)
+  if value.shape != () or not np.issubdtype(value.dtype, np.integer) or value < 1:
+    raise ValueError(f"{name} must be an integer ≥ 1, got {every!r}")
+
+
 def layerwise_transformation(
     *,
     who: str,
@@ -227,8 +238,7 @@ def layerwise_transformation(
   """
   check_layerwise_hyperparameters(who, learning_rate, damping, kl_clip, stat_decay, scaling)
   for name, every in (("refresh_every", refresh_every), ("stats_every", stats_every)):
-    if not isinstance(every, int) or every < 1:
-      raise ValueError(f"{name} must be an integer ≥ 1, got {every!r}")
+    check_period(name, every)
 
   def by_layer(trees: dict[str, Any]) -> dict[Path, dict[str, jax.Array]]:
     """``{name: tree keyed by path}`` → ``{path: {name: array}}``."""
@@ -260,7 +270,7 @@ def layerwise_transformation(
     averaged, averages = update_averages(
         slots, stats, old, jnp.asarray(stat_decay, jnp.float32), count, who
     )
-    if stats_every > 1:
+    if isinstance(stats_every, jax.core.Tracer) or int(stats_every) != 1:
       take = count % stats_every == 0
       averages = jax.tree.map(lambda n, o: jnp.where(take, n, o), averages, old)
       current = by_layer(averages)
