@@ -29,6 +29,7 @@ from eva_optax.grafting import graft_to_norm, sgd_graft
 from eva_optax.kfac import STATISTICS as KFAC_STATISTICS
 from eva_optax.kfac import ScaleByKfacState, kfac, scale_by_kfac
 from eva_optax.kl import kl_clip_factor, kl_normalise_factor
+from eva_optax.memory import state_bytes
 from eva_optax.layers import KernelLayout, LayerStats, PassThrough, layouts_of
 from eva_optax.shampoo import ScaleByShampooState, scale_by_shampoo, shampoo
 
@@ -65,6 +66,7 @@ __all__ = [
     "scale_by_kfac",
     "scale_by_shampoo",
     "sgd_graft",
+    "state_bytes",
     "shampoo",
     "sherman_morrison",
     "value_and_grad",
