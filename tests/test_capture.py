@@ -8,7 +8,9 @@ perturbations: that gives the full per-sample output gradients dL/dy. The means
 are then taken in float64 numpy; for Conv the im2col patches of the mean image
 are extracted with explicit loops over output positions and window offsets, on
 the (input-dilated, padded) mean image, following the padding rules of
-``flax.linen.Conv`` written out by hand.
+``flax.linen.Conv`` written out by hand. The K-FAC factors come from the same
+records: A from the rows of every call (for Conv, the patches of the actual
+images, by the same loops), G from the rows of dL/dy.
 
 Conventions checked (DESIGN.md §1):
 
@@ -20,6 +22,9 @@ Conventions checked (DESIGN.md §1):
 * Conv: the batch mean first, then the mean of its patches over the output
   positions, ordered like the kernel flattened from (*window, in) (HWIO);
   ḡ = mean of dL/dy over batch and positions.
+* A = mean over rows of â âᵀ, â = [row, 1] with a bias; rows: every position
+  of every sample (Conv: every patch of every image). G = N · Σ_rows dy dyᵀ,
+  N the number of samples (leading axis, or the Conv batch axes).
 * A module called several times: the mean of the per-call statistics.
 * Stacked layers (``nn.scan``): per-layer statistics, stack axis first.
 """
@@ -27,8 +32,9 @@ Conventions checked (DESIGN.md §1):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -71,6 +77,7 @@ class _Call:
   path: tuple[str, ...]
   kind: str
   config: dict
+  has_bias: bool
 
 
 def _config(module: nn.Module) -> tuple[str, dict] | None:
@@ -123,11 +130,12 @@ def _record(loss_fn, params, args, has_aux, ref_loss_fn, ref_params):
       module = ctx.module
       kernel = module.get_variable("params", "kernel")
       bias = module.get_variable("params", "bias")
+      has_bias = bias is not None
       if bias is None:
         bias = jnp.zeros(())
       i = len(records)
       records.append((x, y, kernel, bias))
-      calls.append(_Call(tuple(module.scope.path), found[0], found[1]))
+      calls.append(_Call(tuple(module.scope.path), found[0], found[1], has_bias))
       return y + eps[i]
 
     with nn.intercept_methods(interceptor):
@@ -158,24 +166,23 @@ def _record(loss_fn, params, args, has_aux, ref_loss_fn, ref_params):
   ]
 
 
-def _dense_stats(x: np.ndarray, dy: np.ndarray):
-  return x.reshape(-1, x.shape[-1]).mean(0), dy.reshape(-1, dy.shape[-1]).mean(0)
+class Expected(NamedTuple):
+  """Reference statistics of one layer (float64), named like LayerStats."""
+
+  input_mean: np.ndarray
+  output_grad_mean: np.ndarray
+  input_factor: np.ndarray
+  output_grad_factor: np.ndarray
 
 
-def _dense_general_stats(config: dict, x: np.ndarray, dy: np.ndarray):
+def _dense_general_rows(config: dict, x: np.ndarray) -> np.ndarray:
   # Flax sorts the contracted axes (``_normalize_axes``): the kernel's input
-  # axes, hence the flattened ā, follow ascending axis order even for
+  # axes, hence the flattened rows, follow ascending axis order even for
   # axis=(-1, -2). The linear check in reference() pins this down.
   axis = sorted(a % x.ndim for a in _tuple(config["axis"]))
   rest = [a for a in range(x.ndim) if a not in axis]
   xt = np.transpose(x, rest + axis)  # contracted axes last
-  in_dim = math.prod(x.shape[a] for a in axis)
-  n_features = len(_tuple(config["features"]))
-  out_dim = math.prod(dy.shape[dy.ndim - n_features :])
-  return (
-      xt.reshape(-1, in_dim).mean(0),
-      dy.reshape(-1, out_dim).mean(0),
-  )
+  return xt.reshape(-1, math.prod(x.shape[a] for a in axis))
 
 
 def _same_pads(size: int, window: int, stride: int) -> tuple[int, int]:
@@ -184,93 +191,114 @@ def _same_pads(size: int, window: int, stride: int) -> tuple[int, int]:
   return total // 2, total - total // 2
 
 
-def _conv_patch_mean(config: dict, x: np.ndarray) -> np.ndarray:
-  """Mean im2col patch of the batch-mean image, explicit loops, HWIO order."""
+def _conv_patches(config: dict, images: np.ndarray):
+  """im2col patches of ``images`` (batch, *spatial, in), explicit loops, HWIO
+  order: ``(batch, positions, window * in)`` and the output spatial shape."""
   ks = config["kernel_size"]
   n = len(ks)
   strides = _tuple(config["strides"] or 1, n)
   in_dil = _tuple(config["input_dilation"] or 1, n)
   k_dil = _tuple(config["kernel_dilation"] or 1, n)
   eff = [(k - 1) * d + 1 for k, d in zip(ks, k_dil)]
-  image = x.reshape((-1,) + x.shape[x.ndim - n - 1 :]).mean(0)  # batch mean first
-  channels = image.shape[-1]
+  batch, channels = images.shape[0], images.shape[-1]
   padding = config["padding"]
+  no_pad = [(0, 0)]
 
   # Flax pads CIRCULAR / REFLECT / CAUSAL itself (before input dilation) and
   # then convolves VALID; the other modes are lax padding of the dilated image.
   if padding in ("CIRCULAR", "REFLECT"):
     mode = {"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding]
-    image = np.pad(image, [((e - 1) // 2, e // 2) for e in eff] + [(0, 0)], mode=mode)
+    images = np.pad(images, no_pad + [((e - 1) // 2, e // 2) for e in eff] + no_pad, mode=mode)
     padding = "VALID"
   elif padding == "CAUSAL":
-    image = np.pad(image, [(eff[0] - 1, 0), (0, 0)])
+    images = np.pad(images, no_pad + [(eff[0] - 1, 0)] + no_pad)
     padding = "VALID"
 
   if any(d > 1 for d in in_dil):
     dilated = np.zeros(
-        tuple((s - 1) * d + 1 for s, d in zip(image.shape[:n], in_dil)) + (channels,)
+        (batch,) + tuple((s - 1) * d + 1 for s, d in zip(images.shape[1:-1], in_dil)) + (channels,)
     )
-    dilated[tuple(slice(None, None, d) for d in in_dil)] = image
-    image = dilated
+    dilated[(slice(None),) + tuple(slice(None, None, d) for d in in_dil)] = images
+    images = dilated
 
   if padding == "VALID":
     pads = [(0, 0)] * n
   elif padding == "SAME":
-    pads = [_same_pads(s, e, st) for s, e, st in zip(image.shape[:n], eff, strides)]
+    pads = [_same_pads(s, e, st) for s, e, st in zip(images.shape[1:-1], eff, strides)]
   elif isinstance(padding, int):
     pads = [(padding, padding)] * n
   else:
     pads = [tuple(p) for p in padding]
-  image = np.pad(image, list(pads) + [(0, 0)])
+  images = np.pad(images, no_pad + list(pads) + no_pad)
 
-  out_shape = [(s - e) // st + 1 for s, e, st in zip(image.shape[:n], eff, strides)]
-  acc = np.zeros(tuple(ks) + (channels,))
-  for o in np.ndindex(*out_shape):
+  out_shape = [(s - e) // st + 1 for s, e, st in zip(images.shape[1:-1], eff, strides)]
+  patches = np.zeros((batch, math.prod(out_shape)) + tuple(ks) + (channels,))
+  for p, o in enumerate(np.ndindex(*out_shape)):
     for w in np.ndindex(*ks):
-      acc[w] += image[tuple(oi * st + wi * d for oi, st, wi, d in zip(o, strides, w, k_dil))]
-  return acc.reshape(-1) / math.prod(out_shape), tuple(out_shape)
+      at = tuple(oi * st + wi * d for oi, st, wi, d in zip(o, strides, w, k_dil))
+      patches[(slice(None), p) + w] = images[(slice(None),) + at]
+  return patches.reshape(batch, math.prod(out_shape), -1), tuple(out_shape)
 
 
-def _conv_stats(config: dict, x: np.ndarray, dy: np.ndarray):
-  a, out_shape = _conv_patch_mean(config, x)
-  n = len(config["kernel_size"])
-  # The hand-written geometry must give the layer's own output size.
-  assert tuple(dy.shape[dy.ndim - n - 1 : -1]) == out_shape
-  return a, dy.reshape(-1, dy.shape[-1]).mean(0)
+def _call_stats(call: _Call, x, y, kernel, bias, dy) -> Expected:
+  """The four statistics of one call, from its raw input and dL/dy."""
+  if call.kind == "Conv":
+    n = len(call.config["kernel_size"])
+    images = x.reshape((-1,) + x.shape[x.ndim - n - 1 :])
+    samples = images.shape[0]  # product of the batch axes
+    patches, out_shape = _conv_patches(call.config, images)
+    # The hand-written geometry must give the layer's own output size.
+    assert tuple(dy.shape[dy.ndim - n - 1 : -1]) == out_shape
+    rows = patches.reshape(-1, patches.shape[-1])
+    # ā: the batch mean first, then the mean patch of that image.
+    a = _conv_patches(call.config, images.mean(0, keepdims=True))[0][0].mean(0)
+  else:
+    samples = x.shape[0] if x.ndim > 1 else 1
+    if call.kind == "Dense":
+      rows = x.reshape(-1, x.shape[-1])
+    else:
+      rows = _dense_general_rows(call.config, x)
+    a = rows.mean(0)
+  in_dim = rows.shape[1]
+  out_dim = kernel.size // in_dim
+  dy_rows = dy.reshape(-1, out_dim)
+  # The layer is linear: every output row (less the bias) is its input row
+  # times the kernel flattened to (in, out). This checks the reference's rows
+  # (feature order, and for Conv the padding geometry) against Flax's own
+  # computation; the mean output checks ā (the Conv batch-mean convention).
+  w = kernel.reshape(in_dim, out_dim)
+  out_rows = (y - bias).reshape(-1, out_dim)
+  np.testing.assert_allclose(rows @ w, out_rows, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(a @ w, out_rows.mean(0), rtol=1e-4, atol=1e-5)
+  assert dy_rows.shape[0] == rows.shape[0]
+
+  hat = np.concatenate([rows, np.ones((len(rows), 1))], 1) if call.has_bias else rows
+  return Expected(
+      input_mean=a,
+      output_grad_mean=dy_rows.mean(0),
+      input_factor=hat.T @ hat / len(hat),
+      output_grad_factor=samples * dy_rows.T @ dy_rows,
+  )
 
 
 def reference(loss_fn, params, args, has_aux=False, ref_loss_fn=None, ref_params=None):
-  """``(value, grads, {path: (ā, ḡ)})`` without the library.
+  """``(value, grads, {path: Expected})`` without the library.
 
   ``value, grads``: plain ``jax.value_and_grad`` of ``loss_fn`` (when the
   reference model is the model itself, taken in the same pass as dL/dy, whose
   perturbations are zero). The statistics come from
   ``ref_loss_fn(ref_params(params), *args)`` (default: the same loss and
   params), a model without lifted transforms; per call, then averaged over the
-  calls of a module. Each call's ā is checked against the kernel's own order:
-  the layer is linear, so ā @ W must be the mean output less the bias.
+  calls of a module. Each call's rows are checked against the kernel's own
+  order: the layer is linear, so row @ W must be the output less the bias.
   """
   ref_loss_fn = ref_loss_fn or loss_fn
   value, grads, calls = _record(loss_fn, params, args, has_aux, ref_loss_fn, ref_params)
-  per_path: dict[tuple[str, ...], list] = {}
-  for call, x, y, kernel, bias, dy in calls:
-    if call.kind == "Dense":
-      a, g = _dense_stats(x, dy)
-    elif call.kind == "DenseGeneral":
-      a, g = _dense_general_stats(call.config, x, dy)
-    else:
-      a, g = _conv_stats(call.config, x, dy)
-    # The layer is linear: its mean output (less the bias) over batch and
-    # positions is ā @ W with W the kernel flattened to (in, out). This checks
-    # the reference's feature order (and, for Conv, its padding geometry)
-    # against the kernel's, through Flax's own computation.
-    w = kernel.reshape(a.shape[0], g.shape[0])
-    mean_out = (y - bias).reshape(-1, g.shape[0]).mean(0)
-    np.testing.assert_allclose(a @ w, mean_out, rtol=1e-4, atol=1e-5)
-    per_path.setdefault(call.path, []).append((a, g))
+  per_path: dict[tuple[str, ...], list[Expected]] = {}
+  for call, *record in calls:
+    per_path.setdefault(call.path, []).append(_call_stats(call, *record))
   return value, grads, {
-      p: (np.mean([a for a, _ in s], 0), np.mean([g for _, g in s], 0))
-      for p, s in per_path.items()
+      p: Expected(*(np.mean(v, 0) for v in zip(*s))) for p, s in per_path.items()
   }
 
 
@@ -311,20 +339,24 @@ def _assert_tree_close(a, b, rtol=RTOL, atol=ATOL):
     np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=atol)
 
 
-def _check_against(stats, expected, kinds=None):
+def _check_against(stats, expected, kinds=None, statistics=eva_optax.capture.EVA_STATISTICS):
+  """The captured ``statistics`` equal the reference; the others are None."""
   got = _layer_stats(stats)
   assert set(got) == set(expected)
-  for path, (a, g) in expected.items():
+  for path, want in expected.items():
     entry = got[path]
     if kinds is not None:
       assert entry.kind == kinds[path], path
-    assert entry.input_mean.shape == a.shape, path
-    assert entry.output_grad_mean.shape == g.shape, path
-    assert entry.input_mean.dtype == jnp.float32
-    np.testing.assert_allclose(entry.input_mean, a, rtol=RTOL, atol=ATOL, err_msg=str(path))
-    np.testing.assert_allclose(
-        entry.output_grad_mean, g, rtol=RTOL, atol=ATOL, err_msg=str(path)
-    )
+    for name in Expected._fields:
+      value = getattr(entry, name)
+      if name not in statistics:
+        assert value is None, (path, name)
+        continue
+      assert value.shape == getattr(want, name).shape, (path, name)
+      assert value.dtype == jnp.float32, (path, name)
+      np.testing.assert_allclose(
+          value, getattr(want, name), rtol=RTOL, atol=ATOL, err_msg=f"{path} {name}"
+      )
 
 
 # ---------------------------------------------------------------------------
@@ -440,10 +472,7 @@ def _stack_expected(ref):
   out = {("head",): ref[("head",)]}
   for layer in ("up", "down"):
     per = [ref[(f"block_{i}", layer)] for i in range(3)]
-    out[("blocks", layer)] = (
-        np.stack([a for a, _ in per]),
-        np.stack([g for _, g in per]),
-    )
+    out[("blocks", layer)] = Expected(*(np.stack(v) for v in zip(*per)))
   return out
 
 
@@ -533,6 +562,23 @@ def _expected(case: Case, params, x, t):
   return loss, grads, case.assemble(ref)
 
 
+@functools.cache
+def _case_reference(name: str):
+  """``(params, x, t, loss, grads, expected)`` of a case, computed once per
+  session (each reference is one compiled program)."""
+  case = CASES[name]
+  params, x, t = _setup(case)
+  return (params, x, t) + _expected(case, params, x, t)
+
+
+@functools.cache
+def _case_capture(name: str, statistics: tuple[str, ...] = eva_optax.capture.EVA_STATISTICS):
+  """``(loss, grads, stats)`` of the jitted capture of a case, once per session."""
+  params, x, t = _case_reference(name)[:3]
+  grad_fn = eva_optax.value_and_grad(_mse_loss(CASES[name].model), statistics=statistics)
+  return jax.jit(grad_fn)(params, x, t)
+
+
 def _check_keyed_like_params(stats, params):
   for path in _layer_stats(stats):
     node = params
@@ -543,12 +589,8 @@ def _check_keyed_like_params(stats, params):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_stats_and_grads_match_reference(name):
-  case = CASES[name]
-  params, x, t = _setup(case)
-  loss_fn = _mse_loss(case.model)
-  want_loss, want_grads, expected = _expected(case, params, x, t)
-
-  loss, grads, stats = jax.jit(eva_optax.value_and_grad(loss_fn))(params, x, t)
+  params, x, t, want_loss, want_grads, expected = _case_reference(name)
+  loss, grads, stats = _case_capture(name)
   np.testing.assert_allclose(loss, want_loss, rtol=RTOL, atol=ATOL)
   _assert_tree_close(grads, want_grads)
   _check_against(stats, expected)
@@ -557,14 +599,81 @@ def test_stats_and_grads_match_reference(name):
 
 def test_without_jit():
   """The same statistics when nothing is jitted (a Conv + Dense model)."""
-  case = CASES["conv2d_same_no_bias"]
-  params, x, t = _setup(case)
-  loss_fn = _mse_loss(case.model)
-  want_loss, want_grads, expected = _expected(case, params, x, t)
-  loss, grads, stats = eva_optax.value_and_grad(loss_fn)(params, x, t)
+  name = "conv2d_same_no_bias"
+  params, x, t, want_loss, want_grads, expected = _case_reference(name)
+  loss, grads, stats = eva_optax.value_and_grad(_mse_loss(CASES[name].model))(params, x, t)
   np.testing.assert_allclose(loss, want_loss, rtol=RTOL, atol=ATOL)
   _assert_tree_close(grads, want_grads)
   _check_against(stats, expected)
+
+
+# ---------------------------------------------------------------------------
+# K-FAC factors and the choice of statistics.
+
+ALL_STATISTICS = eva_optax.capture.STATISTICS
+
+FACTOR_CASES = [
+    "dense",  # (batch, features), with and without a submodule
+    "dense_sequence_no_bias",  # (batch, seq, features): rows over seq, N = batch
+    "dense_general_2in_2out",  # axis=(-2, -1), features=(2, 3)
+    "conv1d_causal_dilated",
+    "conv2d_same_stride",  # with a bias
+    "conv2d_same_no_bias",
+    "conv2d_valid_stride_two_batch_dims",  # N = product of the batch axes
+    "conv2d_input_kernel_dilation_stride",
+    "repeated_calls",  # Dense and Conv called twice (one call by keyword)
+    "scan",  # per layer, stack axis first
+]
+
+
+@pytest.mark.parametrize("name", FACTOR_CASES)
+def test_factors_match_reference(name):
+  """All four statistics at once: each equals the reference, and the loss and
+  grads are the plain ones."""
+  _, _, _, want_loss, want_grads, expected = _case_reference(name)
+  loss, grads, stats = _case_capture(name, ALL_STATISTICS)
+  np.testing.assert_allclose(loss, want_loss, rtol=RTOL, atol=ATOL)
+  _assert_tree_close(grads, want_grads)
+  _check_against(stats, expected, statistics=ALL_STATISTICS)
+
+
+@pytest.mark.parametrize(
+    "name, statistics",
+    [
+        ("repeated_calls", ("input_mean",)),  # Eva-f: no backward probes
+        ("scan", ("input_mean",)),
+        ("conv2d_same_stride", ("input_factor",)),  # FOOF
+        ("scan", ("output_grad_factor",)),
+        ("repeated_calls", ("output_grad_mean", "input_factor")),
+    ],
+)
+def test_statistics_choice(name, statistics):
+  """Only the statistics asked for are captured, each equal to the reference
+  (and the one of the default capture); the loss and grads do not change."""
+  _, _, _, want_loss, want_grads, expected = _case_reference(name)
+  loss, grads, stats = _case_capture(name, statistics)
+  default_loss, default_grads, default_stats = _case_capture(name)
+  np.testing.assert_allclose(loss, want_loss, rtol=RTOL, atol=ATOL)
+  _assert_tree_close(grads, want_grads)
+  np.testing.assert_allclose(loss, default_loss, rtol=RTOL, atol=ATOL)
+  _assert_tree_close(grads, default_grads)
+  _check_against(stats, expected, statistics=statistics)
+  default = _layer_stats(default_stats)
+  for path, entry in _layer_stats(stats).items():
+    for field in set(statistics) & set(eva_optax.capture.EVA_STATISTICS):
+      np.testing.assert_allclose(
+          getattr(entry, field), getattr(default[path], field), rtol=RTOL, atol=ATOL
+      )
+
+
+@pytest.mark.parametrize(
+    "statistics",
+    [("hessian",), ("input_mean", "input_covariance"), ("input_factor", "output_grad_factors"), ()],
+)
+def test_unknown_statistics_raise(statistics):
+  loss_fn = _mse_loss(CASES["dense"].model)
+  with pytest.raises(ValueError, match="statistics"):
+    eva_optax.value_and_grad(loss_fn, statistics=statistics)
 
 
 def _abstract_stats(name):
