@@ -8,7 +8,7 @@ follows from Sherman–Morrison:
 
 (ā with a trailing 1 when the layer has a bias). It needs only the forward
 statistic, so the capture skips the backward probes:
-``eva_optax.value_and_grad(loss_fn, statistics=eva_optax.eva_foof.STATISTICS)``.
+``eva_optax.value_and_grad(loss_fn, statistics=eva_optax.EVA_FOOF_STATISTICS)``.
 By default the updates are normalised across layers (the extension's KL
 normalisation, V / sqrt(Σ⟨V, Ĝ⟩)); ``scaling='kl_clip'`` uses V / γ and the
 KL clip instead.

@@ -5,7 +5,7 @@
 with A averaged over steps and its damped inverse recomputed every
 ``inverse_every`` steps (50 in the paper's runs), then the KL clip across
 layers as in Eva. Capture with
-``eva_optax.value_and_grad(loss_fn, statistics=eva_optax.foof.STATISTICS)``.
+``eva_optax.value_and_grad(loss_fn, statistics=eva_optax.FOOF_STATISTICS)``.
 
 References:
   Benzing. Gradient descent on neurons and its link to approximate

@@ -13,7 +13,7 @@ recomputed every ``inverse_every`` steps (10 in the paper's CIFAR runs), inside
 one compiled step through ``lax.cond``.
 
 Conventions of the capture (:func:`eva_optax.value_and_grad` with
-``statistics=eva_optax.kfac.STATISTICS``): rows are every position of every
+``statistics=eva_optax.KFAC_STATISTICS``): rows are every position of every
 sample (batch × sequence for Dense, batch × output pixels for Conv, the im2col
 patches of the actual input); A is the mean over rows of â âᵀ and
 G = N · Σ_rows (∂L/∂y)(∂L/∂y)ᵀ for a loss that is a mean over N samples. For one

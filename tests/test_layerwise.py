@@ -1,5 +1,7 @@
 """Eva-f, FOOF and K-FAC against dense linear algebra, and their periodic refresh."""
 
+import importlib
+
 import flax.linen as nn
 import hypothesis
 import hypothesis.strategies as st
@@ -10,7 +12,12 @@ import optax
 import pytest
 
 import eva_optax
-from eva_optax import eva_foof, foof, kfac, linalg
+from eva_optax import linalg
+
+# The submodules (the package exports functions of the same names).
+eva_foof = importlib.import_module("eva_optax.eva_foof")
+foof = importlib.import_module("eva_optax.foof")
+kfac = importlib.import_module("eva_optax.kfac")
 from eva_optax.preconditioning import LayerGradient
 
 jax.config.update("jax_default_matmul_precision", "highest")
