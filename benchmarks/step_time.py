@@ -45,6 +45,10 @@ show where Eva's extra time goes:
   statistics passed in as an argument (captured once beforehand): the cost of
   Eva's update alone.
 
+It also prints XLA's static cost analysis of every compiled step (FLOPs and
+bytes accessed) and the compile times: numbers that do not depend on the load
+of the machine.
+
 Usage::
 
     python benchmarks/step_time.py                       # all workloads, defaults
@@ -326,10 +330,8 @@ def make_sgd_capture_step(w: Workload, tx: optax.GradientTransformation) -> Call
     return _jit(step)
 
 
-def make_eva_update_step(
-    w: Workload, tx: optax.GradientTransformationExtraArgs, stats: Any
-) -> Callable:
-    """``jax.value_and_grad`` and Eva's update with statistics given as an input."""
+def make_eva_update_step(w: Workload, tx: optax.GradientTransformationExtraArgs) -> Callable:
+    """``jax.value_and_grad`` and Eva's update, the statistics an extra input."""
 
     def step(params, opt_state, state, batch, stats):
         (loss, state), grads = jax.value_and_grad(w.loss_fn, has_aux=True)(
@@ -338,10 +340,7 @@ def make_eva_update_step(
         updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
         return optax.apply_updates(params, updates), opt_state, state, loss
 
-    jitted = jax.jit(step, donate_argnums=(0, 1, 2))
-    return lambda params, opt_state, state, batch: jitted(
-        params, opt_state, state, batch, stats
-    )
+    return _jit(step)
 
 
 # ---------------------------------------------------------------------------
@@ -362,6 +361,8 @@ class Runner:
     opt_state: Any
     state: Any
     compile_s: float = 0.0
+    cost: dict[str, float] = dataclasses.field(default_factory=dict)
+    first_step_s: float = 0.0
     per_step_s: list[float] = dataclasses.field(default_factory=list)
     cpu_per_step_s: list[float] = dataclasses.field(default_factory=list)
 
@@ -381,29 +382,47 @@ class Runner:
         return (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
 
 
+def _cost(compiled: Any) -> dict[str, float]:
+    """XLA's static cost estimate of a compiled step (no timing involved)."""
+    try:
+        ca = compiled.cost_analysis()
+    except Exception:  # not every backend provides one
+        return {}
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else {}
+    return {
+        "gflop": float(ca.get("flops", 0.0)) / 1e9,
+        "mb_accessed": float(ca.get("bytes accessed", 0.0)) / 1e6,
+    }
+
+
 def build_runners(w: Workload, breakdown: bool) -> list[Runner]:
     lr = w.learning_rate
     sgd, eva = sgd_tx(lr), eva_tx(w, lr)
-    variants: list[tuple[str, Callable, optax.GradientTransformation]] = [
-        ("sgd", make_sgd_step(w, sgd), sgd),
+    variants: list[tuple[str, Callable, optax.GradientTransformation, tuple]] = [
+        ("sgd", make_sgd_step(w, sgd), sgd, ()),
     ]
     if breakdown:
         grad_fn = jax.jit(eva_optax.value_and_grad(w.loss_fn, has_aux=True))
         stats = jax.block_until_ready(grad_fn(w.params, w.state, w.batch)[2])
         variants += [
-            ("sgd-again", make_sgd_step(w, sgd), sgd),
-            ("sgd+capture", make_sgd_capture_step(w, sgd), sgd),
-            ("sgd-grad+eva-update", make_eva_update_step(w, eva, stats), eva),
+            ("sgd-again", make_sgd_step(w, sgd), sgd, ()),
+            ("sgd+capture", make_sgd_capture_step(w, sgd), sgd, ()),
+            ("sgd-grad+eva-update", make_eva_update_step(w, eva), eva, (stats,)),
         ]
-    variants.append(("eva", make_eva_step(w, eva), eva))
+    variants.append(("eva", make_eva_step(w, eva), eva, ()))
     runners = []
-    for name, step, tx in variants:
+    for name, step, tx, extra in variants:
         params, state = _copy(w.params), _copy(w.state)
-        runner = Runner(name, step, params, tx.init(params), state)
+        opt_state = tx.init(params)
         t0 = time.perf_counter()
-        out = runner.run(w.batch, 1)  # compile and run once
-        jax.block_until_ready((runner.params, out))
-        runner.compile_s = time.perf_counter() - t0
+        compiled = step.lower(params, opt_state, state, w.batch, *extra).compile()
+        compile_s = time.perf_counter() - t0
+        run = (lambda c, e: lambda p, o, s, b: c(p, o, s, b, *e))(compiled, extra)
+        runner = Runner(name, run, params, opt_state, state, compile_s, cost=_cost(compiled))
+        t0 = time.perf_counter()
+        jax.block_until_ready(runner.run(w.batch, 1))
+        runner.first_step_s = time.perf_counter() - t0
         runners.append(runner)
     return runners
 
@@ -426,7 +445,7 @@ def bench_workload(
 ) -> dict[str, Any]:
     runners = build_runners(w, breakdown)
     for r in runners:  # a few more untimed steps (caches, allocator)
-        r.time(w.batch, warmup)
+        jax.block_until_ready(r.run(w.batch, warmup))
     for i in range(rounds):
         for r in runners:
             wall, cpu = r.time(w.batch, steps)
@@ -436,7 +455,12 @@ def bench_workload(
         print(f"  round {i + 1:2d}/{rounds}: {line} ms/step", flush=True)
     sgd, eva = runners[0], runners[-1]
     variants = {
-        r.name: {**_summary(r.per_step_s, r.cpu_per_step_s), "compile_and_first_step_s": r.compile_s}
+        r.name: {
+            **_summary(r.per_step_s, r.cpu_per_step_s),
+            "compile_s": r.compile_s,
+            "first_step_s": r.first_step_s,
+            "xla_cost": r.cost,
+        }
         for r in runners
     }
     base = variants["sgd"]
@@ -568,6 +592,33 @@ def breakdown_table(results: dict[str, Any], markdown: bool) -> str:
     return "\n".join(lines)
 
 
+def cost_table(results: dict[str, Any], markdown: bool) -> str:
+    cols = ["workload", "variant", "GFLOP/step", "vs SGD", "MB accessed", "vs SGD", "compile s"]
+    rows = []
+    for name, r in results.items():
+        base = r["variants"]["sgd"]["xla_cost"]
+        for variant, v in r["variants"].items():
+            c = v["xla_cost"]
+            if not c or not base:
+                continue
+            ratio = lambda key: c[key] / base[key] if base[key] else float("nan")
+            rows.append([
+                name, variant, f"{c['gflop']:.3f}", f"{ratio('gflop'):.3f}",
+                f"{c['mb_accessed']:.1f}", f"{ratio('mb_accessed'):.3f}",
+                f"{v['compile_s']:.1f}",
+            ])
+    if not rows:
+        return "(no XLA cost analysis on this backend)"
+    if markdown:
+        lines = ["| " + " | ".join(cols) + " |", "|---|---|" + "---:|" * (len(cols) - 2)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    widths = [13, 21] + [12] * (len(cols) - 2)
+    fmt = lambda row: "".join(
+        f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(row, widths))
+    )
+    return "\n".join([fmt(cols), "-" * sum(widths)] + [fmt(row) for row in rows])
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -632,10 +683,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             w, args.rounds, args.steps_per_round, args.warmup, args.breakdown
         )
         comp = ", ".join(
-            f"{k} {v['compile_and_first_step_s']:.1f}s"
-            for k, v in results[name]["variants"].items()
+            f"{k} {v['compile_s']:.1f}s" for k, v in results[name]["variants"].items()
         )
-        print(f"  compile + first step: {comp}")
+        print(f"  compile: {comp}")
     total_s = time.perf_counter() - t_start
 
     if args.json:
@@ -662,6 +712,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.breakdown:
         print("\nBreakdown (medians over rounds; extra = minus SGD):")
         print(breakdown_table(results, args.markdown))
+        print(
+            "\nXLA's static cost analysis of each compiled step (FLOPs and bytes"
+            " accessed as XLA\nestimates them; independent of the load on the machine):"
+        )
+        print(cost_table(results, args.markdown))
     print()
     print(text_table(results))
     print(robustness_note(results))
