@@ -27,17 +27,16 @@ def kl_clip_factor(
     update_dot_grad: jax.Array, learning_rate: jax.Array, kl_clip: jax.Array
 ) -> jax.Array:
   """ν = min(1, sqrt(κ / (η² Σ⟨V, Ĝ⟩))), and 1 when the sum is not positive."""
+  # The square root comes last: XLA then computes ν once instead of copying the
+  # cheap tail (and the sum over all layers) into every layer's fused update.
   positive = update_dot_grad > 0
-  safe = jnp.where(positive, update_dot_grad, 1.0)
-  ratio = kl_clip / (jnp.square(learning_rate) * safe)
-  return jnp.where(positive, jnp.minimum(1.0, jnp.sqrt(ratio)), 1.0)
+  ratio = kl_clip / (jnp.square(learning_rate) * jnp.where(positive, update_dot_grad, 1.0))
+  return jnp.sqrt(jnp.where(positive, jnp.minimum(1.0, ratio), 1.0))
 
 
 def kl_normalise_factor(update_dot_grad: jax.Array) -> jax.Array:
   """ν = 1 / sqrt(Σ⟨V, Ĝ⟩), and 1 when the sum is not positive."""
-  positive = update_dot_grad > 0
-  safe = jnp.where(positive, update_dot_grad, 1.0)
-  return jnp.where(positive, jax.lax.rsqrt(safe), 1.0)
+  return jax.lax.rsqrt(jnp.where(update_dot_grad > 0, update_dot_grad, 1.0))
 
 
 def scale_factor(

@@ -427,3 +427,26 @@ def test_unguessable_layout_is_an_error_then_layouts_of_fixes_it():
   per_layer = [eva_optax.sherman_morrison(LayerGradient(k[i], None), s.input_mean[i], s.output_grad_mean[i], 0.03) for i in range(3)]
   ratio = np.asarray(u["ScanBlock_0"]["Dense_0"]["kernel"][1]) / (np.asarray(per_layer[1].kernel) / 0.03)
   np.testing.assert_allclose(ratio, ratio.flat[0], rtol=1e-4)
+
+
+def test_kl_factor_is_computed_once_not_per_layer():
+  """ν is one scalar: the compiled update must not copy its computation (and
+  the sum over all layers) into every layer's fused kernel, which made
+  compile time grow with the square of the depth."""
+
+  class Deep(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for _ in range(12):
+        x = nn.tanh(nn.Dense(8)(x))
+      return x
+
+  model = Deep()
+  x = jnp.ones((4, 8))
+  params = model.init(jax.random.key(0), x)["params"]
+  _, grads, stats = eva_optax.value_and_grad(lambda p: jnp.mean(model.apply({"params": p}, x) ** 2))(params)
+  tx = eva_optax.eva(0.1)
+  compiled = jax.jit(lambda g, s, p, st: tx.update(g, s, p, stats=st)).lower(
+      grads, tx.init(params), params, stats
+  ).compile()
+  assert compiled.as_text().count("minimum(") <= 2
