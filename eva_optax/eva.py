@@ -34,6 +34,7 @@ import optax
 from eva_optax import kl
 from eva_optax._alias import with_sgd
 from eva_optax._hyper import Hyper
+from eva_optax.capture import EVA_STATISTICS
 from eva_optax.preconditioning import (
     LayerGradient,
     Preconditioned,
@@ -42,7 +43,7 @@ from eva_optax.preconditioning import (
 )
 
 #: What :func:`eva_optax.value_and_grad` must capture for Eva (its default).
-STATISTICS = ("input_mean", "output_grad_mean")
+STATISTICS = EVA_STATISTICS
 
 
 def sherman_morrison(

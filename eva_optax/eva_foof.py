@@ -31,6 +31,7 @@ import optax
 from eva_optax import kl
 from eva_optax._alias import with_sgd
 from eva_optax._hyper import Hyper
+from eva_optax.capture import INPUT_MEAN
 from eva_optax.preconditioning import (
     LayerGradient,
     Preconditioned,
@@ -39,7 +40,7 @@ from eva_optax.preconditioning import (
 )
 
 #: What :func:`eva_optax.value_and_grad` must capture for Eva-f.
-STATISTICS = ("input_mean",)
+STATISTICS = (INPUT_MEAN,)
 
 
 def foof_vector_projection(

@@ -25,11 +25,12 @@ import optax
 from eva_optax import kl
 from eva_optax._alias import with_sgd
 from eva_optax._hyper import Hyper
+from eva_optax.capture import INPUT_FACTOR
 from eva_optax.linalg import add_to_diagonal, spd_inverse, split_bias_row, with_bias_row
 from eva_optax.preconditioning import LayerGradient, Preconditioned, layerwise_transformation
 
 #: What :func:`eva_optax.value_and_grad` must capture for FOOF.
-STATISTICS = ("input_factor",)
+STATISTICS = (INPUT_FACTOR,)
 
 
 def foof_precondition(grad: LayerGradient, input_inverse: jax.Array) -> Preconditioned:

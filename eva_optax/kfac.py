@@ -41,6 +41,7 @@ import optax
 from eva_optax import kl
 from eva_optax._alias import with_sgd
 from eva_optax._hyper import Hyper
+from eva_optax.capture import INPUT_FACTOR, OUTPUT_GRAD_FACTOR
 from eva_optax.linalg import (
     add_to_diagonal,
     mean_trace,
@@ -51,7 +52,7 @@ from eva_optax.linalg import (
 from eva_optax.preconditioning import LayerGradient, Preconditioned, layerwise_transformation
 
 #: What :func:`eva_optax.value_and_grad` must capture for K-FAC.
-STATISTICS = ("input_factor", "output_grad_factor")
+STATISTICS = (INPUT_FACTOR, OUTPUT_GRAD_FACTOR)
 
 
 def damped_inverses(
