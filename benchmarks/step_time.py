@@ -1,4 +1,4 @@
-"""Step time of Eva versus SGD with momentum (the ``make bench`` job).
+"""Step time and optimizer-state size of Eva, its variants and baselines (``make bench``).
 
 Three workloads, each trained with synthetic random data (the numbers are step
 times, not accuracies; the data only has to have the right shapes):
@@ -16,22 +16,50 @@ times, not accuracies; the data only has to have the right shapes):
   next-token cross-entropy.
 
 Each optimizer step is one jitted function (gradient, optimizer update,
-``optax.apply_updates``) with donated parameter and optimizer-state buffers:
+``optax.apply_updates``) with donated parameter and optimizer-state buffers.
+The optimizers (``--optimizers``, default all of them; ``sgd`` is always timed,
+it is the reference), with ``lr`` the workload's learning rate and ``wd`` = 5e-4:
 
-- SGD: ``jax.value_and_grad`` and
+- ``sgd``: ``jax.value_and_grad`` and
   ``optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=0.9))``;
-- Eva: ``eva_optax.value_and_grad`` and ``eva_optax.eva(lr, momentum=0.9,
-  weight_decay=wd)`` on the same loss.
+- ``adamw``: ``jax.value_and_grad`` and ``optax.adamw(1e-3, weight_decay=0.05)``;
+- ``eva``: ``eva_optax.value_and_grad`` (default statistics) and
+  ``eva_optax.eva(lr, momentum=0.9, weight_decay=wd, layouts=...)``;
+- ``eva_foof``: ``eva_optax.value_and_grad(..., statistics=EVA_FOOF_STATISTICS)``
+  and ``eva_optax.eva_foof(lr, weight_decay=wd, layouts=...)``;
+- ``eva_shampoo``: ``jax.value_and_grad`` and ``eva_optax.eva_shampoo(lr,
+  weight_decay=wd)`` (no statistics);
+- ``kfac``: ``eva_optax.value_and_grad(..., statistics=KFAC_STATISTICS)`` and
+  ``eva_optax.kfac(lr, weight_decay=wd, inverse_every=10, layouts=...)``;
+- ``foof``: ``eva_optax.value_and_grad(..., statistics=FOOF_STATISTICS)`` and
+  ``eva_optax.foof(lr, weight_decay=wd, inverse_every=50, layouts=...)``;
+- ``shampoo``: ``jax.value_and_grad`` and ``eva_optax.shampoo(lr,
+  weight_decay=wd, inverse_every=10)``.
 
-Both steps are compiled and run once first; then, for each round, ``k`` SGD steps
-and ``k`` Eva steps are timed back to back (``block_until_ready`` at the end of
-each group), so both see the same machine conditions. The table reports, per
-optimizer, the median over rounds of the wall-clock time per step, and the ratio
-Eva/SGD. Next to it the text table gives three other estimates of the same ratio
-(median of the per-round ratios, ratio of the fastest rounds, ratio of the median
-process CPU time per step) and the spread of the rounds: on a shared machine the
-wall time of a step can change by tens of percent from one second to the next,
-and the CPU-time ratio is then the most stable of the four.
+``layouts=`` is ``eva_optax.layouts_of`` of the statistics of an abstract pass
+(``jax.eval_shape``), the same for every optimizer that takes it: correct for
+every layer, including those whose layout cannot be guessed from the shapes.
+
+Timing. Every step is compiled and run once first, then ``--warmup`` more
+untimed steps. Then, for each round, every optimizer is timed in turn, back to
+back (``block_until_ready`` at the end of each group), so all see the same
+machine conditions. An optimizer without a period runs ``k`` =
+``--steps-per-round`` steps per round. K-FAC, FOOF and Shampoo recompute their
+inverses (or inverse roots) only every ``period`` steps (10, 50, 10), so a
+single step, or a median of single steps, would miss that cost: they run
+``ceil(k / period) * period`` consecutive steps per round (whole periods, so
+each round contains exactly ``n / period`` inverse steps whatever the phase),
+and their per-round time is the average per step over those steps. The table
+reports, per optimizer, the median over rounds of the wall-clock time per step
+and its ratio to SGD. The text table gives three other estimates of the same
+ratio (median of the per-round ratios, ratio of the fastest rounds, ratio of
+the median process CPU time per step) and the spread of the rounds: on a shared
+machine the wall time of a step can change by tens of percent from one second
+to the next, and the CPU-time ratio is then the most stable of the four.
+
+State memory. ``eva_optax.state_bytes(tx, params)`` of every optimizer (from
+shapes, nothing allocated), in MB (10^6 bytes) and relative to SGD with
+momentum.
 
 ``--breakdown`` times three more variants in the same interleaved rounds, to
 show where Eva's extra time goes:
@@ -49,10 +77,16 @@ It also prints XLA's static cost analysis of every compiled step (FLOPs and
 bytes accessed) and the compile times: numbers that do not depend on the load
 of the machine.
 
+Output: a text table, a markdown table per workload (optimizer | ms/step |
+xSGD | state MB | xSGD state), and unless ``--quick`` the JSON (with machine
+info) and markdown written to ``benchmarks/results/step_time.{json,md}``
+(``--json`` / ``--md`` change the paths, ``--no-save`` writes nothing).
+
 Usage::
 
-    python benchmarks/step_time.py                       # all workloads, defaults
-    python benchmarks/step_time.py --workloads autoencoder --rounds 5 --markdown
+    python benchmarks/step_time.py                       # everything (make bench)
+    python benchmarks/step_time.py --quick               # smoke test, ~1 minute
+    python benchmarks/step_time.py --workloads autoencoder --optimizers sgd,eva
     python benchmarks/step_time.py --breakdown --json step_time.json
 """
 
@@ -279,24 +313,81 @@ def _jit(step: Callable) -> Callable:
     return jax.jit(step, donate_argnums=(0, 1, 2))
 
 
+ADAMW_LR = 1e-3
+ADAMW_WEIGHT_DECAY = 0.05
+
+ALL_OPTIMIZERS = (
+    "sgd", "adamw", "eva", "eva_foof", "eva_shampoo", "kfac", "foof", "shampoo",
+)
+
+
 def sgd_tx(lr: float) -> optax.GradientTransformation:
     return optax.chain(
         optax.add_decayed_weights(WEIGHT_DECAY), optax.sgd(lr, momentum=MOMENTUM)
     )
 
 
-def eva_tx(w: Workload, lr: float) -> optax.GradientTransformationExtraArgs:
-    # layouts_of from an abstract pass: correct for every layer, including those
-    # whose layout cannot be guessed from the parameter shapes.
+def workload_layouts(w: Workload) -> Any:
+    """``layouts_of`` the statistics of an abstract pass: correct for every layer,
+    including those whose layout cannot be guessed from the parameter shapes."""
     grad_fn = eva_optax.value_and_grad(w.loss_fn, has_aux=True)
     stats = jax.eval_shape(grad_fn, w.params, w.state, w.batch)[2]
+    return eva_optax.layouts_of(stats)
+
+
+def eva_tx(w: Workload, lr: float, layouts: Any = None) -> optax.GradientTransformationExtraArgs:
+    if layouts is None:
+        layouts = workload_layouts(w)
     return eva_optax.eva(
-        lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
-        layouts=eva_optax.layouts_of(stats),
+        lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, layouts=layouts,
     )
 
 
+@dataclasses.dataclass
+class OptimizerSpec:
+    """An optimizer: its transformation, the statistics its update takes (None:
+    plain ``jax.value_and_grad``, no ``stats=``) and its period (1: none)."""
+
+    tx: optax.GradientTransformation
+    statistics: tuple[str, ...] | None
+    period: int = 1
+
+
+def optimizer_spec(name: str, w: Workload, layouts: Any) -> OptimizerSpec:
+    lr, wd = w.learning_rate, WEIGHT_DECAY
+    if name == "sgd":
+        return OptimizerSpec(sgd_tx(lr), None)
+    if name == "adamw":
+        return OptimizerSpec(optax.adamw(ADAMW_LR, weight_decay=ADAMW_WEIGHT_DECAY), None)
+    if name == "eva":
+        return OptimizerSpec(eva_tx(w, lr, layouts), tuple(eva_optax.EVA_STATISTICS))
+    if name == "eva_foof":
+        return OptimizerSpec(
+            eva_optax.eva_foof(lr, weight_decay=wd, layouts=layouts),
+            tuple(eva_optax.EVA_FOOF_STATISTICS),
+        )
+    if name == "eva_shampoo":
+        return OptimizerSpec(eva_optax.eva_shampoo(lr, weight_decay=wd), None)
+    if name == "kfac":
+        return OptimizerSpec(
+            eva_optax.kfac(lr, weight_decay=wd, inverse_every=10, layouts=layouts),
+            tuple(eva_optax.KFAC_STATISTICS), 10,
+        )
+    if name == "foof":
+        return OptimizerSpec(
+            eva_optax.foof(lr, weight_decay=wd, inverse_every=50, layouts=layouts),
+            tuple(eva_optax.FOOF_STATISTICS), 50,
+        )
+    if name == "shampoo":
+        return OptimizerSpec(
+            eva_optax.shampoo(lr, weight_decay=wd, inverse_every=10), None, 10
+        )
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
 def make_sgd_step(w: Workload, tx: optax.GradientTransformation) -> Callable:
+    """``jax.value_and_grad`` and ``tx.update`` without statistics."""
+
     def step(params, opt_state, state, batch):
         (loss, state), grads = jax.value_and_grad(w.loss_fn, has_aux=True)(
             params, state, batch
@@ -307,8 +398,14 @@ def make_sgd_step(w: Workload, tx: optax.GradientTransformation) -> Callable:
     return _jit(step)
 
 
-def make_eva_step(w: Workload, tx: optax.GradientTransformationExtraArgs) -> Callable:
-    grad_fn = eva_optax.value_and_grad(w.loss_fn, has_aux=True)
+def make_eva_step(
+    w: Workload,
+    tx: optax.GradientTransformationExtraArgs,
+    statistics: Sequence[str] | None = None,
+) -> Callable:
+    """``eva_optax.value_and_grad`` (given statistics) and ``tx.update(stats=)``."""
+    kwargs = {} if statistics is None else {"statistics": tuple(statistics)}
+    grad_fn = eva_optax.value_and_grad(w.loss_fn, has_aux=True, **kwargs)
 
     def step(params, opt_state, state, batch):
         (loss, state), grads, stats = grad_fn(params, state, batch)
@@ -316,6 +413,12 @@ def make_eva_step(w: Workload, tx: optax.GradientTransformationExtraArgs) -> Cal
         return optax.apply_updates(params, updates), opt_state, state, loss
 
     return _jit(step)
+
+
+def make_step(w: Workload, spec: OptimizerSpec) -> Callable:
+    if spec.statistics is None:
+        return make_sgd_step(w, spec.tx)
+    return make_eva_step(w, spec.tx, spec.statistics)
 
 
 def make_sgd_capture_step(w: Workload, tx: optax.GradientTransformation) -> Callable:
@@ -363,8 +466,14 @@ class Runner:
     compile_s: float = 0.0
     cost: dict[str, float] = dataclasses.field(default_factory=dict)
     first_step_s: float = 0.0
+    period: int = 1
+    state_bytes: int = 0
     per_step_s: list[float] = dataclasses.field(default_factory=list)
     cpu_per_step_s: list[float] = dataclasses.field(default_factory=list)
+
+    def steps_per_round(self, k: int) -> int:
+        """``k`` rounded up to whole periods: ``ceil(k / period) * period``."""
+        return -(-k // self.period) * self.period
 
     def run(self, batch: Any, n: int) -> Any:
         out = None
@@ -396,35 +505,60 @@ def _cost(compiled: Any) -> dict[str, float]:
     }
 
 
-def build_runners(w: Workload, breakdown: bool) -> list[Runner]:
-    lr = w.learning_rate
-    sgd, eva = sgd_tx(lr), eva_tx(w, lr)
-    variants: list[tuple[str, Callable, optax.GradientTransformation, tuple]] = [
-        ("sgd", make_sgd_step(w, sgd), sgd, ()),
-    ]
-    if breakdown:
-        grad_fn = jax.jit(eva_optax.value_and_grad(w.loss_fn, has_aux=True))
-        stats = jax.block_until_ready(grad_fn(w.params, w.state, w.batch)[2])
-        variants += [
-            ("sgd-again", make_sgd_step(w, sgd), sgd, ()),
-            ("sgd+capture", make_sgd_capture_step(w, sgd), sgd, ()),
-            ("sgd-grad+eva-update", make_eva_update_step(w, eva), eva, (stats,)),
-        ]
-    variants.append(("eva", make_eva_step(w, eva), eva, ()))
+def build_runners(
+    w: Workload, optimizers: Sequence[str], breakdown: bool
+) -> tuple[list[Runner], dict[str, str]]:
+    """The runners, and for each optimizer that could not be built, its error."""
+    layouts = workload_layouts(w)
+    specs: dict[str, OptimizerSpec] = {}
+    errors: dict[str, str] = {}
+    for name in optimizers:
+        try:
+            specs[name] = optimizer_spec(name, w, layouts)
+        except Exception as e:  # report, and go on with the others
+            errors[name] = f"{type(e).__name__}: {e}"
+    sgd = specs["sgd"].tx
+    variants: list[tuple[str, Callable, optax.GradientTransformation, tuple, int]] = []
+    for name, spec in specs.items():
+        variants.append((name, make_step(w, spec), spec.tx, (), spec.period))
+        if name == "sgd" and breakdown:
+            eva = eva_tx(w, w.learning_rate, layouts)
+            grad_fn = jax.jit(eva_optax.value_and_grad(w.loss_fn, has_aux=True))
+            stats = jax.block_until_ready(grad_fn(w.params, w.state, w.batch)[2])
+            variants += [
+                ("sgd-again", make_sgd_step(w, sgd), sgd, (), 1),
+                ("sgd+capture", make_sgd_capture_step(w, sgd), sgd, (), 1),
+                ("sgd-grad+eva-update", make_eva_update_step(w, eva), eva, (stats,), 1),
+            ]
     runners = []
-    for name, step, tx, extra in variants:
-        params, state = _copy(w.params), _copy(w.state)
-        opt_state = tx.init(params)
-        t0 = time.perf_counter()
-        compiled = step.lower(params, opt_state, state, w.batch, *extra).compile()
-        compile_s = time.perf_counter() - t0
-        run = (lambda c, e: lambda p, o, s, b: c(p, o, s, b, *e))(compiled, extra)
-        runner = Runner(name, run, params, opt_state, state, compile_s, cost=_cost(compiled))
-        t0 = time.perf_counter()
-        jax.block_until_ready(runner.run(w.batch, 1))
-        runner.first_step_s = time.perf_counter() - t0
+    for name, step, tx, extra, period in variants:
+        try:
+            params, state = _copy(w.params), _copy(w.state)
+            opt_state = tx.init(params)
+            nbytes = int(eva_optax.state_bytes(tx, w.params))
+            t0 = time.perf_counter()
+            compiled = step.lower(params, opt_state, state, w.batch, *extra).compile()
+            compile_s = time.perf_counter() - t0
+            run = (lambda c, e: lambda p, o, s, b: c(p, o, s, b, *e))(compiled, extra)
+            runner = Runner(
+                name, run, params, opt_state, state, compile_s, cost=_cost(compiled),
+                period=period, state_bytes=nbytes,
+            )
+            t0 = time.perf_counter()
+            jax.block_until_ready(runner.run(w.batch, 1))
+            runner.first_step_s = time.perf_counter() - t0
+        except Exception as e:
+            if name == "sgd":
+                raise
+            errors[name] = f"{type(e).__name__}: {e}"
+            print(f"  {name} FAILED: {errors[name]}", flush=True)
+            continue
         runners.append(runner)
-    return runners
+        print(
+            f"  {name}: compiled in {compile_s:.1f}s, first step {runner.first_step_s:.2f}s",
+            flush=True,
+        )
+    return runners, errors
 
 
 def _summary(wall: Sequence[float], cpu: Sequence[float]) -> dict[str, Any]:
@@ -441,22 +575,30 @@ def _summary(wall: Sequence[float], cpu: Sequence[float]) -> dict[str, Any]:
 
 
 def bench_workload(
-    w: Workload, rounds: int, steps: int, warmup: int, breakdown: bool
+    w: Workload,
+    rounds: int,
+    steps: int,
+    warmup: int,
+    breakdown: bool,
+    optimizers: Sequence[str] = ALL_OPTIMIZERS,
 ) -> dict[str, Any]:
-    runners = build_runners(w, breakdown)
+    runners, errors = build_runners(w, optimizers, breakdown)
     for r in runners:  # a few more untimed steps (caches, allocator)
         jax.block_until_ready(r.run(w.batch, warmup))
     for i in range(rounds):
         for r in runners:
-            wall, cpu = r.time(w.batch, steps)
+            wall, cpu = r.time(w.batch, r.steps_per_round(steps))
             r.per_step_s.append(wall)
             r.cpu_per_step_s.append(cpu)
-        line = "  ".join(f"{r.name} {1e3 * r.per_step_s[-1]:8.2f}" for r in runners)
+        line = "  ".join(f"{r.name} {1e3 * r.per_step_s[-1]:.1f}" for r in runners)
         print(f"  round {i + 1:2d}/{rounds}: {line} ms/step", flush=True)
-    sgd, eva = runners[0], runners[-1]
+    sgd = runners[0]
     variants = {
         r.name: {
             **_summary(r.per_step_s, r.cpu_per_step_s),
+            "steps_per_round": r.steps_per_round(steps),
+            "period": r.period,
+            "state_bytes": r.state_bytes,
             "compile_s": r.compile_s,
             "first_step_s": r.first_step_s,
             "xla_cost": r.cost,
@@ -474,19 +616,29 @@ def bench_workload(
         v["min_over_sgd"] = v["min_ms"] / base["min_ms"]
         v["cpu_over_sgd"] = v["cpu_median_ms"] / base["cpu_median_ms"]
         v["cpu_extra_ms"] = v["cpu_median_ms"] - base["cpu_median_ms"]
+        v["state_mb"] = v["state_bytes"] / 1e6
+        v["state_over_sgd"] = (
+            v["state_bytes"] / base["state_bytes"] if base["state_bytes"] else float("nan")
+        )
     spread = max((v["q75_ms"] - v["q25_ms"]) / v["median_ms"] for v in variants.values())
-    return {
+    out = {
         "description": w.description,
         "num_params": int(sum(x.size for x in jax.tree_util.tree_leaves(w.params))),
         "sgd_ms": base["median_ms"],
-        "eva_ms": variants["eva"]["median_ms"],
-        "eva_over_sgd": variants["eva"]["over_sgd"],
-        "eva_over_sgd_paired_median": variants["eva"]["paired_over_sgd"],
-        "eva_over_sgd_min": variants["eva"]["min_over_sgd"],
-        "eva_over_sgd_cpu": variants["eva"]["cpu_over_sgd"],
         "relative_iqr": spread,
         "variants": variants,
+        "errors": errors,
     }
+    if "eva" in variants:
+        eva = variants["eva"]
+        out.update({
+            "eva_ms": eva["median_ms"],
+            "eva_over_sgd": eva["over_sgd"],
+            "eva_over_sgd_paired_median": eva["paired_over_sgd"],
+            "eva_over_sgd_min": eva["min_over_sgd"],
+            "eva_over_sgd_cpu": eva["cpu_over_sgd"],
+        })
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -531,42 +683,66 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def markdown_table(results: dict[str, Any]) -> str:
-    lines = [
-        "| workload | SGD ms/step | Eva ms/step | Eva/SGD |",
-        "|---|---:|---:|---:|",
-    ]
+def _fmt_ratio(x: float) -> str:
+    return f"{x:.2f}" if x == x else "n/a"
+
+
+def markdown_tables(results: dict[str, Any]) -> str:
+    """One markdown table per workload: time and state size, both vs SGD."""
+    out = []
     for name, r in results.items():
-        lines.append(
-            f"| {name} | {r['sgd_ms']:.2f} | {r['eva_ms']:.2f} | {r['eva_over_sgd']:.3f} |"
-        )
-    return "\n".join(lines)
+        lines = [
+            f"### {name}: {r['description']} ({r['num_params']:,} parameters)",
+            "",
+            "| optimizer | ms/step | ×SGD | state MB | ×SGD state |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for opt, v in r["variants"].items():
+            label = opt if v["period"] == 1 else f"{opt} (every {v['period']})"
+            lines.append(
+                f"| {label} | {v['median_ms']:.2f} | {v['over_sgd']:.2f} "
+                f"| {v['state_mb']:.2f} | {_fmt_ratio(v['state_over_sgd'])} |"
+            )
+        for opt, err in r.get("errors", {}).items():
+            lines.append(f"| {opt} | failed | | | |")
+        if r.get("errors"):
+            lines.append("")
+            lines += [f"- `{opt}` failed: `{err}`" for opt, err in r["errors"].items()]
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
 
 
 def text_table(results: dict[str, Any]) -> str:
     header = (
-        f"{'workload':<13}{'SGD ms/step':>13}{'Eva ms/step':>13}{'Eva/SGD':>9}"
-        f"{'paired':>9}{'min':>8}{'CPU':>8}{'IQR':>7}"
+        f"{'workload':<13}{'optimizer':<21}{'ms/step':>10}{'xSGD':>8}"
+        f"{'paired':>8}{'min':>8}{'CPU':>8}{'IQR':>6}{'state MB':>10}{'xSGD':>7}"
     )
     lines = [header, "-" * len(header)]
     for name, r in results.items():
-        lines.append(
-            f"{name:<13}{r['sgd_ms']:>13.2f}{r['eva_ms']:>13.2f}"
-            f"{r['eva_over_sgd']:>9.3f}{r['eva_over_sgd_paired_median']:>9.3f}"
-            f"{r['eva_over_sgd_min']:>8.3f}{r['eva_over_sgd_cpu']:>8.3f}"
-            f"{100 * r['relative_iqr']:>6.0f}%"
-        )
+        for opt, v in r["variants"].items():
+            iqr = (v["q75_ms"] - v["q25_ms"]) / v["median_ms"]
+            lines.append(
+                f"{name:<13}{opt:<21}{v['median_ms']:>10.2f}{v['over_sgd']:>8.2f}"
+                f"{v['paired_over_sgd']:>8.2f}{v['min_over_sgd']:>8.2f}"
+                f"{v['cpu_over_sgd']:>8.2f}{100 * iqr:>5.0f}%"
+                f"{v['state_mb']:>10.2f}{_fmt_ratio(v['state_over_sgd']):>7}"
+            )
+        for opt, err in r.get("errors", {}).items():
+            lines.append(f"{name:<13}{opt:<21}  FAILED: {err.splitlines()[0][:200]}")
     return "\n".join(lines)
 
 
 def robustness_note(results: dict[str, Any]) -> str:
     return (
-        "Eva/SGD: ratio of the median wall times per step. Other estimates of the same"
+        "xSGD: ratio of the median wall times per step. Other estimates of the same"
         " ratio:\npaired = median over rounds of the per-round ratio; min = ratio of the"
         " fastest rounds;\nCPU = ratio of the median process CPU time per step (least"
-        " sensitive to other load\non the machine). IQR = largest interquartile range of"
-        " the wall times, relative to\nthe median, over the variants: above ~10% the"
-        " machine was contended; rerun, or trust\nthe CPU and paired ratios more."
+        " sensitive to other load\non the machine). IQR = interquartile range of"
+        " the wall times, relative to the median:\nabove ~10% the"
+        " machine was contended; rerun, or trust the CPU and paired ratios more.\n"
+        "K-FAC, FOOF and Shampoo: per-step averages over whole periods (their inverse"
+        " steps included).\nstate MB: eva_optax.state_bytes (10^6 bytes); xSGD state:"
+        " relative to SGD with momentum."
     )
 
 
@@ -619,33 +795,74 @@ def cost_table(results: dict[str, Any], markdown: bool) -> str:
     return "\n".join([fmt(cols), "-" * sum(widths)] + [fmt(row) for row in rows])
 
 
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+DEFAULT_JSON = os.path.join(RESULTS_DIR, "step_time.json")
+DEFAULT_MD = os.path.join(RESULTS_DIR, "step_time.md")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--workloads", default="all",
-        help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all)",
-    )
-    p.add_argument("--rounds", type=int, default=12, help="timed rounds (default 12)")
-    p.add_argument(
-        "--steps-per-round", type=int, default=3,
-        help="steps per optimizer per round (default 3)",
+        "--workloads", default=None,
+        help=f"comma-separated subset of {','.join(WORKLOADS)}, or all (default: all;"
+        " autoencoder with --quick)",
     )
     p.add_argument(
-        "--warmup", type=int, default=2,
-        help="untimed steps per variant after compilation (default 2)",
+        "--optimizers", default=",".join(ALL_OPTIMIZERS),
+        help="comma-separated subset of " + ",".join(ALL_OPTIMIZERS)
+        + " (default: all; sgd, the reference, is always added)",
+    )
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 6; 3 with --quick)")
+    p.add_argument(
+        "--steps-per-round", type=int, default=None,
+        help="steps per optimizer per round (default 3; 1 with --quick); K-FAC, FOOF"
+        " and Shampoo run this rounded up to whole periods",
+    )
+    p.add_argument(
+        "--warmup", type=int, default=None,
+        help="untimed steps per variant after compilation (default 2; 0 with --quick)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="PATH", help="write the results and machine info here")
-    p.add_argument("--markdown", action="store_true", help="print markdown tables")
+    p.add_argument(
+        "--quick", action="store_true",
+        help="smoke test: autoencoder only, 3 rounds x 1 step (periodic optimizers"
+        " still a whole period), no warmup, writes no files unless --json/--md",
+    )
+    p.add_argument(
+        "--json", metavar="PATH", default=None,
+        help="write the results and machine info here (default"
+        " benchmarks/results/step_time.json, none with --quick)",
+    )
+    p.add_argument(
+        "--md", metavar="PATH", default=None,
+        help="write the markdown tables here (default benchmarks/results/step_time.md,"
+        " none with --quick)",
+    )
+    p.add_argument("--no-save", action="store_true", help="write no files")
+    p.add_argument("--markdown", action="store_true", help="also print the markdown tables")
     p.add_argument(
         "--breakdown", action="store_true",
         help="also time SGD again (noise floor), SGD with Eva's capture, and Eva's"
         " update without the capture",
     )
     args = p.parse_args(argv)
+    q = args.quick
+    if args.workloads is None:
+        args.workloads = "autoencoder" if q else "all"
+    if args.rounds is None:
+        args.rounds = 3 if q else 6
+    if args.steps_per_round is None:
+        args.steps_per_round = 1 if q else 3
+    if args.warmup is None:
+        args.warmup = 0 if q else 2
+    if args.no_save:
+        args.json = args.md = None
+    elif not q:
+        args.json = args.json or DEFAULT_JSON
+        args.md = args.md or DEFAULT_MD
     names = (
         list(WORKLOADS) if args.workloads == "all"
         else [s.strip() for s in args.workloads.split(",") if s.strip()]
@@ -653,9 +870,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = [n for n in names if n not in WORKLOADS]
     if unknown or not names:
         p.error(f"unknown workloads {unknown}; choose from {', '.join(WORKLOADS)}")
+    opts = [s.strip() for s in args.optimizers.split(",") if s.strip()]
+    unknown = [o for o in opts if o not in ALL_OPTIMIZERS]
+    if unknown:
+        p.error(f"unknown optimizers {unknown}; choose from {', '.join(ALL_OPTIMIZERS)}")
+    opts = ["sgd"] + [o for o in dict.fromkeys(opts) if o != "sgd"]
     if args.rounds < 1 or args.steps_per_round < 1 or args.warmup < 0:
         p.error("--rounds and --steps-per-round must be >= 1, --warmup >= 0")
     args.workload_names = names
+    args.optimizer_names = opts
     return args
 
 
@@ -663,14 +886,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     info = machine_info()
     print(
-        f"Eva vs SGD (momentum {MOMENTUM}, weight decay {WEIGHT_DECAY}) step time on "
+        f"Optimizer step time (SGD momentum {MOMENTUM}, weight decay {WEIGHT_DECAY}) on "
         f"{info['jax_devices']} ({info['processor'] or info['cpu_model'] or info['machine']}, "
         f"{info['cpu_count']} CPUs); jax {jax.__version__}, optax {optax.__version__}, "
         f"flax {flax.__version__}"
     )
     print(
         "Synthetic random data (step time only). "
-        f"{args.rounds} rounds x {args.steps_per_round} steps per optimizer, interleaved."
+        f"{args.rounds} rounds x {args.steps_per_round} steps per optimizer (whole"
+        f" periods for K-FAC/FOOF/Shampoo), interleaved: {', '.join(args.optimizer_names)}."
     )
     key = jax.random.PRNGKey(args.seed)
     results: dict[str, Any] = {}
@@ -680,49 +904,72 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         w = WORKLOADS[name](sub)
         print(f"\n{name}: {w.description}", flush=True)
         results[name] = bench_workload(
-            w, args.rounds, args.steps_per_round, args.warmup, args.breakdown
+            w, args.rounds, args.steps_per_round, args.warmup, args.breakdown,
+            args.optimizer_names,
         )
-        comp = ", ".join(
-            f"{k} {v['compile_s']:.1f}s" for k, v in results[name]["variants"].items()
-        )
-        print(f"  compile: {comp}")
     total_s = time.perf_counter() - t_start
 
+    md = markdown_tables(results)
     if args.json:
         payload = {
             "machine": info,
             "settings": {
                 "rounds": args.rounds,
                 "steps_per_round": args.steps_per_round,
+                "periodic_steps_per_round": "ceil(steps_per_round / period) * period",
                 "warmup": args.warmup,
                 "seed": args.seed,
+                "optimizers": args.optimizer_names,
                 "momentum": MOMENTUM,
                 "weight_decay": WEIGHT_DECAY,
+                "adamw": {"learning_rate": ADAMW_LR, "weight_decay": ADAMW_WEIGHT_DECAY},
                 "data": "synthetic random (step time only)",
                 "breakdown": args.breakdown,
+                "quick": args.quick,
+                "argv": list(sys.argv[1:] if argv is None else argv),
             },
             "results": results,
             "total_s": total_s,
         }
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)
         print(f"\nResults written to {args.json}")
+    if args.md:
+        cpu = info["cpu_model"] or info["processor"] or info["machine"]
+        header = (
+            "# Optimizer step time and state size\n\n"
+            f"`benchmarks/step_time.py` on {cpu} ({info['usable_cpus']} usable of"
+            f" {info['cpu_count']} CPUs, JAX {info['jax_backend']}), jax"
+            f" {info['versions']['jax']}, optax {info['versions']['optax']}, flax"
+            f" {info['versions']['flax']}, eva_optax {info['versions']['eva_optax']}."
+            f" {args.rounds} interleaved rounds x {args.steps_per_round} steps per"
+            " optimizer; K-FAC, FOOF and Shampoo run whole periods per round (10, 50,"
+            " 10 steps) and report the per-step average, inverse steps included."
+            " ms/step: median over rounds of the wall time per step; ×SGD: relative to"
+            " SGD with momentum; state MB: `eva_optax.state_bytes` (10^6 bytes)."
+            f" Synthetic random data (step time only). Total run time {total_s:.0f}s.\n\n"
+        )
+        os.makedirs(os.path.dirname(os.path.abspath(args.md)), exist_ok=True)
+        with open(args.md, "w") as f:
+            f.write(header + md + "\n")
+        print(f"Markdown written to {args.md}")
 
     print(f"\nTotal benchmark time {total_s:.0f}s. Synthetic random data (step time only).")
     if args.breakdown:
         print("\nBreakdown (medians over rounds; extra = minus SGD):")
         print(breakdown_table(results, args.markdown))
-        print(
-            "\nXLA's static cost analysis of each compiled step (FLOPs and bytes"
-            " accessed as XLA\nestimates them; independent of the load on the machine):"
-        )
-        print(cost_table(results, args.markdown))
+    print(
+        "\nXLA's static cost analysis of each compiled step (FLOPs and bytes"
+        " accessed as XLA\nestimates them; independent of the load on the machine):"
+    )
+    print(cost_table(results, args.markdown))
     print()
     print(text_table(results))
     print(robustness_note(results))
     if args.markdown:
         print()
-        print(markdown_table(results))
+        print(md)
     return results
 
 
