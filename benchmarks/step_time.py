@@ -17,7 +17,8 @@ times, not accuracies; the data only has to have the right shapes):
 
 Each optimizer step is one jitted function (gradient, optimizer update,
 ``optax.apply_updates``) with donated parameter and optimizer-state buffers.
-The optimizers (``--optimizers``, default all of them; ``sgd`` is always timed,
+The optimizers (``--optimizers``, default all but ``shampoo``, whose first step
+hangs on the CPU backend, see ``DEFAULT_OPTIMIZERS``; ``sgd`` is always timed,
 it is the reference), with ``lr`` the workload's learning rate and ``wd`` = 5e-4:
 
 - ``sgd``: ``jax.value_and_grad`` and
@@ -319,6 +320,11 @@ ADAMW_WEIGHT_DECAY = 0.05
 ALL_OPTIMIZERS = (
     "sgd", "adamw", "eva", "eva_foof", "eva_shampoo", "kfac", "foof", "shampoo",
 )
+# Left out of the default: on the CPU backend (jax 0.10.2) the first jitted
+# Shampoo step on the autoencoder never returns (block_until_ready waits, no CPU
+# used), with or without donation, and a hung XLA computation cannot be
+# cancelled from Python. Still selectable with --optimizers ...,shampoo.
+DEFAULT_OPTIMIZERS = tuple(o for o in ALL_OPTIMIZERS if o != "shampoo")
 
 
 def sgd_tx(lr: float) -> optax.GradientTransformation:
@@ -811,9 +817,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         " autoencoder with --quick)",
     )
     p.add_argument(
-        "--optimizers", default=",".join(ALL_OPTIMIZERS),
+        "--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
         help="comma-separated subset of " + ",".join(ALL_OPTIMIZERS)
-        + " (default: all; sgd, the reference, is always added)",
+        + " (default: all but shampoo, which hangs on the CPU backend, see"
+        " DEFAULT_OPTIMIZERS; sgd, the reference, is always added)",
     )
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 6; 3 with --quick)")
     p.add_argument(
