@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -273,11 +273,3 @@ def bias_vector(bias: jax.Array, layout: KernelLayout) -> jax.Array:
   """The bias as ``stack + (out,)``."""
   stack = tuple(bias.shape[: layout.stack_ndim])
   return bias.reshape(stack + (-1,))
-
-
-def iter_modules(params: Any) -> Iterator[tuple[Path, list[tuple[str, Any]]]]:
-  """Module paths of ``params`` with their leaves (name, array), in tree order."""
-  groups: dict[Path, list[tuple[str, Any]]] = {}
-  for path, leaf in flatten_with_paths(params):
-    groups.setdefault(path[:-1], []).append((path[-1] if path else "", leaf))
-  yield from groups.items()
