@@ -30,6 +30,7 @@ from eva_optax.kfac import STATISTICS as KFAC_STATISTICS
 from eva_optax.kfac import ScaleByKfacState, kfac, scale_by_kfac
 from eva_optax.kl import kl_clip_factor, kl_normalise_factor
 from eva_optax.memory import state_bytes
+from eva_optax.preconditioning import factors_due
 from eva_optax.layers import KernelLayout, LayerStats, PassThrough, layouts_of
 from eva_optax.shampoo import ScaleByShampooState, scale_by_shampoo, shampoo
 
@@ -53,6 +54,7 @@ __all__ = [
     "eva",
     "eva_foof",
     "eva_shampoo",
+    "factors_due",
     "foof",
     "graft_to_norm",
     "kfac",

@@ -66,6 +66,10 @@ INPUT_FACTOR = "input_factor"
 OUTPUT_GRAD_FACTOR = "output_grad_factor"
 STATISTICS = (INPUT_MEAN, OUTPUT_GRAD_MEAN, INPUT_FACTOR, OUTPUT_GRAD_FACTOR)
 EVA_STATISTICS = (INPUT_MEAN, OUTPUT_GRAD_MEAN)
+FACTORS = (INPUT_FACTOR, OUTPUT_GRAD_FACTOR)
+# The keyword of ``grad_fn`` that gates the factors, and the probe entry that
+# carries the gate to every layer (sliced by nn.scan like the other probes).
+FACTORS_DUE = "factors_due"
 
 _SUPPORTED = "Dense, DenseGeneral or Conv"
 
@@ -246,10 +250,12 @@ def _busy(fn: Callable) -> Callable:
 
 
 def _tap_input(x: jax.Array, probe: dict, statistics: Callable) -> jax.Array:
-  """Identity on ``x`` whose VJP gives ``probe`` the cotangent ``statistics(x)``.
+  """Identity on ``x`` whose VJP gives ``probe`` the cotangent ``statistics(x, due)``.
 
-  ``probe`` is a dict of zeros (``calls`` and the requested input statistics);
-  its cotangent is the dict of this call's values, ``calls`` being 1.
+  ``probe`` is a dict of zeros (``calls`` and the requested input statistics)
+  and, when the factors are gated, ``factors_due`` (1.0 or 0.0, passed to
+  ``statistics`` as ``due``; ``None`` otherwise); its cotangent is the dict of
+  this call's values, ``calls`` being 1 and ``factors_due`` 0.
   """
 
   @jax.custom_vjp
@@ -258,7 +264,8 @@ def _tap_input(x: jax.Array, probe: dict, statistics: Callable) -> jax.Array:
     return x
 
   def fwd(x, probe):
-    values = statistics(x)
+    values = statistics(x, probe.get(FACTORS_DUE))
+    values[FACTORS_DUE] = jnp.zeros([], jnp.float32)
     return x, {k: values[k].astype(v.dtype) for k, v in probe.items()}
 
   def bwd(values, cotangent):
@@ -268,25 +275,42 @@ def _tap_input(x: jax.Array, probe: dict, statistics: Callable) -> jax.Array:
   return tap(x, probe)
 
 
-def _tap_output(y: jax.Array, probe: jax.Array, factor: Callable) -> jax.Array:
-  """Identity on ``y`` whose VJP gives ``probe`` the cotangent ``factor(∂L/∂y)``."""
+def _tap_output(
+    y: jax.Array, probe: jax.Array, factor: Callable, due: jax.Array | None
+) -> jax.Array:
+  """Identity on ``y`` whose VJP gives ``probe`` the cotangent ``factor(∂L/∂y)``.
+
+  With a gate ``due`` (1.0 or 0.0) the factor is computed only when it is 1
+  (``lax.cond``), and is zero otherwise.
+  """
+  dtype = probe.dtype
+  if due is None:
+    due = jnp.ones([], jnp.float32)
+    gated = lambda ct, _: factor(ct).astype(dtype)
+  else:
+    gated = lambda ct, d: _when_due(d, lambda: factor(ct).astype(dtype), probe)
 
   @jax.custom_vjp
-  def tap(y, probe):
-    del probe
+  def tap(y, probe, due):
+    del probe, due
     return y
 
-  dtype = probe.dtype
-
-  def fwd(y, probe):
+  def fwd(y, probe, due):
     del probe
-    return y, None
+    return y, due
 
-  def bwd(_, cotangent):
-    return cotangent, factor(cotangent).astype(dtype)
+  def bwd(due, cotangent):
+    return cotangent, gated(cotangent, due), jnp.zeros_like(due)
 
   tap.defvjp(fwd, bwd)
-  return tap(y, probe)
+  return tap(y, probe, due)
+
+
+def _when_due(due: jax.Array | None, compute: Callable[[], jax.Array], like: jax.Array):
+  """``compute()`` if the gate is open (or absent), else zeros shaped like ``like``."""
+  if due is None:
+    return compute()
+  return jax.lax.cond(due > 0, compute, lambda: jnp.zeros(like.shape, like.dtype))
 
 
 # ---------------------------------------------------------------------------
@@ -346,16 +370,22 @@ def _capture_interceptor(layers: dict[Path, _Layer], statistics: tuple[str, ...]
       return next_fun(*args, **kwargs)
     x, put_back = _inputs_of(args, kwargs)
 
+    input_probe = module.get_variable("params", INPUT_PROBE)
+
     @_busy
-    def input_statistics(x):
+    def input_statistics(x, due):
       values = {"calls": jnp.ones([], jnp.float32)}
       if INPUT_MEAN in statistics:
         values[INPUT_MEAN] = _input_mean(module, layer.kind, x)
       if INPUT_FACTOR in statistics:
-        values[INPUT_FACTOR] = _input_factor(module, layer, x)
+        values[INPUT_FACTOR] = _when_due(
+            due,
+            lambda: _input_factor(module, layer, x).astype(jnp.float32),
+            input_probe[INPUT_FACTOR],
+        )
       return values
 
-    x = _tap_input(x, module.get_variable("params", INPUT_PROBE), input_statistics)
+    x = _tap_input(x, input_probe, input_statistics)
     batch = _batch_size(module, layer.kind, x)
     args, kwargs = put_back(x)
     y = next_fun(*args, **kwargs)
@@ -369,6 +399,7 @@ def _capture_interceptor(layers: dict[Path, _Layer], statistics: tuple[str, ...]
           y,
           module.get_variable("params", OUTPUT_FACTOR_PROBE),
           lambda ct: _output_grad_factor(ct, layer.out_dim, batch),
+          input_probe.get(FACTORS_DUE),
       )
     return y
 
@@ -398,11 +429,15 @@ def _inject(params: Any, probes: dict[Path, dict[str, Any]]) -> Any:
   return tree
 
 
-def _probes(layer: _Layer, statistics: tuple[str, ...]) -> dict[str, Any]:
-  """Zero probes of one layer for the requested statistics."""
+def _probes(
+    layer: _Layer, statistics: tuple[str, ...], due: jax.Array | None
+) -> dict[str, Any]:
+  """Zero probes of one layer for the requested statistics (and the factors' gate)."""
   zeros = lambda *shape: jnp.zeros(layer.stack_shape + shape, jnp.float32)
   n_in = layer.in_dim + (1 if layer.has_bias else 0)
   inputs = {"calls": zeros()}
+  if due is not None:
+    inputs[FACTORS_DUE] = jnp.broadcast_to(due.astype(jnp.float32), layer.stack_shape)
   if INPUT_MEAN in statistics:
     inputs[INPUT_MEAN] = zeros(layer.in_dim)
   if INPUT_FACTOR in statistics:
@@ -460,6 +495,24 @@ def _discover(
   return layers, skipped
 
 
+def _factors_gate(factors_due: Any, statistics: tuple[str, ...]) -> jax.Array | None:
+  """``None`` when the factors are always computed, else a scalar bool array."""
+  if factors_due is True:
+    return None
+  if not any(name in statistics for name in FACTORS):
+    raise ValueError(
+        f"{FACTORS_DUE} gates the factors {FACTORS}, but none was asked for:"
+        f" statistics={statistics!r}"
+    )
+  due = jnp.asarray(factors_due)
+  if due.shape != () or not (due.dtype == jnp.bool_ or jnp.issubdtype(due.dtype, jnp.integer)):
+    raise ValueError(
+        f"{FACTORS_DUE} must be a scalar bool (e.g. eva_optax.factors_due(opt_state)),"
+        f" got {factors_due!r}"
+    )
+  return due.astype(jnp.bool_)
+
+
 def value_and_grad(
     loss_fn: Callable[..., Any],
     has_aux: bool = False,
@@ -483,8 +536,14 @@ def value_and_grad(
       which skips the backward probes). Statistics not asked for are ``None``.
 
   Returns:
-    ``grad_fn(params, *args, **kwargs) -> (value, grads, stats)``, with
-    ``value`` the loss (or ``(loss, aux)``), ``grads`` the gradient w.r.t.
+    ``grad_fn(params, *args, factors_due=True, **kwargs) -> (value, grads,
+    stats)``. ``factors_due`` (a scalar bool, traced or not; the one keyword
+    ``grad_fn`` keeps for itself) gates the factors A and G: when it is false
+    they are not computed (``lax.cond``) and come back as zeros, which the
+    factor-based optimizers' running averages ignore. Pass
+    :func:`eva_optax.factors_due` of the optimizer state, so that factors are
+    computed exactly on the steps K-FAC / FOOF average them (``stats_every``).
+    The other keyword arguments go to ``loss_fn``. ``value`` is the loss (or ``(loss, aux)``), ``grads`` the gradient w.r.t.
     ``params`` and ``stats`` a tree keyed by module path (like ``params``)
     holding a :class:`~eva_optax.LayerStats` per captured layer and a
     :class:`~eva_optax.PassThrough` per layer seen but not preconditioned. It
@@ -505,8 +564,9 @@ def value_and_grad(
     )
 
   def grad_fn(params: Any, *args: Any, **kwargs: Any):
+    due = _factors_gate(kwargs.pop(FACTORS_DUE, True), statistics)
     layers, skipped = _discover(loss_fn, params, args, kwargs)
-    probes = {path: _probes(layer, statistics) for path, layer in layers.items()}
+    probes = {path: _probes(layer, statistics, due) for path, layer in layers.items()}
 
     def wrapped(params, probes):
       with nn.intercept_methods(_capture_interceptor(layers, statistics)):

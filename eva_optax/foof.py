@@ -49,11 +49,14 @@ class ScaleByFoofState(NamedTuple):
     input_factor: running A per layer, keyed by module path.
     cache: ``{'input_inverse': (A + γI)⁻¹ per layer}``, refreshed every
       ``inverse_every`` steps.
+    stats_every: the factor's period (int32, constant), read by
+      :func:`eva_optax.factors_due`.
   """
 
   count: jax.Array
   input_factor: Any
   cache: Any
+  stats_every: jax.Array
 
 
 def scale_by_foof(
@@ -62,6 +65,7 @@ def scale_by_foof(
     damping: Hyper = 0.03,
     kl_clip: Hyper = 0.001,
     stat_decay: float | jax.Array = 0.05,
+    stats_every: int = 1,
     inverse_every: int = 50,
     scaling: str = kl.KL_CLIP,
     layouts: Any = None,
@@ -73,6 +77,9 @@ def scale_by_foof(
     damping: γ > 0, float or schedule (read at each refresh). Default 0.03.
     kl_clip: κ > 0. Default 0.001.
     stat_decay: weight of the old running average of A. Default 0.05.
+    stats_every: steps between running-average updates of A; see
+      :func:`eva_optax.scale_by_kfac` and :func:`eva_optax.factors_due`.
+      Default 1.
     inverse_every: steps between inverse refreshes (the first at step 0).
       Default 50, the paper's value.
     scaling: ``'kl_clip'`` (default) or ``'kl_normalise'``.
@@ -99,6 +106,7 @@ def scale_by_foof(
       layouts=layouts,
       refresh=refresh,
       refresh_every=inverse_every,
+      stats_every=stats_every,
   )
 
 
@@ -111,6 +119,7 @@ def foof(
     damping: Hyper = 0.03,
     kl_clip: Hyper = 0.001,
     stat_decay: float | jax.Array = 0.05,
+    stats_every: int = 1,
     inverse_every: int = 50,
     scaling: str = kl.KL_CLIP,
     layouts: Any = None,
@@ -125,6 +134,7 @@ def foof(
           damping=damping,
           kl_clip=kl_clip,
           stat_decay=stat_decay,
+          stats_every=stats_every,
           inverse_every=inverse_every,
           scaling=scaling,
           layouts=layouts,

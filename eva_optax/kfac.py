@@ -88,12 +88,15 @@ class ScaleByKfacState(NamedTuple):
     output_grad_factor: running G per layer.
     cache: ``{'input_inverse', 'output_grad_inverse'}``: the damped inverses
       per layer, refreshed every ``inverse_every`` steps.
+    stats_every: the factors' period (int32, constant), read by
+      :func:`eva_optax.factors_due`.
   """
 
   count: jax.Array
   input_factor: Any
   output_grad_factor: Any
   cache: Any
+  stats_every: jax.Array
 
 
 def scale_by_kfac(
@@ -114,8 +117,10 @@ def scale_by_kfac(
     damping: γ > 0, float or schedule (read at each refresh). Default 0.03.
     kl_clip: κ > 0. Default 0.001.
     stat_decay: weight of the old running averages of A and G. Default 0.05.
-    stats_every: steps between running-average updates of the factors (the
-      capture still computes them every step). Default 1.
+    stats_every: steps between running-average updates of the factors (at
+      steps 0, N, 2N, …). The capture computes them on those steps only when
+      given ``factors_due=eva_optax.factors_due(opt_state)``; otherwise it
+      computes them every step and the others are dropped. Default 1.
     inverse_every: steps between inverse refreshes (the first at step 0).
       Default 10.
     scaling: ``'kl_clip'`` (default) or ``'kl_normalise'``.
@@ -168,7 +173,15 @@ def kfac(
   """K-FAC in front of SGD: precondition → weight decay → momentum → learning rate.
 
   See :func:`scale_by_kfac`. Capture with
-  ``statistics=('input_factor', 'output_grad_factor')``.
+  ``statistics=eva_optax.KFAC_STATISTICS`` and, with ``stats_every > 1``,
+  pass ``factors_due=eva_optax.factors_due(opt_state)`` to the gradient
+  function so that the factors are computed only on the steps that use them::
+
+      grad_fn = eva_optax.value_and_grad(loss_fn, statistics=eva_optax.KFAC_STATISTICS)
+      tx = eva_optax.kfac(0.1, stats_every=10, inverse_every=10)
+      ...
+      loss, grads, stats = grad_fn(params, batch,
+                                   factors_due=eva_optax.factors_due(opt_state))
   """
   return with_sgd(
       scale_by_kfac(

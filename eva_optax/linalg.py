@@ -1,9 +1,41 @@
-"""Small dense linear algebra shared by the matrix-based baselines (K-FAC, FOOF)."""
+"""Small dense linear algebra shared by the matrix-based baselines (K-FAC, FOOF, Shampoo).
+
+Batched decompositions go through :func:`per_matrix`: on the CPU backend a
+batched LAPACK call (``cholesky``, ``eigh`` on a ``(b, n, n)`` array) that runs
+next to other such calls in one program can deadlock XLA's CPU thread pool
+(jax/jaxlib 0.10.2: the step never returns, no CPU used), so there the batch
+is walked one matrix at a time with ``lax.map``; other backends keep the
+batched call.
+"""
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
+
+
+def per_matrix(fn: Callable[[jax.Array], Any], matrices: jax.Array) -> Any:
+  """``fn`` applied to a ``(..., n, n)`` batch: batched, or one matrix at a time on CPU.
+
+  ``fn`` maps ``(n, n)`` to a pytree of arrays and must also accept a batch
+  ``(b, n, n)`` (as ``jnp.linalg`` functions do). The result has the batch
+  axes of ``matrices`` in front.
+  """
+  batch = matrices.shape[:-2]
+  if not batch:
+    return fn(matrices)
+  flat = matrices.reshape((-1,) + matrices.shape[-2:])
+
+  def restore(tree):
+    return jax.tree.map(lambda x: x.reshape(batch + x.shape[1:]), tree)
+
+  return jax.lax.platform_dependent(
+      flat,
+      cpu=lambda m: restore(jax.lax.map(fn, m)),
+      default=lambda m: restore(fn(m)),
+  )
 
 
 def spd_inverse(matrix: jax.Array) -> jax.Array:
@@ -11,11 +43,14 @@ def spd_inverse(matrix: jax.Array) -> jax.Array:
 
   ``L = chol(M)``, ``M⁻¹ = L⁻ᵀ L⁻¹``; float32; leading axes are a batch.
   """
-  matrix = matrix.astype(jnp.float32)
-  lower = jnp.linalg.cholesky(matrix)
-  eye = jnp.broadcast_to(jnp.eye(matrix.shape[-1], dtype=matrix.dtype), matrix.shape)
-  lower_inv = jax.scipy.linalg.solve_triangular(lower, eye, lower=True)
-  return jnp.einsum("...ki,...kj->...ij", lower_inv, lower_inv)
+
+  def inverse(m):
+    lower = jnp.linalg.cholesky(m)
+    eye = jnp.broadcast_to(jnp.eye(m.shape[-1], dtype=m.dtype), m.shape)
+    lower_inv = jax.scipy.linalg.solve_triangular(lower, eye, lower=True)
+    return jnp.einsum("...ki,...kj->...ij", lower_inv, lower_inv)
+
+  return per_matrix(inverse, matrix.astype(jnp.float32))
 
 
 def add_to_diagonal(matrix: jax.Array, value: jax.Array) -> jax.Array:

@@ -34,6 +34,7 @@ from eva_optax.layers import (
     nest,
     path_of,
 )
+from eva_optax.capture import FACTORS
 from eva_optax.running_average import update_running_average
 
 
@@ -125,9 +126,13 @@ def update_averages(
           f" eva_optax.value_and_grad(loss_fn, statistics={tuple(averages)})"
       )
     for name in averages:
-      new[name][path] = update_running_average(
-          old[name][path], getattr(entry, name), stat_decay, count
-      )
+      value = getattr(entry, name)
+      average = update_running_average(old[name][path], value, stat_decay, count)
+      if name in FACTORS:
+        # A factor the capture was told not to compute is exactly zero: it
+        # never enters the average (see eva_optax.factors_due).
+        average = jnp.where(jnp.any(value != 0), average, old[name][path])
+      new[name][path] = average
     averaged[path] = {name: new[name][path] for name in averages}
   return averaged, {name: nest(flat) for name, flat in new.items()}
 
@@ -255,6 +260,8 @@ def layerwise_transformation(
     slots = find_layer_slots(params, layouts)
     averages = {name: zero_statistics(slots, name) for name in statistics}
     fields = dict(count=jnp.zeros([], jnp.int32), **averages)
+    if "stats_every" in state_cls._fields:
+      fields["stats_every"] = jnp.asarray(stats_every, jnp.int32)
     if refresh is not None:
       shapes = jax.eval_shape(lambda: refreshed(slots, averages, jnp.float32(1.0)))
       fields["cache"] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
@@ -276,6 +283,8 @@ def layerwise_transformation(
       current = by_layer(averages)
       averaged = {p: current[p] for p in averaged}
     fields = dict(count=optax.safe_increment(count), **averages)
+    if "stats_every" in state_cls._fields:
+      fields["stats_every"] = state.stats_every
     if refresh is not None:
       cache = jax.lax.cond(
           count % refresh_every == 0,
@@ -297,7 +306,41 @@ def layerwise_transformation(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def factors_due(opt_state: Any) -> jax.Array:
+  """Whether this step's update will average the factors A / G: the capture's gate.
+
+  Finds the K-FAC and FOOF states inside ``opt_state`` (also inside
+  ``optax.chain``, ``inject_hyperparams``, ``MultiSteps`` …) and returns
+  ``count % stats_every == 0`` (any of them, if several), a scalar bool to
+  pass as ``grad_fn(params, batch, factors_due=...)`` so that the capture
+  computes A and G only on the steps that use them.
+
+  Raises:
+    ValueError: when ``opt_state`` holds no state with factor statistics.
+  """
+  found = []
+
+  def visit(node):
+    if isinstance(node, tuple) and {"count", "stats_every"} <= set(getattr(node, "_fields", ())):
+      found.append(node)
+      return True
+    return False
+
+  jax.tree.leaves(opt_state, is_leaf=visit)
+  if not found:
+    raise ValueError(
+        "factors_due: opt_state holds no optimizer that averages factors"
+        " (scale_by_kfac / scale_by_foof, or their aliases)"
+    )
+  due = [s.count % s.stats_every == 0 for s in found]
+  out = due[0]
+  for d in due[1:]:
+    out = out | d
+  return out
+
+
 __all__ = [
+    "factors_due",
     "LayerGradient",
     "Preconditioned",
     "apply_layerwise",

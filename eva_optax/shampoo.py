@@ -33,7 +33,8 @@ with ``best_effort_shape_interpretation``):
 * **Grafting** is per tensor (over all its blocks), the reference's layer-wise
   SGD grafting: Shampoo fixes the direction, SGD the step length.
 
-The roots are computed with ``jnp.linalg.eigh`` in float32, eigenvalues
+The roots are computed with ``jnp.linalg.eigh`` in float32 (one matrix at a
+time on the CPU backend, see :func:`eva_optax.linalg.per_matrix`), eigenvalues
 clipped at 0 before ε is added, inside ``jax.lax.cond`` on the step count, so
 one compiled step serves refresh and non-refresh steps alike. The roots start
 as identities and are first computed at step 0, from the first gradient's
@@ -70,6 +71,7 @@ import optax
 from eva_optax._alias import with_sgd
 from eva_optax._hyper import Hyper, check_range, value_at
 from eva_optax.grafting import sgd_graft
+from eva_optax.linalg import per_matrix
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -176,7 +178,7 @@ def block_statistics(blocks: jax.Array) -> tuple[jax.Array, ...]:
 
 def inverse_root(statistic: jax.Array, damping: jax.Array, exponent: int) -> jax.Array:
   """(L + εI)^(−1/exponent) by ``eigh`` in float32, eigenvalues clipped at 0 first."""
-  eigenvalues, eigenvectors = jnp.linalg.eigh(statistic.astype(jnp.float32))
+  eigenvalues, eigenvectors = per_matrix(jnp.linalg.eigh, statistic.astype(jnp.float32))
   scale = (jnp.maximum(eigenvalues, 0.0) + damping) ** (-1.0 / exponent)
   return jnp.matmul(
       eigenvectors * scale[..., None, :], jnp.swapaxes(eigenvectors, -1, -2), precision=_HIGHEST

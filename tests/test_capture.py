@@ -809,3 +809,74 @@ def test_pass_through_layers():
   # describe() shows the module type next to the reason.
   text = str(eva_optax.describe(params, stats))
   assert "ConvTranspose" in text and "Einsum" in text
+
+
+# ---------------------------------------------------------------------------
+# The factors' gate (factors_due).
+
+
+@pytest.mark.parametrize("name", ["repeated_calls", "scan", "conv2d_same_stride"])
+def test_factors_gate(name):
+  """Open: every statistic equals the reference. Closed: the factors are zero,
+  the vectors, loss and grads unchanged. One compilation for both."""
+  params, x, t, want_loss, want_grads, expected = _case_reference(name)
+  grad_fn = eva_optax.value_and_grad(_mse_loss(CASES[name].model), statistics=ALL_STATISTICS)
+  traces = []
+
+  @jax.jit
+  def run(due):
+    traces.append(1)
+    return grad_fn(params, x, t, factors_due=due)
+
+  for due in (True, False):
+    loss, grads, stats = run(jnp.asarray(due))
+    np.testing.assert_allclose(loss, want_loss, rtol=RTOL, atol=ATOL)
+    _assert_tree_close(grads, want_grads)
+    if due:
+      _check_against(stats, expected, statistics=ALL_STATISTICS)
+    else:
+      for entry in _layer_stats(stats).values():
+        assert not np.any(entry.input_factor) and not np.any(entry.output_grad_factor)
+      vectors = jax.tree.map(
+          lambda e: dataclasses.replace(e, input_factor=None, output_grad_factor=None),
+          stats,
+          is_leaf=lambda e: isinstance(e, eva_optax.LayerStats),
+      )
+      _check_against(vectors, expected, statistics=eva_optax.capture.EVA_STATISTICS)
+  assert len(traces) == 1
+
+
+def test_factors_gate_skips_the_work():
+  """A closed gate removes the factor products from the executed work: the
+  cost of the step with the gate as a constant False is that of the plain
+  capture of the vectors."""
+  model = nn.Dense(256)
+  params = model.init(jax.random.key(0), jnp.ones((1, 256)))["params"]
+  x, t = jnp.ones((512, 256)), jnp.ones((512, 256))
+  loss = _mse_loss(model)
+
+  def flops(statistics, **kw):
+    fn = jax.jit(lambda p: eva_optax.value_and_grad(loss, statistics=statistics)(p, x, t, **kw))
+    return fn.lower(params).compile().cost_analysis()["flops"]
+
+  vectors = flops(eva_optax.capture.EVA_STATISTICS)
+  factors = flops(ALL_STATISTICS)
+  gated = flops(ALL_STATISTICS, factors_due=False)
+  assert factors > vectors + 2 * 512 * 256 * 256  # at least A and G
+  assert gated < vectors + 0.01 * (factors - vectors)
+
+
+@pytest.mark.parametrize(
+    "statistics, due, match",
+    [
+        (eva_optax.capture.EVA_STATISTICS, False, "none was asked for"),
+        (ALL_STATISTICS, jnp.ones(3, bool), "scalar bool"),
+        (ALL_STATISTICS, 0.5, "scalar bool"),
+    ],
+)
+def test_factors_gate_bad_values(statistics, due, match):
+  name = "dense"
+  params, x, t = _case_reference(name)[:3]
+  grad_fn = eva_optax.value_and_grad(_mse_loss(CASES[name].model), statistics=statistics)
+  with pytest.raises(ValueError, match=match):
+    grad_fn(params, x, t, factors_due=due)

@@ -217,3 +217,47 @@ def test_inject_hyperparams(problem, name):
 def test_bad_arguments_name_the_parameter(kwargs, name):
   with pytest.raises(ValueError, match=name):
     kfac.kfac(0.1, **kwargs)
+
+
+@pytest.mark.parametrize("name, every", [("kfac", 3), ("foof", 2)])
+def test_gated_capture_equals_ungated(problem, name, every):
+  """factors_due(opt_state) computes the factors only on the steps that use
+  them; the trajectory is the one of the capture computing them every step."""
+  alias, _, statistics = OPTIMIZERS[name]
+  params, loss_fn, xs, ys = problem
+  tx = alias(0.05, stats_every=every, inverse_every=2)
+  grad_fn = eva_optax.value_and_grad(loss_fn, statistics=statistics)
+
+  def run(gated):
+    @jax.jit
+    def step(p, s, x, y):
+      kw = dict(factors_due=eva_optax.factors_due(s)) if gated else {}
+      _, grads, stats = grad_fn(p, x, y, **kw)
+      factor = jax.tree.leaves(stats, is_leaf=lambda e: isinstance(e, eva_optax.LayerStats))[0].input_factor
+      updates, s = tx.update(grads, s, p, stats=stats)
+      return optax.apply_updates(p, updates), s, jnp.any(factor != 0)
+
+    p, s, computed = params, tx.init(params), []
+    for x, y in zip(xs, ys):
+      p, s, c = step(p, s, x, y)
+      computed.append(bool(c))
+    return p, computed
+
+  ungated, always = run(False)
+  gated, computed = run(True)
+  assert always == [True] * len(xs)
+  assert computed == [i % every == 0 for i in range(len(xs))]
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6), gated, ungated)
+
+
+def test_factors_due_reads_the_state_through_wrappers():
+  params = {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+  tx = optax.inject_hyperparams(kfac.kfac)(learning_rate=0.1, stats_every=4)
+  state = tx.init(params)
+  assert bool(eva_optax.factors_due(state))
+  state = jax.tree.map(lambda x: x, state)
+  inner = state.inner_state[0]
+  state = state._replace(inner_state=(inner._replace(count=jnp.asarray(5, jnp.int32)),) + tuple(state.inner_state[1:]))
+  assert not bool(eva_optax.factors_due(state))
+  with pytest.raises(ValueError, match="no optimizer that averages factors"):
+    eva_optax.factors_due(optax.sgd(0.1).init(params))

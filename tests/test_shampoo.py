@@ -1,5 +1,9 @@
 """Blocked Shampoo against NumPy eigendecompositions, its block structure and periodic roots."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -266,3 +270,34 @@ def test_inject_hyperparams_needs_static_block_size():
 def test_bad_hyperparameters_name_the_parameter(kwargs, name):
   with pytest.raises(ValueError, match=name):
     shampoo(0.1, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Regression: batched LAPACK calls next to each other used to deadlock the CPU
+# backend (the first step of the alias on the autoencoder never returned). Run
+# in a subprocess so that a hang fails the test instead of stalling the suite.
+
+_AUTOENCODER_STEP = """
+import jax, jax.numpy as jnp, optax, eva_optax
+sizes = [784, 1000, 500, 250, 30, 250, 500, 1000, 784]
+params = {f"l{i}": {"w": jnp.full((a, b), 0.01), "b": jnp.zeros(b)}
+          for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))}
+tx = eva_optax.shampoo(0.1)
+updates, _ = jax.jit(tx.update)(params, tx.init(params), params)
+jax.block_until_ready(updates)
+from eva_optax.linalg import spd_inverse
+mats = [jnp.eye(128)[None].repeat(56, 0) * (i + 2.0) for i in range(16)]
+out = jax.jit(lambda ms: [spd_inverse(m) for m in ms])(mats)
+assert all(bool(jnp.allclose(o[0], jnp.eye(128) / (i + 2.0))) for i, o in enumerate(out))
+print("done")
+"""
+
+
+def test_many_batched_roots_and_inverses_in_one_program_finish():
+  result = subprocess.run(
+      [sys.executable, "-c", _AUTOENCODER_STEP],
+      capture_output=True, text=True, timeout=120,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip() == "done"
