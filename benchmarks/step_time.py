@@ -17,9 +17,8 @@ times, not accuracies; the data only has to have the right shapes):
 
 Each optimizer step is one jitted function (gradient, optimizer update,
 ``optax.apply_updates``) with donated parameter and optimizer-state buffers.
-The optimizers (``--optimizers``, default all but ``shampoo``, whose first step
-hangs on the CPU backend, see ``DEFAULT_OPTIMIZERS``; ``sgd`` is always timed,
-it is the reference), with ``lr`` the workload's learning rate and ``wd`` = 5e-4:
+The optimizers (``--optimizers``, default all; ``sgd`` is always timed, it is
+the reference), with ``lr`` the workload's learning rate and ``wd`` = 5e-4:
 
 - ``sgd``: ``jax.value_and_grad`` and
   ``optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=0.9))``;
@@ -31,7 +30,9 @@ it is the reference), with ``lr`` the workload's learning rate and ``wd`` = 5e-4
 - ``eva_shampoo``: ``jax.value_and_grad`` and ``eva_optax.eva_shampoo(lr,
   weight_decay=wd)`` (no statistics);
 - ``kfac``: ``eva_optax.value_and_grad(..., statistics=KFAC_STATISTICS)`` and
-  ``eva_optax.kfac(lr, weight_decay=wd, inverse_every=10, layouts=...)``;
+  ``eva_optax.kfac(lr, weight_decay=wd, stats_every=10, inverse_every=10,
+  layouts=...)``, factors and inverses every 10 steps, the capture gated with
+  ``factors_due=eva_optax.factors_due(opt_state)``;
 - ``foof``: ``eva_optax.value_and_grad(..., statistics=FOOF_STATISTICS)`` and
   ``eva_optax.foof(lr, weight_decay=wd, inverse_every=50, layouts=...)``;
 - ``shampoo``: ``jax.value_and_grad`` and ``eva_optax.shampoo(lr,
@@ -328,14 +329,7 @@ ADAMW_WEIGHT_DECAY = 0.05
 ALL_OPTIMIZERS = (
     "sgd", "adamw", "eva", "eva_foof", "eva_shampoo", "kfac", "foof", "shampoo",
 )
-# Left out of the default: on the CPU backend (jax 0.10.2) the first jitted
-# step of the shampoo alias on the autoencoder never returns (block_until_ready
-# waits on a futex, no CPU used). scale_by_shampoo alone, or followed by
-# optax.scale, runs (0.7 s for a 1000 x 784 kernel); followed by optax.trace
-# (momentum) it hangs: the eigh inside lax.cond plus a carried momentum buffer.
-# A hung XLA computation cannot be cancelled from Python. Still selectable with
-# --optimizers ...,shampoo.
-DEFAULT_OPTIMIZERS = tuple(o for o in ALL_OPTIMIZERS if o != "shampoo")
+DEFAULT_OPTIMIZERS = ALL_OPTIMIZERS
 
 
 def sgd_tx(lr: float) -> optax.GradientTransformation:
@@ -387,7 +381,9 @@ def optimizer_spec(name: str, w: Workload, layouts: Any) -> OptimizerSpec:
         return OptimizerSpec(eva_optax.eva_shampoo(lr, weight_decay=wd), None)
     if name == "kfac":
         return OptimizerSpec(
-            eva_optax.kfac(lr, weight_decay=wd, inverse_every=10, layouts=layouts),
+            eva_optax.kfac(
+                lr, weight_decay=wd, stats_every=10, inverse_every=10, layouts=layouts
+            ),
             tuple(eva_optax.KFAC_STATISTICS), 10,
         )
     if name == "foof":
@@ -423,9 +419,13 @@ def make_eva_step(
     """``eva_optax.value_and_grad`` (given statistics) and ``tx.update(stats=)``."""
     kwargs = {} if statistics is None else {"statistics": tuple(statistics)}
     grad_fn = eva_optax.value_and_grad(w.loss_fn, has_aux=True, **kwargs)
+    gated = statistics is not None and bool(
+        set(statistics) & {eva_optax.capture.INPUT_FACTOR, eva_optax.capture.OUTPUT_GRAD_FACTOR}
+    )
 
     def step(params, opt_state, state, batch):
-        (loss, state), grads, stats = grad_fn(params, state, batch)
+        due = {"factors_due": eva_optax.factors_due(opt_state)} if gated else {}
+        (loss, state), grads, stats = grad_fn(params, state, batch, **due)
         updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
         return optax.apply_updates(params, updates), opt_state, state, loss
 
@@ -830,8 +830,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
         help="comma-separated subset of " + ",".join(ALL_OPTIMIZERS)
-        + " (default: all but shampoo, which hangs on the CPU backend, see"
-        " DEFAULT_OPTIMIZERS; sgd, the reference, is always added)",
+        + " (default: all; sgd, the reference, is always added)",
     )
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 6; 3 with --quick)")
     p.add_argument(

@@ -518,6 +518,7 @@ def value_and_grad(
     has_aux: bool = False,
     *,
     statistics: Sequence[str] = EVA_STATISTICS,
+    axis_name: Any = None,
 ) -> Callable[..., tuple[Any, Any, Any]]:
   """Like :func:`jax.value_and_grad`, also returning per-layer curvature statistics.
 
@@ -534,6 +535,13 @@ def value_and_grad(
       N samples). Default ``('input_mean', 'output_grad_mean')``, what Eva
       needs; each optimizer documents its own (Eva-f: ``('input_mean',)``,
       which skips the backward probes). Statistics not asked for are ``None``.
+    axis_name: under ``pmap`` / ``shard_map``, the name (or tuple of names) of
+      the data-parallel axes: the statistics are then averaged over them
+      (``lax.pmean``), so that they are the statistics of the global batch, as
+      on one device (each device holding the same number of samples). The
+      gradients are left to the caller, as with :func:`jax.value_and_grad`.
+      Not needed under ``jit`` with a sharded batch, where every mean already
+      is over the global batch.
 
   Returns:
     ``grad_fn(params, *args, factors_due=True, **kwargs) -> (value, grads,
@@ -547,8 +555,7 @@ def value_and_grad(
     ``params`` and ``stats`` a tree keyed by module path (like ``params``)
     holding a :class:`~eva_optax.LayerStats` per captured layer and a
     :class:`~eva_optax.PassThrough` per layer seen but not preconditioned. It
-    calls neither ``jit`` nor ``pmap``; wrap it like any JAX function. Under
-    ``pmap``, ``jax.lax.pmean`` the stats like the gradients.
+    calls neither ``jit`` nor ``pmap``; wrap it like any JAX function.
 
   Example::
 
@@ -581,6 +588,8 @@ def value_and_grad(
         wrapped, argnums=(0, 1), has_aux=True
     )(params, probes)
 
+    if axis_name is not None:
+      probe_grads = jax.lax.pmean(probe_grads, axis_name)
     entries: dict[Path, Any] = dict(skipped)
     for path, layer_grads in probe_grads.items():
       entries[path] = _layer_stats(layers[path], layer_grads)
