@@ -1,0 +1,458 @@
+"""Step time of SGD and Eva, data-parallel over 1, 2, 4 and 8 devices (Eva / SGD per device count).
+
+The workload is the CNN of ``examples/multi_device.py`` (Conv 32 -> pool -> Conv 64 -> pool
+-> Dense 128 -> Dense 10, cross-entropy) at a fixed *global* batch (default 256) of
+synthetic data, with that example's training steps: ``jax.jit`` over a one-axis mesh, the
+batch sharded over ``'data'``, parameters and optimizer state replicated and donated.
+
+- ``sgd``: ``jax.value_and_grad`` and
+  ``optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(lr, momentum=0.9))``;
+- ``eva``: ``eva_optax.value_and_grad`` and ``eva_optax.eva(lr, momentum=0.9, weight_decay=5e-4)``;
+- ``sgd-again``: the SGD step compiled a second time, with its own buffers: an A/A control
+  whose ratio to ``sgd`` is the noise floor of the run.
+
+Every device count runs in its own worker process (the number of CPU devices is fixed by
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before JAX starts). The workers are
+started once, compile their three steps and run ``--warmup`` untimed steps; then, in each of
+``--rounds`` rounds, the driver asks every worker in turn (one at a time, the others idle)
+to time ``--steps`` consecutive steps of each optimizer, in an order rotated from round to
+round. So every device count and optimizer sees the same machine conditions, round by
+round. Reported per device count: the median over rounds of the wall time per step, the
+ratio Eva/SGD of the medians, the median of the per-round (paired) ratios, the ratio of the
+median process CPU times per step, the A/A control, and XLA's static cost analysis of the
+compiled steps (FLOPs and bytes accessed per device program), which does not depend on the
+load of the machine.
+
+On a CPU the N "devices" are N XLA clients sharing the same cores (here 2): N devices do
+not compute N times faster, and the absolute times say little about a real multi-device
+machine. The point is the ratio Eva/SGD: Eva adds one all-reduce of its O(in + out)
+statistics per layer to SGD's all-reduce of the gradients (under ``jit`` with a sharded batch
+the means are global without any code), so the ratio should stay flat as devices are added.
+
+Output: a table on stdout and, unless ``--no-save`` (or ``--quick``),
+``benchmarks/results/multi_device.{json,md}`` (``--json`` / ``--md`` change the paths) with
+the machine description and versions.
+
+Usage::
+
+    python benchmarks/multi_device.py                  # 1, 2, 4, 8 devices, results saved
+    python benchmarks/multi_device.py --quick          # smoke test, nothing saved
+    python benchmarks/multi_device.py --device-counts 1,8 --rounds 20 --steps 3
+"""
+
+from __future__ import annotations
+
+import os
+
+# As in benchmarks/step_time.py: one OpenBLAS thread (set before numpy and jax are imported).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse
+import importlib.util
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "multi_device.py"
+RESULTS = ROOT / "benchmarks" / "results"
+OPTIMIZERS = ("sgd", "eva", "sgd-again")
+REPLY = "RESULT "  # prefix of the worker's answer lines on stdout
+DEVICE_FLAG = "--xla_force_host_platform_device_count"
+
+
+# ---------------------------------------------------------------------------
+# Worker: one process, one device count.
+
+
+def _load_example() -> Any:
+    """examples/multi_device.py as a module (its name clashes with this file's)."""
+    spec = importlib.util.spec_from_file_location("multi_device_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cost(compiled: Any) -> dict[str, float]:
+    """XLA's static cost estimate of a compiled step (per device program)."""
+    try:
+        analysis = compiled.cost_analysis()
+    except Exception:  # not every backend provides one
+        return {}
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else {}
+    return {
+        "gflop": float(analysis.get("flops", 0.0)) / 1e9,
+        "mb_accessed": float(analysis.get("bytes accessed", 0.0)) / 1e6,
+    }
+
+
+def _reply(message: dict[str, Any]) -> None:
+    print(REPLY + json.dumps(message), flush=True)
+
+
+def worker(devices: int, batch_size: int, warmup: int, seed: int) -> None:
+    """Compile the steps, then time them on request: one JSON line per request on stdout.
+
+    Requests on stdin: a comma-separated list of optimizers and a step count
+    (``"eva,sgd,sgd-again 5"``); ``"quit"`` ends the worker.
+    """
+    import jax
+    import numpy as np
+
+    example = _load_example()
+    if jax.device_count() < devices:
+        raise SystemExit(f"worker: {jax.device_count()} devices, {devices} wanted")
+    mesh = example.make_mesh(jax.devices()[:devices])
+    sharding = example.data_sharding(mesh)
+    rng = np.random.default_rng(seed)
+    images = jax.device_put(
+        rng.standard_normal((batch_size, *example.IMAGE_SHAPE)).astype(np.float32), sharding
+    )
+    labels = jax.device_put(
+        rng.integers(0, example.NUM_CLASSES, (batch_size,)).astype(np.int32), sharding
+    )
+
+    runners: dict[str, list[Any]] = {}
+    info: dict[str, Any] = {"devices": devices, "compile_s": {}, "cost": {}}
+    for name in OPTIMIZERS:
+        kind = name.split("-")[0]
+        tx = example.make_optimizer(kind, example.DEFAULT_LR[kind])
+        params, opt_state = example.init_state(mesh, tx, seed)
+        t0 = time.perf_counter()
+        step = example.make_train_step(kind, tx, mesh).lower(
+            params, opt_state, images, labels
+        ).compile()
+        info["compile_s"][name] = time.perf_counter() - t0
+        info["cost"][name] = _cost(step)
+        for _ in range(1 + warmup):
+            params, opt_state, loss = step(params, opt_state, images, labels)
+        jax.block_until_ready(loss)
+        runners[name] = [step, params, opt_state]
+    info["loss_after_warmup"] = float(loss)
+    info["platform"] = jax.devices()[0].platform
+    _reply(info)
+
+    for line in sys.stdin:
+        request = line.split()
+        if not request or request[0] == "quit":
+            break
+        names, steps = request[0].split(","), int(request[1])
+        times = {}
+        for name in names:
+            step, params, opt_state = runners[name]
+            c0, t0 = time.process_time(), time.perf_counter()
+            for _ in range(steps):
+                params, opt_state, loss = step(params, opt_state, images, labels)
+            jax.block_until_ready((params, opt_state, loss))
+            times[name] = {
+                "wall_ms": 1e3 * (time.perf_counter() - t0) / steps,
+                "cpu_ms": 1e3 * (time.process_time() - c0) / steps,
+            }
+            runners[name][1:] = [params, opt_state]
+        _reply(times)
+
+
+# ---------------------------------------------------------------------------
+# Driver: one worker per device count, interleaved rounds.
+
+
+class Worker:
+    """A worker subprocess with ``devices`` CPU devices."""
+
+    def __init__(self, devices: int, args: argparse.Namespace):
+        flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_FLAG)]
+        env = {
+            **os.environ,
+            "XLA_FLAGS": " ".join([*flags, f"{DEVICE_FLAG}={devices}"]),
+            "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        }
+        command = [
+            sys.executable, __file__, "--worker", str(devices),
+            "--batch-size", str(args.batch_size), "--warmup", str(args.warmup),
+            "--seed", str(args.seed),
+        ]
+        self.devices = devices
+        self.process = subprocess.Popen(
+            command, env=env, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self.info: dict[str, Any] = {}
+
+    def read(self) -> dict[str, Any]:
+        for line in self.process.stdout:
+            if line.startswith(REPLY):
+                return json.loads(line[len(REPLY):])
+        raise RuntimeError(
+            f"worker with {self.devices} devices exited (status {self.process.wait()})"
+        )
+
+    def request(self, names: Sequence[str], steps: int) -> dict[str, Any]:
+        self.process.stdin.write(f"{','.join(names)} {steps}\n")
+        self.process.stdin.flush()
+        return self.read()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            try:
+                self.process.stdin.write("quit\n")
+                self.process.stdin.close()
+                self.process.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+
+
+def _rotate(items: Sequence[Any], k: int) -> list[Any]:
+    k %= len(items)
+    return [*items[k:], *items[:k]]
+
+
+def _quartiles(values: Sequence[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4)
+    return q[0], q[2]
+
+
+def summarise(rounds: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
+    """Medians and ratios for one device count from its per-round timings."""
+    wall = {n: [r[n]["wall_ms"] for r in rounds] for n in OPTIMIZERS}
+    cpu = {n: [r[n]["cpu_ms"] for r in rounds] for n in OPTIMIZERS}
+    med = {n: statistics.median(v) for n, v in wall.items()}
+    med_cpu = {n: statistics.median(v) for n, v in cpu.items()}
+    paired = {
+        n: statistics.median(r[n]["wall_ms"] / r["sgd"]["wall_ms"] for r in rounds)
+        for n in ("eva", "sgd-again")
+    }
+    cost = info.get("cost", {})
+    flop_ratio = (
+        cost["eva"]["gflop"] / cost["sgd"]["gflop"]
+        if cost.get("sgd", {}).get("gflop") else None
+    )
+    bytes_ratio = (
+        cost["eva"]["mb_accessed"] / cost["sgd"]["mb_accessed"]
+        if cost.get("sgd", {}).get("mb_accessed") else None
+    )
+    return {
+        "devices": info["devices"],
+        "median_wall_ms": med,
+        "median_cpu_ms": med_cpu,
+        "wall_iqr_ms": {n: _quartiles(v) for n, v in wall.items()},
+        "eva_over_sgd": med["eva"] / med["sgd"],
+        "eva_over_sgd_paired": paired["eva"],
+        "eva_over_sgd_cpu": med_cpu["eva"] / med_cpu["sgd"],
+        "sgd_again_over_sgd": med["sgd-again"] / med["sgd"],
+        "sgd_again_over_sgd_paired": paired["sgd-again"],
+        "eva_over_sgd_flops": flop_ratio,
+        "eva_over_sgd_bytes": bytes_ratio,
+        "cost": cost,
+        "compile_s": info.get("compile_s", {}),
+        "rounds": rounds,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def machine_info() -> dict[str, Any]:
+    import flax
+    import jax
+    import jaxlib
+    import numpy as np
+    import optax
+
+    import eva_optax
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count()
+    return {
+        "platform": platform.platform(),
+        "cpu_model": _cpu_model(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": usable,
+        "python": sys.version.split()[0],
+        "versions": {
+            "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__,
+            "optax": optax.__version__,
+            "flax": flax.__version__,
+            "eva_optax": eva_optax.__version__,
+            "numpy": np.__version__,
+        },
+    }
+
+
+def text_table(results: Sequence[dict[str, Any]]) -> str:
+    header = (
+        f"{'devices':>7} {'SGD ms':>8} {'Eva ms':>8} {'Eva/SGD':>8} {'paired':>7} "
+        f"{'CPU':>6} {'A/A':>6} {'FLOPs':>6} {'bytes':>6}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in results:
+        lines.append(
+            f"{r['devices']:>7} {r['median_wall_ms']['sgd']:>8.1f} "
+            f"{r['median_wall_ms']['eva']:>8.1f} {r['eva_over_sgd']:>8.3f} "
+            f"{r['eva_over_sgd_paired']:>7.3f} {r['eva_over_sgd_cpu']:>6.3f} "
+            f"{r['sgd_again_over_sgd']:>6.3f} {_fmt(r['eva_over_sgd_flops'])} "
+            f"{_fmt(r['eva_over_sgd_bytes'])}"
+        )
+    return "\n".join(lines)
+
+
+def _fmt(x: float | None) -> str:
+    return f"{x:>6.3f}" if x is not None else f"{'-':>6}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m, a = report["machine"], report["settings"]
+    v = m["versions"]
+    lines = [
+        "# Data-parallel step time: Eva / SGD over 1-8 devices",
+        "",
+        f"`python benchmarks/multi_device.py` on {m['cpu_model'] or m['machine']} "
+        f"({m['usable_cpus']} usable of {m['cpu_count']} CPUs), jax {v['jax']}, "
+        f"jaxlib {v['jaxlib']}, optax {v['optax']}, flax {v['flax']}, "
+        f"eva_optax {v['eva_optax']}, Python {m['python']}. The CNN of "
+        "`examples/multi_device.py` (Conv 32 -> pool -> Conv 64 -> pool -> Dense 128 -> "
+        f"Dense 10), global batch {a['batch_size']} of synthetic data sharded over the "
+        "devices with `jax.jit` + `NamedSharding`, parameters and optimizer state "
+        "replicated. Each device count in its own process "
+        "(`XLA_FLAGS=--xla_force_host_platform_device_count=N`); "
+        f"{a['rounds']} interleaved rounds x {a['steps']} steps per optimizer, all device "
+        "counts and optimizers timed in turn in every round. Load average "
+        f"{report['load_average_start'][0]:.1f} at the start, "
+        f"{report['load_average_end'][0]:.1f} at the end; total {report['total_s']:.0f} s.",
+        "",
+        "| devices | SGD ms/step | Eva ms/step | Eva/SGD | Eva/SGD (paired) | Eva/SGD (CPU time) "
+        "| A/A (SGD/SGD) | Eva/SGD FLOPs | Eva/SGD bytes |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['devices']} | {r['median_wall_ms']['sgd']:.1f} | "
+            f"{r['median_wall_ms']['eva']:.1f} | **{r['eva_over_sgd']:.2f}** | "
+            f"{r['eva_over_sgd_paired']:.2f} | {r['eva_over_sgd_cpu']:.2f} | "
+            f"{r['sgd_again_over_sgd']:.2f} | {_fmt(r['eva_over_sgd_flops']).strip()} | "
+            f"{_fmt(r['eva_over_sgd_bytes']).strip()} |"
+        )
+    lines += [
+        "",
+        "ms/step: median over rounds of the wall time per step. Eva/SGD: ratio of those "
+        "medians; paired: median over rounds of the ratio within the round; CPU time: ratio "
+        "of the median process CPU time per step. A/A: the SGD step compiled and timed a "
+        "second time, over the first: the noise floor of this run. FLOPs and bytes: XLA's "
+        "static cost analysis of the compiled per-device programs (independent of load).",
+        "",
+        "**Read the ratios, not the times.** The N CPU \"devices\" are N XLA devices in one "
+        f"process sharing the same {m['usable_cpus']} cores: adding devices adds no compute, "
+        "only partitioning and all-reduce overhead, so the absolute ms/step do not predict a "
+        "real multi-device machine. What the table checks is that Eva stays at SGD's cost "
+        "as the batch is spread over more devices: under `jit` with a sharded batch Eva's "
+        "statistics (ā, ḡ: O(in + out) numbers per layer) are global means that XLA "
+        "all-reduces with the gradients, with no change to the training step.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device-counts", default="1,2,4,8")
+    p.add_argument("--batch-size", type=int, default=256, help="global batch size")
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--steps", type=int, default=5, help="steps per optimizer per round")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="2 rounds x 2 steps, 1 and 2 devices")
+    p.add_argument("--json", default=str(RESULTS / "multi_device.json"))
+    p.add_argument("--md", default=str(RESULTS / "multi_device.md"))
+    p.add_argument("--no-save", action="store_true")
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.device_counts, args.rounds, args.steps, args.warmup = "1,2", 2, 2, 1
+        args.no_save = True
+    args.device_counts = [int(n) for n in args.device_counts.split(",") if n.strip()]
+    for n in args.device_counts:
+        if args.batch_size % n:
+            p.error(f"--batch-size {args.batch_size} is not a multiple of {n} devices")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    args = parse_args(argv)
+    if args.worker is not None:
+        worker(args.worker, args.batch_size, args.warmup, args.seed)
+        return None
+
+    start = time.perf_counter()
+    load_start = os.getloadavg()
+    workers = [Worker(n, args) for n in args.device_counts]
+    try:
+        for w in workers:  # they compile in parallel; wait for all
+            w.info = w.read()
+            print(
+                f"{w.devices} device(s): compiled in "
+                + ", ".join(f"{n} {s:.1f}s" for n, s in w.info["compile_s"].items()),
+                flush=True,
+            )
+        rounds: dict[int, list[dict[str, Any]]] = {w.devices: [] for w in workers}
+        for r in range(args.rounds):
+            for w in _rotate(workers, r):
+                rounds[w.devices].append(w.request(_rotate(OPTIMIZERS, r), args.steps))
+            latest = ", ".join(
+                f"{n}: {t[-1]['eva']['wall_ms'] / t[-1]['sgd']['wall_ms']:.2f}"
+                for n, t in rounds.items()
+            )
+            print(f"round {r + 1}/{args.rounds}: Eva/SGD {latest}", flush=True)
+    finally:
+        for w in workers:
+            w.close()
+
+    results = [summarise(rounds[w.devices], w.info) for w in workers]
+    report = {
+        "benchmark": "multi_device",
+        "machine": machine_info(),
+        "settings": {
+            "device_counts": args.device_counts,
+            "batch_size": args.batch_size,
+            "rounds": args.rounds,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "seed": args.seed,
+            "optimizers": list(OPTIMIZERS),
+        },
+        "load_average_start": load_start,
+        "load_average_end": os.getloadavg(),
+        "total_s": time.perf_counter() - start,
+        "results": results,
+    }
+    print()
+    print(text_table(results))
+    if not args.no_save:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        Path(args.md).write_text(markdown(report))
+        print(f"\nwrote {args.json} and {args.md}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
