@@ -22,24 +22,25 @@ OPTIMIZERS = {
     "eva_shampoo": (lambda: eva_optax.eva_shampoo(0.05, stat_decay=0.5), None, False),
     "kfac": (lambda: eva_optax.kfac(0.05, stats_every=2, inverse_every=3), eva_optax.KFAC_STATISTICS, True),
     "foof": (lambda: eva_optax.foof(0.05, inverse_every=3), eva_optax.FOOF_STATISTICS, True),
-    "shampoo": (lambda: eva_optax.shampoo(0.05, inverse_every=3), None, False),
+    "shampoo": (lambda: eva_optax.shampoo(0.05, inverse_every=3, block_size=4), None, False),
 }
 
 
 class Net(nn.Module):
   @nn.compact
   def __call__(self, x):
-    x = nn.relu(nn.Conv(3, (3, 3), strides=2)(x)).reshape(x.shape[0], -1)
-    x = nn.LayerNorm()(x)
-    return nn.Dense(2, use_bias=False)(nn.relu(nn.Dense(5)(x)))
+    x = nn.LayerNorm()(nn.relu(nn.Dense(6)(x)))  # Dense_0, LayerNorm_0 (passed through)
+    x = nn.relu(nn.Dense(5)(x))  # Dense_1
+    return nn.Dense(2, use_bias=False)(x)  # Dense_2
 
 
 @pytest.fixture(scope="module")
 def problem():
   model = Net()
-  xs = jax.random.normal(jax.random.key(0), (STEPS, 8, 6, 6, 2))
-  ys = jax.random.normal(jax.random.key(1), (STEPS, 8, 2))
-  params = model.init(jax.random.key(2), xs[0])["params"]
+  rng = np.random.default_rng(0)
+  xs = rng.normal(size=(STEPS, 8, 4)).astype(np.float32)
+  ys = rng.normal(size=(STEPS, 8, 2)).astype(np.float32)
+  params = jax.jit(model.init)(jax.random.key(2), xs[0])["params"]
   loss_fn = lambda p, x, y: jnp.mean((model.apply({"params": p}, x) - y) ** 2)
   return params, loss_fn, xs, ys
 
