@@ -204,9 +204,10 @@ def _input_mean(module: nn.Module, kind: str, x: jax.Array) -> jax.Array:
   images = x.reshape((-1,) + spatial).astype(jnp.float32)
   mean_image = jnp.mean(images, axis=0, keepdims=True)
   conv = _probe_conv(module, 1)
-  kernel = jnp.zeros(kernel_size + (spatial[-1], 1), jnp.float32)
+  # Per device under shard_map (else its gradient would be summed over devices).
+  kernel = _varying_like(jnp.zeros(kernel_size + (spatial[-1], 1), jnp.float32), mean_image)
   out, vjp = jax.vjp(lambda k: conv.apply({"params": {KERNEL: k}}, mean_image), kernel)
-  (patch_mean,) = vjp(jnp.full(out.shape, 1.0 / out.size, out.dtype))
+  (patch_mean,) = vjp(_varying_like(jnp.full(out.shape, 1.0 / out.size, out.dtype), out))
   return patch_mean.reshape(-1)
 
 
@@ -266,7 +267,7 @@ def _tap_input(x: jax.Array, probe: dict, statistics: Callable) -> jax.Array:
   def fwd(x, probe):
     values = statistics(x, probe.get(FACTORS_DUE))
     values[FACTORS_DUE] = jnp.zeros([], jnp.float32)
-    return x, {k: values[k].astype(v.dtype) for k, v in probe.items()}
+    return x, {k: _varying_like(values[k].astype(v.dtype), v) for k, v in probe.items()}
 
   def bwd(values, cotangent):
     return cotangent, values
@@ -300,7 +301,11 @@ def _tap_output(
     return y, due
 
   def bwd(due, cotangent):
-    return cotangent, gated(cotangent, due), jnp.zeros_like(due)
+    return (
+        cotangent,
+        _varying_like(gated(cotangent, due), probe),
+        _varying_like(jnp.zeros_like(due), due),
+    )
 
   tap.defvjp(fwd, bwd)
   return tap(y, probe, due)
@@ -310,7 +315,26 @@ def _when_due(due: jax.Array | None, compute: Callable[[], jax.Array], like: jax
   """``compute()`` if the gate is open (or absent), else zeros shaped like ``like``."""
   if due is None:
     return compute()
-  return jax.lax.cond(due > 0, compute, lambda: jnp.zeros(like.shape, like.dtype))
+  zeros = lambda: _varying_like(jnp.zeros(like.shape, like.dtype), like)
+  return jax.lax.cond(due > 0, lambda: _varying_like(compute(), like), zeros)
+
+
+def _varying_like(value: jax.Array, ref: jax.Array) -> jax.Array:
+  """``value``, marked as varying over the manual axes ``ref`` varies over.
+
+  Under ``shard_map`` a per-device value (a cotangent of a per-device input,
+  a branch of a ``cond``) must say so in its type; a constant does not, so it
+  is cast (``lax.pcast``). A no-op outside ``shard_map``.
+  """
+  missing = tuple(_varying_axes(ref) - _varying_axes(value))
+  return jax.lax.pcast(value, missing, to="varying") if missing else value
+
+
+def _varying_axes(x: jax.Array) -> frozenset:
+  """The manual axes ``x`` varies over (``aval.mat.varying``; ``aval.vma`` before jax 0.10)."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, "mat", None)
+  return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
 
 
 # ---------------------------------------------------------------------------
@@ -495,6 +519,26 @@ def _discover(
   return layers, skipped
 
 
+def _global_statistics(probe_grads: dict, axis_name: Any) -> dict:
+  """The probes' gradients of the global batch from those of each device's shard.
+
+  Every statistic is a mean over the samples, averaged over the devices
+  (``pmean``), except ḡ: it is the mean of ∂L/∂y for L the mean loss of the
+  batch, so it carries a factor 1/batch, and the global batch is ``size``
+  times a shard: ḡ = pmean(ḡ_shard) / size. (G = N·Σ_rows … already is a
+  per-sample mean.)
+  """
+  size = jax.lax.psum(1, axis_name)
+  averaged = jax.lax.pmean(probe_grads, axis_name)
+  return {
+      path: {
+          name: value / size if name == OUTPUT_PROBE else value
+          for name, value in layer.items()
+      }
+      for path, layer in averaged.items()
+  }
+
+
 def _factors_gate(factors_due: Any, statistics: tuple[str, ...]) -> jax.Array | None:
   """``None`` when the factors are always computed, else a scalar bool array."""
   if factors_due is True:
@@ -537,8 +581,10 @@ def value_and_grad(
       which skips the backward probes). Statistics not asked for are ``None``.
     axis_name: under ``pmap`` / ``shard_map``, the name (or tuple of names) of
       the data-parallel axes: the statistics are then averaged over them
-      (``lax.pmean``), so that they are the statistics of the global batch, as
-      on one device (each device holding the same number of samples). The
+      (ḡ, which carries the 1/batch factor of the mean loss, also divided by
+      the number of devices), so that they are the statistics of the global
+      batch, as on one device (each device holding the same number of
+      samples). The
       gradients are left to the caller, as with :func:`jax.value_and_grad`.
       Not needed under ``jit`` with a sharded batch, where every mean already
       is over the global batch.
@@ -574,6 +620,13 @@ def value_and_grad(
     due = _factors_gate(kwargs.pop(FACTORS_DUE, True), statistics)
     layers, skipped = _discover(loss_fn, params, args, kwargs)
     probes = {path: _probes(layer, statistics, due) for path, layer in layers.items()}
+    if axis_name is not None:
+      # Each device's probes must be its own (varying over the axis): under
+      # shard_map the gradient of a value shared by all devices is summed over
+      # them (and custom VJPs must return per-device cotangents). Adding
+      # 0 · axis_index makes them per-device, under pmap too.
+      index = jax.lax.axis_index(axis_name).astype(jnp.float32)
+      probes = jax.tree.map(lambda z: z + 0.0 * index, probes)
 
     def wrapped(params, probes):
       with nn.intercept_methods(_capture_interceptor(layers, statistics)):
@@ -589,7 +642,7 @@ def value_and_grad(
     )(params, probes)
 
     if axis_name is not None:
-      probe_grads = jax.lax.pmean(probe_grads, axis_name)
+      probe_grads = _global_statistics(probe_grads, axis_name)
     entries: dict[Path, Any] = dict(skipped)
     for path, layer_grads in probe_grads.items():
       entries[path] = _layer_stats(layers[path], layer_grads)

@@ -42,6 +42,7 @@ import optax
 from eva_optax._alias import with_sgd
 from eva_optax._hyper import Hyper, check_range, value_at
 from eva_optax.grafting import sgd_graft
+from eva_optax.sharding import replicate_on_params_mesh
 
 
 def dimension_means(grad: jax.Array) -> tuple[jax.Array, ...]:
@@ -140,9 +141,12 @@ def scale_by_eva_shampoo(
       dtype = jnp.promote_types(p.dtype, jnp.float32)
       return tuple(jnp.zeros((d,), dtype) for d in p.shape)
 
-    return ScaleByEvaShampooState(
-        count=jnp.zeros([], jnp.int32),
-        dimension_means=jax.tree.map(vectors, params),
+    return replicate_on_params_mesh(
+        params,
+        ScaleByEvaShampooState(
+            count=jnp.zeros([], jnp.int32),
+            dimension_means=jax.tree.map(vectors, params),
+        ),
     )
 
   def update_fn(updates, state, params=None, **extra_args):

@@ -36,6 +36,7 @@ from eva_optax.layers import (
 )
 from eva_optax.capture import FACTORS
 from eva_optax.running_average import update_running_average
+from eva_optax.sharding import replicate_on_params_mesh
 
 
 class LayerGradient(NamedTuple):
@@ -265,7 +266,7 @@ def layerwise_transformation(
     if refresh is not None:
       shapes = jax.eval_shape(lambda: refreshed(slots, averages, jnp.float32(1.0)))
       fields["cache"] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    return state_cls(**fields)
+    return replicate_on_params_mesh(params, state_cls(**fields))
 
   def update_fn(updates, state, params=None, *, stats=None, **extra_args):
     del params, extra_args

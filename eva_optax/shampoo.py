@@ -72,6 +72,7 @@ from eva_optax._alias import with_sgd
 from eva_optax._hyper import Hyper, check_range, value_at
 from eva_optax.grafting import sgd_graft
 from eva_optax.linalg import per_matrix
+from eva_optax.sharding import replicate_on_params_mesh
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -296,10 +297,13 @@ def scale_by_shampoo(
           for b in layout.block_shape
       )
 
-    return ScaleByShampooState(
-        count=jnp.zeros([], jnp.int32),
-        statistics=jax.tree.map(statistics, params),
-        inverse_roots=jax.tree.map(identities, params),
+    return replicate_on_params_mesh(
+        params,
+        ScaleByShampooState(
+            count=jnp.zeros([], jnp.int32),
+            statistics=jax.tree.map(statistics, params),
+            inverse_roots=jax.tree.map(identities, params),
+        ),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
