@@ -33,6 +33,7 @@ from eva_optax.layers import (
     layer_entries,
     nest,
     path_of,
+    path_str,
 )
 from eva_optax.capture import FACTORS
 from eva_optax.running_average import update_running_average
@@ -114,6 +115,14 @@ def update_averages(
   old = {name: dict(flatten_with_paths(tree)) for name, tree in averages.items()}
   new = {name: dict(flat) for name, flat in old.items()}
   averaged: dict[Path, dict[str, jax.Array]] = {}
+  missing = [path_str(p) for p in slots if p not in entries]
+  if missing:
+    raise ValueError(
+        f"{who}: no statistics for the layer parameters at {missing} (the stats"
+        f" hold {[path_str(p) for p in entries] or 'nothing'}). Pass the stats of"
+        " eva_optax.value_and_grad for the same params tree as the updates (the"
+        " same nesting, no prefix), from a forward pass that calls these layers."
+    )
   for path, slot in slots.items():
     entry = entries.get(path)
     if not isinstance(entry, LayerStats):

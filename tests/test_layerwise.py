@@ -261,3 +261,18 @@ def test_factors_due_reads_the_state_through_wrappers():
   assert not bool(eva_optax.factors_due(state))
   with pytest.raises(ValueError, match="no optimizer that averages factors"):
     eva_optax.factors_due(optax.sgd(0.1).init(params))
+
+
+def test_stats_that_match_no_layer_are_an_error(problem):
+  """Stats for another nesting of the params (a prefix) or empty stats must not
+  silently turn the update into plain SGD."""
+  params, loss_fn, xs, ys = problem
+  _, grads, stats = eva_optax.value_and_grad(loss_fn)(params, xs[0], ys[0])
+  tx = eva_optax.eva(0.1)
+  for wrapped_grads, wrapped_params, bad_stats in [
+      (grads, params, {}),
+      ({"model": grads}, {"model": params}, stats),
+  ]:
+    state = tx.init(wrapped_params)
+    with pytest.raises(ValueError, match="no statistics for the layer parameters at .*Dense_0"):
+      tx.update(wrapped_grads, state, wrapped_params, stats=bad_stats)
