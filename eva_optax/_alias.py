@@ -22,7 +22,7 @@ def with_sgd(
 ) -> optax.GradientTransformationExtraArgs:
   """``chain(preconditioner, add_decayed_weights(weight_decay), sgd(learning_rate, momentum, nesterov))``."""
   check_range("learning_rate", learning_rate, low=0.0, low_inclusive=True)
-  check_range("momentum", momentum, low=0.0, high=1.0, low_inclusive=True)
+  check_range("momentum", momentum, low=0.0, high=1.0, low_inclusive=True, high_inclusive=False)
   check_range("weight_decay", weight_decay, low=0.0, low_inclusive=True)
   return optax.chain(
       preconditioner,

@@ -71,15 +71,23 @@ def sherman_morrison_tensor(
   """
   k = grad.ndim
   g = grad.astype(jnp.promote_types(grad.dtype, jnp.float32))
+  # u = N·û with N = Π‖s_i‖ and û = ⊗ s_i/‖s_i‖, so that
+  #   (⟨G, u⟩ / (γ + ‖u‖²)) u = ⟨G, û⟩ · û / (1 + γ/N²),
+  # which never forms N² (it overflows float32 for gradients of size ~1e10).
+  hats, ratio = [], jnp.asarray(damping, g.dtype)
+  for s in vectors:
+    s = s.astype(g.dtype)
+    norm = jnp.sqrt(jnp.sum(jnp.square(s)))
+    hats.append(s / jnp.where(norm > 0, norm, 1.0))
+    ratio = ratio / norm / norm  # γ/N², inf when a vector is 0 (then û = 0 too)
   operands = [g, list(range(k))]
-  for i, s in enumerate(vectors):
-    operands += [s.astype(g.dtype), [i]]
+  for i, s in enumerate(hats):
+    operands += [s, [i]]
   grad_dot_u = jnp.einsum(*operands, [], precision=jax.lax.Precision.HIGHEST)
-  norm_sq = jnp.prod(jnp.stack([jnp.sum(jnp.square(s)) for s in vectors]))
   u = jnp.ones((), g.dtype)
-  for i, s in enumerate(vectors):
-    u = u * s.astype(g.dtype).reshape([-1 if j == i else 1 for j in range(k)])
-  return g - (grad_dot_u / (damping + norm_sq)) * u
+  for i, s in enumerate(hats):
+    u = u * s.reshape([-1 if j == i else 1 for j in range(k)])
+  return g - (grad_dot_u / (1.0 + ratio)) * u
 
 
 class ScaleByEvaShampooState(NamedTuple):

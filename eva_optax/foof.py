@@ -26,8 +26,13 @@ from eva_optax import kl
 from eva_optax._alias import with_sgd
 from eva_optax._hyper import Hyper
 from eva_optax.capture import INPUT_FACTOR
-from eva_optax.linalg import add_to_diagonal, spd_inverse, split_bias_row, with_bias_row
-from eva_optax.preconditioning import LayerGradient, Preconditioned, layerwise_transformation
+from eva_optax.linalg import damped_inverse, split_bias_row, with_bias_row
+from eva_optax.preconditioning import (
+    LayerGradient,
+    Preconditioned,
+    check_period,
+    layerwise_transformation,
+)
 
 #: What :func:`eva_optax.value_and_grad` must capture for FOOF.
 STATISTICS = (INPUT_FACTOR,)
@@ -90,8 +95,10 @@ def scale_by_foof(
     second-order optimization. ICML 2022.
   """
 
+  check_period("inverse_every", inverse_every)
+
   def refresh(averages, gamma):
-    return {"input_inverse": spd_inverse(add_to_diagonal(averages["input_factor"], gamma))}
+    return {"input_inverse": damped_inverse(averages["input_factor"], gamma)}
 
   return layerwise_transformation(
       who="scale_by_foof",

@@ -10,7 +10,10 @@ output). With π-adjusted damping (Martens & Grosse 2015, §6.3)
 then the KL clip across layers as in Eva. The factors are running averages
 (updated every ``stats_every`` steps) and their damped inverses (Cholesky) are
 recomputed every ``inverse_every`` steps (10 in the paper's CIFAR runs), inside
-one compiled step through ``lax.cond``.
+one compiled step through ``lax.cond``. Each damping is at least 1e-6 · tr/dim
+of its factor (:func:`eva_optax.linalg.damped_inverse`): below that the damped
+factor is singular in float32; this only matters when the two factors' scales
+are ~10¹² apart.
 
 Conventions of the capture (:func:`eva_optax.value_and_grad` with
 ``statistics=eva_optax.KFAC_STATISTICS``): rows are every position of every
@@ -42,14 +45,13 @@ from eva_optax import kl
 from eva_optax._alias import with_sgd
 from eva_optax._hyper import Hyper
 from eva_optax.capture import INPUT_FACTOR, OUTPUT_GRAD_FACTOR
-from eva_optax.linalg import (
-    add_to_diagonal,
-    mean_trace,
-    spd_inverse,
-    split_bias_row,
-    with_bias_row,
+from eva_optax.linalg import damped_inverse, mean_trace, split_bias_row, with_bias_row
+from eva_optax.preconditioning import (
+    LayerGradient,
+    Preconditioned,
+    check_period,
+    layerwise_transformation,
 )
-from eva_optax.preconditioning import LayerGradient, Preconditioned, layerwise_transformation
 
 #: What :func:`eva_optax.value_and_grad` must capture for K-FAC.
 STATISTICS = (INPUT_FACTOR, OUTPUT_GRAD_FACTOR)
@@ -64,8 +66,8 @@ def damped_inverses(
   pi = jnp.where(ok, jnp.sqrt(jnp.where(ok, trace_a / jnp.where(ok, trace_g, 1.0), 1.0)), 1.0)
   root = jnp.sqrt(damping)
   return (
-      spd_inverse(add_to_diagonal(input_factor, root * pi)),
-      spd_inverse(add_to_diagonal(output_grad_factor, root / pi)),
+      damped_inverse(input_factor, root * pi),
+      damped_inverse(output_grad_factor, root / pi),
   )
 
 
@@ -130,6 +132,8 @@ def scale_by_kfac(
     Martens, Grosse. Optimizing Neural Networks with Kronecker-factored
     Approximate Curvature. ICML 2015.
   """
+
+  check_period("inverse_every", inverse_every)
 
   def refresh(averages, gamma):
     a_inv, g_inv = damped_inverses(

@@ -59,6 +59,23 @@ def add_to_diagonal(matrix: jax.Array, value: jax.Array) -> jax.Array:
   return matrix + jnp.asarray(value, matrix.dtype)[..., None, None] * eye
 
 
+#: The smallest damping relative to tr(M)/dim(M) that :func:`damped_inverse`
+#: applies: below it, M + λI is singular in float32 and Cholesky gives NaN.
+RELATIVE_DAMPING_FLOOR = 1e-6
+
+
+def damped_inverse(matrix: jax.Array, damping: jax.Array) -> jax.Array:
+  """(M + λ'I)⁻¹ with λ' = max(λ, 1e-6 · tr(M)/dim(M)), per matrix of a batch.
+
+  The floor matters only when λ is negligible next to M's scale in float32
+  (e.g. a factor G of gradients of size 1e15 with π-damping); there the
+  result is finite instead of NaN, and otherwise it is exactly (M + λI)⁻¹.
+  """
+  matrix = matrix.astype(jnp.float32)
+  floor = RELATIVE_DAMPING_FLOOR * mean_trace(matrix)
+  return spd_inverse(add_to_diagonal(matrix, jnp.maximum(jnp.asarray(damping, jnp.float32), floor)))
+
+
 def mean_trace(matrix: jax.Array) -> jax.Array:
   """tr(M) / dim(M), per matrix of a batch."""
   return jnp.trace(matrix, axis1=-2, axis2=-1) / matrix.shape[-1]

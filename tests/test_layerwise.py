@@ -213,7 +213,7 @@ def test_inject_hyperparams(problem, name):
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7), a, b)
 
 
-@pytest.mark.parametrize("kwargs, name", [(dict(inverse_every=0), "refresh_every"), (dict(stats_every=1.5), "stats_every"), (dict(damping=0.0), "damping")])
+@pytest.mark.parametrize("kwargs, name", [(dict(inverse_every=0), "inverse_every"), (dict(stats_every=1.5), "stats_every"), (dict(damping=0.0), "damping")])
 def test_bad_arguments_name_the_parameter(kwargs, name):
   with pytest.raises(ValueError, match=name):
     kfac.kfac(0.1, **kwargs)
