@@ -33,6 +33,7 @@ from eva_optax.memory import state_bytes
 from eva_optax.preconditioning import factors_due
 from eva_optax.layers import KernelLayout, LayerStats, PassThrough, layouts_of
 from eva_optax.shampoo import ScaleByShampooState, scale_by_shampoo, shampoo
+from eva_optax.train_state import TrainState
 
 __version__ = "0.1.0"
 
@@ -50,6 +51,7 @@ __all__ = [
     "ScaleByFoofState",
     "ScaleByKfacState",
     "ScaleByShampooState",
+    "TrainState",
     "describe",
     "eva",
     "eva_foof",

@@ -153,3 +153,31 @@ def test_low_precision_params(name, dtype):
     _, _, stats = eva_optax.value_and_grad(loss_fn, statistics=STATISTICS[name])(low)
     for leaf in jax.tree.leaves(stats):
       assert leaf.dtype == jnp.float32
+
+
+# ---------------------------------------------------------------------------
+# The Linen TrainState helper.
+
+
+def test_train_state_forwards_stats():
+  model = MLP()
+  x = jax.random.normal(jax.random.key(1), (16, 5))
+  y = jax.random.normal(jax.random.key(2), (16, 3))
+  params = model.init(jax.random.key(0), x)["params"]
+  loss_fn = lambda p: jnp.mean((model.apply({"params": p}, x) - y) ** 2)
+  tx = eva_optax.eva(0.1, weight_decay=1e-3)
+  state = eva_optax.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  _, grads, stats = eva_optax.value_and_grad(loss_fn)(params)
+  state = jax.jit(lambda s: s.apply_gradients(grads=grads, stats=stats))(state)
+  updates, opt_state = tx.update(grads, tx.init(params), params, stats=stats)
+  want = optax.apply_updates(params, updates)
+  assert int(state.step) == 1
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8), state.params, want)
+  assert not np.allclose(state.params["Dense_0"]["kernel"], params["Dense_0"]["kernel"])
+  # Gradient-only optimizers: no stats.
+  plain = eva_optax.TrainState.create(apply_fn=model.apply, params=params, tx=eva_optax.eva_shampoo(0.1))
+  plain = plain.apply_gradients(grads=grads)
+  assert int(plain.step) == 1
+  # An optimizer that needs stats says so when they are missing.
+  with pytest.raises(ValueError, match="stats"):
+    eva_optax.TrainState.create(apply_fn=model.apply, params=params, tx=tx).apply_gradients(grads=grads)
