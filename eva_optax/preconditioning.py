@@ -96,8 +96,12 @@ def update_averages(
     stat_decay: jax.Array,
     count: jax.Array,
     who: str,
+    update_paths: set[Path] | None = None,
 ) -> tuple[dict[Path, dict[str, jax.Array]], dict[str, Any]]:
   """Running averages of the statistics named in ``averages``, for every layer.
+
+  Statistics that are not finite (a NaN/Inf step) never enter an average: the
+  layer's old average is kept.
 
   Args:
     slots: the layers of the update tree.
@@ -106,6 +110,8 @@ def update_averages(
     stat_decay: weight of the old average (:mod:`eva_optax.running_average`).
     count: the update count (the first update takes the new values).
     who: the optimizer's name, for error messages.
+    update_paths: the leaf paths of the update tree (masked leaves included);
+      when given, statistics of a layer with no parameter there are an error.
 
   Returns:
     Per preconditioned layer, the averaged statistics by name; and the new
@@ -123,6 +129,17 @@ def update_averages(
         " eva_optax.value_and_grad for the same params tree as the updates (the"
         " same nesting, no prefix), from a forward pass that calls these layers."
     )
+  if update_paths is not None:
+    orphans = [
+        path_str(p)
+        for p, e in entries.items()
+        if isinstance(e, LayerStats) and not any(u[: len(p)] == p for u in update_paths)
+    ]
+    if orphans:
+      raise ValueError(
+          f"{who}: statistics for {orphans}, but the updates have no parameters"
+          " there: the stats come from another model or another nesting of the params"
+      )
   for path, slot in slots.items():
     entry = entries.get(path)
     if not isinstance(entry, LayerStats):
@@ -138,10 +155,12 @@ def update_averages(
     for name in averages:
       value = getattr(entry, name)
       average = update_running_average(old[name][path], value, stat_decay, count)
+      keep = jnp.all(jnp.isfinite(value))
       if name in FACTORS:
         # A factor the capture was told not to compute is exactly zero: it
         # never enters the average (see eva_optax.factors_due).
-        average = jnp.where(jnp.any(value != 0), average, old[name][path])
+        keep &= jnp.any(value != 0)
+      average = jnp.where(keep, average, old[name][path])
       new[name][path] = average
     averaged[path] = {name: new[name][path] for name in averages}
   return averaged, {name: nest(flat) for name, flat in new.items()}
@@ -284,8 +303,11 @@ def layerwise_transformation(
     gamma = value_at(damping, count)
     slots = find_layer_slots(updates, layouts)
     old = {name: getattr(state, name) for name in statistics}
+    update_paths = {
+        p for p, _ in flatten_with_paths(updates, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    }
     averaged, averages = update_averages(
-        slots, stats, old, jnp.asarray(stat_decay, jnp.float32), count, who
+        slots, stats, old, jnp.asarray(stat_decay, jnp.float32), count, who, update_paths
     )
     if isinstance(stats_every, jax.core.Tracer) or int(stats_every) != 1:
       take = count % stats_every == 0

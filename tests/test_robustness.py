@@ -181,3 +181,43 @@ def test_train_state_forwards_stats():
   # An optimizer that needs stats says so when they are missing.
   with pytest.raises(ValueError, match="stats"):
     eva_optax.TrainState.create(apply_fn=model.apply, params=params, tx=tx).apply_gradients(grads=grads)
+
+
+def _mlp_problem():
+  model = MLP()
+  x = jax.random.normal(jax.random.key(1), (16, 5))
+  y = jax.random.normal(jax.random.key(2), (16, 3))
+  params = model.init(jax.random.key(0), x)["params"]
+  loss_fn = lambda p, x: jnp.mean((model.apply({"params": p}, x) - y) ** 2)
+  return params, loss_fn, x
+
+
+def test_stats_for_a_path_without_parameters_is_an_error():
+  params, loss_fn, x = _mlp_problem()
+  _, grads, stats = eva_optax.value_and_grad(loss_fn)(params, x)
+  stats = {**stats, "Decoder": stats["Dense_0"]}
+  tx = eva_optax.eva(0.1)
+  with pytest.raises(ValueError, match=r"statistics for \['Decoder'\].*no parameters there"):
+    tx.update(grads, tx.init(params), params, stats=stats)
+
+
+@pytest.mark.parametrize("name", ["eva", "kfac", "foof", "eva_foof"])
+def test_non_finite_statistics_never_enter_the_averages(name):
+  params, loss_fn, x = _mlp_problem()
+  grad_fn = eva_optax.value_and_grad(loss_fn, statistics=STATISTICS[name])
+  tx = ALIASES[name](0.1)
+  state = tx.init(params)
+  _, grads, stats = grad_fn(params, x)
+  _, state = tx.update(grads, state, params, stats=stats)
+  # Statistics of a step that overflowed: NaN in one layer's vectors, Inf in the other's.
+  poison = {"Dense_0": jnp.nan, "Dense_1": jnp.inf}
+  bad_stats = {
+      k: jax.tree.map(lambda a: a * poison[k], v) for k, v in stats.items()
+  }
+  assert not _finite(bad_stats)
+  _, after = tx.update(grads, state, params, stats=bad_stats)
+  for field in STATISTICS[name]:
+    jax.tree.map(np.testing.assert_array_equal, getattr(after[0], field), getattr(state[0], field))
+  # And the next finite step proceeds from the averages kept.
+  _, again = tx.update(grads, after, params, stats=stats)
+  assert _finite(again)
