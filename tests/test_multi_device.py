@@ -238,3 +238,15 @@ def test_fsdp_sharded_params_keep_state_shardings(name):
   assert jax.tree.all(jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim), params, param_shardings))
   assert step._cache_size() == 1
   _assert_close(params, _single_device(name))
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_init_on_shape_dtype_structs(name):
+  """init takes abstract parameters (jax.ShapeDtypeStruct leaves) as well."""
+  tx = OPTIMIZERS[name][0]()
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), PARAMS)
+  got, want = tx.init(abstract), tx.init(PARAMS)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert g.shape == w.shape and g.dtype == w.dtype
+    np.testing.assert_array_equal(g, w)
