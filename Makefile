@@ -3,7 +3,7 @@
 #   make install   create .venv and install the package with the test and example extras
 #   make data      locate Fashion-MNIST (installs the Debian package when run as root)
 #   make test      run the test suite (slow convergence runs excluded)
-#   make demo      Fashion-MNIST autoencoder: SGD vs Eva
+#   make demo      Fashion-MNIST autoencoder: SGD, AdamW, Eva, Eva-f, Eva-s, K-FAC, Shampoo (results/demo)
 #   make bench     step-time benchmark
 
 PYTHON ?= python3
