@@ -40,6 +40,7 @@ References:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import threading
 from typing import Any, Callable, NamedTuple, Sequence
@@ -75,7 +76,7 @@ from eva_optax.capture import (
     _tap_output,
     _when_due,
 )
-from eva_optax.layers import KERNEL, KernelLayout, LayerStats, PassThrough, Path, nest
+from eva_optax.layers import KERNEL, KernelLayout, PassThrough, Path, nest
 
 # NNX module type → the Linen kind whose statistics it shares (the Linen
 # capture's helpers dispatch on it); the stats report the NNX name.
@@ -145,7 +146,7 @@ def _find_layers(
   """Every module of ``model`` owning an ``nnx.Param`` kernel, by module path."""
   layers: dict[Path, tuple[nnx.Module, _LayerInfo]] = {}
   skipped: dict[Path, PassThrough] = {}
-  for keys, module in nnx.iter_graph(model):
+  for keys, module in nnx.iter_graph(model, graph=True):
     if not isinstance(module, nnx.Module):
       continue
     kernel = getattr(module, KERNEL, None)
@@ -437,15 +438,7 @@ def nnx_value_and_grad(
         )
         continue
       stats = _layer_stats(info.layer, probe_grads[path])
-      entries[path] = LayerStats(
-          input_mean=stats.input_mean,
-          output_grad_mean=stats.output_grad_mean,
-          input_factor=stats.input_factor,
-          output_grad_factor=stats.output_grad_factor,
-          kind=info.name,
-          layout=stats.layout,
-          has_bias=stats.has_bias,
-      )
+      entries[path] = dataclasses.replace(stats, kind=info.name)
     value = (loss, aux) if has_aux else loss
     return value, grads, nest(entries)
 
