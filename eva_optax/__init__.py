@@ -30,7 +30,7 @@ from eva_optax.kfac import STATISTICS as KFAC_STATISTICS
 from eva_optax.kfac import ScaleByKfacState, kfac, scale_by_kfac
 from eva_optax.kl import kl_clip_factor, kl_normalise_factor
 from eva_optax.memory import state_bytes
-from eva_optax.nnx import nnx_compatible, nnx_value_and_grad
+from eva_optax.nnx import nnx_value_and_grad
 from eva_optax.preconditioning import factors_due
 from eva_optax.layers import KernelLayout, LayerStats, PassThrough, layouts_of
 from eva_optax.shampoo import ScaleByShampooState, scale_by_shampoo, shampoo
@@ -64,7 +64,6 @@ __all__ = [
     "kl_clip_factor",
     "kl_normalise_factor",
     "layouts_of",
-    "nnx_compatible",
     "nnx_value_and_grad",
     "scale_by_eva",
     "scale_by_eva_foof",

@@ -367,7 +367,7 @@ def nnx_value_and_grad(
   Example::
 
       grad_fn = eva_optax.nnx_value_and_grad(loss_fn)
-      optimizer = nnx.Optimizer(model, eva_optax.nnx_compatible(tx), wrt=nnx.Param)
+      optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
       @nnx.jit
       def train_step(model, optimizer, x, y):
@@ -445,39 +445,4 @@ def nnx_value_and_grad(
   return grad_fn
 
 
-# ---------------------------------------------------------------------------
-# nnx.Optimizer.
-
-
-def nnx_compatible(
-    tx: optax.GradientTransformation,
-) -> optax.GradientTransformationExtraArgs:
-  """``tx`` reading ``nnx.Variable`` leaves (``nnx.State``) as their values.
-
-  The layer-wise optimizers find a layer by the path of its ``kernel`` leaf;
-  in an ``nnx.State`` of variables that path ends in the variable's ``value``
-  attribute, so ``nnx.Optimizer(model, tx, wrt=nnx.Param)``, whose ``init``
-  receives such a state, would size no layer. This wrapper hands ``tx`` the
-  plain arrays (``nnx.as_pure``) in ``init`` and ``update``, and gives back
-  updates of the structure it was given. Extra arguments (``stats=``) are
-  passed on.
-  """
-
-  tx = optax.with_extra_args_support(tx)
-
-  def init_fn(params):
-    return tx.init(nnx.as_pure(params))
-
-  def update_fn(updates, state, params=None, **extra_args):
-    pure = nnx.as_pure(updates)
-    new, state = tx.update(
-        pure, state, None if params is None else nnx.as_pure(params), **extra_args
-    )
-    if jax.tree.structure(pure) != jax.tree.structure(updates):
-      new = jax.tree.unflatten(jax.tree.structure(updates), jax.tree.leaves(new))
-    return new, state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-__all__ = ["nnx_compatible", "nnx_value_and_grad"]
+__all__ = ["nnx_value_and_grad"]
