@@ -379,6 +379,61 @@ def _discovery_interceptor(seen: dict[Path, _Seen]):
   return interceptor
 
 
+_PROBE_NAMES = (INPUT_PROBE, OUTPUT_PROBE, OUTPUT_FACTOR_PROBE)
+
+
+def probed_call(
+    module: nn.Module,
+    layer: "_Layer",
+    statistics: tuple[str, ...],
+    probes: dict[str, Any],
+    call: Callable[..., jax.Array],
+    args: tuple,
+    kwargs: dict,
+    *,
+    busy: bool,
+) -> jax.Array:
+  """One call of a captured layer with its probes: ``call(*args, **kwargs)``.
+
+  The input goes through :func:`_tap_input` (ā, A), the output gets the
+  additive ḡ probe and :func:`_tap_output` (G). ``module`` is the Linen module
+  (or an equivalent one) whose geometry the statistics use; ``probes`` holds
+  this call's probe values by name. ``busy`` switches the Linen interceptors off
+  while the statistics apply Flax modules of their own.
+  """
+  x, put_back = _inputs_of(args, kwargs)
+  input_probe = probes[INPUT_PROBE]
+
+  def input_statistics(x, due):
+    values = {"calls": jnp.ones([], jnp.float32)}
+    if INPUT_MEAN in statistics:
+      values[INPUT_MEAN] = _input_mean(module, layer.kind, x)
+    if INPUT_FACTOR in statistics:
+      values[INPUT_FACTOR] = _when_due(
+          due,
+          lambda: _input_factor(module, layer, x).astype(jnp.float32),
+          input_probe[INPUT_FACTOR],
+      )
+    return values
+
+  x = _tap_input(x, input_probe, _busy(input_statistics) if busy else input_statistics)
+  batch = _batch_size(module, layer.kind, x)
+  args, kwargs = put_back(x)
+  y = call(*args, **kwargs)
+  if OUTPUT_GRAD_MEAN in statistics:
+    features = y.shape[y.ndim - layer.layout.output_ndim :]
+    positions = y.size // max(layer.out_dim, 1)
+    y = y + (probes[OUTPUT_PROBE] / positions).reshape(features).astype(y.dtype)
+  if OUTPUT_GRAD_FACTOR in statistics:
+    y = _tap_output(
+        y,
+        probes[OUTPUT_FACTOR_PROBE],
+        lambda ct: _output_grad_factor(ct, layer.out_dim, batch),
+        input_probe.get(FACTORS_DUE),
+    )
+  return y
+
+
 def _capture_interceptor(layers: dict[Path, _Layer], statistics: tuple[str, ...]):
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
@@ -392,40 +447,9 @@ def _capture_interceptor(layers: dict[Path, _Layer], statistics: tuple[str, ...]
     layer = layers.get(tuple(module.scope.path))
     if layer is None:
       return next_fun(*args, **kwargs)
-    x, put_back = _inputs_of(args, kwargs)
-
-    input_probe = module.get_variable("params", INPUT_PROBE)
-
-    @_busy
-    def input_statistics(x, due):
-      values = {"calls": jnp.ones([], jnp.float32)}
-      if INPUT_MEAN in statistics:
-        values[INPUT_MEAN] = _input_mean(module, layer.kind, x)
-      if INPUT_FACTOR in statistics:
-        values[INPUT_FACTOR] = _when_due(
-            due,
-            lambda: _input_factor(module, layer, x).astype(jnp.float32),
-            input_probe[INPUT_FACTOR],
-        )
-      return values
-
-    x = _tap_input(x, input_probe, input_statistics)
-    batch = _batch_size(module, layer.kind, x)
-    args, kwargs = put_back(x)
-    y = next_fun(*args, **kwargs)
-    if OUTPUT_GRAD_MEAN in statistics:
-      features = y.shape[y.ndim - layer.layout.output_ndim :]
-      positions = y.size // max(layer.out_dim, 1)
-      output_probe = module.get_variable("params", OUTPUT_PROBE)
-      y = y + (output_probe / positions).reshape(features).astype(y.dtype)
-    if OUTPUT_GRAD_FACTOR in statistics:
-      y = _tap_output(
-          y,
-          module.get_variable("params", OUTPUT_FACTOR_PROBE),
-          lambda ct: _output_grad_factor(ct, layer.out_dim, batch),
-          input_probe.get(FACTORS_DUE),
-      )
-    return y
+    probes = {name: module.get_variable("params", name) for name in _PROBE_NAMES
+              if module.has_variable("params", name)}
+    return probed_call(module, layer, statistics, probes, next_fun, args, kwargs, busy=True)
 
   return interceptor
 

@@ -54,27 +54,13 @@ from flax import nnx
 from eva_optax.capture import (
     EVA_STATISTICS,
     FACTORS_DUE,
-    INPUT_FACTOR,
-    INPUT_MEAN,
-    INPUT_PROBE,
-    OUTPUT_FACTOR_PROBE,
-    OUTPUT_GRAD_FACTOR,
-    OUTPUT_GRAD_MEAN,
-    OUTPUT_PROBE,
     STATISTICS,
-    _batch_size,
     _factors_gate,
     _global_statistics,
-    _input_factor,
-    _input_mean,
-    _inputs_of,
     _Layer,
     _layer_stats,
-    _output_grad_factor,
     _probes,
-    _tap_input,
-    _tap_output,
-    _when_due,
+    probed_call,
 )
 from eva_optax.layers import KERNEL, KernelLayout, PassThrough, Path, nest
 
@@ -263,37 +249,8 @@ def _captured_call(original: Callable) -> Callable:
     statistics = _local.statistics
     _local.called.add(info.path)
     twin = _linen_twin(self, layer.kind)
-    x, put_back = _inputs_of(args, kwargs)
-    input_probe = probes[INPUT_PROBE]
-
-    def input_statistics(x, due):
-      values = {"calls": jnp.ones([], jnp.float32)}
-      if INPUT_MEAN in statistics:
-        values[INPUT_MEAN] = _input_mean(twin, layer.kind, x)
-      if INPUT_FACTOR in statistics:
-        values[INPUT_FACTOR] = _when_due(
-            due,
-            lambda: _input_factor(twin, layer, x).astype(jnp.float32),
-            input_probe[INPUT_FACTOR],
-        )
-      return values
-
-    x = _tap_input(x, input_probe, input_statistics)
-    batch = _batch_size(twin, layer.kind, x)
-    args, kwargs = put_back(x)
-    y = original(self, *args, **kwargs)
-    if OUTPUT_GRAD_MEAN in statistics:
-      features = y.shape[y.ndim - layer.layout.output_ndim :]
-      positions = y.size // max(layer.out_dim, 1)
-      y = y + (probes[OUTPUT_PROBE] / positions).reshape(features).astype(y.dtype)
-    if OUTPUT_GRAD_FACTOR in statistics:
-      y = _tap_output(
-          y,
-          probes[OUTPUT_FACTOR_PROBE],
-          lambda ct: _output_grad_factor(ct, layer.out_dim, batch),
-          input_probe.get(FACTORS_DUE),
-      )
-    return y
+    call = lambda *a, **k: original(self, *a, **k)
+    return probed_call(twin, layer, statistics, probes, call, args, kwargs, busy=False)
 
   return __call__
 
