@@ -353,6 +353,7 @@ def plot(results: Sequence[Result], out: Path) -> None:
         ax_test.plot(epochs, r.test_losses, marker="o", label=r.name)
     for ax, title in ((ax_train, "train loss (mean over epoch)"), (ax_test, "test loss")):
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel("MSE")
         ax.set_yscale("log")
         ax.set_title(title)
