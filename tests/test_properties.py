@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eva_optax import linalg
-from eva_optax.preconditioning import LayerGradient
+from test_layerwise import _paper, _random_layer
 
 eva = importlib.import_module("eva_optax.eva")
 foof = importlib.import_module("eva_optax.foof")
@@ -22,19 +22,6 @@ layer = dict(
     in_dim=st.integers(1, 6), out_dim=st.integers(1, 5), bias=st.booleans(),
     damping=st.floats(1e-3, 1.0), log_scale=st.floats(-3.0, 3.0), seed=st.integers(0, 2**16),
 )
-
-
-def _layer(rng, in_dim, out_dim, bias):
-  kernel = rng.normal(size=(in_dim, out_dim))
-  b = rng.normal(size=out_dim) if bias else None
-  g_hat = np.concatenate([kernel.T, b[:, None]], axis=1) if bias else kernel.T
-  grad = LayerGradient(jnp.asarray(kernel, jnp.float32), None if b is None else jnp.asarray(b, jnp.float32))
-  return grad, g_hat
-
-
-def _paper(p, bias):
-  k = np.asarray(p.kernel, np.float64).T
-  return np.concatenate([k, np.asarray(p.bias, np.float64)[:, None]], axis=1) if bias else k
 
 
 def _spd(rng, n, scale):
@@ -55,7 +42,7 @@ def _close(got, want, scale=None):
 def test_eva_property(in_dim, out_dim, bias, damping, log_scale, seed):
   """Sherman–Morrison == solve((ā āᵀ ⊗ ḡ ḡᵀ + γI), vec Ĝ), ā and ḡ of any scale."""
   rng = np.random.default_rng(seed)
-  grad, g_hat = _layer(rng, in_dim, out_dim, bias)
+  grad, g_hat = _random_layer(rng, in_dim, out_dim, bias)
   a = rng.normal(size=in_dim) * 10.0**log_scale
   g = rng.normal(size=out_dim) * 10.0**-log_scale
   a_hat = np.concatenate([a, [1.0]]) if bias else a
@@ -70,7 +57,7 @@ def test_eva_property(in_dim, out_dim, bias, damping, log_scale, seed):
 @hypothesis.given(**layer)
 def test_kfac_property(in_dim, out_dim, bias, damping, log_scale, seed):
   rng = np.random.default_rng(seed)
-  grad, g_hat = _layer(rng, in_dim, out_dim, bias)
+  grad, g_hat = _random_layer(rng, in_dim, out_dim, bias)
   n_in = in_dim + bias
   a_factor, g_factor = _spd(rng, n_in, 10.0**log_scale), _spd(rng, out_dim, 10.0**-log_scale)
   pi = np.sqrt((np.trace(a_factor) / n_in) / (np.trace(g_factor) / out_dim))
@@ -87,7 +74,7 @@ def test_kfac_property(in_dim, out_dim, bias, damping, log_scale, seed):
 @hypothesis.given(**layer)
 def test_foof_property(in_dim, out_dim, bias, damping, log_scale, seed):
   rng = np.random.default_rng(seed)
-  grad, g_hat = _layer(rng, in_dim, out_dim, bias)
+  grad, g_hat = _random_layer(rng, in_dim, out_dim, bias)
   n_in = in_dim + bias
   a_factor = _spd(rng, n_in, 10.0**log_scale)
   want = g_hat @ np.linalg.inv(a_factor + damping * np.eye(n_in))
