@@ -4,7 +4,6 @@ Each test states what the wrapper does with Eva's extra argument ``stats=`` and
 checks it against Eva run by hand on what the wrapper should feed it.
 """
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,20 +11,13 @@ import optax
 import pytest
 
 import eva_optax
+from test_checkpoint import Net  # Dense_0, LayerNorm_0 (passed through), Dense_1, Dense_2
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
 # The partition test: Eva on the last two layers, Adam on the first and the norm.
 EVA_LAYERS = ("Dense_1", "Dense_2")
 ADAM_LAYERS = ("Dense_0", "LayerNorm_0")
-
-
-class Net(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    x = nn.LayerNorm()(nn.relu(nn.Dense(6)(x)))  # Dense_0, LayerNorm_0 (passed through)
-    x = nn.relu(nn.Dense(5)(x))  # Dense_1
-    return nn.Dense(2, use_bias=False)(x)  # Dense_2
 
 
 @pytest.fixture(scope="module")
