@@ -4,7 +4,7 @@
 #   make data      locate Fashion-MNIST (installs the Debian package when run as root)
 #   make test      run the test suite (slow convergence runs excluded)
 #   make demo      Fashion-MNIST autoencoder: SGD, AdamW, Eva, Eva-f, Eva-s, K-FAC, Shampoo (results/demo)
-#   make bench     step-time benchmark
+#   make bench     step time and state memory of every optimizer, and Eva/SGD over 1-8 devices
 
 PYTHON ?= python3
 VENV   := .venv
@@ -76,6 +76,7 @@ test: install data
 bench: REQUIRE_DATA := 0
 bench: install data
 	$(PY) benchmarks/step_time.py
+	$(PY) benchmarks/multi_device.py
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .hypothesis
