@@ -543,6 +543,20 @@ def _discover(
   return layers, skipped
 
 
+def _per_device(probes: Any, axis_name: Any) -> Any:
+  """The probes made per-device over ``axis_name`` (unchanged without one).
+
+  Each device's probes must be its own (varying over the axis): under
+  shard_map the gradient of a value shared by all devices is summed over them
+  (and custom VJPs must return per-device cotangents). Adding 0 · axis_index
+  makes them per-device, under pmap too.
+  """
+  if axis_name is None:
+    return probes
+  index = jax.lax.axis_index(axis_name).astype(jnp.float32)
+  return jax.tree.map(lambda z: z + 0.0 * index, probes)
+
+
 def _global_statistics(probe_grads: dict, axis_name: Any) -> dict:
   """The probes' gradients of the global batch from those of each device's shard.
 
@@ -643,14 +657,9 @@ def value_and_grad(
   def grad_fn(params: Any, *args: Any, **kwargs: Any):
     due = _factors_gate(kwargs.pop(FACTORS_DUE, True), statistics)
     layers, skipped = _discover(loss_fn, params, args, kwargs)
-    probes = {path: _probes(layer, statistics, due) for path, layer in layers.items()}
-    if axis_name is not None:
-      # Each device's probes must be its own (varying over the axis): under
-      # shard_map the gradient of a value shared by all devices is summed over
-      # them (and custom VJPs must return per-device cotangents). Adding
-      # 0 · axis_index makes them per-device, under pmap too.
-      index = jax.lax.axis_index(axis_name).astype(jnp.float32)
-      probes = jax.tree.map(lambda z: z + 0.0 * index, probes)
+    probes = _per_device(
+        {path: _probes(layer, statistics, due) for path, layer in layers.items()}, axis_name
+    )
 
     def wrapped(params, probes):
       with nn.intercept_methods(_capture_interceptor(layers, statistics)):

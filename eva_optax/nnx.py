@@ -59,6 +59,7 @@ from eva_optax.capture import (
     _global_statistics,
     _Layer,
     _layer_stats,
+    _per_device,
     _probes,
     probed_call,
 )
@@ -365,13 +366,8 @@ def nnx_value_and_grad(
     layers, skipped = _find_layers(model)
     attached: list[tuple[nnx.Module, list[str]]] = []
     try:
-      if axis_name is not None:
-        # Per-device probes (see eva_optax.value_and_grad).
-        index = jax.lax.axis_index(axis_name).astype(jnp.float32)
       for module, info in layers.values():
-        probes = _probes(info.layer, statistics, due)
-        if axis_name is not None:
-          probes = jax.tree.map(lambda z: z + 0.0 * index, probes)
+        probes = _per_device(_probes(info.layer, statistics, due), axis_name)
         attached.append((module, _attach(module, info, probes)))
       with _capturing(statistics) as called:
         (loss, aux), grads = value_and_grad(model, *args, **kwargs)
