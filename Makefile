@@ -67,7 +67,7 @@ data: install
 	fi
 
 demo: install data
-	$(PY) examples/autoencoder_demo.py
+	$(PY) examples/autoencoder.py
 
 test: REQUIRE_DATA := 0
 test: install data

@@ -8,9 +8,12 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
 from test_datasets import _write_split
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "examples") not in sys.path:  # the examples import their shared harness
+  sys.path.insert(0, str(ROOT / "examples"))
 
 
 def _load(name: str):
@@ -33,13 +36,13 @@ def _finite_numbers(node) -> bool:
   return True
 
 
-def test_autoencoder_demo_trains_all_seven_optimizers(tmp_path, capsys):
+def test_autoencoder_trains_all_seven_optimizers(tmp_path, capsys):
   data = tmp_path / "data"
   data.mkdir()
   _write_split(data, "train", 64, compress=True)
   _write_split(data, "test", 32, compress=False)
   out_dir = tmp_path / "out"
-  demo = _load("autoencoder_demo")
+  demo = _load("autoencoder")
   names = ["SGD", "AdamW", "Eva", "Eva-f", "Eva-s", "K-FAC", "Shampoo"]
   results = demo.main(
       ["--epochs", "1", "--batch-size", "32", "--data-dir", str(data), "--out", str(out_dir)]
@@ -61,20 +64,86 @@ def test_autoencoder_demo_trains_all_seven_optimizers(tmp_path, capsys):
   assert _finite_numbers(metrics)
   for name, m in metrics["optimizers"].items():
     assert m["state_bytes"] > 0, name
-    assert len(m["train_losses"]) == len(m["test_losses"]) == 1
+    assert len(m["train"]["loss"]) == len(m["test"]["loss"]) == 1
     assert len(m["step_losses"]) == 2  # 64 images, batch 32
   # SGD reaches its own final training loss by construction.
-  assert metrics["optimizers"]["SGD"]["time_to_sgd_loss"] is not None
+  assert metrics["optimizers"]["SGD"]["time_to_target"] is not None
+  assert metrics["machine"]["versions"]["eva_optax"]
 
+  rows = (out_dir / "metrics.csv").read_text().splitlines()
+  assert rows[0].split(",")[:3] == ["optimizer", "lr", "epoch"]
+  assert [r.split(",")[0] for r in rows[1:]] == names
   for png in ("loss_vs_epoch.png", "loss_vs_time.png"):
     path = out_dir / png
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
 
-def test_autoencoder_demo_optimizer_subset_and_flags(tmp_path, capsys):
-  demo = _load("autoencoder_demo")
+def test_autoencoder_optimizer_subset_and_flags():
+  demo = _load("autoencoder")
+  from harness import cli
+
   args = demo.parse_args(["--optimizers", "eva, kfac", "--lr-kfac", "0.01", "--out", "x"])
-  assert args.optimizers == "eva,kfac"
-  assert args.lr_kfac == 0.01 and args.lr_eva == 0.06 and args.lr_sgd == 0.6
-  assert args.out == "x"
-  assert demo.parse_args([]).out == "results/demo"
+  assert [s.key for s in args.specs] == ["eva", "kfac"]
+  task = demo.Task  # the learning rates resolve: flag, else --lr, else the default
+  fake = task(name="t", init=None, loss_fn=None, eval_fn=None, train_epoch=None,
+              test_batches=None, steps_per_epoch=1, example_batch=None, schedule=None,
+              default_lrs=demo.LEARNING_RATES)
+  assert cli.learning_rate(args, "kfac", fake) == 0.01
+  assert cli.learning_rate(args, "eva", fake) == 0.06
+  args = demo.parse_args(["--lr", "0.2", "--lr-eva", "0.05"])
+  assert cli.learning_rate(args, "sgd", fake) == 0.2
+  assert cli.learning_rate(args, "eva", fake) == 0.05
+  assert args.out == "results/demo"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--optimizers", "eva,adam"], "--optimizers: unknown"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--damping", "-1"], "--damping must be positive"),
+        (["--lr", "0"], "--lr must be positive"),
+    ],
+)
+def test_bad_flags_are_refused_naming_the_flag(argv, message, capsys):
+  demo = _load("autoencoder")
+  with pytest.raises(SystemExit):
+    demo.parse_args(argv)
+  assert message in capsys.readouterr().err
+
+
+def test_resume_continues_an_interrupted_run_bit_identically(tmp_path, monkeypatch):
+  data = tmp_path / "data"
+  data.mkdir()
+  _write_split(data, "train", 96, compress=False)
+  _write_split(data, "test", 32, compress=False)
+  demo = _load("autoencoder")
+  from harness import training
+
+  argv = ["--epochs", "3", "--batch-size", "32", "--data-dir", str(data),
+          "--optimizers", "eva,kfac"]
+  whole = demo.main(argv + ["--out", str(tmp_path / "whole")])
+
+  save = training.save_checkpoint
+  saves = []
+
+  def interrupted(*args, **kwargs):  # the run stops after the second epoch's checkpoint
+    save(*args, **kwargs)
+    saves.append(1)
+    if len(saves) == 2:
+      raise KeyboardInterrupt
+
+  monkeypatch.setattr(training, "save_checkpoint", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    demo.main(argv + ["--out", str(tmp_path / "cut")])
+  monkeypatch.setattr(training, "save_checkpoint", save)
+  resumed = demo.main(argv + ["--out", str(tmp_path / "cut"), "--resume"])
+  for a, b in zip(whole, resumed):
+    assert a.step_losses == b.step_losses, a.name  # same batches, same states
+    assert a.test == b.test and a.train == b.train, a.name
+    assert len(b.epoch_times) == 3
+
+  # A checkpoint made with other settings is refused, naming them.
+  with pytest.raises(SystemExit, match="batch_size=32"):
+    demo.main(["--epochs", "3", "--batch-size", "16", "--data-dir", str(data),
+               "--optimizers", "eva", "--out", str(tmp_path / "cut"), "--resume"])

@@ -1,0 +1,110 @@
+"""Command line shared by the examples, and the run of every selected optimizer."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+
+from . import report
+from .optimizers import SPECS, Options, parse_keys
+from .training import Result, RunConfig, Task, train
+
+
+def parser(
+    doc: str, *, epochs: int, batch_size: int, out: str, optimizers: str
+) -> argparse.ArgumentParser:
+    """The common flags; an example adds its own before :func:`parse`."""
+    p = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--optimizers", default=optimizers,
+        help=f"comma-separated subset of {','.join(s.key for s in SPECS)} (default {optimizers})",
+    )
+    p.add_argument("--epochs", type=int, default=epochs, help=f"default {epochs}")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"default {batch_size}")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate of every selected optimizer (default: each one's own)")
+    for s in SPECS:
+        p.add_argument(f"--lr-{s.key}", type=float, default=None, help=f"{s.name} learning rate")
+    p.add_argument("--damping", type=float, default=None,
+                   help="damping of the optimizers that have one (default: each one's own)")
+    p.add_argument("--kl-clip", type=float, default=None,
+                   help="KL clip of the optimizers that have one (default: each one's own)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
+    p.add_argument("--data-dir", default=None, help="directory of the data set's files")
+    p.add_argument("--train-limit", type=int, default=None, help="use the first N training examples")
+    p.add_argument("--test-limit", type=int, default=None, help="use the first N test examples")
+    p.add_argument("--out", default=out, help=f"output directory (default {out})")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from the checkpoints in --out")
+    p.add_argument("--no-checkpoint", action="store_true", help="save no checkpoints")
+    p.add_argument("--reach-window", type=int, default=10,
+                   help="steps averaged for the time to reach SGD's final training loss")
+    return p
+
+
+def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and check the common flags (errors name the flag)."""
+    args = p.parse_args(argv)
+    for name in ("epochs", "batch_size", "reach_window"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("lr", "damping", "kl_clip"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    try:
+        args.specs = parse_keys(args.optimizers)
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def learning_rate(args: argparse.Namespace, key: str, task: Task) -> float:
+    """``--lr-<key>``, else ``--lr``, else the task's default for ``key``."""
+    specific = getattr(args, f"lr_{key.replace('-', '_')}")
+    if specific is not None:
+        return specific
+    if args.lr is not None:
+        return args.lr
+    if key not in task.default_lrs:
+        raise SystemExit(f"{task.name}: no default learning rate for {key}; pass --lr-{key}")
+    return task.default_lrs[key]
+
+
+def run(task: Task, args: argparse.Namespace, title: str | None = None) -> list[Result]:
+    """Train every selected optimizer on ``task``, print and write the report."""
+    start = time.perf_counter()
+    title = title or task.name
+    print(f"{title}: {task.description}; {task.steps_per_epoch} steps/epoch, {args.epochs} "
+          f"epochs, device {jax.devices()[0].platform}")
+    options = Options(args.momentum, args.weight_decay, args.damping, args.kl_clip)
+    out = Path(args.out)
+    config = RunConfig(
+        epochs=args.epochs, seed=args.seed, out=None if args.no_checkpoint else out,
+        resume=args.resume,
+        fingerprint=tuple(sorted(
+            (k, getattr(args, k)) for k in
+            ("epochs", "batch_size", "seed", "train_limit", "test_limit", "damping", "kl_clip",
+             "momentum", "weight_decay")
+        )),
+    )
+    params, model_state = task.init(jax.random.PRNGKey(args.seed))
+    results = []
+    for spec in args.specs:
+        lr = learning_rate(args, spec.key, task)
+        results.append(train(task, spec, lr, options, params, model_state, config))
+    value = report.set_times_to_target(results, task.target, args.reach_window)
+    settings = {k: v for k, v in vars(args).items() if k != "specs"}
+    table, paths = report.write_all(results, out, title, task.target, value, settings)
+    print()
+    print(table)
+    print(f"wrote {', '.join(str(p) for p in paths)} (total {time.perf_counter() - start:.0f}s)")
+    return results

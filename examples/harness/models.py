@@ -1,0 +1,151 @@
+"""Flax Linen models of the examples (and of the step-time benchmark).
+
+- :class:`Autoencoder`: the deep autoencoder of the Eva paper, MLP
+  784-1000-500-250-30-250-500-1000-784, ReLU except the linear code and output layers.
+- :class:`ResNet`: a CIFAR-style ResNet (He et al., 2016, section 4.2): a 3×3 stem, stages
+  of basic residual blocks with BatchNorm, global average pooling and a Dense head.
+  ``ResNet(blocks_per_stage=3)`` is ResNet-20; the default 2 blocks per stage is the small
+  network of the Fashion-MNIST classifier.
+- :class:`CharTransformer`: a pre-LayerNorm decoder-only transformer for character-level
+  language modelling; the blocks are stacked with ``nn.scan`` (one compiled block, kernels
+  with a leading layer axis) and the attention projections are ``nn.DenseGeneral``
+  (``features=(heads, head_dim)`` for q/k/v, ``axis=(-2, -1)`` for the output).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+AUTOENCODER_SIZES = (1000, 500, 250, 30, 250, 500, 1000, 784)
+
+
+class Autoencoder(nn.Module):
+    """784-1000-500-250-30-250-500-1000-784 MLP; ReLU except the code and output layers."""
+
+    sizes: Sequence[int] = AUTOENCODER_SIZES
+    code_layer: int = 3  # index of the linear 30-unit code layer in ``sizes``
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i, width in enumerate(self.sizes):
+            x = nn.Dense(width)(x)
+            if i != self.code_layer and i != len(self.sizes) - 1:
+                x = nn.relu(x)
+        return x
+
+
+def _norm(train: bool) -> nn.BatchNorm:
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9)
+
+
+class ResidualBlock(nn.Module):
+    """Two 3×3 convolutions with BatchNorm; a 1×1 projection when the shape changes."""
+
+    features: int
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        y = nn.Conv(self.features, (3, 3), strides=self.strides, use_bias=False)(x)
+        y = nn.relu(_norm(train)(y))
+        y = nn.Conv(self.features, (3, 3), use_bias=False)(y)
+        y = _norm(train)(y)
+        if x.shape[-1] != self.features or self.strides != 1:
+            x = nn.Conv(self.features, (1, 1), strides=self.strides, use_bias=False)(x)
+            x = _norm(train)(x)
+        return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+    """Conv 3×3/``stages[0]``, stages of residual blocks (features, stride), GAP, Dense."""
+
+    stages: Sequence[tuple[int, int]] = ((16, 1), (32, 2), (64, 2))
+    blocks_per_stage: int = 2
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+        x = nn.Conv(self.stages[0][0], (3, 3), use_bias=False)(x)
+        x = nn.relu(_norm(train)(x))
+        for features, strides in self.stages:
+            for b in range(self.blocks_per_stage):
+                x = ResidualBlock(features, strides if b == 0 else 1)(x, train)
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes)(x)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with ``nn.DenseGeneral`` projections."""
+
+    num_heads: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d_model = x.shape[-1]
+        head_dim = d_model // self.num_heads
+        proj = lambda name: nn.DenseGeneral((self.num_heads, head_dim), name=name)
+        q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)  # (B, T, H, D)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim)
+        t = x.shape[-2]
+        mask = jnp.tril(jnp.ones((t, t), bool))
+        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+        weights = jax.nn.softmax(logits, axis=-1)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        return nn.DenseGeneral(d_model, axis=(-2, -1), name="out")(out)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN block: x + attention(LN(x)), then x + MLP(LN(x)) (GELU)."""
+
+    num_heads: int
+    mlp_dim: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + CausalSelfAttention(self.num_heads)(nn.LayerNorm()(x))
+        y = nn.Dense(self.mlp_dim)(nn.LayerNorm()(x))
+        y = nn.Dense(x.shape[-1])(nn.gelu(y))
+        return x + y
+
+
+class _ScanStep(nn.Module):
+    """``TransformerBlock`` in the ``(carry, x) -> (carry, y)`` form of ``nn.scan``."""
+
+    num_heads: int
+    mlp_dim: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _: None) -> tuple[jax.Array, None]:
+        return TransformerBlock(self.num_heads, self.mlp_dim, name="block")(x), None
+
+
+class CharTransformer(nn.Module):
+    """Decoder-only transformer: embeddings + learned positions, scanned blocks, LN, head."""
+
+    vocab: int
+    d_model: int = 128
+    num_heads: int = 4
+    mlp_dim: int = 512
+    num_layers: int = 4
+    max_len: int = 128
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        x = nn.Embed(self.vocab, self.d_model)(tokens)
+        pos = self.param(
+            "pos_embedding", nn.initializers.normal(0.02), (self.max_len, self.d_model)
+        )
+        x = x + pos[: tokens.shape[-1]]
+        blocks = nn.scan(
+            _ScanStep,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=self.num_layers,
+        )
+        x, _ = blocks(self.num_heads, self.mlp_dim, name="blocks")(x, None)
+        return nn.Dense(self.vocab)(nn.LayerNorm()(x))

@@ -1,0 +1,224 @@
+"""What the examples write: markdown table, ``metrics.json``, ``metrics.csv``, PNG plots.
+
+"Time to target" is the training wall time at which an optimizer first reaches SGD's
+final value of the task's target metric (:class:`harness.training.Target`): for
+``train_loss``, the first step at which the mean of the last ``window`` step losses is at
+or below it; for a test metric, the end of the first epoch at which it is reached.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .training import Result, Target, _jsonable
+
+
+def time_to_reach(result: Result, target: Target, value: float, window: int = 10) -> float | None:
+    """Training seconds until ``result`` reaches ``value`` of ``target.metric`` (None: never)."""
+    if not math.isfinite(value):
+        return None
+    better = (lambda v: v >= value) if target.higher_is_better else (lambda v: v <= value)
+    if target.metric == "train_loss":
+        losses = np.asarray(result.step_losses, dtype=np.float64)
+        if len(losses) == 0:
+            return None
+        window = max(1, min(window, len(losses)))
+        csum = np.concatenate([[0.0], np.cumsum(losses)])
+        for i in range(window - 1, len(losses)):
+            mean = (csum[i + 1] - csum[i + 1 - window]) / window
+            if np.isfinite(mean) and better(mean):
+                return result.step_times[i]
+        return None
+    split, _, name = target.metric.partition("_")
+    values = (result.train if split == "train" else result.test).get(name, [])
+    ends = np.cumsum(result.epoch_times)
+    for v, t in zip(values, ends):
+        if math.isfinite(v) and better(v):
+            return float(t)
+    return None
+
+
+def set_times_to_target(results: Sequence[Result], target: Target, window: int) -> float | None:
+    """Fill every ``time_to_target`` from SGD's final value; returns that value (or None)."""
+    sgd = next((r for r in results if r.key == "sgd"), None)
+    if sgd is None or sgd.diverged:
+        return None
+    if target.metric == "train_loss":  # SGD's trailing mean at its last step
+        value = float(np.mean(sgd.step_losses[-max(1, min(window, len(sgd.step_losses))):]))
+    else:
+        value = sgd.final(target.metric)
+    for r in results:
+        r.time_to_target = time_to_reach(r, target, value, window)
+    return value
+
+
+def _fmt(v: float, digits: int = 5) -> str:
+    return f"{v:.{digits}g}" if math.isfinite(v) else str(v)
+
+
+def markdown_table(results: Sequence[Result], target: Target, target_value: float | None) -> str:
+    """One row per optimizer: lr, final train/test metrics, s/epoch, time to target, state."""
+    train_keys = sorted({k for r in results for k in r.train})
+    test_keys = sorted({k for r in results for k in r.test})
+    tv = _fmt(target_value) if target_value is not None else "n/a"
+    header = (
+        ["optimizer", "lr"]
+        + [f"final train {k}" for k in train_keys]
+        + [f"final test {k}" for k in test_keys]
+        + ["s/epoch", f"time to SGD's final {target.metric.replace('_', ' ')} ({tv})",
+           "× SGD's time", "optimizer state"]
+    )
+    sgd = next((r for r in results if r.key == "sgd"), None)
+    sgd_time = sgd.time_to_target if sgd is not None else None
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        per_epoch = sum(r.epoch_times) / max(len(r.epoch_times), 1)
+        reach = "diverged" if r.diverged else "not reached"
+        ratio = ""
+        if r.time_to_target is not None:
+            reach = f"{r.time_to_target:.1f} s"
+            if sgd_time:
+                ratio = f"{r.time_to_target / sgd_time:.2f}"
+        row = (
+            [r.name, f"{r.lr:g}"]
+            + [_fmt(r.final(f"train_{k}")) for k in train_keys]
+            + [_fmt(r.final(f"test_{k}")) for k in test_keys]
+            + [f"{per_epoch:.1f}", reach, ratio, f"{r.state_bytes / 2**20:.1f} MiB"]
+        )
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(results: Sequence[Result], path: Path) -> None:
+    """One row per optimizer and epoch: train and test metrics, epoch and total seconds."""
+    train_keys = sorted({k for r in results for k in r.train})
+    test_keys = sorted({k for r in results for k in r.test})
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["optimizer", "lr", "epoch"] + [f"train_{k}" for k in train_keys]
+                   + [f"test_{k}" for k in test_keys] + ["epoch_seconds", "train_seconds"])
+        for r in results:
+            total = 0.0
+            for e, seconds in enumerate(r.epoch_times):
+                total += seconds
+                get = lambda d, k: d.get(k, [])[e] if e < len(d.get(k, [])) else ""
+                w.writerow([r.name, r.lr, e + 1] + [get(r.train, k) for k in train_keys]
+                           + [get(r.test, k) for k in test_keys]
+                           + [f"{seconds:.4f}", f"{total:.4f}"])
+
+
+def machine_info() -> dict[str, Any]:
+    """Processor, accelerator and library versions, for every results file."""
+    import flax
+    import jax
+    import jaxlib
+    import optax
+
+    import eva_optax
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    device = jax.devices()[0]
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "device": f"{device.platform} ({getattr(device, 'device_kind', '')})",
+        "device_count": jax.device_count(),
+        "versions": {
+            "jax": jax.__version__, "jaxlib": jaxlib.__version__, "optax": optax.__version__,
+            "flax": flax.__version__, "eva_optax": eva_optax.__version__,
+            "numpy": np.__version__,
+        },
+    }
+
+
+def plot(results: Sequence[Result], out: Path, title: str, log_loss: bool = True) -> list[Path]:
+    """``loss_vs_epoch.png`` (train loss and every test metric) and ``loss_vs_time.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    test_keys = sorted({k for r in results for k in r.test})
+    panels = [("train", "loss")] + [("test", k) for k in test_keys]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4))
+    for ax, (split, key) in zip(np.atleast_1d(axes), panels):
+        for r in results:
+            values = (r.train if split == "train" else r.test).get(key, [])
+            ax.plot(np.arange(1, len(values) + 1), values, marker="o", label=r.name)
+        ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_title(f"{split} {key}")
+        if log_loss and key == "loss":
+            ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    paths = [out / "loss_vs_epoch.png"]
+    fig.savefig(paths[0], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for r in results:
+        (line,) = ax.plot(r.step_times, r.step_losses, alpha=0.7, lw=0.8, label=f"{r.name} train")
+        if "loss" in r.test:
+            ax.plot(np.cumsum(r.epoch_times)[: len(r.test["loss"])], r.test["loss"], marker="s",
+                    linestyle="--", color=line.get_color(), label=f"{r.name} test")
+    ax.set_xlabel("training wall time (s)")
+    ax.set_ylabel("loss")
+    if log_loss:
+        ax.set_yscale("log")
+    ax.set_title(f"{title}: loss vs wall time")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    paths.append(out / "loss_vs_time.png")
+    fig.savefig(paths[1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def write_all(
+    results: Sequence[Result], out: Path, title: str, target: Target,
+    target_value: float | None, config: dict[str, Any],
+) -> tuple[str, list[Path]]:
+    """Write ``results.md``, ``metrics.json``, ``metrics.csv`` and the plots into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(results, target, target_value)
+    info = machine_info()
+    md = (
+        f"# {title}\n\n{table}\n"
+        f"Machine: {info['cpu']} ({info['cpu_count']} CPUs), device {info['device']}; "
+        + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + ".\n"
+    )
+    (out / "results.md").write_text(md)
+    metrics = {
+        "title": title,
+        "config": config,
+        "machine": info,
+        "target": {**asdict(target), "sgd_final_value": target_value},
+        "optimizers": {r.name: asdict(r) for r in results},
+    }
+    (out / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1) + "\n")
+    write_csv(results, out / "metrics.csv")
+    paths = [out / "results.md", out / "metrics.json", out / "metrics.csv"]
+    paths += plot(results, out, title)
+    return table, paths
