@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .training import Result, Target, _jsonable
+from .training import Result, Target, jsonable
 
 
 def time_to_reach(result: Result, target: Target, value: float, window: int = 10) -> float | None:
@@ -217,7 +217,7 @@ def write_all(
         "target": {**asdict(target), "sgd_final_value": target_value},
         "optimizers": {r.name: asdict(r) for r in results},
     }
-    (out / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1) + "\n")
+    (out / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=1) + "\n")
     write_csv(results, out / "metrics.csv")
     paths = [out / "results.md", out / "metrics.json", out / "metrics.csv"]
     paths += plot(results, out, title)

@@ -255,7 +255,7 @@ def train(
         if restored is not None:
             arrays, meta = restored
             saved = meta["fingerprint"]
-            diff = {k: (saved.get(k), v) for k, v in _jsonable(fingerprint).items()
+            diff = {k: (saved.get(k), v) for k, v in jsonable(fingerprint).items()
                     if saved.get(k) != v}
             if diff:
                 raise SystemExit(
@@ -266,7 +266,7 @@ def train(
             params, model_state, opt_state = (
                 arrays["params"], arrays["model_state"], arrays["opt_state"]
             )
-            result = Result(**_from_json(meta["result"]))
+            result = Result(**from_json(meta["result"]))
             rng.bit_generator.state = meta["rng"]
             print(f"{spec.name}: resumed after epoch {result.epochs_done} from {ckpt_dir}")
 
@@ -324,20 +324,20 @@ def train(
             save_checkpoint(
                 ckpt_dir, epoch,
                 {"params": params, "model_state": model_state, "opt_state": opt_state},
-                _jsonable({"fingerprint": fingerprint, "rng": rng.bit_generator.state,
+                jsonable({"fingerprint": fingerprint, "rng": rng.bit_generator.state,
                            "result": asdict(result)}),
             )
     return result
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
     """Tuples as lists and non-finite floats as strings, as JSON gives them back."""
     if isinstance(x, float) and not np.isfinite(x):
         return str(x)
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, Path):
         return str(x)
     if isinstance(x, np.generic):
@@ -345,12 +345,12 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def _from_json(x: Any) -> Any:
-    """Inverse of :func:`_jsonable` for the floats: ``"nan"``/``"inf"`` back to floats."""
+def from_json(x: Any) -> Any:
+    """Inverse of :func:`jsonable` for the floats: ``"nan"``/``"inf"`` back to floats."""
     if isinstance(x, str) and x in ("nan", "inf", "-inf"):
         return float(x)
     if isinstance(x, dict):
-        return {k: _from_json(v) for k, v in x.items()}
+        return {k: from_json(v) for k, v in x.items()}
     if isinstance(x, list):
-        return [_from_json(v) for v in x]
+        return [from_json(v) for v in x]
     return x
