@@ -4,20 +4,24 @@
 #   make data      locate Fashion-MNIST (installs the Debian package when run as root)
 #   make test      run the test suite (slow convergence runs excluded)
 #   make demo      Fashion-MNIST autoencoder: SGD, AdamW, Eva, Eva-f, Eva-s, K-FAC, Shampoo (results/demo)
-#   make bench     step time and state memory of every optimizer, and Eva/SGD over 1-8 devices
+#   make bench     step time and state memory of every optimizer, Eva/SGD over 1-8 devices, and
+#                  convergence in wall time (autoencoder, classifier, language model; several
+#                  seeds) into benchmarks/results/ and the README's headline table
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 DATA_PACKAGE := dataset-fashion-mnist
+CORPUS_PACKAGE := fortunes
+CORPUS_DIR := /usr/share/games/fortunes
 APT := DEBIAN_FRONTEND=noninteractive apt-get
 
 # Missing data is an error for the demo; for tests and benchmarks it is only a warning
 # (they use their own tiny files or synthetic data).
 REQUIRE_DATA ?= 1
 
-.PHONY: all $(VENV) install data demo test bench clean
+.PHONY: all $(VENV) install data corpus demo test bench clean
 .DEFAULT_GOAL := test
 
 all: test
@@ -66,6 +70,19 @@ data: install
 	  $(PY) -m eva_optax.datasets --check || $(DATA_MISSING); \
 	fi
 
+# The language-model example reads the Debian package fortunes (English text, offline).
+corpus:
+	@if [ -d $(CORPUS_DIR) ] || [ -n "$$EVA_OPTAX_CORPUS" ]; then \
+	  :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing the Debian package $(CORPUS_PACKAGE) (the language model's corpus)"; \
+	  $(APT) install -y -q $(CORPUS_PACKAGE) \
+	    || { $(APT) update -q && $(APT) install -y -q $(CORPUS_PACKAGE); } \
+	    || echo "warning: apt-get could not install $(CORPUS_PACKAGE)" >&2; \
+	else \
+	  echo "warning: no text corpus: install the Debian package $(CORPUS_PACKAGE) or set EVA_OPTAX_CORPUS" >&2; \
+	fi
+
 demo: install data
 	$(PY) examples/autoencoder.py
 
@@ -74,9 +91,10 @@ test: install data
 	$(PY) -m pytest -q
 
 bench: REQUIRE_DATA := 0
-bench: install data
+bench: install data corpus
 	$(PY) benchmarks/step_time.py
 	$(PY) benchmarks/multi_device.py
+	$(PY) benchmarks/convergence.py --readme README.md
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .hypothesis
