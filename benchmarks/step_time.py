@@ -128,87 +128,11 @@ WEIGHT_DECAY = 5e-4
 
 
 # ---------------------------------------------------------------------------
-# Models.
+# Models: those of the examples (examples/harness/models.py), and an unrolled
+# transformer built from the same blocks.
 
-
-class Autoencoder(nn.Module):
-    """784-1000-500-250-30-250-500-1000-784; ReLU except the code and output layers."""
-
-    sizes: Sequence[int] = (1000, 500, 250, 30, 250, 500, 1000, 784)
-    code_layer: int = 3
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for i, width in enumerate(self.sizes):
-            x = nn.Dense(width)(x)
-            if i != self.code_layer and i != len(self.sizes) - 1:
-                x = nn.relu(x)
-        return x
-
-
-class ResidualBlock(nn.Module):
-    features: int
-    strides: int = 1
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)
-        y = nn.Conv(self.features, (3, 3), strides=self.strides, use_bias=False)(x)
-        y = nn.relu(norm()(y))
-        y = nn.Conv(self.features, (3, 3), use_bias=False)(y)
-        y = norm()(y)
-        if x.shape[-1] != self.features or self.strides != 1:
-            x = nn.Conv(self.features, (1, 1), strides=self.strides, use_bias=False)(x)
-            x = norm()(x)
-        return nn.relu(x + y)
-
-
-class SmallResNet(nn.Module):
-    """Conv 3x3/16, 3 stages x 2 residual blocks (16/32/64, strides 1/2/2), GAP, Dense."""
-
-    stages: Sequence[tuple[int, int]] = ((16, 1), (32, 2), (64, 2))
-    blocks_per_stage: int = 2
-    num_classes: int = 10
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
-        x = nn.Conv(16, (3, 3), use_bias=False)(x)
-        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
-        for features, strides in self.stages:
-            for b in range(self.blocks_per_stage):
-                x = ResidualBlock(features, strides if b == 0 else 1)(x, train)
-        x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes)(x)
-
-
-class CausalSelfAttention(nn.Module):
-    num_heads: int
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        d_model = x.shape[-1]
-        head_dim = d_model // self.num_heads
-        proj = lambda name: nn.DenseGeneral((self.num_heads, head_dim), name=name)
-        q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)  # (B, T, H, D)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim)
-        t = x.shape[-2]
-        mask = jnp.tril(jnp.ones((t, t), bool))
-        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-        weights = jax.nn.softmax(logits, axis=-1)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-        return nn.DenseGeneral(d_model, axis=(-2, -1), name="out")(out)
-
-
-class Block(nn.Module):
-    num_heads: int
-    mlp_dim: int
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + CausalSelfAttention(self.num_heads)(nn.LayerNorm()(x))
-        y = nn.Dense(self.mlp_dim)(nn.LayerNorm()(x))
-        y = nn.Dense(x.shape[-1])(nn.gelu(y))
-        return x + y
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+from harness.models import Autoencoder, ResNet, TransformerBlock  # noqa: E402
 
 
 class Transformer(nn.Module):
@@ -229,7 +153,7 @@ class Transformer(nn.Module):
         )
         x = x + pos[: tokens.shape[-1]]
         for _ in range(self.num_layers):
-            x = Block(self.num_heads, self.mlp_dim)(x)
+            x = TransformerBlock(self.num_heads, self.mlp_dim)(x)
         return nn.Dense(self.vocab)(nn.LayerNorm()(x))
 
 
@@ -267,7 +191,7 @@ def autoencoder(key: jax.Array) -> Workload:
 
 
 def resnet(key: jax.Array) -> Workload:
-    model = SmallResNet()
+    model = ResNet()
     k_init, k_x, k_y = jax.random.split(key, 3)
     x = jax.random.normal(k_x, (128, 28, 28, 1), jnp.float32)
     y = jax.random.randint(k_y, (128,), 0, 10)

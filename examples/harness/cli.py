@@ -79,6 +79,22 @@ def learning_rate(args: argparse.Namespace, key: str, task: Task) -> float:
     return task.default_lrs[key]
 
 
+# Flags that may change between an interrupted run and its --resume.
+RESUMABLE_CHANGES = frozenset(
+    {"optimizers", "specs", "out", "resume", "no_checkpoint", "data_dir", "reach_window"}
+)
+
+
+def fingerprint(args: argparse.Namespace) -> tuple[tuple[str, object], ...]:
+    """The settings a resumed run must share with the checkpoint (every flag, the
+    example's own included, except output, data location and the optimizer selection;
+    learning rates are checked per optimizer)."""
+    return tuple(sorted(
+        (k, v) for k, v in vars(args).items()
+        if k not in RESUMABLE_CHANGES and not (k == "lr" or k.startswith("lr_"))
+    ))
+
+
 def run(task: Task, args: argparse.Namespace, title: str | None = None) -> list[Result]:
     """Train every selected optimizer on ``task``, print and write the report."""
     start = time.perf_counter()
@@ -90,11 +106,7 @@ def run(task: Task, args: argparse.Namespace, title: str | None = None) -> list[
     config = RunConfig(
         epochs=args.epochs, seed=args.seed, out=None if args.no_checkpoint else out,
         resume=args.resume,
-        fingerprint=tuple(sorted(
-            (k, getattr(args, k)) for k in
-            ("epochs", "batch_size", "seed", "train_limit", "test_limit", "damping", "kl_clip",
-             "momentum", "weight_decay")
-        )),
+        fingerprint=fingerprint(args),
     )
     params, model_state = task.init(jax.random.PRNGKey(args.seed))
     results = []
