@@ -17,6 +17,7 @@ only: compilation, evaluation and checkpointing are left out of the clock.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -154,9 +155,14 @@ def build_optimizer(
     return spec.build(task.schedule(lr, total_steps), options, **kwargs)
 
 
+@functools.cache
+def _jitted(fn: EvalFn) -> Callable[..., dict[str, jax.Array]]:
+    return jax.jit(fn)  # one jitted function per eval_fn: compiled once, not every epoch
+
+
 def evaluate(task: Task, params: Params, model_state: Any) -> dict[str, float]:
     """Means of ``task.eval_fn`` over the whole test set, weighted by batch size."""
-    eval_batch = jax.jit(task.eval_fn)
+    eval_batch = _jitted(task.eval_fn)
     totals: dict[str, float] = {}
     count = 0
     for batch in task.test_batches():
