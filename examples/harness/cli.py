@@ -15,9 +15,14 @@ from .training import Result, RunConfig, Task, train
 
 
 def parser(
-    doc: str, *, epochs: int, batch_size: int, out: str, optimizers: str
+    doc: str, *, epochs: int, batch_size: int, out: str, optimizers: str,
+    helps: dict[str, str] | None = None,
 ) -> argparse.ArgumentParser:
-    """The common flags; an example adds its own before :func:`parse`."""
+    """The common flags; an example adds its own before :func:`parse`.
+
+    ``helps`` rewords common flags for an example, keyed by flag (``{"--train-limit":
+    "use the first N characters"}``).
+    """
     p = argparse.ArgumentParser(
         description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -47,6 +52,12 @@ def parser(
     p.add_argument("--no-checkpoint", action="store_true", help="save no checkpoints")
     p.add_argument("--reach-window", type=int, default=10,
                    help="steps averaged for the time to reach SGD's final training loss")
+    for flag, text in (helps or {}).items():
+        dest = flag.lstrip("-").replace("-", "_")
+        action = next((a for a in p._actions if a.dest == dest), None)
+        if action is None:
+            raise ValueError(f"helps: {flag} is not a common flag")
+        action.help = text
     return p
 
 
