@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -147,3 +148,14 @@ def test_resume_continues_an_interrupted_run_bit_identically(tmp_path, monkeypat
   with pytest.raises(SystemExit, match="batch_size=32"):
     demo.main(["--epochs", "3", "--batch-size", "16", "--data-dir", str(data),
                "--optimizers", "eva", "--out", str(tmp_path / "cut"), "--resume"])
+
+
+def test_resume_fingerprint_holds_every_setting_but_output_and_selection():
+  from harness import cli
+
+  args = argparse.Namespace(epochs=3, batch_size=8, depth=20, schedule="step", lr=None,
+                            lr_eva=0.1, out="x", resume=True, no_checkpoint=False,
+                            optimizers="eva", data_dir="/d", reach_window=10)
+  assert dict(cli.fingerprint(args)) == {
+      "epochs": 3, "batch_size": 8, "depth": 20, "schedule": "step"
+  }
