@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from example_helpers import finite_numbers, load_example
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "examples") not in sys.path:  # the examples import their shared harness
-  sys.path.insert(0, str(ROOT / "examples"))
 
 SENTENCES = (
     "The quick brown fox jumps over the lazy dog. ",
@@ -24,30 +20,10 @@ SENTENCES = (
 )
 
 
-def _load(name: str):
-  spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[name] = module  # dataclasses look their module up there
-  spec.loader.exec_module(module)
-  return module
-
-
 def _write_corpus(tmp_path: Path) -> Path:
   path = tmp_path / "corpus.txt"
   path.write_text("".join(SENTENCES) * 20)  # about 4.5 KB
   return path
-
-
-def _finite(node) -> bool:
-  if isinstance(node, dict):
-    return all(_finite(v) for v in node.values())
-  if isinstance(node, list):
-    return all(_finite(v) for v in node)
-  if isinstance(node, float):
-    return math.isfinite(node)
-  if isinstance(node, str):
-    return node.lower() not in ("nan", "inf", "-inf")
-  return True
 
 
 SMALL = ["--seq-len", "16", "--d-model", "32", "--layers", "2", "--heads", "2",
@@ -57,7 +33,7 @@ SMALL = ["--seq-len", "16", "--d-model", "32", "--layers", "2", "--heads", "2",
 def test_char_lm_trains_sgd_eva_kfac(tmp_path, capsys):
   corpus = _write_corpus(tmp_path)
   out_dir = tmp_path / "out"
-  lm = _load("char_lm")
+  lm = load_example("char_lm")
   results = lm.main(SMALL + ["--corpus", str(corpus), "--optimizers", "sgd,eva,kfac",
                              "--eval-batches", "3", "--out", str(out_dir)])
   out = capsys.readouterr().out
@@ -80,7 +56,7 @@ def test_char_lm_trains_sgd_eva_kfac(tmp_path, capsys):
     assert (out_dir / name).is_file(), name
   metrics = json.loads((out_dir / "metrics.json").read_text())
   assert list(metrics["optimizers"]) == names
-  assert _finite(metrics)
+  assert finite_numbers(metrics)
   assert metrics["target"]["metric"] == "test_loss"
   assert metrics["optimizers"]["SGD"]["time_to_target"] is not None
   table = (out_dir / "results.md").read_text()
@@ -92,7 +68,7 @@ def test_char_lm_trains_sgd_eva_kfac(tmp_path, capsys):
 
 
 def test_loss_fn_is_the_mean_next_character_cross_entropy():
-  lm = _load("char_lm")
+  lm = load_example("char_lm")
   from harness.models import CharTransformer
 
   vocab, batch, seq_len = 11, 3, 8
@@ -125,7 +101,7 @@ def test_loss_fn_is_the_mean_next_character_cross_entropy():
 
 
 def test_eval_windows_are_the_first_non_overlapping_windows():
-  lm = _load("char_lm")
+  lm = load_example("char_lm")
   ids = np.arange(50)
   x, y = lm.eval_windows(ids, 16, max_windows=10)
   assert x.shape == y.shape == (3, 16)  # (50 - 1) // 16 windows
@@ -135,7 +111,7 @@ def test_eval_windows_are_the_first_non_overlapping_windows():
 
 
 def test_limits_count_characters(tmp_path):
-  lm = _load("char_lm")
+  lm = load_example("char_lm")
   corpus = _write_corpus(tmp_path)
   args = lm.parse_args(SMALL + ["--corpus", str(corpus), "--train-limit", "1000",
                                 "--test-limit", "100"])
@@ -148,7 +124,7 @@ def test_limits_count_characters(tmp_path):
 
 
 def test_missing_corpus_exits_naming_it(tmp_path):
-  lm = _load("char_lm")
+  lm = load_example("char_lm")
   missing = tmp_path / "no_such_corpus.txt"
   with pytest.raises(SystemExit) as info:
     lm.main(SMALL + ["--corpus", str(missing), "--out", str(tmp_path / "out")])
@@ -166,7 +142,7 @@ def test_missing_corpus_exits_naming_it(tmp_path):
     ],
 )
 def test_bad_model_flags_are_refused(argv, message, capsys):
-  lm = _load("char_lm")
+  lm = load_example("char_lm")
   with pytest.raises(SystemExit):
     lm.parse_args(argv)
   assert message in capsys.readouterr().err

@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from example_helpers import finite_numbers, load_example
 from test_datasets import _cifar_batch, _write_cifar_tar
 
 from eva_optax import datasets
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "examples") not in sys.path:  # the examples import their shared harness
-  sys.path.insert(0, str(ROOT / "examples"))
-
-
-def _load():
-  spec = importlib.util.spec_from_file_location("cifar10", ROOT / "examples" / "cifar10.py")
-  module = importlib.util.module_from_spec(spec)
-  sys.modules["cifar10"] = module  # dataclasses look their module up there
-  spec.loader.exec_module(module)
-  return module
 
 
 @pytest.fixture
@@ -33,18 +20,6 @@ def no_cifar_elsewhere(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
   monkeypatch.delenv(datasets.CIFAR10_ENV_VAR, raising=False)
   monkeypatch.setattr(datasets, "cifar10_cache_dir", lambda: tmp_path / "cache")
   return tmp_path
-
-
-def _finite(node) -> bool:
-  if isinstance(node, dict):
-    return all(_finite(v) for v in node.values())
-  if isinstance(node, list):
-    return all(_finite(v) for v in node)
-  if isinstance(node, float):
-    return math.isfinite(node)
-  if isinstance(node, str):
-    return node.lower() not in ("nan", "inf", "-inf")
-  return True
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -56,7 +31,7 @@ def _image(c: int = 3) -> np.ndarray:
 
 
 def test_flipped_crop_matches_numpy_reference():
-  cifar10 = _load()
+  cifar10 = load_example("cifar10")
   image = _image()
   top, left = np.array([0]), np.array([8])  # the top-left 4 rows padding, right 4 columns
   out = cifar10.crop_and_flip(image, top, left, np.array([True]))
@@ -73,7 +48,7 @@ def test_flipped_crop_matches_numpy_reference():
 
 
 def test_unflipped_centre_crop_is_the_image():
-  cifar10 = _load()
+  cifar10 = load_example("cifar10")
   images = np.concatenate([_image(), _image()[:, ::-1]])
   out = cifar10.crop_and_flip(images, np.array([4, 4]), np.array([4, 4]), np.array([False, True]))
   np.testing.assert_array_equal(out[0], images[0])
@@ -81,7 +56,7 @@ def test_unflipped_centre_crop_is_the_image():
 
 
 def test_augment_is_reproducible_from_the_rng():
-  cifar10 = _load()
+  cifar10 = load_example("cifar10")
   images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
   a = cifar10.augment(images, np.random.default_rng(5))
   b = cifar10.augment(images, np.random.default_rng(5))
@@ -94,7 +69,7 @@ def test_augment_is_reproducible_from_the_rng():
 
 
 def test_channel_stats_and_standardise():
-  cifar10 = _load()
+  cifar10 = load_example("cifar10")
   images = np.random.default_rng(1).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
   mean, std = cifar10.channel_stats(images)
   pixels = images.reshape(-1, 3) / 255.0
@@ -110,7 +85,7 @@ def test_channel_stats_and_standardise():
 
 
 def test_step_schedule_boundaries():
-  cifar10 = _load()
+  cifar10 = load_example("cifar10")
   total, warmup, lr = 200, 10, 0.1
   s = cifar10.make_schedule("step", lr, total, warmup)
   value = lambda step: float(s(step))
@@ -125,7 +100,7 @@ def test_step_schedule_boundaries():
 
 
 def test_cosine_schedule_and_warmup_cap():
-  cifar10 = _load()
+  cifar10 = load_example("cifar10")
   s = cifar10.make_schedule("cosine", 0.1, 100, 10)
   assert float(s(0)) == 0.0
   assert float(s(5)) == pytest.approx(0.05)
@@ -145,21 +120,21 @@ def test_cosine_schedule_and_warmup_cap():
 
 @pytest.mark.parametrize("depth, blocks", [(8, 1), (14, 2), (20, 3), (32, 5), (56, 9), (110, 18)])
 def test_depths(depth, blocks):
-  cifar10 = _load()
+  cifar10 = load_example("cifar10")
   args = cifar10.parse_args(["--depth", str(depth)])
   assert cifar10.make_model(args.depth).blocks_per_stage == blocks
 
 
 @pytest.mark.parametrize("depth", ["2", "21", "18", "0", "-4"])
 def test_bad_depth_is_refused_naming_the_flag(depth, capsys):
-  cifar10 = _load()
+  cifar10 = load_example("cifar10")
   with pytest.raises(SystemExit):
     cifar10.parse_args(["--depth", depth])
   assert "--depth must be 6n+2" in capsys.readouterr().err
 
 
 def test_defaults():
-  cifar10 = _load()
+  cifar10 = load_example("cifar10")
   args = cifar10.parse_args([])
   assert [s.key for s in args.specs] == ["sgd", "eva", "kfac", "shampoo"]
   assert (args.epochs, args.batch_size, args.depth) == (200, 128, 20)
@@ -170,7 +145,7 @@ def test_defaults():
 
 
 def test_missing_data_exits_with_the_path(no_cifar_elsewhere):
-  cifar10 = _load()
+  cifar10 = load_example("cifar10")
   nowhere = no_cifar_elsewhere / "nowhere"
   with pytest.raises(SystemExit) as info:
     cifar10.main(["--epochs", "1", "--data-dir", str(nowhere), "--no-checkpoint",
@@ -189,7 +164,7 @@ def test_trains_on_a_tiny_archive(no_cifar_elsewhere, capsys):
   data = no_cifar_elsewhere / "data"
   _write_cifar_tar(data / "cifar-10-python.tar.gz", batches)
   out_dir = no_cifar_elsewhere / "out"
-  cifar10 = _load()
+  cifar10 = load_example("cifar10")
   results = cifar10.main(
       ["--epochs", "1", "--batch-size", "8", "--depth", "8", "--optimizers", "sgd,eva",
        "--schedule", "step", "--data-dir", str(data), "--out", str(out_dir)]
@@ -208,7 +183,7 @@ def test_trains_on_a_tiny_archive(no_cifar_elsewhere, capsys):
     assert (out_dir / name).is_file(), name
   assert (out_dir / "checkpoints" / "eva").is_dir()
   metrics = json.loads((out_dir / "metrics.json").read_text())
-  assert _finite(metrics)
+  assert finite_numbers(metrics)
   assert metrics["config"]["depth"] == 8 and metrics["config"]["schedule"] == "step"
   assert metrics["target"]["metric"] == "test_accuracy"
   assert metrics["target"]["higher_is_better"] is True

@@ -3,47 +3,21 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from example_helpers import finite_numbers, load_example
 from test_datasets import _write_split
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "examples") not in sys.path:  # the examples import their shared harness
-  sys.path.insert(0, str(ROOT / "examples"))
-
-
-def _load(name: str):
-  spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[name] = module  # dataclasses look their module up there
-  spec.loader.exec_module(module)
-  return module
-
-
-def _finite_numbers(node) -> bool:
-  if isinstance(node, dict):
-    return all(_finite_numbers(v) for v in node.values())
-  if isinstance(node, list):
-    return all(_finite_numbers(v) for v in node)
-  if isinstance(node, float):
-    return math.isfinite(node)
-  if isinstance(node, str):
-    return node.lower() not in ("nan", "inf", "-inf")
-  return True
 
 
 @pytest.fixture(scope="module")
 def clf():
-  return _load("classifier")
+  return load_example("classifier")
 
 
 @pytest.fixture
@@ -94,7 +68,7 @@ def test_classifier_trains_and_writes_the_report(clf, data, tmp_path, capsys):
 
   metrics = json.loads((out_dir / "metrics.json").read_text())
   assert list(metrics["optimizers"]) == names
-  assert _finite_numbers(metrics)
+  assert finite_numbers(metrics)
   assert metrics["target"]["metric"] == "test_accuracy"
   assert metrics["target"]["higher_is_better"] is True
   assert metrics["config"]["warmup_epochs"] == 1.0

@@ -3,38 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import math
-import sys
-from pathlib import Path
 
 import pytest
+from example_helpers import finite_numbers, load_example
 from test_datasets import _write_split
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "examples") not in sys.path:  # the examples import their shared harness
-  sys.path.insert(0, str(ROOT / "examples"))
-
-
-def _load(name: str):
-  spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[name] = module  # dataclasses look their module up there
-  spec.loader.exec_module(module)
-  return module
-
-
-def _finite_numbers(node) -> bool:
-  if isinstance(node, dict):
-    return all(_finite_numbers(v) for v in node.values())
-  if isinstance(node, list):
-    return all(_finite_numbers(v) for v in node)
-  if isinstance(node, float):
-    return math.isfinite(node)
-  if isinstance(node, str):
-    return node.lower() not in ("nan", "inf", "-inf")
-  return True
 
 
 def test_autoencoder_trains_all_seven_optimizers(tmp_path, capsys):
@@ -43,7 +16,7 @@ def test_autoencoder_trains_all_seven_optimizers(tmp_path, capsys):
   _write_split(data, "train", 64, compress=True)
   _write_split(data, "test", 32, compress=False)
   out_dir = tmp_path / "out"
-  demo = _load("autoencoder")
+  demo = load_example("autoencoder")
   names = ["SGD", "AdamW", "Eva", "Eva-f", "Eva-s", "K-FAC", "Shampoo"]
   results = demo.main(
       ["--epochs", "1", "--batch-size", "32", "--data-dir", str(data), "--out", str(out_dir)]
@@ -62,7 +35,7 @@ def test_autoencoder_trains_all_seven_optimizers(tmp_path, capsys):
 
   metrics = json.loads((out_dir / "metrics.json").read_text())
   assert list(metrics["optimizers"]) == names
-  assert _finite_numbers(metrics)
+  assert finite_numbers(metrics)
   for name, m in metrics["optimizers"].items():
     assert m["state_bytes"] > 0, name
     assert len(m["train"]["loss"]) == len(m["test"]["loss"]) == 1
@@ -80,7 +53,7 @@ def test_autoencoder_trains_all_seven_optimizers(tmp_path, capsys):
 
 
 def test_autoencoder_optimizer_subset_and_flags():
-  demo = _load("autoencoder")
+  demo = load_example("autoencoder")
   from harness import cli
 
   args = demo.parse_args(["--optimizers", "eva, kfac", "--lr-kfac", "0.01", "--out", "x"])
@@ -107,7 +80,7 @@ def test_autoencoder_optimizer_subset_and_flags():
     ],
 )
 def test_bad_flags_are_refused_naming_the_flag(argv, message, capsys):
-  demo = _load("autoencoder")
+  demo = load_example("autoencoder")
   with pytest.raises(SystemExit):
     demo.parse_args(argv)
   assert message in capsys.readouterr().err
@@ -118,7 +91,7 @@ def test_resume_continues_an_interrupted_run_bit_identically(tmp_path, monkeypat
   data.mkdir()
   _write_split(data, "train", 96, compress=False)
   _write_split(data, "test", 32, compress=False)
-  demo = _load("autoencoder")
+  demo = load_example("autoencoder")
   from harness import training
 
   argv = ["--epochs", "3", "--batch-size", "32", "--data-dir", str(data),
