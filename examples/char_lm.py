@@ -90,9 +90,9 @@ whole pass) and ``--eval-batches`` (20). ``--data-dir`` is not used (``--corpus`
 Per epoch the script prints the mean training loss, the test loss and bits per character
 and the training wall time. At the end it prints a markdown table and writes to ``--out``
 (default ``results/char_lm``): ``results.md``, ``metrics.json``, ``metrics.csv``,
-``loss_vs_epoch.png``, ``loss_vs_time.png`` and ``checkpoints/<optimizer>/``. With
-``--resume``, pass the same model and data flags as the interrupted run: only the common
-flags are checked against the checkpoint.
+``loss_vs_epoch.png``, ``loss_vs_time.png`` and ``checkpoints/<optimizer>/``.
+``--resume`` refuses a checkpoint made with other settings (model and data flags included),
+naming them.
 
 Usage::
 
@@ -268,14 +268,14 @@ def make_task(args: argparse.Namespace) -> Task:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = cli.parser(__doc__, epochs=3, batch_size=32, out="results/char_lm",
-                   optimizers=DEFAULT_OPTIMIZERS)
-    for action in p._actions:  # the common data flags, as this example reads them
-        if action.dest in ("train_limit", "test_limit"):
-            split = action.dest.split("_")[0]
-            action.help = f"use the first N characters of the {split} split"
-        elif action.dest == "data_dir":
-            action.help = "not used (see --corpus)"
+    p = cli.parser(
+        __doc__, epochs=3, batch_size=32, out="results/char_lm", optimizers=DEFAULT_OPTIMIZERS,
+        helps={  # the common data flags, as this example reads them
+            "--train-limit": "use the first N characters of the train split",
+            "--test-limit": "use the first N characters of the test split",
+            "--data-dir": "not used (see --corpus)",
+        },
+    )
     p.add_argument("--corpus", default=None,
                    help="text file or directory (default: $EVA_OPTAX_CORPUS, else the "
                         f"fortunes package, {datasets.FORTUNES_DIR})")
