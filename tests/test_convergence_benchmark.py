@@ -45,9 +45,13 @@ def test_summary_takes_medians_over_seeds_and_counts_misses():
   assert s["SGD"]["ratio_to_sgd"] == 1.0
   assert s["SGD"]["seconds_per_epoch"] == 2.0
   h = conv.headline(runs)
+  assert h["eva_reached"] == 3
   assert h["eva_over_sgd"] == pytest.approx(0.5)
   assert h["eva_over_kfac"] == pytest.approx(0.5)  # 0.5, 0.5, 0.5
   assert h["eva_over_shampoo"] == pytest.approx((0.3 + 1 / 6) / 2)  # seed 0: not reached
+  assert "| Fashion-MNIST autoencoder (3 epochs, batch 1000) | 3 of 3 seeds | 0.50 | 0.50 | 0.23 |" in (
+      conv.headline_table({"autoencoder": h}, {"autoencoder": 3})
+  )
   table = conv.workload_table(s)
   assert "| Eva | 0.1 | 0.2 | 0.2 | 0.5000 | 2.0 | 5.0 | 0.50 | 3/3 | 1.0 |" in table
   assert "| Shampoo |" in table and "2/3" in table
