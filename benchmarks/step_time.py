@@ -114,7 +114,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import jaxlib
@@ -128,33 +127,11 @@ WEIGHT_DECAY = 5e-4
 
 
 # ---------------------------------------------------------------------------
-# Models: those of the examples (examples/harness/models.py), and an unrolled
-# transformer built from the same blocks.
+# Models: those of the examples (examples/harness/models.py); the transformer
+# with its blocks unrolled.
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
-from harness.models import Autoencoder, ResNet, TransformerBlock  # noqa: E402
-
-
-class Transformer(nn.Module):
-    """Pre-LN decoder-only transformer with learned positions and an untied head."""
-
-    vocab: int = 256
-    d_model: int = 256
-    num_heads: int = 4
-    mlp_dim: int = 1024
-    num_layers: int = 4
-    max_len: int = 128
-
-    @nn.compact
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        x = nn.Embed(self.vocab, self.d_model)(tokens)
-        pos = self.param(
-            "pos_embedding", nn.initializers.normal(0.02), (self.max_len, self.d_model)
-        )
-        x = x + pos[: tokens.shape[-1]]
-        for _ in range(self.num_layers):
-            x = TransformerBlock(self.num_heads, self.mlp_dim)(x)
-        return nn.Dense(self.vocab)(nn.LayerNorm()(x))
+from harness.models import Autoencoder, CharTransformer, ResNet  # noqa: E402
 
 
 # ---------------------------------------------------------------------------
@@ -214,7 +191,7 @@ def resnet(key: jax.Array) -> Workload:
 
 
 def transformer(key: jax.Array) -> Workload:
-    model = Transformer()
+    model = CharTransformer(vocab=256, d_model=256, mlp_dim=1024, scan=False)
     k_init, k_data = jax.random.split(key)
     tokens = jax.random.randint(k_data, (16, 129), 0, model.vocab)
     params = model.init(k_init, tokens[:1, :-1])["params"]

@@ -125,7 +125,10 @@ class _ScanStep(nn.Module):
 
 
 class CharTransformer(nn.Module):
-    """Decoder-only transformer: embeddings + learned positions, scanned blocks, LN, head."""
+    """Decoder-only transformer: embeddings + learned positions, blocks, LN, untied head.
+
+    The blocks are stacked with ``nn.scan`` (``scan=True``) or unrolled, one module each.
+    """
 
     vocab: int
     d_model: int = 128
@@ -133,6 +136,7 @@ class CharTransformer(nn.Module):
     mlp_dim: int = 512
     num_layers: int = 4
     max_len: int = 128
+    scan: bool = True
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -141,11 +145,15 @@ class CharTransformer(nn.Module):
             "pos_embedding", nn.initializers.normal(0.02), (self.max_len, self.d_model)
         )
         x = x + pos[: tokens.shape[-1]]
-        blocks = nn.scan(
-            _ScanStep,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            length=self.num_layers,
-        )
-        x, _ = blocks(self.num_heads, self.mlp_dim, name="blocks")(x, None)
+        if self.scan:
+            blocks = nn.scan(
+                _ScanStep,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                length=self.num_layers,
+            )
+            x, _ = blocks(self.num_heads, self.mlp_dim, name="blocks")(x, None)
+        else:
+            for _ in range(self.num_layers):
+                x = TransformerBlock(self.num_heads, self.mlp_dim)(x)
         return nn.Dense(self.vocab)(nn.LayerNorm()(x))
