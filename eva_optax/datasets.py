@@ -118,15 +118,21 @@ def _file_stems(split: Split) -> tuple[str, str]:
 
 def _candidate_dirs(data_dir: str | os.PathLike[str] | None) -> list[Path]:
     """The directories searched, in order (explicit argument, env var, system, cache)."""
-    dirs: list[Path] = []
+    return _search_roots(data_dir, ENV_VAR, SYSTEM_DIR, cache_dir())
+
+
+def _search_roots(
+    data_dir: str | os.PathLike[str] | None, env_var: str, *defaults: Path
+) -> list[Path]:
+    """``data_dir``, then ``$env_var`` (each when set), then ``defaults``, in that order."""
+    roots: list[Path] = []
     if data_dir is not None:
-        dirs.append(Path(data_dir).expanduser())
-    env = os.environ.get(ENV_VAR)
+        roots.append(Path(data_dir).expanduser())
+    env = os.environ.get(env_var)
     if env:
-        dirs.append(Path(env).expanduser())
-    dirs.append(SYSTEM_DIR)
-    dirs.append(cache_dir())
-    return dirs
+        roots.append(Path(env).expanduser())
+    roots.extend(defaults)
+    return roots
 
 
 def _locate(directory: Path, stem: str) -> Path | None:
@@ -383,13 +389,7 @@ def _cifar10_locations(data_dir: str | os.PathLike[str] | None) -> list[tuple[Pa
     ``cifar-10-batches-py/`` subdirectory, the directory itself, then the ``.tar.gz`` in it.
     ``data_dir`` (or the env var) may also name the archive file itself.
     """
-    roots: list[Path] = []
-    if data_dir is not None:
-        roots.append(Path(data_dir).expanduser())
-    env = os.environ.get(CIFAR10_ENV_VAR)
-    if env:
-        roots.append(Path(env).expanduser())
-    roots.append(cifar10_cache_dir())
+    roots = _search_roots(data_dir, CIFAR10_ENV_VAR, cifar10_cache_dir())
     locations: list[tuple[Path, bool]] = []
     for root in roots:
         if root.is_file():
