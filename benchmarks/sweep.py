@@ -34,13 +34,6 @@ from harness import report  # noqa: E402
 from harness.training import Result, jsonable  # noqa: E402
 
 
-def steps_to(result: Result, time_s: float | None) -> int | None:
-    """The step count at which ``result`` reached its target (from its wall time)."""
-    if time_s is None:
-        return None
-    return 1 + result.step_times.index(time_s) if time_s in result.step_times else None
-
-
 def _floats(text: str | None, flag: str) -> list[float | None]:
     if text is None:
         return [None]
@@ -79,10 +72,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
     target = example.make_task(example.parse_args(common)).target
     value = report.set_times_to_target([sgd] + [r for _, r in points], target, task_window)
-    sgd_steps = steps_to(sgd, sgd.time_to_target) if target.metric == "train_loss" else None
+    by_steps = target.metric == "train_loss" and value is not None
+    steps_to = lambda r: report.steps_to_reach(r, value, task_window) if by_steps else None
+    sgd_steps = steps_to(sgd)
     rows = []
     for setting, r in points:
-        steps = steps_to(r, r.time_to_target) if target.metric == "train_loss" else None
+        steps = steps_to(r)
         rows.append({
             **setting, "lr_used": r.lr, "final": r.final(target.metric), "diverged": r.diverged,
             "time_to_target_s": r.time_to_target,

@@ -288,10 +288,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-batches", type=int, default=20,
                    help="test windows: at most N batches of the test split (default 20)")
     args = cli.parse(p, argv)
-    for name in ("seq_len", "d_model", "layers", "heads", "steps_per_epoch", "eval_batches"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    cli.require_at_least(
+        p, args, ("seq_len", "d_model", "layers", "heads", "steps_per_epoch", "eval_batches")
+    )
     if args.d_model % args.heads:
         p.error(f"--heads {args.heads} must divide --d-model {args.d_model}")
     return args

@@ -61,12 +61,21 @@ def parser(
     return p
 
 
+def require_at_least(
+    p: argparse.ArgumentParser, args: argparse.Namespace, names: Sequence[str],
+    minimum: int = 1,
+) -> None:
+    """Exit with an error naming the flag if one of ``names`` (when set) is below ``minimum``."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            p.error(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
+
+
 def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and check the common flags (errors name the flag)."""
     args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "reach_window"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    require_at_least(p, args, ("epochs", "batch_size", "reach_window"))
     for name in ("lr", "damping", "kl_clip"):
         value = getattr(args, name)
         if value is not None and not value > 0:

@@ -30,22 +30,28 @@ def time_to_reach(result: Result, target: Target, value: float, window: int = 10
         return None
     better = (lambda v: v >= value) if target.higher_is_better else (lambda v: v <= value)
     if target.metric == "train_loss":
-        losses = np.asarray(result.step_losses, dtype=np.float64)
-        if len(losses) == 0:
-            return None
-        window = max(1, min(window, len(losses)))
-        csum = np.concatenate([[0.0], np.cumsum(losses)])
-        for i in range(window - 1, len(losses)):
-            mean = (csum[i + 1] - csum[i + 1 - window]) / window
-            if np.isfinite(mean) and better(mean):
-                return result.step_times[i]
-        return None
+        steps = steps_to_reach(result, value, window)
+        return None if steps is None else result.step_times[steps - 1]
     split, _, name = target.metric.partition("_")
     values = (result.train if split == "train" else result.test).get(name, [])
     ends = np.cumsum(result.epoch_times)
     for v, t in zip(values, ends):
         if math.isfinite(v) and better(v):
             return float(t)
+    return None
+
+
+def steps_to_reach(result: Result, value: float, window: int = 10) -> int | None:
+    """Steps until the mean of the last ``window`` step losses is at or below ``value``."""
+    losses = np.asarray(result.step_losses, dtype=np.float64)
+    if len(losses) == 0 or not math.isfinite(value):
+        return None
+    window = max(1, min(window, len(losses)))
+    csum = np.concatenate([[0.0], np.cumsum(losses)])
+    for i in range(window - 1, len(losses)):
+        mean = (csum[i + 1] - csum[i + 1 - window]) / window
+        if np.isfinite(mean) and mean <= value:
+            return i + 1
     return None
 
 
