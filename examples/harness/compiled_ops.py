@@ -1,0 +1,169 @@
+"""Counting the operations of a compiled step: a load-independent cost measure.
+
+On an accelerator a small training step is bound by kernel launches, not FLOPs: every
+top-level operation of the compiled program's entry computation (a fusion, a dot, a
+convolution, a copy, a collective) is one launch. :func:`count_ops` reads them from
+``jax.jit(step).lower(...).compile().as_text()`` on whatever backend is present, so the
+count of Eva's step can be compared with SGD's on the same model without timing anything.
+
+Counted: every instruction of the ``ENTRY`` computation except those that do no work
+(``parameter``, ``constant``, ``get-tuple-element``, ``tuple``, ``bitcast``, ``after-all``).
+A ``call`` is replaced by the instructions of the computation it calls (XLA's GPU
+compiler outlines runs of kernels into ``call``\\ s of command-buffer computations, which
+launch the same kernels as one CUDA graph); ``while`` and ``conditional`` count as one.
+
+:func:`count_kinds` sorts the same instructions into five kinds: ``dot`` (a ``dot``, a
+GEMM library call such as ``__cublas$gemm``, or a fusion around a dot: XLA:CPU's
+``__ynn_fusion``, XLA:GPU's Triton GEMMs), ``convolution`` (likewise, with cuDNN's
+calls), ``fusion`` (every other fusion), ``copy`` (``copy``, ``copy-start``,
+``copy-done``) and ``other``.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from typing import Any, NamedTuple
+
+#: Entry-computation instructions that launch nothing.
+NO_WORK = frozenset(
+    {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all"}
+)
+
+#: The kinds of :func:`count_kinds`, in the order of a table's columns.
+KINDS = ("fusion", "dot", "convolution", "copy", "other")
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*.*?\s([a-z][a-z0-9\-]*)\(")
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_CALLS = re.compile(r"\b(?:calls|to_apply)=%?([\w.\-]+)")
+_TARGET = re.compile(r'custom_call_target="([^"]*)"')
+
+
+class Instruction(NamedTuple):
+    """One instruction of an HLO computation: its opcode and its line of text."""
+
+    opcode: str
+    text: str
+
+
+def computations(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
+    """The instructions of every computation of an HLO module's text, and the entry's name."""
+    found: dict[str, list[Instruction]] = {}
+    entry = None
+    current: list[Instruction] | None = None
+    for line in hlo_text.splitlines():
+        if current is None:
+            header = _HEADER.match(line)
+            if header:
+                current = found.setdefault(header.group(2), [])
+                if header.group(1):
+                    entry = header.group(2)
+            continue
+        if line.startswith("}"):
+            current = None
+            continue
+        match = _INSTRUCTION.match(line)
+        if match:
+            current.append(Instruction(match.group(1), line))
+    if entry is None:
+        raise ValueError("no ENTRY computation in this HLO text")
+    return found, entry
+
+
+def entry_opcodes(hlo_text: str) -> list[str]:
+    """The opcodes of the ``ENTRY`` computation of an HLO module's text, in order."""
+    found, entry = computations(hlo_text)
+    return [i.opcode for i in found[entry]]
+
+
+def _callee(instruction: Instruction) -> str | None:
+    match = _CALLS.search(instruction.text)
+    return match.group(1) if match else None
+
+
+def launched(hlo_text: str) -> tuple[list[Instruction], dict[str, list[Instruction]]]:
+    """The entry's instructions that do work (``call``\\ s replaced by their callees'),
+    and every computation of the module (for :func:`kind`)."""
+    found, entry = computations(hlo_text)
+    out: list[Instruction] = []
+
+    def visit(name: str, depth: int) -> None:
+        for instruction in found.get(name, []):
+            callee = _callee(instruction)
+            if instruction.opcode == "call" and callee in found and depth < 16:
+                visit(callee, depth + 1)
+            elif instruction.opcode not in NO_WORK:
+                out.append(instruction)
+
+    visit(entry, 0)
+    return out, found
+
+
+def _text(compiled: Any) -> str:
+    return compiled if isinstance(compiled, str) else compiled.as_text()
+
+
+def count_ops(compiled: Any) -> collections.Counter:
+    """Operations that do work in a compiled function, by opcode.
+
+    Args:
+      compiled: a ``jax.stages.Compiled`` (``jax.jit(f).lower(*args).compile()``) or its
+        ``as_text()``.
+
+    Returns:
+      A ``Counter`` ``{opcode: count}``; ``sum(counter.values())`` is the number of
+      top-level operations (kernel launches on a GPU).
+    """
+    return collections.Counter(i.opcode for i in launched(_text(compiled))[0])
+
+
+def total_ops(compiled: Any) -> int:
+    """The number of top-level operations of a compiled function (:func:`count_ops`)."""
+    return sum(count_ops(compiled).values())
+
+
+def _contains(found: dict[str, list[Instruction]], name: str | None, opcode: str) -> bool:
+    seen, todo = set(), [name]
+    while todo:
+        current = todo.pop()
+        if current is None or current in seen or current not in found:
+            continue
+        seen.add(current)
+        for instruction in found[current]:
+            if instruction.opcode == opcode:
+                return True
+            todo.append(_callee(instruction))
+    return False
+
+
+def kind(instruction: Instruction, found: dict[str, list[Instruction]]) -> str:
+    """The kind (one of :data:`KINDS`) of a top-level instruction."""
+    op = instruction.opcode
+    if op in ("dot", "convolution"):
+        return op
+    if op in ("copy", "copy-start", "copy-done"):
+        return "copy"
+    if op == "custom-call":
+        match = _TARGET.search(instruction.text)
+        target = match.group(1).lower() if match else ""
+        if "conv" in target:
+            return "convolution"
+        if any(word in target for word in ("gemm", "matmul", "cublas")):
+            return "dot"
+        return "other"
+    if op == "fusion":
+        callee = _callee(instruction)
+        if _contains(found, callee, "convolution"):
+            return "convolution"
+        if _contains(found, callee, "dot"):
+            return "dot"
+        return "fusion"
+    return "other"
+
+
+def count_kinds(compiled: Any) -> collections.Counter:
+    """The operations of :func:`count_ops` by kind (:data:`KINDS`), every kind present."""
+    instructions, found = launched(_text(compiled))
+    counts = collections.Counter({k: 0 for k in KINDS})
+    counts.update(kind(i, found) for i in instructions)
+    return counts
