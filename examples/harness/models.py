@@ -10,16 +10,23 @@
   language modelling; the blocks are stacked with ``nn.scan`` (one compiled block, kernels
   with a leading layer axis) and the attention projections are ``nn.DenseGeneral``
   (``features=(heads, head_dim)`` for q/k/v, ``axis=(-2, -1)`` for the output).
+  ``CharTransformer(vocab=50304, d_model=768, num_heads=12, mlp_dim=3072, num_layers=12,
+  max_len=1024)`` is GPT-2 small with an untied head.
+
+``ResNet`` and ``CharTransformer`` take a ``dtype``, the dtype of their computations
+(``jnp.bfloat16``: bfloat16 activations; the parameters stay float32). The default
+``None`` computes in the dtype of the inputs and parameters, float32.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 AUTOENCODER_SIZES = (1000, 500, 250, 30, 250, 500, 1000, 784)
 
@@ -39,8 +46,8 @@ class Autoencoder(nn.Module):
         return x
 
 
-def _norm(train: bool) -> nn.BatchNorm:
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9)
+def _norm(train: bool, dtype: Any = None) -> nn.BatchNorm:
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=dtype)
 
 
 class ResidualBlock(nn.Module):
@@ -48,55 +55,70 @@ class ResidualBlock(nn.Module):
 
     features: int
     strides: int = 1
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        y = nn.Conv(self.features, (3, 3), strides=self.strides, use_bias=False)(x)
-        y = nn.relu(_norm(train)(y))
-        y = nn.Conv(self.features, (3, 3), use_bias=False)(y)
-        y = _norm(train)(y)
+        conv = lambda size, strides=1: nn.Conv(
+            self.features, size, strides=strides, use_bias=False, dtype=self.dtype
+        )
+        y = conv((3, 3), self.strides)(x)
+        y = nn.relu(_norm(train, self.dtype)(y))
+        y = conv((3, 3))(y)
+        y = _norm(train, self.dtype)(y)
         if x.shape[-1] != self.features or self.strides != 1:
-            x = nn.Conv(self.features, (1, 1), strides=self.strides, use_bias=False)(x)
-            x = _norm(train)(x)
+            x = conv((1, 1), self.strides)(x)
+            x = _norm(train, self.dtype)(x)
         return nn.relu(x + y)
 
 
 class ResNet(nn.Module):
-    """Conv 3×3/``stages[0]``, stages of residual blocks (features, stride), GAP, Dense."""
+    """Conv 3×3/``stages[0]``, stages of residual blocks (features, stride), GAP, Dense.
+
+    ``ResNet(RESNET18_STAGES)`` is the CIFAR-style ResNet-18 (stem 3×3/64, stages
+    64/128/256/512 of two basic blocks, strides 1/2/2/2).
+    """
 
     stages: Sequence[tuple[int, int]] = ((16, 1), (32, 2), (64, 2))
     blocks_per_stage: int = 2
     num_classes: int = 10
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
-        x = nn.Conv(self.stages[0][0], (3, 3), use_bias=False)(x)
-        x = nn.relu(_norm(train)(x))
+        x = nn.Conv(self.stages[0][0], (3, 3), use_bias=False, dtype=self.dtype)(x)
+        x = nn.relu(_norm(train, self.dtype)(x))
         for features, strides in self.stages:
             for b in range(self.blocks_per_stage):
-                x = ResidualBlock(features, strides if b == 0 else 1)(x, train)
+                x = ResidualBlock(features, strides if b == 0 else 1, self.dtype)(x, train)
         x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes)(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x)
+
+
+RESNET18_STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))
 
 
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with ``nn.DenseGeneral`` projections."""
 
     num_heads: int
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d_model = x.shape[-1]
         head_dim = d_model // self.num_heads
-        proj = lambda name: nn.DenseGeneral((self.num_heads, head_dim), name=name)
+        proj = lambda name: nn.DenseGeneral(
+            (self.num_heads, head_dim), dtype=self.dtype, name=name
+        )
         q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)  # (B, T, H, D)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
         t = x.shape[-2]
         mask = jnp.tril(jnp.ones((t, t), bool))
         logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
         weights = jax.nn.softmax(logits, axis=-1)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-        return nn.DenseGeneral(d_model, axis=(-2, -1), name="out")(out)
+        return nn.DenseGeneral(d_model, axis=(-2, -1), dtype=self.dtype, name="out")(out)
 
 
 class TransformerBlock(nn.Module):
@@ -104,12 +126,14 @@ class TransformerBlock(nn.Module):
 
     num_heads: int
     mlp_dim: int
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + CausalSelfAttention(self.num_heads)(nn.LayerNorm()(x))
-        y = nn.Dense(self.mlp_dim)(nn.LayerNorm()(x))
-        y = nn.Dense(x.shape[-1])(nn.gelu(y))
+        norm = lambda: nn.LayerNorm(dtype=self.dtype)
+        x = x + CausalSelfAttention(self.num_heads, self.dtype)(norm()(x))
+        y = nn.Dense(self.mlp_dim, dtype=self.dtype)(norm()(x))
+        y = nn.Dense(x.shape[-1], dtype=self.dtype)(nn.gelu(y))
         return x + y
 
 
@@ -118,10 +142,12 @@ class _ScanStep(nn.Module):
 
     num_heads: int
     mlp_dim: int
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, _: None) -> tuple[jax.Array, None]:
-        return TransformerBlock(self.num_heads, self.mlp_dim, name="block")(x), None
+        block = TransformerBlock(self.num_heads, self.mlp_dim, self.dtype, name="block")
+        return block(x), None
 
 
 class CharTransformer(nn.Module):
@@ -137,14 +163,15 @@ class CharTransformer(nn.Module):
     num_layers: int = 4
     max_len: int = 128
     scan: bool = True
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        x = nn.Embed(self.vocab, self.d_model)(tokens)
+        x = nn.Embed(self.vocab, self.d_model, dtype=self.dtype)(tokens)
         pos = self.param(
             "pos_embedding", nn.initializers.normal(0.02), (self.max_len, self.d_model)
         )
-        x = x + pos[: tokens.shape[-1]]
+        x = x + pos[: tokens.shape[-1]].astype(x.dtype)
         if self.scan:
             blocks = nn.scan(
                 _ScanStep,
@@ -152,8 +179,8 @@ class CharTransformer(nn.Module):
                 split_rngs={"params": True},
                 length=self.num_layers,
             )
-            x, _ = blocks(self.num_heads, self.mlp_dim, name="blocks")(x, None)
+            x, _ = blocks(self.num_heads, self.mlp_dim, self.dtype, name="blocks")(x, None)
         else:
             for _ in range(self.num_layers):
-                x = TransformerBlock(self.num_heads, self.mlp_dim)(x)
-        return nn.Dense(self.vocab)(nn.LayerNorm()(x))
+                x = TransformerBlock(self.num_heads, self.mlp_dim, self.dtype)(x)
+        return nn.Dense(self.vocab, dtype=self.dtype)(nn.LayerNorm(dtype=self.dtype)(x))
