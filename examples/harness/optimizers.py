@@ -2,12 +2,18 @@
 
 Every optimizer gets the same learning-rate schedule shape, momentum 0.9 wherever it
 has momentum, and L2 weight decay added to the gradient (``weight_decay`` × params),
-except AdamW whose decay is decoupled. ``capture`` says how a step gets its gradients:
+except AdamW and Muon whose decay is decoupled. ``capture`` says how a step gets its
+gradients:
 
-- ``"plain"``: ``jax.value_and_grad`` (SGD, AdamW, Eva-s, Shampoo);
+- ``"plain"``: ``jax.value_and_grad`` (SGD, AdamW, Eva-s, Shampoo, Muon);
 - ``"stats"``: ``eva_optax.value_and_grad(..., statistics=spec.statistics)`` (Eva, Eva-f);
 - ``"gated"``: the same, with ``factors_due=eva_optax.factors_due(opt_state)`` so that the
   Kronecker factors are only computed on the steps that use them (K-FAC, FOOF).
+
+``statistics`` is also what the abstract capture pass that finds every layer's
+:class:`eva_optax.KernelLayout` records (``layouts=``, for the optimizers that take it):
+Muon takes no statistics but names the cheapest, ``('input_mean',)``, so that it sees
+DenseGeneral and convolution kernels as the matrices Eva sees.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import jax
 import optax
+from optax.contrib import MuonDimensionNumbers
 
 import eva_optax
 
@@ -70,6 +78,59 @@ class Spec:
         return self.factory(learning_rate, **kwargs)
 
 
+def _layout_at(layouts: Any, module: tuple[str, ...]) -> eva_optax.KernelLayout | None:
+    node = layouts
+    for name in module:
+        if not hasattr(node, "get"):
+            return None
+        node = node.get(name)
+    return node if isinstance(node, eva_optax.KernelLayout) else None
+
+
+def muon_dimension_numbers(params: Any, layouts: Any = None) -> Any:
+    """Muon's view of every layer kernel as a matrix: ``stack + inputs + outputs`` axes.
+
+    A ``kernel`` of rank ≥ 2 gets ``MuonDimensionNumbers(inputs, outputs)`` (its stack
+    axes, for layers stacked by ``nn.scan``, are Muon's batch axes: one matrix per
+    layer); every other parameter (biases, norms, embeddings) gets ``None``, i.e. Muon's
+    AdamW. The axes come from ``layouts`` (:func:`eva_optax.layouts_of` of a capture, keyed
+    by module path) where it names the layer, else the kernel is read as Dense or HWIO
+    convolution: every axis but the last is an input.
+    """
+
+    def numbers(path: tuple[Any, ...], leaf: Any) -> MuonDimensionNumbers | None:
+        names = tuple(str(getattr(k, "key", k)) for k in path)
+        if not names or names[-1] != "kernel" or jax.numpy.ndim(leaf) < 2:
+            return None
+        layout = _layout_at(layouts, names[:-1]) or eva_optax.KernelLayout()
+        rank = jax.numpy.ndim(leaf)
+        return MuonDimensionNumbers(
+            reduction_axis=tuple(range(layout.stack_ndim, rank - layout.output_ndim)),
+            output_axis=tuple(range(rank - layout.output_ndim, rank)),
+        )
+
+    return jax.tree_util.tree_map_with_path(numbers, params)
+
+
+def muon(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    momentum: float = 0.95,
+    weight_decay: float = 0.0,
+    layouts: Any = None,
+) -> optax.GradientTransformation:
+    """``optax.contrib.muon`` on every layer kernel (:func:`muon_dimension_numbers`).
+
+    ``momentum`` is Muon's ``beta`` (Nesterov), ``weight_decay`` its decoupled decay of
+    the kernels; the other parameters go to Muon's AdamW with the same learning rate and
+    no decay, as in ``optax.contrib.muon``.
+    """
+    return optax.contrib.muon(
+        learning_rate, beta=momentum, weight_decay=weight_decay,
+        muon_weight_dimension_numbers=lambda params: muon_dimension_numbers(params, layouts),
+    )
+
+
 SPECS: tuple[Spec, ...] = (
     Spec("sgd", "SGD", optax.sgd, "plain"),
     Spec("adamw", "AdamW", optax.adamw, "plain"),
@@ -85,6 +146,7 @@ SPECS: tuple[Spec, ...] = (
         extra=(("stats_every", 10), ("inverse_every", 10)),
     ),
     Spec("shampoo", "Shampoo", eva_optax.shampoo, "plain"),
+    Spec("muon", "Muon", muon, "plain", ("input_mean",)),
 )
 SPEC_BY_KEY: dict[str, Spec] = {s.key: s for s in SPECS}
 
