@@ -53,7 +53,6 @@ import argparse
 import importlib.util
 import json
 import math
-import platform
 import re
 import statistics
 import subprocess
@@ -276,46 +275,14 @@ def summarise(rounds: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, A
     }
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 def machine_info() -> dict[str, Any]:
-    import flax
-    import jax
-    import jaxlib
-    import numpy as np
-    import optax
+    """``harness.report.machine_info`` without the devices: the driver runs on the CPU
+    and leaves JAX's backend alone, the device counts are the workers'."""
+    if str(ROOT / "examples") not in sys.path:
+        sys.path.insert(0, str(ROOT / "examples"))
+    from harness import report
 
-    import eva_optax
-
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        usable = os.cpu_count()
-    return {
-        "platform": platform.platform(),
-        "cpu_model": _cpu_model(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "usable_cpus": usable,
-        "python": sys.version.split()[0],
-        "versions": {
-            "jax": jax.__version__,
-            "jaxlib": jaxlib.__version__,
-            "optax": optax.__version__,
-            "flax": flax.__version__,
-            "eva_optax": eva_optax.__version__,
-            "numpy": np.__version__,
-        },
-    }
+    return report.machine_info(devices=False)
 
 
 def text_table(results: Sequence[dict[str, Any]]) -> str:
@@ -352,7 +319,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Data-parallel step time: Eva / SGD over 1-8 devices",
         "",
-        f"`python benchmarks/multi_device.py` on {m['cpu_model'] or m['machine']} "
+        f"`python benchmarks/multi_device.py` on {m['cpu'] or m['machine']} "
         f"({m['usable_cpus']} usable of {m['cpu_count']} CPUs), jax {v['jax']}, "
         f"jaxlib {v['jaxlib']}, optax {v['optax']}, flax {v['flax']}, "
         f"eva_optax {v['eva_optax']}, Python {m['python']}. The CNN of "

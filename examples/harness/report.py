@@ -124,8 +124,15 @@ def write_csv(results: Sequence[Result], path: Path) -> None:
                            + [f"{seconds:.4f}", f"{total:.4f}"])
 
 
-def machine_info() -> dict[str, Any]:
-    """Processor, accelerator and library versions, for every results file."""
+def machine_info(devices: bool = True) -> dict[str, Any]:
+    """Processor, accelerator and library versions, for every results file.
+
+    ``cpu`` (model name), ``cpu_count`` and ``usable_cpus`` (this process's affinity),
+    ``platform``, ``machine``, ``python``, ``xla_flags`` and ``versions``; with ``devices``
+    also ``jax_backend``, ``devices`` (every device), ``device_count``, ``device_kind``
+    and ``device`` (``platform (kind)`` of the first). ``devices=False`` leaves JAX's
+    backend uninitialised (a driver whose workers own the devices).
+    """
     import flax
     import jax
     import jaxlib
@@ -139,20 +146,35 @@ def machine_info() -> dict[str, Any]:
             cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
     except OSError:
         pass
-    device = jax.devices()[0]
-    return {
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count()
+    info: dict[str, Any] = {
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
+        "usable_cpus": usable,
         "platform": platform.platform(),
+        "machine": platform.machine(),
         "python": sys.version.split()[0],
-        "device": f"{device.platform} ({getattr(device, 'device_kind', '')})",
-        "device_count": jax.device_count(),
-        "versions": {
-            "jax": jax.__version__, "jaxlib": jaxlib.__version__, "optax": optax.__version__,
-            "flax": flax.__version__, "eva_optax": eva_optax.__version__,
-            "numpy": np.__version__,
-        },
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
+    if devices:
+        device = jax.devices()[0]
+        kind = getattr(device, "device_kind", "")
+        info.update({
+            "jax_backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.devices()],
+            "device_count": jax.device_count(),
+            "device_kind": kind,
+            "device": f"{device.platform} ({kind})",
+        })
+    info["versions"] = {
+        "jax": jax.__version__, "jaxlib": jaxlib.__version__, "optax": optax.__version__,
+        "flax": flax.__version__, "eva_optax": eva_optax.__version__,
+        "numpy": np.__version__,
+    }
+    return info
 
 
 def plot(results: Sequence[Result], out: Path, title: str, log_loss: bool = True) -> list[Path]:
