@@ -44,6 +44,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from eva_optax.layers import (
     BIAS,
@@ -191,24 +192,75 @@ def _input_mean(module: nn.Module, kind: str, x: jax.Array) -> jax.Array:
   """ā of one call (without the bias 1).
 
   Dense / DenseGeneral: the mean of the rows. Conv: batch mean first, then the
-  mean of its im2col patches, in HWIO order. The patch mean is the gradient,
-  w.r.t. a one-output kernel, of the mean over positions of the layer's own
-  convolution of the mean image: convolution is linear in the kernel, so this
-  reuses Flax's handling of every padding mode (SAME, VALID, explicit,
-  CIRCULAR, REFLECT, CAUSAL), stride and dilation.
+  mean of its im2col patches, in HWIO order. With zero padding (SAME, VALID,
+  CAUSAL, explicit pads) that patch mean is one matrix product with a constant
+  selection matrix (:func:`_patch_selection`). Otherwise (CIRCULAR, REFLECT,
+  input dilation) it is the gradient, w.r.t. a one-output kernel, of the mean
+  over positions of the layer's own convolution of the mean image:
+  convolution is linear in the kernel, so this reuses Flax's own padding.
   """
   if kind != "Conv":
     return jnp.mean(_input_rows(module, kind, x), axis=0)
   kernel_size = _kernel_size(module)
   spatial = x.shape[x.ndim - len(kernel_size) - 1 :]
   images = x.reshape((-1,) + spatial).astype(jnp.float32)
-  mean_image = jnp.mean(images, axis=0, keepdims=True)
+  mean_image = jnp.mean(images, axis=0)
+  selection = _patch_selection(module, spatial[:-1])
+  if selection is not None:
+    # ā = M · vec(mean image): one product, M constant (built at trace time).
+    flat = mean_image.reshape(-1, spatial[-1])
+    return jnp.dot(selection, flat, precision=jax.lax.Precision.HIGHEST).reshape(-1)
   conv = _probe_conv(module, 1)
+  mean_image = mean_image[None]
   # Per device under shard_map (else its gradient would be summed over devices).
   kernel = _varying_like(jnp.zeros(kernel_size + (spatial[-1], 1), jnp.float32), mean_image)
   out, vjp = jax.vjp(lambda k: conv.apply({"params": {KERNEL: k}}, mean_image), kernel)
   (patch_mean,) = vjp(_varying_like(jnp.full(out.shape, 1.0 / out.size, out.dtype), out))
   return patch_mean.reshape(-1)
+
+
+def _patch_selection(module: nn.Module, spatial: tuple[int, ...]) -> np.ndarray | None:
+  """The matrix M with ā = M · vec(mean image), for zero-padded convolutions.
+
+  Entry ``(window offset, pixel)`` of M counts the output positions that read
+  that pixel at that offset of the window (divided by the number of output
+  positions): one row per offset of the kernel window (in HWIO order), one
+  column per input pixel. The padding, strides and kernel dilation are the
+  layer's own (Flax's SAME, VALID, CAUSAL or explicit pads). ``None`` where the
+  padding is not zeros (CIRCULAR, REFLECT), with input dilation, or where M
+  would be large (more than 2²⁰ entries): the caller then differentiates the
+  layer's own convolution instead.
+  """
+  kernel_size = _kernel_size(module)
+  n = len(kernel_size)
+  broadcast = lambda v: (1,) * n if v is None else ((v,) * n if isinstance(v, int) else tuple(v))
+  strides, dilation = broadcast(module.strides), broadcast(module.kernel_dilation)
+  if broadcast(module.input_dilation) != (1,) * n:
+    return None
+  if math.prod(kernel_size) * math.prod(spatial) > 2**20:
+    return None
+  padding = nn.linear.canonicalize_padding(module.padding, n)
+  dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, dilation)]
+  if padding == "CAUSAL":
+    pads = [(dilated[0] - 1, 0)]
+  elif padding in ("CIRCULAR", "REFLECT"):
+    return None
+  elif isinstance(padding, str):
+    pads = jax.lax.padtype_to_pads(spatial, dilated, strides, padding)
+  else:
+    pads = [tuple(p) for p in padding]
+  selection = np.ones((1, 1))
+  for size, k, s, d, (lo, hi) in zip(spatial, kernel_size, strides, dilation, pads):
+    outputs = (size + lo + hi - ((k - 1) * d + 1)) // s + 1
+    if outputs < 1:
+      return None
+    axis = np.zeros((k, size))
+    for offset in range(k):
+      rows = np.arange(outputs) * s + offset * d - lo
+      rows = rows[(rows >= 0) & (rows < size)]
+      np.add.at(axis[offset], rows, 1.0)
+    selection = np.kron(selection, axis / outputs)
+  return selection.astype(np.float32)
 
 
 def _input_factor(module: nn.Module, layer: "_Layer", x: jax.Array) -> jax.Array:

@@ -25,10 +25,12 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import math
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from eva_optax import kl
@@ -41,6 +43,7 @@ from eva_optax.preconditioning import (
     layerwise_transformation,
     scale_preconditioned,
 )
+from eva_optax.segments import Segments
 
 #: What :func:`eva_optax.value_and_grad` must capture for Eva (its default).
 STATISTICS = EVA_STATISTICS
@@ -68,19 +71,67 @@ def sherman_morrison(
   Returns:
     The projected kernel and bias and ``Σ ⟨projection, Ĝ⟩`` (a scalar).
   """
-  a, g, k, b = input_mean, output_grad_mean, grad.kernel, grad.bias
-  s = jnp.einsum("...i,...io,...o->...", a, k, g)
-  a_sq = jnp.sum(a * a, axis=-1)
-  grad_sq = jnp.sum(k * k, axis=(-2, -1))
-  if b is not None:
-    s = s + jnp.sum(b * g, axis=-1)
-    a_sq = a_sq + 1.0
-    grad_sq = grad_sq + jnp.sum(b * b, axis=-1)
-  coef = s / (a_sq * jnp.sum(g * g, axis=-1) + damping)
-  kernel = k - coef[..., None, None] * a[..., :, None] * g[..., None, :]
-  bias = None if b is None else b - coef[..., None] * g
+  p = sherman_morrison_layers([grad], [input_mean], [output_grad_mean], damping)
+  return Preconditioned(p.kernel[0], p.bias[0], p.update_dot_grad)
+
+
+def sherman_morrison_layers(
+    grads: Sequence[LayerGradient],
+    input_means: Sequence[jax.Array],
+    output_grad_means: Sequence[jax.Array],
+    damping: jax.Array,
+) -> Preconditioned:
+  """:func:`sherman_morrison` for many layers at once, with few operations.
+
+  Per layer, the only work over the gradient matrix is one reduction giving
+  ``ḡᵀ∇W ā`` and ``‖∇W‖²``; the vector dot products of every layer (‖ā‖²,
+  ‖ḡ‖², ḡ·∇b, ‖∇b‖²) are one :class:`~eva_optax.segments.Segments` sum, and
+  the rank-one correction is left elementwise, so that XLA fuses it into the
+  update that follows (weight decay, momentum, learning rate).
+
+  Returns:
+    A :class:`Preconditioned` whose ``kernel`` and ``bias`` are tuples (one
+    entry per layer, ``bias`` entries ``None`` without a bias) and whose
+    ``update_dot_grad`` is ``Σ_layers ⟨projection, Ĝ⟩``.
+  """
+  kernels = [g.kernel for g in grads]
+  biases = [g.bias for g in grads]
+  a, g = list(input_means), list(output_grad_means)
+  segments = Segments([k.shape[:-2] for k in kernels])
+  a_sq, g_sq, bias_dot, bias_sq = segments.dots(
+      [(x, x) for x in a],
+      [(y, y) for y in g],
+      [None if b is None else (b, y) for b, y in zip(biases, g)],
+      [None if b is None else (b, b) for b in biases],
+  )
+  sums = [_grad_sums(k, x, y) for k, x, y in zip(kernels, a, g)]
+  s = segments.pack([q for q, _ in sums]) + bias_dot
+  grad_sq = segments.pack([n for _, n in sums]) + bias_sq
+  has_bias = np.concatenate(
+      [np.full(math.prod(k.shape[:-2]), b is not None, np.float32) for k, b in zip(kernels, biases)]
+  )
+  coef = s / ((a_sq + has_bias) * g_sq + damping)
+  kernel, bias = [], []
+  for l, (k, b, x, y) in enumerate(zip(kernels, biases, a, g)):
+    c = segments.of(coef, l)
+    kernel.append(k - c[..., None, None] * x[..., :, None] * y[..., None, :])
+    bias.append(None if b is None else b - c[..., None] * y)
   # ⟨Ĝ − c ḡāᵀ, Ĝ⟩ = ‖Ĝ‖² − c s: no second pass over the gradient.
-  return Preconditioned(kernel, bias, jnp.sum(grad_sq - coef * s))
+  return Preconditioned(tuple(kernel), tuple(bias), jnp.sum(grad_sq - coef * s))
+
+
+def _grad_sums(
+    kernel: jax.Array, input_mean: jax.Array, output_grad_mean: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """``āᵀ∇W ḡ`` and ``‖∇W‖²`` per stacked layer, in one pass over the kernel."""
+  outer = input_mean[..., :, None] * output_grad_mean[..., None, :]
+  zero = jnp.zeros((), kernel.dtype)
+  return jax.lax.reduce(
+      (kernel * outer, kernel * kernel),
+      (zero, zero),
+      lambda x, y: (x[0] + y[0], x[1] + y[1]),
+      (kernel.ndim - 2, kernel.ndim - 1),
+  )
 
 
 class ScaleByEvaState(NamedTuple):
@@ -140,9 +191,12 @@ def scale_by_eva(
     Zhang, Shi, Li. Eva: Practical Second-order Optimization with
     Kronecker-vectorized Approximation. ICLR 2023.
   """
-  def precondition(grad, layer_stats, gamma):
-    p = sherman_morrison(
-        grad, layer_stats["input_mean"], layer_stats["output_grad_mean"], gamma
+  def precondition(grads, layer_stats, gamma):
+    p = sherman_morrison_layers(
+        grads,
+        [s["input_mean"] for s in layer_stats],
+        [s["output_grad_mean"] for s in layer_stats],
+        gamma,
     )
     return p if scaling == kl.KL_NORMALISE else scale_preconditioned(p, 1.0 / gamma)
 
@@ -150,7 +204,7 @@ def scale_by_eva(
       who="scale_by_eva",
       state_cls=ScaleByEvaState,
       statistics=STATISTICS,
-      precondition=precondition,
+      precondition_layers=precondition,
       learning_rate=learning_rate,
       damping=damping,
       kl_clip=kl_clip,

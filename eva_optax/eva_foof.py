@@ -22,10 +22,12 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import math
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from eva_optax import kl
@@ -38,6 +40,7 @@ from eva_optax.preconditioning import (
     layerwise_transformation,
     scale_preconditioned,
 )
+from eva_optax.segments import Segments
 
 #: What :func:`eva_optax.value_and_grad` must capture for Eva-f.
 STATISTICS = (INPUT_MEAN,)
@@ -54,19 +57,56 @@ def foof_vector_projection(
     input_mean: ā, ``stack + (in,)``.
     damping: γ > 0.
   """
-  a, k, b = input_mean, grad.kernel, grad.bias
-  projected = jnp.einsum("...i,...io->...o", a, k)  # Ĝ ā
-  a_sq = jnp.sum(a * a, axis=-1)
-  grad_sq = jnp.sum(k * k, axis=(-2, -1))
-  if b is not None:
-    projected = projected + b
-    a_sq = a_sq + 1.0
-    grad_sq = grad_sq + jnp.sum(b * b, axis=-1)
-  coef = projected / (a_sq + damping)[..., None]
-  kernel = k - a[..., :, None] * coef[..., None, :]
-  bias = None if b is None else b - coef
-  dot = grad_sq - jnp.sum(coef * projected, axis=-1)
-  return Preconditioned(kernel, bias, jnp.sum(dot))
+  p = foof_vector_projection_layers([grad], [input_mean], damping)
+  return Preconditioned(p.kernel[0], p.bias[0], p.update_dot_grad)
+
+
+def foof_vector_projection_layers(
+    grads: Sequence[LayerGradient], input_means: Sequence[jax.Array], damping: jax.Array
+) -> Preconditioned:
+  """:func:`foof_vector_projection` for many layers at once, with few operations.
+
+  Per layer, one pass over the gradient matrix gives both Ĝā (its columns
+  weighted by ā) and the column norms of ∇W; every other sum (‖ā‖², ‖Ĝā‖²,
+  ‖∇W‖², ‖∇b‖²) is one :class:`~eva_optax.segments.Segments` sum for all
+  layers, and the rank-one correction stays elementwise (fused into the update).
+
+  Returns:
+    A :class:`Preconditioned` with tuples of kernels and biases (one per
+    layer) and ``Σ_layers ⟨V, Ĝ⟩``.
+  """
+  kernels = [g.kernel for g in grads]
+  biases = [g.bias for g in grads]
+  a = list(input_means)
+  segments = Segments([k.shape[:-2] for k in kernels])
+  projected, column_sq = [], []
+  for k, x, b in zip(kernels, a, biases):
+    p, c = jax.lax.reduce(
+        (k * x[..., :, None], k * k),
+        (jnp.zeros((), k.dtype), jnp.zeros((), k.dtype)),
+        lambda u, v: (u[0] + v[0], u[1] + v[1]),
+        (k.ndim - 2,),
+    )
+    projected.append(p if b is None else p + b)  # Ĝ ā, the bias matched by a 1
+    column_sq.append(c)
+  a_sq, projected_sq, grad_sq, bias_sq = segments.dots(
+      [(x, x) for x in a],
+      [(p, p) for p in projected],
+      [(c, jnp.ones_like(c)) for c in column_sq],
+      [None if b is None else (b, b) for b in biases],
+  )
+  has_bias = np.concatenate(
+      [np.full(math.prod(k.shape[:-2]), b is not None, np.float32) for k, b in zip(kernels, biases)]
+  )
+  scale = 1.0 / (a_sq + has_bias + damping)
+  kernel, bias = [], []
+  for l, (k, b, x, p) in enumerate(zip(kernels, biases, a, projected)):
+    coef = p * segments.of(scale, l)[..., None]
+    kernel.append(k - x[..., :, None] * coef[..., None, :])
+    bias.append(None if b is None else b - coef)
+  # ⟨V, Ĝ⟩ = ‖Ĝ‖² − ‖Ĝā‖²/(‖ā‖² + γ).
+  dot = grad_sq + bias_sq - projected_sq * scale
+  return Preconditioned(tuple(kernel), tuple(bias), jnp.sum(dot))
 
 
 class ScaleByEvaFoofState(NamedTuple):
@@ -105,15 +145,15 @@ def scale_by_eva_foof(
     Second-order Optimization. arXiv:2308.02123.
   """
 
-  def precondition(grad, layer_stats, gamma):
-    p = foof_vector_projection(grad, layer_stats["input_mean"], gamma)
+  def precondition(grads, layer_stats, gamma):
+    p = foof_vector_projection_layers(grads, [s["input_mean"] for s in layer_stats], gamma)
     return p if scaling == kl.KL_NORMALISE else scale_preconditioned(p, 1.0 / gamma)
 
   return layerwise_transformation(
       who="scale_by_eva_foof",
       state_cls=ScaleByEvaFoofState,
       statistics=STATISTICS,
-      precondition=precondition,
+      precondition_layers=precondition,
       learning_rate=learning_rate,
       damping=damping,
       kl_clip=kl_clip,

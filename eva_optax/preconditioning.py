@@ -9,7 +9,7 @@ preconditioned layers only, and passes every other parameter through unchanged.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,20 +48,43 @@ class LayerGradient(NamedTuple):
 
 
 class Preconditioned(NamedTuple):
-  """A layer's preconditioned update ``V`` and ``Σ ⟨V, Ĝ⟩`` over its entries."""
+  """A preconditioned update ``V`` and ``Σ ⟨V, Ĝ⟩`` over its entries.
 
-  kernel: jax.Array
-  bias: jax.Array | None
+  For one layer, ``kernel`` and ``bias`` are arrays (``bias`` ``None`` without
+  one); for a group of layers (a rule applied to all layers at once, see
+  :func:`layerwise_transformation`), they are tuples with one entry per layer
+  and ``update_dot_grad`` is the sum over the group.
+  """
+
+  kernel: Any
+  bias: Any
   update_dot_grad: jax.Array
 
 
 def scale_preconditioned(p: Preconditioned, factor: jax.Array) -> Preconditioned:
-  """``factor · V`` and ``factor · ⟨V, Ĝ⟩``."""
-  return Preconditioned(
-      p.kernel * factor,
-      None if p.bias is None else p.bias * factor,
-      p.update_dot_grad * factor,
-  )
+  """``factor · V`` and ``factor · ⟨V, Ĝ⟩`` (one layer or a group)."""
+  times = lambda x: jax.tree.map(lambda v: v * factor, x)
+  return Preconditioned(times(p.kernel), times(p.bias), p.update_dot_grad * factor)
+
+
+LayerRule = Callable[[LayerGradient, dict[str, jax.Array], jax.Array], Preconditioned]
+GroupRule = Callable[
+    [Sequence[LayerGradient], Sequence[dict[str, jax.Array]], jax.Array], Preconditioned
+]
+
+
+def each_layer(rule: LayerRule) -> GroupRule:
+  """A rule for one layer as a rule for a group: applied to each, dots summed."""
+
+  def group(grads, stats, gamma):
+    results = [rule(g, s, gamma) for g, s in zip(grads, stats)]
+    return Preconditioned(
+        tuple(r.kernel for r in results),
+        tuple(r.bias for r in results),
+        sum(r.update_dot_grad for r in results),
+    )
+
+  return group
 
 
 def require_stats(stats: Any, name: str) -> None:
@@ -100,8 +123,9 @@ def update_averages(
 ) -> tuple[dict[Path, dict[str, jax.Array]], dict[str, Any]]:
   """Running averages of the statistics named in ``averages``, for every layer.
 
-  Statistics that are not finite (a NaN/Inf step) never enter an average: the
-  layer's old average is kept.
+  Statistics that are not finite (a NaN/Inf step) never enter an average: a
+  factor with a non-finite entry keeps its layer's old average; each
+  non-finite entry of a vector statistic (ā, ḡ) keeps its old value.
 
   Args:
     slots: the layers of the update tree.
@@ -140,6 +164,7 @@ def update_averages(
           f"{who}: statistics for {orphans}, but the updates have no parameters"
           " there: the stats come from another model or another nesting of the params"
       )
+  captured = []
   for path, slot in slots.items():
     entry = entries.get(path)
     if not isinstance(entry, LayerStats):
@@ -152,14 +177,19 @@ def update_averages(
           " captured: create the gradient function with"
           f" eva_optax.value_and_grad(loss_fn, statistics={tuple(averages)})"
       )
+    captured.append((path, entry))
+  for path, entry in captured:
     for name in averages:
       value = getattr(entry, name)
       average = update_running_average(old[name][path], value, stat_decay, count)
-      keep = jnp.all(jnp.isfinite(value))
       if name in FACTORS:
         # A factor the capture was told not to compute is exactly zero: it
         # never enters the average (see eva_optax.factors_due).
-        keep &= jnp.any(value != 0)
+        keep = jnp.all(jnp.isfinite(value)) & jnp.any(value != 0)
+      else:
+        # Entry by entry: elementwise, so it fuses into the average itself
+        # instead of adding a reduction per layer to the step.
+        keep = jnp.isfinite(value)
       average = jnp.where(keep, average, old[name][path])
       new[name][path] = average
     averaged[path] = {name: new[name][path] for name in averages}
@@ -170,7 +200,7 @@ def apply_layerwise(
     updates: Any,
     slots: dict[Path, LayerSlot],
     layers: dict[Path, Any],
-    precondition: Callable[[LayerGradient, Any], Preconditioned],
+    precondition: GroupRule,
     scale: Callable[[jax.Array], jax.Array],
 ) -> Any:
   """Preconditions the layers named in ``layers``, scales them, passes the rest.
@@ -179,33 +209,34 @@ def apply_layerwise(
     updates: the gradient tree.
     slots: every layer of the tree (:func:`find_layer_slots`).
     layers: per layer to precondition, the statistics ``precondition`` needs.
-    precondition: ``(LayerGradient, statistics) -> Preconditioned``.
+    precondition: ``(LayerGradients, statistics) -> Preconditioned`` for all
+      those layers at once (lists in the order of ``layers``; see
+      :func:`each_layer` for a rule written for one layer).
     scale: ``Σ_layers ⟨V, Ĝ⟩ -> ν``, the factor applied to every ``V``.
   """
+  if not layers:
+    return updates
   leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
   paths = [path_of(keys) for keys, _ in leaves]
   index = {path: i for i, path in enumerate(paths)}
   new = [leaf for _, leaf in leaves]
-  results: dict[Path, Preconditioned] = {}
-  for path, layer_stats in layers.items():
+  grads = []
+  for path in layers:
     slot = slots[path]
     k = new[index[path + (KERNEL,)]]
     b = new[index[path + (BIAS,)]] if slot.has_bias else None
-    grad = LayerGradient(
+    grads.append(LayerGradient(
         kernel_matrix(k.astype(jnp.float32), slot.layout),
         None if b is None else bias_vector(b.astype(jnp.float32), slot.layout),
-    )
-    results[path] = precondition(grad, layer_stats)
-  if not results:
-    return updates
-  total = sum(r.update_dot_grad for r in results.values())
-  nu = scale(total)
-  for path, r in results.items():
+    ))
+  result = precondition(grads, list(layers.values()))
+  nu = scale(result.update_dot_grad)
+  for path, kernel, bias in zip(layers, result.kernel, result.bias):
     ki = index[path + (KERNEL,)]
-    new[ki] = (nu * r.kernel).reshape(new[ki].shape).astype(new[ki].dtype)
-    if r.bias is not None:
+    new[ki] = (nu * kernel).reshape(new[ki].shape).astype(new[ki].dtype)
+    if bias is not None:
       bi = index[path + (BIAS,)]
-      new[bi] = (nu * r.bias).reshape(new[bi].shape).astype(new[bi].dtype)
+      new[bi] = (nu * bias).reshape(new[bi].shape).astype(new[bi].dtype)
   return jax.tree_util.tree_unflatten(treedef, new)
 
 
@@ -248,7 +279,8 @@ def layerwise_transformation(
     who: str,
     state_cls: type,
     statistics: tuple[str, ...],
-    precondition: Callable[[LayerGradient, dict[str, jax.Array], jax.Array], Preconditioned],
+    precondition: LayerRule | None = None,
+    precondition_layers: GroupRule | None = None,
     learning_rate: Hyper | None,
     damping: Hyper,
     kl_clip: Hyper,
@@ -267,9 +299,18 @@ def layerwise_transformation(
   ``lax.cond`` so one compiled step serves every step), ``precondition`` of
   each captured layer, then the KL clip / normalisation over all of them.
 
+  The rule is given either for one layer (``precondition(grad, statistics,
+  damping)``, applied to each layer) or for all the layers of the step at once
+  (``precondition_layers(grads, statistics, damping)``, lists in one order):
+  the second form lets a rule whose per-layer work is a few small vector
+  reductions do them for every layer in one operation (:mod:`eva_optax.segments`).
+
   ``state_cls`` is a NamedTuple with the fields ``count``, one per statistic
   name, and ``cache`` when ``refresh`` is given.
   """
+  if (precondition is None) == (precondition_layers is None):
+    raise TypeError("give exactly one of precondition and precondition_layers")
+  group_rule = precondition_layers or each_layer(precondition)
   check_layerwise_hyperparameters(who, learning_rate, damping, kl_clip, stat_decay, scaling)
   for name, every in (("refresh_every", refresh_every), ("stats_every", stats_every)):
     check_period(name, every)
@@ -331,7 +372,7 @@ def layerwise_transformation(
     else:
       scale = kl_scale(scaling, None, None)
     updates = apply_layerwise(
-        updates, slots, averaged, lambda g, s: precondition(g, s, gamma), scale
+        updates, slots, averaged, lambda g, s: group_rule(g, s, gamma), scale
     )
     return updates, state_cls(**fields)
 
