@@ -1,63 +1,83 @@
-"""Step time and optimizer-state size of Eva, its variants and baselines (``make bench``).
+"""Step time, compiled op count and optimizer-state size of Eva, its variants and baselines.
 
-Three workloads, each trained with synthetic random data (the numbers are step
-times, not accuracies; the data only has to have the right shapes):
+Workloads, each trained with synthetic random data (the numbers are step times and
+op counts, not accuracies; the data only has to have the right shapes). The default
+three (``make bench``) are sized for a CPU:
 
 - ``autoencoder``: the deep autoencoder of the Eva paper, an MLP
   784-1000-500-250-30-250-500-1000-784 (ReLU, linear code layer, MSE), batch 1000;
 - ``resnet``: a small ResNet-style CNN with BatchNorm (3x3 conv 16 channels, then
   3 stages of 2 residual blocks with 16/32/64 channels and strides 1/2/2, global
   average pooling, Dense 10) on 28x28x1 inputs, batch 128, cross-entropy; the
-  BatchNorm ``batch_stats`` are updated through ``has_aux``;
+  BatchNorm ``batch_stats`` are the model state;
 - ``transformer``: a 4-layer pre-LN decoder-only transformer (d_model 256,
   4 heads, MLP 1024, sequence 128, batch 16, vocabulary 256), causal attention
   written by hand with ``nn.DenseGeneral`` q/k/v projections
   (``features=(heads, head_dim)``) and output projection (``axis=(-2, -1)``),
   next-token cross-entropy.
 
-Each optimizer step is one jitted function (gradient, optimizer update,
-``optax.apply_updates``) with donated parameter and optimizer-state buffers.
-The optimizers (``--optimizers``, default all; ``sgd`` is always timed, it is
-the reference), with ``lr`` the workload's learning rate and ``wd`` = 5e-4:
+Realistic ones, sized for a GPU (``--workloads all`` or by name; ``--tiny`` shrinks
+them so that their code runs on a CPU in seconds):
 
-- ``sgd``: ``jax.value_and_grad`` and
-  ``optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=0.9))``;
-- ``adamw``: ``jax.value_and_grad`` and ``optax.adamw(1e-3, weight_decay=0.05)``;
-- ``eva``: ``eva_optax.value_and_grad`` (default statistics) and
-  ``eva_optax.eva(lr, momentum=0.9, weight_decay=wd, layouts=...)``;
-- ``eva_foof``: ``eva_optax.value_and_grad(..., statistics=EVA_FOOF_STATISTICS)``
-  and ``eva_optax.eva_foof(lr, weight_decay=wd, layouts=...)``;
-- ``eva_shampoo``: ``jax.value_and_grad`` and ``eva_optax.eva_shampoo(lr,
-  weight_decay=wd)`` (no statistics);
-- ``kfac``: ``eva_optax.value_and_grad(..., statistics=KFAC_STATISTICS)`` and
-  ``eva_optax.kfac(lr, weight_decay=wd, stats_every=10, inverse_every=10,
-  layouts=...)``, factors and inverses every 10 steps, the capture gated with
-  ``factors_due=eva_optax.factors_due(opt_state)``;
-- ``foof``: ``eva_optax.value_and_grad(..., statistics=FOOF_STATISTICS)`` and
-  ``eva_optax.foof(lr, weight_decay=wd, inverse_every=50, layouts=...)``;
-- ``shampoo``: ``jax.value_and_grad`` and ``eva_optax.shampoo(lr,
-  weight_decay=wd, inverse_every=10)``.
+- ``resnet18``, ``resnet18-b512``: the CIFAR-style ResNet-18 (3x3 stem 64, 4 stages of
+  2 basic blocks with 64/128/256/512 channels and strides 1/2/2/2, BatchNorm, no conv
+  biases, global average pooling, Dense 10) on 32x32x3 inputs, batch 128 and 512;
+- ``gpt``: a GPT-style decoder LM, the transformer above at GPT-2-small size
+  (12 layers, d_model 768, 12 heads, MLP 3072, sequence 512, vocabulary 32768), batch 8;
+- each of these with ``-bf16`` (``resnet18-bf16``, ``resnet18-b512-bf16``,
+  ``gpt-bf16``): the model computes in bfloat16 (``dtype=jnp.bfloat16``), the
+  parameters, the optimizer and the loss stay float32.
 
-``layouts=`` is ``eva_optax.layouts_of`` of the statistics of an abstract pass
-(``jax.eval_shape``), the same for every optimizer that takes it: correct for
-every layer, including those whose layout cannot be guessed from the shapes.
+The models are those of the examples (``examples/harness/models.py``), the transformers
+with their blocks unrolled (``scan=False``).
+
+Optimizers (``--optimizers``, default all; ``sgd`` is always included, it is the
+reference): the registry of the examples, ``examples/harness/optimizers.py`` (keys
+``sgd, adamw, eva, eva-f, eva-s, kfac, foof, shampoo, muon``; ``eva_foof`` and
+``eva_shampoo`` are accepted for ``eva-f`` and ``eva-s``), each built by
+``Spec.build`` with the workload's learning rate and the registry's defaults
+(momentum 0.9, weight decay 5e-4; K-FAC and FOOF with factors and inverses every 10
+steps, Shampoo with roots every 10), and ``layouts=`` from an abstract capture pass
+(``jax.eval_shape``) for those that take it. Each optimizer step is the examples'
+training step (``harness.training.make_step``): one jitted function (gradient, optimizer
+update, ``optax.apply_updates``) with donated parameter, model-state and
+optimizer-state buffers.
 
 Timing. Every step is compiled and run once first, then ``--warmup`` more
 untimed steps. Then, for each round, every optimizer is timed in turn, back to
 back (``block_until_ready`` at the end of each group), so all see the same
 machine conditions. An optimizer without a period runs ``k`` =
 ``--steps-per-round`` steps per round. K-FAC, FOOF and Shampoo recompute their
-inverses (or inverse roots) only every ``period`` steps (10, 50, 10), so a
-single step, or a median of single steps, would miss that cost: they run
-``ceil(k / period) * period`` consecutive steps per round (whole periods, so
-each round contains exactly ``n / period`` inverse steps whatever the phase),
-and their per-round time is the average per step over those steps. The table
-reports, per optimizer, the median over rounds of the wall-clock time per step
-and its ratio to SGD. The text table gives three other estimates of the same
-ratio (median of the per-round ratios, ratio of the fastest rounds, ratio of
-the median process CPU time per step) and the spread of the rounds: on a shared
-machine the wall time of a step can change by tens of percent from one second
-to the next, and the CPU-time ratio is then the most stable of the four.
+inverses (or inverse roots) only every ``period`` steps (10), so a single step, or a
+median of single steps, would miss that cost: they run ``ceil(k / period) * period``
+consecutive steps per round (whole periods, so each round contains exactly
+``n / period`` inverse steps whatever the phase), and their per-round time is the
+average per step over those steps. The table reports, per optimizer, the median over
+rounds of the wall-clock time per step and its ratio to SGD. The text table gives
+three other estimates of the same ratio (median of the per-round ratios, ratio of the
+fastest rounds, ratio of the median process CPU time per step) and the spread of the
+rounds: on a shared machine the wall time of a step can change by tens of percent
+from one second to the next, and the CPU-time ratio is then the most stable of the
+four.
+
+Op counts (``--ops``). On a GPU a step of these models is bound by kernel launches more
+than by FLOPs. ``--ops`` prints, per workload, the top-level operations of each compiled
+step (``harness.compiled_ops``: the entry computation's instructions that do work, read
+from the same compiled object that is timed), their ratio to SGD's, the extra operations
+per preconditioned layer (``(ops - SGD's ops) / layers``, with ``layers`` the
+``LayerStats`` entries of the capture for the optimizers that capture statistics, the
+parameters of rank >= 2 for the plain-gradient ones), the operations by kind (fusion,
+dot, convolution, copy, other) and the compile time. ``--ops-only`` compiles every step
+from abstract shapes (nothing allocated, nothing timed) and prints only that table.
+``--merge A.json B.json ...`` prints and writes the tables of several runs' JSON files
+as one (every variant of every workload; the first run's wins).
+
+Profile (``--profile DIR``). After the timed rounds, ``--profile-steps`` steps (whole
+periods) of each optimizer of ``--profile-optimizers`` (default ``sgd,eva``) run under
+``jax.profiler.trace`` into ``DIR/<workload>/<optimizer>``; the trace is read back with
+``jax.profiler.ProfileData`` and the device time per step is summarised: by kind of
+operation and the top operations (the device's "XLA Ops" line on a GPU, its kernel
+streams otherwise, the XLA:CPU threads on a CPU).
 
 State memory. ``eva_optax.state_bytes(tx, params)`` of every optimizer (from
 shapes, nothing allocated), in MB (10^6 bytes) and relative to SGD with
@@ -80,16 +100,20 @@ bytes accessed) and the compile times: numbers that do not depend on the load
 of the machine.
 
 Output: a text table, a markdown table per workload (optimizer | ms/step |
-xSGD | state MB | xSGD state), and unless ``--quick`` the JSON (with machine
-info) and markdown written to ``benchmarks/results/step_time.{json,md}``
-(``--json`` / ``--md`` change the paths, ``--no-save`` writes nothing).
+xSGD | state MB | xSGD state; with ``--ops`` the op-count table too), and unless
+``--quick`` the JSON (with machine info, ``harness.report.machine_info``) and markdown
+written to ``benchmarks/results/step_time.{json,md}`` (``--json`` / ``--md`` change the
+paths, ``--no-save`` writes nothing).
 
 Usage::
 
-    python benchmarks/step_time.py                       # everything (make bench)
+    python benchmarks/step_time.py                       # the three small ones (make bench)
     python benchmarks/step_time.py --quick               # smoke test, ~1 minute
     python benchmarks/step_time.py --workloads autoencoder --optimizers sgd,eva
     python benchmarks/step_time.py --breakdown --json step_time.json
+    python benchmarks/step_time.py --ops-only --no-save  # op counts, nothing timed
+    python benchmarks/step_time.py --ops --workloads resnet18,gpt-bf16   # on a GPU
+    python benchmarks/step_time.py --ops-only --tiny --workloads resnet18,gpt --no-save
 """
 
 from __future__ import annotations
@@ -103,10 +127,12 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
+import collections
 import dataclasses
+import glob
+import inspect
 import json
-import os
-import platform
+import math
 import statistics
 import sys
 import time
@@ -116,63 +142,71 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 import optax
 
 import eva_optax
 
-MOMENTUM = 0.9
-WEIGHT_DECAY = 5e-4
+# The examples' shared harness (models, optimizer registry, training step, machine info,
+# op counts) is the package ``harness`` in examples/: put that folder on the path, once.
+EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples")
+if os.path.abspath(EXAMPLES) not in map(os.path.abspath, sys.path):
+    sys.path.insert(0, EXAMPLES)
+
+from harness import compiled_ops, report, training  # noqa: E402
+from harness.models import RESNET18_STAGES, Autoencoder, CharTransformer, ResNet  # noqa: E402
+from harness.optimizers import SPEC_BY_KEY, Options, Spec  # noqa: E402
+
+OPTIONS = Options()  # momentum 0.9, weight decay 5e-4, each optimizer's damping and KL clip
 
 
 # ---------------------------------------------------------------------------
-# Models: those of the examples (examples/harness/models.py); the transformer
-# with its blocks unrolled.
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
-from harness.models import Autoencoder, CharTransformer, ResNet  # noqa: E402
-
-
-# ---------------------------------------------------------------------------
-# Workloads: a loss ``loss_fn(params, state, batch) -> (loss, new_state)`` with
-# ``state`` the non-trained collections (BatchNorm statistics, or {}).
+# Workloads: a loss in the examples' form, ``loss_fn(params, model_state, batch) ->
+# (loss, (model_state, metrics))``, with ``model_state`` the non-trained collections
+# (BatchNorm statistics, or {}), and ``init(key) -> (params, model_state)``.
 
 
 @dataclasses.dataclass
 class Workload:
     name: str
     description: str
-    loss_fn: Callable[..., tuple[jax.Array, Any]]
-    params: Any
-    state: Any
+    loss_fn: training.LossFn
+    init: Callable[[jax.Array], tuple[Any, Any]]
     batch: Any
     learning_rate: float
 
 
-def autoencoder(key: jax.Array) -> Workload:
+def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    logits = logits.astype(jnp.float32)  # the loss in float32 also for bfloat16 models
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def autoencoder(key: jax.Array, tiny: bool = False, dtype: Any = None) -> Workload:
     model = Autoencoder()
-    k_init, k_data = jax.random.split(key)
-    batch = jax.random.uniform(k_data, (1000, 784), jnp.float32)
-    params = model.init(k_init, batch[:1])["params"]
+    batch = jax.random.uniform(key, (1000, 784), jnp.float32)
 
     def loss_fn(params, state, batch):
         out = model.apply({"params": params}, batch)
-        return jnp.mean(jnp.square(out - batch)), state
+        return jnp.mean(jnp.square(out - batch)), (state, {})
 
     return Workload(
         "autoencoder",
         "MLP 784-1000-500-250-30-250-500-1000-784, MSE, batch 1000",
-        loss_fn, params, {}, batch, 0.01,
+        loss_fn, lambda k: (model.init(k, batch[:1])["params"], {}), batch, 0.01,
     )
 
 
-def resnet(key: jax.Array) -> Workload:
-    model = ResNet()
-    k_init, k_x, k_y = jax.random.split(key, 3)
-    x = jax.random.normal(k_x, (128, 28, 28, 1), jnp.float32)
-    y = jax.random.randint(k_y, (128,), 0, 10)
-    variables = model.init(k_init, x[:2], train=False)
+def _resnet(
+    name: str, description: str, model: ResNet, key: jax.Array, shape: tuple[int, ...],
+    learning_rate: float,
+) -> Workload:
+    k_x, k_y = jax.random.split(key)
+    x = jax.random.normal(k_x, shape, jnp.float32)
+    y = jax.random.randint(k_y, shape[:1], 0, model.num_classes)
+
+    def init(k):
+        variables = model.init(k, x[:2], train=False)
+        return variables["params"], variables["batch_stats"]
 
     def loss_fn(params, batch_stats, batch):
         images, labels = batch
@@ -180,173 +214,156 @@ def resnet(key: jax.Array) -> Workload:
             {"params": params, "batch_stats": batch_stats},
             images, train=True, mutable=["batch_stats"],
         )
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        return loss, updates["batch_stats"]
+        return _cross_entropy(logits, labels), (updates["batch_stats"], {})
 
-    return Workload(
-        "resnet",
-        "ResNet-style CNN 16/32/64 x2 blocks + BatchNorm, 28x28x1, batch 128",
-        loss_fn, variables["params"], variables["batch_stats"], (x, y), 0.05,
+    return Workload(name, description, loss_fn, init, (x, y), learning_rate)
+
+
+def resnet(key: jax.Array, tiny: bool = False, dtype: Any = None) -> Workload:
+    return _resnet(
+        "resnet", "ResNet-style CNN 16/32/64 x2 blocks + BatchNorm, 28x28x1, batch 128",
+        ResNet(), key, (128, 28, 28, 1), 0.05,
     )
 
 
-def transformer(key: jax.Array) -> Workload:
-    model = CharTransformer(vocab=256, d_model=256, mlp_dim=1024, scan=False)
-    k_init, k_data = jax.random.split(key)
-    tokens = jax.random.randint(k_data, (16, 129), 0, model.vocab)
-    params = model.init(k_init, tokens[:1, :-1])["params"]
+def resnet18(
+    key: jax.Array, tiny: bool = False, dtype: Any = None, batch_size: int = 128
+) -> Workload:
+    stages = tuple((c // 8, s) for c, s in RESNET18_STAGES) if tiny else RESNET18_STAGES
+    batch_size = 4 if tiny else batch_size
+    widths = "/".join(str(c) for c, _ in stages)
+    return _resnet(
+        "resnet18", f"ResNet-18 (CIFAR) {widths} x2 blocks + BatchNorm, 32x32x3, batch"
+        f" {batch_size}, {jnp.dtype(dtype or jnp.float32).name}" + (" (tiny)" if tiny else ""),
+        ResNet(stages, dtype=dtype), key, (batch_size, 32, 32, 3), 0.1,
+    )
+
+
+def _lm(
+    name: str, description: str, model: CharTransformer, key: jax.Array, batch_size: int,
+    seq: int, learning_rate: float,
+) -> Workload:
+    tokens = jax.random.randint(key, (batch_size, seq + 1), 0, model.vocab)
 
     def loss_fn(params, state, tokens):
         logits = model.apply({"params": params}, tokens[:, :-1])
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-        return loss.mean(), state
+        return _cross_entropy(logits, tokens[:, 1:]), (state, {})
 
-    return Workload(
+    init = lambda k: (model.init(k, tokens[:1, :-1])["params"], {})
+    return Workload(name, description, loss_fn, init, tokens, learning_rate)
+
+
+def transformer(key: jax.Array, tiny: bool = False, dtype: Any = None) -> Workload:
+    return _lm(
         "transformer",
         "pre-LN transformer 4x(d256, 4 heads, MLP 1024), seq 128, batch 16, vocab 256",
-        loss_fn, params, {}, tokens, 0.01,
+        CharTransformer(vocab=256, d_model=256, mlp_dim=1024, scan=False), key, 16, 128, 0.01,
     )
 
 
-WORKLOADS: dict[str, Callable[[jax.Array], Workload]] = {
-    "autoencoder": autoencoder,
-    "resnet": resnet,
-    "transformer": transformer,
+def gpt(key: jax.Array, tiny: bool = False, dtype: Any = None) -> Workload:
+    if tiny:
+        layers, d, heads, mlp, seq, batch, vocab = 2, 64, 4, 256, 32, 2, 512
+    else:
+        layers, d, heads, mlp, seq, batch, vocab = 12, 768, 12, 3072, 512, 8, 32768
+    model = CharTransformer(
+        vocab=vocab, d_model=d, num_heads=heads, mlp_dim=mlp, num_layers=layers,
+        max_len=seq, scan=False, dtype=dtype,
+    )
+    return _lm(
+        "gpt", f"GPT-style LM {layers}x(d{d}, {heads} heads, MLP {mlp}), seq {seq}, batch"
+        f" {batch}, vocab {vocab}, {jnp.dtype(dtype or jnp.float32).name}"
+        + (" (tiny)" if tiny else ""),
+        model, key, batch, seq, 3e-3,
+    )
+
+
+def _variant(factory: Callable[..., Workload], name: str, **kwargs: Any) -> Callable:
+    def make(key: jax.Array, tiny: bool = False) -> Workload:
+        w = factory(key, tiny, **kwargs)
+        return dataclasses.replace(w, name=name)
+
+    return make
+
+
+WORKLOADS: dict[str, Callable[[jax.Array, bool], Workload]] = {
+    "autoencoder": _variant(autoencoder, "autoencoder"),
+    "resnet": _variant(resnet, "resnet"),
+    "transformer": _variant(transformer, "transformer"),
+    "resnet18": _variant(resnet18, "resnet18"),
+    "resnet18-bf16": _variant(resnet18, "resnet18-bf16", dtype=jnp.bfloat16),
+    "resnet18-b512": _variant(resnet18, "resnet18-b512", batch_size=512),
+    "resnet18-b512-bf16": _variant(
+        resnet18, "resnet18-b512-bf16", batch_size=512, dtype=jnp.bfloat16
+    ),
+    "gpt": _variant(gpt, "gpt"),
+    "gpt-bf16": _variant(gpt, "gpt-bf16", dtype=jnp.bfloat16),
 }
+DEFAULT_WORKLOADS = ("autoencoder", "resnet", "transformer")
 
 
 # ---------------------------------------------------------------------------
-# Step functions. Each takes and returns (params, opt_state, state) and returns
-# the loss last; params, opt_state and state are donated.
+# Optimizers: the examples' registry.
+
+ALL_OPTIMIZERS = tuple(SPEC_BY_KEY)
+DEFAULT_OPTIMIZERS = ALL_OPTIMIZERS
+ALIASES = {"eva_foof": "eva-f", "eva_shampoo": "eva-s"}  # this script's former keys
+
+
+def period_of(spec: Spec) -> int:
+    """Steps after which a periodic optimizer's work repeats (1: none): the least common
+    multiple of its ``stats_every`` and ``inverse_every`` (given, or the defaults)."""
+    given = dict(spec.extra)
+    periods = [
+        given.get(name, p.default)
+        for name, p in inspect.signature(spec.factory).parameters.items()
+        if name in ("stats_every", "inverse_every")
+    ]
+    return math.lcm(*(int(p) for p in periods)) if periods else 1
+
+
+def abstract_stats(w: Workload, params: Any, state: Any) -> Any:
+    """The statistics tree of an abstract capture pass (``jax.eval_shape``)."""
+    grad_fn = eva_optax.value_and_grad(w.loss_fn, has_aux=True)
+    return jax.eval_shape(grad_fn, params, state, w.batch)[2]
+
+
+def count_layers(stats: Any) -> int:
+    """The layers a capture preconditions: its ``LayerStats`` entries."""
+    is_entry = lambda x: isinstance(x, eva_optax.LayerStats)
+    return sum(is_entry(x) for x in jax.tree.leaves(stats, is_leaf=is_entry))
+
+
+def count_matrices(params: Any) -> int:
+    """Parameters of rank >= 2 (what the plain-gradient preconditioners see)."""
+    return sum(jnp.ndim(x) >= 2 for x in jax.tree.leaves(params))
+
+
+def build_tx(spec: Spec, w: Workload, layouts: Any) -> optax.GradientTransformation:
+    """``spec`` at the workload's learning rate; ``layouts=`` where the examples pass it."""
+    kwargs = {}
+    if spec.statistics is not None and spec.accepts("layouts"):
+        kwargs["layouts"] = layouts
+    return spec.build(w.learning_rate, OPTIONS, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Step functions, in the examples' form: ``step(params, model_state, opt_state, batch,
+# *extra) -> (params, model_state, opt_state, loss, metrics)``, the first three donated.
 
 
 def _jit(step: Callable) -> Callable:
     return jax.jit(step, donate_argnums=(0, 1, 2))
 
 
-ADAMW_LR = 1e-3
-ADAMW_WEIGHT_DECAY = 0.05
-
-ALL_OPTIMIZERS = (
-    "sgd", "adamw", "eva", "eva_foof", "eva_shampoo", "kfac", "foof", "shampoo",
-)
-DEFAULT_OPTIMIZERS = ALL_OPTIMIZERS
-
-
-def sgd_tx(lr: float) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.add_decayed_weights(WEIGHT_DECAY), optax.sgd(lr, momentum=MOMENTUM)
-    )
-
-
-def workload_layouts(w: Workload) -> Any:
-    """``layouts_of`` the statistics of an abstract pass: correct for every layer,
-    including those whose layout cannot be guessed from the parameter shapes."""
-    grad_fn = eva_optax.value_and_grad(w.loss_fn, has_aux=True)
-    stats = jax.eval_shape(grad_fn, w.params, w.state, w.batch)[2]
-    return eva_optax.layouts_of(stats)
-
-
-def eva_tx(w: Workload, lr: float, layouts: Any = None) -> optax.GradientTransformationExtraArgs:
-    if layouts is None:
-        layouts = workload_layouts(w)
-    return eva_optax.eva(
-        lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, layouts=layouts,
-    )
-
-
-@dataclasses.dataclass
-class OptimizerSpec:
-    """An optimizer: its transformation, the statistics its update takes (None:
-    plain ``jax.value_and_grad``, no ``stats=``) and its period (1: none)."""
-
-    tx: optax.GradientTransformation
-    statistics: tuple[str, ...] | None
-    period: int = 1
-
-
-def optimizer_spec(name: str, w: Workload, layouts: Any) -> OptimizerSpec:
-    lr, wd = w.learning_rate, WEIGHT_DECAY
-    if name == "sgd":
-        return OptimizerSpec(sgd_tx(lr), None)
-    if name == "adamw":
-        return OptimizerSpec(optax.adamw(ADAMW_LR, weight_decay=ADAMW_WEIGHT_DECAY), None)
-    if name == "eva":
-        return OptimizerSpec(eva_tx(w, lr, layouts), tuple(eva_optax.EVA_STATISTICS))
-    if name == "eva_foof":
-        return OptimizerSpec(
-            eva_optax.eva_foof(lr, weight_decay=wd, layouts=layouts),
-            tuple(eva_optax.EVA_FOOF_STATISTICS),
-        )
-    if name == "eva_shampoo":
-        return OptimizerSpec(eva_optax.eva_shampoo(lr, weight_decay=wd), None)
-    if name == "kfac":
-        return OptimizerSpec(
-            eva_optax.kfac(
-                lr, weight_decay=wd, stats_every=10, inverse_every=10, layouts=layouts
-            ),
-            tuple(eva_optax.KFAC_STATISTICS), 10,
-        )
-    if name == "foof":
-        return OptimizerSpec(
-            eva_optax.foof(lr, weight_decay=wd, inverse_every=50, layouts=layouts),
-            tuple(eva_optax.FOOF_STATISTICS), 50,
-        )
-    if name == "shampoo":
-        return OptimizerSpec(
-            eva_optax.shampoo(lr, weight_decay=wd, inverse_every=10), None, 10
-        )
-    raise ValueError(f"unknown optimizer {name!r}")
-
-
-def make_sgd_step(w: Workload, tx: optax.GradientTransformation) -> Callable:
-    """``jax.value_and_grad`` and ``tx.update`` without statistics."""
-
-    def step(params, opt_state, state, batch):
-        (loss, state), grads = jax.value_and_grad(w.loss_fn, has_aux=True)(
-            params, state, batch
-        )
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, state, loss
-
-    return _jit(step)
-
-
-def make_eva_step(
-    w: Workload,
-    tx: optax.GradientTransformationExtraArgs,
-    statistics: Sequence[str] | None = None,
-) -> Callable:
-    """``eva_optax.value_and_grad`` (given statistics) and ``tx.update(stats=)``."""
-    kwargs = {} if statistics is None else {"statistics": tuple(statistics)}
-    grad_fn = eva_optax.value_and_grad(w.loss_fn, has_aux=True, **kwargs)
-    gated = statistics is not None and bool(
-        set(statistics) & {eva_optax.capture.INPUT_FACTOR, eva_optax.capture.OUTPUT_GRAD_FACTOR}
-    )
-
-    def step(params, opt_state, state, batch):
-        due = {"factors_due": eva_optax.factors_due(opt_state)} if gated else {}
-        (loss, state), grads, stats = grad_fn(params, state, batch, **due)
-        updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
-        return optax.apply_updates(params, updates), opt_state, state, loss
-
-    return _jit(step)
-
-
-def make_step(w: Workload, spec: OptimizerSpec) -> Callable:
-    if spec.statistics is None:
-        return make_sgd_step(w, spec.tx)
-    return make_eva_step(w, spec.tx, spec.statistics)
-
-
 def make_sgd_capture_step(w: Workload, tx: optax.GradientTransformation) -> Callable:
     """SGD with Eva's capture; the stats are an output so that XLA keeps them."""
     grad_fn = eva_optax.value_and_grad(w.loss_fn, has_aux=True)
 
-    def step(params, opt_state, state, batch):
-        (loss, state), grads, stats = grad_fn(params, state, batch)
+    def step(params, model_state, opt_state, batch):
+        (loss, (model_state, _)), grads, stats = grad_fn(params, model_state, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, state, (loss, stats)
+        return optax.apply_updates(params, updates), model_state, opt_state, loss, stats
 
     return _jit(step)
 
@@ -354,35 +371,37 @@ def make_sgd_capture_step(w: Workload, tx: optax.GradientTransformation) -> Call
 def make_eva_update_step(w: Workload, tx: optax.GradientTransformationExtraArgs) -> Callable:
     """``jax.value_and_grad`` and Eva's update, the statistics an extra input."""
 
-    def step(params, opt_state, state, batch, stats):
-        (loss, state), grads = jax.value_and_grad(w.loss_fn, has_aux=True)(
-            params, state, batch
+    def step(params, model_state, opt_state, batch, stats):
+        (loss, (model_state, metrics)), grads = jax.value_and_grad(w.loss_fn, has_aux=True)(
+            params, model_state, batch
         )
         updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
-        return optax.apply_updates(params, updates), opt_state, state, loss
+        return optax.apply_updates(params, updates), model_state, opt_state, loss, metrics
 
     return _jit(step)
 
 
 # ---------------------------------------------------------------------------
-# Timing.
+# Compiling, counting and timing.
 
 
 def _copy(tree: Any) -> Any:
-    return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
 @dataclasses.dataclass
 class Runner:
-    """One variant: its step function and its own (donated) buffers."""
+    """One variant: its compiled step and its own (donated) buffers."""
 
     name: str
-    step: Callable
+    compiled: Any
+    extra: tuple
     params: Any
     opt_state: Any
     state: Any
     compile_s: float = 0.0
     cost: dict[str, float] = dataclasses.field(default_factory=dict)
+    ops: dict[str, Any] = dataclasses.field(default_factory=dict)
     first_step_s: float = 0.0
     period: int = 1
     state_bytes: int = 0
@@ -394,12 +413,12 @@ class Runner:
         return -(-k // self.period) * self.period
 
     def run(self, batch: Any, n: int) -> Any:
-        out = None
+        loss = None
         for _ in range(n):
-            self.params, self.opt_state, self.state, out = self.step(
-                self.params, self.opt_state, self.state, batch
+            self.params, self.state, self.opt_state, loss, _ = self.compiled(
+                self.params, self.state, self.opt_state, batch, *self.extra
             )
-        return out
+        return loss
 
     def time(self, batch: Any, n: int) -> tuple[float, float]:
         """Wall-clock and process CPU seconds per step over ``n`` steps."""
@@ -423,60 +442,106 @@ def _cost(compiled: Any) -> dict[str, float]:
     }
 
 
+def _ops(compiled: Any) -> dict[str, Any]:
+    """The top-level operations of a compiled step: total, by opcode and by kind."""
+    by_opcode = compiled_ops.count_ops(compiled)
+    return {
+        "total": sum(by_opcode.values()),
+        "by_opcode": dict(by_opcode.most_common()),
+        "by_kind": dict(compiled_ops.count_kinds(compiled)),
+    }
+
+
+@dataclasses.dataclass
+class Variant:
+    """What to compile: a jitted step, its transformation, extra inputs and period."""
+
+    name: str
+    step: Callable
+    tx: optax.GradientTransformation
+    extra: tuple = ()
+    period: int = 1
+    capture: str = "plain"
+
+
 def build_runners(
-    w: Workload, optimizers: Sequence[str], breakdown: bool
-) -> tuple[list[Runner], dict[str, str]]:
-    """The runners, and for each optimizer that could not be built, its error."""
-    layouts = workload_layouts(w)
-    specs: dict[str, OptimizerSpec] = {}
+    w: Workload, optimizers: Sequence[str], breakdown: bool, key: jax.Array,
+    execute: bool = True,
+) -> tuple[list[Runner], dict[str, str], dict[str, int]]:
+    """The compiled runners, each optimizer's build error, and the layer counts.
+
+    ``execute=False``: compile from abstract shapes only (``jax.eval_shape`` of the
+    parameters and optimizer states), for op counts; nothing is allocated or run.
+    """
+    if execute:
+        params, state = w.init(key)
+    else:
+        params, state = jax.eval_shape(w.init, key)
+    stats = abstract_stats(w, params, state)
+    layouts = eva_optax.layouts_of(stats)
+    layers = {"captured": count_layers(stats), "matrices": count_matrices(params)}
+    variants: list[Variant] = []
     errors: dict[str, str] = {}
     for name in optimizers:
+        spec = SPEC_BY_KEY[name]
         try:
-            specs[name] = optimizer_spec(name, w, layouts)
+            tx = build_tx(spec, w, layouts)
+            step = training.make_step(spec, tx, w.loss_fn)
         except Exception as e:  # report, and go on with the others
-            errors[name] = f"{type(e).__name__}: {e}"
-    sgd = specs["sgd"].tx
-    variants: list[tuple[str, Callable, optax.GradientTransformation, tuple, int]] = []
-    for name, spec in specs.items():
-        variants.append((name, make_step(w, spec), spec.tx, (), spec.period))
-        if name == "sgd" and breakdown:
-            eva = eva_tx(w, w.learning_rate, layouts)
-            grad_fn = jax.jit(eva_optax.value_and_grad(w.loss_fn, has_aux=True))
-            stats = jax.block_until_ready(grad_fn(w.params, w.state, w.batch)[2])
-            variants += [
-                ("sgd-again", make_sgd_step(w, sgd), sgd, (), 1),
-                ("sgd+capture", make_sgd_capture_step(w, sgd), sgd, (), 1),
-                ("sgd-grad+eva-update", make_eva_update_step(w, eva), eva, (stats,), 1),
-            ]
-    runners = []
-    for name, step, tx, extra, period in variants:
-        try:
-            params, state = _copy(w.params), _copy(w.state)
-            opt_state = tx.init(params)
-            nbytes = int(eva_optax.state_bytes(tx, w.params))
-            t0 = time.perf_counter()
-            compiled = step.lower(params, opt_state, state, w.batch, *extra).compile()
-            compile_s = time.perf_counter() - t0
-            run = (lambda c, e: lambda p, o, s, b: c(p, o, s, b, *e))(compiled, extra)
-            runner = Runner(
-                name, run, params, opt_state, state, compile_s, cost=_cost(compiled),
-                period=period, state_bytes=nbytes,
-            )
-            t0 = time.perf_counter()
-            jax.block_until_ready(runner.run(w.batch, 1))
-            runner.first_step_s = time.perf_counter() - t0
-        except Exception as e:
             if name == "sgd":
                 raise
             errors[name] = f"{type(e).__name__}: {e}"
-            print(f"  {name} FAILED: {errors[name]}", flush=True)
+            continue
+        variants.append(Variant(name, step, tx, (), period_of(spec), spec.capture))
+        if name == "sgd" and breakdown:
+            eva = build_tx(SPEC_BY_KEY["eva"], w, layouts)
+            if execute:
+                grad_fn = jax.jit(eva_optax.value_and_grad(w.loss_fn, has_aux=True))
+                captured = jax.block_until_ready(grad_fn(params, state, w.batch)[2])
+            else:
+                captured = stats
+            variants += [
+                Variant("sgd-again", training.make_step(spec, tx, w.loss_fn), tx),
+                Variant("sgd+capture", make_sgd_capture_step(w, tx), tx, (), 1, "stats"),
+                Variant(
+                    "sgd-grad+eva-update", make_eva_update_step(w, eva), eva, (captured,),
+                    1, "stats",
+                ),
+            ]
+    runners = []
+    for v in variants:
+        try:
+            if execute:
+                p, s = _copy(params), _copy(state)
+                o = v.tx.init(p)
+            else:
+                p, s, o = params, state, jax.eval_shape(v.tx.init, params)
+            nbytes = int(eva_optax.state_bytes(v.tx, params))
+            t0 = time.perf_counter()
+            compiled = v.step.lower(p, s, o, w.batch, *v.extra).compile()
+            compile_s = time.perf_counter() - t0
+            runner = Runner(
+                v.name, compiled, v.extra, p, o, s, compile_s, cost=_cost(compiled),
+                ops=_ops(compiled), period=v.period, state_bytes=nbytes,
+            )
+            runner.ops["layers"] = layers["matrices" if v.capture == "plain" else "captured"]
+            if execute:
+                t0 = time.perf_counter()
+                jax.block_until_ready(runner.run(w.batch, 1))
+                runner.first_step_s = time.perf_counter() - t0
+        except Exception as e:
+            if v.name == "sgd":
+                raise
+            errors[v.name] = f"{type(e).__name__}: {e}"
+            print(f"  {v.name} FAILED: {errors[v.name]}", flush=True)
             continue
         runners.append(runner)
+        first = f", first step {runner.first_step_s:.2f}s" if execute else ""
         print(
-            f"  {name}: compiled in {compile_s:.1f}s, first step {runner.first_step_s:.2f}s",
+            f"  {v.name}: compiled in {compile_s:.1f}s{first}, {runner.ops['total']} ops",
             flush=True,
         )
-    return runners, errors
+    return runners, errors, layers
 
 
 def _summary(wall: Sequence[float], cpu: Sequence[float]) -> dict[str, Any]:
@@ -492,6 +557,17 @@ def _summary(wall: Sequence[float], cpu: Sequence[float]) -> dict[str, Any]:
     }
 
 
+def ops_summary(ops: dict[str, Any], sgd_ops: dict[str, Any]) -> dict[str, Any]:
+    """A variant's op counts with their ratio to SGD's and the extra ops per layer."""
+    extra = ops["total"] - sgd_ops["total"]
+    return {
+        **ops,
+        "over_sgd": ops["total"] / sgd_ops["total"] if sgd_ops["total"] else float("nan"),
+        "extra": extra,
+        "extra_per_layer": extra / ops["layers"] if ops["layers"] else float("nan"),
+    }
+
+
 def bench_workload(
     w: Workload,
     rounds: int,
@@ -499,154 +575,318 @@ def bench_workload(
     warmup: int,
     breakdown: bool,
     optimizers: Sequence[str] = ALL_OPTIMIZERS,
+    key: jax.Array | None = None,
+    timed: bool = True,
+    profile: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    runners, errors = build_runners(w, optimizers, breakdown)
-    for r in runners:  # a few more untimed steps (caches, allocator)
-        jax.block_until_ready(r.run(w.batch, warmup))
-    for i in range(rounds):
-        for r in runners:
-            wall, cpu = r.time(w.batch, r.steps_per_round(steps))
-            r.per_step_s.append(wall)
-            r.cpu_per_step_s.append(cpu)
-        line = "  ".join(f"{r.name} {1e3 * r.per_step_s[-1]:.1f}" for r in runners)
-        print(f"  round {i + 1:2d}/{rounds}: {line} ms/step", flush=True)
+    """Compile every variant, count its ops and (``timed``) time it in rounds."""
+    key = jax.random.PRNGKey(0) if key is None else key
+    runners, errors, layers = build_runners(w, optimizers, breakdown, key, execute=timed)
+    if timed:
+        for r in runners:  # a few more untimed steps (caches, allocator)
+            jax.block_until_ready(r.run(w.batch, warmup))
+        for i in range(rounds):
+            for r in runners:
+                wall, cpu = r.time(w.batch, r.steps_per_round(steps))
+                r.per_step_s.append(wall)
+                r.cpu_per_step_s.append(cpu)
+            line = "  ".join(f"{r.name} {1e3 * r.per_step_s[-1]:.1f}" for r in runners)
+            print(f"  round {i + 1:2d}/{rounds}: {line} ms/step", flush=True)
     sgd = runners[0]
-    variants = {
-        r.name: {
-            **_summary(r.per_step_s, r.cpu_per_step_s),
+    variants: dict[str, dict[str, Any]] = {}
+    for r in runners:
+        v = {
             "steps_per_round": r.steps_per_round(steps),
             "period": r.period,
             "state_bytes": r.state_bytes,
+            "state_mb": r.state_bytes / 1e6,
+            "state_over_sgd": (
+                r.state_bytes / sgd.state_bytes if sgd.state_bytes else float("nan")
+            ),
             "compile_s": r.compile_s,
-            "first_step_s": r.first_step_s,
             "xla_cost": r.cost,
+            "ops": ops_summary(r.ops, sgd.ops),
         }
-        for r in runners
-    }
-    base = variants["sgd"]
-    for r in runners:
-        v = variants[r.name]
-        v["over_sgd"] = v["median_ms"] / base["median_ms"]
-        v["extra_ms"] = v["median_ms"] - base["median_ms"]
-        v["paired_over_sgd"] = statistics.median(
-            a / b for a, b in zip(r.per_step_s, sgd.per_step_s)
-        )
-        v["min_over_sgd"] = v["min_ms"] / base["min_ms"]
-        v["cpu_over_sgd"] = v["cpu_median_ms"] / base["cpu_median_ms"]
-        v["cpu_extra_ms"] = v["cpu_median_ms"] - base["cpu_median_ms"]
-        v["state_mb"] = v["state_bytes"] / 1e6
-        v["state_over_sgd"] = (
-            v["state_bytes"] / base["state_bytes"] if base["state_bytes"] else float("nan")
-        )
-    spread = max((v["q75_ms"] - v["q25_ms"]) / v["median_ms"] for v in variants.values())
+        if timed:
+            v.update(_summary(r.per_step_s, r.cpu_per_step_s), first_step_s=r.first_step_s)
+        variants[r.name] = v
     out = {
         "description": w.description,
-        "num_params": int(sum(x.size for x in jax.tree_util.tree_leaves(w.params))),
-        "sgd_ms": base["median_ms"],
-        "relative_iqr": spread,
+        "num_params": int(sum(math.prod(x.shape) for x in jax.tree.leaves(sgd.params))),
+        "layers": layers,
+        "timed": timed,
         "variants": variants,
         "errors": errors,
     }
-    if "eva" in variants:
-        eva = variants["eva"]
-        out.update({
-            "eva_ms": eva["median_ms"],
-            "eva_over_sgd": eva["over_sgd"],
-            "eva_over_sgd_paired_median": eva["paired_over_sgd"],
-            "eva_over_sgd_min": eva["min_over_sgd"],
-            "eva_over_sgd_cpu": eva["cpu_over_sgd"],
-        })
+    if timed:
+        base = variants["sgd"]
+        for r in runners:
+            v = variants[r.name]
+            v["over_sgd"] = v["median_ms"] / base["median_ms"]
+            v["extra_ms"] = v["median_ms"] - base["median_ms"]
+            v["paired_over_sgd"] = statistics.median(
+                a / b for a, b in zip(r.per_step_s, sgd.per_step_s)
+            )
+            v["min_over_sgd"] = v["min_ms"] / base["min_ms"]
+            v["cpu_over_sgd"] = v["cpu_median_ms"] / base["cpu_median_ms"]
+            v["cpu_extra_ms"] = v["cpu_median_ms"] - base["cpu_median_ms"]
+        out.update(rounds=rounds, steps_per_round=steps, sgd_ms=base["median_ms"])
+        out["relative_iqr"] = max(
+            (v["q75_ms"] - v["q25_ms"]) / v["median_ms"] for v in variants.values()
+        )
+        if "eva" in variants:
+            eva = variants["eva"]
+            out.update({
+                "eva_ms": eva["median_ms"],
+                "eva_over_sgd": eva["over_sgd"],
+                "eva_over_sgd_paired_median": eva["paired_over_sgd"],
+                "eva_over_sgd_min": eva["min_over_sgd"],
+                "eva_over_sgd_cpu": eva["cpu_over_sgd"],
+            })
+        if profile:
+            out["profile"] = profile_runners(w, runners, **profile)
     return out
+
+
+# ---------------------------------------------------------------------------
+# Profile: device time per step by operation, from a jax.profiler trace.
+
+def _instruction_kinds(compiled: Any) -> dict[str, str]:
+    """``{instruction name: kind}`` of the operations a compiled step launches."""
+    instructions, found = compiled_ops.launched(compiled.as_text())
+    kinds = {}
+    for i in instructions:
+        name = i.text.split("=", 1)[0].strip().removeprefix("ROOT").strip().lstrip("%")
+        kinds[name] = kinds[name.replace(".", "_")] = compiled_ops.kind(i, found)
+    return kinds  # also under the kernel-name spelling, "." as "_"
+
+
+def _trace_events(path: str, kinds: dict[str, str]) -> tuple[str, list[tuple[str, float]]]:
+    """The operation events of an ``.xplane.pb``: where they come from, and (name, ns).
+
+    On a device: its "XLA Ops" line, else its kernel streams. On the CPU: the events of
+    XLA:CPU's threads named after an operation of the step (``kinds``).
+    """
+    data = jax.profiler.ProfileData.from_file(path)
+    planes = list(data.planes)
+    device = [p for p in planes if p.name.startswith("/device:")]
+    for plane in device:  # the device's HLO-op line, where there is one
+        for line in plane.lines:
+            if line.name == "XLA Ops":
+                return f"{plane.name} XLA Ops", [(e.name, e.duration_ns) for e in line.events]
+    events = [
+        (e.name, e.duration_ns)
+        for plane in device
+        for line in plane.lines
+        if line.name.startswith("Stream")
+        for e in line.events
+    ]
+    if events:
+        return "device kernel streams", events
+    events = [
+        (e.name, e.duration_ns)
+        for plane in planes
+        if plane.name == "/host:CPU"
+        for line in plane.lines
+        if "XLAPjRtCpuClient" in line.name or "XLAEigen" in line.name
+        for e in line.events
+        if e.name in kinds
+    ]
+    return "XLA:CPU threads", events
+
+
+def profile_runners(
+    w: Workload, runners: Sequence[Runner], directory: str, optimizers: Sequence[str],
+    steps: int, top: int = 12,
+) -> dict[str, Any]:
+    """Trace ``steps`` (whole periods) of each runner named in ``optimizers``; summarise."""
+    out: dict[str, Any] = {}
+    for r in runners:
+        if r.name not in optimizers:
+            continue
+        n = r.steps_per_round(steps)
+        where = os.path.join(directory, w.name, r.name)
+        jax.block_until_ready(r.run(w.batch, 1))
+        with jax.profiler.trace(where):
+            jax.block_until_ready(r.run(w.batch, n))
+        files = sorted(glob.glob(os.path.join(where, "**", "*.xplane.pb"), recursive=True))
+        if not files:
+            out[r.name] = {"error": f"no .xplane.pb under {where}"}
+            continue
+        kinds = _instruction_kinds(r.compiled)
+        try:
+            source, events = _trace_events(files[-1], kinds)
+        except Exception as e:  # a trace this jax cannot read
+            out[r.name] = {"error": f"{type(e).__name__}: {e}", "trace": files[-1]}
+            continue
+        total = collections.Counter()
+        calls = collections.Counter()
+        by_kind = collections.Counter()
+        for name, ns in events:
+            total[name] += ns
+            calls[name] += 1
+            by_kind[kinds.get(name, "(not an entry op)")] += ns
+        busy = sum(total.values())
+        out[r.name] = {
+            "trace": files[-1],
+            "source": source,
+            "steps": n,
+            "busy_us_per_step": busy / 1e3 / n,
+            "by_kind_us_per_step": {k: ns / 1e3 / n for k, ns in by_kind.most_common()},
+            "top": [
+                {
+                    "name": name, "kind": kinds.get(name, ""), "calls_per_step": calls[name] / n,
+                    "us_per_step": ns / 1e3 / n, "share": ns / busy if busy else float("nan"),
+                }
+                for name, ns in total.most_common(top)
+            ],
+        }
+    return out
+
+
+def profile_text(results: dict[str, Any]) -> str:
+    lines = []
+    for name, r in results.items():
+        for opt, p in r.get("profile", {}).items():
+            if "error" in p:
+                lines.append(f"{name} {opt}: profile failed: {p['error']}")
+                continue
+            kinds = ", ".join(f"{k} {us:.1f}" for k, us in p["by_kind_us_per_step"].items())
+            lines += [
+                f"{name} {opt}: {p['busy_us_per_step']:.1f} us/step busy ({p['source']},"
+                f" {p['steps']} steps traced); by kind (us/step): {kinds}",
+                f"  {'us/step':>9} {'share':>6} {'calls':>6}  kind         operation",
+            ]
+            lines += [
+                f"  {t['us_per_step']:>9.1f} {100 * t['share']:>5.1f}% {t['calls_per_step']:>6.1f}"
+                f"  {t['kind'] or '-':<12} {t['name'][:90]}"
+                for t in p["top"]
+            ]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------
 # Reporting.
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
-def machine_info() -> dict[str, Any]:
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        usable = os.cpu_count()
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "cpu_model": _cpu_model(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "usable_cpus": usable,
-        "python": sys.version.split()[0],
-        "jax_devices": [str(d) for d in jax.devices()],
-        "jax_backend": jax.default_backend(),
-        "versions": {
-            "jax": jax.__version__,
-            "jaxlib": jaxlib.__version__,
-            "optax": optax.__version__,
-            "flax": flax.__version__,
-            "eva_optax": eva_optax.__version__,
-            "numpy": np.__version__,
-        },
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-    }
-
-
 def _fmt_ratio(x: float) -> str:
     return f"{x:.2f}" if x == x else "n/a"
 
 
+def _label(opt: str, v: dict[str, Any]) -> str:
+    return opt if v["period"] == 1 else f"{opt} (every {v['period']})"
+
+
+def _failed_lines(r: dict[str, Any], columns: int) -> list[str]:
+    if not r.get("errors"):
+        return []
+    lines = [f"| {opt} | failed |" + " |" * (columns - 2) for opt in r["errors"]]
+    return lines + [""] + [f"- `{opt}` failed: `{err}`" for opt, err in r["errors"].items()]
+
+
 def markdown_tables(results: dict[str, Any]) -> str:
-    """One markdown table per workload: time and state size, both vs SGD."""
+    """One markdown table per timed workload: time and state size, both vs SGD."""
     out = []
     for name, r in results.items():
+        if not r.get("timed", True):
+            continue
+        rounds = f"; {r['rounds']} rounds x {r['steps_per_round']} steps" if "rounds" in r else ""
         lines = [
-            f"### {name}: {r['description']} ({r['num_params']:,} parameters)",
+            f"### {name}: {r['description']} ({r['num_params']:,} parameters{rounds})",
             "",
             "| optimizer | ms/step | ×SGD | state MB | ×SGD state |",
             "|---|---:|---:|---:|---:|",
         ]
         for opt, v in r["variants"].items():
-            label = opt if v["period"] == 1 else f"{opt} (every {v['period']})"
             lines.append(
-                f"| {label} | {v['median_ms']:.2f} | {v['over_sgd']:.2f} "
+                f"| {_label(opt, v)} | {v['median_ms']:.2f} | {v['over_sgd']:.2f} "
                 f"| {v['state_mb']:.2f} | {_fmt_ratio(v['state_over_sgd'])} |"
             )
-        for opt, err in r.get("errors", {}).items():
-            lines.append(f"| {opt} | failed | | | |")
-        if r.get("errors"):
-            lines.append("")
-            lines += [f"- `{opt}` failed: `{err}`" for opt, err in r["errors"].items()]
+        out.append("\n".join(lines + _failed_lines(r, 5)))
+    return "\n\n".join(out)
+
+
+OPS_COLUMNS = (
+    ["optimizer", "ops", "×SGD", "extra ops/layer"] + list(compiled_ops.KINDS) + ["compile s"]
+)
+
+
+def _ops_row(opt: str, v: dict[str, Any]) -> list[str]:
+    o = v["ops"]
+    per_layer = "" if opt == "sgd" else f"{o['extra_per_layer']:+.1f}"
+    return (
+        [_label(opt, v), str(o["total"]), _fmt_ratio(o["over_sgd"]), per_layer]
+        + [str(o["by_kind"].get(k, 0)) for k in compiled_ops.KINDS]
+        + [f"{v['compile_s']:.1f}"]
+    )
+
+
+def _ops_caption(name: str, r: dict[str, Any]) -> str:
+    layers = r["layers"]
+    return (
+        f"{name}: {r['description']} ({r['num_params']:,} parameters; {layers['captured']}"
+        f" captured layers, {layers['matrices']} parameters of rank >= 2)"
+    )
+
+
+def ops_table(results: dict[str, Any], markdown: bool = False) -> str:
+    """Per workload: top-level ops of each compiled step, ×SGD, extra per layer, kinds."""
+    out = []
+    for name, r in results.items():
+        rows = [_ops_row(opt, v) for opt, v in r["variants"].items() if "ops" in v]
+        if not rows:
+            continue
+        if markdown:
+            lines = [
+                f"### {_ops_caption(name, r)}", "",
+                "| " + " | ".join(OPS_COLUMNS) + " |",
+                "|---|" + "---:|" * (len(OPS_COLUMNS) - 1),
+            ] + ["| " + " | ".join(row) + " |" for row in rows] + _failed_lines(r, len(OPS_COLUMNS))
+        else:
+            widths = [21, 7, 7, 16] + [12] * len(compiled_ops.KINDS) + [10]
+            fmt = lambda row: "".join(
+                f"{c:<{w}}" if i == 0 else f"{c:>{w}}"
+                for i, (c, w) in enumerate(zip(row, widths))
+            )
+            lines = [_ops_caption(name, r), fmt(OPS_COLUMNS), "-" * sum(widths)]
+            lines += [fmt(row) for row in rows]
+            lines += [
+                f"{opt:<21}  FAILED: {err.splitlines()[0][:200]}"
+                for opt, err in r.get("errors", {}).items()
+            ]
         out.append("\n".join(lines))
     return "\n\n".join(out)
 
 
+OPS_NOTE = (
+    "ops: top-level operations of the compiled step's entry computation (harness.compiled_ops;"
+    " kernel launches on a GPU),\ncounted from the compiled object that is timed."
+    " extra ops/layer: (ops - SGD's ops) / layers, with layers the\nLayerStats entries of"
+    " the capture (optimizers that capture statistics) or the parameters of rank >= 2\n"
+    "(plain-gradient ones). fusion .. other: the same ops by kind (dot and convolution"
+    " include the\nfusions and library calls around them). compile s: lower + compile."
+)
+
+
 def text_table(results: dict[str, Any]) -> str:
     header = (
-        f"{'workload':<13}{'optimizer':<21}{'ms/step':>10}{'xSGD':>8}"
+        f"{'workload':<19}{'optimizer':<21}{'ms/step':>10}{'xSGD':>8}"
         f"{'paired':>8}{'min':>8}{'CPU':>8}{'IQR':>6}{'state MB':>10}{'xSGD':>7}"
     )
     lines = [header, "-" * len(header)]
     for name, r in results.items():
+        if not r.get("timed", True):
+            continue
         for opt, v in r["variants"].items():
             iqr = (v["q75_ms"] - v["q25_ms"]) / v["median_ms"]
             lines.append(
-                f"{name:<13}{opt:<21}{v['median_ms']:>10.2f}{v['over_sgd']:>8.2f}"
+                f"{name:<19}{opt:<21}{v['median_ms']:>10.2f}{v['over_sgd']:>8.2f}"
                 f"{v['paired_over_sgd']:>8.2f}{v['min_over_sgd']:>8.2f}"
                 f"{v['cpu_over_sgd']:>8.2f}{100 * iqr:>5.0f}%"
                 f"{v['state_mb']:>10.2f}{_fmt_ratio(v['state_over_sgd']):>7}"
             )
         for opt, err in r.get("errors", {}).items():
-            lines.append(f"{name:<13}{opt:<21}  FAILED: {err.splitlines()[0][:200]}")
+            lines.append(f"{name:<19}{opt:<21}  FAILED: {err.splitlines()[0][:200]}")
     return "\n".join(lines)
 
 
@@ -664,26 +904,30 @@ def robustness_note(results: dict[str, Any]) -> str:
     )
 
 
+def _grid(cols: list[str], rows: list[list[str]], markdown: bool, width: int) -> str:
+    if markdown:
+        lines = ["| " + " | ".join(cols) + " |", "|---|---|" + "---:|" * (len(cols) - 2)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    widths = [19, 21] + [width] * (len(cols) - 2)
+    fmt = lambda row: "".join(
+        f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(row, widths))
+    )
+    return "\n".join([fmt(cols), "-" * sum(widths)] + [fmt(row) for row in rows])
+
+
 def breakdown_table(results: dict[str, Any], markdown: bool) -> str:
     cols = ["workload", "variant", "ms/step", "vs SGD", "extra ms", "CPU ms/step", "CPU vs SGD", "CPU extra ms"]
     rows = []
     for name, r in results.items():
+        if not r.get("timed", True):
+            continue
         for variant, v in r["variants"].items():
             rows.append([
                 name, variant, f"{v['median_ms']:.2f}", f"{v['over_sgd']:.3f}",
                 f"{v['extra_ms']:+.2f}", f"{v['cpu_median_ms']:.2f}",
                 f"{v['cpu_over_sgd']:.3f}", f"{v['cpu_extra_ms']:+.2f}",
             ])
-    if markdown:
-        lines = ["| " + " | ".join(cols) + " |", "|---|---|" + "---:|" * (len(cols) - 2)]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
-        return "\n".join(lines)
-    widths = [13, 21] + [13] * (len(cols) - 2)
-    fmt = lambda row: "".join(
-        f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(row, widths))
-    )
-    lines = [fmt(cols), "-" * sum(widths)] + [fmt(row) for row in rows]
-    return "\n".join(lines)
+    return _grid(cols, rows, markdown, 13)
 
 
 def cost_table(results: dict[str, Any], markdown: bool) -> str:
@@ -703,19 +947,44 @@ def cost_table(results: dict[str, Any], markdown: bool) -> str:
             ])
     if not rows:
         return "(no XLA cost analysis on this backend)"
-    if markdown:
-        lines = ["| " + " | ".join(cols) + " |", "|---|---|" + "---:|" * (len(cols) - 2)]
-        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-    widths = [13, 21] + [12] * (len(cols) - 2)
-    fmt = lambda row: "".join(
-        f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(row, widths))
-    )
-    return "\n".join([fmt(cols), "-" * sum(widths)] + [fmt(row) for row in rows])
+    return _grid(cols, rows, markdown, 12)
+
+
+def merge_results(payloads: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The results of several runs as one: per workload every variant, a timed one over
+    an untimed one, else the first run's; in the order of the registry; the errors of
+    the variants no run has; ``timed`` when every variant is."""
+    order = {name: i for i, name in enumerate(ALL_OPTIMIZERS)}
+    merged: dict[str, Any] = {}
+    for payload in payloads:
+        for name, r in payload["results"].items():
+            m = merged.setdefault(name, {**r, "variants": {}, "errors": {}, "profile": {}})
+            for opt, v in r["variants"].items():
+                if opt not in m["variants"] or ("median_ms" in v and "median_ms" not in m["variants"][opt]):
+                    m["variants"][opt] = v
+            for opt, p in r.get("profile", {}).items():
+                m["profile"].setdefault(opt, p)
+    for payload in payloads:
+        for name, r in payload["results"].items():
+            for opt, err in r.get("errors", {}).items():
+                if opt not in merged[name]["variants"]:
+                    merged[name]["errors"].setdefault(opt, err)
+    for m in merged.values():
+        m["variants"] = dict(
+            sorted(m["variants"].items(), key=lambda kv: order.get(kv[0], len(order)))
+        )
+        m["timed"] = all("median_ms" in v for v in m["variants"].values())
+    return merged
 
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DEFAULT_JSON = os.path.join(RESULTS_DIR, "step_time.json")
 DEFAULT_MD = os.path.join(RESULTS_DIR, "step_time.md")
+
+
+def _names(text: str, known: Sequence[str], aliases: dict[str, str]) -> tuple[list[str], list[str]]:
+    names = [aliases.get(s.strip(), s.strip()) for s in text.split(",") if s.strip()]
+    return list(dict.fromkeys(names)), [n for n in names if n not in known]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -725,8 +994,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--workloads", default=None,
-        help=f"comma-separated subset of {','.join(WORKLOADS)}, or all (default: all;"
-        " autoencoder with --quick)",
+        help=f"comma-separated subset of {','.join(WORKLOADS)}, or all (default:"
+        f" {','.join(DEFAULT_WORKLOADS)}; autoencoder with --quick)",
     )
     p.add_argument(
         "--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
@@ -750,6 +1019,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         " still a whole period), no warmup, writes no files unless --json/--md",
     )
     p.add_argument(
+        "--tiny", action="store_true",
+        help="shrink the GPU-sized workloads (resnet18*: channels / 8, batch 4; gpt*: 2"
+        " layers, d_model 64, seq 32, batch 2, vocab 512) to check their code on a CPU",
+    )
+    p.add_argument(
+        "--ops", action="store_true",
+        help="also count the top-level ops of every compiled step (table, JSON, markdown)",
+    )
+    p.add_argument(
+        "--ops-only", action="store_true",
+        help="compile every step from abstract shapes and count its ops; time nothing",
+    )
+    p.add_argument(
+        "--merge", nargs="+", metavar="JSON", default=None,
+        help="print (and with --json/--md write) the tables of these runs' JSON files as"
+        " one; runs nothing",
+    )
+    p.add_argument(
+        "--profile", metavar="DIR", default=None,
+        help="after timing, trace --profile-steps steps of --profile-optimizers with"
+        " jax.profiler into DIR and print the device time per step by operation",
+    )
+    p.add_argument("--profile-optimizers", default="sgd,eva")
+    p.add_argument("--profile-steps", type=int, default=10)
+    p.add_argument(
         "--json", metavar="PATH", default=None,
         help="write the results and machine info here (default"
         " benchmarks/results/step_time.json, none with --quick)",
@@ -769,7 +1063,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     q = args.quick
     if args.workloads is None:
-        args.workloads = "autoencoder" if q else "all"
+        args.workloads = "autoencoder" if q else ",".join(DEFAULT_WORKLOADS)
     if args.rounds is None:
         args.rounds = 3 if q else 6
     if args.steps_per_round is None:
@@ -778,56 +1072,44 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.warmup = 0 if q else 2
     if args.no_save:
         args.json = args.md = None
-    elif not q:
+    elif not q and not args.merge:
         args.json = args.json or DEFAULT_JSON
         args.md = args.md or DEFAULT_MD
-    names = (
-        list(WORKLOADS) if args.workloads == "all"
-        else [s.strip() for s in args.workloads.split(",") if s.strip()]
+    args.ops = args.ops or args.ops_only
+    names, unknown = _names(
+        ",".join(WORKLOADS) if args.workloads == "all" else args.workloads, list(WORKLOADS), {}
     )
-    unknown = [n for n in names if n not in WORKLOADS]
     if unknown or not names:
-        p.error(f"unknown workloads {unknown}; choose from {', '.join(WORKLOADS)}")
-    opts = [s.strip() for s in args.optimizers.split(",") if s.strip()]
-    unknown = [o for o in opts if o not in ALL_OPTIMIZERS]
+        p.error(f"unknown workloads {unknown}; choose from {', '.join(WORKLOADS)}, all")
+    opts, unknown = _names(args.optimizers, ALL_OPTIMIZERS, ALIASES)
     if unknown:
         p.error(f"unknown optimizers {unknown}; choose from {', '.join(ALL_OPTIMIZERS)}")
-    opts = ["sgd"] + [o for o in dict.fromkeys(opts) if o != "sgd"]
-    if args.rounds < 1 or args.steps_per_round < 1 or args.warmup < 0:
-        p.error("--rounds and --steps-per-round must be >= 1, --warmup >= 0")
+    profiled, unknown = _names(args.profile_optimizers, ALL_OPTIMIZERS, ALIASES)
+    if unknown:
+        p.error(f"--profile-optimizers: unknown {unknown}")
+    opts = ["sgd"] + [o for o in opts if o != "sgd"]
+    if args.rounds < 1 or args.steps_per_round < 1 or args.warmup < 0 or args.profile_steps < 1:
+        p.error("--rounds, --steps-per-round and --profile-steps must be >= 1, --warmup >= 0")
+    if args.profile and args.ops_only:
+        p.error("--profile needs timed steps; drop --ops-only")
     args.workload_names = names
     args.optimizer_names = opts
+    args.profile_names = profiled
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    info = machine_info()
-    print(
-        f"Optimizer step time (SGD momentum {MOMENTUM}, weight decay {WEIGHT_DECAY}) on "
-        f"{info['jax_devices']} ({info['processor'] or info['cpu_model'] or info['machine']}, "
-        f"{info['cpu_count']} CPUs); jax {jax.__version__}, optax {optax.__version__}, "
-        f"flax {flax.__version__}"
+def _device_text(info: dict[str, Any]) -> str:
+    return (
+        f"{info['devices']} ({info['device_kind']}; {info['cpu'] or info['machine']},"
+        f" {info['usable_cpus']} usable of {info['cpu_count']} CPUs)"
     )
-    print(
-        "Synthetic random data (step time only). "
-        f"{args.rounds} rounds x {args.steps_per_round} steps per optimizer (whole"
-        f" periods for K-FAC/FOOF/Shampoo), interleaved: {', '.join(args.optimizer_names)}."
-    )
-    key = jax.random.PRNGKey(args.seed)
-    results: dict[str, Any] = {}
-    t_start = time.perf_counter()
-    for name in args.workload_names:
-        key, sub = jax.random.split(key)
-        w = WORKLOADS[name](sub)
-        print(f"\n{name}: {w.description}", flush=True)
-        results[name] = bench_workload(
-            w, args.rounds, args.steps_per_round, args.warmup, args.breakdown,
-            args.optimizer_names,
-        )
-    total_s = time.perf_counter() - t_start
 
-    md = markdown_tables(results)
+
+def write_outputs(
+    args: argparse.Namespace, argv: Sequence[str] | None, info: dict[str, Any],
+    results: dict[str, Any], total_s: float,
+) -> None:
+    """The JSON (``--json``) and markdown (``--md``) files of a run."""
     if args.json:
         payload = {
             "machine": info,
@@ -838,12 +1120,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "warmup": args.warmup,
                 "seed": args.seed,
                 "optimizers": args.optimizer_names,
-                "momentum": MOMENTUM,
-                "weight_decay": WEIGHT_DECAY,
-                "adamw": {"learning_rate": ADAMW_LR, "weight_decay": ADAMW_WEIGHT_DECAY},
+                "options": dataclasses.asdict(OPTIONS),
+                "learning_rate": "the workload's, for every optimizer",
                 "data": "synthetic random (step time only)",
                 "breakdown": args.breakdown,
                 "quick": args.quick,
+                "tiny": args.tiny,
+                "ops": args.ops,
+                "ops_only": args.ops_only,
                 "argv": list(sys.argv[1:] if argv is None else argv),
             },
             "results": results,
@@ -854,40 +1138,122 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             json.dump(payload, f, indent=2)
         print(f"\nResults written to {args.json}")
     if args.md:
-        cpu = info["cpu_model"] or info["processor"] or info["machine"]
+        v = info["versions"]
+        timed = any(r.get("timed", True) for r in results.values())
         header = (
-            "# Optimizer step time and state size\n\n"
-            f"`benchmarks/step_time.py` on {cpu} ({info['usable_cpus']} usable of"
-            f" {info['cpu_count']} CPUs, JAX {info['jax_backend']}), jax"
-            f" {info['versions']['jax']}, optax {info['versions']['optax']}, flax"
-            f" {info['versions']['flax']}, eva_optax {info['versions']['eva_optax']}."
-            f" {args.rounds} interleaved rounds x {args.steps_per_round} steps per"
-            " optimizer; K-FAC, FOOF and Shampoo run whole periods per round (10, 50,"
-            " 10 steps) and report the per-step average, inverse steps included."
-            " ms/step: median over rounds of the wall time per step; ×SGD: relative to"
-            " SGD with momentum; state MB: `eva_optax.state_bytes` (10^6 bytes)."
-            f" Synthetic random data (step time only). Total run time {total_s:.0f}s.\n\n"
+            "# Optimizer step time, op count and state size\n\n"
+            f"`benchmarks/step_time.py` on {_device_text(info)}, JAX {info['jax_backend']},"
+            f" jax {v['jax']}, optax {v['optax']}, flax {v['flax']}, eva_optax"
+            f" {v['eva_optax']}."
         )
+        if timed:
+            rounds = (
+                " Interleaved rounds (their number in each table's heading)"
+                if args.rounds is None
+                else f" {args.rounds} interleaved rounds x {args.steps_per_round} steps per"
+                " optimizer"
+            )
+            header += (
+                f"{rounds}; K-FAC, FOOF and Shampoo run whole periods per round (10"
+                " steps) and report the per-step average, inverse steps included."
+                " ms/step: median over rounds of the wall time per step; ×SGD: relative"
+                " to SGD with momentum; state MB: `eva_optax.state_bytes` (10^6 bytes)."
+                " Synthetic random data (step time only)."
+            )
+        header += f" Total run time {total_s:.0f}s.\n\n"
+        body = markdown_tables(results)
+        if args.ops:
+            body += (
+                "\n\n## Top-level ops of the compiled step\n\n"
+                + OPS_NOTE.replace("\n", " ") + "\n\n" + ops_table(results, markdown=True)
+            )
         os.makedirs(os.path.dirname(os.path.abspath(args.md)), exist_ok=True)
         with open(args.md, "w") as f:
-            f.write(header + md + "\n")
+            f.write(header + body.strip() + "\n")
         print(f"Markdown written to {args.md}")
 
-    print(f"\nTotal benchmark time {total_s:.0f}s. Synthetic random data (step time only).")
-    if args.breakdown:
+
+def print_tables(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    timed = any(r.get("timed", True) for r in results.values())
+    if timed and args.breakdown:
         print("\nBreakdown (medians over rounds; extra = minus SGD):")
         print(breakdown_table(results, args.markdown))
-    print(
-        "\nXLA's static cost analysis of each compiled step (FLOPs and bytes"
-        " accessed as XLA\nestimates them; independent of the load on the machine):"
-    )
-    print(cost_table(results, args.markdown))
-    print()
-    print(text_table(results))
-    print(robustness_note(results))
+    if timed or args.breakdown:
+        print(
+            "\nXLA's static cost analysis of each compiled step (FLOPs and bytes"
+            " accessed as XLA\nestimates them; independent of the load on the machine):"
+        )
+        print(cost_table(results, args.markdown))
+    if args.ops:
+        print("\nTop-level ops of each compiled step:\n")
+        print(ops_table(results))
+        print(OPS_NOTE)
+    if timed:
+        print()
+        print(text_table(results))
+        print(robustness_note(results))
+    if any(r.get("profile") for r in results.values()):
+        print("\nProfile (device time per step by operation):")
+        print(profile_text(results))
     if args.markdown:
         print()
-        print(md)
+        print(markdown_tables(results))
+        if args.ops:
+            print()
+            print(ops_table(results, markdown=True))
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.merge:
+        payloads = []
+        for path in args.merge:
+            with open(path) as f:
+                payloads.append(json.load(f))
+        results = merge_results(payloads)
+        args.rounds = args.steps_per_round = None  # per workload, in its table's heading
+        args.ops = any(payload["settings"].get("ops") for payload in payloads)
+        info = payloads[0]["machine"]
+        total_s = sum(payload.get("total_s", 0.0) for payload in payloads)
+        write_outputs(args, argv, info, results, total_s)
+        print_tables(args, results)
+        return results
+
+    info = report.machine_info()
+    print(
+        f"Optimizer step time (SGD momentum {OPTIONS.momentum}, weight decay"
+        f" {OPTIONS.weight_decay}) on {_device_text(info)}; jax {jax.__version__}, optax"
+        f" {optax.__version__}, flax {flax.__version__}"
+    )
+    if args.ops_only:
+        print(f"Op counts only (nothing timed): {', '.join(args.optimizer_names)}.")
+    else:
+        print(
+            "Synthetic random data (step time only). "
+            f"{args.rounds} rounds x {args.steps_per_round} steps per optimizer (whole"
+            f" periods for K-FAC/FOOF/Shampoo), interleaved: {', '.join(args.optimizer_names)}."
+        )
+    profile = None
+    if args.profile:
+        profile = {
+            "directory": args.profile, "optimizers": args.profile_names,
+            "steps": args.profile_steps,
+        }
+    key = jax.random.PRNGKey(args.seed)
+    results: dict[str, Any] = {}
+    t_start = time.perf_counter()
+    for name in args.workload_names:
+        key, k_data, k_init = jax.random.split(key, 3)
+        w = WORKLOADS[name](k_data, args.tiny)
+        print(f"\n{name}: {w.description}", flush=True)
+        results[name] = bench_workload(
+            w, args.rounds, args.steps_per_round, args.warmup, args.breakdown,
+            args.optimizer_names, key=k_init, timed=not args.ops_only, profile=profile,
+        )
+    total_s = time.perf_counter() - t_start
+    write_outputs(args, argv, info, results, total_s)
+    print(f"\nTotal benchmark time {total_s:.0f}s. Synthetic random data (step time only).")
+    print_tables(args, results)
     return results
 
 
