@@ -102,8 +102,8 @@ of the machine.
 Output: a text table, a markdown table per workload (optimizer | ms/step |
 xSGD | state MB | xSGD state; with ``--ops`` the op-count table too), and unless
 ``--quick`` the JSON (with machine info, ``harness.report.machine_info``) and markdown
-written to ``benchmarks/results/step_time.{json,md}`` (``--json`` / ``--md`` change the
-paths, ``--no-save`` writes nothing).
+written to ``benchmarks/results/step_time.{json,md}`` (``step_time_ops.{json,md}`` with
+``--ops-only``; ``--json`` / ``--md`` change the paths, ``--no-save`` writes nothing).
 
 Usage::
 
@@ -149,8 +149,8 @@ import eva_optax
 
 # The examples' shared harness (models, optimizer registry, training step, machine info,
 # op counts) is the package ``harness`` in examples/: put that folder on the path, once.
-EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples")
-if os.path.abspath(EXAMPLES) not in map(os.path.abspath, sys.path):
+EXAMPLES = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+if EXAMPLES not in map(os.path.abspath, sys.path):
     sys.path.insert(0, EXAMPLES)
 
 from harness import compiled_ops, report, training  # noqa: E402
@@ -980,6 +980,8 @@ def merge_results(payloads: Sequence[dict[str, Any]]) -> dict[str, Any]:
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DEFAULT_JSON = os.path.join(RESULTS_DIR, "step_time.json")
 DEFAULT_MD = os.path.join(RESULTS_DIR, "step_time.md")
+DEFAULT_OPS_JSON = os.path.join(RESULTS_DIR, "step_time_ops.json")  # --ops-only's
+DEFAULT_OPS_MD = os.path.join(RESULTS_DIR, "step_time_ops.md")
 
 
 def _names(text: str, known: Sequence[str], aliases: dict[str, str]) -> tuple[list[str], list[str]]:
@@ -1046,12 +1048,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--json", metavar="PATH", default=None,
         help="write the results and machine info here (default"
-        " benchmarks/results/step_time.json, none with --quick)",
+        " benchmarks/results/step_time.json, step_time_ops.json with --ops-only, none"
+        " with --quick)",
     )
     p.add_argument(
         "--md", metavar="PATH", default=None,
         help="write the markdown tables here (default benchmarks/results/step_time.md,"
-        " none with --quick)",
+        " step_time_ops.md with --ops-only, none with --quick)",
     )
     p.add_argument("--no-save", action="store_true", help="write no files")
     p.add_argument("--markdown", action="store_true", help="also print the markdown tables")
@@ -1073,8 +1076,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.no_save:
         args.json = args.md = None
     elif not q and not args.merge:
-        args.json = args.json or DEFAULT_JSON
-        args.md = args.md or DEFAULT_MD
+        args.json = args.json or (DEFAULT_OPS_JSON if args.ops_only else DEFAULT_JSON)
+        args.md = args.md or (DEFAULT_OPS_MD if args.ops_only else DEFAULT_MD)
     args.ops = args.ops or args.ops_only
     names, unknown = _names(
         ",".join(WORKLOADS) if args.workloads == "all" else args.workloads, list(WORKLOADS), {}

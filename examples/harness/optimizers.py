@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from optax.contrib import MuonDimensionNumbers
 
@@ -100,10 +101,10 @@ def muon_dimension_numbers(params: Any, layouts: Any = None) -> Any:
 
     def numbers(path: tuple[Any, ...], leaf: Any) -> MuonDimensionNumbers | None:
         names = tuple(str(getattr(k, "key", k)) for k in path)
-        if not names or names[-1] != "kernel" or jax.numpy.ndim(leaf) < 2:
+        if not names or names[-1] != "kernel" or jnp.ndim(leaf) < 2:
             return None
         layout = _layout_at(layouts, names[:-1]) or eva_optax.KernelLayout()
-        rank = jax.numpy.ndim(leaf)
+        rank = jnp.ndim(leaf)
         return MuonDimensionNumbers(
             reduction_axis=tuple(range(layout.stack_ndim, rank - layout.output_ndim)),
             output_axis=tuple(range(rank - layout.output_ndim, rank)),
