@@ -16,6 +16,10 @@ three (``make bench``) are sized for a CPU:
   (``features=(heads, head_dim)``) and output projection (``axis=(-2, -1)``),
   next-token cross-entropy.
 
+Also sized for a CPU, not in the default three: ``cnn``, three 3x3 convolutions (32
+channels, with bias, ReLU) without BatchNorm, global average pooling and Dense 10, on
+28x28x1 inputs, batch 128 (a conv net whose ḡ is not zeroed by a normalisation).
+
 Realistic ones, sized for a GPU (``--workloads all`` or by name; ``--tiny`` shrinks
 them so that their code runs on a CPU in seconds):
 
@@ -140,6 +144,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -219,6 +224,31 @@ def _resnet(
     return Workload(name, description, loss_fn, init, (x, y), learning_rate)
 
 
+class _PlainCNN(nn.Module):
+    """Three 3x3 convolutions (32 channels, bias, ReLU) without BatchNorm, GAP, Dense 10."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for _ in range(3):
+            x = nn.relu(nn.Conv(32, (3, 3))(x))
+        return nn.Dense(10)(jnp.mean(x, axis=(1, 2)))
+
+
+def cnn(key: jax.Array, tiny: bool = False, dtype: Any = None) -> Workload:
+    model = _PlainCNN()
+    k_x, k_y = jax.random.split(key)
+    x = jax.random.normal(k_x, (128, 28, 28, 1), jnp.float32)
+    y = jax.random.randint(k_y, (128,), 0, 10)
+
+    def loss_fn(params, state, batch):
+        return _cross_entropy(model.apply({"params": params}, batch[0]), batch[1]), (state, {})
+
+    return Workload(
+        "cnn", "3x Conv 3x3/32 with bias, no BatchNorm, GAP, Dense 10; 28x28x1, batch 128",
+        loss_fn, lambda k: (model.init(k, x[:1])["params"], {}), (x, y), 0.05,
+    )
+
+
 def resnet(key: jax.Array, tiny: bool = False, dtype: Any = None) -> Workload:
     return _resnet(
         "resnet", "ResNet-style CNN 16/32/64 x2 blocks + BatchNorm, 28x28x1, batch 128",
@@ -290,6 +320,7 @@ WORKLOADS: dict[str, Callable[[jax.Array, bool], Workload]] = {
     "autoencoder": _variant(autoencoder, "autoencoder"),
     "resnet": _variant(resnet, "resnet"),
     "transformer": _variant(transformer, "transformer"),
+    "cnn": _variant(cnn, "cnn"),
     "resnet18": _variant(resnet18, "resnet18"),
     "resnet18-bf16": _variant(resnet18, "resnet18-bf16", dtype=jnp.bfloat16),
     "resnet18-b512": _variant(resnet18, "resnet18-b512", batch_size=512),
