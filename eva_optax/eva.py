@@ -25,12 +25,10 @@ References:
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from eva_optax import kl
@@ -43,7 +41,7 @@ from eva_optax.preconditioning import (
     layerwise_transformation,
     scale_preconditioned,
 )
-from eva_optax.segments import Segments
+from eva_optax.segments import Segments, two_sums
 
 #: What :func:`eva_optax.value_and_grad` must capture for Eva (its default).
 STATISTICS = EVA_STATISTICS
@@ -104,12 +102,14 @@ def sherman_morrison_layers(
       [None if b is None else (b, y) for b, y in zip(biases, g)],
       [None if b is None else (b, b) for b in biases],
   )
-  sums = [_grad_sums(k, x, y) for k, x, y in zip(kernels, a, g)]
+  # Per layer, one pass over the gradient matrix: āᵀ∇W ḡ and ‖∇W‖².
+  sums = [
+      two_sums(k * x[..., :, None] * y[..., None, :], k * k, (k.ndim - 2, k.ndim - 1))
+      for k, x, y in zip(kernels, a, g)
+  ]
   s = segments.pack([q for q, _ in sums]) + bias_dot
   grad_sq = segments.pack([n for _, n in sums]) + bias_sq
-  has_bias = np.concatenate(
-      [np.full(math.prod(k.shape[:-2]), b is not None, np.float32) for k, b in zip(kernels, biases)]
-  )
+  has_bias = segments.indicator([b is not None for b in biases])
   coef = s / ((a_sq + has_bias) * g_sq + damping)
   kernel, bias = [], []
   for l, (k, b, x, y) in enumerate(zip(kernels, biases, a, g)):
@@ -118,20 +118,6 @@ def sherman_morrison_layers(
     bias.append(None if b is None else b - c[..., None] * y)
   # ⟨Ĝ − c ḡāᵀ, Ĝ⟩ = ‖Ĝ‖² − c s: no second pass over the gradient.
   return Preconditioned(tuple(kernel), tuple(bias), jnp.sum(grad_sq - coef * s))
-
-
-def _grad_sums(
-    kernel: jax.Array, input_mean: jax.Array, output_grad_mean: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-  """``āᵀ∇W ḡ`` and ``‖∇W‖²`` per stacked layer, in one pass over the kernel."""
-  outer = input_mean[..., :, None] * output_grad_mean[..., None, :]
-  zero = jnp.zeros((), kernel.dtype)
-  return jax.lax.reduce(
-      (kernel * outer, kernel * kernel),
-      (zero, zero),
-      lambda x, y: (x[0] + y[0], x[1] + y[1]),
-      (kernel.ndim - 2, kernel.ndim - 1),
-  )
 
 
 class ScaleByEvaState(NamedTuple):

@@ -22,12 +22,10 @@ References:
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from eva_optax import kl
@@ -40,7 +38,7 @@ from eva_optax.preconditioning import (
     layerwise_transformation,
     scale_preconditioned,
 )
-from eva_optax.segments import Segments
+from eva_optax.segments import Segments, two_sums
 
 #: What :func:`eva_optax.value_and_grad` must capture for Eva-f.
 STATISTICS = (INPUT_MEAN,)
@@ -81,12 +79,7 @@ def foof_vector_projection_layers(
   segments = Segments([k.shape[:-2] for k in kernels])
   projected, column_sq = [], []
   for k, x, b in zip(kernels, a, biases):
-    p, c = jax.lax.reduce(
-        (k * x[..., :, None], k * k),
-        (jnp.zeros((), k.dtype), jnp.zeros((), k.dtype)),
-        lambda u, v: (u[0] + v[0], u[1] + v[1]),
-        (k.ndim - 2,),
-    )
+    p, c = two_sums(k * x[..., :, None], k * k, (k.ndim - 2,))
     projected.append(p if b is None else p + b)  # Ĝ ā, the bias matched by a 1
     column_sq.append(c)
   a_sq, projected_sq, grad_sq, bias_sq = segments.dots(
@@ -95,9 +88,7 @@ def foof_vector_projection_layers(
       [(c, jnp.ones_like(c)) for c in column_sq],
       [None if b is None else (b, b) for b in biases],
   )
-  has_bias = np.concatenate(
-      [np.full(math.prod(k.shape[:-2]), b is not None, np.float32) for k, b in zip(kernels, biases)]
-  )
+  has_bias = segments.indicator([b is not None for b in biases])
   scale = 1.0 / (a_sq + has_bias + damping)
   kernel, bias = [], []
   for l, (k, b, x, p) in enumerate(zip(kernels, biases, a, projected)):

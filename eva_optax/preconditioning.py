@@ -164,7 +164,6 @@ def update_averages(
           f"{who}: statistics for {orphans}, but the updates have no parameters"
           " there: the stats come from another model or another nesting of the params"
       )
-  captured = []
   for path, slot in slots.items():
     entry = entries.get(path)
     if not isinstance(entry, LayerStats):
@@ -177,8 +176,6 @@ def update_averages(
           " captured: create the gradient function with"
           f" eva_optax.value_and_grad(loss_fn, statistics={tuple(averages)})"
       )
-    captured.append((path, entry))
-  for path, entry in captured:
     for name in averages:
       value = getattr(entry, name)
       average = update_running_average(old[name][path], value, stat_decay, count)

@@ -82,11 +82,26 @@ class Segments:
 
   def pack(self, per_layer: Sequence[jax.Array]) -> jax.Array:
     """Per-layer arrays of their stack shape, as one ``(self.size,)`` array."""
-    if not per_layer:
-      return jnp.zeros((0,), jnp.float32)
     return jnp.concatenate([jnp.reshape(v, -1) for v in per_layer])
+
+  def indicator(self, flags: Sequence[bool]) -> np.ndarray:
+    """A per-layer flag on every slot of its layer: a constant ``(self.size,)`` array."""
+    return np.repeat(np.asarray(flags, np.float32), np.diff(self.offsets))
 
   def of(self, packed: jax.Array, layer: int) -> jax.Array:
     """Layer ``layer``'s slots of a ``(self.size,)`` array, in its stack shape."""
     lo, hi = self.offsets[layer], self.offsets[layer + 1]
     return packed[lo:hi].reshape(self.stacks[layer])
+
+
+def two_sums(
+    first: jax.Array, second: jax.Array, axes: tuple[int, ...]
+) -> tuple[jax.Array, jax.Array]:
+  """``first.sum(axes)`` and ``second.sum(axes)`` as one reduction (one pass, one kernel)."""
+  zero = jnp.zeros((), jnp.result_type(first, second))
+  return jax.lax.reduce(
+      (first.astype(zero.dtype), second.astype(zero.dtype)),
+      (zero, zero),
+      lambda x, y: (x[0] + y[0], x[1] + y[1]),
+      axes,
+  )
