@@ -57,17 +57,17 @@ DATA_MISSING = { \
 	  echo "warning: continuing without Fashion-MNIST" >&2; }
 
 data: install
-	@if $(PY) -m eva_optax.datasets --check --no-download 2>/dev/null; then \
+	@if $(PY) -m examples.harness.datasets --check --no-download 2>/dev/null; then \
 	  :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  echo "Fashion-MNIST not found; installing the Debian package $(DATA_PACKAGE)"; \
 	  $(APT) install -y -q $(DATA_PACKAGE) \
 	    || { $(APT) update -q && $(APT) install -y -q $(DATA_PACKAGE); } \
 	    || echo "warning: apt-get could not install $(DATA_PACKAGE)" >&2; \
-	  $(PY) -m eva_optax.datasets --check || $(DATA_MISSING); \
+	  $(PY) -m examples.harness.datasets --check || $(DATA_MISSING); \
 	else \
 	  echo "Fashion-MNIST not found locally; trying to download it into the cache"; \
-	  $(PY) -m eva_optax.datasets --check || $(DATA_MISSING); \
+	  $(PY) -m examples.harness.datasets --check || $(DATA_MISSING); \
 	fi
 
 # The language-model example reads the Debian package fortunes (English text, offline).
@@ -84,7 +84,7 @@ corpus:
 	fi
 
 demo: install data
-	$(PY) examples/autoencoder.py
+	$(PY) -m examples.autoencoder
 
 test: REQUIRE_DATA := 0
 test: install data
@@ -92,9 +92,9 @@ test: install data
 
 bench: REQUIRE_DATA := 0
 bench: install data corpus
-	$(PY) benchmarks/step_time.py
-	$(PY) benchmarks/multi_device.py
-	$(PY) benchmarks/convergence.py --readme README.md
+	$(PY) -m benchmarks.step_time
+	$(PY) -m benchmarks.multi_device
+	$(PY) -m benchmarks.convergence --readme README.md
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .hypothesis

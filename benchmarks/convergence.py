@@ -37,15 +37,15 @@ headline table replaces the text between ``<!-- convergence:start -->`` and
 
 Usage::
 
-    python benchmarks/convergence.py                         # everything, seeds 0,1,2
-    python benchmarks/convergence.py --workloads autoencoder --seeds 0 --readme README.md
-    python benchmarks/convergence.py --quick --out /tmp/conv  # smoke test
+    python -m benchmarks.convergence                         # everything, seeds 0,1,2
+    python -m benchmarks.convergence --workloads autoencoder --seeds 0 --readme README.md
+    python -m benchmarks.convergence --quick --out /tmp/conv  # smoke test
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import statistics
 import sys
@@ -55,18 +55,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
+from examples.harness import report
+from examples.harness.training import Result, jsonable
 
-from harness import report  # noqa: E402
-from harness.training import Result, jsonable  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
 class Workload:
-    name: str  # also the example's file name
+    name: str  # also the example's module name (examples.<name>)
     title: str
     argv: tuple[str, ...]  # the example's flags for the full benchmark
     quick: tuple[str, ...]  # the flags for --quick
@@ -103,12 +100,8 @@ WORKLOADS = {
 
 
 def load_example(name: str) -> Any:
-    """Import ``examples/<name>.py`` as a module."""
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    """The example ``examples/<name>.py``, imported as the module ``examples.<name>``."""
+    return importlib.import_module(f"examples.{name}")
 
 
 def _median(values: Sequence[float]) -> float | None:
@@ -216,7 +209,8 @@ def update_readme(path: Path, text: str) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.convergence", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--workloads", default=",".join(WORKLOADS),
                    help=f"comma-separated subset of {','.join(WORKLOADS)}")
@@ -266,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     machine = (
         f"Machine: {info['cpu']} ({info['cpu_count']} CPUs), device {info['device']}; "
         + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
-        + f". Command: `python benchmarks/convergence.py {' '.join(argv or sys.argv[1:])}`."
+        + f". Command: `python -m benchmarks.convergence {' '.join(argv or sys.argv[1:])}`."
     )
     head = headline_table(headlines, seeds_used)
     md = ["# Convergence in wall-clock time\n", head, machine + "\n"]

@@ -47,7 +47,7 @@ fi
 mkdir -p "$DEST/ops" "$DEST/time" "$DEST/profile"
 exec > >(tee -a "$DEST/log.txt") 2>&1
 
-STEP_TIME="$PY benchmarks/step_time.py"
+STEP_TIME="$PY -m benchmarks.step_time"
 if [ "$DRY" = 1 ]; then
   BUDGET=${BUDGET_S:-150}
   TINY=--tiny

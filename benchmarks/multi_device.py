@@ -37,9 +37,9 @@ the machine description and versions.
 
 Usage::
 
-    python benchmarks/multi_device.py                  # 1, 2, 4, 8 devices, results saved
-    python benchmarks/multi_device.py --quick          # smoke test, nothing saved
-    python benchmarks/multi_device.py --device-counts 1,8 --rounds 20 --steps 3
+    python -m benchmarks.multi_device                  # 1, 2, 4, 8 devices, results saved
+    python -m benchmarks.multi_device --quick          # smoke test, nothing saved
+    python -m benchmarks.multi_device --device-counts 1,8 --rounds 20 --steps 3
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
-import importlib.util
+import importlib
 import json
 import math
 import re
@@ -63,7 +63,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "multi_device.py"
 RESULTS = ROOT / "benchmarks" / "results"
 OPTIMIZERS = ("sgd", "eva", "sgd-again")
 REPLY = "RESULT "  # prefix of the worker's answer lines on stdout
@@ -75,12 +74,8 @@ DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
 
 def _load_example() -> Any:
-    """examples/multi_device.py as a module (its name clashes with this file's)."""
-    spec = importlib.util.spec_from_file_location("multi_device_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """The example ``examples/multi_device.py`` (imported in the worker, after its XLA_FLAGS)."""
+    return importlib.import_module("examples.multi_device")
 
 
 def _cost(compiled: Any) -> dict[str, float]:
@@ -192,7 +187,7 @@ class Worker:
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
         }
         command = [
-            sys.executable, __file__, "--worker", str(devices),
+            sys.executable, "-m", "benchmarks.multi_device", "--worker", str(devices),
             "--batch-size", str(args.batch_size), "--warmup", str(args.warmup),
             "--seed", str(args.seed),
         ]
@@ -276,11 +271,9 @@ def summarise(rounds: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, A
 
 
 def machine_info() -> dict[str, Any]:
-    """``harness.report.machine_info`` without the devices: the driver runs on the CPU
+    """``examples.harness.report.machine_info`` without the devices: the driver runs on the CPU
     and leaves JAX's backend alone, the device counts are the workers'."""
-    if str(ROOT / "examples") not in sys.path:
-        sys.path.insert(0, str(ROOT / "examples"))
-    from harness import report
+    from examples.harness import report
 
     return report.machine_info(devices=False)
 
@@ -319,7 +312,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Data-parallel step time: Eva / SGD over 1-8 devices",
         "",
-        f"`python benchmarks/multi_device.py` on {m['cpu'] or m['machine']} "
+        f"`python -m benchmarks.multi_device` on {m['cpu'] or m['machine']} "
         f"({m['usable_cpus']} usable of {m['cpu_count']} CPUs), jax {v['jax']}, "
         f"jaxlib {v['jaxlib']}, optax {v['optax']}, flax {v['flax']}, "
         f"eva_optax {v['eva_optax']}, Python {m['python']}. The CNN of "
@@ -382,7 +375,9 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.multi_device", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--device-counts", default="1,2,4,8")
     p.add_argument("--batch-size", type=int, default=256, help="global batch size")
     p.add_argument("--rounds", type=int, default=16)

@@ -43,8 +43,8 @@ reference): the registry of the examples, ``examples/harness/optimizers.py`` (ke
 (momentum 0.9, weight decay 5e-4; K-FAC and FOOF with factors and inverses every 10
 steps, Shampoo with roots every 10), and ``layouts=`` from an abstract capture pass
 (``jax.eval_shape``) for those that take it. Each optimizer step is the examples'
-training step (``harness.training.make_step``): one jitted function (gradient, optimizer
-update, ``optax.apply_updates``) with donated parameter, model-state and
+training step (``examples.harness.training.make_step``): one jitted function (gradient,
+optimizer update, ``optax.apply_updates``) with donated parameter, model-state and
 optimizer-state buffers.
 
 Timing. Every step is compiled and run once first, then ``--warmup`` more
@@ -66,8 +66,8 @@ four.
 
 Op counts (``--ops``). On a GPU a step of these models is bound by kernel launches more
 than by FLOPs. ``--ops`` prints, per workload, the top-level operations of each compiled
-step (``harness.compiled_ops``: the entry computation's instructions that do work, read
-from the same compiled object that is timed), their ratio to SGD's, the extra operations
+step (``examples.harness.compiled_ops``: the entry computation's instructions that do work,
+read from the same compiled object that is timed), their ratio to SGD's, the extra operations
 per preconditioned layer (``(ops - SGD's ops) / layers``, with ``layers`` the
 ``LayerStats`` entries of the capture for the optimizers that capture statistics, the
 parameters of rank >= 2 for the plain-gradient ones), the operations by kind (fusion,
@@ -105,19 +105,19 @@ of the machine.
 
 Output: a text table, a markdown table per workload (optimizer | ms/step |
 xSGD | state MB | xSGD state; with ``--ops`` the op-count table too), and unless
-``--quick`` the JSON (with machine info, ``harness.report.machine_info``) and markdown
-written to ``benchmarks/results/step_time.{json,md}`` (``step_time_ops.{json,md}`` with
+``--quick`` the JSON (with machine info, ``examples.harness.report.machine_info``) and
+markdown written to ``benchmarks/results/step_time.{json,md}`` (``step_time_ops.{json,md}`` with
 ``--ops-only``; ``--json`` / ``--md`` change the paths, ``--no-save`` writes nothing).
 
 Usage::
 
-    python benchmarks/step_time.py                       # the three small ones (make bench)
-    python benchmarks/step_time.py --quick               # smoke test, ~1 minute
-    python benchmarks/step_time.py --workloads autoencoder --optimizers sgd,eva
-    python benchmarks/step_time.py --breakdown --json step_time.json
-    python benchmarks/step_time.py --ops-only --no-save  # op counts, nothing timed
-    python benchmarks/step_time.py --ops --workloads resnet18,gpt-bf16   # on a GPU
-    python benchmarks/step_time.py --ops-only --tiny --workloads resnet18,gpt --no-save
+    python -m benchmarks.step_time                       # the three small ones (make bench)
+    python -m benchmarks.step_time --quick               # smoke test, ~1 minute
+    python -m benchmarks.step_time --workloads autoencoder --optimizers sgd,eva
+    python -m benchmarks.step_time --breakdown --json step_time.json
+    python -m benchmarks.step_time --ops-only --no-save  # op counts, nothing timed
+    python -m benchmarks.step_time --ops --workloads resnet18,gpt-bf16   # on a GPU
+    python -m benchmarks.step_time --ops-only --tiny --workloads resnet18,gpt --no-save
 """
 
 from __future__ import annotations
@@ -152,15 +152,11 @@ import optax
 
 import eva_optax
 
-# The examples' shared harness (models, optimizer registry, training step, machine info,
-# op counts) is the package ``harness`` in examples/: put that folder on the path, once.
-EXAMPLES = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
-if EXAMPLES not in map(os.path.abspath, sys.path):
-    sys.path.insert(0, EXAMPLES)
-
-from harness import compiled_ops, report, training  # noqa: E402
-from harness.models import RESNET18_STAGES, Autoencoder, CharTransformer, ResNet  # noqa: E402
-from harness.optimizers import SPEC_BY_KEY, Options, Spec  # noqa: E402
+# The examples' shared harness: models, optimizer registry, training step, machine info,
+# op counts (run from the repository root: python -m benchmarks.step_time).
+from examples.harness import compiled_ops, report, training
+from examples.harness.models import RESNET18_STAGES, Autoencoder, CharTransformer, ResNet
+from examples.harness.optimizers import SPEC_BY_KEY, Options, Spec
 
 OPTIONS = Options()  # momentum 0.9, weight decay 5e-4, each optimizer's damping and KL clip
 
@@ -890,7 +886,7 @@ def ops_table(results: dict[str, Any], markdown: bool = False) -> str:
 
 
 OPS_NOTE = (
-    "ops: top-level operations of the compiled step's entry computation (harness.compiled_ops;"
+    "ops: top-level operations of the compiled step's entry computation (examples.harness.compiled_ops;"
     " kernel launches on a GPU),\ncounted from the compiled object that is timed."
     " extra ops/layer: (ops - SGD's ops) / layers, with layers the\nLayerStats entries of"
     " the capture (optimizers that capture statistics) or the parameters of rank >= 2\n"
@@ -1022,6 +1018,7 @@ def _names(text: str, known: Sequence[str], aliases: dict[str, str]) -> tuple[li
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
+        prog="python -m benchmarks.step_time",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

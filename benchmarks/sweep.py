@@ -12,7 +12,7 @@ Outputs: a markdown table on stdout and ``sweep.md`` / ``sweep.json`` in ``--out
 
 Usage::
 
-    python benchmarks/sweep.py --workload autoencoder --optimizer eva \\
+    python -m benchmarks.sweep --workload autoencoder --optimizer eva \\
         --lr 0.03,0.06,0.1 --damping 0.01,0.03,0.1 --kl-clip 0.0003,0.001,0.003 -- --epochs 3
 """
 
@@ -21,17 +21,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))  # for convergence.py, which puts examples/ on the path
+from benchmarks.convergence import WORKLOADS, load_example
+from examples.harness import report
+from examples.harness.training import Result, jsonable
 
-from convergence import WORKLOADS, load_example  # noqa: E402
-from harness import report  # noqa: E402
-from harness.training import Result, jsonable  # noqa: E402
+ROOT = Path(__file__).resolve().parent
 
 
 def _floats(text: str | None, flag: str) -> list[float | None]:
@@ -44,7 +42,9 @@ def _floats(text: str | None, flag: str) -> list[float | None]:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.sweep", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--workload", default="autoencoder", choices=sorted(WORKLOADS))
     p.add_argument("--optimizer", default="eva")
     p.add_argument("--lr", default=None, help="comma-separated learning rates")

@@ -56,8 +56,8 @@ otherwise.
 
 Usage::
 
-    python examples/autoencoder.py                      # all seven, 3 epochs
-    python examples/autoencoder.py --optimizers sgd,eva --epochs 1 --train-limit 10000
+    python -m examples.autoencoder                      # all seven, 3 epochs
+    python -m examples.autoencoder --optimizers sgd,eva --epochs 1 --train-limit 10000
 """
 
 from __future__ import annotations
@@ -70,10 +70,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from eva_optax import datasets
-from harness import cli
-from harness.models import Autoencoder
-from harness.training import Result, Target, Task
+from examples.harness import cli, datasets
+from examples.harness.models import Autoencoder
+from examples.harness.training import Result, Target, Task
 
 DEFAULT_OPTIMIZERS = "sgd,adamw,eva,eva-f,eva-s,kfac,shampoo"
 LEARNING_RATES = {
@@ -132,7 +131,8 @@ def make_task(args: Any) -> Task:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Any:
-    p = cli.parser(__doc__, epochs=3, batch_size=1000, out="results/demo",
+    p = cli.parser(__doc__, prog="python -m examples.autoencoder",
+                   epochs=3, batch_size=1000, out="results/demo",
                    optimizers=DEFAULT_OPTIMIZERS)
     return cli.parse(p, argv)
 

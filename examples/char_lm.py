@@ -3,8 +3,8 @@
 The corpus is the fortune-cookie collection of the Debian package ``fortunes`` (English
 quotations, jokes and proverbs, about 2.56 million characters in 43 files under
 ``/usr/share/games/fortunes``; install it with ``apt-get install fortunes``). It is read by
-``eva_optax.datasets.text_corpus``: ``--corpus PATH`` (a text file or a directory of them)
-replaces it, and so does ``$EVA_OPTAX_CORPUS`` when ``--corpus`` is not given. Without a
+``examples.harness.datasets.text_corpus``: ``--corpus PATH`` (a text file or a directory of
+them) replaces it, and so does ``$EVA_OPTAX_CORPUS`` when ``--corpus`` is not given. Without a
 corpus the script exits with the loader's message naming the path it looked at and how to
 install the package. Nothing is downloaded.
 
@@ -20,8 +20,8 @@ loss is measured on a fixed, deterministic set: the first ``--eval-batches`` ×
 ``--batch-size`` non-overlapping windows of the test split, from its start (at most 20 × 32
 windows of 128 characters = 81,920 characters by default; fewer if the split is shorter).
 
-Model (``harness.models.CharTransformer``): character embeddings plus learned positions
-(``max_len`` = ``--seq-len``), ``--layers`` pre-LayerNorm blocks stacked with ``nn.scan``
+Model (``examples.harness.models.CharTransformer``): character embeddings plus learned
+positions (``max_len`` = ``--seq-len``), ``--layers`` pre-LayerNorm blocks stacked with ``nn.scan``
 (causal self-attention with ``--heads`` heads whose q/k/v projections are
 ``nn.DenseGeneral(features=(heads, head_dim))`` and output projection
 ``nn.DenseGeneral(axis=(-2, -1))``; GELU MLP of width 4 × ``--d-model``), final LayerNorm
@@ -96,9 +96,9 @@ naming them.
 
 Usage::
 
-    python examples/char_lm.py                                  # 5 optimizers, 3 epochs
-    TQDM_DISABLE=1 python examples/char_lm.py --steps-per-epoch 100 --epochs 2   # quick
-    python examples/char_lm.py --corpus my_text.txt --optimizers adamw,eva --seq-len 64
+    python -m examples.char_lm                                  # 5 optimizers, 3 epochs
+    TQDM_DISABLE=1 python -m examples.char_lm --steps-per-epoch 100 --epochs 2   # quick
+    python -m examples.char_lm --corpus my_text.txt --optimizers adamw,eva --seq-len 64
 """
 
 from __future__ import annotations
@@ -114,10 +114,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from eva_optax import datasets
-from harness import cli
-from harness.models import CharTransformer
-from harness.training import Result, Target, Task
+from examples.harness import cli, datasets
+from examples.harness.models import CharTransformer
+from examples.harness.training import Result, Target, Task
 
 DEFAULT_OPTIMIZERS = "sgd,adamw,eva,eva-s,kfac"
 LEARNING_RATES = {"sgd": 0.1, "adamw": 3e-3, "eva": 0.01, "eva-s": 0.03, "kfac": 0.03}
@@ -269,7 +268,8 @@ def make_task(args: argparse.Namespace) -> Task:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = cli.parser(
-        __doc__, epochs=3, batch_size=32, out="results/char_lm", optimizers=DEFAULT_OPTIMIZERS,
+        __doc__, prog="python -m examples.char_lm",
+        epochs=3, batch_size=32, out="results/char_lm", optimizers=DEFAULT_OPTIMIZERS,
         helps={  # the common data flags, as this example reads them
             "--train-limit": "use the first N characters of the train split",
             "--test-limit": "use the first N characters of the test split",

@@ -1,8 +1,8 @@
 """CIFAR-10 ResNet with the Eva paper's recipe: SGD, Eva, K-FAC and Shampoo compared.
 
 The CIFAR-10 benchmark of the Eva paper: a CIFAR-style ResNet-(6n+2) (He et al., 2016,
-section 4.2; ``harness.models.ResNet(blocks_per_stage=n)``, BatchNorm, ResNet-20 by default)
-trained with the cross-entropy loss, batch 128, weight decay 5e-4 (L2, added to the
+section 4.2; ``examples.harness.models.ResNet(blocks_per_stage=n)``, BatchNorm, ResNet-20 by
+default) trained with the cross-entropy loss, batch 128, weight decay 5e-4 (L2, added to the
 gradient; decoupled for AdamW), momentum 0.9, 200 epochs. The learning rate rises linearly
 from 0 over the first 5 epochs (``--warmup-epochs``), then follows ``--schedule``:
 
@@ -13,8 +13,8 @@ from 0 over the first 5 epochs (``--warmup-epochs``), then follows ``--schedule`
   ``optax.piecewise_constant_schedule``).
 
 Data: the official python version of CIFAR-10 (``cifar-10-python.tar.gz`` or its extracted
-``cifar-10-batches-py/``), read by ``eva_optax.datasets.cifar10`` from ``--data-dir``, else
-``$EVA_OPTAX_CIFAR10``, else ``~/.cache/eva_optax/cifar10``; it is never downloaded, and the
+``cifar-10-batches-py/``), read by ``examples.harness.datasets.cifar10`` from ``--data-dir``,
+else ``$EVA_OPTAX_CIFAR10``, else ``~/.cache/eva_optax/cifar10``; it is never downloaded, and the
 script stops with an explanation when it is missing. Every training batch is augmented in
 numpy, with draws from the batch-order generator (so every optimizer sees the same augmented
 batches, and ``--resume`` continues with the same ones): a random 32×32 crop of the image
@@ -67,9 +67,9 @@ training time each optimizer needed to first reach it (checked after every epoch
 
 Usage::
 
-    python examples/cifar10.py --data-dir ~/data                # ResNet-20, 200 epochs
-    python examples/cifar10.py --depth 32 --schedule step --optimizers sgd,eva
-    python examples/cifar10.py --epochs 10 --train-limit 10000  # a short check
+    python -m examples.cifar10 --data-dir ~/data                # ResNet-20, 200 epochs
+    python -m examples.cifar10 --depth 32 --schedule step --optimizers sgd,eva
+    python -m examples.cifar10 --epochs 10 --train-limit 10000  # a short check
 """
 
 from __future__ import annotations
@@ -83,10 +83,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from eva_optax import datasets
-from harness import cli
-from harness.models import ResNet
-from harness.training import Result, Target, Task
+from examples.harness import cli, datasets
+from examples.harness.models import ResNet
+from examples.harness.training import Result, Target, Task
 
 DEFAULT_OPTIMIZERS = "sgd,eva,kfac,shampoo"
 LEARNING_RATES = {
@@ -290,7 +289,8 @@ def make_task(args: Any) -> Task:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = cli.parser(__doc__, epochs=200, batch_size=128, out="results/cifar10",
+    p = cli.parser(__doc__, prog="python -m examples.cifar10",
+                   epochs=200, batch_size=128, out="results/cifar10",
                    optimizers=DEFAULT_OPTIMIZERS)
     p.add_argument("--depth", type=int, default=20,
                    help="ResNet depth 6n+2 (20, 32, 56, 110, ...; default 20)")

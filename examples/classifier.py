@@ -1,7 +1,7 @@
 """Fashion-MNIST classifier: a small ResNet with BatchNorm, seven optimizers compared.
 
-The classification benchmark of the examples: ``harness.models.ResNet()`` (a 3×3/16 stem,
-three stages of two basic residual blocks with 16/32/64 channels and strides 1/2/2,
+The classification benchmark of the examples: ``examples.harness.models.ResNet()`` (a 3×3/16
+stem, three stages of two basic residual blocks with 16/32/64 channels and strides 1/2/2,
 BatchNorm after every convolution, global average pooling, a Dense head over 10 classes) on
 the 28×28×1 Fashion-MNIST images, scaled to [0, 1] and standardised with the mean and
 standard deviation of the training images (one scalar each). The loss is the softmax cross
@@ -41,11 +41,11 @@ images (46 steps of 128 per epoch, 1 epoch of warm-up, then the cosine decay to 
 the test accuracy on the first 2,000 test images after the second epoch, the highest kept.
 Each run is::
 
-    TQDM_DISABLE=1 python examples/classifier.py --train-limit 6000 --test-limit 2000 \\
+    TQDM_DISABLE=1 python -m examples.classifier --train-limit 6000 --test-limit 2000 \\
         --epochs 2 --no-checkpoint --optimizers <key> --lr-<key> <lr>
 
-(run through ``harness.training.train`` in one process, on an NVIDIA H200; Eva 0.003 on the
-CPU). Final test accuracy, seed 0 (seed 1 in brackets where it was repeated); with 2,000 test
+(run through ``examples.harness.training.train`` in one process, on an NVIDIA H200; Eva 0.003
+on the CPU). Final test accuracy, seed 0 (seed 1 in brackets where it was repeated); with 2,000 test
 images one accuracy has a standard error of about 0.009, so neighbours closer than ~0.01 tie:
 
 - SGD 0.03 / 0.1 / 0.3: 0.767 / 0.804 (0.791) / 0.781 (0.790) -- 0.1, the paper's recipe;
@@ -94,8 +94,8 @@ reached" otherwise.
 
 Usage::
 
-    python examples/classifier.py                       # all seven, 3 epochs
-    python examples/classifier.py --optimizers sgd,eva --epochs 1 --train-limit 10000
+    python -m examples.classifier                       # all seven, 3 epochs
+    python -m examples.classifier --optimizers sgd,eva --epochs 1 --train-limit 10000
 """
 
 from __future__ import annotations
@@ -108,10 +108,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from eva_optax import datasets
-from harness import cli
-from harness.models import ResNet
-from harness.training import Result, Target, Task
+from examples.harness import cli, datasets
+from examples.harness.models import ResNet
+from examples.harness.training import Result, Target, Task
 
 DEFAULT_OPTIMIZERS = "sgd,adamw,eva,eva-f,eva-s,kfac,shampoo"
 LEARNING_RATES = {
@@ -228,7 +227,8 @@ def make_task(args: Any) -> Task:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Any:
-    p = cli.parser(__doc__, epochs=3, batch_size=128, out="results/classifier",
+    p = cli.parser(__doc__, prog="python -m examples.classifier",
+                   epochs=3, batch_size=128, out="results/classifier",
                    optimizers=DEFAULT_OPTIMIZERS)
     p.add_argument("--warmup-epochs", type=float, default=1.0,
                    help="epochs of linear learning-rate warm-up from 0 (default 1)")

@@ -33,17 +33,17 @@ it, unless the path contains ``{process}``, which is replaced by the process id)
 Usage (one host; on a CPU, ``XLA_FLAGS`` splits the host into several XLA devices)::
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
-        python examples/multi_device.py --optimizer eva --epochs 2
-    python examples/multi_device.py --optimizer sgd --epochs 1 --train-limit 10000   # quick
+        python -m examples.multi_device --optimizer eva --epochs 2
+    python -m examples.multi_device --optimizer sgd --epochs 1 --train-limit 10000   # quick
 
 Two processes on one machine, 4 CPU devices each (8 in the mesh). This works here
 (jax 0.10.2, 2-core CPU; the Gloo collectives are jax's default CPU implementation in this
 version, the script sets them explicitly). Run, from the repository root::
 
     export XLA_FLAGS=--xla_force_host_platform_device_count=4
-    python examples/multi_device.py --optimizer eva --epochs 1 --train-limit 2048 \\
+    python -m examples.multi_device --optimizer eva --epochs 1 --train-limit 2048 \\
         --test-limit 1024 --coordinator localhost:12355 --num-processes 2 --process-id 0 &
-    python examples/multi_device.py --optimizer eva --epochs 1 --train-limit 2048 \\
+    python -m examples.multi_device --optimizer eva --epochs 1 --train-limit 2048 \\
         --test-limit 1024 --coordinator localhost:12355 --num-processes 2 --process-id 1
     wait
 
@@ -79,7 +79,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 import eva_optax
-from eva_optax import datasets
+from examples.harness import datasets
 
 Params = Any
 OptState = Any
@@ -373,7 +373,9 @@ def train(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m examples.multi_device", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--optimizer", choices=("sgd", "eva"), default="eva")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=256, help="global batch size")

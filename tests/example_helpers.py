@@ -1,25 +1,19 @@
-"""Shared by the tests of ``examples/``: import an example script, check its numbers."""
+"""Shared by the tests of ``examples/``: import an example script, check its numbers.
+
+The repository root is on the path through pytest (``pythonpath`` in ``pyproject.toml``),
+so the examples and their harness are the package ``examples``.
+"""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import math
-import sys
-from pathlib import Path
 from types import ModuleType
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "examples") not in sys.path:  # the examples import their shared harness
-  sys.path.insert(0, str(ROOT / "examples"))
 
 
 def load_example(name: str) -> ModuleType:
-  """``examples/<name>.py`` as the module ``name``."""
-  spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[name] = module  # dataclasses look their module up there
-  spec.loader.exec_module(module)
-  return module
+  """``examples/<name>.py``, imported as the module ``examples.<name>``."""
+  return importlib.import_module(f"examples.{name}")
 
 
 def finite_numbers(node) -> bool:

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load():
-  spec = importlib.util.spec_from_file_location("convergence", ROOT / "benchmarks" / "convergence.py")
-  module = importlib.util.module_from_spec(spec)
-  sys.modules["convergence"] = module
-  spec.loader.exec_module(module)
-  return module
+  from benchmarks import convergence
+
+  return convergence
 
 
 def _result(Result, key, name, t, loss, epochs=(2.0, 2.0)):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eva_optax import datasets
+from examples.harness import datasets
 
 
 def _idx_bytes(array: np.ndarray) -> bytes:

@@ -69,7 +69,7 @@ def test_char_lm_trains_sgd_eva_kfac(tmp_path, capsys):
 
 def test_loss_fn_is_the_mean_next_character_cross_entropy():
   lm = load_example("char_lm")
-  from harness.models import CharTransformer
+  from examples.harness.models import CharTransformer
 
   vocab, batch, seq_len = 11, 3, 8
   model = CharTransformer(vocab=vocab, d_model=16, num_heads=2, mlp_dim=32, num_layers=2,

@@ -11,7 +11,7 @@ import pytest
 from example_helpers import finite_numbers, load_example
 from test_datasets import _cifar_batch, _write_cifar_tar
 
-from eva_optax import datasets
+from examples.harness import datasets
 
 
 @pytest.fixture

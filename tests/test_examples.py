@@ -54,7 +54,7 @@ def test_autoencoder_trains_all_seven_optimizers(tmp_path, capsys):
 
 def test_autoencoder_optimizer_subset_and_flags():
   demo = load_example("autoencoder")
-  from harness import cli
+  from examples.harness import cli
 
   args = demo.parse_args(["--optimizers", "eva, kfac", "--lr-kfac", "0.01", "--out", "x"])
   assert [s.key for s in args.specs] == ["eva", "kfac"]
@@ -92,7 +92,7 @@ def test_resume_continues_an_interrupted_run_bit_identically(tmp_path, monkeypat
   _write_split(data, "train", 96, compress=False)
   _write_split(data, "test", 32, compress=False)
   demo = load_example("autoencoder")
-  from harness import training
+  from examples.harness import training
 
   argv = ["--epochs", "3", "--batch-size", "32", "--data-dir", str(data),
           "--optimizers", "eva,kfac"]
@@ -124,7 +124,7 @@ def test_resume_continues_an_interrupted_run_bit_identically(tmp_path, monkeypat
 
 
 def test_resume_fingerprint_holds_every_setting_but_output_and_selection():
-  from harness import cli
+  from examples.harness import cli
 
   args = argparse.Namespace(epochs=3, batch_size=8, depth=20, schedule="step", lr=None,
                             lr_eva=0.1, out="x", resume=True, no_checkpoint=False,

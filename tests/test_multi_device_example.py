@@ -19,7 +19,6 @@ import pytest
 from test_datasets import _write_split
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "multi_device.py"
 TIMEOUT_S = 120
 TRAIN_SIZE, TEST_SIZE, BATCH_SIZE = 64, 32, 32
 
@@ -40,7 +39,7 @@ def _env(devices: int) -> dict[str, str]:
 
 def _command(data_dir: Path, out: Path, optimizer: str, *extra: str) -> list[str]:
     return [
-        sys.executable, str(EXAMPLE),
+        sys.executable, "-m", "examples.multi_device",  # run from ROOT
         "--optimizer", optimizer,
         "--epochs", "1",
         "--batch-size", str(BATCH_SIZE),

@@ -19,7 +19,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from eva_optax import datasets
+from examples.harness import datasets
 from test_datasets import _write_split
 
 ROOT = Path(__file__).resolve().parents[1]

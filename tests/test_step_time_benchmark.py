@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import jax
 import jax.numpy as jnp
 import pytest
-from example_helpers import ROOT  # puts examples/ on sys.path
 
-from harness import compiled_ops
-
-
-def _load_step_time():
-  spec = importlib.util.spec_from_file_location("step_time", ROOT / "benchmarks" / "step_time.py")
-  module = importlib.util.module_from_spec(spec)
-  sys.modules["step_time"] = module  # dataclasses look their module up there
-  spec.loader.exec_module(module)
-  return module
+from examples.harness import compiled_ops
 
 
 @pytest.fixture(scope="module")
 def step_time():
-  return _load_step_time()
+  from benchmarks import step_time
+
+  return step_time
 
 
 # A module in the shape XLA:GPU writes: tuple-shaped instructions, a command buffer

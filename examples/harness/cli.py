@@ -16,15 +16,17 @@ from .training import Result, RunConfig, Task, train
 
 def parser(
     doc: str, *, epochs: int, batch_size: int, out: str, optimizers: str,
-    helps: dict[str, str] | None = None,
+    helps: dict[str, str] | None = None, prog: str | None = None,
 ) -> argparse.ArgumentParser:
     """The common flags; an example adds its own before :func:`parse`.
 
     ``helps`` rewords common flags for an example, keyed by flag (``{"--train-limit":
-    "use the first N characters"}``).
+    "use the first N characters"}``); ``prog`` is the command shown in the usage line
+    (``"python -m examples.classifier"``).
     """
     p = argparse.ArgumentParser(
-        description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=doc.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--optimizers", default=optimizers,

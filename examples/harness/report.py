@@ -1,7 +1,7 @@
 """What the examples write: markdown table, ``metrics.json``, ``metrics.csv``, PNG plots.
 
 "Time to target" is the training wall time at which an optimizer first reaches SGD's
-final value of the task's target metric (:class:`harness.training.Target`): for
+final value of the task's target metric (:class:`examples.harness.training.Target`): for
 ``train_loss``, the first step at which the mean of the last ``window`` step losses is at
 or below it; for a test metric, the end of the first epoch at which it is reached.
 """

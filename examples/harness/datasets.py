@@ -36,9 +36,9 @@ Character-level text corpus
 
 Command line
 ------------
-``python -m eva_optax.datasets --check`` prints where Fashion-MNIST was found and exits with
-status 1 (and the explanation) when it was not; ``--check-cifar10`` and ``--check-corpus`` do
-the same for CIFAR-10 and the text corpus.
+From the repository root, ``python -m examples.harness.datasets --check`` prints where
+Fashion-MNIST was found and exits with status 1 (and the explanation) when it was not;
+``--check-cifar10`` and ``--check-corpus`` do the same for CIFAR-10 and the text corpus.
 """
 
 from __future__ import annotations
@@ -833,7 +833,7 @@ def sequence_batches(
 
 def _main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m eva_optax.datasets",
+        prog="python -m examples.harness.datasets",
         description="Locate Fashion-MNIST, CIFAR-10 and the text corpus.",
     )
     parser.add_argument(
