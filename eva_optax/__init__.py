@@ -16,25 +16,25 @@ name in ``<module>.STATISTICS``, e.g.
 ``value_and_grad(loss_fn, statistics=eva_optax.KFAC_STATISTICS)``.
 """
 
-from eva_optax.capture import value_and_grad
-from eva_optax.describe import describe
-from eva_optax.eva import STATISTICS as EVA_STATISTICS
-from eva_optax.eva import ScaleByEvaState, eva, scale_by_eva, sherman_morrison
-from eva_optax.eva_foof import STATISTICS as EVA_FOOF_STATISTICS
-from eva_optax.eva_foof import ScaleByEvaFoofState, eva_foof, scale_by_eva_foof
-from eva_optax.eva_shampoo import ScaleByEvaShampooState, eva_shampoo, scale_by_eva_shampoo
-from eva_optax.foof import STATISTICS as FOOF_STATISTICS
-from eva_optax.foof import ScaleByFoofState, foof, scale_by_foof
-from eva_optax.grafting import graft_to_norm, sgd_graft
-from eva_optax.kfac import STATISTICS as KFAC_STATISTICS
-from eva_optax.kfac import ScaleByKfacState, kfac, scale_by_kfac
-from eva_optax.kl import kl_clip_factor, kl_normalise_factor
-from eva_optax.memory import state_bytes
-from eva_optax.nnx import nnx_value_and_grad
-from eva_optax.preconditioning import factors_due
-from eva_optax.layers import KernelLayout, LayerStats, PassThrough, layouts_of
-from eva_optax.shampoo import ScaleByShampooState, scale_by_shampoo, shampoo
-from eva_optax.train_state import TrainState
+from eva_optax._src.linen_capture import value_and_grad
+from eva_optax._src.describe import describe
+from eva_optax._src.eva import STATISTICS as EVA_STATISTICS
+from eva_optax._src.eva import ScaleByEvaState, eva, scale_by_eva, sherman_morrison
+from eva_optax._src.eva_foof import STATISTICS as EVA_FOOF_STATISTICS
+from eva_optax._src.eva_foof import ScaleByEvaFoofState, eva_foof, scale_by_eva_foof
+from eva_optax._src.eva_shampoo import ScaleByEvaShampooState, eva_shampoo, scale_by_eva_shampoo
+from eva_optax._src.foof import STATISTICS as FOOF_STATISTICS
+from eva_optax._src.foof import ScaleByFoofState, foof, scale_by_foof
+from eva_optax._src.grafting import graft_to_norm, sgd_graft
+from eva_optax._src.kfac import STATISTICS as KFAC_STATISTICS
+from eva_optax._src.kfac import ScaleByKfacState, kfac, scale_by_kfac
+from eva_optax._src.kl import kl_clip_factor, kl_normalise_factor
+from eva_optax._src.memory import state_bytes
+from eva_optax._src.nnx_capture import nnx_value_and_grad
+from eva_optax._src.preconditioning import factors_due
+from eva_optax._src.statistics import KernelLayout, LayerStats, PassThrough, layouts_of
+from eva_optax._src.shampoo import ScaleByShampooState, scale_by_shampoo, shampoo
+from eva_optax._src.train_state import TrainState
 
 __version__ = "0.1.0"
 

@@ -44,6 +44,7 @@ import pytest
 
 import eva_optax
 from eva_optax import LayerStats, PassThrough
+from eva_optax._src.statistics import STATISTICS as ALL_STATISTICS
 
 RTOL = 1e-5
 ATOL = 1e-6
@@ -339,7 +340,7 @@ def _assert_tree_close(a, b, rtol=RTOL, atol=ATOL):
     np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=atol)
 
 
-def _check_against(stats, expected, kinds=None, statistics=eva_optax.capture.EVA_STATISTICS):
+def _check_against(stats, expected, kinds=None, statistics=eva_optax.EVA_STATISTICS):
   """The captured ``statistics`` equal the reference; the others are None."""
   got = _layer_stats(stats)
   assert set(got) == set(expected)
@@ -572,7 +573,7 @@ def _case_reference(name: str):
 
 
 @functools.cache
-def _case_capture(name: str, statistics: tuple[str, ...] = eva_optax.capture.EVA_STATISTICS):
+def _case_capture(name: str, statistics: tuple[str, ...] = eva_optax.EVA_STATISTICS):
   """``(loss, grads, stats)`` of the jitted capture of a case, once per session."""
   params, x, t = _case_reference(name)[:3]
   grad_fn = eva_optax.value_and_grad(_mse_loss(CASES[name].model), statistics=statistics)
@@ -610,7 +611,7 @@ def test_without_jit():
 # ---------------------------------------------------------------------------
 # K-FAC factors and the choice of statistics.
 
-ALL_STATISTICS = eva_optax.capture.STATISTICS
+
 
 FACTOR_CASES = [
     "dense",  # (batch, features), with and without a submodule
@@ -660,7 +661,7 @@ def test_statistics_choice(name, statistics):
   _check_against(stats, expected, statistics=statistics)
   default = _layer_stats(default_stats)
   for path, entry in _layer_stats(stats).items():
-    for field in set(statistics) & set(eva_optax.capture.EVA_STATISTICS):
+    for field in set(statistics) & set(eva_optax.EVA_STATISTICS):
       np.testing.assert_allclose(
           getattr(entry, field), getattr(default[path], field), rtol=RTOL, atol=ATOL
       )
@@ -842,7 +843,7 @@ def test_factors_gate(name):
           stats,
           is_leaf=lambda e: isinstance(e, eva_optax.LayerStats),
       )
-      _check_against(vectors, expected, statistics=eva_optax.capture.EVA_STATISTICS)
+      _check_against(vectors, expected, statistics=eva_optax.EVA_STATISTICS)
   assert len(traces) == 1
 
 
@@ -859,7 +860,7 @@ def test_factors_gate_skips_the_work():
     fn = jax.jit(lambda p: eva_optax.value_and_grad(loss, statistics=statistics)(p, x, t, **kw))
     return fn.lower(params).compile().cost_analysis()["flops"]
 
-  vectors = flops(eva_optax.capture.EVA_STATISTICS)
+  vectors = flops(eva_optax.EVA_STATISTICS)
   factors = flops(ALL_STATISTICS)
   gated = flops(ALL_STATISTICS, factors_due=False)
   assert factors > vectors + 2 * 512 * 256 * 256  # at least A and G
@@ -869,7 +870,7 @@ def test_factors_gate_skips_the_work():
 @pytest.mark.parametrize(
     "statistics, due, match",
     [
-        (eva_optax.capture.EVA_STATISTICS, False, "none was asked for"),
+        (eva_optax.EVA_STATISTICS, False, "none was asked for"),
         (ALL_STATISTICS, jnp.ones(3, bool), "scalar bool"),
         (ALL_STATISTICS, 0.5, "scalar bool"),
     ],

@@ -12,9 +12,9 @@ import optax
 import pytest
 
 import eva_optax
-from eva_optax import kl
-from eva_optax.preconditioning import LayerGradient
-from eva_optax.running_average import update_running_average
+from eva_optax._src import kl
+from eva_optax._src.preconditioning import LayerGradient
+from eva_optax._src.running_average import update_running_average
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -6,8 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from eva_optax import grafting
-from eva_optax.eva_shampoo import (
+from eva_optax._src import grafting
+from eva_optax._src.eva_shampoo import (
     ScaleByEvaShampooState,
     eva_shampoo,
     scale_by_eva_shampoo,

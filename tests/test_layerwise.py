@@ -12,13 +12,13 @@ import optax
 import pytest
 
 import eva_optax
-from eva_optax import linalg
+from eva_optax._src import linalg
 
 # The submodules (the package exports functions of the same names).
-eva_foof = importlib.import_module("eva_optax.eva_foof")
-foof = importlib.import_module("eva_optax.foof")
-kfac = importlib.import_module("eva_optax.kfac")
-from eva_optax.preconditioning import LayerGradient
+eva_foof = importlib.import_module("eva_optax._src.eva_foof")
+foof = importlib.import_module("eva_optax._src.foof")
+kfac = importlib.import_module("eva_optax._src.kfac")
+from eva_optax._src.preconditioning import LayerGradient
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

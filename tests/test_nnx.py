@@ -24,8 +24,8 @@ from flax import nnx
 
 import eva_optax
 from eva_optax import LayerStats, PassThrough
-from eva_optax.capture import STATISTICS
-from eva_optax.layers import layer_entries
+from eva_optax._src.statistics import STATISTICS
+from eva_optax._src.statistics import layer_entries
 
 RTOL = 1e-5
 ATOL = 1e-8

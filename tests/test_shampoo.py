@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from eva_optax.shampoo import (
+from eva_optax._src.shampoo import (
     BlockLayout,
     ScaleByShampooState,
     block_layout,
@@ -285,7 +285,7 @@ params = {f"l{i}": {"w": jnp.full((a, b), 0.01), "b": jnp.zeros(b)}
 tx = eva_optax.shampoo(0.1)
 updates, _ = jax.jit(tx.update)(params, tx.init(params), params)
 jax.block_until_ready(updates)
-from eva_optax.linalg import spd_inverse
+from eva_optax._src.linalg import spd_inverse
 mats = [jnp.eye(128)[None].repeat(56, 0) * (i + 2.0) for i in range(16)]
 out = jax.jit(lambda ms: [spd_inverse(m) for m in ms])(mats)
 assert all(bool(jnp.allclose(o[0], jnp.eye(128) / (i + 2.0))) for i, o in enumerate(out))

@@ -1,0 +1,83 @@
+"""A readable account of what each parameter gets: preconditioned or passed through."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+
+from eva_optax._src.layers import find_layer_slots
+from eva_optax._src.paths import BIAS, KERNEL, flatten_with_paths, path_str
+from eva_optax._src.statistics import LayerStats, PassThrough, layer_entries
+
+
+class ParameterRule(NamedTuple):
+  """One row of :func:`describe`: a parameter and the rule applied to it."""
+
+  parameter: str
+  shape: tuple[int, ...]
+  rule: str
+  detail: str
+
+
+class Description(list):
+  """The rows of :func:`describe`; ``str()`` gives the table."""
+
+  def __str__(self) -> str:
+    header = ParameterRule("parameter", (), "rule", "detail")
+    rows = [header] + list(self)
+    cells = [(r.parameter, "shape" if r is header else str(tuple(r.shape)), r.rule, r.detail) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(3)]
+    lines = []
+    for i, c in enumerate(cells):
+      lines.append("  ".join(c[j].ljust(widths[j]) for j in range(3)) + "  " + c[3])
+      if i == 0:
+        lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 6)
+    n_pre = sum(r.rule == "preconditioned" for r in self)
+    lines.append(f"{n_pre} of {len(self)} parameters preconditioned")
+    return "\n".join(lines)
+
+  __repr__ = __str__
+
+
+def describe(params: Any, stats: Any, *, layouts: Any = None) -> Description:
+  """Which parameters a layer-wise preconditioner treats, and how.
+
+  Every leaf of ``params`` gets one row: ``preconditioned`` (kernel and bias of a
+  captured Dense/DenseGeneral/Conv layer, with its matrix shape) or
+  ``pass-through`` with the reason (not in a layer; a layer the capture saw but
+  does not support; a kernel for which no statistics were captured).
+
+  Args:
+    params: the parameter tree given to the optimizer.
+    stats: the statistics from :func:`eva_optax.value_and_grad`.
+    layouts: as given to the optimizer, if any.
+
+  Returns:
+    A :class:`Description` (a list of :class:`ParameterRule`; print it).
+  """
+  entries = layer_entries(stats)
+  slots = find_layer_slots(params, layouts)
+  rows = Description()
+  for path, leaf in flatten_with_paths(params):
+    module, name = path[:-1], path[-1] if path else ""
+    shape = tuple(jnp.shape(leaf))
+    entry = entries.get(module)
+    slot = slots.get(module)
+    if name not in (KERNEL, BIAS) or (slot is None and entry is None):
+      rule, detail = "pass-through", "not part of a Dense/DenseGeneral/Conv layer"
+    elif isinstance(entry, PassThrough):
+      rule, detail = "pass-through", f"{entry.kind}: {entry.reason}"
+    elif isinstance(entry, LayerStats):
+      stack, in_dim, out_dim = entry.layout.dims(slot.kernel_shape if slot else shape)
+      bias = " + bias" if entry.has_bias else ""
+      stacked = f", stack {stack}" if stack else ""
+      rule, detail = "preconditioned", f"{entry.kind}: in {in_dim}{bias}, out {out_dim}{stacked}"
+    else:
+      rule, detail = (
+          "pass-through",
+          "no statistics captured for this kernel (its module was not called"
+          " through the capture, or is not a Dense/DenseGeneral/Conv)",
+      )
+    rows.append(ParameterRule(path_str(path), shape, rule, detail))
+  return rows

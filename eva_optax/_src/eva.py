@@ -1,0 +1,256 @@
+"""Eva: Kronecker-vectorized second-order preconditioning (Sherman–Morrison).
+
+Symbols: ā — mean layer input (``input_mean``, with a trailing 1 when the layer
+has a bias); ḡ — mean gradient w.r.t. the layer output (``output_grad_mean``);
+Ĝ = [∇W | ∇b] — the layer's gradient as an ``(out, in + 1)`` matrix; γ —
+damping; κ — KL clip; η — learning rate.
+
+Eva approximates a layer's Fisher block by the rank-one (ā ⊗ ḡ)(ā ⊗ ḡ)ᵀ + γI and
+applies its inverse with the Sherman–Morrison formula, so no matrix is formed:
+
+    s = ḡᵀ Ĝ ā,    V = (Ĝ − s / (‖ā‖²‖ḡ‖² + γ) · ḡ āᵀ) / γ,
+
+then scales every preconditioned layer by one factor (:mod:`eva_optax.kl`):
+the KL clip ν = min(1, sqrt(κ / (η² Σ ⟨V, Ĝ⟩))) (ICLR form, default) or the KL
+normalisation of the extension (V without the 1/γ, divided by sqrt(Σ⟨V, Ĝ⟩)).
+The alias :func:`eva` then adds weight decay, momentum and the learning rate,
+in the authors' order: d = νV + λW; buf = μ·buf + d; W ← W − η·buf.
+
+References:
+  Zhang, Shi, Li. Eva: Practical Second-order Optimization with
+  Kronecker-vectorized Approximation. ICLR 2023.
+  Zhang, Shi, Li. Eva: A General Vectorized Approximation Framework for
+  Second-order Optimization. arXiv:2308.02123.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from eva_optax._src import kl
+from eva_optax._src.alias import with_sgd
+from eva_optax._src.hyper import Hyper
+from eva_optax._src.statistics import EVA_STATISTICS
+from eva_optax._src.preconditioning import (
+    LayerGradient,
+    Preconditioned,
+    layerwise_transformation,
+    scale_preconditioned,
+)
+from eva_optax._src.segments import Segments, two_sums
+
+#: What :func:`eva_optax.value_and_grad` must capture for Eva (its default).
+STATISTICS = EVA_STATISTICS
+
+
+def sherman_morrison(
+    grad: LayerGradient,
+    input_mean: jax.Array,
+    output_grad_mean: jax.Array,
+    damping: jax.Array,
+) -> Preconditioned:
+  """Ĝ − s/(‖ā‖²‖ḡ‖² + γ) · ḡāᵀ for one layer (or a stack of layers), and ⟨·, Ĝ⟩.
+
+  This is γ · (ā āᵀ ⊗ ḡ ḡᵀ + γI)⁻¹ vec(Ĝ): the caller divides by γ (KL clip) or
+  normalises (KL normalisation). ``input_mean`` excludes the bias entry; the
+  bias row of Ĝ is matched by an implicit 1.
+
+  Args:
+    grad: kernel gradient ``stack + (in, out)`` and bias gradient
+      ``stack + (out,)`` or ``None``.
+    input_mean: ā, ``stack + (in,)``.
+    output_grad_mean: ḡ, ``stack + (out,)``.
+    damping: γ > 0.
+
+  Returns:
+    The projected kernel and bias and ``Σ ⟨projection, Ĝ⟩`` (a scalar).
+  """
+  p = sherman_morrison_layers([grad], [input_mean], [output_grad_mean], damping)
+  return Preconditioned(p.kernel[0], p.bias[0], p.update_dot_grad)
+
+
+def sherman_morrison_layers(
+    grads: Sequence[LayerGradient],
+    input_means: Sequence[jax.Array],
+    output_grad_means: Sequence[jax.Array],
+    damping: jax.Array,
+) -> Preconditioned:
+  """:func:`sherman_morrison` for many layers at once, with few operations.
+
+  Per layer, the only work over the gradient matrix is one reduction giving
+  ``ḡᵀ∇W ā`` and ``‖∇W‖²``; the vector dot products of every layer (‖ā‖²,
+  ‖ḡ‖², ḡ·∇b, ‖∇b‖²) are one :class:`~eva_optax.segments.Segments` sum, and
+  the rank-one correction is left elementwise, so that XLA fuses it into the
+  update that follows (weight decay, momentum, learning rate).
+
+  Returns:
+    A :class:`Preconditioned` whose ``kernel`` and ``bias`` are tuples (one
+    entry per layer, ``bias`` entries ``None`` without a bias) and whose
+    ``update_dot_grad`` is ``Σ_layers ⟨projection, Ĝ⟩``.
+  """
+  kernels = [g.kernel for g in grads]
+  biases = [g.bias for g in grads]
+  a, g = list(input_means), list(output_grad_means)
+  segments = Segments([k.shape[:-2] for k in kernels])
+  a_sq, g_sq, bias_dot, bias_sq = segments.dots(
+      [(x, x) for x in a],
+      [(y, y) for y in g],
+      [None if b is None else (b, y) for b, y in zip(biases, g)],
+      [None if b is None else (b, b) for b in biases],
+  )
+  # Per layer, one pass over the gradient matrix: āᵀ∇W ḡ and ‖∇W‖².
+  sums = [
+      two_sums(k * x[..., :, None] * y[..., None, :], k * k, (k.ndim - 2, k.ndim - 1))
+      for k, x, y in zip(kernels, a, g)
+  ]
+  s = segments.pack([q for q, _ in sums]) + bias_dot
+  grad_sq = segments.pack([n for _, n in sums]) + bias_sq
+  has_bias = segments.indicator([b is not None for b in biases])
+  coef = s / ((a_sq + has_bias) * g_sq + damping)
+  kernel, bias = [], []
+  for l, (k, b, x, y) in enumerate(zip(kernels, biases, a, g)):
+    c = segments.of(coef, l)
+    kernel.append(k - c[..., None, None] * x[..., :, None] * y[..., None, :])
+    bias.append(None if b is None else b - c[..., None] * y)
+  # ⟨Ĝ − c ḡāᵀ, Ĝ⟩ = ‖Ĝ‖² − c s: no second pass over the gradient.
+  return Preconditioned(tuple(kernel), tuple(bias), jnp.sum(grad_sq - coef * s))
+
+
+class ScaleByEvaState(NamedTuple):
+  """State of :func:`scale_by_eva`.
+
+  Attributes:
+    count: number of updates so far (int32).
+    input_mean: running average of ā per layer, keyed by module path.
+    output_grad_mean: running average of ḡ per layer, keyed by module path.
+  """
+
+  count: jax.Array
+  input_mean: Any
+  output_grad_mean: Any
+
+
+def scale_by_eva(
+    learning_rate: Hyper | None = None,
+    *,
+    damping: Hyper = 0.03,
+    kl_clip: Hyper = 0.001,
+    stat_decay: float | jax.Array = 0.05,
+    scaling: str = kl.KL_CLIP,
+    layouts: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Eva's preconditioner (no learning rate, no sign), as in front of SGD.
+
+  For every Dense/DenseGeneral/Conv layer with captured statistics:
+
+      V = (Ĝ − ḡᵀĜā / (‖ā‖²‖ḡ‖² + γ) · ḡāᵀ) / γ,  then ν·V over all such layers,
+
+  with ν the KL clip ``min(1, sqrt(κ / (η² Σ⟨V, Ĝ⟩)))``. Every other parameter
+  (norm scales, embeddings, layers the capture passed through) is returned
+  unchanged and unscaled; :func:`eva_optax.describe` lists which is which.
+
+  Args:
+    learning_rate: η, a float or an optax schedule; used only by the KL clip
+      (required when ``scaling='kl_clip'``).
+    damping: γ > 0, float or schedule. Default 0.03.
+    kl_clip: κ > 0, float or schedule. Default 0.001.
+    stat_decay: weight of the **old** running averages of ā and ḡ, in [0, 1);
+      the first update takes the new statistics. Default 0.05 (the authors'
+      code keeps weight 0.95 on the new value).
+    scaling: ``'kl_clip'`` (ICLR 2023, default) or ``'kl_normalise'`` (the
+      extension: V without 1/γ, divided by sqrt(Σ⟨V, Ĝ⟩)).
+    layouts: how kernels split into stack/input/output axes, for layers whose
+      layout cannot be guessed from the parameter shapes (see
+      :func:`eva_optax.layouts_of`). Default: guessed, and checked against the
+      captured statistics at every update.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; its ``update`` needs
+    ``stats=`` from :func:`eva_optax.value_and_grad` and ignores other extra
+    arguments.
+
+  References:
+    Zhang, Shi, Li. Eva: Practical Second-order Optimization with
+    Kronecker-vectorized Approximation. ICLR 2023.
+  """
+  def precondition(grads, layer_stats, gamma):
+    p = sherman_morrison_layers(
+        grads,
+        [s["input_mean"] for s in layer_stats],
+        [s["output_grad_mean"] for s in layer_stats],
+        gamma,
+    )
+    return p if scaling == kl.KL_NORMALISE else scale_preconditioned(p, 1.0 / gamma)
+
+  return layerwise_transformation(
+      who="scale_by_eva",
+      state_cls=ScaleByEvaState,
+      statistics=STATISTICS,
+      precondition_layers=precondition,
+      learning_rate=learning_rate,
+      damping=damping,
+      kl_clip=kl_clip,
+      stat_decay=stat_decay,
+      scaling=scaling,
+      layouts=layouts,
+  )
+
+
+def eva(
+    learning_rate: Hyper,
+    *,
+    momentum: float | jax.Array | None = 0.9,
+    nesterov: bool = False,
+    weight_decay: float | jax.Array = 0.0,
+    damping: Hyper = 0.03,
+    kl_clip: Hyper = 0.001,
+    stat_decay: float | jax.Array = 0.05,
+    scaling: str = kl.KL_CLIP,
+    layouts: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Eva in front of SGD: precondition → weight decay → momentum → learning rate.
+
+  ``chain(scale_by_eva(learning_rate, ...), add_decayed_weights(weight_decay),
+  sgd(learning_rate, momentum, nesterov))``, i.e. d = νV + λW;
+  buf = μ·buf + d; W ← W − η·buf (weight decay neither preconditioned nor in
+  the KL sum). See :func:`scale_by_eva` for the preconditioner's arguments.
+
+  Args:
+    learning_rate: η, float or optax schedule.
+    momentum: μ (``None`` for none). Default 0.9.
+    nesterov: Nesterov momentum. Default False.
+    weight_decay: λ ≥ 0, added after preconditioning. Default 0.
+    damping, kl_clip, stat_decay, scaling, layouts: see :func:`scale_by_eva`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; pass ``stats=`` to ``update``.
+
+  Example::
+
+      tx = eva_optax.eva(0.1, momentum=0.9, weight_decay=5e-4)
+      grad_fn = eva_optax.value_and_grad(loss_fn)
+      loss, grads, stats = grad_fn(params, batch)
+      updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
+
+  References:
+    Zhang, Shi, Li. Eva: Practical Second-order Optimization with
+    Kronecker-vectorized Approximation. ICLR 2023.
+  """
+  return with_sgd(
+      scale_by_eva(
+          learning_rate,
+          damping=damping,
+          kl_clip=kl_clip,
+          stat_decay=stat_decay,
+          scaling=scaling,
+          layouts=layouts,
+      ),
+      learning_rate,
+      momentum=momentum,
+      nesterov=nesterov,
+      weight_decay=weight_decay,
+  )

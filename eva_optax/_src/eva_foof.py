@@ -1,0 +1,191 @@
+"""Eva-f: vectorized FOOF, the input-side Kronecker vector only.
+
+FOOF preconditions a layer's gradient with its input factor only,
+Ĝ (A + γI)⁻¹. Eva-f replaces A by the rank-one ā āᵀ, whose damped inverse
+follows from Sherman–Morrison:
+
+    V = Ĝ − (Ĝ ā) āᵀ / (‖ā‖² + γ)        (= γ · Ĝ (ā āᵀ + γI)⁻¹)
+
+(ā with a trailing 1 when the layer has a bias). It needs only the forward
+statistic, so the capture skips the backward probes:
+``eva_optax.value_and_grad(loss_fn, statistics=eva_optax.EVA_FOOF_STATISTICS)``.
+By default the updates are normalised across layers (the extension's KL
+normalisation, V / sqrt(Σ⟨V, Ĝ⟩)); ``scaling='kl_clip'`` uses V / γ and the
+KL clip instead.
+
+References:
+  Zhang, Shi, Li. Eva: A General Vectorized Approximation Framework for
+  Second-order Optimization. arXiv:2308.02123.
+  Benzing. Gradient descent on neurons and its link to approximate
+  second-order optimization (FOOF). ICML 2022.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from eva_optax._src import kl
+from eva_optax._src.alias import with_sgd
+from eva_optax._src.hyper import Hyper
+from eva_optax._src.statistics import INPUT_MEAN
+from eva_optax._src.preconditioning import (
+    LayerGradient,
+    Preconditioned,
+    layerwise_transformation,
+    scale_preconditioned,
+)
+from eva_optax._src.segments import Segments, two_sums
+
+#: What :func:`eva_optax.value_and_grad` must capture for Eva-f.
+STATISTICS = (INPUT_MEAN,)
+
+
+def foof_vector_projection(
+    grad: LayerGradient, input_mean: jax.Array, damping: jax.Array
+) -> Preconditioned:
+  """Ĝ − (Ĝā)āᵀ/(‖ā‖² + γ) for one layer (or a stack), and its ⟨·, Ĝ⟩.
+
+  Args:
+    grad: kernel gradient ``stack + (in, out)``, bias gradient ``stack + (out,)``
+      or ``None`` (matched by an implicit 1 in ā).
+    input_mean: ā, ``stack + (in,)``.
+    damping: γ > 0.
+  """
+  p = foof_vector_projection_layers([grad], [input_mean], damping)
+  return Preconditioned(p.kernel[0], p.bias[0], p.update_dot_grad)
+
+
+def foof_vector_projection_layers(
+    grads: Sequence[LayerGradient], input_means: Sequence[jax.Array], damping: jax.Array
+) -> Preconditioned:
+  """:func:`foof_vector_projection` for many layers at once, with few operations.
+
+  Per layer, one pass over the gradient matrix gives both Ĝā (its columns
+  weighted by ā) and the column norms of ∇W; every other sum (‖ā‖², ‖Ĝā‖²,
+  ‖∇W‖², ‖∇b‖²) is one :class:`~eva_optax.segments.Segments` sum for all
+  layers, and the rank-one correction stays elementwise (fused into the update).
+
+  Returns:
+    A :class:`Preconditioned` with tuples of kernels and biases (one per
+    layer) and ``Σ_layers ⟨V, Ĝ⟩``.
+  """
+  kernels = [g.kernel for g in grads]
+  biases = [g.bias for g in grads]
+  a = list(input_means)
+  segments = Segments([k.shape[:-2] for k in kernels])
+  projected, column_sq = [], []
+  for k, x, b in zip(kernels, a, biases):
+    p, c = two_sums(k * x[..., :, None], k * k, (k.ndim - 2,))
+    projected.append(p if b is None else p + b)  # Ĝ ā, the bias matched by a 1
+    column_sq.append(c)
+  a_sq, projected_sq, grad_sq, bias_sq = segments.dots(
+      [(x, x) for x in a],
+      [(p, p) for p in projected],
+      [(c, jnp.ones_like(c)) for c in column_sq],
+      [None if b is None else (b, b) for b in biases],
+  )
+  has_bias = segments.indicator([b is not None for b in biases])
+  scale = 1.0 / (a_sq + has_bias + damping)
+  kernel, bias = [], []
+  for l, (k, b, x, p) in enumerate(zip(kernels, biases, a, projected)):
+    coef = p * segments.of(scale, l)[..., None]
+    kernel.append(k - x[..., :, None] * coef[..., None, :])
+    bias.append(None if b is None else b - coef)
+  # ⟨V, Ĝ⟩ = ‖Ĝ‖² − ‖Ĝā‖²/(‖ā‖² + γ).
+  dot = grad_sq + bias_sq - projected_sq * scale
+  return Preconditioned(tuple(kernel), tuple(bias), jnp.sum(dot))
+
+
+class ScaleByEvaFoofState(NamedTuple):
+  """State of :func:`scale_by_eva_foof`: the update count and running ā per layer."""
+
+  count: jax.Array
+  input_mean: Any
+
+
+def scale_by_eva_foof(
+    learning_rate: Hyper | None = None,
+    *,
+    damping: Hyper = 0.03,
+    kl_clip: Hyper = 0.001,
+    stat_decay: float | jax.Array = 0.05,
+    scaling: str = kl.KL_NORMALISE,
+    layouts: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Eva-f's preconditioner: V = Ĝ − (Ĝā)āᵀ/(‖ā‖² + γ), normalised across layers.
+
+  Args:
+    learning_rate: η, used only with ``scaling='kl_clip'``.
+    damping: γ > 0, float or schedule. Default 0.03.
+    kl_clip: κ > 0, used only with ``scaling='kl_clip'``. Default 0.001.
+    stat_decay: weight of the old running average of ā. Default 0.05.
+    scaling: ``'kl_normalise'`` (default, the extension's form) or
+      ``'kl_clip'`` (V/γ, then the KL clip, as Eva's ICLR form).
+    layouts: see :func:`eva_optax.scale_by_eva`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``stats=``
+    captured with ``statistics=('input_mean',)`` (or more).
+
+  References:
+    Zhang, Shi, Li. Eva: A General Vectorized Approximation Framework for
+    Second-order Optimization. arXiv:2308.02123.
+  """
+
+  def precondition(grads, layer_stats, gamma):
+    p = foof_vector_projection_layers(grads, [s["input_mean"] for s in layer_stats], gamma)
+    return p if scaling == kl.KL_NORMALISE else scale_preconditioned(p, 1.0 / gamma)
+
+  return layerwise_transformation(
+      who="scale_by_eva_foof",
+      state_cls=ScaleByEvaFoofState,
+      statistics=STATISTICS,
+      precondition_layers=precondition,
+      learning_rate=learning_rate,
+      damping=damping,
+      kl_clip=kl_clip,
+      stat_decay=stat_decay,
+      scaling=scaling,
+      layouts=layouts,
+  )
+
+
+def eva_foof(
+    learning_rate: Hyper,
+    *,
+    momentum: float | jax.Array | None = 0.9,
+    nesterov: bool = False,
+    weight_decay: float | jax.Array = 0.0,
+    damping: Hyper = 0.03,
+    kl_clip: Hyper = 0.001,
+    stat_decay: float | jax.Array = 0.05,
+    scaling: str = kl.KL_NORMALISE,
+    layouts: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Eva-f in front of SGD: precondition → weight decay → momentum → learning rate.
+
+  See :func:`scale_by_eva_foof`; the tail is as in :func:`eva_optax.eva`.
+  Capture with ``eva_optax.value_and_grad(loss_fn, statistics=('input_mean',))``.
+
+  References:
+    Zhang, Shi, Li. Eva: A General Vectorized Approximation Framework for
+    Second-order Optimization. arXiv:2308.02123.
+  """
+  return with_sgd(
+      scale_by_eva_foof(
+          learning_rate,
+          damping=damping,
+          kl_clip=kl_clip,
+          stat_decay=stat_decay,
+          scaling=scaling,
+          layouts=layouts,
+      ),
+      learning_rate,
+      momentum=momentum,
+      nesterov=nesterov,
+      weight_decay=weight_decay,
+  )

@@ -1,0 +1,60 @@
+"""Hyperparameters that may be numbers, arrays or optax schedules.
+
+Every rule in the library reads its hyperparameters through :func:`value_at`, so
+a float, a traced array (``optax.inject_hyperparams``) and a schedule
+``count -> value`` are accepted alike, and validates concrete values once, at
+construction, through :func:`check_range`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Hyper = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
+
+
+def value_at(hyper: Hyper, count: jax.Array) -> jax.Array:
+  """The value of ``hyper`` at step ``count`` (a schedule is called, else kept)."""
+  if callable(hyper):
+    return jnp.asarray(hyper(count), dtype=jnp.float32)
+  return jnp.asarray(hyper, dtype=jnp.float32)
+
+
+def check_range(
+    name: str,
+    hyper: Hyper | None,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = False,
+    high_inclusive: bool = True,
+) -> None:
+  """Raises ``ValueError`` naming ``name`` when a concrete ``hyper`` is out of range.
+
+  Schedules and traced values cannot be checked before they are used and are let
+  through; ``None`` is let through too (callers decide whether it is allowed).
+  """
+  if hyper is None or callable(hyper) or isinstance(hyper, jax.core.Tracer):
+    return
+  try:
+    value = np.asarray(hyper, dtype=np.float64)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{name} must be a number or a schedule, got {hyper!r}") from e
+  if value.shape != ():
+    raise ValueError(f"{name} must be a scalar, got shape {value.shape}")
+  value = float(value)
+  bad = not np.isfinite(value)
+  if low is not None:
+    bad |= value < low if low_inclusive else value <= low
+  if high is not None:
+    bad |= value > high if high_inclusive else value >= high
+  if bad:
+    lo = "" if low is None else ("[" if low_inclusive else "(") + f"{low}"
+    hi = "" if high is None else f"{high}" + ("]" if high_inclusive else ")")
+    raise ValueError(
+        f"{name} must be finite and in {lo or '(-inf'}, {hi or 'inf)'}; got {value}"
+    )

@@ -1,0 +1,282 @@
+"""The Linen front-end of the capture: :func:`value_and_grad`.
+
+:func:`value_and_grad` works like :func:`jax.value_and_grad` and also returns,
+from the same forward and backward pass, the statistics of every ``nn.Dense``,
+``nn.DenseGeneral`` and ``nn.Conv`` call of the model, without changes to the
+model (``flax.linen.intercept_methods``). What the statistics are and how the
+probes deliver them is the capture's core (:mod:`eva_optax._src.capture`); this
+module only finds the layers and hands each call to the core:
+
+* before the real pass, an abstract pass (``jax.eval_shape``) with a discovery
+  interceptor records every module owning a ``kernel``, and describes each
+  supported one by a :class:`~eva_optax._src.capture.Layer` (its geometry read
+  from the module's attributes);
+* the zero probes of each layer go into the parameter tree next to its kernel,
+  so that lifted transforms (``nn.scan``, ``nn.remat``) slice and carry them;
+* the capture interceptor runs each call of a layer through
+  :func:`~eva_optax._src.capture.probed_call`.
+
+References:
+  Zhang, Shi, Li. Eva: Practical Second-order Optimization with
+  Kronecker-vectorized Approximation. ICLR 2023.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from eva_optax._src import capture
+from eva_optax._src.capture import FACTORS_DUE, PROBES, ConvGeometry, DenseGeometry, Layer
+from eva_optax._src.paths import BIAS, KERNEL, Path, flatten_with_paths, nest
+from eva_optax._src.statistics import EVA_STATISTICS, PassThrough, requested
+
+_SUPPORTED = "Dense, DenseGeneral or Conv"
+
+
+class _Seen(NamedTuple):
+  """What the abstract pass saw of one module owning a kernel (static)."""
+
+  kind: str
+  kernel_ndim: int  # the rank of the kernel inside the module (unstacked)
+  output_ndim: int
+  has_bias: bool
+  geometry: DenseGeometry | ConvGeometry | None
+  skip_reason: str | None
+
+
+def _kind(module: nn.Module) -> str | None:
+  if isinstance(module, nn.Dense):
+    return "Dense"
+  if isinstance(module, nn.DenseGeneral):
+    return "DenseGeneral"
+  if isinstance(module, nn.Conv):
+    return "Conv"
+  return None
+
+
+def _skip_reason(module: nn.Module, kind: str) -> str | None:
+  """Why a supported layer kind is still passed through, or ``None``."""
+  if kind == "Conv" and module.feature_group_count != 1:
+    return (
+        f"grouped convolution (feature_group_count={module.feature_group_count})"
+        " is not preconditioned: its parameters get the plain gradient"
+    )
+  if kind == "DenseGeneral" and tuple(
+      nn.linear._canonicalize_tuple(module.batch_dims)
+  ):
+    return (
+        "DenseGeneral with batch_dims is not preconditioned: its parameters get"
+        " the plain gradient"
+    )
+  return None
+
+
+def _output_ndim(module: nn.Module, kind: str) -> int:
+  if kind == "DenseGeneral":
+    return len(nn.linear._canonicalize_tuple(module.features))
+  return 1
+
+
+def _geometry(module: nn.Module, kind: str) -> DenseGeometry | ConvGeometry:
+  """How the module maps its input, from its attributes (Flax's conventions)."""
+  if kind == "Dense":
+    return DenseGeometry((-1,))
+  if kind == "DenseGeneral":
+    return DenseGeometry(tuple(nn.linear._canonicalize_tuple(module.axis)))
+  ks = module.kernel_size
+  kernel_size = (ks,) if isinstance(ks, int) else tuple(ks)
+  n = len(kernel_size)
+  return ConvGeometry(
+      kernel_size,
+      capture.per_axis(module.strides, n),
+      capture.canonical_padding(module.padding, n),
+      capture.per_axis(module.input_dilation, n),
+      capture.per_axis(module.kernel_dilation, n),
+  )
+
+
+# ---------------------------------------------------------------------------
+# The interceptors.
+
+
+def _discovery_interceptor(seen: dict[Path, _Seen]):
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    module = context.module
+    if context.method_name != "__call__":
+      return out
+    if module.scope is None or not module.has_variable("params", KERNEL):
+      return out
+    kind = _kind(module)
+    kernel_ndim = jnp.ndim(module.get_variable("params", KERNEL))
+    has_bias = module.has_variable("params", BIAS)
+    if kind is None:
+      note = _Seen(
+          type(module).__name__, kernel_ndim, 1, has_bias, None,
+          f"not a {_SUPPORTED} layer: its parameters get the plain gradient",
+      )
+    else:
+      note = _Seen(
+          kind, kernel_ndim, _output_ndim(module, kind), has_bias,
+          _geometry(module, kind), _skip_reason(module, kind),
+      )
+    seen.setdefault(tuple(module.scope.path), note)
+    return out
+
+  return interceptor
+
+
+def _capture_interceptor(layers: dict[Path, Layer], statistics: tuple[str, ...]):
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if (
+        context.method_name != "__call__"
+        or module.scope is None
+        or not module.has_variable("params", capture.INPUT_PROBE)
+    ):
+      return next_fun(*args, **kwargs)
+    layer = layers.get(tuple(module.scope.path))
+    if layer is None:
+      return next_fun(*args, **kwargs)
+    probes = {name: module.get_variable("params", name) for name in PROBES
+              if module.has_variable("params", name)}
+    return capture.probed_call(layer, statistics, probes, next_fun, args, kwargs)
+
+  return interceptor
+
+
+# ---------------------------------------------------------------------------
+# Probes in and out of the parameter tree.
+
+
+def _copy_dicts(tree: Any) -> Any:
+  if isinstance(tree, (dict, flax.core.FrozenDict)):
+    return {k: _copy_dicts(v) for k, v in tree.items()}
+  return tree
+
+
+def _inject(params: Any, probes: dict[Path, dict[str, Any]]) -> Any:
+  """``params`` with each layer's probes next to its kernel (a new tree)."""
+  tree = _copy_dicts(params)
+  for path, layer_probes in probes.items():
+    node = tree
+    for name in path:
+      node = node[name]
+    node.update(layer_probes)
+  if isinstance(params, flax.core.FrozenDict):
+    return flax.core.freeze(tree)
+  return tree
+
+
+def _discover(
+    loss_fn: Callable, params: Any, args: tuple, kwargs: dict
+) -> tuple[dict[Path, Layer], dict[Path, PassThrough]]:
+  """The layers the loss calls, from an abstract pass (no computation)."""
+  seen: dict[Path, _Seen] = {}
+  with nn.intercept_methods(_discovery_interceptor(seen)):
+    jax.eval_shape(lambda p: loss_fn(p, *args, **kwargs), params)
+  if not isinstance(params, (dict, flax.core.FrozenDict)):
+    raise TypeError(
+        "eva_optax.value_and_grad differentiates its first argument, which must"
+        f" be the 'params' collection (a dict); got {type(params).__name__}"
+    )
+  leaves = dict(flatten_with_paths(params))
+  layers: dict[Path, Layer] = {}
+  skipped: dict[Path, PassThrough] = {}
+  for path, s in seen.items():
+    full = leaves.get(path + (KERNEL,))
+    if full is None:
+      continue  # not differentiated: nothing of it to precondition
+    if s.skip_reason is not None:
+      skipped[path] = PassThrough(s.kind, s.skip_reason)
+      continue
+    layers[path] = capture.layer_record(
+        s.kind, s.geometry, tuple(jnp.shape(full)), s.kernel_ndim, s.output_ndim, s.has_bias
+    )
+  return layers, skipped
+
+
+def value_and_grad(
+    loss_fn: Callable[..., Any],
+    has_aux: bool = False,
+    *,
+    statistics: Sequence[str] = EVA_STATISTICS,
+    axis_name: Any = None,
+) -> Callable[..., tuple[Any, Any, Any]]:
+  """Like :func:`jax.value_and_grad`, also returning per-layer curvature statistics.
+
+  Args:
+    loss_fn: ``loss_fn(params, *args, **kwargs)`` returning the scalar loss
+      (the mean over the batch), or ``(loss, aux)`` when ``has_aux``. It calls a
+      Flax Linen model with ``model.apply({'params': params, ...}, ...)``;
+      mutable collections (``batch_stats``) go through ``aux`` as usual.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    statistics: which statistics to capture, among ``'input_mean'`` (ā),
+      ``'output_grad_mean'`` (ḡ), ``'input_factor'`` (A = E[â âᵀ] over rows,
+      â = [a, 1] with a bias) and ``'output_grad_factor'`` (G = N·Σ_rows
+      (∂L/∂y)(∂L/∂y)ᵀ, the per-sample gradient covariance for a mean loss over
+      N samples). Default ``('input_mean', 'output_grad_mean')``, what Eva
+      needs; each optimizer documents its own (Eva-f: ``('input_mean',)``,
+      which skips the backward probes). Statistics not asked for are ``None``.
+    axis_name: under ``pmap`` / ``shard_map``, the name (or tuple of names) of
+      the data-parallel axes: the statistics are then averaged over them
+      (ḡ, which carries the 1/batch factor of the mean loss, also divided by
+      the number of devices), so that they are the statistics of the global
+      batch, as on one device (each device holding the same number of
+      samples). The
+      gradients are left to the caller, as with :func:`jax.value_and_grad`.
+      Not needed under ``jit`` with a sharded batch, where every mean already
+      is over the global batch.
+
+  Returns:
+    ``grad_fn(params, *args, factors_due=True, **kwargs) -> (value, grads,
+    stats)``. ``factors_due`` (a scalar bool, traced or not; the one keyword
+    ``grad_fn`` keeps for itself) gates the factors A and G: when it is false
+    they are not computed (``lax.cond``) and come back as zeros, which the
+    factor-based optimizers' running averages ignore. Pass
+    :func:`eva_optax.factors_due` of the optimizer state, so that factors are
+    computed exactly on the steps K-FAC / FOOF average them (``stats_every``).
+    The other keyword arguments go to ``loss_fn``. ``value`` is the loss (or ``(loss, aux)``), ``grads`` the gradient w.r.t.
+    ``params`` and ``stats`` a tree keyed by module path (like ``params``)
+    holding a :class:`~eva_optax.LayerStats` per captured layer and a
+    :class:`~eva_optax.PassThrough` per layer seen but not preconditioned. It
+    calls neither ``jit`` nor ``pmap``; wrap it like any JAX function.
+
+  Example::
+
+      grad_fn = eva_optax.value_and_grad(loss_fn)
+      loss, grads, stats = grad_fn(params, batch)
+      updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
+  """
+  statistics = requested(statistics)
+
+  def grad_fn(params: Any, *args: Any, **kwargs: Any):
+    due = capture.factors_gate(kwargs.pop(FACTORS_DUE, True), statistics)
+    layers, skipped = _discover(loss_fn, params, args, kwargs)
+    probes = capture.per_device(
+        {path: capture.zero_probes(layer, statistics, due) for path, layer in layers.items()},
+        axis_name,
+    )
+
+    def wrapped(params, probes):
+      with nn.intercept_methods(_capture_interceptor(layers, statistics)):
+        out = loss_fn(_inject(params, probes), *args, **kwargs)
+      return capture.loss_and_aux(out, has_aux)
+
+    (loss, aux), (grads, probe_grads) = jax.value_and_grad(
+        wrapped, argnums=(0, 1), has_aux=True
+    )(params, probes)
+
+    probe_grads = capture.global_statistics(probe_grads, axis_name)
+    entries: dict[Path, Any] = dict(skipped)
+    for path, layer_grads in probe_grads.items():
+      entries[path] = capture.layer_stats(layers[path], layer_grads)
+    value = (loss, aux) if has_aux else loss
+    return value, grads, nest(entries)
+
+  return grad_fn

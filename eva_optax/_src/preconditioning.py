@@ -1,0 +1,411 @@
+"""The skeleton shared by layer-wise preconditioners: match, precondition, scale.
+
+A layer-wise rule (Eva, and every rule built on captured statistics) only has
+to say how one layer's gradient matrix is preconditioned; this module finds the
+layers in the update tree, checks the captured statistics against them, keeps
+running averages of the statistics, applies the global KL scaling to the
+preconditioned layers only, and passes every other parameter through unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import optax
+
+from eva_optax._src import kl
+from eva_optax._src.hyper import Hyper, check_range, value_at
+from eva_optax._src.layers import (
+    LayerSlot,
+    bias_vector,
+    check_stats_match,
+    find_layer_slots,
+    kernel_matrix,
+)
+from eva_optax._src.paths import BIAS, KERNEL, Path, flatten_with_paths, nest, path_of, path_str
+from eva_optax._src.statistics import FACTORS, LayerStats, layer_entries, statistic_shapes
+from eva_optax._src.running_average import update_running_average
+from eva_optax._src.sharding import replicate_on_params_mesh
+
+
+class LayerGradient(NamedTuple):
+  """A layer's gradient as a matrix: kernel ``stack + (in, out)``, bias ``stack + (out,)``."""
+
+  kernel: jax.Array
+  bias: jax.Array | None
+
+
+class Preconditioned(NamedTuple):
+  """A preconditioned update ``V`` and ``Σ ⟨V, Ĝ⟩`` over its entries.
+
+  For one layer, ``kernel`` and ``bias`` are arrays (``bias`` ``None`` without
+  one); for a group of layers (a rule applied to all layers at once, see
+  :func:`layerwise_transformation`), they are tuples with one entry per layer
+  and ``update_dot_grad`` is the sum over the group.
+  """
+
+  kernel: Any
+  bias: Any
+  update_dot_grad: jax.Array
+
+
+def scale_preconditioned(p: Preconditioned, factor: jax.Array) -> Preconditioned:
+  """``factor · V`` and ``factor · ⟨V, Ĝ⟩`` (one layer or a group)."""
+  times = lambda x: jax.tree.map(lambda v: v * factor, x)
+  return Preconditioned(times(p.kernel), times(p.bias), p.update_dot_grad * factor)
+
+
+LayerRule = Callable[[LayerGradient, dict[str, jax.Array], jax.Array], Preconditioned]
+GroupRule = Callable[
+    [Sequence[LayerGradient], Sequence[dict[str, jax.Array]], jax.Array], Preconditioned
+]
+
+
+def each_layer(rule: LayerRule) -> GroupRule:
+  """A rule for one layer as a rule for a group: applied to each, dots summed."""
+
+  def group(grads, stats, gamma):
+    results = [rule(g, s, gamma) for g, s in zip(grads, stats)]
+    return Preconditioned(
+        tuple(r.kernel for r in results),
+        tuple(r.bias for r in results),
+        sum(r.update_dot_grad for r in results),
+    )
+
+  return group
+
+
+def require_stats(stats: Any, name: str) -> None:
+  if stats is None:
+    raise ValueError(
+        f"{name} needs the layer statistics: call tx.update(grads, state, params,"
+        " stats=stats) with the stats returned by eva_optax.value_and_grad"
+    )
+
+
+def statistic_shape(slot: LayerSlot, name: str) -> tuple[int, ...]:
+  """Shape of the statistic ``name`` (a :class:`LayerStats` field) of a layer."""
+  return statistic_shapes(*slot.layout.dims(slot.kernel_shape), slot.has_bias)[name]
+
+
+def zero_statistics(slots: dict[Path, LayerSlot], name: str) -> dict[str, Any]:
+  """Zero running averages of the statistic ``name`` for every layer, keyed by path."""
+  return nest({p: jnp.zeros(statistic_shape(s, name), jnp.float32) for p, s in slots.items()})
+
+
+def update_averages(
+    slots: dict[Path, LayerSlot],
+    stats: Any,
+    averages: dict[str, Any],
+    stat_decay: jax.Array,
+    count: jax.Array,
+    who: str,
+    update_paths: set[Path] | None = None,
+) -> tuple[dict[Path, dict[str, jax.Array]], dict[str, Any]]:
+  """Running averages of the statistics named in ``averages``, for every layer.
+
+  Statistics that are not finite (a NaN/Inf step) never enter an average: a
+  factor with a non-finite entry keeps its layer's old average; each
+  non-finite entry of a vector statistic (ā, ḡ) keeps its old value.
+
+  Args:
+    slots: the layers of the update tree.
+    stats: the captured statistics.
+    averages: ``{statistic name: running-average tree keyed by module path}``.
+    stat_decay: weight of the old average (:mod:`eva_optax.running_average`).
+    count: the update count (the first update takes the new values).
+    who: the optimizer's name, for error messages.
+    update_paths: the leaf paths of the update tree (masked leaves included);
+      when given, statistics of a layer with no parameter there are an error.
+
+  Returns:
+    Per preconditioned layer, the averaged statistics by name; and the new
+    running-average trees (unchanged for layers without statistics this step).
+  """
+  entries = layer_entries(stats)
+  old = {name: dict(flatten_with_paths(tree)) for name, tree in averages.items()}
+  new = {name: dict(flat) for name, flat in old.items()}
+  averaged: dict[Path, dict[str, jax.Array]] = {}
+  missing = [path_str(p) for p in slots if p not in entries]
+  if missing:
+    raise ValueError(
+        f"{who}: no statistics for the layer parameters at {missing} (the stats"
+        f" hold {[path_str(p) for p in entries] or 'nothing'}). Pass the stats of"
+        " eva_optax.value_and_grad for the same params tree as the updates (the"
+        " same nesting, no prefix), from a forward pass that calls these layers."
+    )
+  if update_paths is not None:
+    orphans = [
+        path_str(p)
+        for p, e in entries.items()
+        if isinstance(e, LayerStats) and not any(u[: len(p)] == p for u in update_paths)
+    ]
+    if orphans:
+      raise ValueError(
+          f"{who}: statistics for {orphans}, but the updates have no parameters"
+          " there: the stats come from another model or another nesting of the params"
+      )
+  for path, slot in slots.items():
+    entry = entries.get(path)
+    if not isinstance(entry, LayerStats):
+      continue
+    check_stats_match(slot, entry)
+    missing = [name for name in averages if getattr(entry, name) is None]
+    if missing:
+      raise ValueError(
+          f"{who} needs the statistics {tuple(averages)}, but {missing} were not"
+          " captured: create the gradient function with"
+          f" eva_optax.value_and_grad(loss_fn, statistics={tuple(averages)})"
+      )
+    for name in averages:
+      value = getattr(entry, name)
+      average = update_running_average(old[name][path], value, stat_decay, count)
+      if name in FACTORS:
+        # A factor the capture was told not to compute is exactly zero: it
+        # never enters the average (see eva_optax.factors_due).
+        keep = jnp.all(jnp.isfinite(value)) & jnp.any(value != 0)
+      else:
+        # Entry by entry: elementwise, so it fuses into the average itself
+        # instead of adding a reduction per layer to the step.
+        keep = jnp.isfinite(value)
+      average = jnp.where(keep, average, old[name][path])
+      new[name][path] = average
+    averaged[path] = {name: new[name][path] for name in averages}
+  return averaged, {name: nest(flat) for name, flat in new.items()}
+
+
+def apply_layerwise(
+    updates: Any,
+    slots: dict[Path, LayerSlot],
+    layers: dict[Path, Any],
+    precondition: GroupRule,
+    scale: Callable[[jax.Array], jax.Array],
+) -> Any:
+  """Preconditions the layers named in ``layers``, scales them, passes the rest.
+
+  Args:
+    updates: the gradient tree.
+    slots: every layer of the tree (:func:`find_layer_slots`).
+    layers: per layer to precondition, the statistics ``precondition`` needs.
+    precondition: ``(LayerGradients, statistics) -> Preconditioned`` for all
+      those layers at once (lists in the order of ``layers``; see
+      :func:`each_layer` for a rule written for one layer).
+    scale: ``Σ_layers ⟨V, Ĝ⟩ -> ν``, the factor applied to every ``V``.
+  """
+  if not layers:
+    return updates
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
+  paths = [path_of(keys) for keys, _ in leaves]
+  index = {path: i for i, path in enumerate(paths)}
+  new = [leaf for _, leaf in leaves]
+  grads = []
+  for path in layers:
+    slot = slots[path]
+    k = new[index[path + (KERNEL,)]]
+    b = new[index[path + (BIAS,)]] if slot.has_bias else None
+    grads.append(LayerGradient(
+        kernel_matrix(k.astype(jnp.float32), slot.layout),
+        None if b is None else bias_vector(b.astype(jnp.float32), slot.layout),
+    ))
+  result = precondition(grads, list(layers.values()))
+  nu = scale(result.update_dot_grad)
+  for path, kernel, bias in zip(layers, result.kernel, result.bias):
+    ki = index[path + (KERNEL,)]
+    new[ki] = (nu * kernel).reshape(new[ki].shape).astype(new[ki].dtype)
+    if bias is not None:
+      bi = index[path + (BIAS,)]
+      new[bi] = (nu * bias).reshape(new[bi].shape).astype(new[bi].dtype)
+  return jax.tree_util.tree_unflatten(treedef, new)
+
+
+def kl_scale(
+    scaling: str,
+    learning_rate: jax.Array | None,
+    kl_clip: jax.Array | None,
+) -> Callable[[jax.Array], jax.Array]:
+  """The ``scale`` argument of :func:`apply_layerwise` for KL clip / normalisation."""
+  return lambda total: kl.scale_factor(scaling, total, learning_rate, kl_clip)
+
+
+def check_layerwise_hyperparameters(
+    who: str, learning_rate, damping, kl_clip, stat_decay, scaling: str
+) -> None:
+  """The argument checks every layer-wise preconditioner shares."""
+  kl.check_scaling(scaling)
+  if scaling == kl.KL_CLIP and learning_rate is None:
+    raise ValueError(f"{who} with scaling='kl_clip' needs learning_rate")
+  check_range("learning_rate", learning_rate, low=0.0, low_inclusive=True)
+  check_range("damping", damping, low=0.0)
+  check_range("kl_clip", kl_clip, low=0.0)
+  check_range(
+      "stat_decay", stat_decay, low=0.0, high=1.0, low_inclusive=True, high_inclusive=False
+  )
+
+
+def check_period(name: str, every: Any) -> None:
+  """``every`` must be an integer ≥ 1 (traced values, e.g. under
+  ``optax.inject_hyperparams``, are let through)."""
+  if isinstance(every, jax.core.Tracer):
+    return
+  value = np.asarray(every)
+  if value.shape != () or not np.issubdtype(value.dtype, np.integer) or value < 1:
+    raise ValueError(f"{name} must be an integer ≥ 1, got {every!r}")
+
+
+def layerwise_transformation(
+    *,
+    who: str,
+    state_cls: type,
+    statistics: tuple[str, ...],
+    precondition: LayerRule | None = None,
+    precondition_layers: GroupRule | None = None,
+    learning_rate: Hyper | None,
+    damping: Hyper,
+    kl_clip: Hyper,
+    stat_decay: float | jax.Array,
+    scaling: str,
+    layouts: Any,
+    refresh: Callable[[dict[str, jax.Array], jax.Array], dict[str, jax.Array]] | None = None,
+    refresh_every: int = 1,
+    stats_every: int = 1,
+) -> optax.GradientTransformationExtraArgs:
+  """A layer-wise preconditioner from its rule, with everything else shared.
+
+  Per step: running averages of ``statistics`` (updated every ``stats_every``
+  steps), optionally a per-layer cache recomputed by ``refresh(averages,
+  damping)`` every ``refresh_every`` steps (inverses of K-FAC and FOOF, through
+  ``lax.cond`` so one compiled step serves every step), ``precondition`` of
+  each captured layer, then the KL clip / normalisation over all of them.
+
+  The rule is given either for one layer (``precondition(grad, statistics,
+  damping)``, applied to each layer) or for all the layers of the step at once
+  (``precondition_layers(grads, statistics, damping)``, lists in one order):
+  the second form lets a rule whose per-layer work is a few small vector
+  reductions do them for every layer in one operation (:mod:`eva_optax.segments`).
+
+  ``state_cls`` is a NamedTuple with the fields ``count``, one per statistic
+  name, and ``cache`` when ``refresh`` is given.
+  """
+  if (precondition is None) == (precondition_layers is None):
+    raise TypeError("give exactly one of precondition and precondition_layers")
+  group_rule = precondition_layers or each_layer(precondition)
+  check_layerwise_hyperparameters(who, learning_rate, damping, kl_clip, stat_decay, scaling)
+  for name, every in (("refresh_every", refresh_every), ("stats_every", stats_every)):
+    check_period(name, every)
+
+  def by_layer(trees: dict[str, Any]) -> dict[Path, dict[str, jax.Array]]:
+    """``{name: tree keyed by path}`` → ``{path: {name: array}}``."""
+    flat = {n: dict(flatten_with_paths(t)) for n, t in trees.items()}
+    paths = next(iter(flat.values())).keys() if flat else ()
+    return {p: {n: flat[n][p] for n in flat} for p in paths}
+
+  def refreshed(slots, averages, gamma):
+    per_layer = {p: refresh(v, gamma) for p, v in by_layer(averages).items()}
+    names = next(iter(per_layer.values())).keys() if per_layer else ()
+    return {n: nest({p: v[n] for p, v in per_layer.items()}) for n in names}
+
+  def init_fn(params):
+    slots = find_layer_slots(params, layouts)
+    averages = {name: zero_statistics(slots, name) for name in statistics}
+    fields = dict(count=jnp.zeros([], jnp.int32), **averages)
+    if "stats_every" in state_cls._fields:
+      fields["stats_every"] = jnp.asarray(stats_every, jnp.int32)
+    if refresh is not None:
+      shapes = jax.eval_shape(lambda: refreshed(slots, averages, jnp.float32(1.0)))
+      fields["cache"] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return replicate_on_params_mesh(params, state_cls(**fields))
+
+  def update_fn(updates, state, params=None, *, stats=None, **extra_args):
+    del params, extra_args
+    require_stats(stats, who)
+    count = state.count
+    gamma = value_at(damping, count)
+    slots = find_layer_slots(updates, layouts)
+    old = {name: getattr(state, name) for name in statistics}
+    update_paths = {
+        p for p, _ in flatten_with_paths(updates, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    }
+    averaged, averages = update_averages(
+        slots, stats, old, jnp.asarray(stat_decay, jnp.float32), count, who, update_paths
+    )
+    if isinstance(stats_every, jax.core.Tracer) or int(stats_every) != 1:
+      take = count % stats_every == 0
+      averages = jax.tree.map(lambda n, o: jnp.where(take, n, o), averages, old)
+      current = by_layer(averages)
+      averaged = {p: current[p] for p in averaged}
+    fields = dict(count=optax.safe_increment(count), **averages)
+    if "stats_every" in state_cls._fields:
+      fields["stats_every"] = state.stats_every
+    if refresh is not None:
+      cache = jax.lax.cond(
+          count % refresh_every == 0,
+          lambda: refreshed(slots, averages, gamma),
+          lambda: state.cache,
+      )
+      fields["cache"] = cache
+      cached = by_layer(cache)
+      averaged = {p: {**averaged[p], **cached[p]} for p in averaged}
+    if scaling == kl.KL_CLIP:
+      scale = kl_scale(scaling, value_at(learning_rate, count), value_at(kl_clip, count))
+    else:
+      scale = kl_scale(scaling, None, None)
+    updates = apply_layerwise(
+        updates, slots, averaged, lambda g, s: group_rule(g, s, gamma), scale
+    )
+    return updates, state_cls(**fields)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def factors_due(opt_state: Any) -> jax.Array:
+  """Whether this step's update will average the factors A / G: the capture's gate.
+
+  Finds the K-FAC and FOOF states inside ``opt_state`` (also inside
+  ``optax.chain``, ``inject_hyperparams``, ``MultiSteps`` …) and returns
+  ``count % stats_every == 0`` (any of them, if several), a scalar bool to
+  pass as ``grad_fn(params, batch, factors_due=...)`` so that the capture
+  computes A and G only on the steps that use them.
+
+  Raises:
+    ValueError: when ``opt_state`` holds no state with factor statistics.
+  """
+  found = []
+
+  def visit(node):
+    if isinstance(node, tuple) and {"count", "stats_every"} <= set(getattr(node, "_fields", ())):
+      found.append(node)
+      return True
+    return False
+
+  jax.tree.leaves(opt_state, is_leaf=visit)
+  if not found:
+    raise ValueError(
+        "factors_due: opt_state holds no optimizer that averages factors"
+        " (scale_by_kfac / scale_by_foof, or their aliases)"
+    )
+  due = [s.count % s.stats_every == 0 for s in found]
+  out = due[0]
+  for d in due[1:]:
+    out = out | d
+  return out
+
+
+__all__ = [
+    "factors_due",
+    "LayerGradient",
+    "Preconditioned",
+    "apply_layerwise",
+    "find_layer_slots",
+    "check_layerwise_hyperparameters",
+    "kl_scale",
+    "layerwise_transformation",
+    "require_stats",
+    "scale_preconditioned",
+    "statistic_shape",
+    "update_averages",
+    "zero_statistics",
+]

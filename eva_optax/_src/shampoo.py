@@ -1,0 +1,408 @@
+"""Shampoo with blocked statistics and SGD grafting: the baseline of the Eva papers.
+
+Symbols: G — a parameter's gradient, seen as a tensor of rank k after merging
+small dimensions; G_(i) — its matricisation along dimension i (that dimension
+by all others); L_i — the statistic of dimension i; P_i — its inverse root;
+ε — damping; β — ``stat_decay``; N — ``inverse_every``.
+
+For every block of every parameter, and each of its k dimensions:
+
+    L_i ← β·L_i + w·G_(i) G_(i)ᵀ        (w = 1 if β = 1, a sum; else 1 − β; L_i = 0 at init)
+    P_i = (L_i + εI)^(−1/(2k))          recomputed at steps 0, N, 2N, …
+    D   = G ×_1 P_1 ×_2 P_2 … ×_k P_k   (mode-i products)
+
+and then SGD grafting per tensor: update = D · ‖G‖ / ‖D‖ (:mod:`eva_optax.grafting`).
+
+Shapes (as in the authors' Shampoo, Google's reference PyTorch implementation
+with ``best_effort_shape_interpretation``):
+
+* **Merging.** Adjacent dimensions are merged while their product stays
+  ≤ ``block_size``; dimensions of size 1 disappear (:func:`merge_small_dims`).
+  An HWIO kernel (3, 3, 64, 128) becomes (9, 64, 128) and a (1, 300) kernel
+  becomes (300,). A parameter whose merged rank is ≤ 1 (biases, norm scales,
+  and small kernels such as (4, 8) → (32,)) is not preconditioned: it passes
+  through unchanged, which is what SGD grafting would give it anyway.
+* **Blocking.** Each merged dimension longer than ``block_size`` is cut into
+  blocks of ``block_size`` and a shorter last block, and every block keeps its
+  own L_1 … L_k (a (300, 7) parameter with ``block_size=128`` has three blocks,
+  128 × 7, 128 × 7 and 44 × 7). In the state the last block is stored padded
+  with zeros to the common block shape, so all blocks of a parameter are one
+  batch for ``eigh``: the padded rows and columns of its statistics stay zero,
+  L is block-diagonal, and the padded part never reaches the real entries of D.
+  The result equals the uneven blocks exactly (up to rounding).
+* **Grafting** is per tensor (over all its blocks), the reference's layer-wise
+  SGD grafting: Shampoo fixes the direction, SGD the step length.
+
+The roots are computed with ``jnp.linalg.eigh`` in float32 (one matrix at a
+time on the CPU backend, see :func:`eva_optax.linalg.per_matrix`), eigenvalues
+clipped at 0 before ε is added, inside ``jax.lax.cond`` on the step count, so
+one compiled step serves refresh and non-refresh steps alike. The roots start
+as identities and are first computed at step 0, from the first gradient's
+statistics (the reference refreshes at its 1-indexed steps N, 2N, … and runs
+the first N − 1 steps without preconditioning).
+
+ε is **absolute**: P_i = (L_i + εI)^(−1/(2k)). The reference scales its ridge
+by the largest eigenvalue (ε·λ_max with ε = 1e-12, below float32 resolution);
+the default 1e-6 here is a floor that matters only for directions the
+gradients have (almost) never visited; raise it with the gradient scale.
+
+The alias :func:`shampoo` is the authors' recipe: d = graft(D) + λW, Nesterov
+momentum, learning rate.
+
+References:
+  Gupta, Koren, Singer. Shampoo: Preconditioned Stochastic Tensor
+  Optimization. ICML 2018.
+  Anil, Gupta, Koren, Regan, Singer. Scalable Second Order Optimization for
+  Deep Learning. arXiv:2002.09018.
+  Agarwal, Anil, Hazan, Koren, Zhang. Disentangling Adaptive Gradient Methods
+  from Learning Rates. arXiv:2002.11803.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from eva_optax._src.alias import with_sgd
+from eva_optax._src.hyper import Hyper, check_range, value_at
+from eva_optax._src.grafting import sgd_graft
+from eva_optax._src.linalg import per_matrix
+from eva_optax._src.sharding import replicate_on_params_mesh
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+# ---------------------------------------------------------------------------
+# Shapes: merging small dimensions and cutting blocks.
+
+
+def merge_small_dims(shape: Sequence[int], max_dim: int) -> tuple[int, ...]:
+  """Merges adjacent dimensions while their product is ≤ ``max_dim``.
+
+  Dimensions of size 1 disappear. Examples with ``max_dim=1024``:
+  (1, 2, 512, 1, 2048, 1, 3, 4) → (1024, 2048, 12); (1, 2, 768, 1, 2048) →
+  (2, 768, 2048).
+  """
+  merged, product = [], 1
+  for d in shape:
+    if product * d <= max_dim:
+      product *= d
+    else:
+      if product > 1:
+        merged.append(product)
+      product = d
+  if product > 1:
+    merged.append(product)
+  return tuple(merged)
+
+
+class BlockLayout(NamedTuple):
+  """How one parameter is cut into blocks (static, from its shape).
+
+  Attributes:
+    merged_shape: the shape after :func:`merge_small_dims` (rank k ≥ 2).
+    block_shape: the shape of one (padded) block, ``min(d, block_size)`` per
+      merged dimension.
+    grid: the number of blocks along each merged dimension.
+  """
+
+  merged_shape: tuple[int, ...]
+  block_shape: tuple[int, ...]
+  grid: tuple[int, ...]
+
+  @property
+  def num_blocks(self) -> int:
+    return math.prod(self.grid)
+
+  @property
+  def rank(self) -> int:
+    return len(self.merged_shape)
+
+
+def block_layout(shape: Sequence[int], block_size: int) -> BlockLayout | None:
+  """The blocks of a parameter of ``shape``; ``None`` when it passes through.
+
+  A parameter passes through when its merged rank is ≤ 1 or it is empty.
+  """
+  if math.prod(shape) == 0:
+    return None
+  merged = merge_small_dims(shape, block_size)
+  if len(merged) < 2:
+    return None
+  block = tuple(min(d, block_size) for d in merged)
+  grid = tuple(-(-d // b) for d, b in zip(merged, block))
+  return BlockLayout(merged, block, grid)
+
+
+def to_blocks(x: jax.Array, layout: BlockLayout) -> jax.Array:
+  """``x`` as a batch of blocks, ``(num_blocks,) + block_shape`` (last blocks zero-padded)."""
+  k = layout.rank
+  x = x.reshape(layout.merged_shape)
+  padding = [(0, n * b - d) for d, b, n in zip(layout.merged_shape, layout.block_shape, layout.grid)]
+  if any(p for _, p in padding):
+    x = jnp.pad(x, padding)
+  x = x.reshape([s for n, b in zip(layout.grid, layout.block_shape) for s in (n, b)])
+  x = x.transpose([2 * i for i in range(k)] + [2 * i + 1 for i in range(k)])
+  return x.reshape((layout.num_blocks,) + layout.block_shape)
+
+
+def from_blocks(blocks: jax.Array, layout: BlockLayout, shape: Sequence[int]) -> jax.Array:
+  """Inverse of :func:`to_blocks`: drops the padding and restores ``shape``."""
+  k = layout.rank
+  x = blocks.reshape(layout.grid + layout.block_shape)
+  x = x.transpose([j for i in range(k) for j in (i, k + i)])
+  x = x.reshape([n * b for n, b in zip(layout.grid, layout.block_shape)])
+  x = x[tuple(slice(0, d) for d in layout.merged_shape)]
+  return x.reshape(shape)
+
+
+# ---------------------------------------------------------------------------
+# Statistics, roots and preconditioning of a batch of blocks.
+
+
+def block_statistics(blocks: jax.Array) -> tuple[jax.Array, ...]:
+  """G_(i) G_(i)ᵀ for every block and dimension i: shapes ``(num_blocks, b_i, b_i)``."""
+  k = blocks.ndim - 1
+  axes = list(range(k + 1))  # 0: the block index
+  stats = []
+  for i in range(1, k + 1):
+    other = list(axes)
+    other[i] = k + 1
+    stats.append(jnp.einsum(blocks, axes, blocks, other, [0, i, k + 1], precision=_HIGHEST))
+  return tuple(stats)
+
+
+def inverse_root(statistic: jax.Array, damping: jax.Array, exponent: int) -> jax.Array:
+  """(L + εI)^(−1/exponent) by ``eigh`` in float32, eigenvalues clipped at 0 first."""
+  eigenvalues, eigenvectors = per_matrix(jnp.linalg.eigh, statistic.astype(jnp.float32))
+  scale = (jnp.maximum(eigenvalues, 0.0) + damping) ** (-1.0 / exponent)
+  return jnp.matmul(
+      eigenvectors * scale[..., None, :], jnp.swapaxes(eigenvectors, -1, -2), precision=_HIGHEST
+  )
+
+
+def precondition_blocks(blocks: jax.Array, roots: Sequence[jax.Array]) -> jax.Array:
+  """G ×_1 P_1 ×_2 … ×_k P_k for every block (P_i symmetric)."""
+  k = blocks.ndim - 1
+  axes = list(range(k + 1))
+  for i, root in enumerate(roots, start=1):
+    out = list(axes)
+    out[i] = k + 1
+    blocks = jnp.einsum(blocks, axes, root, [0, i, k + 1], out, precision=_HIGHEST)
+  return blocks
+
+
+# ---------------------------------------------------------------------------
+# The transform.
+
+
+class ScaleByShampooState(NamedTuple):
+  """State of :func:`scale_by_shampoo`.
+
+  Attributes:
+    count: number of updates so far (int32).
+    statistics: per parameter, a tuple over its merged dimensions of L_i with
+      shape ``(num_blocks, b_i, b_i)`` (float32 or wider), or ``optax.MaskedNode()`` for
+      parameters that pass through. Fixed at ``init``.
+    inverse_roots: P_i (float32), the same structure and shapes; identities at ``init``,
+      refreshed at steps 0, N, 2N, ….
+  """
+
+  count: jax.Array
+  statistics: Any
+  inverse_roots: Any
+
+
+def _check_positive_int(name: str, value: Any, *, static: bool) -> None:
+  if isinstance(value, jax.core.Tracer):
+    if static:
+      raise ValueError(
+          f"{name} fixes array shapes and must be a Python int, not a traced value; "
+          f"with optax.inject_hyperparams pass static_args=('{name}',)"
+      )
+    return
+  try:
+    integer = operator.index(value)
+  except TypeError as e:
+    raise ValueError(f"{name} must be a positive integer, got {value!r}") from e
+  if isinstance(value, bool) or integer < 1:
+    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def scale_by_shampoo(
+    *,
+    block_size: int = 128,
+    damping: Hyper = 1e-6,
+    stat_decay: Hyper = 1.0,
+    inverse_every: int | jax.Array = 10,
+) -> optax.GradientTransformationExtraArgs:
+  """Blocked Shampoo's preconditioner with SGD grafting (no learning rate, no sign).
+
+  Per block of every parameter whose merged rank k is ≥ 2:
+
+      L_i ← β·L_i + w·G_(i) G_(i)ᵀ       (w = 1 if β = 1 else 1 − β),
+      P_i = (L_i + εI)^(−1/(2k))         at steps 0, N, 2N, … (kept in between),
+      update = D · ‖G‖ / ‖D‖,  D = G ×_1 P_1 … ×_k P_k   (per tensor).
+
+  Other parameters pass through unchanged. See the module docstring for the
+  merging of small dimensions and the blocks.
+
+  Args:
+    block_size: the largest statistic per dimension; longer (merged) dimensions
+      are cut into blocks. A Python int ≥ 1. Default 128 (the paper's runs).
+    damping: ε > 0, absolute, added to every L_i before the root; float or
+      optax schedule (read at refresh steps). Default 1e-6.
+    stat_decay: β ∈ [0, 1], weight of the old statistics. Default 1.0: sums
+      over all steps, as Shampoo and the authors' runs do.
+    inverse_every: N ≥ 1, steps between root refreshes. Default 10.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; its ``update`` needs no
+    ``stats`` and ignores extra arguments. Under ``optax.inject_hyperparams``
+    pass ``static_args=('block_size',)``.
+
+  References:
+    Gupta, Koren, Singer. Shampoo: Preconditioned Stochastic Tensor
+    Optimization. ICML 2018.
+    Anil, Gupta, Koren, Regan, Singer. Scalable Second Order Optimization for
+    Deep Learning. arXiv:2002.09018.
+  """
+  _check_positive_int("block_size", block_size, static=True)
+  _check_positive_int("inverse_every", inverse_every, static=False)
+  check_range("damping", damping, low=0.0)
+  check_range("stat_decay", stat_decay, low=0.0, high=1.0, low_inclusive=True)
+
+  def layout_of(x) -> BlockLayout | None:
+    return block_layout(x.shape, operator.index(block_size))
+
+  def init_fn(params):
+    def statistics(p):
+      layout = layout_of(p)
+      if layout is None:
+        return optax.MaskedNode()
+      dtype = jnp.promote_types(p.dtype, jnp.float32)
+      return tuple(jnp.zeros((layout.num_blocks, b, b), dtype) for b in layout.block_shape)
+
+    def identities(p):
+      layout = layout_of(p)
+      if layout is None:
+        return optax.MaskedNode()
+      return tuple(
+          jnp.broadcast_to(jnp.eye(b, dtype=jnp.float32), (layout.num_blocks, b, b))
+          for b in layout.block_shape
+      )
+
+    return replicate_on_params_mesh(
+        params,
+        ScaleByShampooState(
+            count=jnp.zeros([], jnp.int32),
+            statistics=jax.tree.map(statistics, params),
+            inverse_roots=jax.tree.map(identities, params),
+        ),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    count = state.count
+    decay = value_at(stat_decay, count)
+    weight = jnp.where(decay == 1.0, 1.0, 1.0 - decay)
+
+    grads, treedef = jax.tree.flatten(updates)
+    layouts = [layout_of(g) for g in grads]
+    old_stats = treedef.flatten_up_to(state.statistics)
+    old_roots = treedef.flatten_up_to(state.inverse_roots)
+
+    blocks, new_stats = [], []
+    for g, layout, stats in zip(grads, layouts, old_stats):
+      if layout is None:
+        blocks.append(None)
+        new_stats.append(optax.MaskedNode())
+        continue
+      b = to_blocks(g.astype(jnp.promote_types(g.dtype, jnp.float32)), layout)
+      blocks.append(b)
+      new_stats.append(
+          tuple(
+              (decay * s + weight * n).astype(s.dtype)
+              for s, n in zip(stats, block_statistics(b))
+          )
+      )
+
+    def refresh(stats_list):
+      gamma = value_at(damping, count)
+      return [
+          s if layout is None else tuple(inverse_root(l, gamma, 2 * layout.rank) for l in s)
+          for s, layout in zip(stats_list, layouts)
+      ]
+
+    new_roots = jax.lax.cond(
+        count % inverse_every == 0, refresh, lambda _: old_roots, new_stats
+    )
+
+    new_updates = []
+    for g, layout, b, roots in zip(grads, layouts, blocks, new_roots):
+      if layout is None:
+        new_updates.append(g)
+        continue
+      direction = from_blocks(precondition_blocks(b, roots), layout, g.shape)
+      new_updates.append(sgd_graft(direction, g).astype(g.dtype))
+
+    new_state = ScaleByShampooState(
+        count=optax.safe_increment(count),
+        statistics=treedef.unflatten(new_stats),
+        inverse_roots=treedef.unflatten(new_roots),
+    )
+    return treedef.unflatten(new_updates), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def shampoo(
+    learning_rate: Hyper,
+    *,
+    momentum: float | jax.Array | None = 0.9,
+    nesterov: bool = True,
+    weight_decay: float | jax.Array = 0.0,
+    block_size: int = 128,
+    damping: Hyper = 1e-6,
+    inverse_every: int | jax.Array = 10,
+    stat_decay: Hyper = 1.0,
+) -> optax.GradientTransformationExtraArgs:
+  """Shampoo in front of SGD: precondition and graft → weight decay → momentum → lr.
+
+  ``chain(scale_by_shampoo(block_size, damping, stat_decay, inverse_every),
+  add_decayed_weights(weight_decay), sgd(learning_rate, momentum, nesterov))``,
+  the recipe the Eva papers compare against (blocks of 128, roots every N
+  steps, SGD grafting, Nesterov momentum).
+
+  Args:
+    learning_rate: η, float or optax schedule.
+    momentum: momentum coefficient (``None`` for none). Default 0.9.
+    nesterov: Nesterov momentum. Default True.
+    weight_decay: λ ≥ 0, added after preconditioning and grafting. Default 0.
+    block_size, damping, inverse_every, stat_decay: see
+      :func:`scale_by_shampoo`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  References:
+    Gupta, Koren, Singer. Shampoo: Preconditioned Stochastic Tensor
+    Optimization. ICML 2018.
+  """
+  return with_sgd(
+      scale_by_shampoo(
+          block_size=block_size,
+          damping=damping,
+          stat_decay=stat_decay,
+          inverse_every=inverse_every,
+      ),
+      learning_rate,
+      momentum=momentum,
+      nesterov=nesterov,
+      weight_decay=weight_decay,
+  )

@@ -1,0 +1,165 @@
+"""What the captured statistics are: their names, shapes and containers.
+
+The one place that says which statistics exist and what shape each has, shared
+by the optimizer rules (which average them) and by the Linen and NNX captures
+(which compute them); neither side imports the other.
+
+Notation used across the library (Zhang, Shi, Li, ICLR 2023): a layer with
+kernel matrix W of shape ``(in, out)`` and input a has
+
+* ā (``input_mean``): the mean layer input, shape ``(in,)``;
+* ḡ (``output_grad_mean``): the mean gradient of the loss w.r.t. the layer
+  output, shape ``(out,)``;
+* A (``input_factor``): K-FAC's E[â âᵀ], with â = [a, 1] when the layer has a
+  bias, shape ``(in[+1], in[+1])``;
+* G (``output_grad_factor``): K-FAC's E[g gᵀ] of the per-sample output
+  gradients, shape ``(out, out)``;
+
+each with the leading ``stack`` axes of layers stacked by ``nn.scan`` /
+``nnx.vmap`` (one set of statistics per layer of the stack).
+
+A kernel has the axes ``stack + inputs + outputs``:
+
+* ``stack``: leading axes of stacked layers;
+* ``inputs``: the contracted axes (Dense: ``in``; DenseGeneral: the ``axis``
+  dimensions in order; Conv: the window and the input channels, HWIO order);
+* ``outputs``: the feature axes (one, or several for DenseGeneral).
+
+:class:`KernelLayout` records the number of stack and output axes; the matrix
+view of a kernel is then ``stack + (in, out)`` with ``in`` and ``out`` the
+products of the input and output axes, which is a free reshape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple, Sequence
+
+import jax
+
+from eva_optax._src.paths import Path, flatten_with_paths, nest
+
+INPUT_MEAN = "input_mean"
+OUTPUT_GRAD_MEAN = "output_grad_mean"
+INPUT_FACTOR = "input_factor"
+OUTPUT_GRAD_FACTOR = "output_grad_factor"
+STATISTICS = (INPUT_MEAN, OUTPUT_GRAD_MEAN, INPUT_FACTOR, OUTPUT_GRAD_FACTOR)
+EVA_STATISTICS = (INPUT_MEAN, OUTPUT_GRAD_MEAN)
+FACTORS = (INPUT_FACTOR, OUTPUT_GRAD_FACTOR)
+
+
+def statistic_shapes(
+    stack: tuple[int, ...], in_dim: int, out_dim: int, has_bias: bool
+) -> dict[str, tuple[int, ...]]:
+  """The shape of every statistic of a layer: ``{name: shape}``.
+
+  The bias adds the trailing 1 of â to A only; ā itself is stored without it.
+  """
+  n_in = in_dim + (1 if has_bias else 0)
+  return {
+      INPUT_MEAN: stack + (in_dim,),
+      OUTPUT_GRAD_MEAN: stack + (out_dim,),
+      INPUT_FACTOR: stack + (n_in, n_in),
+      OUTPUT_GRAD_FACTOR: stack + (out_dim, out_dim),
+  }
+
+
+def requested(statistics: Sequence[str]) -> tuple[str, ...]:
+  """``statistics`` as a tuple, checked: a non-empty subset of :data:`STATISTICS`."""
+  statistics = tuple(statistics)
+  if not statistics or set(statistics) - set(STATISTICS):
+    raise ValueError(
+        f"statistics must be a non-empty subset of {STATISTICS}; got {statistics!r}"
+    )
+  return statistics
+
+
+class KernelLayout(NamedTuple):
+  """How the axes of a kernel split into ``stack + inputs + outputs``.
+
+  Attributes:
+    stack_ndim: number of leading stacked-layer axes (``nn.scan``), default 0.
+    output_ndim: number of trailing output (feature) axes, default 1.
+  """
+
+  stack_ndim: int = 0
+  output_ndim: int = 1
+
+  def dims(self, kernel_shape: tuple[int, ...]) -> tuple[tuple[int, ...], int, int]:
+    """``(stack_shape, in_dim, out_dim)`` of a kernel of this layout."""
+    stack = tuple(kernel_shape[: self.stack_ndim])
+    inputs = kernel_shape[self.stack_ndim : len(kernel_shape) - self.output_ndim]
+    outputs = kernel_shape[len(kernel_shape) - self.output_ndim :]
+    return stack, math.prod(inputs), math.prod(outputs)
+
+  def check(self, kernel_shape: tuple[int, ...], where: str) -> None:
+    n_in = len(kernel_shape) - self.stack_ndim - self.output_ndim
+    if self.stack_ndim < 0 or self.output_ndim < 1 or n_in < 1:
+      raise ValueError(
+          f"{where}: layout {self} does not fit a kernel of shape {kernel_shape}"
+          " (it needs at least one input and one output axis)"
+      )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerStats:
+  """Statistics of one layer (or one stack of layers), as captured.
+
+  Attributes:
+    input_mean: ā, shape ``stack + (in,)`` — mean input over batch and
+      positions (for Conv: mean of the im2col patches), without the bias 1.
+    output_grad_mean: ḡ, shape ``stack + (out,)`` — mean over batch and
+      positions of the gradient of the (mean) loss w.r.t. the layer output.
+    input_factor: K-FAC's A = E[â âᵀ] over rows (positions), with â = [a, 1]
+      when the layer has a bias; ``stack + (in[+1], in[+1])``.
+    output_grad_factor: K-FAC's G = N·Σ_rows (∂L/∂y)(∂L/∂y)ᵀ for a loss that
+      is a mean over N samples; ``stack + (out, out)``.
+    Statistics that were not captured are ``None``.
+    kind: ``'Dense'``, ``'DenseGeneral'`` or ``'Conv'`` (static).
+    layout: the :class:`KernelLayout` of the layer's kernel (static).
+    has_bias: whether the layer has a bias (static).
+  """
+
+  input_mean: jax.Array | None
+  output_grad_mean: jax.Array | None
+  input_factor: jax.Array | None = None
+  output_grad_factor: jax.Array | None = None
+  kind: str = dataclasses.field(metadata=dict(static=True), default="Dense")
+  layout: KernelLayout = dataclasses.field(
+      metadata=dict(static=True), default=KernelLayout()
+  )
+  has_bias: bool = dataclasses.field(metadata=dict(static=True), default=True)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PassThrough:
+  """A layer the capture saw but does not precondition, and why (no arrays)."""
+
+  kind: str = dataclasses.field(metadata=dict(static=True))
+  reason: str = dataclasses.field(metadata=dict(static=True))
+
+
+def is_layer_entry(x: Any) -> bool:
+  return isinstance(x, (LayerStats, PassThrough))
+
+
+def layer_entries(stats: Any) -> dict[Path, LayerStats | PassThrough]:
+  """The captured entries of a stats tree, by module path."""
+  return dict(flatten_with_paths(stats, is_leaf=is_layer_entry))
+
+
+def layouts_of(stats: Any) -> dict[str, Any]:
+  """The :class:`KernelLayout` of every captured layer, keyed like ``stats``.
+
+  Pass it as ``layouts=`` to an optimizer when a layout cannot be guessed from
+  the parameters (stacked layers without bias, DenseGeneral without bias)::
+
+      _, _, stats = jax.eval_shape(grad_fn, params, batch)
+      tx = eva_optax.eva(0.1, layouts=eva_optax.layouts_of(stats))
+  """
+  return nest(
+      {p: e.layout for p, e in layer_entries(stats).items() if isinstance(e, LayerStats)}
+  )
