@@ -9,13 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eva_optax import linalg
+from eva_optax._src import linalg
 from test_layerwise import _paper, _random_layer
 
-eva = importlib.import_module("eva_optax.eva")
-foof = importlib.import_module("eva_optax.foof")
-kfac = importlib.import_module("eva_optax.kfac")
-eva_shampoo = importlib.import_module("eva_optax.eva_shampoo")
+eva = importlib.import_module("eva_optax._src.eva")
+foof = importlib.import_module("eva_optax._src.foof")
+kfac = importlib.import_module("eva_optax._src.kfac")
+eva_shampoo = importlib.import_module("eva_optax._src.eva_shampoo")
 
 SETTINGS = hypothesis.settings(deadline=None, max_examples=30)
 layer = dict(
@@ -106,7 +106,13 @@ shampoo_case = dict(
 def test_eva_shampoo_property(shape, damping, log_scale, seed):
   """γ (u uᵀ + γI)⁻¹ vec G with u = ⊗ s_i, by an explicit solve."""
   g, u, got = _eva_shampoo_case(shape, damping, log_scale, seed)
-  want = damping * np.linalg.solve(np.outer(u, u) + damping * np.eye(u.size), g.reshape(-1))
+  g = g.reshape(-1)
+  if u @ u / damping < 1e8:
+    want = damping * np.linalg.solve(np.outer(u, u) + damping * np.eye(u.size), g)
+  else:
+    # u uᵀ + γI is then too ill-conditioned for the float64 solve itself (at
+    # ‖u‖²/γ = 2e14 it is off by 6e-3): compare with the float64 closed form.
+    want = g - u * (u @ g) / (u @ u + damping)
   _close(got, want, scale=np.abs(g).max())
 
 
