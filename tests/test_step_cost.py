@@ -19,13 +19,12 @@ import optax
 import pytest
 
 import eva_optax
-from eva_optax.eva import sherman_morrison, sherman_morrison_layers
-from eva_optax.eva_foof import foof_vector_projection, foof_vector_projection_layers
-from eva_optax.preconditioning import LayerGradient
-from eva_optax.segments import Segments
+from eva_optax._src.eva import sherman_morrison, sherman_morrison_layers
+from eva_optax._src.eva_foof import foof_vector_projection, foof_vector_projection_layers
+from eva_optax._src.preconditioning import LayerGradient
+from eva_optax._src.segments import Segments
 
-import example_helpers  # noqa: F401  (puts examples/ on the path for the harness)
-from harness.compiled_ops import count_ops, entry_opcodes
+from examples.harness.compiled_ops import count_ops, entry_opcodes
 
 
 class _MLP(nn.Module):
