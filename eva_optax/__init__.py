@@ -31,7 +31,7 @@ from eva_optax._src.kfac import ScaleByKfacState, kfac, scale_by_kfac
 from eva_optax._src.kl import kl_clip_factor, kl_normalise_factor
 from eva_optax._src.memory import state_bytes
 from eva_optax._src.nnx_capture import nnx_value_and_grad
-from eva_optax._src.preconditioning import factors_due
+from eva_optax._src.preconditioning import FactorGate, factors_due
 from eva_optax._src.statistics import KernelLayout, LayerStats, PassThrough, layouts_of
 from eva_optax._src.shampoo import ScaleByShampooState, scale_by_shampoo, shampoo
 from eva_optax._src.train_state import TrainState
@@ -40,6 +40,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EVA_FOOF_STATISTICS",
+    "FactorGate",
     "EVA_STATISTICS",
     "FOOF_STATISTICS",
     "KFAC_STATISTICS",

@@ -250,15 +250,21 @@ def test_gated_capture_equals_ungated(problem, name, every):
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6), gated, ungated)
 
 
-def test_factors_due_reads_the_state_through_wrappers():
-  params = {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
-  tx = optax.inject_hyperparams(kfac.kfac)(learning_rate=0.1, stats_every=4)
-  state = tx.init(params)
-  assert bool(eva_optax.factors_due(state))
-  state = jax.tree.map(lambda x: x, state)
-  inner = state.inner_state[0]
-  state = state._replace(inner_state=(inner._replace(count=jnp.asarray(5, jnp.int32)),) + tuple(state.inner_state[1:]))
-  assert not bool(eva_optax.factors_due(state))
+def test_factors_due_reads_the_state_through_wrappers(problem):
+  """K-FAC's state is found by its FactorGate inside chain and inject_hyperparams,
+  and says ``due`` exactly before the updates that average the factors."""
+  params, loss_fn, xs, ys = problem
+  tx = optax.chain(
+      optax.identity(),
+      optax.inject_hyperparams(kfac.kfac)(learning_rate=0.1, stats_every=4, inverse_every=1),
+  )
+  grad_fn = eva_optax.value_and_grad(loss_fn, statistics=eva_optax.KFAC_STATISTICS)
+  state, due = tx.init(params), []
+  for i in range(6):
+    due.append(bool(eva_optax.factors_due(state)))
+    _, grads, stats = grad_fn(params, xs[i % len(xs)], ys[i % len(xs)])
+    _, state = tx.update(grads, state, params, stats=stats)
+  assert due == [True, False, False, False, True, False]
   with pytest.raises(ValueError, match="no optimizer that averages factors"):
     eva_optax.factors_due(optax.sgd(0.1).init(params))
 

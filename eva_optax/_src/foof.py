@@ -24,13 +24,13 @@ import optax
 
 from eva_optax._src import kl
 from eva_optax._src.alias import with_sgd
-from eva_optax._src.hyper import Hyper
+from eva_optax._src.hyper import Hyper, check_period
 from eva_optax._src.statistics import INPUT_FACTOR
 from eva_optax._src.linalg import damped_inverse, split_bias_row, with_bias_row
 from eva_optax._src.preconditioning import (
+    FactorGate,
     LayerGradient,
     Preconditioned,
-    check_period,
     layerwise_transformation,
 )
 
@@ -54,14 +54,14 @@ class ScaleByFoofState(NamedTuple):
     input_factor: running A per layer, keyed by module path.
     cache: ``{'input_inverse': (A + γI)⁻¹ per layer}``, refreshed every
       ``inverse_every`` steps.
-    stats_every: the factor's period (int32, constant), read by
+    gate: whether the next update averages the factor, read by
       :func:`eva_optax.factors_due`.
   """
 
   count: jax.Array
   input_factor: Any
   cache: Any
-  stats_every: jax.Array
+  gate: FactorGate
 
 
 def scale_by_foof(

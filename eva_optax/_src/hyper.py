@@ -8,7 +8,7 @@ construction, through :func:`check_range`.
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 import jax
 import jax.numpy as jnp
@@ -58,3 +58,28 @@ def check_range(
     raise ValueError(
         f"{name} must be finite and in {lo or '(-inf'}, {hi or 'inf)'}; got {value}"
     )
+
+
+def check_period(name: str, value: Any, *, static: bool = False) -> None:
+  """Raises ``ValueError`` naming ``name`` unless ``value`` is an integer ≥ 1.
+
+  Periods (``stats_every``, ``inverse_every``) may be traced, e.g. under
+  ``optax.inject_hyperparams``, and are then let through; a parameter that fixes
+  array shapes (``static``, e.g. Shampoo's ``block_size``) must be a Python
+  integer, and a traced one is refused with the ``static_args`` hint.
+  """
+  if isinstance(value, jax.core.Tracer):
+    if static:
+      raise ValueError(
+          f"{name} fixes array shapes and must be a Python int, not a traced value;"
+          f" with optax.inject_hyperparams pass static_args=('{name}',)"
+      )
+    return
+  array = np.asarray(value)
+  if (
+      isinstance(value, bool)
+      or array.shape != ()
+      or not np.issubdtype(array.dtype, np.integer)
+      or array < 1
+  ):
+    raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")

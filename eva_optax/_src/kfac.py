@@ -43,13 +43,13 @@ import optax
 
 from eva_optax._src import kl
 from eva_optax._src.alias import with_sgd
-from eva_optax._src.hyper import Hyper
+from eva_optax._src.hyper import Hyper, check_period
 from eva_optax._src.statistics import INPUT_FACTOR, OUTPUT_GRAD_FACTOR
 from eva_optax._src.linalg import damped_inverse, mean_trace, split_bias_row, with_bias_row
 from eva_optax._src.preconditioning import (
+    FactorGate,
     LayerGradient,
     Preconditioned,
-    check_period,
     layerwise_transformation,
 )
 
@@ -90,7 +90,7 @@ class ScaleByKfacState(NamedTuple):
     output_grad_factor: running G per layer.
     cache: ``{'input_inverse', 'output_grad_inverse'}``: the damped inverses
       per layer, refreshed every ``inverse_every`` steps.
-    stats_every: the factors' period (int32, constant), read by
+    gate: whether the next update averages the factors, read by
       :func:`eva_optax.factors_due`.
   """
 
@@ -98,7 +98,7 @@ class ScaleByKfacState(NamedTuple):
   input_factor: Any
   output_grad_factor: Any
   cache: Any
-  stats_every: jax.Array
+  gate: FactorGate
 
 
 def scale_by_kfac(

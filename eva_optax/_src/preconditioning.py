@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from eva_optax._src import kl
-from eva_optax._src.hyper import Hyper, check_range, value_at
+from eva_optax._src.hyper import Hyper, check_period, check_range, value_at
 from eva_optax._src.layers import (
     LayerSlot,
     bias_vector,
@@ -51,6 +51,21 @@ class Preconditioned(NamedTuple):
   kernel: Any
   bias: Any
   update_dot_grad: jax.Array
+
+
+class FactorGate(NamedTuple):
+  """Part of the state of an optimizer that averages factors (K-FAC, FOOF).
+
+  :func:`factors_due` finds the optimizer by this type, wherever it sits in a
+  chained or wrapped state, and the capture computes A and G on exactly the
+  steps whose update averages them.
+
+  Attributes:
+    due: whether the next update averages the factors (a bool scalar):
+      ``count % stats_every == 0`` for the count of that update.
+  """
+
+  due: jax.Array
 
 
 def scale_preconditioned(p: Preconditioned, factor: jax.Array) -> Preconditioned:
@@ -246,16 +261,6 @@ def check_layerwise_hyperparameters(
   )
 
 
-def check_period(name: str, every: Any) -> None:
-  """``every`` must be an integer ≥ 1 (traced values, e.g. under
-  ``optax.inject_hyperparams``, are let through)."""
-  if isinstance(every, jax.core.Tracer):
-    return
-  value = np.asarray(every)
-  if value.shape != () or not np.issubdtype(value.dtype, np.integer) or value < 1:
-    raise ValueError(f"{name} must be an integer ≥ 1, got {every!r}")
-
-
 def layerwise_transformation(
     *,
     who: str,
@@ -288,7 +293,8 @@ def layerwise_transformation(
   reductions do them for every layer in one operation (:mod:`eva_optax.segments`).
 
   ``state_cls`` is a NamedTuple with the fields ``count``, one per statistic
-  name, and ``cache`` when ``refresh`` is given.
+  name, ``cache`` when ``refresh`` is given, and ``gate`` (a
+  :class:`FactorGate`) when a statistic is a factor A or G.
   """
   if (precondition is None) == (precondition_layers is None):
     raise TypeError("give exactly one of precondition and precondition_layers")
@@ -296,6 +302,7 @@ def layerwise_transformation(
   check_layerwise_hyperparameters(who, learning_rate, damping, kl_clip, stat_decay, scaling)
   for name, every in (("refresh_every", refresh_every), ("stats_every", stats_every)):
     check_period(name, every)
+  gated = any(name in FACTORS for name in statistics)
 
   def by_layer(trees: dict[str, Any]) -> dict[Path, dict[str, jax.Array]]:
     """``{name: tree keyed by path}`` → ``{path: {name: array}}``."""
@@ -312,8 +319,8 @@ def layerwise_transformation(
     slots = find_layer_slots(params, layouts)
     averages = {name: zero_statistics(slots, name) for name in statistics}
     fields = dict(count=jnp.zeros([], jnp.int32), **averages)
-    if "stats_every" in state_cls._fields:
-      fields["stats_every"] = jnp.asarray(stats_every, jnp.int32)
+    if gated:
+      fields["gate"] = FactorGate(jnp.ones([], jnp.bool_))  # count 0 averages
     if refresh is not None:
       shapes = jax.eval_shape(lambda: refreshed(slots, averages, jnp.float32(1.0)))
       fields["cache"] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
@@ -338,8 +345,8 @@ def layerwise_transformation(
       current = by_layer(averages)
       averaged = {p: current[p] for p in averaged}
     fields = dict(count=optax.safe_increment(count), **averages)
-    if "stats_every" in state_cls._fields:
-      fields["stats_every"] = state.stats_every
+    if gated:
+      fields["gate"] = FactorGate(optax.safe_increment(count) % stats_every == 0)
     if refresh is not None:
       cache = jax.lax.cond(
           count % refresh_every == 0,
@@ -364,37 +371,33 @@ def layerwise_transformation(
 def factors_due(opt_state: Any) -> jax.Array:
   """Whether this step's update will average the factors A / G: the capture's gate.
 
-  Finds the K-FAC and FOOF states inside ``opt_state`` (also inside
-  ``optax.chain``, ``inject_hyperparams``, ``MultiSteps`` …) and returns
-  ``count % stats_every == 0`` (any of them, if several), a scalar bool to
+  Finds the K-FAC and FOOF states inside ``opt_state`` by their
+  :class:`FactorGate` (also inside ``optax.chain``, ``inject_hyperparams``,
+  ``MultiSteps`` …) and returns whether their next update averages the
+  factors (``count % stats_every == 0``; any of them, if several), a scalar bool to
   pass as ``grad_fn(params, batch, factors_due=...)`` so that the capture
   computes A and G only on the steps that use them.
 
   Raises:
     ValueError: when ``opt_state`` holds no state with factor statistics.
   """
-  found = []
-
-  def visit(node):
-    if isinstance(node, tuple) and {"count", "stats_every"} <= set(getattr(node, "_fields", ())):
-      found.append(node)
-      return True
-    return False
-
-  jax.tree.leaves(opt_state, is_leaf=visit)
-  if not found:
+  gates = [
+      g for g in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, FactorGate))
+      if isinstance(g, FactorGate)
+  ]
+  if not gates:
     raise ValueError(
         "factors_due: opt_state holds no optimizer that averages factors"
         " (scale_by_kfac / scale_by_foof, or their aliases)"
     )
-  due = [s.count % s.stats_every == 0 for s in found]
-  out = due[0]
-  for d in due[1:]:
-    out = out | d
+  out = gates[0].due
+  for gate in gates[1:]:
+    out = out | gate.due
   return out
 
 
 __all__ = [
+    "FactorGate",
     "factors_due",
     "LayerGradient",
     "Preconditioned",

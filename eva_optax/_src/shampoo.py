@@ -69,7 +69,7 @@ import jax.numpy as jnp
 import optax
 
 from eva_optax._src.alias import with_sgd
-from eva_optax._src.hyper import Hyper, check_range, value_at
+from eva_optax._src.hyper import Hyper, check_period, check_range, value_at
 from eva_optax._src.grafting import sgd_graft
 from eva_optax._src.linalg import per_matrix
 from eva_optax._src.sharding import replicate_on_params_mesh
@@ -218,22 +218,6 @@ class ScaleByShampooState(NamedTuple):
   inverse_roots: Any
 
 
-def _check_positive_int(name: str, value: Any, *, static: bool) -> None:
-  if isinstance(value, jax.core.Tracer):
-    if static:
-      raise ValueError(
-          f"{name} fixes array shapes and must be a Python int, not a traced value; "
-          f"with optax.inject_hyperparams pass static_args=('{name}',)"
-      )
-    return
-  try:
-    integer = operator.index(value)
-  except TypeError as e:
-    raise ValueError(f"{name} must be a positive integer, got {value!r}") from e
-  if isinstance(value, bool) or integer < 1:
-    raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 def scale_by_shampoo(
     *,
     block_size: int = 128,
@@ -272,8 +256,8 @@ def scale_by_shampoo(
     Anil, Gupta, Koren, Regan, Singer. Scalable Second Order Optimization for
     Deep Learning. arXiv:2002.09018.
   """
-  _check_positive_int("block_size", block_size, static=True)
-  _check_positive_int("inverse_every", inverse_every, static=False)
+  check_period("block_size", block_size, static=True)
+  check_period("inverse_every", inverse_every)
   check_range("damping", damping, low=0.0)
   check_range("stat_decay", stat_decay, low=0.0, high=1.0, low_inclusive=True)
 
