@@ -391,3 +391,67 @@ def test_axis_name_gives_the_global_batch_statistics():
       jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data")), out_specs=P())
   )(state, x)
   assert_stats_equal(stats, ref, STATISTICS)
+
+
+# ---------------------------------------------------------------------------
+# Captured without patching classes: only the probed instances change.
+
+
+def test_capture_changes_no_class_and_no_other_instance():
+  """While ``grad_fn`` runs, ``nnx.Linear.__call__`` is still Flax's own, a
+  Linear outside the model is not probed (and gets no statistics), and after
+  it every layer of the model has its class back and no probe left."""
+  rngs = nnx.Rngs(0)
+  model = nnx.Linear(3, 2, rngs=rngs)
+  outsider = nnx.Linear(2, 2, rngs=rngs)
+  original_call = nnx.Linear.__dict__["__call__"]
+  seen = {}
+
+  def loss_fn(model, x):
+    seen["class_call"] = nnx.Linear.__dict__["__call__"]
+    seen["model_type"] = type(model)
+    seen["outsider_type"] = type(outsider)
+    return jnp.mean(outsider(model(x)) ** 2)
+
+  x = jax.random.normal(jax.random.key(1), (4, 3))
+  _, _, stats = eva_optax.nnx_value_and_grad(loss_fn)(model, x)
+  assert seen["class_call"] is original_call
+  assert seen["outsider_type"] is nnx.Linear
+  assert seen["model_type"] is not nnx.Linear and issubclass(seen["model_type"], nnx.Linear)
+  assert type(model) is nnx.Linear
+  assert not [name for name in vars(model) if name.startswith("eva_probe")]
+  assert isinstance(stats, LayerStats) and stats.kind == "Linear"
+  np.testing.assert_allclose(stats.input_mean, np.asarray(x).mean(0), rtol=RTOL, atol=1e-7)
+
+
+def test_subclass_overriding_call_is_passed_through_by_name():
+  """A subclass of nnx.Linear with its own ``__call__`` computes something the
+  statistics do not describe: a PassThrough naming it; a subclass that keeps
+  Linear's ``__call__`` is captured."""
+
+  class Scaled(nnx.Linear):
+
+    def __call__(self, x):
+      return 2.0 * super().__call__(x)
+
+  class Plain(nnx.Linear):
+    pass
+
+  class Model(nnx.Module):
+
+    def __init__(self, rngs):
+      self.scaled = Scaled(3, 4, rngs=rngs)
+      self.plain = Plain(4, 2, rngs=rngs)
+
+    def __call__(self, x):
+      return self.plain(self.scaled(x))
+
+  model = Model(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (5, 3))
+  _, _, stats = eva_optax.nnx_value_and_grad(lambda m, x: jnp.mean(m(x) ** 2))(model, x)
+  assert isinstance(stats["scaled"], PassThrough)
+  assert "Scaled overrides Linear.__call__" in stats["scaled"].reason
+  assert isinstance(stats["plain"], LayerStats)
+  h = np.asarray(model.scaled(x))
+  np.testing.assert_allclose(stats["plain"].input_mean, h.mean(0), rtol=RTOL, atol=1e-6)
+  assert type(model.scaled) is Scaled and type(model.plain) is Plain
