@@ -1,6 +1,5 @@
 """Checkpoints: a run saved with Orbax and resumed equals the uninterrupted run, bit for bit."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +8,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import eva_optax
+from models import NormedMLP  # Dense_0, LayerNorm_0 (passed through), Dense_1, Dense_2
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -26,17 +26,9 @@ OPTIMIZERS = {
 }
 
 
-class Net(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    x = nn.LayerNorm()(nn.relu(nn.Dense(6)(x)))  # Dense_0, LayerNorm_0 (passed through)
-    x = nn.relu(nn.Dense(5)(x))  # Dense_1
-    return nn.Dense(2, use_bias=False)(x)  # Dense_2
-
-
 @pytest.fixture(scope="module")
 def problem():
-  model = Net()
+  model = NormedMLP()
   rng = np.random.default_rng(0)
   xs = rng.normal(size=(STEPS, 8, 4)).astype(np.float32)
   ys = rng.normal(size=(STEPS, 8, 2)).astype(np.float32)

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import eva_optax
-from test_checkpoint import Net  # Dense_0, LayerNorm_0 (passed through), Dense_1, Dense_2
+from models import NormedMLP  # Dense_0, LayerNorm_0 (passed through), Dense_1, Dense_2
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -22,7 +22,7 @@ ADAM_LAYERS = ("Dense_0", "LayerNorm_0")
 
 @pytest.fixture(scope="module")
 def problem():
-  model = Net()
+  model = NormedMLP()
   rng = np.random.default_rng(0)
   xs = jnp.asarray(rng.normal(size=(3, 8, 4)), jnp.float32)
   ys = jnp.asarray(rng.normal(size=(3, 8, 2)), jnp.float32)

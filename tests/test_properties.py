@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eva_optax._src import linalg
-from test_layerwise import _paper, _random_layer
+from models import paper, random_layer, spd
 
 eva = importlib.import_module("eva_optax._src.eva")
 foof = importlib.import_module("eva_optax._src.foof")
@@ -22,11 +22,6 @@ layer = dict(
     in_dim=st.integers(1, 6), out_dim=st.integers(1, 5), bias=st.booleans(),
     damping=st.floats(1e-3, 1.0), log_scale=st.floats(-3.0, 3.0), seed=st.integers(0, 2**16),
 )
-
-
-def _spd(rng, n, scale):
-  m = rng.normal(size=(n, n + 2))
-  return scale * (m @ m.T) / (n + 2)
 
 
 def _close(got, want, scale=None):
@@ -42,7 +37,7 @@ def _close(got, want, scale=None):
 def test_eva_property(in_dim, out_dim, bias, damping, log_scale, seed):
   """Sherman–Morrison == solve((ā āᵀ ⊗ ḡ ḡᵀ + γI), vec Ĝ), ā and ḡ of any scale."""
   rng = np.random.default_rng(seed)
-  grad, g_hat = _random_layer(rng, in_dim, out_dim, bias)
+  grad, g_hat = random_layer(rng, in_dim, out_dim, bias)
   a = rng.normal(size=in_dim) * 10.0**log_scale
   g = rng.normal(size=out_dim) * 10.0**-log_scale
   a_hat = np.concatenate([a, [1.0]]) if bias else a
@@ -50,16 +45,16 @@ def test_eva_property(in_dim, out_dim, bias, damping, log_scale, seed):
   want = np.linalg.solve(matrix, g_hat.T.reshape(-1)).reshape(a_hat.size, out_dim).T
   p = eva.sherman_morrison(grad, jnp.asarray(a, jnp.float32), jnp.asarray(g, jnp.float32), jnp.float32(damping))
   # The rule returns γ·(…)⁻¹ vec Ĝ (the 1/γ goes to the KL scaling).
-  _close(_paper(p, bias), damping * want, scale=np.abs(g_hat).max())
+  _close(paper(p, bias), damping * want, scale=np.abs(g_hat).max())
 
 
 @SETTINGS
 @hypothesis.given(**layer)
 def test_kfac_property(in_dim, out_dim, bias, damping, log_scale, seed):
   rng = np.random.default_rng(seed)
-  grad, g_hat = _random_layer(rng, in_dim, out_dim, bias)
+  grad, g_hat = random_layer(rng, in_dim, out_dim, bias)
   n_in = in_dim + bias
-  a_factor, g_factor = _spd(rng, n_in, 10.0**log_scale), _spd(rng, out_dim, 10.0**-log_scale)
+  a_factor, g_factor = spd(rng, n_in, 10.0**log_scale), spd(rng, out_dim, 10.0**-log_scale)
   pi = np.sqrt((np.trace(a_factor) / n_in) / (np.trace(g_factor) / out_dim))
   a_damped = a_factor + np.sqrt(damping) * pi * np.eye(n_in)
   g_damped = g_factor + np.sqrt(damping) / pi * np.eye(out_dim)
@@ -67,19 +62,19 @@ def test_kfac_property(in_dim, out_dim, bias, damping, log_scale, seed):
   a_inv, g_inv = kfac.damped_inverses(
       jnp.asarray(a_factor, jnp.float32), jnp.asarray(g_factor, jnp.float32), jnp.float32(damping)
   )
-  _close(_paper(kfac.kfac_precondition(grad, a_inv, g_inv), bias), want)
+  _close(paper(kfac.kfac_precondition(grad, a_inv, g_inv), bias), want)
 
 
 @SETTINGS
 @hypothesis.given(**layer)
 def test_foof_property(in_dim, out_dim, bias, damping, log_scale, seed):
   rng = np.random.default_rng(seed)
-  grad, g_hat = _random_layer(rng, in_dim, out_dim, bias)
+  grad, g_hat = random_layer(rng, in_dim, out_dim, bias)
   n_in = in_dim + bias
-  a_factor = _spd(rng, n_in, 10.0**log_scale)
+  a_factor = spd(rng, n_in, 10.0**log_scale)
   want = g_hat @ np.linalg.inv(a_factor + damping * np.eye(n_in))
   inverse = linalg.damped_inverse(jnp.asarray(a_factor, jnp.float32), jnp.float32(damping))
-  _close(_paper(foof.foof_precondition(grad, inverse), bias), want)
+  _close(paper(foof.foof_precondition(grad, inverse), bias), want)
 
 
 def _eva_shampoo_case(shape, damping, log_scale, seed):

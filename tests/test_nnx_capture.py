@@ -1,7 +1,7 @@
 """The NNX capture (``eva_optax.nnx_value_and_grad``) against the Linen capture.
 
 The Linen capture is checked against an independent reference in
-``test_capture.py``; here an NNX model and a Linen model with the same weights
+``test_linen_capture.py``; here an NNX model and a Linen model with the same weights
 (Conv with stride and SAME padding, Conv VALID without bias, LinearGeneral with
 two input axes, Linear on a sequence, LinearGeneral with two output axes) must
 give the same statistics, the same K-FAC factors and the same Eva steps
@@ -31,14 +31,8 @@ RTOL = 1e-5
 ATOL = 1e-8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _quick_compiles():
-  """Fewer XLA optimisation passes: tiny programs compiled once (as in
-  test_capture.py); the values are the same programs' values."""
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
+# Tiny programs compiled once and run once: fewer XLA passes (conftest.py).
+pytestmark = pytest.mark.usefixtures("quick_compiles")
 
 
 # ---------------------------------------------------------------------------

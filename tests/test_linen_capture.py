@@ -1,4 +1,4 @@
-"""The statistics of ``eva_optax.value_and_grad`` against an independent reference.
+"""The Linen capture (``eva_optax.value_and_grad``) against an independent reference.
 
 The reference never touches the library's code path. It runs a plain forward
 pass of a model without lifted transforms, records with ``nn.intercept_methods``
@@ -50,15 +50,8 @@ RTOL = 1e-5
 ATOL = 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _quick_compiles():
-  """Fewer XLA optimisation passes: these tiny programs are compiled once and
-  run once, so compilation is nearly all of the file's run time (on 2 CPU
-  cores). The values computed are the same programs' values."""
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
+# Tiny programs compiled once and run once: fewer XLA passes (conftest.py).
+pytestmark = pytest.mark.usefixtures("quick_compiles")
 
 
 # ---------------------------------------------------------------------------
