@@ -9,12 +9,12 @@ from __future__ import annotations
 import jax
 import optax
 
-from eva_optax._src.hyper import Hyper, check_range
+from eva_optax._src.hyper import check_range
 
 
 def with_sgd(
     preconditioner: optax.GradientTransformation,
-    learning_rate: Hyper,
+    learning_rate: optax.ScalarOrSchedule,
     *,
     momentum: float | jax.Array | None,
     nesterov: bool,

@@ -53,6 +53,7 @@ from eva_optax._src.statistics import (
     OUTPUT_GRAD_MEAN,
     KernelLayout,
     LayerStats,
+    statistic_dtype,
     statistic_shapes,
 )
 
@@ -121,6 +122,7 @@ class Layer(NamedTuple):
   in_dim: int
   out_dim: int
   has_bias: bool
+  dtype: str = "float32"  # of the statistics (statistics.statistic_dtype)
 
 
 def layer_record(
@@ -130,12 +132,16 @@ def layer_record(
     kernel_ndim: int,
     output_ndim: int,
     has_bias: bool,
+    kernel_dtype: Any = jnp.float32,
 ) -> Layer:
   """The :class:`Layer` of a kernel of shape ``kernel_shape``, whose unstacked
-  rank is ``kernel_ndim`` (the leading extra axes are a stack of layers)."""
+  rank is ``kernel_ndim`` (the leading extra axes are a stack of layers); its
+  statistics are kept in :func:`~eva_optax._src.statistics.statistic_dtype`
+  of the kernel's dtype."""
   layout = KernelLayout(len(kernel_shape) - kernel_ndim, output_ndim)
   stack, in_dim, out_dim = layout.dims(tuple(kernel_shape))
-  return Layer(kind, geometry, layout, stack, in_dim, out_dim, has_bias)
+  dtype = jnp.dtype(statistic_dtype(kernel_dtype)).name
+  return Layer(kind, geometry, layout, stack, in_dim, out_dim, has_bias, dtype)
 
 
 def canonical_padding(padding: Any, rank: int) -> Union[str, tuple[tuple[int, int], ...]]:
@@ -164,14 +170,14 @@ def per_axis(value: Any, rank: int) -> tuple[int, ...]:
 # Statistics of one call.
 
 
-def _images(geometry: ConvGeometry, x: jax.Array) -> jax.Array:
-  """The conv input as ``(images,) + spatial + (channels,)``, float32."""
+def _images(geometry: ConvGeometry, x: jax.Array, dtype: Any) -> jax.Array:
+  """The conv input as ``(images,) + spatial + (channels,)``, in ``dtype``."""
   spatial = x.shape[x.ndim - len(geometry.kernel_size) - 1 :]
-  return x.reshape((-1,) + spatial).astype(jnp.float32)
+  return x.reshape((-1,) + spatial).astype(dtype)
 
 
 def convolve(geometry: ConvGeometry, images: jax.Array, kernel: jax.Array) -> jax.Array:
-  """The layer's convolution of ``images`` (NHWC) with an HWIO ``kernel``, float32.
+  """The layer's convolution of ``images`` (NHWC) with an HWIO ``kernel``.
 
   Padding as Flax pads: CIRCULAR and REFLECT wrap or mirror the input by the
   SAME amounts ((k−1)//2 low, k//2 high for the dilated window k), CAUSAL
@@ -203,28 +209,29 @@ def convolve(geometry: ConvGeometry, images: jax.Array, kernel: jax.Array) -> ja
   )
 
 
-def input_rows(geometry: Geometry, x: jax.Array) -> jax.Array:
+def input_rows(geometry: Geometry, x: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
   """The layer input as rows ``(positions, in)`` in the kernel's input order.
 
   Dense: every non-contracted position is a row. Conv: the im2col patches of
   the input, obtained by the layer's own convolution with an identity kernel.
+  In ``dtype`` (the statistics' precision).
   """
   if isinstance(geometry, DenseGeometry):
     axis = tuple(sorted(a % x.ndim for a in geometry.axis))  # Flax's kernel order
     moved = jnp.moveaxis(x, axis, tuple(range(x.ndim - len(axis), x.ndim)))
     in_dim = math.prod(x.shape[a] for a in axis)
-    return moved.reshape(-1, in_dim).astype(jnp.float32)
-  images = _images(geometry, x)
+    return moved.reshape(-1, in_dim).astype(dtype)
+  images = _images(geometry, x, dtype)
   channels = images.shape[-1]
   in_dim = math.prod(geometry.kernel_size) * channels
-  identity = jnp.eye(in_dim, dtype=jnp.float32).reshape(
+  identity = jnp.eye(in_dim, dtype=dtype).reshape(
       geometry.kernel_size + (channels, in_dim)
   )
   return convolve(geometry, images, identity).reshape(-1, in_dim)
 
 
-def input_mean(geometry: Geometry, x: jax.Array) -> jax.Array:
-  """ā of one call (without the bias 1).
+def input_mean(geometry: Geometry, x: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+  """ā of one call (without the bias 1), in ``dtype``.
 
   Dense: the mean of the rows. Conv: batch mean first, then the mean of its
   im2col patches, in HWIO order. With zero padding (SAME, VALID, CAUSAL,
@@ -235,18 +242,18 @@ def input_mean(geometry: Geometry, x: jax.Array) -> jax.Array:
   convolution is linear in the kernel.
   """
   if isinstance(geometry, DenseGeometry):
-    return jnp.mean(input_rows(geometry, x), axis=0)
-  images = _images(geometry, x)
+    return jnp.mean(input_rows(geometry, x, dtype), axis=0)
+  images = _images(geometry, x, dtype)
   mean_image = jnp.mean(images, axis=0)
   selection = patch_selection(geometry, mean_image.shape[:-1])
   if selection is not None:
     # ā = M · vec(mean image): one product, M constant (built at trace time).
     flat = mean_image.reshape(-1, mean_image.shape[-1])
-    return jnp.dot(selection, flat, precision=_HIGHEST).reshape(-1)
+    return jnp.dot(jnp.asarray(selection, dtype), flat, precision=_HIGHEST).reshape(-1)
   mean_image = mean_image[None]
   # Per device under shard_map (else its gradient would be summed over devices).
   kernel = varying_like(
-      jnp.zeros(geometry.kernel_size + (mean_image.shape[-1], 1), jnp.float32), mean_image
+      jnp.zeros(geometry.kernel_size + (mean_image.shape[-1], 1), dtype), mean_image
   )
   out, vjp = jax.vjp(lambda k: convolve(geometry, mean_image, k), kernel)
   (patch_mean,) = vjp(varying_like(jnp.full(out.shape, 1.0 / out.size, out.dtype), out))
@@ -291,12 +298,12 @@ def patch_selection(geometry: ConvGeometry, spatial: tuple[int, ...]) -> np.ndar
       rows = rows[(rows >= 0) & (rows < size)]
       np.add.at(axis[offset], rows, 1.0)
     selection = np.kron(selection, axis / outputs)
-  return selection.astype(np.float32)
+  return selection
 
 
 def input_factor(layer: Layer, x: jax.Array) -> jax.Array:
   """A = mean over rows of â âᵀ, with â = [row, 1] when the layer has a bias."""
-  rows = input_rows(layer.geometry, x)
+  rows = input_rows(layer.geometry, x, layer.dtype)
   if layer.has_bias:
     rows = jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)], axis=1)
   return jnp.einsum("ri,rj->ij", rows, rows, precision=_HIGHEST) / rows.shape[0]
@@ -309,14 +316,16 @@ def batch_size(geometry: Geometry, x: jax.Array) -> int:
   return x.shape[0] if x.ndim > 1 else 1
 
 
-def output_grad_factor(cotangent: jax.Array, out_dim: int, batch: int) -> jax.Array:
+def output_grad_factor(
+    cotangent: jax.Array, out_dim: int, batch: int, dtype: Any = jnp.float32
+) -> jax.Array:
   """G = N · Σ_rows (∂L/∂y)(∂L/∂y)ᵀ, with N samples and L the mean loss.
 
   For a loss that is a mean over N samples, N · ∂L/∂y is the per-sample
   gradient, so for one row per sample G = E[g gᵀ]; positions (sequence, conv
   output pixels) are summed within a sample, as in KFC (Grosse & Martens 2016).
   """
-  rows = cotangent.reshape(-1, out_dim).astype(jnp.float32)
+  rows = cotangent.reshape(-1, out_dim).astype(dtype)
   return batch * jnp.einsum("ro,rp->op", rows, rows, precision=_HIGHEST)
 
 
@@ -440,7 +449,7 @@ def probed_call(
   def input_statistics(x, due):
     values = {CALLS: jnp.ones([], jnp.float32)}
     if INPUT_MEAN in statistics:
-      values[INPUT_MEAN] = input_mean(layer.geometry, x)
+      values[INPUT_MEAN] = input_mean(layer.geometry, x, layer.dtype)
     if INPUT_FACTOR in statistics:
       values[INPUT_FACTOR] = when_due(
           due, lambda: input_factor(layer, x), input_probe[INPUT_FACTOR]
@@ -459,7 +468,7 @@ def probed_call(
     y = tap_output(
         y,
         probes[OUTPUT_FACTOR_PROBE],
-        lambda ct: output_grad_factor(ct, layer.out_dim, batch),
+        lambda ct: output_grad_factor(ct, layer.out_dim, batch, layer.dtype),
         input_probe.get(FACTORS_DUE),
     )
   return y
@@ -474,7 +483,7 @@ def zero_probes(
 ) -> dict[str, Any]:
   """Zero probes of one layer for the requested statistics (and the factors' gate)."""
   shapes = statistic_shapes(layer.stack_shape, layer.in_dim, layer.out_dim, layer.has_bias)
-  zeros = lambda name: jnp.zeros(shapes[name], jnp.float32)
+  zeros = lambda name: jnp.zeros(shapes[name], layer.dtype)
   inputs = {CALLS: jnp.zeros(layer.stack_shape, jnp.float32)}
   if due is not None:
     inputs[FACTORS_DUE] = jnp.broadcast_to(due.astype(jnp.float32), layer.stack_shape)

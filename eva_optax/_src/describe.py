@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from eva_optax._src.layers import find_layer_slots
 from eva_optax._src.paths import BIAS, KERNEL, flatten_with_paths, path_str
@@ -40,7 +42,41 @@ class Description(list):
   __repr__ = __str__
 
 
-def describe(params: Any, stats: Any, *, layouts: Any = None) -> Description:
+def _negligible_correction(entry: LayerStats, damping: float, negligible: float) -> str | None:
+  """Why Eva's rank-one correction vanishes for this layer, or ``None``.
+
+  Eva's correction removes from the gradient at most the fraction
+  ρ = s / (γ + s) of its component along ḡ āᵀ, with s = ‖ā‖²‖ḡ‖². Where ρ is
+  below ``negligible`` for every layer of the stack (ḡ ≈ 0 behind a BatchNorm,
+  or for attention keys, whose softmax ignores shifts), Eva's update is the
+  gradient divided by γ, then the KL factor: SGD with a rescaled step.
+  """
+  if entry.input_mean is None or entry.output_grad_mean is None:
+    return None
+  try:
+    a2 = np.sum(np.square(np.asarray(entry.input_mean, np.float64)), axis=-1)
+    g2 = np.sum(np.square(np.asarray(entry.output_grad_mean, np.float64)), axis=-1)
+  except (TypeError, jax.errors.TracerArrayConversionError):
+    return None  # traced statistics: nothing to judge
+  s = a2 * g2
+  rho = float(np.max(s / (damping + s)))
+  if not rho < negligible:
+    return None
+  small = "ḡ" if float(np.max(g2)) <= float(np.max(a2)) else "ā"
+  return (
+      f"; {small} ≈ 0 (‖ā‖²‖ḡ‖² = {float(np.max(s)):.1e}, γ = {damping:g}): Eva's"
+      " correction vanishes here, the update is the gradient / γ times the KL factor"
+  )
+
+
+def describe(
+    params: Any,
+    stats: Any,
+    *,
+    layouts: Any = None,
+    damping: float = 0.03,
+    negligible: float = 1e-3,
+) -> Description:
   """Which parameters a layer-wise preconditioner treats, and how.
 
   Every leaf of ``params`` gets one row: ``preconditioned`` (kernel and bias of a
@@ -52,6 +88,11 @@ def describe(params: Any, stats: Any, *, layouts: Any = None) -> Description:
     params: the parameter tree given to the optimizer.
     stats: the statistics from :func:`eva_optax.value_and_grad`.
     layouts: as given to the optimizer, if any.
+    damping: Eva's γ, for the check below (default Eva's).
+    negligible: a preconditioned layer whose Eva correction can remove less
+      than this fraction of the gradient (ρ = s / (γ + s), s = ‖ā‖²‖ḡ‖²) says
+      so in its row: Eva then reduces to the gradient / γ times the KL factor
+      there (ḡ ≈ 0 for a Conv followed by BatchNorm, or for attention keys).
 
   Returns:
     A :class:`Description` (a list of :class:`ParameterRule`; print it).
@@ -73,6 +114,8 @@ def describe(params: Any, stats: Any, *, layouts: Any = None) -> Description:
       bias = " + bias" if entry.has_bias else ""
       stacked = f", stack {stack}" if stack else ""
       rule, detail = "preconditioned", f"{entry.kind}: in {in_dim}{bias}, out {out_dim}{stacked}"
+      if name == KERNEL:
+        detail += _negligible_correction(entry, damping, negligible) or ""
     else:
       rule, detail = (
           "pass-through",

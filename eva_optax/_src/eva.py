@@ -33,7 +33,6 @@ import optax
 
 from eva_optax._src import kl
 from eva_optax._src.alias import with_sgd
-from eva_optax._src.hyper import Hyper
 from eva_optax._src.statistics import EVA_STATISTICS
 from eva_optax._src.preconditioning import (
     LayerGradient,
@@ -135,10 +134,10 @@ class ScaleByEvaState(NamedTuple):
 
 
 def scale_by_eva(
-    learning_rate: Hyper | None = None,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     *,
-    damping: Hyper = 0.03,
-    kl_clip: Hyper = 0.001,
+    damping: optax.ScalarOrSchedule = 0.03,
+    kl_clip: optax.ScalarOrSchedule = 0.001,
     stat_decay: float | jax.Array = 0.05,
     scaling: str = kl.KL_CLIP,
     layouts: Any = None,
@@ -201,13 +200,13 @@ def scale_by_eva(
 
 
 def eva(
-    learning_rate: Hyper,
+    learning_rate: optax.ScalarOrSchedule,
     *,
     momentum: float | jax.Array | None = 0.9,
     nesterov: bool = False,
     weight_decay: float | jax.Array = 0.0,
-    damping: Hyper = 0.03,
-    kl_clip: Hyper = 0.001,
+    damping: optax.ScalarOrSchedule = 0.03,
+    kl_clip: optax.ScalarOrSchedule = 0.001,
     stat_decay: float | jax.Array = 0.05,
     scaling: str = kl.KL_CLIP,
     layouts: Any = None,

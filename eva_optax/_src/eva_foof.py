@@ -30,7 +30,6 @@ import optax
 
 from eva_optax._src import kl
 from eva_optax._src.alias import with_sgd
-from eva_optax._src.hyper import Hyper
 from eva_optax._src.statistics import INPUT_MEAN
 from eva_optax._src.preconditioning import (
     LayerGradient,
@@ -108,10 +107,10 @@ class ScaleByEvaFoofState(NamedTuple):
 
 
 def scale_by_eva_foof(
-    learning_rate: Hyper | None = None,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     *,
-    damping: Hyper = 0.03,
-    kl_clip: Hyper = 0.001,
+    damping: optax.ScalarOrSchedule = 0.03,
+    kl_clip: optax.ScalarOrSchedule = 0.001,
     stat_decay: float | jax.Array = 0.05,
     scaling: str = kl.KL_NORMALISE,
     layouts: Any = None,
@@ -155,13 +154,13 @@ def scale_by_eva_foof(
 
 
 def eva_foof(
-    learning_rate: Hyper,
+    learning_rate: optax.ScalarOrSchedule,
     *,
     momentum: float | jax.Array | None = 0.9,
     nesterov: bool = False,
     weight_decay: float | jax.Array = 0.0,
-    damping: Hyper = 0.03,
-    kl_clip: Hyper = 0.001,
+    damping: optax.ScalarOrSchedule = 0.03,
+    kl_clip: optax.ScalarOrSchedule = 0.001,
     stat_decay: float | jax.Array = 0.05,
     scaling: str = kl.KL_NORMALISE,
     layouts: Any = None,

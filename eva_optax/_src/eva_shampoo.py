@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import optax
 
 from eva_optax._src.alias import with_sgd
-from eva_optax._src.hyper import Hyper, check_range, value_at
+from eva_optax._src.hyper import check_range, value_at
 from eva_optax._src.grafting import sgd_graft
 from eva_optax._src.sharding import replicate_on_params_mesh
 
@@ -110,8 +110,8 @@ def _is_preconditioned(x) -> bool:
 
 def scale_by_eva_shampoo(
     *,
-    damping: Hyper = 0.03,
-    stat_decay: Hyper = 1.0,
+    damping: optax.ScalarOrSchedule = 0.03,
+    stat_decay: optax.ScalarOrSchedule = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
   """Eva-s's preconditioner with SGD grafting (no learning rate, no sign).
 
@@ -190,13 +190,13 @@ def scale_by_eva_shampoo(
 
 
 def eva_shampoo(
-    learning_rate: Hyper,
+    learning_rate: optax.ScalarOrSchedule,
     *,
     momentum: float | jax.Array | None = 0.9,
     nesterov: bool = True,
     weight_decay: float | jax.Array = 0.0,
-    damping: Hyper = 0.03,
-    stat_decay: Hyper = 1.0,
+    damping: optax.ScalarOrSchedule = 0.03,
+    stat_decay: optax.ScalarOrSchedule = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
   """Eva-s in front of SGD: precondition and graft → weight decay → momentum → lr.
 

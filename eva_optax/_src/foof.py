@@ -24,7 +24,7 @@ import optax
 
 from eva_optax._src import kl
 from eva_optax._src.alias import with_sgd
-from eva_optax._src.hyper import Hyper, check_period
+from eva_optax._src.hyper import check_period
 from eva_optax._src.statistics import INPUT_FACTOR
 from eva_optax._src.linalg import damped_inverse, split_bias_row, with_bias_row
 from eva_optax._src.preconditioning import (
@@ -65,10 +65,10 @@ class ScaleByFoofState(NamedTuple):
 
 
 def scale_by_foof(
-    learning_rate: Hyper | None = None,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     *,
-    damping: Hyper = 0.03,
-    kl_clip: Hyper = 0.001,
+    damping: optax.ScalarOrSchedule = 0.03,
+    kl_clip: optax.ScalarOrSchedule = 0.001,
     stat_decay: float | jax.Array = 0.05,
     stats_every: int = 1,
     inverse_every: int = 50,
@@ -118,13 +118,13 @@ def scale_by_foof(
 
 
 def foof(
-    learning_rate: Hyper,
+    learning_rate: optax.ScalarOrSchedule,
     *,
     momentum: float | jax.Array | None = 0.9,
     nesterov: bool = False,
     weight_decay: float | jax.Array = 0.0,
-    damping: Hyper = 0.03,
-    kl_clip: Hyper = 0.001,
+    damping: optax.ScalarOrSchedule = 0.03,
+    kl_clip: optax.ScalarOrSchedule = 0.001,
     stat_decay: float | jax.Array = 0.05,
     stats_every: int = 1,
     inverse_every: int = 50,

@@ -8,25 +8,25 @@ construction, through :func:`check_range`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-Hyper = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 
-
-def value_at(hyper: Hyper, count: jax.Array) -> jax.Array:
-  """The value of ``hyper`` at step ``count`` (a schedule is called, else kept)."""
+def value_at(hyper: optax.ScalarOrSchedule, count: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+  """The value of ``hyper`` at step ``count`` (a schedule is called, else kept),
+  in ``dtype`` (float32, or float64 for the rules of float64 layers)."""
   if callable(hyper):
-    return jnp.asarray(hyper(count), dtype=jnp.float32)
-  return jnp.asarray(hyper, dtype=jnp.float32)
+    return jnp.asarray(hyper(count), dtype=dtype)
+  return jnp.asarray(hyper, dtype=dtype)
 
 
 def check_range(
     name: str,
-    hyper: Hyper | None,
+    hyper: optax.ScalarOrSchedule | None,
     *,
     low: float | None = None,
     high: float | None = None,
@@ -37,9 +37,15 @@ def check_range(
 
   Schedules and traced values cannot be checked before they are used and are let
   through; ``None`` is let through too (callers decide whether it is allowed).
+  A value of the wrong type (a string such as ``'0.1'``, a bool) is a
+  ``ValueError`` naming ``name``.
   """
   if hyper is None or callable(hyper) or isinstance(hyper, jax.core.Tracer):
     return
+  if isinstance(hyper, (str, bytes, bool, np.bool_)) or (
+      hasattr(hyper, "dtype") and not np.issubdtype(np.asarray(hyper).dtype, np.number)
+  ):
+    raise ValueError(f"{name} must be a number, an array or a schedule, got {hyper!r}")
   try:
     value = np.asarray(hyper, dtype=np.float64)
   except (TypeError, ValueError) as e:

@@ -43,7 +43,7 @@ import optax
 
 from eva_optax._src import kl
 from eva_optax._src.alias import with_sgd
-from eva_optax._src.hyper import Hyper, check_period
+from eva_optax._src.hyper import check_period
 from eva_optax._src.statistics import INPUT_FACTOR, OUTPUT_GRAD_FACTOR
 from eva_optax._src.linalg import damped_inverse, mean_trace, split_bias_row, with_bias_row
 from eva_optax._src.preconditioning import (
@@ -102,10 +102,10 @@ class ScaleByKfacState(NamedTuple):
 
 
 def scale_by_kfac(
-    learning_rate: Hyper | None = None,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     *,
-    damping: Hyper = 0.03,
-    kl_clip: Hyper = 0.001,
+    damping: optax.ScalarOrSchedule = 0.03,
+    kl_clip: optax.ScalarOrSchedule = 0.001,
     stat_decay: float | jax.Array = 0.05,
     stats_every: int = 1,
     inverse_every: int = 10,
@@ -161,13 +161,13 @@ def scale_by_kfac(
 
 
 def kfac(
-    learning_rate: Hyper,
+    learning_rate: optax.ScalarOrSchedule,
     *,
     momentum: float | jax.Array | None = 0.9,
     nesterov: bool = False,
     weight_decay: float | jax.Array = 0.0,
-    damping: Hyper = 0.03,
-    kl_clip: Hyper = 0.001,
+    damping: optax.ScalarOrSchedule = 0.03,
+    kl_clip: optax.ScalarOrSchedule = 0.001,
     stat_decay: float | jax.Array = 0.05,
     stats_every: int = 1,
     inverse_every: int = 10,

@@ -20,6 +20,7 @@ from eva_optax._src.statistics import (
     KernelLayout,
     LayerStats,
     PassThrough,
+    statistic_dtype,
     statistic_shapes,
 )
 
@@ -59,6 +60,7 @@ class LayerSlot(NamedTuple):
   layout: KernelLayout
   kernel_shape: tuple[int, ...]
   has_bias: bool
+  dtype: Any = jnp.float32  # of its statistics and of the preconditioning
 
 
 def find_layer_slots(params: Any, layouts: Any = None) -> dict[Path, LayerSlot]:
@@ -91,7 +93,8 @@ def find_layer_slots(params: Any, layouts: Any = None) -> dict[Path, LayerSlot]:
     kernel_shape = tuple(jnp.shape(leaf))
     layout = given.get(module) or infer_layout(kernel_shape, bias_shape)
     layout.check(kernel_shape, f"layer {path_str(module)!r}")
-    slots[module] = LayerSlot(module, layout, kernel_shape, bias is not None)
+    dtype = statistic_dtype(jnp.result_type(leaf))
+    slots[module] = LayerSlot(module, layout, kernel_shape, bias is not None, dtype)
   return slots
 
 

@@ -41,7 +41,8 @@ def per_matrix(fn: Callable[[jax.Array], Any], matrices: jax.Array) -> Any:
 def spd_inverse(matrix: jax.Array) -> jax.Array:
   """Inverse of a (batch of) symmetric positive definite matrices, by Cholesky.
 
-  ``L = chol(M)``, ``M⁻¹ = L⁻ᵀ L⁻¹``; float32; leading axes are a batch.
+  ``L = chol(M)``, ``M⁻¹ = L⁻ᵀ L⁻¹``; in float32 or wider (float64 stays);
+  leading axes are a batch.
   """
 
   def inverse(m):
@@ -50,7 +51,7 @@ def spd_inverse(matrix: jax.Array) -> jax.Array:
     lower_inv = jax.scipy.linalg.solve_triangular(lower, eye, lower=True)
     return jnp.einsum("...ki,...kj->...ij", lower_inv, lower_inv)
 
-  return per_matrix(inverse, matrix.astype(jnp.float32))
+  return per_matrix(inverse, matrix.astype(jnp.promote_types(matrix.dtype, jnp.float32)))
 
 
 def add_to_diagonal(matrix: jax.Array, value: jax.Array) -> jax.Array:
@@ -71,9 +72,9 @@ def damped_inverse(matrix: jax.Array, damping: jax.Array) -> jax.Array:
   (e.g. a factor G of gradients of size 1e15 with π-damping); there the
   result is finite instead of NaN, and otherwise it is exactly (M + λI)⁻¹.
   """
-  matrix = matrix.astype(jnp.float32)
+  matrix = matrix.astype(jnp.promote_types(matrix.dtype, jnp.float32))
   floor = RELATIVE_DAMPING_FLOOR * mean_trace(matrix)
-  return spd_inverse(add_to_diagonal(matrix, jnp.maximum(jnp.asarray(damping, jnp.float32), floor)))
+  return spd_inverse(add_to_diagonal(matrix, jnp.maximum(jnp.asarray(damping, matrix.dtype), floor)))
 
 
 def mean_trace(matrix: jax.Array) -> jax.Array:

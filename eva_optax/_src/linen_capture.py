@@ -47,6 +47,7 @@ class _Seen(NamedTuple):
   has_bias: bool
   geometry: DenseGeometry | ConvGeometry | None
   skip_reason: str | None
+  dtype: Any = None  # the kernel's
 
 
 def _kind(module: nn.Module) -> str | None:
@@ -113,7 +114,8 @@ def _discovery_interceptor(seen: dict[Path, _Seen]):
     if module.scope is None or not module.has_variable("params", KERNEL):
       return out
     kind = _kind(module)
-    kernel_ndim = jnp.ndim(module.get_variable("params", KERNEL))
+    kernel = module.get_variable("params", KERNEL)
+    kernel_ndim = jnp.ndim(kernel)
     has_bias = module.has_variable("params", BIAS)
     if kind is None:
       note = _Seen(
@@ -123,7 +125,7 @@ def _discovery_interceptor(seen: dict[Path, _Seen]):
     else:
       note = _Seen(
           kind, kernel_ndim, _output_ndim(module, kind), has_bias,
-          _geometry(module, kind), _skip_reason(module, kind),
+          _geometry(module, kind), _skip_reason(module, kind), jnp.result_type(kernel),
       )
     seen.setdefault(tuple(module.scope.path), note)
     return out
@@ -196,7 +198,8 @@ def _discover(
       skipped[path] = PassThrough(s.kind, s.skip_reason)
       continue
     layers[path] = capture.layer_record(
-        s.kind, s.geometry, tuple(jnp.shape(full)), s.kernel_ndim, s.output_ndim, s.has_bias
+        s.kind, s.geometry, tuple(jnp.shape(full)), s.kernel_ndim, s.output_ndim, s.has_bias,
+        jnp.result_type(full),
     )
   return layers, skipped
 

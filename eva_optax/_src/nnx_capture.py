@@ -157,7 +157,7 @@ def _find_layers(
     has_bias = isinstance(getattr(module, "bias", None), nnx.Param)
     layers[path] = (module, capture.layer_record(
         name, _geometry(module, cls), tuple(jnp.shape(kernel[...])),
-        _kernel_ndim(module, cls), output_ndim, has_bias,
+        _kernel_ndim(module, cls), output_ndim, has_bias, jnp.result_type(kernel[...]),
     ))
   return layers, skipped
 

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from eva_optax._src import kl
-from eva_optax._src.hyper import Hyper, check_period, check_range, value_at
+from eva_optax._src.hyper import check_period, check_range, value_at
 from eva_optax._src.layers import (
     LayerSlot,
     bias_vector,
@@ -109,7 +109,7 @@ def statistic_shape(slot: LayerSlot, name: str) -> tuple[int, ...]:
 
 def zero_statistics(slots: dict[Path, LayerSlot], name: str) -> dict[str, Any]:
   """Zero running averages of the statistic ``name`` for every layer, keyed by path."""
-  return nest({p: jnp.zeros(statistic_shape(s, name), jnp.float32) for p, s in slots.items()})
+  return nest({p: jnp.zeros(statistic_shape(s, name), s.dtype) for p, s in slots.items()})
 
 
 def update_averages(
@@ -223,8 +223,8 @@ def apply_layerwise(
     k = new[index[path + (KERNEL,)]]
     b = new[index[path + (BIAS,)]] if slot.has_bias else None
     grads.append(LayerGradient(
-        kernel_matrix(k.astype(jnp.float32), slot.layout),
-        None if b is None else bias_vector(b.astype(jnp.float32), slot.layout),
+        kernel_matrix(k.astype(slot.dtype), slot.layout),
+        None if b is None else bias_vector(b.astype(slot.dtype), slot.layout),
     ))
   result = precondition(grads, list(layers.values()))
   nu = scale(result.update_dot_grad)
@@ -268,9 +268,9 @@ def layerwise_transformation(
     statistics: tuple[str, ...],
     precondition: LayerRule | None = None,
     precondition_layers: GroupRule | None = None,
-    learning_rate: Hyper | None,
-    damping: Hyper,
-    kl_clip: Hyper,
+    learning_rate: optax.ScalarOrSchedule | None,
+    damping: optax.ScalarOrSchedule,
+    kl_clip: optax.ScalarOrSchedule,
     stat_decay: float | jax.Array,
     scaling: str,
     layouts: Any,
@@ -330,14 +330,15 @@ def layerwise_transformation(
     del params, extra_args
     require_stats(stats, who)
     count = state.count
-    gamma = value_at(damping, count)
     slots = find_layer_slots(updates, layouts)
+    dtype = jnp.result_type(jnp.float32, *[s.dtype for s in slots.values()])
+    gamma = value_at(damping, count, dtype)
     old = {name: getattr(state, name) for name in statistics}
     update_paths = {
         p for p, _ in flatten_with_paths(updates, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
     }
     averaged, averages = update_averages(
-        slots, stats, old, jnp.asarray(stat_decay, jnp.float32), count, who, update_paths
+        slots, stats, old, stat_decay, count, who, update_paths
     )
     if isinstance(stats_every, jax.core.Tracer) or int(stats_every) != 1:
       take = count % stats_every == 0
@@ -357,7 +358,9 @@ def layerwise_transformation(
       cached = by_layer(cache)
       averaged = {p: {**averaged[p], **cached[p]} for p in averaged}
     if scaling == kl.KL_CLIP:
-      scale = kl_scale(scaling, value_at(learning_rate, count), value_at(kl_clip, count))
+      scale = kl_scale(
+          scaling, value_at(learning_rate, count, dtype), value_at(kl_clip, count, dtype)
+      )
     else:
       scale = kl_scale(scaling, None, None)
     updates = apply_layerwise(

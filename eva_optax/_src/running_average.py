@@ -14,9 +14,10 @@ import jax.numpy as jnp
 
 
 def update_running_average(
-    average: jax.Array, new: jax.Array, stat_decay: jax.Array, count: jax.Array
+    average: jax.Array, new: jax.Array, stat_decay: float | jax.Array, count: jax.Array
 ) -> jax.Array:
   """One running-average step; at ``count == 0`` the average becomes ``new``."""
   new = new.astype(average.dtype)
+  stat_decay = jnp.asarray(stat_decay, average.dtype)
   blended = stat_decay * average + (1.0 - stat_decay) * new
   return jnp.where(count == 0, new, blended).astype(average.dtype)

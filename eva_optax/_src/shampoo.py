@@ -69,7 +69,7 @@ import jax.numpy as jnp
 import optax
 
 from eva_optax._src.alias import with_sgd
-from eva_optax._src.hyper import Hyper, check_period, check_range, value_at
+from eva_optax._src.hyper import check_period, check_range, value_at
 from eva_optax._src.grafting import sgd_graft
 from eva_optax._src.linalg import per_matrix
 from eva_optax._src.sharding import replicate_on_params_mesh
@@ -221,8 +221,8 @@ class ScaleByShampooState(NamedTuple):
 def scale_by_shampoo(
     *,
     block_size: int = 128,
-    damping: Hyper = 1e-6,
-    stat_decay: Hyper = 1.0,
+    damping: optax.ScalarOrSchedule = 1e-6,
+    stat_decay: optax.ScalarOrSchedule = 1.0,
     inverse_every: int | jax.Array = 10,
 ) -> optax.GradientTransformationExtraArgs:
   """Blocked Shampoo's preconditioner with SGD grafting (no learning rate, no sign).
@@ -346,15 +346,15 @@ def scale_by_shampoo(
 
 
 def shampoo(
-    learning_rate: Hyper,
+    learning_rate: optax.ScalarOrSchedule,
     *,
     momentum: float | jax.Array | None = 0.9,
     nesterov: bool = True,
     weight_decay: float | jax.Array = 0.0,
     block_size: int = 128,
-    damping: Hyper = 1e-6,
+    damping: optax.ScalarOrSchedule = 1e-6,
     inverse_every: int | jax.Array = 10,
-    stat_decay: Hyper = 1.0,
+    stat_decay: optax.ScalarOrSchedule = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
   """Shampoo in front of SGD: precondition and graft → weight decay → momentum → lr.
 

@@ -37,6 +37,7 @@ import math
 from typing import Any, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 
 from eva_optax._src.paths import Path, flatten_with_paths, nest
 
@@ -63,6 +64,15 @@ def statistic_shapes(
       INPUT_FACTOR: stack + (n_in, n_in),
       OUTPUT_GRAD_FACTOR: stack + (out_dim, out_dim),
   }
+
+
+def statistic_dtype(param_dtype: Any) -> jnp.dtype:
+  """The precision of a layer's statistics: its parameters', at least float32.
+
+  bfloat16 and float16 layers keep float32 statistics; float64 layers (with
+  ``jax_enable_x64``) keep float64 ones, so that nothing is rounded to float32.
+  """
+  return jnp.promote_types(param_dtype, jnp.float32)
 
 
 def requested(statistics: Sequence[str]) -> tuple[str, ...]:
