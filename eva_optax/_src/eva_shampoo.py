@@ -53,7 +53,11 @@ def dimension_means(grad: jax.Array) -> tuple[jax.Array, ...]:
 
 
 def sherman_morrison_tensor(
-    grad: jax.Array, vectors: Sequence[jax.Array], damping: jax.Array
+    grad: jax.Array,
+    vectors: Sequence[jax.Array],
+    damping: jax.Array,
+    *,
+    relative_damping: bool = False,
 ) -> jax.Array:
   """Ĝ = G − ⟨G, u⟩ / (γ + μ) · u with u = s_1 ⊗ … ⊗ s_k and μ = Π‖s_i‖².
 
@@ -65,6 +69,9 @@ def sherman_morrison_tensor(
     grad: G, rank k ≥ 1.
     vectors: s_1 … s_k, ``vectors[i].shape == (grad.shape[i],)``.
     damping: γ > 0.
+    relative_damping: use γ·μ in place of γ (Ĝ = G − ⟨G, û⟩ û / (1 + γ), with
+      û = u/‖u‖): a fixed fraction γ/(1+γ) of G's component along u is kept,
+      however large the sums s_i grow.
 
   Returns:
     Ĝ, with ``grad``'s shape, in float32 (or wider when ``grad`` is wider).
@@ -79,7 +86,8 @@ def sherman_morrison_tensor(
     s = s.astype(g.dtype)
     norm = jnp.sqrt(jnp.sum(jnp.square(s)))
     hats.append(s / jnp.where(norm > 0, norm, 1.0))
-    ratio = ratio / norm / norm  # γ/N², inf when a vector is 0 (then û = 0 too)
+    if not relative_damping:
+      ratio = ratio / norm / norm  # γ/N², inf when a vector is 0 (then û = 0 too)
   operands = [g, list(range(k))]
   for i, s in enumerate(hats):
     operands += [s, [i]]
@@ -112,6 +120,7 @@ def scale_by_eva_shampoo(
     *,
     damping: optax.ScalarOrSchedule = 0.03,
     stat_decay: optax.ScalarOrSchedule = 1.0,
+    relative_damping: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Eva-s's preconditioner with SGD grafting (no learning rate, no sign).
 
@@ -130,6 +139,21 @@ def scale_by_eva_shampoo(
       the vectors are sums over all steps, as in the authors' runs. With
       β < 1 they are exponential averages with weight 1 − β on the new means,
       starting from zero (no first-step special case).
+    relative_damping: damp with γ·Π‖s_i‖² instead of γ. Default False (the
+      authors' rule).
+
+  With the authors' rule, once the sums grow (Π‖s_i‖² ≫ γ), Ĝ is G with its
+  component along u projected out, and grafting rescales what is left to
+  ‖G‖. Where the gradient keeps the direction of u, as on a quadratic bowl
+  ‖X − T‖² (every gradient is a multiple of X − T, and so are the sums), what
+  is left is rounding noise, and Eva-s stalls far from T where SGD and Shampoo
+  converge. ``relative_damping=True`` keeps the fraction γ/(1+γ) of that
+  component at every scale, so the grafted direction stays a descent
+  direction, and Eva-s converges there. On networks it is not free: on the
+  Fashion-MNIST autoencoder (3 epochs, lr 0.6, one seed) the final training
+  loss is 0.0380 with the authors' rule, 0.0383 with relative γ = 1e-3 and
+  0.0413 with relative γ = 0.03; hence a smaller γ with this option, and the
+  authors' rule as the default.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` needs no
@@ -176,7 +200,7 @@ def scale_by_eva_shampoo(
           (decay * s + weight * m).astype(s.dtype)
           for s, m in zip(vectors, dimension_means(g))
       )
-      direction = sherman_morrison_tensor(g, vectors, gamma)
+      direction = sherman_morrison_tensor(g, vectors, gamma, relative_damping=relative_damping)
       new_updates.append(sgd_graft(direction, g).astype(g.dtype))
       new_vectors.append(vectors)
 
@@ -197,6 +221,7 @@ def eva_shampoo(
     weight_decay: float | jax.Array = 0.0,
     damping: optax.ScalarOrSchedule = 0.03,
     stat_decay: optax.ScalarOrSchedule = 1.0,
+    relative_damping: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Eva-s in front of SGD: precondition and graft → weight decay → momentum → lr.
 
@@ -210,7 +235,7 @@ def eva_shampoo(
     momentum: momentum coefficient (``None`` for none). Default 0.9.
     nesterov: Nesterov momentum. Default True (the authors' runs).
     weight_decay: λ ≥ 0, added after preconditioning and grafting. Default 0.
-    damping, stat_decay: see :func:`scale_by_eva_shampoo`.
+    damping, stat_decay, relative_damping: see :func:`scale_by_eva_shampoo`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; no ``stats`` needed::
@@ -223,7 +248,9 @@ def eva_shampoo(
     Second-order Optimization. arXiv:2308.02123.
   """
   return with_sgd(
-      scale_by_eva_shampoo(damping=damping, stat_decay=stat_decay),
+      scale_by_eva_shampoo(
+          damping=damping, stat_decay=stat_decay, relative_damping=relative_damping
+      ),
       learning_rate,
       momentum=momentum,
       nesterov=nesterov,
