@@ -1,10 +1,17 @@
-"""Eva-f, FOOF and K-FAC against dense linear algebra, and their periodic refresh."""
+"""The layer-wise skeleton (``eva_optax._src.preconditioning``) shared by Eva, Eva-f, K-FAC and FOOF.
+
+What every rule built on :func:`layerwise_transformation` gets from it, run on
+one model through the rules that use each part: the alias is the preconditioner
+then SGD; the running factors and the refreshed inverses follow ``stats_every``
+and ``inverse_every`` under one compilation; ``factors_due`` finds the gate
+through optax's wrappers; statistics that are missing or match no layer are an
+error. Then the pieces alone: a one-layer rule applied to a group
+(``each_layer``), ``apply_layerwise`` and ``update_averages``.
+"""
 
 import importlib
 
 import flax.linen as nn
-import hypothesis
-import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,95 +19,20 @@ import optax
 import pytest
 
 import eva_optax
-from eva_optax._src import linalg
+from eva_optax._src import preconditioning
+from eva_optax._src.preconditioning import LayerGradient, Preconditioned
+from eva_optax._src.statistics import LayerStats, PassThrough
 
 # The submodules (the package exports functions of the same names).
 eva_foof = importlib.import_module("eva_optax._src.eva_foof")
 foof = importlib.import_module("eva_optax._src.foof")
 kfac = importlib.import_module("eva_optax._src.kfac")
-from eva_optax._src.preconditioning import LayerGradient
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-def _random_layer(rng, in_dim, out_dim, bias):
-  kernel = rng.normal(size=(in_dim, out_dim))
-  b = rng.normal(size=out_dim) if bias else None
-  # Paper orientation Ĝ (out, in[+1]).
-  g_hat = np.concatenate([kernel.T, b[:, None]], axis=1) if bias else kernel.T
-  grad = LayerGradient(jnp.asarray(kernel, jnp.float32), None if b is None else jnp.asarray(b, jnp.float32))
-  return grad, g_hat
-
-
-def _paper(p, bias):
-  """A Preconditioned result in the paper orientation (out, in[+1])."""
-  k = np.asarray(p.kernel, np.float64).T
-  return np.concatenate([k, np.asarray(p.bias, np.float64)[:, None]], axis=1) if bias else k
-
-
-def _spd(rng, n):
-  m = rng.normal(size=(n, n + 2))
-  return m @ m.T / (n + 2)
-
-
-@hypothesis.settings(deadline=None, max_examples=25)
-@hypothesis.given(
-    in_dim=st.integers(1, 6), out_dim=st.integers(1, 5), bias=st.booleans(),
-    damping=st.floats(1e-2, 10.0), seed=st.integers(0, 2**16),
-)
-def test_eva_foof_equals_explicit_solve(in_dim, out_dim, bias, damping, seed):
-  rng = np.random.default_rng(seed)
-  grad, g_hat = _random_layer(rng, in_dim, out_dim, bias)
-  a = rng.normal(size=in_dim)
-  a_hat = np.concatenate([a, [1.0]]) if bias else a
-  expected = g_hat @ np.linalg.inv(np.outer(a_hat, a_hat) + damping * np.eye(a_hat.size))
-  p = eva_foof.foof_vector_projection(grad, jnp.asarray(a, jnp.float32), jnp.float32(damping))
-  scale = np.abs(expected).max() + 1e-6
-  np.testing.assert_allclose(_paper(p, bias) / damping, expected, rtol=2e-4, atol=2e-4 * scale)
-  np.testing.assert_allclose(float(p.update_dot_grad) / damping, np.sum(expected * g_hat), rtol=2e-3, atol=1e-4)
-
-
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("damping", [0.003, 0.3])
-def test_kfac_equals_explicit_damped_factors(bias, damping):
-  rng = np.random.default_rng(1)
-  in_dim, out_dim = 5, 4
-  grad, g_hat = _random_layer(rng, in_dim, out_dim, bias)
-  n_in = in_dim + bias
-  a_factor = _spd(rng, n_in) * 3.0
-  g_factor = _spd(rng, out_dim) * 0.01
-  pi = np.sqrt((np.trace(a_factor) / n_in) / (np.trace(g_factor) / out_dim))
-  a_damped = a_factor + np.sqrt(damping) * pi * np.eye(n_in)
-  g_damped = g_factor + np.sqrt(damping) / pi * np.eye(out_dim)
-  expected = np.linalg.solve(g_damped, g_hat) @ np.linalg.inv(a_damped)
-  a_inv, g_inv = kfac.damped_inverses(
-      jnp.asarray(a_factor, jnp.float32), jnp.asarray(g_factor, jnp.float32), jnp.float32(damping)
-  )
-  p = kfac.kfac_precondition(grad, a_inv, g_inv)
-  np.testing.assert_allclose(_paper(p, bias), expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
-  np.testing.assert_allclose(float(p.update_dot_grad), np.sum(expected * g_hat), rtol=1e-3)
-
-
-@pytest.mark.parametrize("bias", [False, True])
-def test_foof_equals_explicit_solve(bias):
-  rng = np.random.default_rng(2)
-  grad, g_hat = _random_layer(rng, 6, 3, bias)
-  a_factor = _spd(rng, 6 + bias)
-  damping = 0.05
-  expected = g_hat @ np.linalg.inv(a_factor + damping * np.eye(6 + bias))
-  inverse = linalg.spd_inverse(linalg.add_to_diagonal(jnp.asarray(a_factor, jnp.float32), damping))
-  p = foof.foof_precondition(grad, inverse)
-  np.testing.assert_allclose(_paper(p, bias), expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
-
-
-def test_spd_inverse_batched():
-  rng = np.random.default_rng(3)
-  m = np.stack([_spd(rng, 5) + 0.1 * np.eye(5) for _ in range(3)])
-  np.testing.assert_allclose(linalg.spd_inverse(jnp.asarray(m, jnp.float32)), np.linalg.inv(m), rtol=1e-3, atol=1e-3)
-
-
 # ---------------------------------------------------------------------------
-# On a model: periodic refresh, statistics, aliases.
+# On a model: aliases, periodic refresh, the factors' gate, errors.
 
 
 class Net(nn.Module):
@@ -213,12 +145,6 @@ def test_inject_hyperparams(problem, name):
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7), a, b)
 
 
-@pytest.mark.parametrize("kwargs, name", [(dict(inverse_every=0), "inverse_every"), (dict(stats_every=1.5), "stats_every"), (dict(damping=0.0), "damping")])
-def test_bad_arguments_name_the_parameter(kwargs, name):
-  with pytest.raises(ValueError, match=name):
-    kfac.kfac(0.1, **kwargs)
-
-
 @pytest.mark.parametrize("name, every", [("kfac", 3), ("foof", 2)])
 def test_gated_capture_equals_ungated(problem, name, every):
   """factors_due(opt_state) computes the factors only on the steps that use
@@ -282,3 +208,121 @@ def test_stats_that_match_no_layer_are_an_error(problem):
     state = tx.init(wrapped_params)
     with pytest.raises(ValueError, match="no statistics for the layer parameters at .*Dense_0"):
       tx.update(wrapped_grads, state, wrapped_params, stats=bad_stats)
+
+
+# ---------------------------------------------------------------------------
+# The pieces alone: each_layer, apply_layerwise, update_averages.
+
+
+def _double(grad, stats, gamma):
+  """A one-layer rule: V = scale · Ĝ / γ, and ⟨V, Ĝ⟩."""
+  k = grad.kernel * stats["scale"] / gamma
+  b = None if grad.bias is None else grad.bias * stats["scale"] / gamma
+  dot = jnp.vdot(k, grad.kernel) + (0.0 if b is None else jnp.vdot(b, grad.bias))
+  return Preconditioned(k, b, dot)
+
+
+def test_each_layer_applies_the_rule_to_every_layer_and_sums_the_dots():
+  rng = np.random.default_rng(0)
+  grads = [
+      LayerGradient(jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), jnp.asarray(rng.normal(size=3), jnp.float32)),
+      LayerGradient(jnp.asarray(rng.normal(size=(2, 5, 2)), jnp.float32), None),
+  ]
+  stats = [{"scale": jnp.float32(2.0)}, {"scale": jnp.float32(-1.0)}]
+  group = preconditioning.each_layer(_double)(grads, stats, jnp.float32(0.5))
+  assert isinstance(group.kernel, tuple) and len(group.kernel) == 2
+  assert group.bias[1] is None
+  total = 0.0
+  for l, (grad, s) in enumerate(zip(grads, stats)):
+    one = _double(grad, s, jnp.float32(0.5))
+    np.testing.assert_array_equal(group.kernel[l], one.kernel)
+    total += float(one.update_dot_grad)
+  np.testing.assert_array_equal(group.bias[0], _double(grads[0], stats[0], 0.5).bias)
+  np.testing.assert_allclose(float(group.update_dot_grad), total, rtol=1e-6)
+  np.testing.assert_allclose(total, 4.0 * float(jnp.sum(grads[0].kernel**2) + jnp.sum(grads[0].bias**2)) - 2.0 * float(jnp.sum(grads[1].kernel**2)), rtol=1e-5)
+
+
+def test_apply_layerwise_preconditions_the_named_layers_scales_them_and_passes_the_rest():
+  rng = np.random.default_rng(1)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  updates = {
+      "conv": {"kernel": normal(3, 3, 2, 4), "bias": normal(4)},
+      "dense": {"kernel": normal(6, 2)},
+      "LayerNorm_0": {"scale": normal(6), "bias": normal(6)},
+      "other": {"kernel": normal(2, 2), "bias": normal(2)},  # a layer, not preconditioned
+  }
+  slots = preconditioning.find_layer_slots(updates)
+  layers = {("conv",): {"scale": 2.0}, ("dense",): {"scale": 3.0}}
+  seen = []
+
+  def group_rule(grads, stats):
+    seen.extend((g.kernel.shape, None if g.bias is None else g.bias.shape) for g in grads)
+    return preconditioning.each_layer(_double)(grads, stats, 1.0)
+
+  out = preconditioning.apply_layerwise(updates, slots, layers, group_rule, lambda total: 1.0 / total)
+  # The rule sees the matrices (in, out), in the order of ``layers``.
+  assert seen == [((18, 4), (4,)), ((6, 2), None)]
+  total = sum(
+      s * float(jnp.sum(updates[name]["kernel"] ** 2) + jnp.sum(updates[name].get("bias", 0.0) ** 2))
+      for name, s in (("conv", 2.0), ("dense", 3.0))
+  )
+  for name, s in (("conv", 2.0), ("dense", 3.0)):
+    for leaf in updates[name]:
+      np.testing.assert_allclose(out[name][leaf], s * updates[name][leaf] / total, rtol=1e-5)
+  for name in ("LayerNorm_0", "other"):
+    jax.tree.map(np.testing.assert_array_equal, out[name], updates[name])
+  # Nothing to precondition: the updates themselves.
+  assert preconditioning.apply_layerwise(updates, slots, {}, group_rule, lambda t: t) is updates
+
+
+def _averages_setup():
+  params = {"Dense_0": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)}, "norm": {"scale": jnp.zeros(2)}}
+  slots = preconditioning.find_layer_slots(params)
+  averages = {
+      name: preconditioning.zero_statistics(slots, name)
+      for name in ("input_mean", "output_grad_mean", "input_factor")
+  }
+  return slots, averages
+
+
+def test_update_averages_first_takes_the_statistics_then_averages_them():
+  slots, averages = _averages_setup()
+  first = LayerStats(jnp.asarray([1.0, 2.0, 3.0]), jnp.asarray([4.0, 5.0]), 2.0 * jnp.eye(4))
+  second = LayerStats(jnp.asarray([3.0, 2.0, 1.0]), jnp.asarray([0.0, 1.0]), 4.0 * jnp.eye(4))
+  stats = {"Dense_0": first, "norm": PassThrough("LayerNorm", "no kernel")}
+  per_layer, averages = preconditioning.update_averages(slots, stats, averages, 0.25, jnp.int32(0), "test")
+  assert set(per_layer) == {("Dense_0",)}
+  np.testing.assert_array_equal(per_layer[("Dense_0",)]["input_mean"], first.input_mean)
+  np.testing.assert_array_equal(averages["input_factor"]["Dense_0"], first.input_factor)
+  per_layer, averages = preconditioning.update_averages(
+      slots, {"Dense_0": second}, averages, 0.25, jnp.int32(1), "test"
+  )
+  for name in ("input_mean", "output_grad_mean", "input_factor"):
+    want = 0.25 * getattr(first, name) + 0.75 * getattr(second, name)
+    np.testing.assert_allclose(per_layer[("Dense_0",)][name], want, rtol=1e-6)
+    np.testing.assert_allclose(averages[name]["Dense_0"], want, rtol=1e-6)
+
+
+def test_update_averages_keeps_what_is_not_finite_and_factors_not_computed():
+  """A NaN entry of ā keeps that entry's old value only; a factor that is all
+  zeros (gated off by factors_due) or has an Inf keeps the old factor."""
+  slots, averages = _averages_setup()
+  old = LayerStats(jnp.asarray([1.0, 2.0, 3.0]), jnp.asarray([4.0, 5.0]), 2.0 * jnp.eye(4))
+  _, averages = preconditioning.update_averages(slots, {"Dense_0": old}, averages, 0.5, jnp.int32(0), "test")
+  for factor in (jnp.zeros((4, 4)), jnp.eye(4).at[0, 1].set(jnp.inf)):
+    bad = LayerStats(jnp.asarray([jnp.nan, 4.0, 5.0]), jnp.asarray([jnp.inf, 1.0]), factor)
+    per_layer, after = preconditioning.update_averages(slots, {"Dense_0": bad}, averages, 0.5, jnp.int32(1), "test")
+    np.testing.assert_allclose(after["input_mean"]["Dense_0"], [1.0, 3.0, 4.0])
+    np.testing.assert_allclose(after["output_grad_mean"]["Dense_0"], [4.0, 3.0])
+    np.testing.assert_array_equal(after["input_factor"]["Dense_0"], old.input_factor)
+    np.testing.assert_array_equal(per_layer[("Dense_0",)]["input_factor"], old.input_factor)
+
+
+def test_update_averages_names_what_is_missing():
+  slots, averages = _averages_setup()
+  with pytest.raises(ValueError, match=r"needs the statistics .*\['input_factor'\] were not captured"):
+    preconditioning.update_averages(
+        slots, {"Dense_0": LayerStats(jnp.ones(3), jnp.ones(2))}, averages, 0.5, jnp.int32(0), "test"
+    )
+  with pytest.raises(ValueError, match=r"test: no statistics for the layer parameters at \['Dense_0'\]"):
+    preconditioning.update_averages(slots, {}, averages, 0.5, jnp.int32(0), "test")
