@@ -1,4 +1,10 @@
-"""Eva's rule against dense linear algebra and a NumPy re-implementation."""
+"""Eva (``eva_optax._src.eva``): its rule against dense linear algebra, its steps
+against a NumPy re-implementation, and the optax contract of ``eva`` / ``scale_by_eva``.
+
+Sherman–Morrison: V = γ (ā āᵀ ⊗ ḡ ḡᵀ + γI)⁻¹ vec Ĝ, for one layer, a stack and a
+group of layers; then the KL clip ν across layers. The KL factors and the
+running averages alone are tested in test_kl.py and test_running_average.py.
+"""
 
 import functools
 
@@ -12,9 +18,9 @@ import optax
 import pytest
 
 import eva_optax
-from eva_optax._src import kl
+from eva_optax._src.eva import sherman_morrison, sherman_morrison_layers
 from eva_optax._src.preconditioning import LayerGradient
-from eva_optax._src.running_average import update_running_average
+from models import layer_group
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -74,36 +80,36 @@ def test_sherman_morrison_stacked_layers_are_independent():
   np.testing.assert_allclose(float(stacked.update_dot_grad), total, rtol=1e-5)
 
 
-# ---------------------------------------------------------------------------
-# KL scaling and running averages.
+def _dense_sherman_morrison(k, b, a, g, damping):
+  """γ (ā āᵀ ⊗ ḡ ḡᵀ + γI)⁻¹ vec(Ĝ) by an explicit solve (Ĝ = [∇W; ∇b], ā = [ā, 1])."""
+  full = k if b is None else np.vstack([k, b[None]])
+  a = a if b is None else np.append(a, 1.0)
+  v = np.kron(a, g)
+  fisher = np.outer(v, v) + damping * np.eye(v.size)
+  return (damping * np.linalg.solve(fisher, full.reshape(-1))).reshape(full.shape)
 
 
-@pytest.mark.parametrize(
-    "dot, lr, clip, expected",
-    [
-        (4.0, 0.1, 0.001, min(1.0, np.sqrt(0.001 / (0.01 * 4.0)))),
-        (1e-6, 0.1, 0.001, 1.0),  # small updates are not scaled up
-        (0.0, 0.1, 0.001, 1.0),
-        (-1.0, 0.1, 0.001, 1.0),
-        (2.0, 0.0, 0.001, 1.0),
-    ],
-)
-def test_kl_clip_factor(dot, lr, clip, expected):
-  got = kl.kl_clip_factor(jnp.float32(dot), jnp.float32(lr), jnp.float32(clip))
-  np.testing.assert_allclose(float(got), expected, rtol=1e-6)
-
-
-@pytest.mark.parametrize("dot, expected", [(4.0, 0.5), (0.25, 2.0), (0.0, 1.0), (-3.0, 1.0)])
-def test_kl_normalise_factor(dot, expected):
-  np.testing.assert_allclose(float(kl.kl_normalise_factor(jnp.float32(dot))), expected, rtol=1e-6)
-
-
-def test_running_average_first_update_takes_new_value():
-  old, new = jnp.array([5.0, -5.0]), jnp.array([1.0, 2.0])
-  np.testing.assert_allclose(update_running_average(old, new, 0.3, jnp.int32(0)), new)
-  np.testing.assert_allclose(
-      update_running_average(old, new, 0.3, jnp.int32(1)), 0.3 * old + 0.7 * new, rtol=1e-6
-  )
+def test_grouped_sherman_morrison_equals_explicit_solve_per_layer():
+  grads, a, g = layer_group()
+  group = sherman_morrison_layers(grads, a, g, 0.03)
+  total = 0.0
+  for l, (grad, x, y) in enumerate(zip(grads, a, g)):
+    one = sherman_morrison(grad, x, y, 0.03)
+    np.testing.assert_allclose(group.kernel[l], one.kernel, rtol=1e-6, atol=1e-7)
+    assert (group.bias[l] is None) == (grad.bias is None)
+    k, b = np.asarray(grad.kernel, np.float64), grad.bias
+    stack = k.shape[:-2]
+    for idx in np.ndindex(*stack):
+      bias = None if b is None else np.asarray(b, np.float64)[idx]
+      want = _dense_sherman_morrison(k[idx], bias, np.asarray(x, np.float64)[idx], np.asarray(y, np.float64)[idx], 0.03)
+      np.testing.assert_allclose(np.asarray(group.kernel[l])[idx], want[: k.shape[-2]], rtol=1e-4, atol=1e-5)
+      if bias is not None:
+        np.testing.assert_allclose(np.asarray(group.bias[l])[idx], want[-1], rtol=1e-4, atol=1e-5)
+        full = np.vstack([k[idx], bias[None]])
+      else:
+        full = k[idx]
+      total += np.sum(want * full)
+  np.testing.assert_allclose(group.update_dot_grad, total, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------
