@@ -1,4 +1,5 @@
-"""Eva-s (vectorized Shampoo) against an explicit solve, NumPy statistics and the optax contract."""
+"""Eva-s (``eva_optax._src.eva_shampoo``, vectorized Shampoo) against an explicit solve,
+NumPy statistics and the optax contract; its SGD grafting alone is in test_grafting.py."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,6 @@ import numpy as np
 import optax
 import pytest
 
-from eva_optax._src import grafting
 from eva_optax._src.eva_shampoo import (
     ScaleByEvaShampooState,
     eva_shampoo,
@@ -98,14 +98,6 @@ def test_rank_one_and_scalar_parameters_pass_through():
   np.testing.assert_array_equal(updates["bias"], grads["bias"])
   np.testing.assert_array_equal(updates["scale"], grads["scale"])
   assert jax.tree.structure(new_state) == jax.tree.structure(state)
-
-
-def test_graft_to_norm_and_zero_direction():
-  d = jnp.array([[3.0, 4.0]])
-  r = jnp.array([[0.0, 10.0]])
-  np.testing.assert_allclose(grafting.graft_to_norm(d, r), [[6.0, 8.0]], rtol=1e-6)
-  np.testing.assert_array_equal(grafting.graft_to_norm(jnp.zeros((2, 2)), r), jnp.zeros((2, 2)))
-  assert np.isfinite(np.asarray(jax.grad(lambda x: grafting.graft_to_norm(x, r).sum())(jnp.zeros((1, 2))))).all()
 
 
 def test_zero_gradient_gives_zero_update():
