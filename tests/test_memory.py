@@ -1,4 +1,4 @@
-"""Optimizer-state sizes."""
+"""Optimizer-state sizes (``eva_optax.state_bytes``, ``eva_optax._src.memory``), from shapes only."""
 
 import flax.linen as nn
 import jax

@@ -1,6 +1,8 @@
-"""Bad hyperparameters are refused by name; numerics stay finite; dtypes come back as given."""
+"""Robustness across every optimizer: bad hyperparameters are refused by name,
+updates stay finite on degenerate statistics (zero inputs, dead ReLUs, huge and
+tiny losses), dtypes come back as given (float64, bfloat16, float16), and
+statistics that do not fit the parameters or are not finite never corrupt the state."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ import optax
 import pytest
 
 import eva_optax
+from models import TwoLayerMLP
 
 ALIASES = {
     "eva": eva_optax.eva,
@@ -73,15 +76,6 @@ def test_error_message_gives_the_range():
 # Numerics.
 
 
-class MLP(nn.Module):
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Dense(8, dtype=self.dtype, param_dtype=self.dtype)(x))
-    return nn.Dense(3, dtype=self.dtype, param_dtype=self.dtype)(x)
-
-
 def _step(name, model, params, x, y, tx=None):
   tx = tx or ALIASES[name](0.1, **({"inverse_every": 1} if name in PERIODS else {}))
   loss_fn = lambda p: jnp.mean((model.apply({"params": p}, x).astype(jnp.float32) - y) ** 2)
@@ -103,7 +97,7 @@ def _finite(tree):
 @pytest.mark.parametrize("name", sorted(ALIASES))
 @pytest.mark.parametrize("case", ["zero_inputs", "dead_relu", "huge", "tiny"])
 def test_updates_finite_on_degenerate_statistics(name, case):
-  model = MLP()
+  model = TwoLayerMLP()
   x = jnp.ones((4, 5))
   params = model.init(jax.random.key(0), x)["params"]
   y = jnp.zeros((4, 3))
@@ -122,7 +116,7 @@ def test_updates_finite_on_degenerate_statistics(name, case):
 @pytest.mark.parametrize("name", ["eva", "kfac", "eva_shampoo"])
 def test_float64(name):
   with jax.enable_x64(True):
-    model = MLP(dtype=jnp.float64)
+    model = TwoLayerMLP(dtype=jnp.float64)
     x = jnp.ones((4, 5), jnp.float64)
     params = model.init(jax.random.key(0), x)["params"]
     updates, state = _step(name, model, params, x, jnp.zeros((4, 3)))
@@ -137,54 +131,26 @@ def test_low_precision_params(name, dtype):
   parameters' dtype, close to the float32 run's updates."""
   x = jax.random.normal(jax.random.key(1), (16, 5))
   y = jax.random.normal(jax.random.key(2), (16, 3))
-  params32 = MLP().init(jax.random.key(0), x)["params"]
+  params32 = TwoLayerMLP().init(jax.random.key(0), x)["params"]
   low = jax.tree.map(lambda p: p.astype(dtype), params32)
-  updates, state = _step(name, MLP(dtype=dtype), low, x.astype(dtype), y)
+  updates, state = _step(name, TwoLayerMLP(dtype=dtype), low, x.astype(dtype), y)
   assert all(u.dtype == dtype for u in jax.tree.leaves(updates))
   for leaf in jax.tree.leaves(state):
     if jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.ndim >= 1 and leaf.dtype != dtype:
       assert leaf.dtype == jnp.float32
-  ref, _ = _step(name, MLP(), params32, x, y)
+  ref, _ = _step(name, TwoLayerMLP(), params32, x, y)
   for u, r in zip(jax.tree.leaves(updates), jax.tree.leaves(ref)):
     scale = float(jnp.abs(r).max()) + 1e-12
     assert float(jnp.abs(u.astype(jnp.float32) - r).max()) < 0.1 * scale
   if STATISTICS[name] is not None:
-    loss_fn = lambda p: jnp.mean((MLP(dtype=dtype).apply({"params": p}, x.astype(dtype)).astype(jnp.float32) - y) ** 2)
+    loss_fn = lambda p: jnp.mean((TwoLayerMLP(dtype=dtype).apply({"params": p}, x.astype(dtype)).astype(jnp.float32) - y) ** 2)
     _, _, stats = eva_optax.value_and_grad(loss_fn, statistics=STATISTICS[name])(low)
     for leaf in jax.tree.leaves(stats):
       assert leaf.dtype == jnp.float32
 
 
-# ---------------------------------------------------------------------------
-# The Linen TrainState helper.
-
-
-def test_train_state_forwards_stats():
-  model = MLP()
-  x = jax.random.normal(jax.random.key(1), (16, 5))
-  y = jax.random.normal(jax.random.key(2), (16, 3))
-  params = model.init(jax.random.key(0), x)["params"]
-  loss_fn = lambda p: jnp.mean((model.apply({"params": p}, x) - y) ** 2)
-  tx = eva_optax.eva(0.1, weight_decay=1e-3)
-  state = eva_optax.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
-  _, grads, stats = eva_optax.value_and_grad(loss_fn)(params)
-  state = jax.jit(lambda s: s.apply_gradients(grads=grads, stats=stats))(state)
-  updates, opt_state = tx.update(grads, tx.init(params), params, stats=stats)
-  want = optax.apply_updates(params, updates)
-  assert int(state.step) == 1
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8), state.params, want)
-  assert not np.allclose(state.params["Dense_0"]["kernel"], params["Dense_0"]["kernel"])
-  # Gradient-only optimizers: no stats.
-  plain = eva_optax.TrainState.create(apply_fn=model.apply, params=params, tx=eva_optax.eva_shampoo(0.1))
-  plain = plain.apply_gradients(grads=grads)
-  assert int(plain.step) == 1
-  # An optimizer that needs stats says so when they are missing.
-  with pytest.raises(ValueError, match="stats"):
-    eva_optax.TrainState.create(apply_fn=model.apply, params=params, tx=tx).apply_gradients(grads=grads)
-
-
 def _mlp_problem():
-  model = MLP()
+  model = TwoLayerMLP()
   x = jax.random.normal(jax.random.key(1), (16, 5))
   y = jax.random.normal(jax.random.key(2), (16, 3))
   params = model.init(jax.random.key(0), x)["params"]
