@@ -1,0 +1,57 @@
+"""``eva_optax.describe``: one row per parameter, preconditioned or passed through, and why."""
+
+import jax.numpy as jnp
+
+import eva_optax
+from eva_optax._src.statistics import KernelLayout, LayerStats, PassThrough
+
+
+def _params_and_stats():
+  params = {
+      "Dense_0": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)},
+      "LayerNorm_0": {"scale": jnp.ones(3), "bias": jnp.zeros(3)},
+      "blocks": {"up": {"kernel": jnp.zeros((2, 3, 5))}},
+      "grouped": {"kernel": jnp.zeros((3, 3, 1, 4)), "bias": jnp.zeros(4)},
+      "unused": {"kernel": jnp.zeros((3, 3))},
+  }
+  stats = {
+      "Dense_0": LayerStats(jnp.ones(4), jnp.ones(3), kind="Dense"),
+      "blocks": {"up": LayerStats(jnp.ones((2, 3)), jnp.ones((2, 5)), layout=KernelLayout(1, 1), has_bias=False)},
+      "grouped": PassThrough("Conv", "feature_group_count=2: grouped convolution"),
+  }
+  return params, stats
+
+
+def test_one_row_per_parameter_with_its_rule():
+  params, stats = _params_and_stats()
+  rows = eva_optax.describe(params, stats, layouts={"blocks": {"up": KernelLayout(1, 1)}})
+  by_name = {r.parameter: r for r in rows}
+  assert len(rows) == len(by_name) == 8  # every leaf of params, once
+  assert {name: r.rule for name, r in by_name.items()} == {
+      "Dense_0/bias": "preconditioned",
+      "Dense_0/kernel": "preconditioned",
+      "LayerNorm_0/bias": "pass-through",
+      "LayerNorm_0/scale": "pass-through",
+      "blocks/up/kernel": "preconditioned",
+      "grouped/bias": "pass-through",
+      "grouped/kernel": "pass-through",
+      "unused/kernel": "pass-through",
+  }
+  assert by_name["Dense_0/kernel"].shape == (4, 3)
+  assert by_name["Dense_0/kernel"].detail.startswith("Dense: in 4 + bias, out 3")
+  assert by_name["blocks/up/kernel"].detail.startswith("Dense: in 3, out 5, stack (2,)")
+  assert by_name["LayerNorm_0/scale"].detail == "not part of a Dense/DenseGeneral/Conv layer"
+  assert by_name["unused/kernel"].detail.startswith("no statistics captured for this kernel")
+
+
+def test_pass_through_reason_is_shown():
+  params, stats = _params_and_stats()
+  rows = eva_optax.describe(params, stats, layouts={"blocks": {"up": KernelLayout(1, 1)}})
+  grouped = [r for r in rows if r.parameter.startswith("grouped/")]
+  assert len(grouped) == 2
+  for row in grouped:
+    assert row.rule == "pass-through"
+    assert row.detail == "Conv: feature_group_count=2: grouped convolution"
+  text = str(rows)
+  assert "Conv: feature_group_count=2: grouped convolution" in text
+  assert text.splitlines()[-1] == "3 of 8 parameters preconditioned"
