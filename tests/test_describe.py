@@ -55,3 +55,20 @@ def test_pass_through_reason_is_shown():
   text = str(rows)
   assert "Conv: feature_group_count=2: grouped convolution" in text
   assert text.splitlines()[-1] == "3 of 8 parameters preconditioned"
+
+
+def test_layer_whose_eva_correction_vanishes_is_flagged():
+  """ρ = s/(γ + s) with s = ‖ā‖²‖ḡ‖²: ḡ of size 1e-6 gives s = 4·3e-12 ≪ γ, so the
+  row says ḡ ≈ 0 and what Eva reduces to; the same layer with ḡ of size 1 does not."""
+  params = {"Conv_0": {"kernel": jnp.zeros((1, 1, 4, 3))}}
+  for size, flagged in ((1e-6, True), (1.0, False)):
+    stats = {"Conv_0": LayerStats(jnp.ones(4), size * jnp.ones(3), kind="Conv", has_bias=False)}
+    (row,) = eva_optax.describe(params, stats)
+    assert row.rule == "preconditioned"
+    assert ("ḡ ≈ 0" in row.detail) is flagged
+    if flagged:
+      assert "‖ā‖²‖ḡ‖² = 1.2e-11" in row.detail and "gradient / γ" in row.detail
+  # The threshold is on ρ: with γ = 1e-12 the same statistics are not negligible.
+  stats = {"Conv_0": LayerStats(jnp.ones(4), 1e-6 * jnp.ones(3), kind="Conv", has_bias=False)}
+  (row,) = eva_optax.describe(params, stats, damping=1e-12)
+  assert "≈ 0" not in row.detail

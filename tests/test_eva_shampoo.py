@@ -213,3 +213,44 @@ def test_bad_hyperparameters_name_the_parameter(kwargs, name):
 def test_negative_learning_rate_is_refused():
   with pytest.raises(ValueError, match="learning_rate"):
     eva_shampoo(-0.1)
+
+
+def _distance_after_bowl(tx, steps=30_000):
+  """‖X − T‖ after ``steps`` updates on the quadratic bowl ‖X − T‖² from X = 0."""
+  target = jnp.array([[1.0, -2.0], [0.5, 3.0]])
+  loss = lambda p: jnp.sum((p - target) ** 2)
+
+  @jax.jit
+  def run(p, s):
+    def body(carry, _):
+      p, s = carry
+      u, s = tx.update(jax.grad(loss)(p), s, p)
+      return (optax.apply_updates(p, u), s), None
+
+    return jax.lax.scan(body, (p, s), None, length=steps)[0][0]
+
+  p = jnp.zeros((2, 2))
+  return float(jnp.linalg.norm(run(p, tx.init(p)) - target))
+
+
+def test_quadratic_bowl_stalls_with_the_authors_rule_and_converges_with_relative_damping():
+  """Every gradient of ‖X − T‖² is a multiple of X − T, and so are the sums s_i: with
+  ‖u‖² ≫ γ the authors' rule projects the whole gradient out and grafting rescales
+  rounding noise; relative damping keeps γ/(1+γ) of it and gets where SGD gets."""
+  sgd = _distance_after_bowl(optax.sgd(1e-3, momentum=0.9, nesterov=True))
+  authors = _distance_after_bowl(eva_shampoo(1e-3))
+  relative = _distance_after_bowl(eva_shampoo(1e-3, relative_damping=True))
+  assert sgd < 1e-4
+  assert authors > 0.5
+  assert relative < 1e-4
+
+
+def test_relative_damping_is_the_formula_with_damping_times_mu():
+  """relative_damping=True equals the authors' rule with γ·Π‖s_i‖² as damping."""
+  rng = np.random.default_rng(3)
+  g = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+  vectors = [jnp.asarray(rng.normal(size=d) * 5.0, jnp.float32) for d in (4, 3)]
+  mu = float(np.prod([np.sum(np.square(np.asarray(s))) for s in vectors]))
+  got = sherman_morrison_tensor(g, vectors, jnp.float32(0.03), relative_damping=True)
+  want = sherman_morrison_tensor(g, vectors, jnp.float32(0.03 * mu))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -112,10 +112,17 @@ def test_inverses_refresh_exactly_every_n_steps(problem, name):
   assert not same(5, 6)
   # The refresh uses the running factors of that step.
   s3 = states[3][0]
-  factor = (s3.input_factor if name == "foof" else s3.input_factor)["Dense_0"]
-  inverse = s3.cache["input_inverse"]["Dense_0"]
+  factor = np.asarray(s3.input_factor["Dense_0"], np.float64)
+  inverse = np.asarray(s3.cache["input_inverse"]["Dense_0"], np.float64)
   if name == "foof":
-    np.testing.assert_allclose(inverse @ (factor + 0.03 * np.eye(factor.shape[0])), np.eye(factor.shape[0]), atol=2e-3)
+    damping = 0.03
+  else:  # K-FAC's π-split damping: √γ·π on A, π² = (tr A/dim A)/(tr G/dim G)
+    g = np.asarray(s3.output_grad_factor["Dense_0"], np.float64)
+    pi = np.sqrt((np.trace(factor) / len(factor)) / (np.trace(g) / len(g)))
+    damping = np.sqrt(0.03) * pi
+    want_g = np.linalg.inv(g + np.sqrt(0.03) / pi * np.eye(len(g)))
+    np.testing.assert_allclose(s3.cache["output_grad_inverse"]["Dense_0"], want_g, rtol=2e-3, atol=1e-5 * np.abs(want_g).max())
+  np.testing.assert_allclose(inverse @ (factor + damping * np.eye(len(factor))), np.eye(len(factor)), atol=2e-3)
 
 
 def test_kfac_stats_every_updates_factors_on_schedule(problem):
