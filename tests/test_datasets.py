@@ -5,45 +5,14 @@ Fashion-MNIST (IDX), CIFAR-10 (python pickle archive), the character-level text 
 
 from __future__ import annotations
 
-import gzip
-import io
 import pickle
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from data_files import cifar_batch, idx_bytes, write_cifar_tar, write_file, write_split
 from examples.harness import datasets
-
-
-def _idx_bytes(array: np.ndarray) -> bytes:
-    """Serialise a uint8 array in IDX format."""
-    header = bytes([0, 0, 0x08, array.ndim])
-    header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
-
-
-def _write(path: Path, data: bytes, compress: bool) -> Path:
-    if compress:
-        path = path.with_name(path.name + ".gz")
-        with gzip.open(path, "wb") as f:
-            f.write(data)
-    else:
-        path.write_bytes(data)
-    return path
-
-
-def _write_split(
-    directory: Path, split: str, n: int, *, compress: bool, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-    labels = rng.integers(0, 10, size=(n,), dtype=np.uint8)
-    prefix = {"train": "train", "test": "t10k"}[split]
-    _write(directory / f"{prefix}-images-idx3-ubyte", _idx_bytes(images), compress)
-    _write(directory / f"{prefix}-labels-idx1-ubyte", _idx_bytes(labels), compress)
-    return images, labels
 
 
 @pytest.fixture
@@ -65,7 +34,7 @@ def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 def test_load_from_data_dir(isolated: Path, split: str, compress: bool) -> None:
     d = isolated / "data"
     d.mkdir()
-    images, labels = _write_split(d, split, 7, compress=compress)
+    images, labels = write_split(d, split, 7, compress=compress)
     got_images, got_labels = datasets.fashion_mnist(split, data_dir=d)
     assert got_images.dtype == np.uint8 and got_labels.dtype == np.uint8
     assert got_images.shape == (7, 28, 28) and got_labels.shape == (7,)
@@ -77,7 +46,7 @@ def test_search_order(isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     explicit, env, system, cache = (isolated / n for n in ("explicit", "env", "system", "cache"))
     for i, d in enumerate((explicit, env, system, cache)):
         d.mkdir()
-        _write_split(d, "train", i + 1, compress=bool(i % 2))
+        write_split(d, "train", i + 1, compress=bool(i % 2))
     monkeypatch.setenv(datasets.ENV_VAR, str(env))
 
     assert len(datasets.fashion_mnist("train", data_dir=explicit)[0]) == 1
@@ -95,7 +64,7 @@ def test_download_fills_cache(isolated: Path, monkeypatch: pytest.MonkeyPatch) -
     def fake_download(directory: Path, split: str, timeout: float = 1.0) -> None:
         calls.append(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _write_split(directory, split, 3, compress=True)
+        write_split(directory, split, 3, compress=True)
 
     monkeypatch.setattr(datasets, "_download", fake_download)
     images, _ = datasets.fashion_mnist("test")
@@ -119,8 +88,8 @@ def test_check_cli(isolated: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "dataset-fashion-mnist" in capsys.readouterr().err
     d = isolated / "data"
     d.mkdir()
-    _write_split(d, "train", 2, compress=True)
-    _write_split(d, "test", 2, compress=False)
+    write_split(d, "train", 2, compress=True)
+    write_split(d, "test", 2, compress=False)
     assert datasets._main(["--check", "--data-dir", str(d)]) == 0
     assert str(d) in capsys.readouterr().out
 
@@ -129,9 +98,9 @@ def test_check_cli(isolated: Path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_bad_magic(isolated: Path, compress: bool) -> None:
     d = isolated / "data"
     d.mkdir()
-    _write_split(d, "train", 2, compress=compress)
+    write_split(d, "train", 2, compress=compress)
     labels = np.zeros(2, np.uint8)
-    path = _write(d / "train-images-idx3-ubyte", _idx_bytes(labels), compress)  # 0x801
+    path = write_file(d / "train-images-idx3-ubyte", idx_bytes(labels), compress)  # 0x801
     with pytest.raises(ValueError, match="magic") as info:
         datasets.fashion_mnist("train", data_dir=d)
     assert str(path) in str(info.value)
@@ -146,8 +115,8 @@ def test_not_idx_at_all(tmp_path: Path) -> None:
 
 
 def test_truncated_file(tmp_path: Path) -> None:
-    data = _idx_bytes(np.zeros((3, 28, 28), np.uint8))[:-5]
-    path = _write(tmp_path / "short", data, compress=False)
+    data = idx_bytes(np.zeros((3, 28, 28), np.uint8))[:-5]
+    path = write_file(tmp_path / "short", data, compress=False)
     with pytest.raises(ValueError, match="announces shape"):
         datasets.read_idx(path)
 
@@ -155,11 +124,11 @@ def test_truncated_file(tmp_path: Path) -> None:
 def test_wrong_image_shape_and_count(isolated: Path) -> None:
     d = isolated / "data"
     d.mkdir()
-    _write(d / "train-images-idx3-ubyte", _idx_bytes(np.zeros((2, 27, 28), np.uint8)), False)
-    _write(d / "train-labels-idx1-ubyte", _idx_bytes(np.zeros(2, np.uint8)), False)
+    write_file(d / "train-images-idx3-ubyte", idx_bytes(np.zeros((2, 27, 28), np.uint8)), False)
+    write_file(d / "train-labels-idx1-ubyte", idx_bytes(np.zeros(2, np.uint8)), False)
     with pytest.raises(ValueError, match="shape"):
         datasets.fashion_mnist("train", data_dir=d)
-    _write(d / "train-images-idx3-ubyte", _idx_bytes(np.zeros((3, 28, 28), np.uint8)), False)
+    write_file(d / "train-images-idx3-ubyte", idx_bytes(np.zeros((3, 28, 28), np.uint8)), False)
     with pytest.raises(ValueError, match="labels"):
         datasets.fashion_mnist("train", data_dir=d)
 
@@ -210,25 +179,14 @@ def test_batches_rejects_bad_input() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _cifar_batch(n: int, seed: int) -> dict[bytes, object]:
-    """A batch in the official format: uint8 data (n, 3072) and a list of int labels."""
-    rng = np.random.default_rng(seed)
-    return {
-        b"batch_label": f"batch {seed}".encode(),
-        b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
-        b"labels": [int(x) for x in rng.integers(0, 10, size=n)],
-        b"filenames": [f"img_{seed}_{i}.png".encode() for i in range(n)],
-    }
-
-
 # Two training batches (3 and 2 images; deliberately named out of lexical order with 10) and
 # a test batch of 4.
 _CIFAR_FILES = {"data_batch_2": (2, 2), "data_batch_10": (4, 10), "test_batch": (4, 99)}
 _CIFAR_TRAIN_ORDER = ("data_batch_2", "data_batch_10")
 
 
-def _cifar_batches() -> dict[str, dict[bytes, object]]:
-    return {name: _cifar_batch(n, seed) for name, (n, seed) in _CIFAR_FILES.items()}
+def cifar_batches() -> dict[str, dict[bytes, object]]:
+    return {name: cifar_batch(n, seed) for name, (n, seed) in _CIFAR_FILES.items()}
 
 
 def _write_cifar_dir(directory: Path, batches: dict[str, dict[bytes, object]]) -> None:
@@ -236,16 +194,6 @@ def _write_cifar_dir(directory: Path, batches: dict[str, dict[bytes, object]]) -
     (directory / "batches.meta").write_bytes(pickle.dumps({b"label_names": []}))
     for name, batch in batches.items():
         (directory / name).write_bytes(pickle.dumps(batch, protocol=2))
-
-
-def _write_cifar_tar(path: Path, batches: dict[str, dict[bytes, object]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w:gz") as tar:
-        for name, batch in batches.items():
-            data = pickle.dumps(batch, protocol=2)
-            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def _expected_nhwc(data: np.ndarray) -> np.ndarray:
@@ -268,14 +216,14 @@ def cifar_isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("layout", ["flat", "subdir", "tar", "tar_file_as_data_dir"])
 def test_cifar10_layouts(cifar_isolated: Path, layout: str) -> None:
-    batches = _cifar_batches()
+    batches = cifar_batches()
     root = cifar_isolated / "data"
     if layout == "flat":
         _write_cifar_dir(root, batches)
     elif layout == "subdir":
         _write_cifar_dir(root / "cifar-10-batches-py", batches)
     else:
-        _write_cifar_tar(root / "cifar-10-python.tar.gz", batches)
+        write_cifar_tar(root / "cifar-10-python.tar.gz", batches)
     data_dir = root / "cifar-10-python.tar.gz" if layout == "tar_file_as_data_dir" else root
 
     images, labels = datasets.cifar10("train", data_dir)
@@ -309,12 +257,12 @@ def test_cifar10_channel_planes(cifar_isolated: Path) -> None:
 
 def test_cifar10_search_order(cifar_isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def write(directory: Path, n: int) -> None:
-        _write_cifar_dir(directory, {"data_batch_1": _cifar_batch(n, n)})
+        _write_cifar_dir(directory, {"data_batch_1": cifar_batch(n, n)})
 
     explicit, env, cache = (cifar_isolated / n for n in ("explicit", "env", "cache"))
     write(explicit, 1)
     write(env / "cifar-10-batches-py", 2)
-    _write_cifar_tar(cache / "cifar-10-python.tar.gz", {"data_batch_1": _cifar_batch(3, 3)})
+    write_cifar_tar(cache / "cifar-10-python.tar.gz", {"data_batch_1": cifar_batch(3, 3)})
     monkeypatch.setenv(datasets.CIFAR10_ENV_VAR, str(env))
 
     assert len(datasets.cifar10("train", explicit)[0]) == 1
@@ -343,12 +291,12 @@ def test_cifar10_missing_names_every_path(
 
 def test_cifar10_split_needs_its_batches(cifar_isolated: Path) -> None:
     d = cifar_isolated / "d"
-    _write_cifar_dir(d, {"test_batch": _cifar_batch(2, 0)})
+    _write_cifar_dir(d, {"test_batch": cifar_batch(2, 0)})
     assert datasets.cifar10("test", d)[0].shape == (2, 32, 32, 3)
     with pytest.raises(FileNotFoundError, match="data_batch_1"):
         datasets.cifar10("train", d)  # a directory with only test_batch has no train split
     archive = cifar_isolated / "a" / "cifar-10-python.tar.gz"
-    _write_cifar_tar(archive, {"data_batch_1": _cifar_batch(2, 0)})
+    write_cifar_tar(archive, {"data_batch_1": cifar_batch(2, 0)})
     assert datasets.cifar10("train", archive.parent)[0].shape == (2, 32, 32, 3)
     with pytest.raises(ValueError, match="no test_batch") as info:
         datasets.cifar10("test", archive.parent)
@@ -359,10 +307,10 @@ def test_cifar10_split_needs_its_batches(cifar_isolated: Path) -> None:
 
 @pytest.mark.parametrize("as_tar", [False, True], ids=["dir", "tar"])
 def test_cifar10_bad_label(cifar_isolated: Path, as_tar: bool) -> None:
-    batch = _cifar_batch(5, 0)
+    batch = cifar_batch(5, 0)
     batch[b"labels"] = [0, 9, 10, 3, -1]
     if as_tar:
-        _write_cifar_tar(cifar_isolated / "d" / "cifar-10-python.tar.gz", {"test_batch": batch})
+        write_cifar_tar(cifar_isolated / "d" / "cifar-10-python.tar.gz", {"test_batch": batch})
     else:
         _write_cifar_dir(cifar_isolated / "d", {"test_batch": batch})
     with pytest.raises(ValueError, match=r"0\.\.9") as info:
@@ -399,7 +347,7 @@ def test_cifar10_malformed_batches(cifar_isolated: Path) -> None:
 def test_check_cli_cifar10(cifar_isolated: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert datasets._main(["--check-cifar10"]) == 1
     assert "cifar-10-python.tar.gz" in capsys.readouterr().err
-    _write_cifar_dir(cifar_isolated / "d", _cifar_batches())
+    _write_cifar_dir(cifar_isolated / "d", cifar_batches())
     assert datasets._main(["--check-cifar10", "--data-dir", str(cifar_isolated / "d")]) == 0
     out = capsys.readouterr().out
     assert f"CIFAR-10 train: {cifar_isolated / 'd'}" in out and "CIFAR-10 test" in out

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from example_helpers import finite_numbers, load_example
-from test_datasets import _cifar_batch, _write_cifar_tar
+from data_files import cifar_batch, write_cifar_tar
 
 from examples.harness import datasets
 
@@ -159,10 +159,10 @@ def test_missing_data_exits_with_the_path(no_cifar_elsewhere):
 
 
 def test_trains_on_a_tiny_archive(no_cifar_elsewhere, capsys):
-  batches = {f"data_batch_{k}": _cifar_batch(16, k) for k in (1, 2)}
-  batches["test_batch"] = _cifar_batch(16, 99)
+  batches = {f"data_batch_{k}": cifar_batch(16, k) for k in (1, 2)}
+  batches["test_batch"] = cifar_batch(16, 99)
   data = no_cifar_elsewhere / "data"
-  _write_cifar_tar(data / "cifar-10-python.tar.gz", batches)
+  write_cifar_tar(data / "cifar-10-python.tar.gz", batches)
   out_dir = no_cifar_elsewhere / "out"
   cifar10 = load_example("cifar10")
   results = cifar10.main(

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from example_helpers import finite_numbers, load_example
-from test_datasets import _write_split
+from data_files import write_split
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,8 @@ def clf():
 def data(tmp_path: Path) -> Path:
   d = tmp_path / "data"
   d.mkdir()
-  _write_split(d, "train", 64, compress=True)
-  _write_split(d, "test", 32, compress=False, seed=1)
+  write_split(d, "train", 64, compress=True)
+  write_split(d, "test", 32, compress=False, seed=1)
   return d
 
 

@@ -7,14 +7,14 @@ import json
 
 import pytest
 from example_helpers import finite_numbers, load_example
-from test_datasets import _write_split
+from data_files import write_split
 
 
 def test_autoencoder_trains_all_seven_optimizers(tmp_path, capsys):
   data = tmp_path / "data"
   data.mkdir()
-  _write_split(data, "train", 64, compress=True)
-  _write_split(data, "test", 32, compress=False)
+  write_split(data, "train", 64, compress=True)
+  write_split(data, "test", 32, compress=False)
   out_dir = tmp_path / "out"
   demo = load_example("autoencoder")
   names = ["SGD", "AdamW", "Eva", "Eva-f", "Eva-s", "K-FAC", "Shampoo"]
@@ -89,8 +89,8 @@ def test_bad_flags_are_refused_naming_the_flag(argv, message, capsys):
 def test_resume_continues_an_interrupted_run_bit_identically(tmp_path, monkeypatch):
   data = tmp_path / "data"
   data.mkdir()
-  _write_split(data, "train", 96, compress=False)
-  _write_split(data, "test", 32, compress=False)
+  write_split(data, "train", 96, compress=False)
+  write_split(data, "test", 32, compress=False)
   demo = load_example("autoencoder")
   from examples.harness import training
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from test_datasets import _write_split
+from data_files import write_split
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 120
@@ -58,8 +58,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("fashion-mnist")
-    _write_split(directory, "train", TRAIN_SIZE, compress=True)
-    _write_split(directory, "test", TEST_SIZE, compress=False)
+    write_split(directory, "train", TRAIN_SIZE, compress=True)
+    write_split(directory, "test", TEST_SIZE, compress=False)
     return directory
 
 

@@ -20,7 +20,7 @@ import pytest
 from nbclient import NotebookClient
 
 from examples.harness import datasets
-from test_datasets import _write_split
+from data_files import write_split
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
@@ -81,8 +81,8 @@ def test_quickstart_notebook_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
   if not real_data:
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    _write_split(data_dir, "train", 512, compress=True)
-    _write_split(data_dir, "test", 128, compress=False)
+    write_split(data_dir, "train", 512, compress=True)
+    write_split(data_dir, "test", 128, compress=False)
     monkeypatch.setenv(datasets.ENV_VAR, str(data_dir))
     monkeypatch.setenv("EVA_OPTAX_NOTEBOOK_LIMIT", "512")
 
