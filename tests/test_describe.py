@@ -40,7 +40,7 @@ def test_one_row_per_parameter_with_its_rule():
   assert by_name["Dense_0/kernel"].shape == (4, 3)
   assert by_name["Dense_0/kernel"].detail.startswith("Dense: in 4 + bias, out 3")
   assert by_name["blocks/up/kernel"].detail.startswith("Dense: in 3, out 5, stack (2,)")
-  assert by_name["LayerNorm_0/scale"].detail == "not part of a Dense/DenseGeneral/Conv layer"
+  assert by_name["LayerNorm_0/scale"].detail == "not part of a Dense/DenseGeneral/Conv/Einsum layer"
   assert by_name["unused/kernel"].detail.startswith("no statistics captured for this kernel")
 
 

@@ -81,3 +81,43 @@ def test_check_stats_match_names_the_layer():
     layers.check_stats_match(slot, LayerStats(jnp.zeros(5), jnp.zeros(3)))
   with pytest.raises(ValueError, match="'Dense_0'.*has_bias=False"):
     layers.check_stats_match(slot, LayerStats(jnp.zeros(4), jnp.zeros(3), has_bias=False))
+
+
+def test_permuted_kernel_and_bias_round_trip_through_the_matrix_view():
+  """An Einsum kernel 'NDH' (input D, outputs N and H) is the matrix (D, N·H) of
+  the kernel transposed to D, N, H; its bias (entries in the output's order N, H)
+  the vector N·H; kernel_from_matrix and bias_from_vector undo both."""
+  layout = KernelLayout(0, 2, (1, 0, 2), (0, 2))
+  kernel = np.arange(3 * 4 * 5, dtype=np.float32).reshape(3, 4, 5)
+  bias = np.arange(15, dtype=np.float32).reshape(3, 5)
+  matrix = layers.kernel_matrix(jnp.asarray(kernel), layout)
+  np.testing.assert_array_equal(matrix, kernel.transpose(1, 0, 2).reshape(4, 15))
+  np.testing.assert_array_equal(layers.kernel_from_matrix(matrix, layout, kernel.shape), kernel)
+  vector = layers.bias_vector(jnp.asarray(bias), layout, kernel.shape)
+  np.testing.assert_array_equal(vector, bias.reshape(15))
+  np.testing.assert_array_equal(layers.bias_from_vector(vector, layout, bias.shape, kernel.shape), bias)
+  # A bias whose entries run in another order than the kernel's (output 'BTHN'):
+  other = KernelLayout(0, 2, (1, 0, 2), (2, 0))
+  flipped = np.arange(15, dtype=np.float32).reshape(5, 3)  # entries (H, N)
+  np.testing.assert_array_equal(layers.bias_vector(jnp.asarray(flipped), other, kernel.shape), flipped.T.reshape(15))
+  np.testing.assert_array_equal(
+      layers.bias_from_vector(layers.bias_vector(jnp.asarray(flipped), other, kernel.shape), other, flipped.shape, kernel.shape),
+      flipped,
+  )
+
+
+def test_grouped_kernel_round_trips_through_the_matrix_view():
+  """A grouped conv kernel (kh, kw, in/groups, out) is the stack over groups of
+  the matrices (kh·kw·in/groups, out/groups) of its output blocks; its bias (out,)
+  the stack of its blocks; kernel_from_matrix undoes the view."""
+  layout = KernelLayout(1, 1, groups=2)
+  kernel = np.arange(3 * 3 * 2 * 6, dtype=np.float32).reshape(3, 3, 2, 6)
+  matrix = layers.kernel_matrix(jnp.asarray(kernel), layout)
+  assert matrix.shape == (2, 18, 3) and layout.dims(kernel.shape) == ((2,), 18, 3)
+  for g in range(2):
+    np.testing.assert_array_equal(matrix[g], kernel[..., 3 * g : 3 * g + 3].reshape(18, 3))
+  np.testing.assert_array_equal(layers.kernel_from_matrix(matrix, layout, kernel.shape), kernel)
+  bias = np.arange(6, dtype=np.float32)
+  np.testing.assert_array_equal(layers.bias_vector(jnp.asarray(bias), layout, kernel.shape), bias.reshape(2, 3))
+  with pytest.raises(ValueError, match="does not fit"):
+    KernelLayout(1, 1, groups=4).check(kernel.shape, "conv")

@@ -771,7 +771,7 @@ class PassThroughNet(nn.Module):
     h = nn.Conv(4, (3, 3), padding="SAME", feature_group_count=2, name="grouped")(x)
     h = jnp.tanh(nn.ConvTranspose(4, (2, 2), strides=(2, 2), name="up")(jnp.tanh(h)))
     h = jnp.tanh(nn.Conv(3, (3, 3), strides=2, padding="SAME", name="conv")(h))
-    h = nn.Einsum((3, 5), "bhwc,cd->bhwd", name="einsum")(h)
+    h = nn.Einsum((3, 5), "...c,cd->...d", name="einsum")(h)  # an ellipsis: not named
     return nn.Dense(2, name="head")(jnp.tanh(h))
 
 
@@ -787,19 +787,23 @@ def test_pass_through_layers():
   loss, grads, stats = jax.jit(eva_optax.value_and_grad(loss_fn))(params, x, t)
   np.testing.assert_allclose(loss, want_loss, rtol=RTOL, atol=ATOL)
   _assert_tree_close(grads, want_grads)
-  _check_against(stats, expected)
+  # The grouped Conv is captured (a stack of its groups; checked against the
+  # ungrouped Convs of its groups in test_grouped_conv_is_a_stack_…).
+  _check_against({k: v for k, v in stats.items() if k != "grouped"}, expected)
 
   entries = _entries(stats)
   assert set(entries) == {("grouped",), ("up",), ("conv",), ("einsum",), ("head",)}
   grouped = entries[("grouped",)]
-  assert isinstance(grouped, PassThrough)
-  assert grouped.kind == "Conv"
-  assert "feature_group_count=2" in grouped.reason
-  for path, kind in ((("up",), "ConvTranspose"), (("einsum",), "Einsum")):
+  assert isinstance(grouped, LayerStats) and grouped.kind == "Conv"
+  assert grouped.layout.groups == 2
+  for path, kind, reason in (
+      (("up",), "ConvTranspose", "not a Dense, DenseGeneral, Conv or Einsum"),
+      (("einsum",), "Einsum", "has an ellipsis"),
+  ):
     entry = entries[path]
     assert isinstance(entry, PassThrough), path
     assert entry.kind == kind
-    assert "not a Dense, DenseGeneral or Conv" in entry.reason
+    assert reason in entry.reason
   # describe() shows the module type next to the reason.
   text = str(eva_optax.describe(params, stats))
   assert "ConvTranspose" in text and "Einsum" in text
@@ -874,3 +878,172 @@ def test_factors_gate_bad_values(statistics, due, match):
   grad_fn = eva_optax.value_and_grad(_mse_loss(CASES[name].model), statistics=statistics)
   with pytest.raises(ValueError, match=match):
     grad_fn(params, x, t, factors_due=due)
+
+
+# ---------------------------------------------------------------------------
+# nn.Einsum: the contracted, output and stack axes read from the equation.
+
+
+class _EinsumNet(nn.Module):
+  """q: 'BTD,NDH->BTNH' (bias over N, H; kernel axes permuted to D | N H);
+  per_head: 'BTNH,NHE->BTNE' (N a stack axis: one layer per head);
+  out: 'BTNE,NED->BTD' (two contracted axes, no bias)."""
+
+  @nn.compact
+  def __call__(self, x):
+    q = nn.Einsum((3, 4, 5), "BTD,NDH->BTNH", name="q")(x)
+    h = nn.Einsum((3, 5, 2), "BTNH,NHE->BTNE", name="per_head")(jnp.tanh(q))
+    return nn.Einsum((3, 2, 4), "BTNE,NED->BTD", use_bias=False, name="out")(jnp.tanh(h))
+
+
+def _einsum_problem():
+  x = jax.random.normal(jax.random.key(0), (2, 6, 4))
+  y = jax.random.normal(jax.random.key(1), (2, 6, 4))
+  model = _EinsumNet()
+  params = model.init(jax.random.key(2), x)["params"]
+  return model, params, x, y
+
+
+def test_einsum_statistics_match_independent_ones():
+  """ā: the layer input averaged over every axis but the contracted (and stack)
+  ones; ḡ: ∂L/∂y averaged likewise over the non-output axes, from jax.vjp of
+  each layer output; A and G per stack index by their definitions."""
+  model, params, x, y = _einsum_problem()
+  loss = lambda p: jnp.mean((model.apply({"params": p}, x) - y) ** 2)
+  _, _, stats = eva_optax.value_and_grad(loss, statistics=ALL_STATISTICS)(params)
+
+  k = {name: params[name]["kernel"] for name in params}
+  q = jnp.einsum("BTD,NDH->BTNH", x, k["q"]) + params["q"]["bias"]
+  h = jnp.einsum("BTNH,NHE->BTNE", jnp.tanh(q), k["per_head"]) + params["per_head"]["bias"]
+
+  def tail(q, h, z_out):
+    h = jnp.einsum("BTNH,NHE->BTNE", jnp.tanh(q), k["per_head"]) + params["per_head"]["bias"] + h
+    return jnp.mean((jnp.einsum("BTNE,NED->BTD", jnp.tanh(h), k["out"]) + z_out - y) ** 2)
+
+  g_q, g_h, g_out = jax.grad(tail, argnums=(0, 1, 2))(q, jnp.zeros_like(h), jnp.zeros((2, 6, 4)))
+  n = 12  # B·T rows
+  x_rows = np.asarray(x).reshape(n, 4)
+  hq = np.tanh(np.asarray(q))  # (B, T, N, H): per-head input of per_head
+  hh = np.tanh(np.asarray(h)).reshape(n, 6)  # (N·E) in kernel order N, E
+  want = {
+      "q": (x_rows.mean(0), np.asarray(g_q).reshape(n, 15).mean(0)),
+      "per_head": (hq.reshape(n, 3, 5).mean(0), np.asarray(g_h).reshape(n, 3, 2).mean(0)),
+      "out": (hh.mean(0), np.asarray(g_out).reshape(n, 4).mean(0)),
+  }
+  for name, (a, g) in want.items():
+    entry = stats[name]
+    assert isinstance(entry, LayerStats) and entry.kind == "Einsum"
+    np.testing.assert_allclose(entry.input_mean, a, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(entry.output_grad_mean, g, rtol=RTOL, atol=1e-9)
+  assert stats["q"].layout == eva_optax.KernelLayout(0, 2, (1, 0, 2), (0, 2))
+  assert stats["per_head"].layout.stack_ndim == 1 and stats["per_head"].input_mean.shape == (3, 5)
+  # K-FAC factors of the stacked layer: per head, A = mean [a,1][a,1]ᵀ, G = N·Σ g gᵀ.
+  rows = np.concatenate([hq.reshape(n, 3, 5), np.ones((n, 3, 1))], axis=-1).transpose(1, 0, 2)
+  np.testing.assert_allclose(
+      stats["per_head"].input_factor, np.einsum("nri,nrj->nij", rows, rows) / n, rtol=RTOL, atol=ATOL
+  )
+  gh = np.asarray(g_h).reshape(n, 3, 2).transpose(1, 0, 2)
+  np.testing.assert_allclose(
+      stats["per_head"].output_grad_factor, 2 * np.einsum("nro,nrp->nop", gh, gh), rtol=RTOL, atol=1e-9
+  )
+
+
+def test_eva_on_an_einsum_equals_eva_on_the_same_dense_general():
+  """'BTD,NDH->BTNH' with kernel (N, D, H) is DenseGeneral(features=(N, H)) with
+  the kernel transposed to (D, N, H): the same statistics and, given the
+  captured layouts, the same Eva update, transposed back."""
+  x = jax.random.normal(jax.random.key(0), (2, 6, 4))
+  y = jax.random.normal(jax.random.key(1), (2, 6, 3, 5))
+  einsum = nn.Einsum((3, 4, 5), "BTD,NDH->BTNH")
+  dense = nn.DenseGeneral((3, 5))
+  pe = einsum.init(jax.random.key(2), x)["params"]
+  pd = {"kernel": jnp.transpose(pe["kernel"], (1, 0, 2)), "bias": pe["bias"]}
+  updates = {}
+  for name, model, params in (("einsum", einsum, pe), ("dense", dense, pd)):
+    loss = lambda p: jnp.mean((jnp.tanh(model.apply({"params": p}, x)) - y) ** 2)
+    _, grads, stats = eva_optax.value_and_grad(loss)(params)
+    tx = eva_optax.eva(0.1, layouts=eva_optax.layouts_of(stats))
+    updates[name], _ = tx.update(grads, tx.init(params), params, stats=stats)
+  np.testing.assert_allclose(
+      jnp.transpose(updates["einsum"]["kernel"], (1, 0, 2)), updates["dense"]["kernel"], rtol=1e-5, atol=1e-8
+  )
+  np.testing.assert_allclose(updates["einsum"]["bias"], updates["dense"]["bias"], rtol=1e-5, atol=1e-8)
+  assert float(jnp.abs(updates["dense"]["kernel"]).max()) > 0
+
+
+@pytest.mark.parametrize(
+    "equation, shape, word",
+    [
+        ("...D,DH->...H", (4, 5), "ellipsis"),
+        ("BTD,DD->BTD", (4, 4), "repeats a label"),
+        ("BTD,DH->BH", (4, 5), "sums an input axis"),
+        ("BTD,DHK->BTH", (4, 5, 2), "sums a kernel axis"),
+    ],
+)
+def test_einsum_the_statistics_do_not_describe_is_passed_through(equation, shape, word):
+  x = jax.random.normal(jax.random.key(0), (2, 3, 4))
+  layer = nn.Einsum(shape, equation, use_bias=False)
+  params = layer.init(jax.random.key(1), x)["params"]
+  _, _, stats = eva_optax.value_and_grad(lambda p: jnp.sum(layer.apply({"params": p}, x) ** 2))(params)
+  assert isinstance(stats, PassThrough) and stats.kind == "Einsum"
+  assert word in stats.reason and "plain gradient" in stats.reason
+
+
+# ---------------------------------------------------------------------------
+# Grouped and depthwise convolutions: each group of channels its own layer.
+
+
+class _Grouped(nn.Module):
+  groups: int
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Conv(6, (3, 3), padding="SAME", feature_group_count=self.groups, name="conv")(x)
+
+
+class _SplitIntoGroups(nn.Module):
+  """The same map as _Grouped: one ungrouped Conv per group of channels."""
+
+  groups: int
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1] // self.groups
+    return jnp.concatenate(
+        [nn.Conv(6 // self.groups, (3, 3), padding="SAME", name=f"g{i}")(x[..., i * c : (i + 1) * c])
+         for i in range(self.groups)],
+        axis=-1,
+    )
+
+
+@pytest.mark.parametrize("groups", [2, 6])  # grouped; depthwise (one channel a group)
+def test_grouped_conv_is_a_stack_of_the_ungrouped_convs_of_its_groups(groups):
+  """ā, ḡ, A and G of group g equal those of the ungrouped Conv that maps the
+  g-th channels to the g-th outputs, and so does Eva's update (the KL clip
+  sums over the same layers), given the captured layouts."""
+  x = jax.random.normal(jax.random.key(0), (3, 5, 5, 6))
+  y = jax.random.normal(jax.random.key(1), (3, 5, 5, 6))
+  grouped, split = _Grouped(groups), _SplitIntoGroups(groups)
+  pg = grouped.init(jax.random.key(2), x)["params"]["conv"]
+  per = 6 // groups
+  ps = {f"g{i}": {"kernel": pg["kernel"][..., i * per : (i + 1) * per], "bias": pg["bias"][i * per : (i + 1) * per]}
+        for i in range(groups)}
+  runs = {}
+  for name, model, params in (("grouped", grouped, {"conv": pg}), ("split", split, ps)):
+    loss = lambda p: jnp.mean((jnp.tanh(model.apply({"params": p}, x)) - y) ** 2)
+    _, grads, stats = eva_optax.value_and_grad(loss, statistics=ALL_STATISTICS)(params)
+    tx = eva_optax.eva(0.1, layouts=eva_optax.layouts_of(stats))
+    updates, _ = tx.update(grads, tx.init(params), params, stats=stats)
+    runs[name] = (stats, updates)
+  stats, updates = runs["grouped"]
+  assert stats["conv"].layout.groups == groups and stats["conv"].input_mean.shape == (groups, 9 * 6 // groups)
+  for i in range(groups):
+    want = runs["split"][0][f"g{i}"]
+    for field in ALL_STATISTICS:
+      np.testing.assert_allclose(getattr(stats["conv"], field)[i], getattr(want, field), rtol=RTOL, atol=1e-9)
+    np.testing.assert_allclose(
+        updates["conv"]["kernel"][..., i * per : (i + 1) * per], runs["split"][1][f"g{i}"]["kernel"], rtol=1e-5, atol=1e-9
+    )
+    np.testing.assert_allclose(
+        updates["conv"]["bias"][i * per : (i + 1) * per], runs["split"][1][f"g{i}"]["bias"], rtol=1e-5, atol=1e-9
+    )

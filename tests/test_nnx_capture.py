@@ -241,7 +241,7 @@ def test_eva_steps_equal_the_linen_steps(problem):
 
 def test_unsupported_modules_are_pass_through():
   """Every module owning an ``nnx.Param`` kernel has an entry: unsupported
-  kinds, grouped convolutions, LinearGeneral with batch_axis and layers the
+  kinds, LinearGeneral with batch_axis, Einsum equations with a repeated label and layers the
   loss does not call are ``PassThrough``; Eva then passes them through."""
 
   class Net(nnx.Module):
@@ -251,13 +251,14 @@ def test_unsupported_modules_are_pass_through():
       self.grouped = nnx.Conv(4, 4, (1, 1), feature_group_count=2, rngs=rngs)
       self.transpose = nnx.ConvTranspose(4, 2, (2, 2), rngs=rngs)
       self.einsum = nnx.Einsum("bhwc,cd->bhwd", (2, 3), (3,), rngs=rngs)
+      self.diagonal = nnx.Einsum("bc,cc->bc", (3, 3), None, rngs=rngs)
       self.batched = nnx.LinearGeneral(3, 2, batch_axis={0: 5}, rngs=rngs)
       self.embed = nnx.Embed(4, 3, rngs=rngs)
       self.unused = nnx.Linear(3, 3, rngs=rngs)
 
     def __call__(self, x):
       h = self.transpose(self.grouped(self.conv(x)))
-      h = self.einsum(h).mean(axis=(1, 2))
+      h = self.diagonal(self.einsum(h).mean(axis=(1, 2)))
       return self.batched(h) + self.embed(jnp.zeros(h.shape[0], jnp.int32)).sum()
 
   model = Net(nnx.Rngs(0))
@@ -266,10 +267,11 @@ def test_unsupported_modules_are_pass_through():
   _, grads, stats = eva_optax.nnx_value_and_grad(loss_fn)(model, x)
   entries = layer_entries(stats)
   assert isinstance(entries[("conv",)], LayerStats)
+  assert isinstance(entries[("einsum",)], LayerStats) and entries[("einsum",)].kind == "Einsum"
+  assert isinstance(entries[("grouped",)], LayerStats) and entries[("grouped",)].layout.groups == 2
   expected = {
-      "grouped": ("Conv", "grouped convolution"),
-      "transpose": ("ConvTranspose", "not a Linear, LinearGeneral or Conv"),
-      "einsum": ("Einsum", "not a Linear, LinearGeneral or Conv"),
+      "transpose": ("ConvTranspose", "not a Linear, LinearGeneral, Conv or Einsum"),
+      "diagonal": ("Einsum", "repeats a label"),
       "batched": ("LinearGeneral", "batch_axis"),
       "unused": ("Linear", "not called"),
   }
@@ -285,7 +287,7 @@ def test_unsupported_modules_are_pass_through():
   for name in expected:
     assert rows[f"{name}/kernel"].rule == "pass-through"
 
-  tx = optax.chain(eva_optax.scale_by_eva(learning_rate=0.1))
+  tx = optax.chain(eva_optax.scale_by_eva(learning_rate=0.1, layouts=eva_optax.layouts_of(stats)))
   updates, _ = tx.update(grads, tx.init(params), params, stats=stats)
   for name in expected:
     np.testing.assert_array_equal(updates[name]["kernel"][...], grads[name]["kernel"][...])
@@ -449,3 +451,52 @@ def test_subclass_overriding_call_is_passed_through_by_name():
   h = np.asarray(model.scaled(x))
   np.testing.assert_allclose(stats["plain"].input_mean, h.mean(0), rtol=RTOL, atol=1e-6)
   assert type(model.scaled) is Scaled and type(model.plain) is Plain
+
+
+def test_einsum_statistics_equal_the_linen_capture():
+  """nnx.Einsum layers (a permuted kernel with bias, two contracted axes without)
+  give the statistics and layouts of the same nn.Einsum layers."""
+
+  class Model(nnx.Module):
+
+    def __init__(self, rngs):
+      self.q = nnx.Einsum("BTD,NDH->BTNH", (3, 4, 5), (3, 5), rngs=rngs)
+      self.o = nnx.Einsum("BTNH,NHD->BTD", (3, 5, 4), None, rngs=rngs)
+
+    def __call__(self, x):
+      return self.o(jnp.tanh(self.q(x)))
+
+  class Linen(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      q = nn.Einsum((3, 4, 5), "BTD,NDH->BTNH", name="q")(x)
+      return nn.Einsum((3, 5, 4), "BTNH,NHD->BTD", use_bias=False, name="o")(jnp.tanh(q))
+
+  model = Model(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 6, 4))
+  y = jax.random.normal(jax.random.key(1), (2, 6, 4))
+  _, _, stats = eva_optax.nnx_value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+  params = {"q": {"kernel": model.q.kernel[...], "bias": model.q.bias[...]}, "o": {"kernel": model.o.kernel[...]}}
+  linen_loss = lambda p: jnp.mean((Linen().apply({"params": p}, x) - y) ** 2)
+  _, _, want = eva_optax.value_and_grad(linen_loss)(params)
+  for name in ("q", "o"):
+    assert stats[name].kind == "Einsum" and stats[name].layout == want[name].layout
+    np.testing.assert_allclose(stats[name].input_mean, want[name].input_mean, rtol=RTOL, atol=1e-7)
+    np.testing.assert_allclose(stats[name].output_grad_mean, want[name].output_grad_mean, rtol=1e-5, atol=1e-9)
+
+
+def test_grouped_conv_statistics_equal_the_linen_capture():
+  """nnx.Conv with feature_group_count (grouped and depthwise) gives the
+  per-group statistics and the layout of the same nn.Conv."""
+  x = jax.random.normal(jax.random.key(0), (3, 5, 5, 4))
+  for groups in (2, 4):
+    layer = nnx.Conv(4, 6 if groups == 2 else 4, (3, 3), feature_group_count=groups, rngs=nnx.Rngs(0))
+    _, _, stats = eva_optax.nnx_value_and_grad(lambda m: jnp.mean(jnp.tanh(m(x)) ** 2), statistics=STATISTICS)(layer)
+    linen = nn.Conv(layer.out_features, (3, 3), feature_group_count=groups)
+    params = {"kernel": layer.kernel[...], "bias": layer.bias[...]}
+    loss = lambda p: jnp.mean(jnp.tanh(linen.apply({"params": p}, x)) ** 2)
+    _, _, want = eva_optax.value_and_grad(loss, statistics=STATISTICS)(params)
+    assert stats.layout == want.layout and stats.layout.groups == groups
+    for field in STATISTICS:
+      np.testing.assert_allclose(getattr(stats, field), getattr(want, field), rtol=RTOL, atol=1e-9)

@@ -88,7 +88,10 @@ class ConvGeometry(NamedTuple):
 
   Every field is one int per spatial axis, except ``padding``: ``'SAME'``,
   ``'VALID'``, ``'CAUSAL'``, ``'CIRCULAR'``, ``'REFLECT'``, or a
-  ``(low, high)`` pair per spatial axis — Flax's conventions.
+  ``(low, high)`` pair per spatial axis — Flax's conventions. With
+  ``groups`` > 1 the input channels and the outputs split into that many
+  contiguous groups, group g mapping its channels to its outputs (the kernel's
+  ``in`` is then channels/groups).
   """
 
   kernel_size: tuple[int, ...]
@@ -96,9 +99,67 @@ class ConvGeometry(NamedTuple):
   padding: Union[str, tuple[tuple[int, int], ...]]
   input_dilation: tuple[int, ...]
   kernel_dilation: tuple[int, ...]
+  groups: int = 1  # feature_group_count: each group of channels its own layer
 
 
-Geometry = Union[DenseGeometry, ConvGeometry]
+class EinsumGeometry(NamedTuple):
+  """y = einsum(``'{inputs},{kernel}->{output}'``, x, kernel) (+ bias).
+
+  Each kernel label is a contracted input axis (in ``inputs``, not in
+  ``output``), an output axis (in ``output`` only) or a stack axis (in all
+  three: one independent layer per index). :func:`einsum_geometry` builds it
+  from an equation, or says why an equation is not supported.
+  """
+
+  inputs: str
+  kernel: str
+  output: str
+
+  @property
+  def stack(self) -> str:
+    return "".join(c for c in self.kernel if c in self.inputs and c in self.output)
+
+  @property
+  def contracted(self) -> str:
+    return "".join(c for c in self.kernel if c in self.inputs and c not in self.output)
+
+  @property
+  def outputs(self) -> str:
+    return "".join(c for c in self.kernel if c not in self.inputs)
+
+  def permutation(self) -> tuple[int, ...]:
+    """The kernel's axes as ``stack + contracted + outputs``."""
+    return tuple(self.kernel.index(c) for c in self.stack + self.contracted + self.outputs)
+
+  def bias_axes(self) -> tuple[int, ...]:
+    """The kernel axes of a bias, in the output's order (how Flax adds it)."""
+    return tuple(self.kernel.index(c) for c in self.output if c in self.kernel)
+
+
+Geometry = Union[DenseGeometry, ConvGeometry, EinsumGeometry]
+
+
+def einsum_geometry(equation: str) -> EinsumGeometry | str:
+  """The :class:`EinsumGeometry` of ``'x,kernel->y'``, or why it is not a layer
+  the statistics describe (the reason, a string)."""
+  equation = equation.replace(" ", "")
+  if "..." in equation:
+    return f"Einsum {equation!r} has an ellipsis: its axes cannot be named before the call"
+  if equation.count("->") != 1 or equation.split("->")[0].count(",") != 1:
+    return f"Einsum {equation!r} is not of the form 'x,kernel->y'"
+  operands, output = equation.split("->")
+  inputs, kernel = operands.split(",")
+  for name, labels in (("input", inputs), ("kernel", kernel), ("output", output)):
+    if len(set(labels)) != len(labels):
+      return f"Einsum {equation!r} repeats a label of the {name} (a diagonal)"
+  geometry = EinsumGeometry(inputs, kernel, output)
+  if any(c not in inputs and c not in output for c in kernel):
+    return f"Einsum {equation!r} sums a kernel axis that neither input nor output has"
+  if any(c not in kernel and c not in output for c in inputs):
+    return f"Einsum {equation!r} sums an input axis the kernel does not contract"
+  if not geometry.contracted or not geometry.outputs:
+    return f"Einsum {equation!r} needs a contracted axis and an output axis in the kernel"
+  return geometry
 
 
 class Layer(NamedTuple):
@@ -138,7 +199,20 @@ def layer_record(
   rank is ``kernel_ndim`` (the leading extra axes are a stack of layers); its
   statistics are kept in :func:`~eva_optax._src.statistics.statistic_dtype`
   of the kernel's dtype."""
-  layout = KernelLayout(len(kernel_shape) - kernel_ndim, output_ndim)
+  scan = len(kernel_shape) - kernel_ndim
+  if isinstance(geometry, EinsumGeometry):
+    # Stacked layers (scan) first, then the equation's own stack axes.
+    perm = tuple(range(scan)) + tuple(scan + a for a in geometry.permutation())
+    bias_axes = tuple(range(scan)) + tuple(scan + a for a in geometry.bias_axes())
+    layout = KernelLayout(
+        scan + len(geometry.stack), len(geometry.outputs),
+        None if perm == tuple(range(len(perm))) else perm,
+        None if perm == tuple(range(len(perm))) else bias_axes,
+    )
+  elif isinstance(geometry, ConvGeometry) and geometry.groups > 1:
+    layout = KernelLayout(scan + 1, 1, groups=geometry.groups)
+  else:
+    layout = KernelLayout(scan, output_ndim)
   stack, in_dim, out_dim = layout.dims(tuple(kernel_shape))
   dtype = jnp.dtype(statistic_dtype(kernel_dtype)).name
   return Layer(kind, geometry, layout, stack, in_dim, out_dim, has_bias, dtype)
@@ -209,6 +283,17 @@ def convolve(geometry: ConvGeometry, images: jax.Array, kernel: jax.Array) -> ja
   )
 
 
+def _by_group(geometry: ConvGeometry, patches: jax.Array) -> jax.Array:
+  """Patches ``(..., window · channels)`` in HWIO order as ``(groups, ...,
+  window · channels/groups)``: the patches each group of channels sees."""
+  if geometry.groups == 1:
+    return patches
+  window = math.prod(geometry.kernel_size)
+  lead = patches.shape[:-1]
+  split = patches.reshape(lead + (window, geometry.groups, -1))
+  return jnp.moveaxis(split, -2, 0).reshape((geometry.groups,) + lead + (-1,))
+
+
 def input_rows(geometry: Geometry, x: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
   """The layer input as rows ``(positions, in)`` in the kernel's input order.
 
@@ -216,6 +301,8 @@ def input_rows(geometry: Geometry, x: jax.Array, dtype: Any = jnp.float32) -> ja
   the input, obtained by the layer's own convolution with an identity kernel.
   In ``dtype`` (the statistics' precision).
   """
+  if isinstance(geometry, EinsumGeometry):
+    return _einsum_rows(geometry, x, geometry.inputs, geometry.contracted, dtype)
   if isinstance(geometry, DenseGeometry):
     axis = tuple(sorted(a % x.ndim for a in geometry.axis))  # Flax's kernel order
     moved = jnp.moveaxis(x, axis, tuple(range(x.ndim - len(axis), x.ndim)))
@@ -227,7 +314,20 @@ def input_rows(geometry: Geometry, x: jax.Array, dtype: Any = jnp.float32) -> ja
   identity = jnp.eye(in_dim, dtype=dtype).reshape(
       geometry.kernel_size + (channels, in_dim)
   )
-  return convolve(geometry, images, identity).reshape(-1, in_dim)
+  return _by_group(geometry, convolve(geometry, images, identity).reshape(-1, in_dim))
+
+
+def _einsum_rows(
+    geometry: EinsumGeometry, z: jax.Array, labels: str, features: str, dtype: Any
+) -> jax.Array:
+  """``z`` (axes ``labels``) as ``stack + (rows, features)``: the equation's
+  stack axes first, every other axis a row, the ``features`` axes last."""
+  stack = geometry.stack
+  rows = "".join(c for c in labels if c not in stack and c not in features)
+  order = [labels.index(c) for c in stack + rows + features]
+  moved = jnp.transpose(z, order).astype(dtype)
+  sizes = [z.shape[labels.index(c)] for c in stack]
+  return moved.reshape(tuple(sizes) + (-1, math.prod(z.shape[labels.index(c)] for c in features)))
 
 
 def input_mean(geometry: Geometry, x: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
@@ -241,15 +341,17 @@ def input_mean(geometry: Geometry, x: jax.Array, dtype: Any = jnp.float32) -> ja
   over positions of the layer's own convolution of the mean image:
   convolution is linear in the kernel.
   """
-  if isinstance(geometry, DenseGeometry):
-    return jnp.mean(input_rows(geometry, x, dtype), axis=0)
+  if isinstance(geometry, (DenseGeometry, EinsumGeometry)):
+    return jnp.mean(input_rows(geometry, x, dtype), axis=-2)
   images = _images(geometry, x, dtype)
   mean_image = jnp.mean(images, axis=0)
   selection = patch_selection(geometry, mean_image.shape[:-1])
   if selection is not None:
     # ā = M · vec(mean image): one product, M constant (built at trace time).
     flat = mean_image.reshape(-1, mean_image.shape[-1])
-    return jnp.dot(jnp.asarray(selection, dtype), flat, precision=_HIGHEST).reshape(-1)
+    return _by_group(
+        geometry, jnp.dot(jnp.asarray(selection, dtype), flat, precision=_HIGHEST).reshape(-1)
+    )
   mean_image = mean_image[None]
   # Per device under shard_map (else its gradient would be summed over devices).
   kernel = varying_like(
@@ -257,7 +359,7 @@ def input_mean(geometry: Geometry, x: jax.Array, dtype: Any = jnp.float32) -> ja
   )
   out, vjp = jax.vjp(lambda k: convolve(geometry, mean_image, k), kernel)
   (patch_mean,) = vjp(varying_like(jnp.full(out.shape, 1.0 / out.size, out.dtype), out))
-  return patch_mean.reshape(-1)
+  return _by_group(geometry, patch_mean.reshape(-1))
 
 
 def patch_selection(geometry: ConvGeometry, spatial: tuple[int, ...]) -> np.ndarray | None:
@@ -303,10 +405,10 @@ def patch_selection(geometry: ConvGeometry, spatial: tuple[int, ...]) -> np.ndar
 
 def input_factor(layer: Layer, x: jax.Array) -> jax.Array:
   """A = mean over rows of â âᵀ, with â = [row, 1] when the layer has a bias."""
-  rows = input_rows(layer.geometry, x, layer.dtype)
+  rows = input_rows(layer.geometry, x, layer.dtype)  # [stack +] (rows, in)
   if layer.has_bias:
-    rows = jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)], axis=1)
-  return jnp.einsum("ri,rj->ij", rows, rows, precision=_HIGHEST) / rows.shape[0]
+    rows = jnp.concatenate([rows, jnp.ones(rows.shape[:-1] + (1,), rows.dtype)], axis=-1)
+  return jnp.einsum("...ri,...rj->...ij", rows, rows, precision=_HIGHEST) / rows.shape[-2]
 
 
 def batch_size(geometry: Geometry, x: jax.Array) -> int:
@@ -317,7 +419,8 @@ def batch_size(geometry: Geometry, x: jax.Array) -> int:
 
 
 def output_grad_factor(
-    cotangent: jax.Array, out_dim: int, batch: int, dtype: Any = jnp.float32
+    cotangent: jax.Array, out_dim: int, batch: int, dtype: Any = jnp.float32,
+    geometry: Geometry | None = None,
 ) -> jax.Array:
   """G = N · Σ_rows (∂L/∂y)(∂L/∂y)ᵀ, with N samples and L the mean loss.
 
@@ -325,8 +428,14 @@ def output_grad_factor(
   gradient, so for one row per sample G = E[g gᵀ]; positions (sequence, conv
   output pixels) are summed within a sample, as in KFC (Grosse & Martens 2016).
   """
-  rows = cotangent.reshape(-1, out_dim).astype(dtype)
-  return batch * jnp.einsum("ro,rp->op", rows, rows, precision=_HIGHEST)
+  if isinstance(geometry, EinsumGeometry):
+    rows = _einsum_rows(geometry, cotangent, geometry.output, geometry.outputs, dtype)
+  elif isinstance(geometry, ConvGeometry) and geometry.groups > 1:
+    rows = cotangent.reshape(-1, geometry.groups, out_dim).astype(dtype)
+    rows = jnp.moveaxis(rows, 1, 0)
+  else:
+    rows = cotangent.reshape(-1, out_dim).astype(dtype)
+  return batch * jnp.einsum("...ro,...rp->...op", rows, rows, precision=_HIGHEST)
 
 
 # ---------------------------------------------------------------------------
@@ -350,7 +459,10 @@ def tap_input(x: jax.Array, probe: dict, statistics: Callable) -> jax.Array:
   def fwd(x, probe):
     values = statistics(x, probe.get(FACTORS_DUE))
     values[FACTORS_DUE] = jnp.zeros([], jnp.float32)
-    return x, {k: varying_like(values[k].astype(v.dtype), v) for k, v in probe.items()}
+    return x, {
+        k: varying_like(jnp.broadcast_to(values[k].astype(v.dtype), v.shape), v)
+        for k, v in probe.items()
+    }
 
   def bwd(values, cotangent):
     return cotangent, values
@@ -399,7 +511,7 @@ def when_due(due: jax.Array | None, compute: Callable[[], jax.Array], like: jax.
   if due is None:
     return compute()
   zeros = lambda: varying_like(jnp.zeros(like.shape, like.dtype), like)
-  return jax.lax.cond(due > 0, lambda: varying_like(compute(), like), zeros)
+  return jax.lax.cond(jnp.any(due > 0), lambda: varying_like(compute(), like), zeros)
 
 
 def varying_like(value: jax.Array, ref: jax.Array) -> jax.Array:
@@ -427,6 +539,21 @@ def inputs_of(args: tuple, kwargs: dict) -> tuple[Any, Callable[[Any], tuple]]:
     return args[0], lambda x: ((x,) + tuple(args[1:]), kwargs)
   x = kwargs["inputs"]
   return x, lambda x: (args, {**kwargs, "inputs": x})
+
+
+def output_probe_term(layer: Layer, probe: jax.Array, y: jax.Array) -> jax.Array:
+  """p / n shaped to broadcast against ``y``: ∂L/∂p is then the mean of ∂L/∂y
+  over the n output positions (``probe``: ``[stack +] (out,)`` of this call)."""
+  if not isinstance(layer.geometry, EinsumGeometry):
+    features = y.shape[y.ndim - layer.layout.output_ndim :]
+    return (probe / (y.size // max(math.prod(features), 1))).reshape(features)
+  g = layer.geometry
+  kept = g.stack + g.outputs  # the probe's axes
+  sizes = [y.shape[g.output.index(c)] for c in kept]
+  in_output_order = "".join(c for c in g.output if c in kept)
+  term = jnp.einsum(f"{kept}->{in_output_order}", probe.reshape(sizes))
+  shape = [y.shape[i] if c in kept else 1 for i, c in enumerate(g.output)]
+  return term.reshape(shape) / (y.size // max(math.prod(sizes), 1))
 
 
 def probed_call(
@@ -461,14 +588,12 @@ def probed_call(
   args, kwargs = put_back(x)
   y = call(*args, **kwargs)
   if OUTPUT_GRAD_MEAN in statistics:
-    features = y.shape[y.ndim - layer.layout.output_ndim :]
-    positions = y.size // max(layer.out_dim, 1)
-    y = y + (probes[OUTPUT_PROBE] / positions).reshape(features).astype(y.dtype)
+    y = y + output_probe_term(layer, probes[OUTPUT_PROBE], y).astype(y.dtype)
   if OUTPUT_GRAD_FACTOR in statistics:
     y = tap_output(
         y,
         probes[OUTPUT_FACTOR_PROBE],
-        lambda ct: output_grad_factor(ct, layer.out_dim, batch, layer.dtype),
+        lambda ct: output_grad_factor(ct, layer.out_dim, batch, layer.dtype, layer.geometry),
         input_probe.get(FACTORS_DUE),
     )
   return y

@@ -80,7 +80,7 @@ def describe(
   """Which parameters a layer-wise preconditioner treats, and how.
 
   Every leaf of ``params`` gets one row: ``preconditioned`` (kernel and bias of a
-  captured Dense/DenseGeneral/Conv layer, with its matrix shape) or
+  captured Dense/DenseGeneral/Conv/Einsum layer, with its matrix shape) or
   ``pass-through`` with the reason (not in a layer; a layer the capture saw but
   does not support; a kernel for which no statistics were captured).
 
@@ -106,7 +106,7 @@ def describe(
     entry = entries.get(module)
     slot = slots.get(module)
     if name not in (KERNEL, BIAS) or (slot is None and entry is None):
-      rule, detail = "pass-through", "not part of a Dense/DenseGeneral/Conv layer"
+      rule, detail = "pass-through", "not part of a Dense/DenseGeneral/Conv/Einsum layer"
     elif isinstance(entry, PassThrough):
       rule, detail = "pass-through", f"{entry.kind}: {entry.reason}"
     elif isinstance(entry, LayerStats):
@@ -120,7 +120,7 @@ def describe(
       rule, detail = (
           "pass-through",
           "no statistics captured for this kernel (its module was not called"
-          " through the capture, or is not a Dense/DenseGeneral/Conv)",
+          " through the capture, or is not a Dense/DenseGeneral/Conv/Einsum)",
       )
     rows.append(ParameterRule(path_str(path), shape, rule, detail))
   return rows

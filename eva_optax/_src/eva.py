@@ -144,7 +144,7 @@ def scale_by_eva(
 ) -> optax.GradientTransformationExtraArgs:
   """Eva's preconditioner (no learning rate, no sign), as in front of SGD.
 
-  For every Dense/DenseGeneral/Conv layer with captured statistics:
+  For every Dense/DenseGeneral/Conv/Einsum layer with captured statistics:
 
       V = (Ĝ − ḡᵀĜā / (‖ā‖²‖ḡ‖² + γ) · ḡāᵀ) / γ,  then ν·V over all such layers,
 

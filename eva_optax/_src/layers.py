@@ -1,6 +1,6 @@
 """The layers of a parameter tree, and their kernels seen as matrices.
 
-One place decides how the parameters of a Dense, DenseGeneral or Conv layer are
+One place decides how the parameters of a Dense, DenseGeneral, Conv or Einsum layer are
 seen as the matrix the preconditioners work on, for every optimizer of the
 library: a kernel of layout ``stack + inputs + outputs``
 (:class:`~eva_optax.KernelLayout`) is the matrix ``stack + (in, out)``, a free
@@ -124,12 +124,61 @@ def check_stats_match(slot: LayerSlot, entry: LayerStats) -> None:
 
 
 def kernel_matrix(kernel: jax.Array, layout: KernelLayout) -> jax.Array:
-  """The kernel as ``stack + (in, out)``."""
+  """The kernel as ``stack + (in, out)`` (axes permuted first when the layout says so)."""
   stack, in_dim, out_dim = layout.dims(tuple(kernel.shape))
+  if layout.groups > 1:  # (…, out) → (…, groups, out/groups), groups to the stack
+    kernel = kernel.reshape(kernel.shape[:-1] + (layout.groups, -1))
+    kernel = jnp.moveaxis(kernel, -2, layout.stack_ndim - 1)
+  elif layout.permutation is not None:
+    kernel = jnp.transpose(kernel, layout.permutation)
   return kernel.reshape(stack + (in_dim, out_dim))
 
 
-def bias_vector(bias: jax.Array, layout: KernelLayout) -> jax.Array:
-  """The bias as ``stack + (out,)``."""
+def kernel_from_matrix(
+    matrix: jax.Array, layout: KernelLayout, kernel_shape: tuple[int, ...]
+) -> jax.Array:
+  """The inverse of :func:`kernel_matrix`: a ``stack + (in, out)`` matrix as a kernel."""
+  if layout.groups > 1:
+    ordered = matrix.reshape(layout.ordered(tuple(kernel_shape)))
+    return jnp.moveaxis(ordered, layout.stack_ndim - 1, -2).reshape(kernel_shape)
+  if layout.permutation is None:
+    return matrix.reshape(kernel_shape)
+  ordered = matrix.reshape(layout.ordered(tuple(kernel_shape)))
+  inverse = tuple(layout.permutation.index(i) for i in range(len(layout.permutation)))
+  return jnp.transpose(ordered, inverse)
+
+
+def _bias_order(layout: KernelLayout, kernel_ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """The kernel axes of the bias in ``stack + outputs`` order, and in the
+  order of the bias's entries."""
+  perm = layout.permutation
+  kept = perm[: layout.stack_ndim] + perm[kernel_ndim - layout.output_ndim :]
+  return kept, layout.bias_axes if layout.bias_axes is not None else tuple(sorted(kept))
+
+
+def bias_vector(
+    bias: jax.Array, layout: KernelLayout, kernel_shape: tuple[int, ...] | None = None
+) -> jax.Array:
+  """The bias as ``stack + (out,)`` (``kernel_shape`` needed with a permutation)."""
+  if layout.groups > 1:  # (…, out) → (…, groups, out/groups)
+    return bias.reshape(bias.shape[:-1] + (layout.groups, -1))
+  if layout.permutation is not None:
+    kept, entries = _bias_order(layout, len(kernel_shape))
+    bias = bias.reshape(tuple(kernel_shape[a] for a in entries))
+    bias = jnp.transpose(bias, tuple(entries.index(a) for a in kept))
   stack = tuple(bias.shape[: layout.stack_ndim])
   return bias.reshape(stack + (-1,))
+
+
+def bias_from_vector(
+    vector: jax.Array,
+    layout: KernelLayout,
+    bias_shape: tuple[int, ...],
+    kernel_shape: tuple[int, ...] | None = None,
+) -> jax.Array:
+  """The inverse of :func:`bias_vector`."""
+  if layout.permutation is None:
+    return vector.reshape(bias_shape)
+  kept, entries = _bias_order(layout, len(kernel_shape))
+  ordered = vector.reshape(tuple(kernel_shape[a] for a in kept))
+  return jnp.transpose(ordered, tuple(kept.index(a) for a in entries)).reshape(bias_shape)

@@ -2,7 +2,7 @@
 
 :func:`value_and_grad` works like :func:`jax.value_and_grad` and also returns,
 from the same forward and backward pass, the statistics of every ``nn.Dense``,
-``nn.DenseGeneral`` and ``nn.Conv`` call of the model, without changes to the
+``nn.DenseGeneral``, ``nn.Conv`` and ``nn.Einsum`` call of the model, without changes to the
 model (``flax.linen.intercept_methods``). What the statistics are and how the
 probes deliver them is the capture's core (:mod:`eva_optax._src.capture`); this
 module only finds the layers and hands each call to the core:
@@ -35,7 +35,7 @@ from eva_optax._src.capture import FACTORS_DUE, PROBES, ConvGeometry, DenseGeome
 from eva_optax._src.paths import BIAS, KERNEL, Path, flatten_with_paths, nest
 from eva_optax._src.statistics import EVA_STATISTICS, PassThrough, requested
 
-_SUPPORTED = "Dense, DenseGeneral or Conv"
+_SUPPORTED = "Dense, DenseGeneral, Conv or Einsum"
 
 
 class _Seen(NamedTuple):
@@ -57,16 +57,15 @@ def _kind(module: nn.Module) -> str | None:
     return "DenseGeneral"
   if isinstance(module, nn.Conv):
     return "Conv"
+  if isinstance(module, nn.Einsum):
+    return "Einsum"
   return None
 
 
-def _skip_reason(module: nn.Module, kind: str) -> str | None:
+def _skip_reason(module: nn.Module, kind: str, geometry: Any) -> str | None:
   """Why a supported layer kind is still passed through, or ``None``."""
-  if kind == "Conv" and module.feature_group_count != 1:
-    return (
-        f"grouped convolution (feature_group_count={module.feature_group_count})"
-        " is not preconditioned: its parameters get the plain gradient"
-    )
+  if isinstance(geometry, str):
+    return f"{geometry}: its parameters get the plain gradient"
   if kind == "DenseGeneral" and tuple(
       nn.linear._canonicalize_tuple(module.batch_dims)
   ):
@@ -83,8 +82,20 @@ def _output_ndim(module: nn.Module, kind: str) -> int:
   return 1
 
 
-def _geometry(module: nn.Module, kind: str) -> DenseGeometry | ConvGeometry:
-  """How the module maps its input, from its attributes (Flax's conventions)."""
+def _einsum_str(module: nn.Module, args: tuple, kwargs: dict) -> str | None:
+  """The equation of an ``nn.Einsum`` call (the call's argument wins, as in Flax)."""
+  if "einsum_str" in kwargs and kwargs["einsum_str"] is not None:
+    return kwargs["einsum_str"]
+  if len(args) > 1 and args[1] is not None:
+    return args[1]
+  return module.einsum_str
+
+
+def _geometry(module: nn.Module, kind: str, args: tuple = (), kwargs: dict | None = None) -> Any:
+  """How the module maps its input, from its attributes (Flax's conventions);
+  for an unsupported Einsum equation, the reason (a string)."""
+  if kind == "Einsum":
+    return capture.einsum_geometry(_einsum_str(module, args, kwargs or {}))
   if kind == "Dense":
     return DenseGeometry((-1,))
   if kind == "DenseGeneral":
@@ -98,6 +109,7 @@ def _geometry(module: nn.Module, kind: str) -> DenseGeometry | ConvGeometry:
       capture.canonical_padding(module.padding, n),
       capture.per_axis(module.input_dilation, n),
       capture.per_axis(module.kernel_dilation, n),
+      module.feature_group_count,
   )
 
 
@@ -123,9 +135,11 @@ def _discovery_interceptor(seen: dict[Path, _Seen]):
           f"not a {_SUPPORTED} layer: its parameters get the plain gradient",
       )
     else:
+      geometry = _geometry(module, kind, args, kwargs)
+      reason = _skip_reason(module, kind, geometry)
       note = _Seen(
           kind, kernel_ndim, _output_ndim(module, kind), has_bias,
-          _geometry(module, kind), _skip_reason(module, kind), jnp.result_type(kernel),
+          None if reason else geometry, reason, jnp.result_type(kernel),
       )
     seen.setdefault(tuple(module.scope.path), note)
     return out

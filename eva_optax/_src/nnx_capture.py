@@ -4,7 +4,7 @@
 :func:`eva_optax.value_and_grad` (the Linen front-end): like
 :func:`flax.nnx.value_and_grad` it returns the loss and the gradient
 ``nnx.State`` of the model's ``nnx.Param`` variables, and also the statistics of
-every ``nnx.Linear``, ``nnx.LinearGeneral`` and ``nnx.Conv`` call, from the same
+every ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv`` and ``nnx.Einsum`` call, from the same
 forward and backward pass. What the statistics are and how the probes deliver
 them is the capture's core (:mod:`eva_optax._src.capture`), shared with Linen:
 
@@ -56,8 +56,8 @@ from eva_optax._src.capture import FACTORS_DUE, ConvGeometry, DenseGeometry, Lay
 from eva_optax._src.paths import KERNEL, Path, nest
 from eva_optax._src.statistics import EVA_STATISTICS, PassThrough, requested
 
-_KINDS = (nnx.Linear, nnx.LinearGeneral, nnx.Conv)
-_SUPPORTED = "Linear, LinearGeneral or Conv"
+_KINDS = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum)
+_SUPPORTED = "Linear, LinearGeneral, Conv or Einsum"
 _PREFIX = "eva_probe_"
 
 
@@ -91,10 +91,14 @@ def _kernel_ndim(module: nnx.Module, cls: type) -> int:
     return 2
   if cls is nnx.LinearGeneral:
     return len(module.batch_axis) + len(module.in_features) + len(module.out_features)
+  if cls is nnx.Einsum:
+    return len(module.kernel_shape)
   return len(module.kernel_size) + 2
 
 
-def _geometry(module: nnx.Module, cls: type) -> DenseGeometry | ConvGeometry:
+def _geometry(module: nnx.Module, cls: type) -> Any:
+  if cls is nnx.Einsum:
+    return capture.einsum_geometry(module.einsum_str)
   if cls is nnx.Linear:
     return DenseGeometry((-1,))
   if cls is nnx.LinearGeneral:
@@ -107,6 +111,7 @@ def _geometry(module: nnx.Module, cls: type) -> DenseGeometry | ConvGeometry:
       capture.canonical_padding(module.padding, n),
       capture.per_axis(module.input_dilation, n),
       capture.per_axis(module.kernel_dilation, n),
+      module.feature_group_count,
   )
 
 
@@ -119,16 +124,13 @@ def _skip_reason(module: nnx.Module, cls: type | None, kernel: nnx.Variable) -> 
         f"{type(module).__name__} overrides {cls.__name__}.__call__, so what it"
         " computes is not known to be x·W + b: its parameters get the plain gradient"
     )
-  if cls is nnx.Conv and module.feature_group_count != 1:
-    return (
-        f"grouped convolution (feature_group_count={module.feature_group_count})"
-        " is not preconditioned: its parameters get the plain gradient"
-    )
   if cls is nnx.LinearGeneral and module.batch_axis:
     return (
         "LinearGeneral with batch_axis is not preconditioned: its parameters get"
         " the plain gradient"
     )
+  if cls is nnx.Einsum and isinstance(_geometry(module, cls), str):
+    return f"{_geometry(module, cls)}: its parameters get the plain gradient"
   if jnp.ndim(kernel[...]) < _kernel_ndim(module, cls):
     return "kernel of unexpected rank: its parameters get the plain gradient"
   return None
@@ -304,9 +306,9 @@ def nnx_value_and_grad(
     ``nnx.value_and_grad(loss_fn)`` gives), ``stats`` a tree keyed by module
     path like ``nnx.state(model, nnx.Param)`` holding a
     :class:`~eva_optax.LayerStats` per ``Linear`` / ``LinearGeneral`` /
-    ``Conv`` called (``kind`` is the NNX class name) and a
+    ``Conv`` / ``Einsum`` called (``kind`` is the NNX class name) and a
     :class:`~eva_optax.PassThrough` per other module owning an ``nnx.Param``
-    ``kernel`` (``Einsum``, ``ConvTranspose``, grouped convolutions,
+    ``kernel`` (``ConvTranspose``, Einsum equations with an ellipsis,
     ``LinearGeneral`` with ``batch_axis``, layers ``loss_fn`` did not call).
     ``factors_due`` gates the K-FAC factors, as for
     :func:`eva_optax.value_and_grad`.

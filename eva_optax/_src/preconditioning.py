@@ -21,9 +21,11 @@ from eva_optax._src import kl
 from eva_optax._src.hyper import check_period, check_range, value_at
 from eva_optax._src.layers import (
     LayerSlot,
+    bias_from_vector,
     bias_vector,
     check_stats_match,
     find_layer_slots,
+    kernel_from_matrix,
     kernel_matrix,
 )
 from eva_optax._src.paths import BIAS, KERNEL, Path, flatten_with_paths, nest, path_of, path_str
@@ -224,16 +226,19 @@ def apply_layerwise(
     b = new[index[path + (BIAS,)]] if slot.has_bias else None
     grads.append(LayerGradient(
         kernel_matrix(k.astype(slot.dtype), slot.layout),
-        None if b is None else bias_vector(b.astype(slot.dtype), slot.layout),
+        None if b is None else bias_vector(b.astype(slot.dtype), slot.layout, slot.kernel_shape),
     ))
   result = precondition(grads, list(layers.values()))
   nu = scale(result.update_dot_grad)
   for path, kernel, bias in zip(layers, result.kernel, result.bias):
+    slot = slots[path]
     ki = index[path + (KERNEL,)]
-    new[ki] = (nu * kernel).reshape(new[ki].shape).astype(new[ki].dtype)
+    new[ki] = kernel_from_matrix(nu * kernel, slot.layout, new[ki].shape).astype(new[ki].dtype)
     if bias is not None:
       bi = index[path + (BIAS,)]
-      new[bi] = (nu * bias).reshape(new[bi].shape).astype(new[bi].dtype)
+      new[bi] = bias_from_vector(
+          nu * bias, slot.layout, new[bi].shape, slot.kernel_shape
+      ).astype(new[bi].dtype)
   return jax.tree_util.tree_unflatten(treedef, new)
 
 

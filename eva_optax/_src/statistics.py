@@ -91,21 +91,51 @@ class KernelLayout(NamedTuple):
   Attributes:
     stack_ndim: number of leading stacked-layer axes (``nn.scan``), default 0.
     output_ndim: number of trailing output (feature) axes, default 1.
+    permutation: the order of the kernel's axes that puts them as
+      ``stack + inputs + outputs`` (an Einsum kernel such as ``'NDH'`` for
+      ``'BTD,NDH->BTNH'`` is ``(1, 0, 2)``: input D, outputs N and H), or
+      ``None`` when they already are in that order (Dense, DenseGeneral, Conv).
+    bias_axes: with a permutation, the kernel axes a bias spans, in the
+      order of its entries (an Einsum adds its bias in the output's order);
+      ``None``: the stack and output axes in kernel order.
+    groups: a grouped convolution's ``feature_group_count``: the kernel's
+      last (output) axis splits into ``(groups, out/groups)`` and the group
+      axis becomes the last stack axis (one independent layer per group).
   """
 
   stack_ndim: int = 0
   output_ndim: int = 1
+  permutation: tuple[int, ...] | None = None
+  bias_axes: tuple[int, ...] | None = None
+  groups: int = 1
+
+  def ordered(self, kernel_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The kernel's shape in ``stack + inputs + outputs`` order."""
+    if self.groups > 1:
+      *rest, out = kernel_shape
+      head = self.stack_ndim - 1
+      return tuple(rest[:head]) + (self.groups,) + tuple(rest[head:]) + (out // self.groups,)
+    if self.permutation is None:
+      return tuple(kernel_shape)
+    return tuple(kernel_shape[a] for a in self.permutation)
 
   def dims(self, kernel_shape: tuple[int, ...]) -> tuple[tuple[int, ...], int, int]:
     """``(stack_shape, in_dim, out_dim)`` of a kernel of this layout."""
-    stack = tuple(kernel_shape[: self.stack_ndim])
-    inputs = kernel_shape[self.stack_ndim : len(kernel_shape) - self.output_ndim]
-    outputs = kernel_shape[len(kernel_shape) - self.output_ndim :]
+    shape = self.ordered(kernel_shape)
+    stack = tuple(shape[: self.stack_ndim])
+    inputs = shape[self.stack_ndim : len(shape) - self.output_ndim]
+    outputs = shape[len(shape) - self.output_ndim :]
     return stack, math.prod(inputs), math.prod(outputs)
 
   def check(self, kernel_shape: tuple[int, ...], where: str) -> None:
-    n_in = len(kernel_shape) - self.stack_ndim - self.output_ndim
-    if self.stack_ndim < 0 or self.output_ndim < 1 or n_in < 1:
+    n_in = len(self.ordered(kernel_shape)) - self.stack_ndim - self.output_ndim
+    bad_permutation = self.permutation is not None and sorted(self.permutation) != list(
+        range(len(kernel_shape))
+    )
+    bad_groups = self.groups > 1 and (
+        self.stack_ndim < 1 or self.output_ndim != 1 or kernel_shape[-1] % self.groups
+    )
+    if self.stack_ndim < 0 or self.output_ndim < 1 or n_in < 1 or bad_permutation or bad_groups:
       raise ValueError(
           f"{where}: layout {self} does not fit a kernel of shape {kernel_shape}"
           " (it needs at least one input and one output axis)"
