@@ -72,3 +72,15 @@ def test_layer_whose_eva_correction_vanishes_is_flagged():
   stats = {"Conv_0": LayerStats(jnp.ones(4), 1e-6 * jnp.ones(3), kind="Conv", has_bias=False)}
   (row,) = eva_optax.describe(params, stats, damping=1e-12)
   assert "≈ 0" not in row.detail
+
+
+def test_layer_whose_layout_the_optimizer_cannot_guess_says_what_to_pass():
+  """A bias-free DenseGeneral with two output axes: the shapes suggest in 4·3,
+  out 5; the capture recorded in 4, out 3·5. The kernel's row names layouts=;
+  with those layouts given, it does not."""
+  params = {"q": {"kernel": jnp.zeros((4, 3, 5))}}
+  stats = {"q": LayerStats(jnp.ones(4), jnp.ones(15), kind="DenseGeneral", layout=KernelLayout(0, 2), has_bias=False)}
+  (row,) = eva_optax.describe(params, stats)
+  assert "layouts=eva_optax.layouts_of(stats)" in row.detail
+  (row,) = eva_optax.describe(params, stats, layouts=eva_optax.layouts_of(stats))
+  assert "layouts=" not in row.detail and "in 4, out 15" in row.detail

@@ -87,7 +87,9 @@ def describe(
   Args:
     params: the parameter tree given to the optimizer.
     stats: the statistics from :func:`eva_optax.value_and_grad`.
-    layouts: as given to the optimizer, if any.
+    layouts: as given to the optimizer, if any. A layer whose captured layout
+      differs from the one the optimizer would guess (or be given) says so:
+      the optimizer then needs ``layouts=eva_optax.layouts_of(stats)``.
     damping: Eva's γ, for the check below (default Eva's).
     negligible: a preconditioned layer whose Eva correction can remove less
       than this fraction of the gradient (ρ = s / (γ + s), s = ‖ā‖²‖ḡ‖²) says
@@ -116,6 +118,11 @@ def describe(
       rule, detail = "preconditioned", f"{entry.kind}: in {in_dim}{bias}, out {out_dim}{stacked}"
       if name == KERNEL:
         detail += _negligible_correction(entry, damping, negligible) or ""
+        if slot is not None and slot.layout != entry.layout:
+          detail += (
+              "; its layout cannot be guessed from the parameter shapes: give the"
+              " optimizer layouts=eva_optax.layouts_of(stats)"
+          )
     else:
       rule, detail = (
           "pass-through",
