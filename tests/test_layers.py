@@ -121,3 +121,29 @@ def test_grouped_kernel_round_trips_through_the_matrix_view():
   np.testing.assert_array_equal(layers.bias_vector(jnp.asarray(bias), layout, kernel.shape), bias.reshape(2, 3))
   with pytest.raises(ValueError, match="does not fit"):
     KernelLayout(1, 1, groups=4).check(kernel.shape, "conv")
+
+
+def test_bias_free_attention_projections_are_guessed_right():
+  """Flax's attention without bias: query/key/value kernels (features, heads,
+  head_dim) have two output axes, the out projection one; so tx.init(params)
+  alone gives the update that the captured layouts give."""
+  import flax.linen as nn
+  import jax
+
+  import eva_optax
+
+  assert layers.infer_layout((8, 2, 4), None, "query") == KernelLayout(0, 2)
+  assert layers.infer_layout((2, 4, 8), None, "out") == KernelLayout(0, 1)
+  assert layers.infer_layout((8, 2, 4), None, "dense") == KernelLayout(0, 1)
+  attention = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8, use_bias=False)
+  x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+  y = jax.random.normal(jax.random.key(1), (2, 5, 8))
+  params = attention.init(jax.random.key(2), x)["params"]
+  loss = lambda p: jnp.mean((attention.apply({"params": p}, x) - y) ** 2)
+  _, grads, stats = eva_optax.value_and_grad(loss)(params)
+  plain, given = eva_optax.eva(0.1), eva_optax.eva(0.1, layouts=eva_optax.layouts_of(stats))
+  got, _ = plain.update(grads, plain.init(params), params, stats=stats)
+  want, _ = given.update(grads, given.init(params), params, stats=stats)
+  for name in ("query", "key", "value", "out"):
+    np.testing.assert_array_equal(got[name]["kernel"], want[name]["kernel"])
+  assert stats["query"].layout == KernelLayout(0, 2)

@@ -25,12 +25,23 @@ from eva_optax._src.statistics import (
 )
 
 
-def infer_layout(
-    kernel_shape: tuple[int, ...], bias_shape: tuple[int, ...] | None
-) -> KernelLayout | None:
-  """The layout of a kernel judged from its shape and its bias's shape.
+#: Flax's attention projections (``nn.MultiHeadDotProductAttention``,
+#: ``nnx.MultiHeadAttention``): a kernel (features, heads, head_dim) with two
+#: output axes; their output projection ``out`` contracts (heads, head_dim).
+ATTENTION_INPUT_PROJECTIONS = ("query", "key", "value")
 
-  Without a bias: no stack and one output axis (Dense, Conv). With a bias
+
+def infer_layout(
+    kernel_shape: tuple[int, ...],
+    bias_shape: tuple[int, ...] | None,
+    name: str | None = None,
+) -> KernelLayout | None:
+  """The layout of a kernel judged from its shape, its bias's shape and its name.
+
+  Without a bias: no stack and one output axis (Dense, Conv, the attention
+  output projection), except a rank-3 kernel named ``query``, ``key`` or
+  ``value`` (Flax's attention projections, ``(features, heads, head_dim)``):
+  two output axes. With a bias
   (``stack + outputs``), the one split that matches both shapes; the smallest
   stack when several match. ``None`` for parameters of rank < 2. The capture
   records the true layout of every layer, and the optimizers check it against
@@ -39,6 +50,8 @@ def infer_layout(
   if len(kernel_shape) < 2:
     return None
   if bias_shape is None or len(bias_shape) == 0:
+    if len(kernel_shape) == 3 and name in ATTENTION_INPUT_PROJECTIONS:
+      return KernelLayout(0, 2)
     return KernelLayout(0, 1)
   for stack_ndim in range(len(bias_shape)):
     output_ndim = len(bias_shape) - stack_ndim
@@ -91,7 +104,9 @@ def find_layer_slots(params: Any, layouts: Any = None) -> dict[Path, LayerSlot]:
     bias = leaves.get(module + (BIAS,))
     bias_shape = None if bias is None else tuple(jnp.shape(bias))
     kernel_shape = tuple(jnp.shape(leaf))
-    layout = given.get(module) or infer_layout(kernel_shape, bias_shape)
+    layout = given.get(module) or infer_layout(
+        kernel_shape, bias_shape, module[-1] if module else None
+    )
     layout.check(kernel_shape, f"layer {path_str(module)!r}")
     dtype = statistic_dtype(jnp.result_type(leaf))
     slots[module] = LayerSlot(module, layout, kernel_shape, bias is not None, dtype)
