@@ -168,12 +168,13 @@ class Layer(NamedTuple):
   Attributes:
     kind: the layer's name in the stats (``'Dense'``, ``'Linear'``, ``'Conv'`` …).
     geometry: how the layer maps its input (:class:`DenseGeometry`,
-      :class:`ConvGeometry`).
+      :class:`ConvGeometry`, :class:`EinsumGeometry`).
     layout: the :class:`~eva_optax.KernelLayout` of its (possibly stacked) kernel.
     stack_shape: the leading stacked-layer axes of the kernel.
     in_dim: the contracted size (the product of the input axes).
     out_dim: the feature size (the product of the output axes).
     has_bias: whether the layer has a bias.
+    dtype: the statistics' dtype (:func:`~eva_optax._src.statistics.statistic_dtype`).
   """
 
   kind: str
@@ -183,7 +184,7 @@ class Layer(NamedTuple):
   in_dim: int
   out_dim: int
   has_bias: bool
-  dtype: str = "float32"  # of the statistics (statistics.statistic_dtype)
+  dtype: str = "float32"
 
 
 def layer_record(
@@ -295,11 +296,13 @@ def _by_group(geometry: ConvGeometry, patches: jax.Array) -> jax.Array:
 
 
 def input_rows(geometry: Geometry, x: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
-  """The layer input as rows ``(positions, in)`` in the kernel's input order.
+  """The layer input as rows ``[stack +] (positions, in)`` in the kernel's input order.
 
   Dense: every non-contracted position is a row. Conv: the im2col patches of
-  the input, obtained by the layer's own convolution with an identity kernel.
-  In ``dtype`` (the statistics' precision).
+  the input, obtained by the layer's own convolution with an identity kernel
+  (per group of channels in front for a grouped conv). Einsum: the equation's
+  stack axes in front, every other non-contracted axis a row. In ``dtype``
+  (the statistics' precision).
   """
   if isinstance(geometry, EinsumGeometry):
     return _einsum_rows(geometry, x, geometry.inputs, geometry.contracted, dtype)

@@ -42,14 +42,10 @@ def check_range(
   """
   if hyper is None or callable(hyper) or isinstance(hyper, jax.core.Tracer):
     return
-  if isinstance(hyper, (str, bytes, bool, np.bool_)) or (
-      hasattr(hyper, "dtype") and not np.issubdtype(np.asarray(hyper).dtype, np.number)
-  ):
+  value = np.asarray(hyper)
+  if not (np.issubdtype(value.dtype, np.integer) or np.issubdtype(value.dtype, np.floating)):
+    # a string, a bool, a complex number, an object
     raise ValueError(f"{name} must be a number, an array or a schedule, got {hyper!r}")
-  try:
-    value = np.asarray(hyper, dtype=np.float64)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"{name} must be a number or a schedule, got {hyper!r}") from e
   if value.shape != ():
     raise ValueError(f"{name} must be a scalar, got shape {value.shape}")
   value = float(value)

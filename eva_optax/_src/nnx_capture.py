@@ -115,7 +115,9 @@ def _geometry(module: nnx.Module, cls: type) -> Any:
   )
 
 
-def _skip_reason(module: nnx.Module, cls: type | None, kernel: nnx.Variable) -> str | None:
+def _skip_reason(
+    module: nnx.Module, cls: type | None, kernel: nnx.Variable, geometry: Any
+) -> str | None:
   """Why a kernel-owning module is passed through, or ``None``."""
   if cls is None:
     return f"not a {_SUPPORTED} layer: its parameters get the plain gradient"
@@ -129,8 +131,8 @@ def _skip_reason(module: nnx.Module, cls: type | None, kernel: nnx.Variable) -> 
         "LinearGeneral with batch_axis is not preconditioned: its parameters get"
         " the plain gradient"
     )
-  if cls is nnx.Einsum and isinstance(_geometry(module, cls), str):
-    return f"{_geometry(module, cls)}: its parameters get the plain gradient"
+  if isinstance(geometry, str):  # an Einsum equation the statistics do not describe
+    return f"{geometry}: its parameters get the plain gradient"
   if jnp.ndim(kernel[...]) < _kernel_ndim(module, cls):
     return "kernel of unexpected rank: its parameters get the plain gradient"
   return None
@@ -150,7 +152,8 @@ def _find_layers(
       continue  # no kernel, or not differentiated: nothing to precondition
     path = tuple(str(k) for k in keys)
     cls = _kind_of(module)
-    reason = _skip_reason(module, cls, kernel)
+    geometry = None if cls is None else _geometry(module, cls)
+    reason = _skip_reason(module, cls, kernel, geometry)
     name = type(module).__name__ if cls is None else cls.__name__
     if reason is not None:
       skipped[path] = PassThrough(name, reason)
@@ -158,7 +161,7 @@ def _find_layers(
     output_ndim = len(module.out_features) if cls is nnx.LinearGeneral else 1
     has_bias = isinstance(getattr(module, "bias", None), nnx.Param)
     layers[path] = (module, capture.layer_record(
-        name, _geometry(module, cls), tuple(jnp.shape(kernel[...])),
+        name, geometry, tuple(jnp.shape(kernel[...])),
         _kernel_ndim(module, cls), output_ndim, has_bias, jnp.result_type(kernel[...]),
     ))
   return layers, skipped

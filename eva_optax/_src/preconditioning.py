@@ -350,9 +350,10 @@ def layerwise_transformation(
       averages = jax.tree.map(lambda n, o: jnp.where(take, n, o), averages, old)
       current = by_layer(averages)
       averaged = {p: current[p] for p in averaged}
-    fields = dict(count=optax.safe_increment(count), **averages)
+    next_count = optax.safe_increment(count)
+    fields = dict(count=next_count, **averages)
     if gated:
-      fields["gate"] = FactorGate(optax.safe_increment(count) % stats_every == 0)
+      fields["gate"] = FactorGate(next_count % stats_every == 0)
     if refresh is not None:
       cache = jax.lax.cond(
           count % refresh_every == 0,
