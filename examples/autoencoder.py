@@ -37,7 +37,8 @@ mean training loss of the epoch, lowest kept (SGD 0.6: 0.115, Eva 0.06: 0.101):
 
 Flags (``--help`` lists them all): ``--optimizers``, ``--epochs``, ``--batch-size``,
 ``--lr`` (every selected optimizer) or ``--lr-<key>`` (one), ``--damping``, ``--kl-clip``,
-``--seed``, ``--out``, ``--resume`` (continue an interrupted run from its checkpoints),
+``--seed``, ``--out``, ``--checkpoint`` (save each optimizer's state after every epoch; off
+by default), ``--resume`` (continue an interrupted run from those checkpoints),
 ``--data-dir``, ``--train-limit``.
 
 Per epoch the script prints the mean training loss over the epoch's minibatches, the test
@@ -47,7 +48,8 @@ checkpointing are not counted). At the end it prints a markdown table and writes
 per epoch, time to reach SGD's final training loss and its ratio to SGD's, optimizer-state
 size), ``metrics.json`` (configuration, machine, per-epoch and per-step numbers),
 ``metrics.csv`` (one row per optimizer and epoch), ``loss_vs_epoch.png``,
-``loss_vs_time.png``, and ``checkpoints/<optimizer>/`` (orbax, the latest epoch).
+``loss_vs_time.png``, and with ``--checkpoint`` ``checkpoints/<optimizer>/`` (orbax, the
+latest epoch; about 35 MB per optimizer at the defaults).
 
 "Time to reach SGD's final training loss" is the training wall time at the first step at
 which the mean training loss over the last ``--reach-window`` steps (10 by default) is at or

@@ -83,14 +83,15 @@ use ``--steps-per-epoch`` for a quick CPU run, or an accelerator.
 Flags (``--help`` lists them all): the common ones (``--optimizers``, ``--epochs``,
 ``--batch-size``, ``--lr`` / ``--lr-<key>``, ``--damping``, ``--kl-clip``, ``--momentum``,
 ``--weight-decay``, ``--seed``, ``--train-limit`` / ``--test-limit`` in characters,
-``--out``, ``--resume``, ``--no-checkpoint``) and ``--corpus``, ``--seq-len`` (128),
+``--out``, ``--checkpoint``, ``--resume``) and ``--corpus``, ``--seq-len`` (128),
 ``--d-model`` (128), ``--layers`` (4), ``--heads`` (4), ``--steps-per-epoch`` (default: the
 whole pass) and ``--eval-batches`` (20). ``--data-dir`` is not used (``--corpus`` is).
 
 Per epoch the script prints the mean training loss, the test loss and bits per character
 and the training wall time. At the end it prints a markdown table and writes to ``--out``
 (default ``results/char_lm``): ``results.md``, ``metrics.json``, ``metrics.csv``,
-``loss_vs_epoch.png``, ``loss_vs_time.png`` and ``checkpoints/<optimizer>/``.
+``loss_vs_epoch.png``, ``loss_vs_time.png`` and, with ``--checkpoint``,
+``checkpoints/<optimizer>/``.
 ``--resume`` refuses a checkpoint made with other settings (model and data flags included),
 naming them.
 

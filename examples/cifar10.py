@@ -55,14 +55,15 @@ Flags (``--help`` lists them all): ``--depth`` (6n+2 with n ≥ 1: 20 (default),
 ``--optimizers``, ``--epochs``, ``--batch-size``, ``--lr`` (every selected optimizer) or
 ``--lr-<key>`` (one), ``--damping``, ``--kl-clip``, ``--momentum``, ``--weight-decay``,
 ``--seed``, ``--data-dir``, ``--train-limit``, ``--test-limit``, ``--out``, ``--resume``
-(continue an interrupted run from its checkpoints), ``--no-checkpoint``.
+(continue an interrupted run from its checkpoints), ``--checkpoint`` (save them after every
+epoch; off by default).
 
 Per epoch the script prints the training loss and accuracy (means over the epoch's
 minibatches, in training mode), the test loss and accuracy (whole test set) and the training
 wall time (compilation, evaluation and checkpointing are not counted). At the end it prints
 a markdown table and writes to ``--out`` (default ``results/cifar10``): ``results.md``,
-``metrics.json``, ``metrics.csv``, ``loss_vs_epoch.png``, ``loss_vs_time.png`` and
-``checkpoints/<optimizer>/``. The target is SGD's final test accuracy: the table gives the
+``metrics.json``, ``metrics.csv``, ``loss_vs_epoch.png``, ``loss_vs_time.png`` and, with
+``--checkpoint``, ``checkpoints/<optimizer>/``. The target is SGD's final test accuracy: the table gives the
 training time each optimizer needed to first reach it (checked after every epoch).
 
 Usage::

@@ -75,7 +75,7 @@ Flags (``--help`` lists them all): ``--optimizers``, ``--epochs`` (default 3),
 ``--batch-size`` (128), ``--lr`` (every selected optimizer) or ``--lr-<key>`` (one),
 ``--warmup-epochs`` (1; may be fractional), ``--flip``, ``--damping``, ``--kl-clip``,
 ``--momentum``, ``--weight-decay``, ``--seed``, ``--out``, ``--resume`` (continue an
-interrupted run from its checkpoints), ``--no-checkpoint``, ``--data-dir``,
+interrupted run from its checkpoints), ``--checkpoint`` (save them; off by default), ``--data-dir``,
 ``--train-limit``, ``--test-limit``.
 
 Per epoch the script prints the mean training loss and accuracy over the epoch's minibatches
@@ -86,7 +86,8 @@ counted). At the end it prints a markdown table and writes to ``--out`` (default
 seconds per epoch, time to reach SGD's final test accuracy and its ratio to SGD's,
 optimizer-state size), ``metrics.json`` (configuration, machine, per-epoch and per-step
 numbers), ``metrics.csv`` (one row per optimizer and epoch), ``loss_vs_epoch.png``,
-``loss_vs_time.png``, and ``checkpoints/<optimizer>/`` (orbax, the latest epoch).
+``loss_vs_time.png``, and with ``--checkpoint`` ``checkpoints/<optimizer>/`` (orbax, the
+latest epoch).
 
 "Time to reach SGD's final test accuracy" is the training wall time at the end of the first
 epoch whose test accuracy is at or above SGD's test accuracy after its last epoch; "not

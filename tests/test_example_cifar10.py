@@ -167,7 +167,7 @@ def test_trains_on_a_tiny_archive(no_cifar_elsewhere, capsys):
   cifar10 = load_example("cifar10")
   results = cifar10.main(
       ["--epochs", "1", "--batch-size", "8", "--depth", "8", "--optimizers", "sgd,eva",
-       "--schedule", "step", "--data-dir", str(data), "--out", str(out_dir)]
+       "--schedule", "step", "--data-dir", str(data), "--out", str(out_dir), "--checkpoint"]
   )
   out = capsys.readouterr().out
   assert [r.name for r in results] == ["SGD", "Eva"]

@@ -46,7 +46,7 @@ def test_classifier_trains_and_writes_the_report(clf, data, tmp_path, capsys):
   names = ["SGD", "Eva", "K-FAC"]
   results = clf.main([
       "--optimizers", "sgd,eva,kfac", "--epochs", "1", "--batch-size", "32",
-      "--data-dir", str(data), "--out", str(out_dir),
+      "--data-dir", str(data), "--out", str(out_dir), "--checkpoint",
   ])
   out = capsys.readouterr().out
   assert [r.name for r in results] == names

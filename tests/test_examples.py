@@ -50,6 +50,7 @@ def test_autoencoder_trains_all_seven_optimizers(tmp_path, capsys):
   for png in ("loss_vs_epoch.png", "loss_vs_time.png"):
     path = out_dir / png
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+  assert not (out_dir / "checkpoints").exists()  # only with --checkpoint
 
 
 def test_autoencoder_optimizer_subset_and_flags():
@@ -109,7 +110,8 @@ def test_resume_continues_an_interrupted_run_bit_identically(tmp_path, monkeypat
 
   monkeypatch.setattr(training, "save_checkpoint", interrupted)
   with pytest.raises(KeyboardInterrupt):
-    demo.main(argv + ["--out", str(tmp_path / "cut")])
+    demo.main(argv + ["--out", str(tmp_path / "cut"), "--checkpoint"])
+  assert len(saves) == 2 and not (tmp_path / "whole" / "checkpoints").exists()
   monkeypatch.setattr(training, "save_checkpoint", save)
   resumed = demo.main(argv + ["--out", str(tmp_path / "cut"), "--resume"])
   for a, b in zip(whole, resumed):
@@ -127,8 +129,28 @@ def test_resume_fingerprint_holds_every_setting_but_output_and_selection():
   from examples.harness import cli
 
   args = argparse.Namespace(epochs=3, batch_size=8, depth=20, schedule="step", lr=None,
-                            lr_eva=0.1, out="x", resume=True, no_checkpoint=False,
-                            optimizers="eva", data_dir="/d", reach_window=10)
+                            lr_eva=0.1, out="x", resume=True, checkpoint=False,
+                            no_checkpoint=False, optimizers="eva", data_dir="/d",
+                            reach_window=10)
   assert dict(cli.fingerprint(args)) == {
       "epochs": 3, "batch_size": 8, "depth": 20, "schedule": "step"
   }
+
+
+@pytest.mark.parametrize(
+    "flags, saves",
+    [([], False), (["--no-checkpoint"], False), (["--checkpoint"], True), (["--resume"], True)],
+)
+def test_checkpoints_are_saved_only_when_asked(flags, saves):
+  from examples.harness import cli
+
+  args = load_example("autoencoder").parse_args(flags + ["--out", "o"])
+  assert (cli.checkpoint_dir(args) is not None) == saves
+  if saves:
+    assert str(cli.checkpoint_dir(args)) == "o"
+
+
+def test_checkpoint_and_no_checkpoint_together_are_refused(capsys):
+  with pytest.raises(SystemExit):
+    load_example("autoencoder").parse_args(["--checkpoint", "--no-checkpoint"])
+  assert "not allowed with argument" in capsys.readouterr().err

@@ -50,8 +50,15 @@ def parser(
     p.add_argument("--test-limit", type=int, default=None, help="use the first N test examples")
     p.add_argument("--out", default=out, help=f"output directory (default {out})")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from the checkpoints in --out")
-    p.add_argument("--no-checkpoint", action="store_true", help="save no checkpoints")
+                   help="continue an interrupted run from the checkpoints in --out "
+                        "(and keep saving them)")
+    saving = p.add_mutually_exclusive_group()
+    saving.add_argument("--checkpoint", action="store_true",
+                        help="save every optimizer's state after each epoch into "
+                             "--out/checkpoints (orbax, the latest epoch), for --resume; "
+                             "by default nothing is saved")
+    saving.add_argument("--no-checkpoint", action="store_true",
+                        help="save no checkpoints (the default; kept for old command lines)")
     p.add_argument("--reach-window", type=int, default=10,
                    help="steps averaged for the time to reach SGD's final training loss")
     for flag, text in (helps or {}).items():
@@ -103,7 +110,8 @@ def learning_rate(args: argparse.Namespace, key: str, task: Task) -> float:
 
 # Flags that may change between an interrupted run and its --resume.
 RESUMABLE_CHANGES = frozenset(
-    {"optimizers", "specs", "out", "resume", "no_checkpoint", "data_dir", "reach_window"}
+    {"optimizers", "specs", "out", "resume", "checkpoint", "no_checkpoint", "data_dir",
+     "reach_window"}
 )
 
 
@@ -117,6 +125,11 @@ def fingerprint(args: argparse.Namespace) -> tuple[tuple[str, object], ...]:
     ))
 
 
+def checkpoint_dir(args: argparse.Namespace) -> Path | None:
+    """Where checkpoints go: ``--out`` with ``--checkpoint`` or ``--resume``, else nowhere."""
+    return Path(args.out) if args.checkpoint or args.resume else None
+
+
 def run(task: Task, args: argparse.Namespace, title: str | None = None) -> list[Result]:
     """Train every selected optimizer on ``task``, print and write the report."""
     start = time.perf_counter()
@@ -126,7 +139,7 @@ def run(task: Task, args: argparse.Namespace, title: str | None = None) -> list[
     options = Options(args.momentum, args.weight_decay, args.damping, args.kl_clip)
     out = Path(args.out)
     config = RunConfig(
-        epochs=args.epochs, seed=args.seed, out=None if args.no_checkpoint else out,
+        epochs=args.epochs, seed=args.seed, out=checkpoint_dir(args),
         resume=args.resume,
         fingerprint=fingerprint(args),
     )

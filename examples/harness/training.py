@@ -8,7 +8,8 @@ an evaluation ``eval_fn(params, model_state, batch) -> metrics`` and its data.
 parameters and sees the same batches in the same order (the batch order comes from
 ``numpy.random.default_rng(seed)``).
 
-After every epoch the parameters, the model state, the optimizer state, the batch-order
+With a checkpoint directory (``RunConfig.out``; the examples' ``--checkpoint``), after every
+epoch the parameters, the model state, the optimizer state, the batch-order
 generator and the metrics so far are saved with orbax (``<out>/checkpoints/<optimizer>``,
 the latest epoch kept); ``resume=True`` continues an interrupted run from there, with the
 same batches and the same result as an uninterrupted one. Timing counts training steps
