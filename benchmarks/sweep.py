@@ -72,12 +72,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
     target = example.make_task(example.parse_args(common)).target
     value = report.set_times_to_target([sgd] + [r for _, r in points], target, task_window)
-    by_steps = target.metric == "train_loss" and value is not None
-    steps_to = lambda r: report.steps_to_reach(r, value, task_window) if by_steps else None
-    sgd_steps = steps_to(sgd)
+    sgd_steps = sgd.steps_to_target
     rows = []
     for setting, r in points:
-        steps = steps_to(r)
+        steps = r.steps_to_target
         rows.append({
             **setting, "lr_used": r.lr, "final": r.final(target.metric), "diverged": r.diverged,
             "time_to_target_s": r.time_to_target,

@@ -7,7 +7,8 @@ elements), batch 1000, weight decay 5e-4, learning rate decayed linearly to 0 ov
 
 Every optimizer starts from the same initial parameters and sees the same batches in the same
 order (momentum 0.9 wherever there is momentum; the optimizers are those of
-``examples/harness/optimizers.py``):
+``examples/harness/optimizers.py``). They train interleaved: ``--chunk`` steps (10) of each
+in turn, so that a burst of load on the machine is shared by all of them:
 
 ========  ==========================================================  ============
 name      optimizer                                                   lr
@@ -37,16 +38,18 @@ mean training loss of the epoch, lowest kept (SGD 0.6: 0.115, Eva 0.06: 0.101):
 
 Flags (``--help`` lists them all): ``--optimizers``, ``--epochs``, ``--batch-size``,
 ``--lr`` (every selected optimizer) or ``--lr-<key>`` (one), ``--damping``, ``--kl-clip``,
-``--seed``, ``--out``, ``--checkpoint`` (save each optimizer's state after every epoch; off
+``--seed``, ``--eval-every`` (test loss every N steps, default 20), ``--chunk``, ``--out``,
+``--checkpoint`` (save each optimizer's state after every epoch; off
 by default), ``--resume`` (continue an interrupted run from those checkpoints),
 ``--data-dir``, ``--train-limit``.
 
 Per epoch the script prints the mean training loss over the epoch's minibatches, the test
-loss (over the whole test set) and the training wall time (compilation, evaluation and
-checkpointing are not counted). At the end it prints a markdown table and writes to ``--out``
+loss (over the whole test set; it is also measured every ``--eval-every`` steps, for the
+plots) and the training wall time (compilation, evaluation and checkpointing are not
+counted). At the end it prints a markdown table and writes to ``--out``
 (default ``results/demo``): ``results.md`` (the table: final train and test loss, seconds
-per epoch, time to reach SGD's final training loss and its ratio to SGD's, optimizer-state
-size), ``metrics.json`` (configuration, machine, per-epoch and per-step numbers),
+per epoch, steps and time to reach SGD's final training loss and their ratios to SGD's,
+optimizer-state size), ``metrics.json`` (configuration, machine, per-epoch and per-step numbers),
 ``metrics.csv`` (one row per optimizer and epoch), ``loss_vs_epoch.png``,
 ``loss_vs_time.png``, and with ``--checkpoint`` ``checkpoints/<optimizer>/`` (orbax, the
 latest epoch; about 35 MB per optimizer at the defaults).
@@ -135,7 +138,7 @@ def make_task(args: Any) -> Task:
 def parse_args(argv: Sequence[str] | None = None) -> Any:
     p = cli.parser(__doc__, prog="python -m examples.autoencoder",
                    epochs=3, batch_size=1000, out="results/demo",
-                   optimizers=DEFAULT_OPTIMIZERS)
+                   optimizers=DEFAULT_OPTIMIZERS, eval_every=20)
     return cli.parse(p, argv)
 
 

@@ -89,9 +89,12 @@ numbers), ``metrics.csv`` (one row per optimizer and epoch), ``loss_vs_epoch.png
 ``loss_vs_time.png``, and with ``--checkpoint`` ``checkpoints/<optimizer>/`` (orbax, the
 latest epoch).
 
-"Time to reach SGD's final test accuracy" is the training wall time at the end of the first
-epoch whose test accuracy is at or above SGD's test accuracy after its last epoch; "not
-reached" otherwise.
+"Time to reach SGD's final test accuracy" is the training wall time (and the steps) at the
+first evaluation whose test accuracy is at or above SGD's test accuracy after its last
+epoch; "not reached" otherwise. The test set is evaluated after every epoch, and every
+``--eval-every`` steps as well when it is given (a finer reading of the time; each
+evaluation runs the whole test set, outside the training clock but not outside the wall).
+The optimizers train interleaved, ``--chunk`` steps (10) of each in turn.
 
 Usage::
 

@@ -78,6 +78,8 @@ def test_autoencoder_optimizer_subset_and_flags():
         (["--epochs", "0"], "--epochs must be at least 1"),
         (["--damping", "-1"], "--damping must be positive"),
         (["--lr", "0"], "--lr must be positive"),
+        (["--chunk", "0"], "--chunk must be at least 1"),
+        (["--eval-every", "-1"], "--eval-every must be at least 0"),
     ],
 )
 def test_bad_flags_are_refused_naming_the_flag(argv, message, capsys):

@@ -1,4 +1,10 @@
-"""Command line shared by the examples, and the run of every selected optimizer."""
+"""Command line shared by the examples, and the run of every selected optimizer.
+
+The selected optimizers train interleaved (:func:`examples.harness.training.interleave`):
+``--chunk`` steps of one, then of the next, round-robin, each with its own parameters,
+optimizer state and batch-order generator, so that a burst of load on a shared machine
+does not land on one of them.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +17,17 @@ import jax
 
 from . import report
 from .optimizers import SPECS, Options, parse_keys
-from .training import Result, RunConfig, Task, train
+from .training import Result, RunConfig, Task, Trainer, interleave
 
 
 def parser(
     doc: str, *, epochs: int, batch_size: int, out: str, optimizers: str,
-    helps: dict[str, str] | None = None, prog: str | None = None,
+    helps: dict[str, str] | None = None, prog: str | None = None, eval_every: int = 0,
 ) -> argparse.ArgumentParser:
     """The common flags; an example adds its own before :func:`parse`.
+
+    ``eval_every`` is the example's default of ``--eval-every`` (0: at the end of every
+    epoch only).
 
     ``helps`` rewords common flags for an example, keyed by flag (``{"--train-limit":
     "use the first N characters"}``); ``prog`` is the command shown in the usage line
@@ -61,6 +70,11 @@ def parser(
                         help="save no checkpoints (the default; kept for old command lines)")
     p.add_argument("--reach-window", type=int, default=10,
                    help="steps averaged for the time to reach SGD's final training loss")
+    p.add_argument("--eval-every", type=int, default=eval_every,
+                   help="evaluate the test set every N steps as well as after every epoch "
+                        f"(0: after every epoch only; default {eval_every})")
+    p.add_argument("--chunk", type=int, default=10,
+                   help="the optimizers train in turn, N steps each (default 10)")
     for flag, text in (helps or {}).items():
         dest = flag.lstrip("-").replace("-", "_")
         action = next((a for a in p._actions if a.dest == dest), None)
@@ -84,7 +98,8 @@ def require_at_least(
 def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and check the common flags (errors name the flag)."""
     args = p.parse_args(argv)
-    require_at_least(p, args, ("epochs", "batch_size", "reach_window"))
+    require_at_least(p, args, ("epochs", "batch_size", "reach_window", "chunk"))
+    require_at_least(p, args, ("eval_every",), minimum=0)
     for name in ("lr", "damping", "kl_clip"):
         value = getattr(args, name)
         if value is not None and not value > 0:
@@ -111,7 +126,7 @@ def learning_rate(args: argparse.Namespace, key: str, task: Task) -> float:
 # Flags that may change between an interrupted run and its --resume.
 RESUMABLE_CHANGES = frozenset(
     {"optimizers", "specs", "out", "resume", "checkpoint", "no_checkpoint", "data_dir",
-     "reach_window"}
+     "reach_window", "chunk"}
 )
 
 
@@ -140,14 +155,15 @@ def run(task: Task, args: argparse.Namespace, title: str | None = None) -> list[
     out = Path(args.out)
     config = RunConfig(
         epochs=args.epochs, seed=args.seed, out=checkpoint_dir(args),
-        resume=args.resume,
-        fingerprint=fingerprint(args),
+        resume=args.resume, fingerprint=fingerprint(args), eval_every=args.eval_every,
     )
     params, model_state = task.init(jax.random.PRNGKey(args.seed))
-    results = []
-    for spec in args.specs:
-        lr = learning_rate(args, spec.key, task)
-        results.append(train(task, spec, lr, options, params, model_state, config))
+    trainers = [
+        Trainer(task, spec, learning_rate(args, spec.key, task), options, params, model_state,
+                config)
+        for spec in args.specs
+    ]
+    results = interleave(trainers, args.chunk)
     value = report.set_times_to_target(results, task.target, args.reach_window)
     settings = {k: v for k, v in vars(args).items() if k != "specs"}
     table, paths = report.write_all(results, out, title, task.target, value, settings)

@@ -1,9 +1,11 @@
 """What the examples write: markdown table, ``metrics.json``, ``metrics.csv``, PNG plots.
 
-"Time to target" is the training wall time at which an optimizer first reaches SGD's
-final value of the task's target metric (:class:`examples.harness.training.Target`): for
-``train_loss``, the first step at which the mean of the last ``window`` step losses is at
-or below it; for a test metric, the end of the first epoch at which it is reached.
+"Time to target" is the training wall time, and "steps to target" the number of steps, at
+which an optimizer first reaches SGD's final value of the task's target metric
+(:class:`examples.harness.training.Target`): for ``train_loss``, the first step at which
+the mean of the last ``window`` step losses is at or below it; for a test metric, the first
+evaluation (every ``--eval-every`` steps and at the end of every epoch) at which it is
+reached. Steps do not depend on the load of the machine; seconds do.
 """
 
 from __future__ import annotations
@@ -24,21 +26,35 @@ import numpy as np
 from .training import Result, Target, jsonable
 
 
-def time_to_reach(result: Result, target: Target, value: float, window: int = 10) -> float | None:
-    """Training seconds until ``result`` reaches ``value`` of ``target.metric`` (None: never)."""
+def _better(target: Target, value: float) -> Any:
+    return (lambda v: v >= value) if target.higher_is_better else (lambda v: v <= value)
+
+
+def reach(
+    result: Result, target: Target, value: float, window: int = 10
+) -> tuple[int, float] | None:
+    """``(steps, training seconds)`` at which ``result`` first reaches ``value`` of
+    ``target.metric`` (None: never)."""
     if not math.isfinite(value):
         return None
-    better = (lambda v: v >= value) if target.higher_is_better else (lambda v: v <= value)
     if target.metric == "train_loss":
         steps = steps_to_reach(result, value, window)
-        return None if steps is None else result.step_times[steps - 1]
+        return None if steps is None else (steps, result.step_times[steps - 1])
     split, _, name = target.metric.partition("_")
-    values = (result.train if split == "train" else result.test).get(name, [])
-    ends = np.cumsum(result.epoch_times)
-    for v, t in zip(values, ends):
+    if split != "test":
+        raise ValueError(f"target {target.metric!r}: only train_loss or test_<metric>")
+    better = _better(target, value)
+    for steps, seconds, v in zip(result.eval_steps, result.eval_times,
+                                 result.evals.get(name, [])):
         if math.isfinite(v) and better(v):
-            return float(t)
+            return steps, seconds
     return None
+
+
+def time_to_reach(result: Result, target: Target, value: float, window: int = 10) -> float | None:
+    """Training seconds until ``result`` reaches ``value`` of ``target.metric`` (None: never)."""
+    reached = reach(result, target, value, window)
+    return None if reached is None else reached[1]
 
 
 def steps_to_reach(result: Result, value: float, window: int = 10) -> int | None:
@@ -55,17 +71,29 @@ def steps_to_reach(result: Result, value: float, window: int = 10) -> int | None
     return None
 
 
+def final_quality(result: Result, target: Target, window: int = 10) -> float:
+    """``result``'s final value of ``target.metric``, as the target is read: the mean of the
+    last ``window`` step losses for ``train_loss``, else the last evaluation (NaN: none)."""
+    if result.diverged:
+        return float("nan")
+    if target.metric == "train_loss":
+        losses = result.step_losses[-max(1, min(window, len(result.step_losses))):]
+        return float(np.mean(losses)) if losses else float("nan")
+    name = target.metric.partition("_")[2]
+    values = result.evals.get(name) or result.test.get(name) or []
+    return float(values[-1]) if values else float("nan")
+
+
 def set_times_to_target(results: Sequence[Result], target: Target, window: int) -> float | None:
-    """Fill every ``time_to_target`` from SGD's final value; returns that value (or None)."""
+    """Fill every ``time_to_target`` and ``steps_to_target`` from SGD's final value
+    (:func:`final_quality`); returns that value (or None: no SGD, or it diverged)."""
     sgd = next((r for r in results if r.key == "sgd"), None)
     if sgd is None or sgd.diverged:
         return None
-    if target.metric == "train_loss":  # SGD's trailing mean at its last step
-        value = float(np.mean(sgd.step_losses[-max(1, min(window, len(sgd.step_losses))):]))
-    else:
-        value = sgd.final(target.metric)
+    value = final_quality(sgd, target, window)
     for r in results:
-        r.time_to_target = time_to_reach(r, target, value, window)
+        reached = reach(r, target, value, window)
+        r.steps_to_target, r.time_to_target = reached if reached else (None, None)
     return value
 
 
@@ -74,33 +102,38 @@ def _fmt(v: float, digits: int = 5) -> str:
 
 
 def markdown_table(results: Sequence[Result], target: Target, target_value: float | None) -> str:
-    """One row per optimizer: lr, final train/test metrics, s/epoch, time to target, state."""
+    """One row per optimizer: lr, final train/test metrics, s/epoch, steps and time to
+    target with their ratios to SGD's, state."""
     train_keys = sorted({k for r in results for k in r.train})
     test_keys = sorted({k for r in results for k in r.test})
     tv = _fmt(target_value) if target_value is not None else "n/a"
+    what = f"SGD's final {target.metric.replace('_', ' ')} ({tv})"
     header = (
         ["optimizer", "lr"]
         + [f"final train {k}" for k in train_keys]
         + [f"final test {k}" for k in test_keys]
-        + ["s/epoch", f"time to SGD's final {target.metric.replace('_', ' ')} ({tv})",
+        + ["s/epoch", f"steps to {what}", "× SGD's steps", f"time to {what}",
            "× SGD's time", "optimizer state"]
     )
     sgd = next((r for r in results if r.key == "sgd"), None)
+    sgd_steps = sgd.steps_to_target if sgd is not None else None
     sgd_time = sgd.time_to_target if sgd is not None else None
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
-        per_epoch = sum(r.epoch_times) / max(len(r.epoch_times), 1)
-        reach = "diverged" if r.diverged else "not reached"
-        ratio = ""
-        if r.time_to_target is not None:
-            reach = f"{r.time_to_target:.1f} s"
+        reach_steps = reach_time = "diverged" if r.diverged else "not reached"
+        step_ratio = time_ratio = ""
+        if r.time_to_target is not None and r.steps_to_target is not None:
+            reach_steps, reach_time = f"{r.steps_to_target}", f"{r.time_to_target:.1f} s"
+            if sgd_steps:
+                step_ratio = f"{r.steps_to_target / sgd_steps:.2f}"
             if sgd_time:
-                ratio = f"{r.time_to_target / sgd_time:.2f}"
+                time_ratio = f"{r.time_to_target / sgd_time:.2f}"
         row = (
             [r.name, f"{r.lr:g}"]
             + [_fmt(r.final(f"train_{k}")) for k in train_keys]
             + [_fmt(r.final(f"test_{k}")) for k in test_keys]
-            + [f"{per_epoch:.1f}", reach, ratio, f"{r.state_bytes / 2**20:.1f} MiB"]
+            + [f"{r.seconds_per_epoch:.1f}", reach_steps, step_ratio, reach_time, time_ratio,
+               f"{r.state_bytes / 2**20:.1f} MiB"]
         )
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
@@ -207,8 +240,8 @@ def plot(results: Sequence[Result], out: Path, title: str, log_loss: bool = True
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for r in results:
         (line,) = ax.plot(r.step_times, r.step_losses, alpha=0.7, lw=0.8, label=f"{r.name} train")
-        if "loss" in r.test:
-            ax.plot(np.cumsum(r.epoch_times)[: len(r.test["loss"])], r.test["loss"], marker="s",
+        if "loss" in r.evals:
+            ax.plot(r.eval_times, r.evals["loss"], marker="s", ms=3,
                     linestyle="--", color=line.get_color(), label=f"{r.name} test")
     ax.set_xlabel("training wall time (s)")
     ax.set_ylabel("loss")

@@ -1,12 +1,16 @@
-"""The training loop of the examples: jitted steps, epochs, checkpoints and ``--resume``.
+"""The training loop of the examples: jitted steps, optimizers interleaved, checkpoints.
 
 A task (:class:`Task`) gives a loss ``loss_fn(params, model_state, batch) -> (loss,
 (model_state, metrics))``, where ``model_state`` holds the non-trained collections
 (BatchNorm statistics, or ``{}``) and ``metrics`` a dict of batch means (e.g. accuracy),
 an evaluation ``eval_fn(params, model_state, batch) -> metrics`` and its data.
-:func:`train` trains one optimizer on it: every optimizer of a run starts from the same
-parameters and sees the same batches in the same order (the batch order comes from
-``numpy.random.default_rng(seed)``).
+A :class:`Trainer` trains one optimizer on it, a chunk of steps at a time, and
+:func:`interleave` advances several in turn (round-robin), so that every optimizer of a
+run meets the same load of the machine. Every trainer starts from the same parameters and
+sees the same batches in the same order (each has its own batch-order generator,
+``numpy.random.default_rng(seed)``). The test set is evaluated at the end of every epoch
+and, with ``RunConfig.eval_every``, every that many steps, so that the time to a target is
+resolved within a few steps. :func:`train` runs one optimizer alone.
 
 With a checkpoint directory (``RunConfig.out``; the examples' ``--checkpoint``), after every
 epoch the parameters, the model state, the optimizer state, the batch-order
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,12 +90,26 @@ class Result:
     test: dict[str, list[float]] = field(default_factory=dict)  # per-epoch, whole test set
     step_losses: list[float] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)  # cumulative training seconds
+    eval_steps: list[int] = field(default_factory=list)  # steps done at each evaluation
+    eval_times: list[float] = field(default_factory=list)  # training seconds at each
+    evals: dict[str, list[float]] = field(default_factory=dict)  # test metrics at each
     diverged: bool = False
-    time_to_target: float | None = None
+    time_to_target: float | None = None  # training seconds to the target (None: never)
+    steps_to_target: int | None = None  # steps to the target (None: never)
+    seed: int = 0
+    steps_per_epoch: int = 0
+    budget_steps: int = 0  # the steps the schedule spans
 
     @property
     def epochs_done(self) -> int:
         return len(self.epoch_times)
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        """Training seconds per whole epoch (NaN before the first step)."""
+        if not self.steps:
+            return float("nan")
+        return sum(self.epoch_times) / self.steps * (self.steps_per_epoch or self.steps)
 
     def final(self, metric: str) -> float:
         """Last value of ``train_<name>`` or ``test_<name>`` (NaN if never measured)."""
@@ -229,11 +247,201 @@ def restore_checkpoint(
 
 @dataclass(frozen=True)
 class RunConfig:
+    """How long and how a run trains, evaluates and saves.
+
+    ``steps`` is the budget: a whole schedule over that many steps (``None``: ``epochs``
+    whole epochs). The test set is evaluated at the end of every epoch, and every
+    ``eval_every`` steps as well when it is positive.
+    """
+
     epochs: int
     seed: int = 0
     out: Path | None = None  # checkpoints under out/checkpoints/<key>; None: no checkpoints
     resume: bool = False
     fingerprint: tuple[tuple[str, Any], ...] = ()  # settings a resumed run must share
+    eval_every: int = 0
+    steps: int | None = None
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """The budget in steps."""
+        return self.epochs * steps_per_epoch if self.steps is None else self.steps
+
+
+class Trainer:
+    """One optimizer's run on ``task``, advanced a chunk of steps at a time (:meth:`advance`).
+
+    A trainer owns its parameters (copies of ``params``), model state, optimizer state and
+    batch-order generator (``numpy.random.default_rng(config.seed)``): every trainer of a
+    run sees the same batches in the same order, whatever order the trainers are advanced
+    in. Its step is compiled when it is built, before any trainer trains. The clock counts
+    the training steps only (fetching the batch, the step, waiting for its loss), not the
+    evaluations and checkpoints between them.
+    """
+
+    def __init__(
+        self, task: Task, spec: Spec, lr: float, options: Options, params: Params,
+        model_state: Any, config: RunConfig, name: str | None = None,
+    ) -> None:
+        self.task, self.config = task, config
+        self.total_steps = config.total_steps(task.steps_per_epoch)
+        if self.total_steps < 1:
+            raise ValueError(f"{task.name}: a budget of {self.total_steps} steps")
+        self.params, self.model_state = _copy(params), _copy(model_state)
+        tx = build_optimizer(spec, lr, self.total_steps, task, options, self.params,
+                             self.model_state)
+        self.opt_state = tx.init(self.params)
+        self.result = Result(
+            spec.key, name or spec.name, lr,
+            state_bytes=int(eva_optax.state_bytes(tx, self.params)), seed=config.seed,
+            steps_per_epoch=task.steps_per_epoch, budget_steps=self.total_steps,
+        )
+        self.rng = np.random.default_rng(config.seed)
+        self._fingerprint = {**dict(config.fingerprint), "lr": lr, "optimizer": spec.key}
+        self._ckpt_dir = (None if config.out is None
+                          else Path(config.out) / "checkpoints" / spec.key)
+        if config.resume and self._ckpt_dir is not None:
+            self._restore()
+        self._clock = sum(self.result.epoch_times)
+        self._batches: Any = None  # the current epoch's batches (None between epochs)
+        self._losses: list[float] = []
+        self._sums: dict[str, float] = {}
+        self._epoch_time = 0.0
+
+        step = make_step(spec, tx, task.loss_fn)
+        t0 = time.perf_counter()
+        self._step = step.lower(
+            self.params, self.model_state, self.opt_state, task.example_batch
+        ).compile()
+        self.result.compile_time = time.perf_counter() - t0
+
+    @property
+    def remaining(self) -> int:
+        """Steps left in the budget (0 once it is spent or the run diverged)."""
+        return 0 if self.result.diverged else self.total_steps - self.result.steps
+
+    @property
+    def done(self) -> bool:
+        return self.remaining == 0
+
+    def _restore(self) -> None:
+        assert self._ckpt_dir is not None
+        restored = restore_checkpoint(
+            self._ckpt_dir, {"params": self.params, "model_state": self.model_state,
+                             "opt_state": self.opt_state},
+        )
+        if restored is None:
+            return
+        arrays, meta = restored
+        saved = meta["fingerprint"]
+        diff = {k: (saved.get(k), v) for k, v in jsonable(self._fingerprint).items()
+                if saved.get(k) != v}
+        if diff:
+            raise SystemExit(
+                f"--resume: the checkpoint in {self._ckpt_dir} was made with other settings "
+                + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in diff.items())
+                + "; use another --out or drop --resume"
+            )
+        self.params, self.model_state, self.opt_state = (
+            arrays["params"], arrays["model_state"], arrays["opt_state"]
+        )
+        self.result = Result(**from_json(meta["result"]))
+        self.rng.bit_generator.state = meta["rng"]
+        print(f"{self.result.name}: resumed after epoch {self.result.epochs_done} "
+              f"from {self._ckpt_dir}")
+
+    def _epoch_length(self) -> int:
+        done = self.result.epochs_done * self.task.steps_per_epoch
+        return min(self.task.steps_per_epoch, self.total_steps - done)
+
+    def advance(self, steps: int) -> int:
+        """Train up to ``steps`` more steps (fewer where the budget ends); returns how many."""
+        r = self.result
+        done = 0
+        while done < steps and not self.done:
+            if self._batches is None:
+                self._batches = iter(self.task.train_epoch(self.rng))
+            t0 = time.perf_counter()
+            batch = next(self._batches)
+            self.params, self.model_state, self.opt_state, loss, metrics = self._step(
+                self.params, self.model_state, self.opt_state, batch
+            )
+            loss = float(loss)  # waits for the step: the wall times are real
+            elapsed = time.perf_counter() - t0
+            self._clock += elapsed
+            self._epoch_time += elapsed
+            self._losses.append(loss)
+            for k, v in metrics.items():
+                self._sums[k] = self._sums.get(k, 0.0) + float(v)
+            r.step_losses.append(loss)
+            r.step_times.append(self._clock)
+            r.steps += 1
+            done += 1
+            if not np.isfinite(loss):
+                r.diverged = True
+                print(f"{r.name}: training diverged at step {r.steps} (loss {loss})")
+            if r.diverged or len(self._losses) == self._epoch_length():
+                self._end_epoch()
+            elif self.config.eval_every and r.steps % self.config.eval_every == 0:
+                self._evaluate()
+        return done
+
+    def _evaluate(self) -> dict[str, float]:
+        """Evaluate now; the metrics go into ``evals`` with the step count and the clock."""
+        r = self.result
+        metrics = evaluate(self.task, self.params, self.model_state)
+        r.eval_steps.append(r.steps)
+        r.eval_times.append(self._clock)
+        for k, v in metrics.items():
+            r.evals.setdefault(k, []).append(v)
+        return metrics
+
+    def _end_epoch(self) -> None:
+        r = self.result
+        n = len(self._losses)
+        r.epoch_times.append(self._epoch_time)
+        train_metrics = {"loss": float(np.mean(self._losses)),
+                         **{k: v / n for k, v in self._sums.items()}}
+        for k, v in train_metrics.items():
+            r.train.setdefault(k, []).append(v)
+        test_metrics = {} if r.diverged else self._evaluate()
+        for k, v in test_metrics.items():
+            r.test.setdefault(k, []).append(v)
+        print(
+            f"{r.name:>8} epoch {r.epochs_done:3d}: "
+            + "  ".join(f"train {k} {v:.5g}" for k, v in train_metrics.items())
+            + "  " + "  ".join(f"test {k} {v:.5g}" for k, v in test_metrics.items())
+            + f"  time {self._epoch_time:6.1f}s"
+        )
+        if hasattr(self._batches, "close"):
+            self._batches.close()
+        self._batches, self._losses, self._sums, self._epoch_time = None, [], {}, 0.0
+        if self._ckpt_dir is not None:
+            save_checkpoint(
+                self._ckpt_dir, r.epochs_done,
+                {"params": self.params, "model_state": self.model_state,
+                 "opt_state": self.opt_state},
+                jsonable({"fingerprint": self._fingerprint, "rng": self.rng.bit_generator.state,
+                          "result": asdict(r)}),
+            )
+
+
+def interleave(trainers: Sequence[Trainer], chunk: int = 10) -> list[Result]:
+    """Advance the trainers in turn, ``chunk`` steps each, until every budget is spent.
+
+    Round-robin, so that a burst of load on a shared machine is spread over every
+    optimizer instead of landing on the one that happens to run then. Returns the results
+    in the order of ``trainers``.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1, got {chunk}")
+    bar = tqdm(total=sum(t.remaining for t in trainers), desc="training", leave=False,
+               disable=None)
+    while active := [t for t in trainers if not t.done]:
+        for t in active:
+            bar.set_postfix(optimizer=t.result.name, refresh=False)
+            bar.update(t.advance(chunk))
+    bar.close()
+    return [t.result for t in trainers]
 
 
 def train(
@@ -245,96 +453,9 @@ def train(
     model_state: Any,
     config: RunConfig,
 ) -> Result:
-    """Train ``spec`` on ``task`` for ``config.epochs`` epochs from ``params``."""
-    total_steps = config.epochs * task.steps_per_epoch
-    params, model_state = _copy(params), _copy(model_state)
-    tx = build_optimizer(spec, lr, total_steps, task, options, params, model_state)
-    opt_state = tx.init(params)
-    result = Result(spec.key, spec.name, lr, state_bytes=int(eva_optax.state_bytes(tx, params)))
-    rng = np.random.default_rng(config.seed)
-    fingerprint = {**dict(config.fingerprint), "lr": lr, "optimizer": spec.key}
-    ckpt_dir = None if config.out is None else Path(config.out) / "checkpoints" / spec.key
-
-    if config.resume and ckpt_dir is not None:
-        restored = restore_checkpoint(
-            ckpt_dir, {"params": params, "model_state": model_state, "opt_state": opt_state}
-        )
-        if restored is not None:
-            arrays, meta = restored
-            saved = meta["fingerprint"]
-            diff = {k: (saved.get(k), v) for k, v in jsonable(fingerprint).items()
-                    if saved.get(k) != v}
-            if diff:
-                raise SystemExit(
-                    f"--resume: the checkpoint in {ckpt_dir} was made with other settings "
-                    + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in diff.items())
-                    + "; use another --out or drop --resume"
-                )
-            params, model_state, opt_state = (
-                arrays["params"], arrays["model_state"], arrays["opt_state"]
-            )
-            result = Result(**from_json(meta["result"]))
-            rng.bit_generator.state = meta["rng"]
-            print(f"{spec.name}: resumed after epoch {result.epochs_done} from {ckpt_dir}")
-
-    step = make_step(spec, tx, task.loss_fn)
-    t0 = time.perf_counter()
-    step = step.lower(params, model_state, opt_state, task.example_batch).compile()
-    result.compile_time = time.perf_counter() - t0
-
-    clock = sum(result.epoch_times)
-    for epoch in range(result.epochs_done + 1, config.epochs + 1):
-        if result.diverged:
-            break
-        losses: list[float] = []
-        sums: dict[str, float] = {}
-        bar = tqdm(
-            task.train_epoch(rng), total=task.steps_per_epoch,
-            desc=f"{spec.name} epoch {epoch}/{config.epochs}", leave=False, disable=None,
-        )
-        t0 = time.perf_counter()
-        for batch in bar:
-            params, model_state, opt_state, loss, metrics = step(
-                params, model_state, opt_state, batch
-            )
-            loss = float(loss)  # waits for the step: the wall times are real
-            losses.append(loss)
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            result.step_losses.append(loss)
-            result.step_times.append(clock + time.perf_counter() - t0)
-            if len(losses) % 10 == 0:
-                bar.set_postfix(loss=f"{loss:.4g}")
-        elapsed = time.perf_counter() - t0
-        bar.close()
-        clock += elapsed
-        result.steps += len(losses)
-        result.epoch_times.append(elapsed)
-        train_metrics = {"loss": float(np.mean(losses)), **{k: v / len(losses) for k, v in sums.items()}}
-        for k, v in train_metrics.items():
-            result.train.setdefault(k, []).append(v)
-        if not np.isfinite(train_metrics["loss"]):
-            result.diverged = True
-            test_metrics = {}
-            print(f"{spec.name}: training diverged in epoch {epoch} (loss {train_metrics['loss']})")
-        else:
-            test_metrics = evaluate(task, params, model_state)
-        for k, v in test_metrics.items():
-            result.test.setdefault(k, []).append(v)
-        print(
-            f"{spec.name:>8} epoch {epoch:3d}: "
-            + "  ".join(f"train {k} {v:.5g}" for k, v in train_metrics.items())
-            + "  " + "  ".join(f"test {k} {v:.5g}" for k, v in test_metrics.items())
-            + f"  time {elapsed:6.1f}s"
-        )
-        if ckpt_dir is not None:
-            save_checkpoint(
-                ckpt_dir, epoch,
-                {"params": params, "model_state": model_state, "opt_state": opt_state},
-                jsonable({"fingerprint": fingerprint, "rng": rng.bit_generator.state,
-                           "result": asdict(result)}),
-            )
-    return result
+    """Train ``spec`` alone on ``task`` for the budget of ``config``, from ``params``."""
+    trainer = Trainer(task, spec, lr, options, params, model_state, config)
+    return interleave([trainer], chunk=max(1, trainer.remaining))[0]
 
 
 def jsonable(x: Any) -> Any:

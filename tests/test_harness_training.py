@@ -1,0 +1,149 @@
+"""The harness's training loop: interleaved trainers, evaluation every N steps, budgets,
+steps and seconds to a target, on a tiny regression task the test builds itself."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from examples.harness import datasets, report, training
+from examples.harness.optimizers import SPEC_BY_KEY, Options
+
+BATCH = 8
+
+
+def tiny_task(steps_per_epoch: int = 4) -> training.Task:
+  """Linear regression, 3 inputs, ``steps_per_epoch`` batches of 8 per epoch."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((BATCH * steps_per_epoch, 3)).astype(np.float32)
+  y = x @ np.array([[1.0], [-2.0], [0.5]], np.float32)
+  test_x = rng.standard_normal((16, 3)).astype(np.float32)
+  test_y = test_x @ np.array([[1.0], [-2.0], [0.5]], np.float32)
+  model = nn.Dense(1)
+
+  def loss_fn(params, model_state, batch):
+    inputs, targets = batch
+    loss = jnp.mean(jnp.square(model.apply({"params": params}, inputs) - targets))
+    return loss, (model_state, {})
+
+  def eval_fn(params, model_state, batch):
+    return {"loss": loss_fn(params, model_state, batch)[0]}
+
+  return training.Task(
+      name="tiny regression",
+      init=lambda key: (model.init(key, jnp.zeros((1, 3)))["params"], {}),
+      loss_fn=loss_fn,
+      eval_fn=eval_fn,
+      train_epoch=lambda r: datasets.batches((x, y), BATCH, rng=r),
+      test_batches=lambda: iter([(test_x, test_y)]),
+      steps_per_epoch=steps_per_epoch,
+      example_batch=(x[:BATCH], y[:BATCH]),
+      schedule=lambda lr, total: optax.linear_schedule(lr, 0.0, transition_steps=total),
+      default_lrs={"sgd": 0.05, "eva": 0.05},
+  )
+
+
+@pytest.fixture(scope="module")
+def task():
+  return tiny_task()
+
+
+def trainer(task, key="sgd", lr=0.05, **config):
+  params, state = task.init(jax.random.PRNGKey(0))
+  config = training.RunConfig(**{"epochs": 2, **config})
+  return training.Trainer(task, SPEC_BY_KEY[key], lr, Options(), params, state, config)
+
+
+def test_interleaved_trainers_equal_each_trained_alone_and_take_turns(task):
+  alone = [trainer(task, "sgd"), trainer(task, "eva")]
+  for t in alone:
+    t.advance(100)
+  together = [trainer(task, "sgd"), trainer(task, "eva")]
+  turns = []
+  for t in together:
+    advance = t.advance
+    t.advance = lambda n, t=t, advance=advance: turns.append((t.result.key, advance(n))) or (
+        turns[-1][1])
+  results = training.interleave(together, chunk=3)
+  # 8 steps each, 3 at a time, round-robin: the last turn has the remaining 2.
+  assert turns == [("sgd", 3), ("eva", 3), ("sgd", 3), ("eva", 3), ("sgd", 2), ("eva", 2)]
+  for a, b in zip(alone, results):
+    assert b.steps == 8 and a.result.step_losses == b.step_losses, b.name
+    assert a.result.evals == b.evals and a.result.train == b.train, b.name
+  # Same batches, other optimizers: the first losses agree, the later ones do not.
+  assert results[0].step_losses[0] == results[1].step_losses[0]
+  assert results[0].step_losses[-1] != results[1].step_losses[-1]
+
+
+def test_evaluation_every_n_steps_and_at_every_epoch_end(task):
+  t = trainer(task, eval_every=3)  # 2 epochs of 4 steps
+  t.advance(100)
+  r = t.result
+  assert r.eval_steps == [3, 4, 6, 8]
+  assert len(r.eval_times) == 4 and r.eval_times == sorted(r.eval_times)
+  assert r.eval_times[-1] == r.step_times[-1]  # the clock stops at the last step
+  assert r.test["loss"] == [r.evals["loss"][1], r.evals["loss"][3]]  # the epoch ends
+  assert r.evals["loss"][-1] < r.evals["loss"][0]  # it learns
+  plain = trainer(task)
+  plain.advance(100)
+  assert plain.result.eval_steps == [4, 8]
+  assert plain.result.step_losses == r.step_losses  # evaluating changes no step
+
+
+def test_a_budget_in_steps_ends_in_a_partial_epoch(task):
+  t = trainer(task, steps=6)
+  assert t.remaining == 6
+  assert t.advance(5) == 5 and t.advance(5) == 1 and t.done and t.advance(5) == 0
+  r = t.result
+  assert (r.steps, r.epochs_done, r.budget_steps) == (6, 2, 6)
+  assert r.eval_steps == [4, 6] and len(r.train["loss"]) == 2
+  assert r.seconds_per_epoch == pytest.approx(sum(r.epoch_times) / 6 * 4)
+
+
+def test_a_diverging_trainer_stops_at_its_first_non_finite_loss(task):
+  t = trainer(task, lr=1e30)
+  assert t.advance(100) < 8 and t.done and t.result.diverged
+  assert not math.isfinite(t.result.step_losses[-1])
+  assert all(math.isfinite(v) for v in t.result.step_losses[:-1])
+  assert t.result.evals == {}  # nothing evaluated after a divergence
+
+
+def _result(key, losses, evals=None, eval_steps=(), eval_times=()):
+  return training.Result(
+      key, key.upper(), 0.1, step_losses=list(losses),
+      step_times=[0.5 * (i + 1) for i in range(len(losses))],
+      evals={"accuracy": list(evals)} if evals is not None else {},
+      eval_steps=list(eval_steps), eval_times=list(eval_times),
+  )
+
+
+def test_steps_and_seconds_to_a_target_by_hand():
+  loss = training.Target("train_loss")
+  # Trailing means of 2: 3.5, 2.5, 1.5, 1.0 -> at or below 2.0 first at step 4.
+  r = _result("eva", [4, 3, 2, 1, 1])
+  assert report.reach(r, loss, 2.0, window=2) == (4, 2.0)
+  assert report.reach(r, loss, 0.5, window=2) is None
+  assert report.final_quality(r, loss, window=2) == 1.0
+  assert report.final_quality(r, loss, window=3) == pytest.approx(4 / 3)
+
+  accuracy = training.Target("test_accuracy", higher_is_better=True)
+  r = _result("eva", [1] * 9, evals=[0.5, 0.7, 0.8], eval_steps=[3, 6, 9],
+              eval_times=[1.0, 2.5, 4.0])
+  assert report.reach(r, accuracy, 0.7) == (6, 2.5)
+  assert report.reach(r, accuracy, 0.81) is None
+  assert report.final_quality(r, accuracy) == 0.8
+
+  sgd = _result("sgd", [1] * 12, evals=[0.4, 0.6, 0.7, 0.75], eval_steps=[3, 6, 9, 12],
+                eval_times=[2.0, 4.0, 6.0, 8.0])
+  value = report.set_times_to_target([sgd, r], accuracy, window=10)
+  assert value == 0.75
+  assert (sgd.steps_to_target, sgd.time_to_target) == (12, 8.0)
+  assert (r.steps_to_target, r.time_to_target) == (9, 4.0)
+  table = report.markdown_table([sgd, r], accuracy, value)
+  assert "| EVA | 0.1 |" in table and "| 9 | 0.75 | 4.0 s | 0.50 |" in table
