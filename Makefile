@@ -6,7 +6,8 @@
 #   make demo      Fashion-MNIST autoencoder: SGD, AdamW, Eva, Eva-f, Eva-s, K-FAC, Shampoo (results/demo)
 #   make bench     step time and state memory of every optimizer, Eva/SGD over 1-8 devices, and
 #                  convergence in wall time (autoencoder, classifier, language model; several
-#                  seeds) into benchmarks/results/ and the README's headline table
+#                  seeds) into benchmarks/results/ and the README's headline table; the
+#                  tuning protocol on the autoencoder (benchmarks/results/protocol/)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -95,6 +96,7 @@ bench: install data corpus
 	$(PY) -m benchmarks.step_time
 	$(PY) -m benchmarks.multi_device
 	$(PY) -m benchmarks.convergence --readme README.md
+	$(PY) -m benchmarks.protocol --workload autoencoder
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .hypothesis

@@ -84,6 +84,9 @@ LEARNING_RATES = {
     "sgd": 0.6, "adamw": 1e-3, "eva": 0.06, "eva-f": 0.6, "eva-s": 0.6, "kfac": 0.06,
     "foof": 0.06, "shampoo": 0.6,
 }
+# The paper's autoencoder recipe: SGD 0.6, K-FAC and Eva 0.06 (the tuning protocol's "as
+# published" row).
+PUBLISHED_LRS = {"sgd": 0.6, "kfac": 0.06, "eva": 0.06}
 MODEL = Autoencoder()
 
 
@@ -106,8 +109,10 @@ def load_images(split: str, data_dir: str | None, limit: int | None) -> np.ndarr
 
 
 def make_task(args: Any) -> Task:
-    train_x = load_images("train", args.data_dir, args.train_limit)
-    test_x = load_images("test", args.data_dir, args.test_limit)
+    (train_x,), (test_x,), split = cli.evaluation_split(
+        args, (load_images("train", args.data_dir, args.train_limit),),
+        lambda: (load_images("test", args.data_dir, args.test_limit),),
+    )
     steps = len(train_x) // args.batch_size
     if steps == 0:
         raise SystemExit(f"--batch-size {args.batch_size} is larger than the {len(train_x)} "
@@ -131,7 +136,9 @@ def make_task(args: Any) -> Task:
         schedule=lambda lr, total: optax.linear_schedule(lr, 0.0, transition_steps=total),
         default_lrs=LEARNING_RATES,
         target=Target("train_loss"),
-        description=f"{len(train_x)} train / {len(test_x)} test images, batch {args.batch_size}",
+        description=f"{len(train_x)} train / {len(test_x)} {split} images, batch {args.batch_size}",
+        eval_split=split,
+        published_lrs=PUBLISHED_LRS,
     )
 
 

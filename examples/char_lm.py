@@ -189,7 +189,11 @@ def warmup_cosine(lr: float, total_steps: int) -> optax.Schedule:
 
 
 def load_corpus(args: argparse.Namespace) -> tuple[str, str, np.ndarray, np.ndarray]:
-    """``(description, vocabulary, train ids, test ids)``, the limits applied (characters)."""
+    """``(description, vocabulary, train ids, test ids)``, the limits applied (characters).
+
+    With ``--validation-fraction`` the "test ids" are the last part of the train split,
+    held out of it; the test split is not used.
+    """
     try:
         text, description = datasets.text_corpus(args.corpus)
     except (FileNotFoundError, ValueError) as e:
@@ -205,11 +209,17 @@ def load_corpus(args: argparse.Namespace) -> tuple[str, str, np.ndarray, np.ndar
         train_ids = train_ids[: args.train_limit]
     if args.test_limit is not None:
         test_ids = test_ids[: args.test_limit]
+    if args.validation_fraction:  # the last part of the train split, contiguous
+        try:
+            train_ids, test_ids = datasets.split_text(train_ids, args.validation_fraction)
+        except ValueError as e:
+            raise SystemExit(f"--validation-fraction: {e}") from None
     return description, vocabulary, train_ids, test_ids
 
 
 def make_task(args: argparse.Namespace) -> Task:
     description, vocabulary, train_ids, test_ids = load_corpus(args)
+    split = "validation" if args.validation_fraction else "test"
     seq_len, batch_size = args.seq_len, args.batch_size
     full = datasets.sequence_batches_per_epoch(len(train_ids), seq_len, batch_size)
     if full == 0:
@@ -260,10 +270,11 @@ def make_task(args: argparse.Namespace) -> Task:
         target=Target("test_loss"),
         description=(
             f"{description}; vocabulary {len(vocabulary)}, {len(train_ids):,} train / "
-            f"{len(test_ids):,} test characters ({len(test_x)} test windows); "
+            f"{len(test_ids):,} {split} characters ({len(test_x)} {split} windows); "
             f"{args.layers} layers, d_model {args.d_model}, {args.heads} heads, "
             f"{n_params:,} parameters; batch {batch_size} × {seq_len}"
         ),
+        eval_split=split,
     )
 
 

@@ -225,8 +225,10 @@ def make_model(depth: int) -> ResNet:
 
 def make_task(args: Any) -> Task:
     model = make_model(args.depth)
-    train_x, train_y = load_split("train", args.data_dir, args.train_limit)
-    test_x, test_y = load_split("test", args.data_dir, args.test_limit)
+    (train_x, train_y), (test_x, test_y), split = cli.evaluation_split(
+        args, load_split("train", args.data_dir, args.train_limit),
+        lambda: load_split("test", args.data_dir, args.test_limit),
+    )
     steps = len(train_x) // args.batch_size
     if steps == 0:
         raise SystemExit(f"--batch-size {args.batch_size} is larger than the {len(train_x)} "
@@ -283,9 +285,10 @@ def make_task(args: Any) -> Task:
         default_lrs=LEARNING_RATES,
         target=Target("test_accuracy", higher_is_better=True),
         description=(
-            f"{len(train_x)} train / {len(test_x)} test images, batch {args.batch_size}, "
+            f"{len(train_x)} train / {len(test_x)} {split} images, batch {args.batch_size}, "
             f"{args.schedule} schedule after a {warmup}-step linear warm-up"
         ),
+        eval_split=split,
     )
 
 

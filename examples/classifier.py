@@ -192,8 +192,10 @@ def schedule(lr: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
 
 
 def make_task(args: Any) -> Task:
-    train_x, train_y = load_split("train", args.data_dir, args.train_limit)
-    test_x, test_y = load_split("test", args.data_dir, args.test_limit)
+    (train_x, train_y), (test_x, test_y), split = cli.evaluation_split(
+        args, load_split("train", args.data_dir, args.train_limit),
+        lambda: load_split("test", args.data_dir, args.test_limit),
+    )
     train_x, test_x = standardise(train_x, test_x)
     steps = len(train_x) // args.batch_size
     if steps == 0:
@@ -224,7 +226,8 @@ def make_task(args: Any) -> Task:
         schedule=lambda lr, total: schedule(lr, total, warmup_steps),
         default_lrs=LEARNING_RATES,
         target=Target("test_accuracy", higher_is_better=True),
-        description=(f"{len(train_x)} train / {len(test_x)} test images, batch "
+        eval_split=split,
+        description=(f"{len(train_x)} train / {len(test_x)} {split} images, batch "
                      f"{args.batch_size}, warm-up {args.warmup_epochs:g} epochs"
                      + (", random flips" if args.flip else "")),
     )

@@ -120,6 +120,13 @@ def test_limits_count_characters(tmp_path):
   task = lm.make_task(args)
   assert task.steps_per_epoch == 5  # capped; the whole pass would be 999 // 64 = 15
   assert task.target.metric == "test_loss"
+  # A validation split: the last 10% of the (limited) train split, the test split unread.
+  held = lm.parse_args(SMALL + ["--corpus", str(corpus), "--train-limit", "1000",
+                                "--validation-fraction", "0.1"])
+  _, _, held_train, held_out = lm.load_corpus(held)
+  np.testing.assert_array_equal(held_train, train_ids[:900])
+  np.testing.assert_array_equal(held_out, train_ids[900:])
+  assert lm.make_task(held).eval_split == "validation"
 
 
 def test_missing_corpus_exits_naming_it(tmp_path):

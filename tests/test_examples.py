@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+import numpy as np
 import pytest
 from example_helpers import finite_numbers, load_example
 from data_files import write_split
@@ -80,6 +81,7 @@ def test_autoencoder_optimizer_subset_and_flags():
         (["--lr", "0"], "--lr must be positive"),
         (["--chunk", "0"], "--chunk must be at least 1"),
         (["--eval-every", "-1"], "--eval-every must be at least 0"),
+        (["--validation-fraction", "1"], "--validation-fraction must lie in [0, 1)"),
     ],
 )
 def test_bad_flags_are_refused_naming_the_flag(argv, message, capsys):
@@ -87,6 +89,26 @@ def test_bad_flags_are_refused_naming_the_flag(argv, message, capsys):
   with pytest.raises(SystemExit):
     demo.parse_args(argv)
   assert message in capsys.readouterr().err
+
+
+def test_a_validation_split_is_held_out_of_the_training_images(tmp_path):
+  data = tmp_path / "data"
+  data.mkdir()
+  train, _ = write_split(data, "train", 64, compress=False)
+  write_split(data, "test", 32, compress=False, seed=1)
+  demo = load_example("autoencoder")
+  argv = ["--data-dir", str(data), "--batch-size", "16"]
+  task = demo.make_task(demo.parse_args(argv + ["--validation-fraction", "0.25"]))
+  assert task.eval_split == "validation" and task.steps_per_epoch == 3  # 48 // 16
+  seen = np.concatenate(list(task.train_epoch(np.random.default_rng(0))))
+  held = np.concatenate(list(task.test_batches()))
+  assert len(seen) == 48 and len(held) == 16
+  pixels = {row.tobytes() for row in train.reshape(64, -1).astype(np.float32) / 255.0}
+  rows = lambda a: {r.tobytes() for r in a}
+  assert rows(held) <= pixels and rows(seen) <= pixels and not rows(held) & rows(seen)
+  plain = demo.make_task(demo.parse_args(argv))
+  assert plain.eval_split == "test" and len(np.concatenate(list(plain.test_batches()))) == 32
+  assert "12 train" not in plain.description and "16 validation images" in task.description
 
 
 def test_resume_continues_an_interrupted_run_bit_identically(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ import pytest
 from examples.harness import datasets, report, training
 from examples.harness.optimizers import SPEC_BY_KEY, Options
 
+pytestmark = pytest.mark.usefixtures("quick_compiles")
 BATCH = 8
 
 

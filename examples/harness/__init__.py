@@ -7,7 +7,10 @@ trains each one from the same initial parameters on the same batches
 (:func:`examples.harness.training.train`, with a tqdm bar, orbax checkpoints with
 ``--checkpoint`` and ``--resume``) and writes the report of :mod:`examples.harness.report` (markdown table,
 ``metrics.json``, ``metrics.csv``, PNG plots). The data loaders (Fashion-MNIST, CIFAR-10,
-a text corpus) are :mod:`examples.harness.datasets`.
+a text corpus) are :mod:`examples.harness.datasets`. :mod:`examples.harness.protocol` is the
+tuning protocol applied alike to every optimizer (grids on a held-out validation split,
+then the chosen values on several seeds, next to the paper's recipe), run by
+``python -m benchmarks.protocol``.
 
 The package is imported as ``examples.harness`` everywhere: the examples and benchmarks run
 as modules from the repository root (``python -m examples.classifier``), the tests get the

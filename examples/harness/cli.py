@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
+import numpy as np
 
-from . import report
+from . import datasets, report
 from .optimizers import SPECS, Options, parse_keys
 from .training import Result, RunConfig, Task, Trainer, interleave
 
@@ -57,6 +58,10 @@ def parser(
     p.add_argument("--data-dir", default=None, help="directory of the data set's files")
     p.add_argument("--train-limit", type=int, default=None, help="use the first N training examples")
     p.add_argument("--test-limit", type=int, default=None, help="use the first N test examples")
+    p.add_argument("--validation-fraction", type=float, default=0.0,
+                   help="hold out this fraction of the training set and evaluate on it "
+                        "instead of the test set (the tuning protocol's validation split; "
+                        "default 0: evaluate on the test set)")
     p.add_argument("--out", default=out, help=f"output directory (default {out})")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from the checkpoints in --out "
@@ -100,6 +105,8 @@ def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argp
     args = p.parse_args(argv)
     require_at_least(p, args, ("epochs", "batch_size", "reach_window", "chunk"))
     require_at_least(p, args, ("eval_every",), minimum=0)
+    if not 0.0 <= args.validation_fraction < 1.0:
+        p.error(f"--validation-fraction must lie in [0, 1), got {args.validation_fraction}")
     for name in ("lr", "damping", "kl_clip"):
         value = getattr(args, name)
         if value is not None and not value > 0:
@@ -109,6 +116,19 @@ def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argp
     except ValueError as e:
         p.error(str(e))
     return args
+
+
+def evaluation_split(
+    args: argparse.Namespace, train: tuple[np.ndarray, ...],
+    load_test: Callable[[], tuple[np.ndarray, ...]],
+) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...], str]:
+    """``(train, evaluation, split name)``: with ``--validation-fraction`` the evaluation
+    arrays are held out of ``train`` (:func:`datasets.holdout`; the test set is not read),
+    else they are ``load_test()``, the test set."""
+    if args.validation_fraction:
+        train, validation = datasets.holdout(train, args.validation_fraction)
+        return train, validation, "validation"
+    return train, load_test(), "test"
 
 
 def learning_rate(args: argparse.Namespace, key: str, task: Task) -> float:

@@ -336,6 +336,33 @@ def batches(
         yield tuple(a[idx] for a in arrays)
 
 
+HOLDOUT_SEED = 0
+
+
+def holdout(
+    arrays: Sequence[np.ndarray], fraction: float
+) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """Split aligned ``arrays`` into ``(train, validation)``: ``round(n * fraction)`` samples,
+    drawn once with a fixed generator (``HOLDOUT_SEED``), are the validation split.
+
+    The same samples are held out whatever the run's seed, so that every point of a
+    hyperparameter search is scored on the same data; the order within each split is kept.
+
+    Raises:
+      ValueError: ``fraction`` not in (0, 1), or a split would be empty.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must lie strictly between 0 and 1, got {fraction}")
+    n = len(arrays[0])
+    n_validation = int(round(n * fraction))
+    if n_validation == 0 or n_validation == n:
+        raise ValueError(f"a validation fraction of {fraction} of {n} samples leaves an empty "
+                         f"split ({n - n_validation} train, {n_validation} validation)")
+    held = np.zeros(n, dtype=bool)
+    held[np.random.default_rng(HOLDOUT_SEED).permutation(n)[:n_validation]] = True
+    return tuple(a[~held] for a in arrays), tuple(a[held] for a in arrays)
+
+
 # --------------------------------------------------------------------------------------------
 # CIFAR-10 (python pickle archive)
 # --------------------------------------------------------------------------------------------

@@ -71,6 +71,13 @@ def steps_to_reach(result: Result, value: float, window: int = 10) -> int | None
     return None
 
 
+def quality_definition(target: Target, window: int = 10) -> str:
+    """The words for :func:`final_quality` of ``target``, as the tables print them."""
+    if target.metric == "train_loss":
+        return f"train loss (mean of the last {window} step losses)"
+    return f"{target.metric.replace('_', ' ')} (last evaluation)"
+
+
 def final_quality(result: Result, target: Target, window: int = 10) -> float:
     """``result``'s final value of ``target.metric``, as the target is read: the mean of the
     last ``window`` step losses for ``train_loss``, else the last evaluation (NaN: none)."""

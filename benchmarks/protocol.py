@@ -1,0 +1,111 @@
+"""The tuning protocol on one workload: every optimizer tuned alike, then several seeds.
+
+Runs :func:`examples.harness.protocol.run_protocol` on an example of ``examples/`` (the
+workloads of ``benchmarks/convergence.py``, with their flags): a learning-rate grid (and a
+damping grid for the second-order optimizers, a KL-clip grid for Eva) scored on a
+validation split held out of the training set with a whole schedule over a fraction of the
+budget, then the chosen values on the whole budget for several seeds, interleaved, next to
+the paper's recipe ("as published"). The grids, every trial's score, the chosen values and
+the final tables go into ``protocol.md`` and ``protocol.json`` in ``--out`` (default
+``benchmarks/results/protocol/<workload>``), with the example's own report per seed.
+
+The example's ``--damping`` and ``--kl-clip`` are not used: the protocol sets them.
+
+Usage::
+
+    python -m benchmarks.protocol --workload autoencoder                     # seeds 0,1,2
+    python -m benchmarks.protocol --workload classifier --optimizers sgd,adamw,eva \\
+        -- --epochs 3 --train-limit 6000 --test-limit 2000
+    python -m benchmarks.protocol --quick --out /tmp/protocol                # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.convergence import WORKLOADS, load_example
+from examples.harness.optimizers import Options
+from examples.harness.protocol import Outcome, Protocol, run_protocol
+from examples.harness.training import Task
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise SystemExit(f"{flag}: expected comma-separated integers, got {text!r}") from None
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.protocol", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--workload", default="autoencoder", choices=sorted(WORKLOADS))
+    p.add_argument("--optimizers", default=None,
+                   help="comma-separated keys (default: the workload's set)")
+    p.add_argument("--seeds", default=None, help="seeds of the final runs (default 0,1,2)")
+    p.add_argument("--tune-fraction", type=float, default=None,
+                   help="tuning runs: a whole schedule over this fraction of the budget "
+                        f"(default {Protocol.tune_fraction})")
+    p.add_argument("--validation-fraction", type=float, default=None,
+                   help="of the training set, held out for tuning "
+                        f"(default {Protocol.validation_fraction})")
+    p.add_argument("--lr-points", type=int, default=None,
+                   help=f"learning rates in the grid, at least 5 (default {Protocol.lr_points})")
+    p.add_argument("--quick", action="store_true",
+                   help="the workload's tiny flags and one seed: a smoke test")
+    p.add_argument("--out", default=None)
+    p.add_argument("extra", nargs="*", help="more flags for the example (after --)")
+    args = p.parse_args(argv)
+    settings: dict[str, Any] = {}
+    if args.seeds is not None:
+        settings["seeds"] = _ints(args.seeds, "--seeds")
+    elif args.quick:
+        settings["seeds"] = (0,)
+    for name in ("tune_fraction", "validation_fraction", "lr_points"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    try:
+        args.protocol = Protocol(**settings)
+    except ValueError as e:
+        p.error(str(e))
+    args.out = Path(args.out or ROOT / "benchmarks" / "results" / "protocol" / args.workload)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> Outcome:
+    args = parse_args(argv)
+    w = WORKLOADS[args.workload]
+    example = load_example(w.name)
+    flags = list(w.quick if args.quick else w.argv) + list(args.extra)
+    if args.optimizers:
+        flags += ["--optimizers", args.optimizers]
+    example_args = example.parse_args(flags)
+
+    def make_task(validation_fraction: float) -> Task:
+        return example.make_task(
+            argparse.Namespace(**{**vars(example_args), "validation_fraction": validation_fraction})
+        )
+
+    base = Options(example_args.momentum, example_args.weight_decay)
+    settings = {k: v for k, v in vars(example_args).items() if k != "specs"}
+    settings["command"] = "python -m benchmarks.protocol " + " ".join(argv or sys.argv[1:])
+    outcome = run_protocol(
+        make_task, example_args.specs, args.protocol, base, example_args.epochs, args.out,
+        title=w.title, eval_every=example_args.eval_every, chunk=example_args.chunk,
+        window=example_args.reach_window, settings=settings,
+    )
+    print("\n" + (args.out / "protocol.md").read_text())
+    print(f"wrote {args.out / 'protocol.md'}, {args.out / 'protocol.json'}")
+    return outcome
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""The tuning protocol: its grids, the stage-by-stage search, the validation split and a
+whole run on a tiny regression task the test builds itself."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from examples.harness import datasets, protocol, training
+from examples.harness.optimizers import SPEC_BY_KEY, Options
+
+pytestmark = pytest.mark.usefixtures("quick_compiles")
+SQRT10 = 10 ** 0.5
+
+
+def test_learning_rates_are_log_spaced_around_the_centre():
+  assert protocol.lr_grid(0.1) == [0.01, 0.0316, 0.1, 0.316, 1.0]
+  assert protocol.lr_grid(0.06, points=6) == [0.006, 0.019, 0.06, 0.19, 0.6, 1.9]
+  grid = protocol.lr_grid(0.003, points=7)
+  assert len(grid) == 7 and grid[3] == 0.003
+  assert all(b / a == pytest.approx(SQRT10, rel=2e-3) for a, b in zip(grid, grid[1:]))
+  # Past an edge, the same grid continues (not the rounded edge times the step).
+  assert protocol.lr_beyond(0.06, protocol.lr_grid(0.06), SQRT10, upwards=True) == 1.9
+  assert protocol.lr_beyond(0.06, [1.9, 0.6], SQRT10, upwards=True) == 6.0
+  assert protocol.lr_beyond(0.06, [0.006, 0.06], SQRT10, upwards=False) == 0.0019
+  assert protocol.scaled(0.03, (1 / 3, 1, 3)) == [0.01, 0.03, 0.09]
+  with pytest.raises(ValueError, match="at least 5"):
+    protocol.Protocol(lr_points=4)
+  with pytest.raises(ValueError, match="validation_fraction"):
+    protocol.Protocol(validation_fraction=0.0)
+
+
+def _drive(search, score):
+  """Run ``search`` to the end with ``score(point)``; the stages of the points, in order."""
+  stages = []
+  while points := search.pending():
+    for p in points:
+      stages.append(search.stage)
+      search.record(p, score(p))
+  return stages
+
+
+def test_eva_is_tuned_in_learning_rate_then_damping_then_kl_clip():
+  p = protocol.Protocol()
+  search = protocol.Search(SPEC_BY_KEY["eva"], 0.06, p, higher_is_better=False)
+  # Best learning rate 0.6 (inside the grid), damping 0.09, kl_clip 0.003.
+  def score(point):
+    s = abs(math.log(point.lr / 0.6))
+    s += abs(math.log((point.damping or 0.03) / 0.09))
+    return s + abs(math.log((point.kl_clip or 0.001) / 0.003))
+
+  stages = _drive(search, score)
+  # 0.6 is the top of the first grid: one point past it (1.9, worse), then stop.
+  assert stages == ["lr"] * 6 + ["damping"] * 2 + ["kl_clip"] * 2
+  assert search.grids == {
+      "lr": [0.006, 0.019, 0.06, 0.19, 0.6, 1.9],
+      "damping": [0.01, 0.03, 0.09],
+      "kl_clip": [0.000333, 0.001, 0.003],
+  }
+  assert search.chosen() == {"lr": 0.6, "damping": 0.09, "kl_clip": 0.003}
+  assert search.best.score == pytest.approx(0.0)
+  # The damping points used the chosen learning rate, the KL-clip points both.
+  damping = [t.point for t in search.trials if t.stage == "damping"]
+  assert damping == [protocol.Point(0.6, 0.01), protocol.Point(0.6, 0.09)]
+  kl = [t.point for t in search.trials if t.stage == "kl_clip"]
+  assert kl == [protocol.Point(0.6, 0.09, 0.000333), protocol.Point(0.6, 0.09, 0.003)]
+
+
+def test_damping_only_for_second_order_and_kl_clip_only_for_eva():
+  p = protocol.Protocol()
+  flat = lambda point: 1.0 + (point.lr != 0.1)  # 0.1 wins, in the middle of the grid
+  for key, stages in [("sgd", ["lr"] * 5), ("adamw", ["lr"] * 5),
+                      ("kfac", ["lr"] * 5 + ["damping"] * 2),
+                      ("shampoo", ["lr"] * 5 + ["damping"] * 2)]:
+    search = protocol.Search(SPEC_BY_KEY[key], 0.1, p, higher_is_better=False)
+    assert _drive(search, flat) == stages, key
+    assert search.best.point.lr == 0.1, key
+  shampoo = protocol.Search(SPEC_BY_KEY["shampoo"], 0.1, p, higher_is_better=False)
+  _drive(shampoo, flat)
+  assert shampoo.grids["damping"] == [3.33e-07, 1e-06, 3e-06]  # around its own default
+
+
+def test_an_edge_grows_at_most_max_extensions_times_and_divergence_scores_worst():
+  p = protocol.Protocol(max_extensions=2)
+  # Higher is better and grows with the rate: the top edge wins every time.
+  search = protocol.Search(SPEC_BY_KEY["sgd"], 0.1, p, higher_is_better=True)
+  assert _drive(search, lambda point: point.lr) == ["lr"] * 7
+  assert search.grids["lr"][-2:] == [3.16, 10.0] and search.best.point.lr == 10.0
+  # A diverged run (NaN) is the worst; of equal scores the first tried wins.
+  search = protocol.Search(SPEC_BY_KEY["sgd"], 0.1, p, higher_is_better=True)
+  scores = {0.01: 0.5, 0.0316: 0.7, 0.1: 0.7, 0.316: float("nan"), 1.0: float("nan")}
+  assert _drive(search, lambda point: scores[point.lr]) == ["lr"] * 5
+  assert search.best.point.lr == 0.0316
+  with pytest.raises(ValueError):
+    search.record(protocol.Point(0.5), 1.0)  # not a pending point
+
+
+def test_the_validation_split_is_fixed_disjoint_and_keeps_order():
+  x = np.arange(40)
+  (train,), (validation,) = datasets.holdout((x,), 0.25)
+  assert len(train) == 30 and len(validation) == 10
+  assert sorted(np.concatenate([train, validation]).tolist()) == list(range(40))
+  assert np.all(np.diff(train) > 0) and np.all(np.diff(validation) > 0)
+  (again,), _ = datasets.holdout((x,), 0.25)
+  np.testing.assert_array_equal(train, again)
+  (a, b), (va, vb) = datasets.holdout((x, 2 * x), 0.25)  # aligned arrays stay aligned
+  np.testing.assert_array_equal(b, 2 * a)
+  np.testing.assert_array_equal(vb, 2 * va)
+  with pytest.raises(ValueError, match="empty"):
+    datasets.holdout((x,), 0.001)
+
+
+def regression_task(validation_fraction: float) -> training.Task:
+  """Linear regression, 40 samples (batch 8) with a held-out part when asked."""
+  rng = np.random.default_rng(0)
+  w = np.array([[1.0], [-2.0], [0.5]], np.float32)
+  x = rng.standard_normal((40, 3)).astype(np.float32)
+  test_x = rng.standard_normal((16, 3)).astype(np.float32)
+  arrays = (x, x @ w)
+  if validation_fraction:
+    arrays, evaluation = datasets.holdout(arrays, validation_fraction)
+  else:
+    evaluation = (test_x, test_x @ w)
+  model = nn.Dense(1)
+
+  def loss_fn(params, model_state, batch):
+    inputs, targets = batch
+    loss = jnp.mean(jnp.square(model.apply({"params": params}, inputs) - targets))
+    return loss, (model_state, {})
+
+  return training.Task(
+      name="tiny regression",
+      init=lambda key: (model.init(key, jnp.zeros((1, 3)))["params"], {}),
+      loss_fn=loss_fn,
+      eval_fn=lambda params, state, batch: {"loss": loss_fn(params, state, batch)[0]},
+      train_epoch=lambda r: datasets.batches(arrays, 8, rng=r),
+      test_batches=lambda: iter([evaluation]),
+      steps_per_epoch=len(arrays[0]) // 8,
+      example_batch=(arrays[0][:8], arrays[1][:8]),
+      schedule=lambda lr, total: optax.linear_schedule(lr, 0.0, transition_steps=total),
+      default_lrs={"sgd": 0.05, "eva": 0.05},
+      eval_split="validation" if validation_fraction else "test",
+  )
+
+
+def test_the_whole_protocol_on_a_tiny_task(tmp_path):
+  asked = []
+
+  def make_task(fraction):
+    asked.append(fraction)
+    return regression_task(fraction)
+
+  p = protocol.Protocol(seeds=(0, 1), validation_fraction=0.2, tune_fraction=0.5)
+  specs = [SPEC_BY_KEY["sgd"], SPEC_BY_KEY["eva"]]
+  outcome = protocol.run_protocol(make_task, specs, p, Options(), epochs=2, out=tmp_path,
+                                  title="tiny")
+  assert asked == [0.0, 0.2]  # the whole set for the budget, the held-out split to tune
+  doc = json.loads((tmp_path / "protocol.json").read_text())
+  assert doc["protocol"]["validation_fraction"] == 0.2
+
+  for name, key in (("SGD", "sgd"), ("Eva", "eva")):
+    tuning = doc["tuning"][name]
+    assert tuning["steps"] == 5  # half of 2 epochs of 5 steps
+    assert len(tuning["grids"]["lr"]) >= 5
+    lr_trials = [t for t in tuning["trials"] if t["stage"] == "lr"]
+    assert sorted(t["lr"] for t in lr_trials) == tuning["grids"]["lr"]
+    best = min(tuning["trials"], key=lambda t: t["score"])  # lower loss is better
+    assert tuning["score"] == best["score"]
+    assert tuning["chosen"]["lr"] == best["lr"] == outcome.searches[key].best.point.lr
+  assert set(doc["tuning"]["Eva"]["grids"]) == {"lr", "damping", "kl_clip"}
+  assert set(doc["tuning"]["SGD"]["grids"]) == {"lr"}
+
+  # The final rows: the tuned ones (SGD first), then the paper's recipe, one rate of 0.1.
+  names = [r["name"] for r in doc["rows"]]
+  assert names == ["SGD", "Eva", "SGD (as published)", "K-FAC (as published)",
+                   "Eva (as published)"]
+  assert [r["lr"] for r in doc["rows"][2:]] == [0.1, 0.1, 0.1]
+  assert doc["rows"][1]["lr"] == doc["tuning"]["Eva"]["chosen"]["lr"]
+  assert len(outcome.runs) == 2 and all(len(results) == 5 for results in outcome.runs)
+  for seed, results in zip((0, 1), outcome.runs):
+    assert all(r.seed == seed and r.steps == 10 for r in results)
+  sgd = doc["summary"]["SGD"]
+  assert sgd["steps_ratio"]["median"] == 1.0 and sgd["seeds"] == 2
+  if doc["rows"][0]["lr"] != 0.1:  # tuned SGD and SGD as published are separate runs
+    assert outcome.runs[0][0].step_losses != outcome.runs[0][2].step_losses
+
+  md = (tmp_path / "protocol.md").read_text()
+  assert "| SGD | 0.005, 0.0158, 0.05, 0.158, 0.5" in md
+  assert "(chosen)" in md and "| Eva (as published) | 0.1 | 0.03 | 0.001 |" in md
+  assert "final train loss (mean of the last 10 step losses)" in md
+  for seed in (0, 1):
+    assert (tmp_path / f"seed{seed}" / "results.md").is_file()
