@@ -1,7 +1,9 @@
 """float64 end to end: with ``jax_enable_x64`` and float64 parameters, the
-statistics, the optimizer state and the update stay in float64, and Eva's step
+statistics, the optimizer state and the update stay in float64, Eva's step
 equals its formula computed by NumPy in float64 to float64 rounding (a float32
-step anywhere would leave errors of 1e-7 and more)."""
+step anywhere would leave errors of 1e-7 and more), and so does a trajectory of
+several steps against a NumPy reference of the whole rule (forward and
+backward pass, running averages, KL clip, weight decay, momentum)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import eva_optax
@@ -100,3 +103,84 @@ def test_eva_step_equals_the_float64_formula(x64):
   for name, v in vs.items():
     np.testing.assert_allclose(updates[name]["kernel"], -lr * nu * v[:-1], rtol=1e-11, atol=1e-15)
     np.testing.assert_allclose(updates[name]["bias"], -lr * nu * v[-1], rtol=1e-11, atol=1e-15)
+
+
+def _numpy_forward_backward(p, x, y):
+  """The loss of _Net and, per layer, its input rows, dL/dy and the gradient,
+  by hand in float64 NumPy (no JAX)."""
+  pre = x @ p["hidden"]["kernel"] + p["hidden"]["bias"]
+  h = np.tanh(pre)
+  out = h @ p["out"]["kernel"] + p["out"]["bias"]
+  loss = np.mean((out - y) ** 2)
+  d_out = 2.0 * (out - y) / out.size  # ∂L/∂y of the mean loss
+  d_pre = (d_out @ p["out"]["kernel"].T) * (1.0 - h**2)
+  inputs = {"hidden": x, "out": h}
+  output_grads = {"hidden": d_pre, "out": d_out}
+  grads = {name: {"kernel": inputs[name].T @ output_grads[name], "bias": output_grads[name].sum(0)}
+           for name in inputs}
+  return loss, inputs, output_grads, grads
+
+
+def test_eva_trajectory_equals_a_float64_numpy_reference(x64):
+  """Six Eva steps, a new batch each, with momentum, weight decay and a
+  learning-rate schedule, against Eva's rule written out in NumPy float64
+  (DESIGN.md §1) from NumPy's own forward and backward pass:
+
+  ā ← 0.05·ā + 0.95·ā_new (the first step takes ā_new), ḡ likewise;
+  a = [ā, 1], M = [∇W; ∇b] (in + 1, out), s = aᵀMḡ,
+  V = (M − s/(‖a‖²‖ḡ‖² + γ) a ḡᵀ)/γ, ν = min(1, √(κ/(η_t² Σ⟨V, M⟩))),
+  d = νV + λW, buf ← μ·buf + d, W ← W − η_t·buf.
+
+  The parameters after every step agree to 1e-10 relative; the KL clip is
+  active on some steps and not on others."""
+  model, params, _, _, _ = _problem()
+  # A schedule computed in float64 (optax's own schedules give float32 values
+  # for the int32 step count, even with jax_enable_x64).
+  lr = lambda count: 0.3 / (1.0 + count)
+  gamma, kappa, decay, momentum, wd = 0.03, 0.3, 0.05, 0.9, 1e-3
+  tx = eva_optax.eva(lr, momentum=momentum, weight_decay=wd, damping=gamma, kl_clip=kappa, stat_decay=decay)
+  rng = np.random.default_rng(1)
+  batches = [(rng.normal(size=(8, 4)) * 0.5 + 1.0, rng.normal(size=(8, 3))) for _ in range(6)]
+
+  @jax.jit
+  def step(params, opt_state, x, y):
+    loss = lambda p: jnp.mean((model.apply({"params": p}, x) - y) ** 2)
+    value, grads, stats = eva_optax.value_and_grad(loss)(params)
+    updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
+    return optax.apply_updates(params, updates), opt_state, value
+
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  averages, buffers, nus = {}, jax.tree.map(np.zeros_like, p), []
+  opt_state = tx.init(params)
+  for t, (x, y) in enumerate(batches):
+    params, opt_state, value = step(params, opt_state, jnp.asarray(x), jnp.asarray(y))
+
+    loss, inputs, output_grads, grads = _numpy_forward_backward(p, x, y)
+    np.testing.assert_allclose(value, loss, rtol=1e-12)
+    eta = 0.3 / (1.0 + t)
+    vs, total = {}, 0.0
+    for name in ("hidden", "out"):
+      new = (inputs[name].mean(0), output_grads[name].mean(0))
+      old = averages.get(name, new)
+      a_mean, g_mean = averages[name] = tuple(decay * o + (1 - decay) * n for o, n in zip(old, new))
+      a = np.append(a_mean, 1.0)
+      m = np.vstack([grads[name]["kernel"], grads[name]["bias"][None]])
+      s = a @ m @ g_mean
+      vs[name] = (m - s / (a @ a * (g_mean @ g_mean) + gamma) * np.outer(a, g_mean)) / gamma
+      total += np.sum(vs[name] * m)
+    nu = min(1.0, np.sqrt(kappa / (eta**2 * total))) if total > 0 else 1.0
+    nus.append(nu)
+    for name, v in vs.items():
+      for leaf, direction in (("kernel", v[:-1]), ("bias", v[-1])):
+        d = nu * direction + wd * p[name][leaf]
+        buffers[name][leaf] = momentum * buffers[name][leaf] + d
+        p[name][leaf] = p[name][leaf] - eta * buffers[name][leaf]
+
+    for name in p:
+      for leaf in p[name]:
+        got, want = np.asarray(params[name][leaf]), p[name][leaf]
+        assert got.dtype == np.float64
+        np.testing.assert_allclose(
+            got, want, rtol=1e-10, atol=1e-10 * np.abs(want).max(), err_msg=f"step {t} {name}/{leaf}"
+        )
+  assert min(nus) < 1.0 and max(nus) == 1.0, nus
