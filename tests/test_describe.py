@@ -74,13 +74,26 @@ def test_layer_whose_eva_correction_vanishes_is_flagged():
   assert "≈ 0" not in row.detail
 
 
-def test_layer_whose_layout_the_optimizer_cannot_guess_says_what_to_pass():
+def test_layer_whose_layout_the_parameters_leave_open_says_where_it_comes_from():
   """A bias-free DenseGeneral with two output axes: the shapes suggest in 4·3,
-  out 5; the capture recorded in 4, out 3·5. The kernel's row names layouts=;
-  with those layouts given, it does not."""
-  params = {"q": {"kernel": jnp.zeros((4, 3, 5))}}
-  stats = {"q": LayerStats(jnp.ones(4), jnp.ones(15), kind="DenseGeneral", layout=KernelLayout(0, 2), has_bias=False)}
-  (row,) = eva_optax.describe(params, stats)
-  assert "layouts=eva_optax.layouts_of(stats)" in row.detail
-  (row,) = eva_optax.describe(params, stats, layouts=eva_optax.layouts_of(stats))
-  assert "layouts=" not in row.detail and "in 4, out 15" in row.detail
+  out 5; the capture recorded in 4, out 3·5, which the state has room for: the
+  row says the layout comes from the capture. A conv kernel (3, 3, 4, 8) of
+  2 groups of 4 input channels has no such room (only depthwise convs have
+  it): the row names layouts=; with those layouts given, neither row does."""
+  params = {
+      "q": {"kernel": jnp.zeros((4, 3, 5))},
+      "grouped": {"kernel": jnp.zeros((3, 3, 4, 8))},
+  }
+  stats = {
+      "q": LayerStats(jnp.ones(4), jnp.ones(15), kind="DenseGeneral", layout=KernelLayout(0, 2), has_bias=False),
+      "grouped": LayerStats(
+          jnp.ones((2, 36)), jnp.ones((2, 4)), kind="Conv", layout=KernelLayout(1, 1, groups=2), has_bias=False
+      ),
+  }
+  rows = {r.parameter: r for r in eva_optax.describe(params, stats)}
+  q, grouped = rows["q/kernel"], rows["grouped/kernel"]
+  assert "layout from the capture" in q.detail
+  assert "layouts=" not in q.detail and "in 4, out 15" in q.detail
+  assert "layouts=eva_optax.layouts_of(stats)" in grouped.detail
+  for row in eva_optax.describe(params, stats, layouts=eva_optax.layouts_of(stats)):
+    assert "layouts=" not in row.detail and "from the capture" not in row.detail

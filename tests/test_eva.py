@@ -19,7 +19,9 @@ import pytest
 
 import eva_optax
 from eva_optax._src.eva import sherman_morrison, sherman_morrison_layers
+from eva_optax._src import preconditioning
 from eva_optax._src.preconditioning import LayerGradient
+from eva_optax._src.statistics import KernelLayout
 from models import layer_group
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -411,20 +413,40 @@ class Stacked(nn.Module):
     return nn.DenseGeneral((3, 1), use_bias=False)(x).reshape(x.shape[0], 3)
 
 
-def test_unguessable_layout_is_an_error_then_layouts_of_fixes_it():
+def test_layouts_the_parameters_leave_open_are_taken_from_the_capture():
+  """A scanned Dense and a DenseGeneral with two outputs, both without bias:
+  their kernels' layouts cannot be told from the parameters, yet tx.init(params)
+  alone gives, step after step, the updates of an optimizer given the captured
+  layouts; the state holds each statistic at the head of a flat buffer."""
   model = Stacked()
   x = jax.random.normal(jax.random.key(0), (8, 5))
   y = jax.random.normal(jax.random.key(1), (8, 3))
   params = model.init(jax.random.key(2), x)["params"]
   loss_fn = lambda p: jnp.mean((model.apply({"params": p}, x) - y) ** 2)
-  _, grads, stats = eva_optax.value_and_grad(loss_fn)(params)
-  tx = eva_optax.eva(0.1)
-  with pytest.raises(ValueError, match="layouts_of"):
-    tx.update(grads, tx.init(params), params, stats=stats)
+  grad_fn = jax.jit(eva_optax.value_and_grad(loss_fn))
   layouts = eva_optax.layouts_of(jax.eval_shape(eva_optax.value_and_grad(loss_fn), params)[2])
-  tx = eva_optax.eva(0.1, layouts=layouts)
-  updates, state = tx.update(grads, tx.init(params), params, stats=stats)
-  assert state[0].input_mean["ScanBlock_0"]["Dense_0"].shape == (3, 5)
+  assert layouts["ScanBlock_0"]["Dense_0"] == KernelLayout(1, 1)
+  assert layouts["DenseGeneral_0"] == KernelLayout(0, 2)
+  free, given = eva_optax.eva(0.1), eva_optax.eva(0.1, layouts=layouts)
+  free_state, given_state = free.init(params), given.init(params)
+  assert free_state[0].input_mean["ScanBlock_0"]["Dense_0"].ndim == 1
+  assert given_state[0].input_mean["ScanBlock_0"]["Dense_0"].shape == (3, 5)
+  p_free = p_given = params
+  for _ in range(3):
+    _, grads, stats = grad_fn(p_free)
+    u_free, free_state = jax.jit(free.update)(grads, free_state, p_free, stats=stats)
+    _, grads, stats = grad_fn(p_given)
+    u_given, given_state = jax.jit(given.update)(grads, given_state, p_given, stats=stats)
+    for a, b in zip(jax.tree.leaves(u_free), jax.tree.leaves(u_given)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    p_free, p_given = optax.apply_updates(p_free, u_free), optax.apply_updates(p_given, u_given)
+  for name in ("input_mean", "output_grad_mean"):
+    for path in (("ScanBlock_0", "Dense_0"), ("DenseGeneral_0",)):
+      flat, exact = getattr(free_state[0], name), getattr(given_state[0], name)
+      for key in path:
+        flat, exact = flat[key], exact[key]
+      np.testing.assert_allclose(preconditioning.fit(flat, exact.shape, name), exact, rtol=1e-5, atol=1e-8)
+  _, grads, stats = grad_fn(params)
   # Each stacked layer is preconditioned with its own statistics.
   one = eva_optax.scale_by_eva(0.1, layouts=layouts)
   u, _ = one.update(grads, one.init(params), params, stats=stats)

@@ -21,12 +21,13 @@ import pytest
 import eva_optax
 from eva_optax._src import preconditioning
 from eva_optax._src.preconditioning import LayerGradient, Preconditioned
-from eva_optax._src.statistics import LayerStats, PassThrough
+from eva_optax._src.statistics import EVA_STATISTICS, KernelLayout, LayerStats, PassThrough
 
 # The submodules (the package exports functions of the same names).
 eva_foof = importlib.import_module("eva_optax._src.eva_foof")
 foof = importlib.import_module("eva_optax._src.foof")
 kfac = importlib.import_module("eva_optax._src.kfac")
+eva = importlib.import_module("eva_optax._src.eva")
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -333,3 +334,117 @@ def test_update_averages_names_what_is_missing():
     )
   with pytest.raises(ValueError, match=r"test: no statistics for the layer parameters at \['Dense_0'\]"):
     preconditioning.update_averages(slots, {}, averages, 0.5, jnp.int32(0), "test")
+
+
+# ---------------------------------------------------------------------------
+# Layouts the parameters leave open: the state makes room, the capture decides.
+
+
+class OpenLayouts(nn.Module):
+  """Layers whose kernel layout cannot be told from the parameters: an Einsum
+  contracting its middle axis (with and without bias), a depthwise conv, and a
+  first conv on one input channel (whose kernel a depthwise conv could have)."""
+
+  @nn.compact
+  def __call__(self, x):  # x: (batch, 5, 5, 1)
+    h = nn.relu(nn.Conv(4, (3, 3), padding="SAME")(x))  # kernel (3, 3, 1, 4)
+    h = nn.relu(nn.Conv(4, (3, 3), feature_group_count=4, padding="VALID", use_bias=False)(h))
+    t = h.reshape(h.shape[0], 9, 4)  # (B, T, D)
+    t = jnp.tanh(nn.Einsum((3, 4, 2), "BTD,NDH->BTNH")(t)).reshape(t.shape[0], 9, 6)
+    t = nn.Einsum((2, 6, 3), "BTD,NDH->BTNH", use_bias=False)(t)
+    return nn.Dense(2)(t.reshape(t.shape[0], -1))
+
+
+OPEN_LAYOUTS = {
+    "eva": (eva.eva, EVA_STATISTICS),
+    "eva_foof": (eva_foof.eva_foof, eva_foof.STATISTICS),
+    "foof": (foof.foof, foof.STATISTICS),
+    "kfac": (kfac.kfac, kfac.STATISTICS),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPEN_LAYOUTS))
+def test_tx_init_alone_equals_the_captured_layouts_given(name):
+  """For every optimizer built on the capture: tx.init(params) alone trains, step
+  after step, exactly as with layouts=layouts_of(stats); the layers whose
+  layout the parameters leave open keep their statistics in flat buffers."""
+  alias, statistics = OPEN_LAYOUTS[name]
+  model = OpenLayouts()
+  xs = jax.random.normal(jax.random.key(0), (3, 6, 5, 5, 1))
+  ys = jax.random.normal(jax.random.key(1), (3, 6, 2))
+  params = model.init(jax.random.key(2), xs[0])["params"]
+  loss_fn = lambda p, x, y: jnp.mean((model.apply({"params": p}, x) - y) ** 2)
+  grad_fn = eva_optax.value_and_grad(loss_fn, statistics=statistics)
+  layouts = eva_optax.layouts_of(jax.eval_shape(grad_fn, params, xs[0], ys[0])[2])
+  assert layouts["Conv_1"] == KernelLayout(1, 1, groups=4)
+  assert layouts["Einsum_0"].permutation == layouts["Einsum_1"].permutation == (1, 0, 2)
+  kw = dict(inverse_every=2) if name in ("foof", "kfac") else {}
+  results = []
+  for given in (None, layouts):
+    tx = alias(0.05, layouts=given, **kw)
+    state, p = tx.init(params), params
+    if given is None:
+      for module in ("Conv_0", "Conv_1", "Einsum_0", "Einsum_1"):
+        for field in statistics:
+          assert getattr(state[0], field)[module].ndim == 1, (module, field)
+      assert getattr(state[0], statistics[0])["Dense_0"].ndim == (2 if name in ("foof", "kfac") else 1)
+
+    @jax.jit
+    def step(p, s, x, y):
+      _, grads, stats = grad_fn(p, x, y)
+      updates, s = tx.update(grads, s, p, stats=stats)
+      return optax.apply_updates(p, updates), s
+
+    for x, y in zip(xs, ys):
+      p, state = step(p, state, x, y)
+    results.append(p)
+  free, exact = results
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7), free, exact)
+  moved = jax.tree.map(lambda u, v: float(jnp.abs(u - v).max()), free, params)
+  assert min(jax.tree.leaves(moved)) > 0
+
+
+def test_a_layout_without_room_is_a_clear_error():
+  """A grouped conv with several input channels per group (not depthwise): the
+  parameters look like an ordinary conv and the state has room for that only,
+  so the update says to pass layouts=, and with them it trains."""
+  model = nn.Conv(4, (3, 3), feature_group_count=2, use_bias=False)
+  x = jax.random.normal(jax.random.key(0), (2, 5, 5, 4))
+  params = model.init(jax.random.key(1), x)["params"]
+  loss_fn = lambda p: jnp.mean(model.apply({"params": p}, x) ** 2)
+  _, grads, stats = eva_optax.value_and_grad(loss_fn)(params)
+  tx = eva_optax.eva(0.1)
+  with pytest.raises(ValueError, match="layouts=eva_optax.layouts_of"):
+    tx.update(grads, tx.init(params), params, stats=stats)
+  tx = eva_optax.eva(0.1, layouts=eva_optax.layouts_of(stats))
+  updates, _ = tx.update(grads, tx.init(params), params, stats=stats)
+  assert float(jnp.abs(updates["kernel"]).max()) > 0
+
+
+def test_room_is_exact_where_the_parameters_fix_the_layout_and_flat_where_not():
+  """A Dense kernel (4, 3) has one reading: exact shapes. A bias-free kernel
+  (4, 3, 5) has several (in 4·3 out 5; in 4 out 3·5; stack 4, in 3, out 5; and
+  the Einsum readings contracting 3 or 5): each statistic gets a flat buffer as
+  long as its largest reading; fit reads its head, put writes it, tail zero."""
+  slots = preconditioning.find_layer_slots({
+      "dense": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)},
+      "open": {"kernel": jnp.zeros((4, 3, 5))},
+  })
+  assert preconditioning.room(slots[("dense",)], EVA_STATISTICS) == {
+      "input_mean": (4,), "output_grad_mean": (3,)
+  }
+  # ā: 12, 4, 4·3, 3, 5 → 12; ḡ: 5, 15, 4·5, 4·5, 3·4 → 20.
+  assert preconditioning.room(slots[("open",)], EVA_STATISTICS) == {
+      "input_mean": (12,), "output_grad_mean": (20,)
+  }
+  open_slot = slots[("open",)]
+  assert preconditioning.has_room(open_slot, KernelLayout(0, 2), EVA_STATISTICS)
+  assert preconditioning.has_room(open_slot, KernelLayout(1, 1), EVA_STATISTICS)
+  # Contracting 3 and 5 (ā of 15) is not a reading of Flax's layers.
+  assert not preconditioning.has_room(open_slot, KernelLayout(0, 1, permutation=(1, 2, 0)), EVA_STATISTICS)
+  value = jnp.arange(1.0, 16.0).reshape(3, 5)
+  new = preconditioning.put(jnp.ones(20), value)
+  np.testing.assert_array_equal(new, np.r_[np.arange(1.0, 16.0), np.zeros(5)])
+  np.testing.assert_array_equal(preconditioning.fit(new, (3, 5), "open"), value)
+  with pytest.raises(ValueError, match="layouts=eva_optax.layouts_of"):
+    preconditioning.fit(new, (3, 7), "open")

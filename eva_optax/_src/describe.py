@@ -10,7 +10,8 @@ import numpy as np
 
 from eva_optax._src.layers import find_layer_slots
 from eva_optax._src.paths import BIAS, KERNEL, flatten_with_paths, path_str
-from eva_optax._src.statistics import LayerStats, PassThrough, layer_entries
+from eva_optax._src.preconditioning import has_room
+from eva_optax._src.statistics import EVA_STATISTICS, LayerStats, PassThrough, layer_entries
 
 
 class ParameterRule(NamedTuple):
@@ -88,8 +89,9 @@ def describe(
     params: the parameter tree given to the optimizer.
     stats: the statistics from :func:`eva_optax.value_and_grad`.
     layouts: as given to the optimizer, if any. A layer whose captured layout
-      differs from the one the optimizer would guess (or be given) says so:
-      the optimizer then needs ``layouts=eva_optax.layouts_of(stats)``.
+      differs from the one the parameters suggest says so: taken from the
+      capture when the optimizer state has room for it (judged for Eva's ā
+      and ḡ), else the optimizer needs ``layouts=eva_optax.layouts_of(stats)``.
     damping: Eva's γ, for the check below (default Eva's).
     negligible: a preconditioned layer whose Eva correction can remove less
       than this fraction of the gradient (ρ = s / (γ + s), s = ‖ā‖²‖ḡ‖²) says
@@ -119,10 +121,14 @@ def describe(
       if name == KERNEL:
         detail += _negligible_correction(entry, damping, negligible) or ""
         if slot is not None and slot.layout != entry.layout:
-          detail += (
-              "; its layout cannot be guessed from the parameter shapes: give the"
-              " optimizer layouts=eva_optax.layouts_of(stats)"
-          )
+          if slot.readings and has_room(slot, entry.layout, EVA_STATISTICS):
+            detail += "; layout from the capture (the parameters allow several)"
+          else:
+            detail += (
+                "; the optimizer state has no room for this layout (the"
+                " parameters suggest another): give the optimizer"
+                " layouts=eva_optax.layouts_of(stats)"
+            )
     else:
       rule, detail = (
           "pass-through",

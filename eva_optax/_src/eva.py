@@ -162,10 +162,14 @@ def scale_by_eva(
       code keeps weight 0.95 on the new value).
     scaling: ``'kl_clip'`` (ICLR 2023, default) or ``'kl_normalise'`` (the
       extension: V without 1/γ, divided by sqrt(Σ⟨V, Ĝ⟩)).
-    layouts: how kernels split into stack/input/output axes, for layers whose
-      layout cannot be guessed from the parameter shapes (see
-      :func:`eva_optax.layouts_of`). Default: guessed, and checked against the
-      captured statistics at every update.
+    layouts: how kernels split into stack/input/output axes (optional; see
+      :func:`eva_optax.layouts_of`). Default: each layer's layout is the one
+      the capture records. Where the parameters allow several (bias-free
+      DenseGeneral and Einsum kernels, stacked layers, depthwise convs), the
+      state, sized at ``init``, keeps each statistic in a flat buffer with room
+      for every such reading (at most 8× the statistics of the reading the
+      shapes suggest); give ``layouts`` to size it exactly, or for a layout
+      beyond that room (a grouped conv with several input channels per group).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` needs

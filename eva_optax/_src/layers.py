@@ -10,6 +10,7 @@ that matrix, matched by a trailing 1 appended to the mean input ā.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -29,6 +30,7 @@ from eva_optax._src.statistics import (
 #: ``nnx.MultiHeadAttention``): a kernel (features, heads, head_dim) with two
 #: output axes; their output projection ``out`` contracts (heads, head_dim).
 ATTENTION_INPUT_PROJECTIONS = ("query", "key", "value")
+ATTENTION_OUTPUT_PROJECTION = "out"
 
 
 def infer_layout(
@@ -50,8 +52,8 @@ def infer_layout(
   if len(kernel_shape) < 2:
     return None
   if bias_shape is None or len(bias_shape) == 0:
-    if len(kernel_shape) == 3 and name in ATTENTION_INPUT_PROJECTIONS:
-      return KernelLayout(0, 2)
+    if len(kernel_shape) in (3, 4) and name in ATTENTION_INPUT_PROJECTIONS:
+      return KernelLayout(len(kernel_shape) - 3, 2)  # rank 4: under nn.scan
     return KernelLayout(0, 1)
   for stack_ndim in range(len(bias_shape)):
     output_ndim = len(bias_shape) - stack_ndim
@@ -66,35 +68,141 @@ def infer_layout(
   return KernelLayout(0, 1)
 
 
+def readings(
+    kernel_shape: tuple[int, ...],
+    bias_shape: tuple[int, ...] | None,
+    name: str | None = None,
+) -> tuple[KernelLayout, ...]:
+  """The layouts a Flax layer with this kernel and bias can have; the guess first.
+
+  The parameters fix the layout of a kernel of rank 2, and without a bias of
+  rank ≥ 4 (a Conv: window and input channels, then output channels), up to
+  the group count of a convolution with one input channel per group
+  (depthwise: every divisor of the output channels). A bias-free kernel of
+  rank 3 can also be a DenseGeneral with two output axes, a stack of Dense
+  layers (``nn.scan``, ``nnx.vmap``) or an Einsum that contracts its axis 1
+  or 2 ('BTD,NDH->BTNH'); with a bias, any rank ≥ 3, only the readings
+  whose stack and output axes hold as many entries as the bias. Flax's
+  attention projections are read one way (bias-free ``query``/``key``/
+  ``value`` kernels: two output axes, after one stack axis at rank 4), except
+  a bias-free ``out`` kernel of rank 4: a Conv, or attention's output under
+  ``nn.scan``. A bias-free kernel of rank ≥ 4 of a module named like an Einsum
+  (``Einsum_0``, ``kv_einsum``) can contract any one of its axes
+  ('BSD,CKDH->CBSKH').
+  Optimizers reserve room in their state for these readings
+  (:func:`reserved_readings`), so that the capture's layout is taken at the
+  first update without a ``layouts=`` step.
+  """
+  guess = infer_layout(kernel_shape, bias_shape, name)
+  if guess is None:
+    return ()
+  rank = len(kernel_shape)
+  out: list[KernelLayout] = [guess]
+  if rank >= 3 and kernel_shape[-2] == 1 and guess.stack_ndim == 0 and guess.output_ndim == 1:
+    out += [
+        KernelLayout(1, 1, groups=g) for g in range(2, kernel_shape[-1] + 1)
+        if kernel_shape[-1] % g == 0
+    ]
+  if bias_shape:
+    family = _stacked_and_einsum_readings(kernel_shape) if rank >= 3 else []
+    spans = lambda l: math.prod(l.dims(kernel_shape)[0]) * l.dims(kernel_shape)[2]
+    out += [l for l in family if spans(l) == math.prod(bias_shape)]
+  elif name in ATTENTION_INPUT_PROJECTIONS:
+    pass  # Flax's attention: the guess is the layout
+  elif rank == 3:
+    out += _stacked_and_einsum_readings(kernel_shape)
+  elif rank == 4 and name == ATTENTION_OUTPUT_PROJECTION:
+    out.append(KernelLayout(1, 1))  # the out projection of attention under nn.scan
+  if not bias_shape and rank >= 4 and name and "einsum" in name.lower():
+    # An Einsum by name (Linen's Einsum_0, Gemma's kv_einsum): one contracted axis.
+    out += [
+        KernelLayout(0, rank - 1, permutation=(i,) + tuple(a for a in range(rank) if a != i))
+        for i in range(1, rank)
+    ] + [KernelLayout(0, rank - 1)]
+  unique: list[KernelLayout] = []
+  for layout in out:
+    if layout not in unique:
+      unique.append(layout)
+  return tuple(unique)
+
+
+def _stacked_and_einsum_readings(kernel_shape: tuple[int, ...]) -> list[KernelLayout]:
+  """DenseGeneral splits (outputs at the end, at most one stack axis) and, for
+  rank 3, the Einsums contracting axis 1 or 2."""
+  rank = len(kernel_shape)
+  family = [KernelLayout(stack, outputs) for stack in (0, 1) for outputs in range(1, rank - stack)]
+  if rank == 3:
+    family += [
+        KernelLayout(0, 2, permutation=(i,) + tuple(a for a in range(3) if a != i))
+        for i in range(1, 3)
+    ]
+  return family
+
+
+def reserved_readings(
+    kernel_shape: tuple[int, ...],
+    layouts: tuple[KernelLayout, ...],
+    size: Any,
+    factor: float = 8.0,
+) -> tuple[KernelLayout, ...]:
+  """The readings an optimizer's state makes room for: the guess (first) and
+  every other whose state takes at most ``factor`` times the guess's
+  (``size(layout)``: the entries the optimizer keeps for a layer of that
+  layout), and the group counts of a depthwise convolution, whatever their size.
+  """
+  if not layouts:
+    return ()
+  limit = factor * size(layouts[0])
+  return tuple(
+      l for i, l in enumerate(layouts)
+      if i == 0 or l.groups > 1 or size(l) <= limit
+  )
+
+
 class LayerSlot(NamedTuple):
-  """A layer of the parameter tree: its module path, kernel and bias leaves."""
+  """A layer of the parameter tree: its module path, kernel and bias leaves.
+
+  ``readings``: the layouts its parameters allow (:func:`readings`, the guess
+  first), or ``()`` when ``layout`` was given (by ``layouts=``) or captured.
+  """
 
   path: Path
   layout: KernelLayout
   kernel_shape: tuple[int, ...]
   has_bias: bool
   dtype: Any = jnp.float32  # of its statistics and of the preconditioning
+  readings: tuple[KernelLayout, ...] = ()
 
 
-def find_layer_slots(params: Any, layouts: Any = None) -> dict[Path, LayerSlot]:
+def _layouts_by_path(layouts: Any) -> dict[Path, KernelLayout]:
+  given: dict[Path, KernelLayout] = {}
+  if layouts is None:
+    return given
+  for path, entry in flatten_with_paths(
+      layouts, is_leaf=lambda x: isinstance(x, (KernelLayout, LayerStats, PassThrough))
+  ):
+    if isinstance(entry, LayerStats):
+      given[path] = entry.layout
+    elif isinstance(entry, KernelLayout):
+      given[path] = entry
+  return given
+
+
+def find_layer_slots(
+    params: Any, layouts: Any = None, captured: Any = None
+) -> dict[Path, LayerSlot]:
   """Every module of ``params`` that owns a ``kernel`` of rank ≥ 2.
 
-  ``layouts``: ``None`` (infer each layout, :func:`infer_layout`), a callable
-  ``params -> layouts``, or a nested dict (or stats tree) giving a
-  :class:`KernelLayout` (or :class:`LayerStats`) per module path; modules it
-  does not name are inferred.
+  Each layer's layout is, in this order: the one ``layouts`` gives (``None``,
+  a callable ``params -> layouts``, or a nested dict or stats tree giving a
+  :class:`KernelLayout` or :class:`LayerStats` per module path); the one the
+  ``captured`` statistics record; else guessed from the parameters
+  (:func:`infer_layout`, with the other :func:`readings` kept on the slot).
   """
   if callable(layouts):
     layouts = layouts(params)
-  given: dict[Path, KernelLayout] = {}
-  if layouts is not None:
-    for path, entry in flatten_with_paths(
-        layouts, is_leaf=lambda x: isinstance(x, (KernelLayout, LayerStats, PassThrough))
-    ):
-      if isinstance(entry, LayerStats):
-        given[path] = entry.layout
-      elif isinstance(entry, KernelLayout):
-        given[path] = entry
+  given = _layouts_by_path(layouts)
+  recorded = _layouts_by_path(captured)
   leaves = dict(flatten_with_paths(params))
   slots: dict[Path, LayerSlot] = {}
   for path, leaf in leaves.items():
@@ -104,12 +212,14 @@ def find_layer_slots(params: Any, layouts: Any = None) -> dict[Path, LayerSlot]:
     bias = leaves.get(module + (BIAS,))
     bias_shape = None if bias is None else tuple(jnp.shape(bias))
     kernel_shape = tuple(jnp.shape(leaf))
-    layout = given.get(module) or infer_layout(
-        kernel_shape, bias_shape, module[-1] if module else None
-    )
+    layout = given.get(module) or recorded.get(module)
+    options: tuple[KernelLayout, ...] = ()
+    if layout is None:
+      options = readings(kernel_shape, bias_shape, module[-1] if module else None)
+      layout = options[0]
     layout.check(kernel_shape, f"layer {path_str(module)!r}")
     dtype = statistic_dtype(jnp.result_type(leaf))
-    slots[module] = LayerSlot(module, layout, kernel_shape, bias is not None, dtype)
+    slots[module] = LayerSlot(module, layout, kernel_shape, bias is not None, dtype, options)
   return slots
 
 
@@ -119,9 +229,8 @@ def check_stats_match(slot: LayerSlot, entry: LayerStats) -> None:
   if entry.layout != slot.layout:
     raise ValueError(
         f"{where}: the captured layout {entry.layout} differs from the layout"
-        f" {slot.layout} the optimizer state was initialised with (guessed from"
-        " the parameter shapes). Pass layouts=eva_optax.layouts_of(stats) to the"
-        " optimizer."
+        f" {slot.layout} given to the optimizer (layouts=): give it"
+        " layouts=eva_optax.layouts_of(stats), or no layouts at all"
     )
   wanted = statistic_shapes(*slot.layout.dims(slot.kernel_shape), slot.has_bias)
   for name, shape in wanted.items():

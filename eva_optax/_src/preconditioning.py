@@ -9,6 +9,7 @@ preconditioned layers only, and passes every other parameter through unchanged.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -27,9 +28,16 @@ from eva_optax._src.layers import (
     find_layer_slots,
     kernel_from_matrix,
     kernel_matrix,
+    reserved_readings,
 )
 from eva_optax._src.paths import BIAS, KERNEL, Path, flatten_with_paths, nest, path_of, path_str
-from eva_optax._src.statistics import FACTORS, LayerStats, layer_entries, statistic_shapes
+from eva_optax._src.statistics import (
+    FACTORS,
+    KernelLayout,
+    LayerStats,
+    layer_entries,
+    statistic_shapes,
+)
 from eva_optax._src.running_average import update_running_average
 from eva_optax._src.sharding import replicate_on_params_mesh
 
@@ -114,6 +122,76 @@ def zero_statistics(slots: dict[Path, LayerSlot], name: str) -> dict[str, Any]:
   return nest({p: jnp.zeros(statistic_shape(s, name), s.dtype) for p, s in slots.items()})
 
 
+def layout_statistics(
+    slot: LayerSlot, layout: KernelLayout, statistics: Sequence[str]
+) -> dict[str, tuple[int, ...]]:
+  """The shapes of ``statistics`` for the layer of ``slot`` read with ``layout``."""
+  shapes = statistic_shapes(*layout.dims(slot.kernel_shape), slot.has_bias)
+  return {name: shapes[name] for name in statistics}
+
+
+def room(
+    slot: LayerSlot,
+    statistics: Sequence[str],
+    shapes: Callable[[KernelLayout], dict[str, tuple[int, ...]]] | None = None,
+) -> dict[str, tuple[int, ...]]:
+  """The shape of each of a layer's state entries, fixed at ``init``.
+
+  ``shapes(layout)``: the optimizer's entries for a layer of that layout
+  (default: its ``statistics``). When every reading the state makes room for
+  (:func:`~eva_optax._src.layers.reserved_readings`, judged by the size of
+  ``statistics``) gives an entry the same shape, that shape; otherwise a flat
+  buffer as long as its largest reading, whose head an update uses
+  (:func:`fit`, :func:`put`) once the capture says the layout.
+  """
+  shapes = shapes or (lambda layout: layout_statistics(slot, layout, statistics))
+  size = lambda layout: sum(
+      math.prod(s) for s in layout_statistics(slot, layout, statistics).values()
+  )
+  layouts = reserved_readings(slot.kernel_shape, slot.readings, size) or (slot.layout,)
+  options = [shapes(layout) for layout in layouts]
+  return {
+      n: shape if all(o[n] == shape for o in options) else (max(math.prod(o[n]) for o in options),)
+      for n, shape in options[0].items()
+  }
+
+
+def has_room(slot: LayerSlot, layout: KernelLayout, statistics: Sequence[str]) -> bool:
+  """Whether the state :func:`room` sets aside for ``slot`` holds ``layout``'s statistics."""
+  held = room(slot, statistics)
+  wanted = layout_statistics(slot, layout, statistics)
+  return all(
+      held[n] == shape or (len(held[n]) == 1 and held[n][0] >= math.prod(shape))
+      for n, shape in wanted.items()
+  )
+
+
+def fit(stored: jax.Array, shape: tuple[int, ...], where: str) -> jax.Array:
+  """A state entry as an array of ``shape``: itself, or the head of its flat buffer."""
+  shape = tuple(shape)
+  if tuple(stored.shape) == shape:
+    return stored
+  n = math.prod(shape)
+  if stored.ndim != 1 or stored.shape[0] < n:
+    raise ValueError(
+        f"{where}: the captured layout needs a state entry of shape {shape}, but"
+        f" the optimizer state holds {tuple(stored.shape)} (room for the layouts"
+        " Flax's layers give these parameters): pass"
+        " layouts=eva_optax.layouts_of(stats) to the optimizer, or re-create its"
+        " state with tx.init for these parameters"
+    )
+  return stored[:n].reshape(shape)
+
+
+def put(stored: jax.Array, value: jax.Array) -> jax.Array:
+  """``value`` as the new state entry ``stored`` (which :func:`fit` read it from):
+  itself, or at the head of a flat buffer whose tail is zero."""
+  if tuple(stored.shape) == tuple(value.shape):
+    return value.astype(stored.dtype)
+  flat = value.reshape(-1).astype(stored.dtype)
+  return jnp.pad(flat, (0, stored.shape[0] - flat.shape[0]))
+
+
 def update_averages(
     slots: dict[Path, LayerSlot],
     stats: Any,
@@ -178,9 +256,11 @@ def update_averages(
           " captured: create the gradient function with"
           f" eva_optax.value_and_grad(loss_fn, statistics={tuple(averages)})"
       )
+    averaged[path] = {}
     for name in averages:
-      value = getattr(entry, name)
-      average = update_running_average(old[name][path], value, stat_decay, count)
+      value, stored = getattr(entry, name), old[name][path]
+      previous = fit(stored, value.shape, f"{who}: layer {path_str(path)!r}, {name}")
+      average = update_running_average(previous, value, stat_decay, count)
       if name in FACTORS:
         # A factor the capture was told not to compute is exactly zero: it
         # never enters the average (see eva_optax.factors_due).
@@ -189,9 +269,9 @@ def update_averages(
         # Entry by entry: elementwise, so it fuses into the average itself
         # instead of adding a reduction per layer to the step.
         keep = jnp.isfinite(value)
-      average = jnp.where(keep, average, old[name][path])
-      new[name][path] = average
-    averaged[path] = {name: new[name][path] for name in averages}
+      average = jnp.where(keep, average, previous)
+      averaged[path][name] = average
+      new[name][path] = put(stored, average)
   return averaged, {name: nest(flat) for name, flat in new.items()}
 
 
@@ -315,27 +395,44 @@ def layerwise_transformation(
     paths = next(iter(flat.values())).keys() if flat else ()
     return {p: {n: flat[n][p] for n in flat} for p in paths}
 
-  def refreshed(slots, averages, gamma):
-    per_layer = {p: refresh(v, gamma) for p, v in by_layer(averages).items()}
+  def by_name(per_layer: dict[Path, dict[str, Any]]) -> dict[str, Any]:
+    """``{path: {name: array}}`` → ``{name: tree keyed by path}``."""
     names = next(iter(per_layer.values())).keys() if per_layer else ()
     return {n: nest({p: v[n] for p, v in per_layer.items()}) for n in names}
 
+  def cache_shapes_of(slot: LayerSlot, layout: KernelLayout) -> dict[str, Any]:
+    zeros = {
+        n: jax.ShapeDtypeStruct(s, slot.dtype)
+        for n, s in layout_statistics(slot, layout, statistics).items()
+    }
+    return jax.eval_shape(lambda a: refresh(a, jnp.asarray(1.0, slot.dtype)), zeros)
+
   def init_fn(params):
     slots = find_layer_slots(params, layouts)
-    averages = {name: zero_statistics(slots, name) for name in statistics}
+    averages = by_name({
+        p: {n: jnp.zeros(shape, s.dtype) for n, shape in room(s, statistics).items()}
+        for p, s in slots.items()
+    }) or {name: {} for name in statistics}
     fields = dict(count=jnp.zeros([], jnp.int32), **averages)
     if gated:
       fields["gate"] = FactorGate(jnp.ones([], jnp.bool_))  # count 0 averages
     if refresh is not None:
-      shapes = jax.eval_shape(lambda: refreshed(slots, averages, jnp.float32(1.0)))
-      fields["cache"] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+      cache = {}
+      for p, s in slots.items():
+        dtypes = {n: v.dtype for n, v in cache_shapes_of(s, s.layout).items()}
+        shapes = room(
+            s, statistics, lambda l, s=s: {n: v.shape for n, v in cache_shapes_of(s, l).items()}
+        )
+        cache[p] = {n: jnp.zeros(shape, dtypes[n]) for n, shape in shapes.items()}
+      fields["cache"] = by_name(cache)
     return replicate_on_params_mesh(params, state_cls(**fields))
 
   def update_fn(updates, state, params=None, *, stats=None, **extra_args):
     del params, extra_args
     require_stats(stats, who)
     count = state.count
-    slots = find_layer_slots(updates, layouts)
+    # Each layer's layout: as given, else as captured (the state made room).
+    slots = find_layer_slots(updates, layouts, captured=stats)
     dtype = jnp.result_type(jnp.float32, *[s.dtype for s in slots.values()])
     gamma = value_at(damping, count, dtype)
     old = {name: getattr(state, name) for name in statistics}
@@ -349,20 +446,34 @@ def layerwise_transformation(
       take = count % stats_every == 0
       averages = jax.tree.map(lambda n, o: jnp.where(take, n, o), averages, old)
       current = by_layer(averages)
-      averaged = {p: current[p] for p in averaged}
+      averaged = {
+          p: {n: fit(current[p][n], v.shape, who) for n, v in averaged[p].items()}
+          for p in averaged
+      }
     next_count = optax.safe_increment(count)
     fields = dict(count=next_count, **averages)
     if gated:
       fields["gate"] = FactorGate(next_count % stats_every == 0)
     if refresh is not None:
-      cache = jax.lax.cond(
-          count % refresh_every == 0,
-          lambda: refreshed(slots, averages, gamma),
-          lambda: state.cache,
-      )
+      stored = by_layer(state.cache)
+      fresh_shapes = {p: jax.eval_shape(refresh, v, gamma) for p, v in averaged.items()}
+
+      def refreshed():
+        new = dict(stored)
+        for p, v in averaged.items():
+          new[p] = {n: put(stored[p][n], c) for n, c in refresh(v, gamma).items()}
+        return by_name(new) or state.cache
+
+      cache = jax.lax.cond(count % refresh_every == 0, refreshed, lambda: state.cache)
       fields["cache"] = cache
       cached = by_layer(cache)
-      averaged = {p: {**averaged[p], **cached[p]} for p in averaged}
+      averaged = {
+          p: {
+              **averaged[p],
+              **{n: fit(cached[p][n], c.shape, who) for n, c in fresh_shapes[p].items()},
+          }
+          for p in averaged
+      }
     if scaling == kl.KL_CLIP:
       scale = kl_scale(
           scaling, value_at(learning_rate, count, dtype), value_at(kl_clip, count, dtype)
@@ -412,6 +523,11 @@ __all__ = [
     "Preconditioned",
     "apply_layerwise",
     "find_layer_slots",
+    "fit",
+    "has_room",
+    "layout_statistics",
+    "put",
+    "room",
     "check_layerwise_hyperparameters",
     "kl_scale",
     "layerwise_transformation",

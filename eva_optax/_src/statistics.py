@@ -194,8 +194,9 @@ def layer_entries(stats: Any) -> dict[Path, LayerStats | PassThrough]:
 def layouts_of(stats: Any) -> dict[str, Any]:
   """The :class:`KernelLayout` of every captured layer, keyed like ``stats``.
 
-  Pass it as ``layouts=`` to an optimizer when a layout cannot be guessed from
-  the parameters (stacked layers without bias, DenseGeneral without bias)::
+  Pass it as ``layouts=`` to an optimizer to size its state exactly, or for a
+  layout its state has no room for (a grouped conv with several input channels
+  per group; :func:`eva_optax.describe` says which)::
 
       _, _, stats = jax.eval_shape(grad_fn, params, batch)
       tx = eva_optax.eva(0.1, layouts=eva_optax.layouts_of(stats))
