@@ -1047,3 +1047,34 @@ def test_grouped_conv_is_a_stack_of_the_ungrouped_convs_of_its_groups(groups):
     np.testing.assert_allclose(
         updates["conv"]["bias"][i * per : (i + 1) * per], runs["split"][1][f"g{i}"]["bias"], rtol=1e-5, atol=1e-9
     )
+
+
+def test_boxed_parameters_with_partitioning_metadata_are_captured_like_plain_ones():
+  """``model.init`` returns kernels boxed in ``nn.LogicallyPartitioned`` when a
+  layer uses ``nn.with_logical_partitioning``; the capture reads through the box,
+  and Eva's update of the boxed tree (boxes kept) equals that of the unboxed one."""
+
+  class Boxed(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
+      x = nn.relu(nn.Dense(4, kernel_init=init)(x))
+      return nn.Dense(2)(x)
+
+  model = Boxed()
+  x = jax.random.normal(jax.random.key(0), (6, 5))
+  y = jax.random.normal(jax.random.key(1), (6, 2))
+  boxed = model.init(jax.random.key(2), x)["params"]
+  assert isinstance(boxed["Dense_0"]["kernel"], nn.LogicallyPartitioned)
+  plain = nn.unbox(boxed)
+  loss = lambda p: jnp.mean((model.apply({"params": p}, x) - y) ** 2)
+  tx = eva_optax.eva(0.1)
+  out = {}
+  for name, params in (("boxed", boxed), ("plain", plain)):
+    _, grads, stats = eva_optax.value_and_grad(loss)(params)
+    updates, _ = tx.update(grads, tx.init(params), params, stats=stats)
+    out[name] = (stats, updates)
+  assert isinstance(out["boxed"][1]["Dense_0"]["kernel"], nn.LogicallyPartitioned)
+  for a, b in zip(jax.tree.leaves(out["boxed"]), jax.tree.leaves(out["plain"])):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  assert isinstance(out["boxed"][0]["Dense_0"], eva_optax.LayerStats)

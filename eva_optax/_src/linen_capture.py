@@ -126,7 +126,8 @@ def _discovery_interceptor(seen: dict[Path, _Seen]):
     if module.scope is None or not module.has_variable("params", KERNEL):
       return out
     kind = _kind(module)
-    kernel = module.get_variable("params", KERNEL)
+    # Unboxed: parameters with partitioning metadata (nn.with_logical_partitioning).
+    kernel = flax.core.meta.unbox(module.get_variable("params", KERNEL))
     kernel_ndim = jnp.ndim(kernel)
     has_bias = module.has_variable("params", BIAS)
     if kind is None:
