@@ -5,7 +5,9 @@ workloads of ``benchmarks/convergence.py``, with their flags): a learning-rate g
 damping grid for the second-order optimizers, a KL-clip grid for Eva) scored on a
 validation split held out of the training set with a whole schedule over a fraction of the
 budget, then the chosen values on the whole budget for several seeds, interleaved, next to
-the paper's recipe ("as published"). The grids, every trial's score, the chosen values and
+the paper's recipe ("as published"), and the budget to quality: the chosen values with a
+whole schedule over 25, 50, 75 and 100 % of the budget, and the shortest of them that
+reaches SGD's whole-budget quality. The grids, every trial's score, the chosen values and
 the final tables go into ``protocol.md`` and ``protocol.json`` in ``--out`` (default
 ``benchmarks/results/protocol/<workload>``), with the example's own report per seed.
 
@@ -59,6 +61,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         f"(default {Protocol.validation_fraction})")
     p.add_argument("--lr-points", type=int, default=None,
                    help=f"learning rates in the grid, at least 5 (default {Protocol.lr_points})")
+    p.add_argument("--budgets", default=None,
+                   help="fractions of the budget for the budget-to-quality runs "
+                        "(default 0.25,0.5,0.75,1; 1 alone skips them)")
+    p.add_argument("--budget-seeds", default=None,
+                   help="seeds of the budget-to-quality runs, among --seeds (default: all)")
     p.add_argument("--quick", action="store_true",
                    help="the workload's tiny flags and one seed: a smoke test")
     p.add_argument("--out", default=None)
@@ -69,6 +76,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         settings["seeds"] = _ints(args.seeds, "--seeds")
     elif args.quick:
         settings["seeds"] = (0,)
+    if args.budgets is not None:
+        try:
+            settings["budgets"] = tuple(float(v) for v in args.budgets.split(","))
+        except ValueError:
+            p.error(f"--budgets: expected comma-separated fractions, got {args.budgets!r}")
+    if args.budget_seeds is not None:
+        settings["budget_seeds"] = _ints(args.budget_seeds, "--budget-seeds")
     for name in ("tune_fraction", "validation_fraction", "lr_points"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)

@@ -156,7 +156,8 @@ def test_the_whole_protocol_on_a_tiny_task(tmp_path):
     asked.append(fraction)
     return regression_task(fraction)
 
-  p = protocol.Protocol(seeds=(0, 1), validation_fraction=0.2, tune_fraction=0.5)
+  p = protocol.Protocol(seeds=(0, 1), validation_fraction=0.2, tune_fraction=0.5,
+                        budgets=(0.5, 1.0), budget_seeds=(1,))
   specs = [SPEC_BY_KEY["sgd"], SPEC_BY_KEY["eva"]]
   outcome = protocol.run_protocol(make_task, specs, p, Options(), epochs=2, out=tmp_path,
                                   title="tiny")
@@ -185,14 +186,95 @@ def test_the_whole_protocol_on_a_tiny_task(tmp_path):
   assert len(outcome.runs) == 2 and all(len(results) == 5 for results in outcome.runs)
   for seed, results in zip((0, 1), outcome.runs):
     assert all(r.seed == seed and r.steps == 10 for r in results)
+  from examples.harness import report
+
+  sgd_final_seed1 = report.final_quality(outcome.runs[1][0], training.Target(), 10)
   sgd = doc["summary"]["SGD"]
   assert sgd["steps_ratio"]["median"] == 1.0 and sgd["seeds"] == 2
   if doc["rows"][0]["lr"] != 0.1:  # tuned SGD and SGD as published are separate runs
     assert outcome.runs[0][0].step_losses != outcome.runs[0][2].step_losses
 
+  # Budget to quality: the tuned rows, seed 1, half and whole budgets (5 and 10 steps).
+  budgets = doc["budgets"]
+  assert list(budgets) == ["SGD", "Eva"]
+  for i, (name, row) in enumerate(budgets.items()):
+    (seed,) = row["per_seed"]
+    quality = {float(b): q for b, q in seed["quality"].items()}
+    assert seed["budget"] == protocol.shortest_budget(quality, seed["reference"], False), name
+    assert seed["reference"] == pytest.approx(sgd_final_seed1)
+    # The whole budget is the final run of seed 1, not a new one.
+    whole = report.final_quality(outcome.runs[1][i], training.Target(), 10)
+    assert quality[1.0] == pytest.approx(whole), name
+    if seed["budget"] is not None:
+      assert seed["steps"] == round(seed["budget"] * 10), name
+  assert budgets["SGD"]["per_seed"][0]["budget"] == 1.0 or (
+      budgets["SGD"]["per_seed"][0]["quality"]["0.5"] <= sgd_final_seed1)
   md = (tmp_path / "protocol.md").read_text()
+  assert "## Budget to quality" in md
+  assert "| train loss (mean of the last 10 step losses) at 50% of the budget | at 100% |" in md
   assert "| SGD | 0.005, 0.0158, 0.05, 0.158, 0.5" in md
   assert "(chosen)" in md and "| Eva (as published) | 0.1 | 0.03 | 0.001 |" in md
   assert "final train loss (mean of the last 10 step losses)" in md
   for seed in (0, 1):
     assert (tmp_path / f"seed{seed}" / "results.md").is_file()
+
+
+def test_the_shortest_budget_is_the_first_to_reach_the_reference():
+  quality = {0.25: 0.5, 0.5: 0.3, 0.75: 0.2, 1.0: 0.1}
+  assert protocol.shortest_budget(quality, 0.3, higher_is_better=False) == 0.5
+  assert protocol.shortest_budget(quality, 0.05, higher_is_better=False) is None
+  assert protocol.shortest_budget(quality, 0.3, higher_is_better=True) == 0.25
+  assert protocol.shortest_budget({0.5: float("nan"), 1.0: 0.8}, 0.8, True) == 1.0
+  assert protocol.shortest_budget(quality, float("nan"), False) is None
+  with pytest.raises(ValueError, match="budgets"):
+    protocol.Protocol(budgets=(0.5, 0.25, 1.0))
+  with pytest.raises(ValueError, match="budget_seeds"):
+    protocol.Protocol(seeds=(0, 1), budget_seeds=(2,))
+
+
+def _run(key, final_loss, steps, seconds_per_step):
+  """A finished run whose last step loss is ``final_loss`` (the quality for a window of 1)."""
+  return training.Result(
+      key, key.upper(), 0.1, steps=steps, step_losses=[1.0] * (steps - 1) + [final_loss],
+      step_times=[seconds_per_step * (i + 1) for i in range(steps)],
+  )
+
+
+def test_budget_to_quality_by_hand():
+  loss = training.Target("train_loss")
+  # by_budget[fraction][seed] = [SGD, Eva]; SGD's whole budget: 8 steps of 1 s (seed 0),
+  # of 1.25 s (seed 1).
+  by_budget = {
+      0.25: [[_run("sgd", 0.6, 2, 1.0), _run("eva", 0.40, 2, 1.25)],
+             [_run("sgd", 0.5, 2, 1.25), _run("eva", 0.24, 2, 1.5)]],
+      0.5: [[_run("sgd", 0.45, 4, 1.0), _run("eva", 0.29, 4, 1.25)],
+            [_run("sgd", 0.4, 4, 1.25), _run("eva", 0.20, 4, 1.5)]],
+      1.0: [[_run("sgd", 0.30, 8, 1.0), _run("eva", 0.20, 8, 1.25)],
+            [_run("sgd", 0.25, 8, 1.25), _run("eva", 0.15, 8, 1.5)]],
+  }
+  crossing = {"steps_ratio": {"median": 0.9, "min": 0.9, "max": 0.9, "n": 1},
+              "time_ratio": {"median": 0.95, "min": 0.95, "max": 0.95, "n": 1}}
+  s = protocol.budget_summary(by_budget, loss, window=1, summary={"EVA": crossing})
+  eva, sgd = s["EVA"], s["SGD"]
+  # Seed 0: 50% (0.29 <= 0.30), 4 of 8 steps, 5 s of 8 s; seed 1: 25% (0.24 <= 0.25),
+  # 2 of 8 steps, 3 s of 10 s.
+  assert [p["budget"] for p in eva["per_seed"]] == [0.5, 0.25]
+  assert eva["budget"]["median"] == pytest.approx(0.375)
+  assert eva["steps_ratio"]["median"] == pytest.approx((0.5 + 0.25) / 2)
+  assert eva["time_ratio"]["median"] == pytest.approx((5 / 8 + 3 / 10) / 2)
+  assert eva["time_ratio"]["min"] == pytest.approx(0.3)
+  assert eva["quality"]["0.25"]["median"] == pytest.approx(0.32)
+  assert eva["reached"] == 2 and eva["crossing_time_ratio"]["median"] == 0.95
+  # SGD reaches its own whole-budget quality only with the whole budget.
+  assert sgd["budget"]["median"] == 1.0 and sgd["steps_ratio"]["median"] == 1.0
+  assert "crossing_steps_ratio" not in sgd
+  table = protocol.budget_table(s, loss, window=1)
+  assert ("| EVA | 0.32 [0.24–0.4] | 0.245 [0.2–0.29] | 0.175 [0.15–0.2] | 38% [25%–50%] "
+          in table)
+  assert "| 0.38 [0.25–0.50] | 0.46 [0.30–0.62] | 2/2 | 0.90 | 0.95 |" in table
+  # A seed where a budget never reaches SGD's quality counts as not reached.
+  by_budget[1.0][1][1] = _run("eva", 0.26, 8, 1.5)
+  by_budget[0.25][1][1] = _run("eva", 0.27, 2, 1.5)
+  by_budget[0.5][1][1] = _run("eva", 0.27, 4, 1.5)
+  s = protocol.budget_summary(by_budget, loss, window=1)
+  assert s["EVA"]["reached"] == 1 and s["EVA"]["budget"]["median"] == 0.5

@@ -4,9 +4,10 @@ Every example (``examples/*.py``) describes its task -- a model, a loss, data --
 :class:`examples.harness.training.Task` and hands it to :func:`examples.harness.cli.run`,
 which parses the common flags, builds the optimizers of :mod:`examples.harness.optimizers`,
 trains each one from the same initial parameters on the same batches
-(:func:`examples.harness.training.train`, with a tqdm bar, orbax checkpoints with
-``--checkpoint`` and ``--resume``) and writes the report of :mod:`examples.harness.report` (markdown table,
-``metrics.json``, ``metrics.csv``, PNG plots). The data loaders (Fashion-MNIST, CIFAR-10,
+(:class:`examples.harness.training.Trainer`, interleaved, with a tqdm bar, orbax
+checkpoints with ``--checkpoint`` and ``--resume``) and writes the report of
+:mod:`examples.harness.report` (markdown table, ``metrics.json``, ``metrics.csv``, PNG
+plots). The data loaders (Fashion-MNIST, CIFAR-10,
 a text corpus) are :mod:`examples.harness.datasets`. :mod:`examples.harness.protocol` is the
 tuning protocol applied alike to every optimizer (grids on a held-out validation split,
 then the chosen values on several seeds, next to the paper's recipe), run by

@@ -21,6 +21,13 @@
    beside them the paper's recipe, "as published" (``Task.published_lrs``; by default the
    CIFAR recipe's single learning rate 0.1 for SGD, K-FAC and Eva), with the default
    damping and KL clip.
+3. **Budget to quality** (:func:`budget_summary`): the tuned values again, each time with a
+   whole schedule over ``budgets`` (25, 50, 75 and 100 %) of the budget (SGD's epochs),
+   seeds ``budget_seeds``. Reported per optimizer: the shortest budget whose final quality
+   reaches SGD's at the whole budget in the same seed, in steps and in training seconds and
+   as ratios to SGD's whole budget -- the paper's "fewer epochs to the same accuracy" --
+   next to the crossing measure of part 2 (the first step of the whole-budget run at SGD's
+   final quality), which under one decaying schedule mostly measures the schedule.
 
 The quality and the target follow one definition (:func:`examples.harness.report.final_quality`):
 the mean of the last ``window`` step losses for a training-loss target, the last evaluation
@@ -36,7 +43,7 @@ import json
 import math
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +72,8 @@ class Protocol:
     validation_fraction: float = 0.1
     tune_seed: int = 0
     seeds: tuple[int, ...] = (0, 1, 2)
+    budgets: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+    budget_seeds: tuple[int, ...] | None = None  # None: ``seeds``; a subset of them
 
     def __post_init__(self) -> None:
         if self.lr_points < 5:
@@ -78,6 +87,16 @@ class Protocol:
                 f"validation_fraction must lie in (0, 1), got {self.validation_fraction}")
         if not self.seeds:
             raise ValueError("seeds: at least one")
+        if any(not 0 < b <= 1 for b in self.budgets) or list(self.budgets) != sorted(
+                set(self.budgets)):
+            raise ValueError(f"budgets must rise within (0, 1], got {self.budgets}")
+        if not set(self.budget_seeds or ()) <= set(self.seeds):
+            raise ValueError(f"budget_seeds {self.budget_seeds} must be among the seeds "
+                             f"{self.seeds} (their whole-budget runs are the reference)")
+
+    @property
+    def seeds_for_budgets(self) -> tuple[int, ...]:
+        return self.seeds if self.budget_seeds is None else self.budget_seeds
 
 
 def _round(value: float) -> float:
@@ -398,6 +417,7 @@ class Outcome:
     runs: list[list[Result]]
     summary: dict[str, Any]
     sgd_value: dict[str, float] | None
+    budgets: dict[str, Any] = field(default_factory=dict)  # budget_summary's; {}: not run
 
 
 def run_protocol(
@@ -405,7 +425,8 @@ def run_protocol(
     base: Options, epochs: int, out: Path, *, title: str, eval_every: int = 0,
     chunk: int = 10, window: int = 10, settings: dict[str, Any] | None = None,
 ) -> Outcome:
-    """Parts 1 and 2 of the protocol; writes ``protocol.md``, ``protocol.json`` and, per seed, the example's
+    """The three parts of the protocol (the third when ``protocol.budgets`` holds a
+    fraction below 1); writes ``protocol.md``, ``protocol.json`` and, per seed, the example's
     report of the final runs (``seed<n>/``) into ``out``."""
     task = make_task(0.0)
     budget_steps = epochs * task.steps_per_epoch
@@ -416,10 +437,112 @@ def run_protocol(
     summary = summarise(runs, task.target, window)
     sgd_value = summary[rows[0].name]["final"] if rows[0].spec.key == "sgd" else None
     outcome = Outcome(searches, rows, runs, summary, sgd_value)
+    if any(b < 1 for b in protocol.budgets):
+        tuned = [row for row in rows if row.variant == "tuned"]
+        seeds = protocol.seeds_for_budgets
+        whole = [runs[protocol.seeds.index(seed)][: len(tuned)] for seed in seeds]
+        by_budget = {
+            b: (whole if b == 1 else final_runs(task, tuned, seeds, epochs, base, chunk=chunk,
+                                                window=window, fraction=b))
+            for b in protocol.budgets
+        }
+        outcome.budgets = budget_summary(by_budget, task.target, window,
+                                         summary={row.name: summary[row.name] for row in tuned})
     write(outcome, task, protocol, out, title=title, epochs=epochs, window=window,
           tune_steps=max(1, round(protocol.tune_fraction * budget_steps)),
           settings=settings or {})
     return outcome
+
+
+def shortest_budget(
+    quality: dict[float, float], reference: float, higher_is_better: bool
+) -> float | None:
+    """The smallest budget (fraction) whose final ``quality`` reaches ``reference`` (None:
+    none does, or the reference is not finite)."""
+    if not math.isfinite(reference):
+        return None
+    for budget in sorted(quality):
+        q = quality[budget]
+        if math.isfinite(q) and (q >= reference if higher_is_better else q <= reference):
+            return budget
+    return None
+
+
+def budget_summary(
+    by_budget: dict[float, Sequence[Sequence[Result]]], target: Target, window: int,
+    summary: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Part 3 from its runs: ``by_budget[fraction][seed index][row]``, SGD first in every
+    list, the whole budget (1) among the fractions.
+
+    Per row, over seeds: the final quality at every budget (median), the shortest budget
+    reaching SGD's whole-budget quality of the same seed (median of the fractions, a seed
+    where none does counting as "not reached"), its steps and training seconds and their
+    ratios to SGD's whole budget; with ``summary`` (part 2's), the crossing ratios beside.
+    """
+    if 1 not in by_budget and 1.0 not in by_budget:
+        raise ValueError("budget_summary needs the whole budget (1) among the fractions")
+    whole = by_budget[1.0]
+    out: dict[str, Any] = {}
+    for i, first in enumerate(whole[0]):
+        per_seed = []
+        for s, whole_results in enumerate(whole):
+            sgd = whole_results[0]
+            reference = report.final_quality(sgd, target, window)
+            quality = {b: report.final_quality(runs[s][i], target, window)
+                       for b, runs in by_budget.items()}
+            budget = shortest_budget(quality, reference, target.higher_is_better)
+            reached = None if budget is None else by_budget[budget][s][i]
+            sgd_seconds = sgd.step_times[-1] if sgd.step_times else None
+            seconds = reached.step_times[-1] if reached is not None else None
+            per_seed.append({
+                "quality": quality, "reference": reference, "budget": budget,
+                "steps": reached.steps if reached is not None else None,
+                "seconds": seconds,
+                "steps_ratio": reached.steps / sgd.steps if reached is not None else None,
+                "time_ratio": (seconds / sgd_seconds if seconds is not None and sgd_seconds
+                               else None),
+            })
+        row = {
+            "key": first.key,
+            "seeds": len(per_seed),
+            "reached": sum(p["budget"] is not None for p in per_seed),
+            "quality": {str(b): _stats([p["quality"][b] for p in per_seed])
+                        for b in sorted(by_budget)},
+            "budget": _stats([p["budget"] for p in per_seed]),
+            "steps": _stats([p["steps"] for p in per_seed]),
+            "seconds": _stats([p["seconds"] for p in per_seed]),
+            "steps_ratio": _stats([p["steps_ratio"] for p in per_seed]),
+            "time_ratio": _stats([p["time_ratio"] for p in per_seed]),
+            "per_seed": per_seed,
+        }
+        if summary is not None and first.name in summary:
+            row["crossing_steps_ratio"] = summary[first.name]["steps_ratio"]
+            row["crossing_time_ratio"] = summary[first.name]["time_ratio"]
+        out[first.name] = row
+    return out
+
+
+def budget_table(budgets: dict[str, Any], target: Target, window: int) -> str:
+    """Part 3: final quality per budget, the shortest budget reaching SGD's whole-budget
+    quality, and beside it part 2's crossing measure."""
+    fractions = list(next(iter(budgets.values()))["quality"])
+    what = report.quality_definition(target, window)
+    head = (["optimizer"] + [f"{what} at {float(b):.0%} of the budget" if i == 0
+                             else f"at {float(b):.0%}" for i, b in enumerate(fractions)]
+            + ["shortest budget at SGD's whole-budget quality", "its steps / SGD's",
+               "its time / SGD's", "reached", "crossing: steps / SGD's",
+               "crossing: time / SGD's"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in budgets.items():
+        lines.append("| " + " | ".join(
+            [name] + [_spread(row["quality"][b], ".5g") for b in fractions]
+            + [_spread(row["budget"], ".0%"), _spread(row["steps_ratio"], ".2f"),
+               _spread(row["time_ratio"], ".2f"), f"{row['reached']}/{row['seeds']}",
+               _spread(row.get("crossing_steps_ratio"), ".2f"),
+               _spread(row.get("crossing_time_ratio"), ".2f")]
+        ) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def write(outcome: Outcome, task: Task, protocol: Protocol, out: Path, *, title: str,
@@ -447,6 +570,16 @@ def write(outcome: Outcome, task: Task, protocol: Protocol, out: Path, *, title:
         f"{report.quality_definition(target, window)} in the same seed.\n",
         final_table(outcome.summary, outcome.rows, target, window, outcome.sgd_value),
     ]
+    if outcome.budgets:
+        seeds = ", ".join(map(str, protocol.seeds_for_budgets))
+        md += [
+            "## Budget to quality\n",
+            "A whole schedule over each fraction of the budget, the tuned values, seeds "
+            f"{seeds}; medians over seeds [min–max]. The shortest budget is the smallest whose "
+            "final quality reaches SGD's at the whole budget in the same seed; the crossing "
+            "is the first step of the whole-budget run at that quality.\n",
+            budget_table(outcome.budgets, target, window),
+        ]
     md.append(f"Machine: {info['cpu']} ({info['cpu_count']} CPUs), device {info['device']}; "
               + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + ".\n")
     (out / "protocol.md").write_text("\n".join(md))
@@ -469,6 +602,7 @@ def write(outcome: Outcome, task: Task, protocol: Protocol, out: Path, *, title:
         "rows": [{"name": r.name, "key": r.spec.key, "variant": r.variant, **asdict(r.point)}
                  for r in outcome.rows],
         "summary": outcome.summary,
+        "budgets": outcome.budgets,
     }
     (out / "protocol.json").write_text(json.dumps(jsonable(document), indent=1) + "\n")
     return out / "protocol.md"
