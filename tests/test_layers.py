@@ -160,6 +160,7 @@ def test_readings_of_kernels_the_parameters_leave_open():
       KernelLayout(0, 2, permutation=(1, 0, 2)), KernelLayout(0, 2, permutation=(2, 0, 1)),
   )
   assert layers.readings((4, 3, 5), None, "query") == (KernelLayout(0, 2),)
+  assert layers.readings((4, 3, 5), None, "out") == (KernelLayout(0, 1),)
   # With a bias (3, 5): in 4, out 3·5, the only reading of 15 outputs; with a
   # bias (4, 5): the stack of Dense and the Einsum contracting axis 1.
   assert layers.readings((4, 3, 5), (3, 5)) == (KernelLayout(0, 2),)

@@ -84,9 +84,9 @@ def readings(
   or 2 ('BTD,NDH->BTNH'); with a bias, any rank ≥ 3, only the readings
   whose stack and output axes hold as many entries as the bias. Flax's
   attention projections are read one way (bias-free ``query``/``key``/
-  ``value`` kernels: two output axes, after one stack axis at rank 4), except
-  a bias-free ``out`` kernel of rank 4: a Conv, or attention's output under
-  ``nn.scan``. A bias-free kernel of rank ≥ 4 of a module named like an Einsum
+  ``value`` kernels: two output axes, after one stack axis at rank 4; ``out``
+  of rank 3: two input axes), except a bias-free ``out`` kernel of rank 4: a
+  Conv, or attention's output under ``nn.scan``. A bias-free kernel of rank ≥ 4 of a module named like an Einsum
   (``Einsum_0``, ``kv_einsum``) can contract any one of its axes
   ('BSD,CKDH->CBSKH').
   Optimizers reserve room in their state for these readings
@@ -107,7 +107,7 @@ def readings(
     family = _stacked_and_einsum_readings(kernel_shape) if rank >= 3 else []
     spans = lambda l: math.prod(l.dims(kernel_shape)[0]) * l.dims(kernel_shape)[2]
     out += [l for l in family if spans(l) == math.prod(bias_shape)]
-  elif name in ATTENTION_INPUT_PROJECTIONS:
+  elif name in ATTENTION_INPUT_PROJECTIONS or (rank == 3 and name == ATTENTION_OUTPUT_PROJECTION):
     pass  # Flax's attention: the guess is the layout
   elif rank == 3:
     out += _stacked_and_einsum_readings(kernel_shape)
