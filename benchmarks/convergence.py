@@ -21,12 +21,12 @@ Workloads (``--workloads``; sizes chosen so that a 2-core CPU runs the whole sui
 about an hour; ``--quick`` shrinks everything to a smoke test):
 
 - ``autoencoder``: ``examples/autoencoder.py``, all of Fashion-MNIST, 3 epochs, batch
-  1000, the paper's recipe;
+  1000, the paper's recipe (the demo's seven optimizers, Muon and Sophia);
 - ``classifier``: ``examples/classifier.py``, the first 6,000 training and 2,000 test
-  images, 3 epochs (SGD, AdamW, Eva, Eva-s, K-FAC, Shampoo: a ResNet step costs about
-  0.7 s on a 2-core CPU);
+  images, 3 epochs (SGD, AdamW, Eva, Eva-s, K-FAC, Shampoo, Muon, Sophia: a ResNet step
+  costs about 0.7 s on a 2-core CPU);
 - ``char_lm``: ``examples/char_lm.py``, the fortunes corpus, 3 epochs of 100 steps, test
-  loss on 10 batches (SGD, AdamW, Eva, Eva-s, K-FAC).
+  loss on 10 batches (SGD, AdamW, Eva, Eva-s, K-FAC, Muon, Sophia).
 
 Outputs in ``--out`` (default ``benchmarks/results/convergence``): ``convergence.md`` and
 ``convergence.json`` (the tables, every run's numbers, the machine and library versions),
@@ -75,7 +75,8 @@ WORKLOADS = {
     for w in (
         Workload(
             "autoencoder", "Fashion-MNIST autoencoder (3 epochs, batch 1000)",
-            ("--epochs", "3"),
+            ("--epochs", "3",
+             "--optimizers", "sgd,adamw,eva,eva-f,eva-s,kfac,shampoo,muon,sophia"),
             ("--epochs", "1", "--train-limit", "2000", "--test-limit", "500",
              "--optimizers", "sgd,eva,kfac,shampoo"),
             3,
@@ -83,14 +84,15 @@ WORKLOADS = {
         Workload(
             "classifier", "Fashion-MNIST ResNet classifier (6k images, 3 epochs)",
             ("--epochs", "3", "--train-limit", "6000", "--test-limit", "2000",
-             "--optimizers", "sgd,adamw,eva,eva-s,kfac,shampoo"),
+             "--optimizers", "sgd,adamw,eva,eva-s,kfac,shampoo,muon,sophia"),
             ("--epochs", "1", "--train-limit", "256", "--test-limit", "128",
              "--optimizers", "sgd,eva"),
             2,
         ),
         Workload(
             "char_lm", "character-level transformer on fortunes (3 × 100 steps)",
-            ("--epochs", "3", "--steps-per-epoch", "100", "--eval-batches", "10"),
+            ("--epochs", "3", "--steps-per-epoch", "100", "--eval-batches", "10",
+             "--optimizers", "sgd,adamw,eva,eva-s,kfac,muon,sophia"),
             ("--epochs", "1", "--steps-per-epoch", "3", "--seq-len", "32", "--d-model", "32",
              "--layers", "1", "--heads", "2", "--optimizers", "sgd,eva"),
             2,

@@ -332,7 +332,10 @@ DEFAULT_WORKLOADS = ("autoencoder", "resnet", "transformer")
 # ---------------------------------------------------------------------------
 # Optimizers: the examples' registry.
 
-ALL_OPTIMIZERS = tuple(SPEC_BY_KEY)
+# Sophia is not timed here yet: its periodic work (a Hessian-vector product every
+# ``update_interval`` steps) is not one of the periods ``period_of`` reads.
+NOT_TIMED = ("sophia",)
+ALL_OPTIMIZERS = tuple(k for k in SPEC_BY_KEY if k not in NOT_TIMED)
 DEFAULT_OPTIMIZERS = ALL_OPTIMIZERS
 ALIASES = {"eva_foof": "eva-f", "eva_shampoo": "eva-s"}  # this script's former keys
 

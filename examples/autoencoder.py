@@ -23,6 +23,10 @@ K-FAC     ``eva_optax.kfac(stats_every=10, inverse_every=10)``,       0.06
 Shampoo   ``eva_optax.shampoo`` (plain gradients)                     0.6
 FOOF      ``eva_optax.foof(stats_every=10, inverse_every=10)``        0.06 (not in
           (only with ``--optimizers``)                                the default set)
+Muon      ``optax.contrib.muon`` on the kernels, its AdamW (no decay) 0.02 (not in
+          on the biases (``examples.harness.optimizers.muon``)        the default set;
+Sophia    ``optax.contrib.sophia`` (Sophia-H, Hessian diagonal every  1e-3 not checked)
+          10 steps from the batch's loss)
 ========  ==========================================================  ============
 
 The paper's learning rates are kept for SGD and Eva. The others were picked by a quick
@@ -83,6 +87,9 @@ DEFAULT_OPTIMIZERS = "sgd,adamw,eva,eva-f,eva-s,kfac,shampoo"
 LEARNING_RATES = {
     "sgd": 0.6, "adamw": 1e-3, "eva": 0.06, "eva-f": 0.6, "eva-s": 0.6, "kfac": 0.06,
     "foof": 0.06, "shampoo": 0.6,
+    # Not checked here: the centres of the tuning protocol's grids (Muon's usual 0.02,
+    # Sophia's AdamW-like step size).
+    "muon": 0.02, "sophia": 1e-3,
 }
 # The paper's autoencoder recipe: SGD 0.6, K-FAC and Eva 0.06 (the tuning protocol's "as
 # published" row).

@@ -92,6 +92,7 @@ DEFAULT_OPTIMIZERS = "sgd,eva,kfac,shampoo"
 LEARNING_RATES = {
     "sgd": 0.1, "adamw": 1e-3, "eva": 0.1, "eva-f": 0.1, "eva-s": 0.1, "kfac": 0.1,
     "foof": 0.1, "shampoo": 0.1,
+    "muon": 0.02, "sophia": 1e-3,  # not from the recipe: Muon's usual rate, AdamW's for Sophia
 }
 PAD = 4  # zero padding on each side before the random 32×32 crop
 STEP_DECAYS = (0.5, 0.75)  # fractions of the run where the step schedule multiplies by 0.1

@@ -120,6 +120,7 @@ DEFAULT_OPTIMIZERS = "sgd,adamw,eva,eva-f,eva-s,kfac,shampoo"
 LEARNING_RATES = {
     "sgd": 0.1, "adamw": 1e-2, "eva": 3e-3, "eva-f": 0.3, "eva-s": 0.1, "kfac": 0.03,
     "foof": 0.03, "shampoo": 0.1,
+    "muon": 0.02, "sophia": 1e-2,  # not checked: the centres of the tuning protocol's grids
 }
 MODEL = ResNet()
 EVAL_BATCH = 1000

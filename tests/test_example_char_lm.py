@@ -30,14 +30,14 @@ SMALL = ["--seq-len", "16", "--d-model", "32", "--layers", "2", "--heads", "2",
          "--batch-size", "4", "--steps-per-epoch", "5", "--epochs", "1"]
 
 
-def test_char_lm_trains_sgd_eva_kfac(tmp_path, capsys):
+def test_char_lm_trains_sgd_eva_kfac_muon(tmp_path, capsys):
   corpus = _write_corpus(tmp_path)
   out_dir = tmp_path / "out"
   lm = load_example("char_lm")
-  results = lm.main(SMALL + ["--corpus", str(corpus), "--optimizers", "sgd,eva,kfac",
+  results = lm.main(SMALL + ["--corpus", str(corpus), "--optimizers", "sgd,eva,kfac,muon",
                              "--eval-batches", "3", "--out", str(out_dir)])
   out = capsys.readouterr().out
-  names = ["SGD", "Eva", "K-FAC"]
+  names = ["SGD", "Eva", "K-FAC", "Muon"]  # Muon: the scanned DenseGeneral kernels
   assert [r.name for r in results] == names
   assert str(corpus) in out and "nan" not in out.lower()
   # 3 eval batches of 4 windows of 16 characters fit in the ~450 test characters.

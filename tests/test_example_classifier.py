@@ -43,9 +43,9 @@ def _init(clf):
 
 def test_classifier_trains_and_writes_the_report(clf, data, tmp_path, capsys):
   out_dir = tmp_path / "out"
-  names = ["SGD", "Eva", "K-FAC"]
+  names = ["SGD", "Eva", "K-FAC", "Sophia"]  # Sophia: obj_fn in train mode, BatchNorm
   results = clf.main([
-      "--optimizers", "sgd,eva,kfac", "--epochs", "1", "--batch-size", "32",
+      "--optimizers", "sgd,eva,kfac,sophia", "--epochs", "1", "--batch-size", "32",
       "--data-dir", str(data), "--out", str(out_dir), "--checkpoint",
   ])
   out = capsys.readouterr().out

@@ -6,6 +6,9 @@ except AdamW and Muon whose decay is decoupled. ``capture`` says how a step gets
 gradients:
 
 - ``"plain"``: ``jax.value_and_grad`` (SGD, AdamW, Eva-s, Shampoo, Muon);
+- ``"objective"``: the same, and ``update`` also gets ``obj_fn``, the loss of this batch as
+  a function of the parameters, for the Hessian-vector products of Sophia's estimate of the
+  Hessian diagonal (Sophia);
 - ``"stats"``: ``eva_optax.value_and_grad(..., statistics=spec.statistics)`` (Eva, Eva-f);
 - ``"gated"``: the same, with ``factors_due=eva_optax.factors_due(opt_state)`` so that the
   Kronecker factors are only computed on the steps that use them (K-FAC, FOOF).
@@ -48,7 +51,7 @@ class Spec:
     key: str
     name: str
     factory: Callable[..., optax.GradientTransformation]
-    capture: str  # "plain" | "stats" | "gated"
+    capture: str  # "plain" | "objective" | "stats" | "gated"
     statistics: Any = None
     extra: tuple[tuple[str, Any], ...] = ()  # fixed keyword arguments of ``factory``
 
@@ -132,6 +135,25 @@ def muon(
     )
 
 
+def sophia(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    momentum: float = 0.965,
+    weight_decay: float = 0.0,
+    update_interval: int = 10,
+) -> optax.GradientTransformationExtraArgs:
+    """``optax.contrib.sophia`` (Sophia-H): momentum over the Hessian diagonal's running
+    average, clipped elementwise, the diagonal estimated (Hutchinson) every
+    ``update_interval`` steps from ``obj_fn``, which ``update`` must be given.
+
+    ``momentum`` is Sophia's ``b1``, ``weight_decay`` its decoupled decay (× lr, as AdamW);
+    the rest are optax's defaults (``b2`` 0.99, ``gamma`` 0.01, clip threshold 1).
+    """
+    return optax.contrib.sophia(
+        learning_rate, b1=momentum, weight_decay=weight_decay, update_interval=update_interval
+    )
+
+
 SPECS: tuple[Spec, ...] = (
     Spec("sgd", "SGD", optax.sgd, "plain"),
     Spec("adamw", "AdamW", optax.adamw, "plain"),
@@ -148,6 +170,7 @@ SPECS: tuple[Spec, ...] = (
     ),
     Spec("shampoo", "Shampoo", eva_optax.shampoo, "plain"),
     Spec("muon", "Muon", muon, "plain", ("input_mean",)),
+    Spec("sophia", "Sophia", sophia, "objective"),
 )
 SPEC_BY_KEY: dict[str, Spec] = {s.key: s for s in SPECS}
 

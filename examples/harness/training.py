@@ -135,14 +135,18 @@ def make_step(
 ) -> Callable[..., Any]:
     """``(params, model_state, opt_state, batch) -> (params, model_state, opt_state, loss,
     metrics)``, jitted, with the first three arguments donated."""
-    if spec.capture == "plain":
+    if spec.capture in ("plain", "objective"):
+        objective = spec.capture == "objective"
 
         def step(params, model_state, opt_state, batch):
-            (loss, (model_state, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            (loss, (new_state, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
                 params, model_state, batch
             )
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), model_state, opt_state, loss, metrics
+            # Sophia's Hessian-vector products: the loss of this batch, model state fixed.
+            kwargs = ({"obj_fn": lambda p: loss_fn(p, model_state, batch)[0]} if objective
+                      else {})
+            updates, opt_state = tx.update(grads, opt_state, params, **kwargs)
+            return optax.apply_updates(params, updates), new_state, opt_state, loss, metrics
 
     else:
         grad_fn = _grad_fn(spec, loss_fn)
