@@ -146,6 +146,7 @@ def make_task(args: Any) -> Task:
         description=f"{len(train_x)} train / {len(test_x)} {split} images, batch {args.batch_size}",
         eval_split=split,
         published_lrs=PUBLISHED_LRS,
+        metric_labels={"loss": "MSE"},
     )
 
 

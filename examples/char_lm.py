@@ -278,6 +278,8 @@ def make_task(args: argparse.Namespace) -> Task:
             f"{n_params:,} parameters; batch {batch_size} × {seq_len}"
         ),
         eval_split=split,
+        metric_labels={"loss": "cross-entropy (nats per character)",
+                       "bits_per_char": "bits per character"},
     )
 
 

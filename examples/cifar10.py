@@ -290,6 +290,7 @@ def make_task(args: Any) -> Task:
             f"{args.schedule} schedule after a {warmup}-step linear warm-up"
         ),
         eval_split=split,
+        metric_labels={"loss": "cross-entropy (nats)", "accuracy": "accuracy"},
     )
 
 

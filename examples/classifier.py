@@ -228,6 +228,7 @@ def make_task(args: Any) -> Task:
         default_lrs=LEARNING_RATES,
         target=Target("test_accuracy", higher_is_better=True),
         eval_split=split,
+        metric_labels={"loss": "cross-entropy (nats)", "accuracy": "accuracy"},
         description=(f"{len(train_x)} train / {len(test_x)} {split} images, batch "
                      f"{args.batch_size}, warm-up {args.warmup_epochs:g} epochs"
                      + (", random flips" if args.flip else "")),

@@ -60,7 +60,7 @@ def test_classifier_trains_and_writes_the_report(clf, data, tmp_path, capsys):
 
   table = (out_dir / "results.md").read_text()
   assert "final test accuracy" in table
-  assert "time to SGD's final test accuracy" in table
+  assert "steps to SGD's final test accuracy (last evaluation) = " in table
   for name in names:
     assert f"| {name} |" in table
     assert f"| {name} |" in out  # the table is printed too

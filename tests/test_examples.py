@@ -33,8 +33,16 @@ def test_autoencoder_trains_all_seven_optimizers(tmp_path, capsys):
     assert f"| {name} |" in table
     assert f"| {name} |" in out  # the table is printed too
   assert "nan" not in table.lower()
+  # One definition of SGD's final quality: the header's value is SGD's row's.
+  cells = lambda line: [c.strip() for c in line.strip("|").split("|")]
+  head = cells(rows[0])
+  what = "train loss (mean of the last 10 step losses)"
+  steps_col = next(c for c in head if c.startswith(f"steps to SGD's final {what} = "))
+  sgd_row = cells(next(r for r in rows if r.startswith("| SGD |")))
+  assert sgd_row[head.index(f"final {what}")] == steps_col.rpartition("= ")[2]
 
   metrics = json.loads((out_dir / "metrics.json").read_text())
+  assert metrics["target"]["definition"] == what
   assert list(metrics["optimizers"]) == names
   assert finite_numbers(metrics)
   for name, m in metrics["optimizers"].items():

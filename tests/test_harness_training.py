@@ -148,3 +148,52 @@ def test_steps_and_seconds_to_a_target_by_hand():
   assert (r.steps_to_target, r.time_to_target) == (9, 4.0)
   table = report.markdown_table([sgd, r], accuracy, value)
   assert "| EVA | 0.1 |" in table and "| 9 | 0.75 | 4.0 s | 0.50 |" in table
+
+
+def _loss_run(key, losses, test_losses):
+  r = _result(key, losses, eval_steps=[2, 4], eval_times=[1.0, 2.0])
+  r.evals, r.test = {"loss": list(test_losses)}, {"loss": [test_losses[-1]]}
+  r.train = {"loss": [float(np.mean(losses))]}
+  r.steps, r.steps_per_epoch = len(losses), len(losses)
+  return r
+
+
+def test_the_report_has_one_final_quality_and_tells_the_splits_by_line_style():
+  loss = training.Target("train_loss")
+  sgd = _loss_run("sgd", [4, 3, 2, 1, 1], [3.0, 1.5])
+  eva = _loss_run("eva", [3, 2, 1, 0.5, 0.5], [2.0, 1.0])
+  value = report.set_times_to_target([sgd, eva], loss, window=2)
+  assert value == 1.0  # SGD's mean of its last 2 step losses, not its epoch mean (2.2)
+  assert (eva.steps_to_target, sgd.steps_to_target) == (4, 5)  # means 0.75 and 1.0
+  table = report.markdown_table([sgd, eva], loss, value, window=2)
+  head = table.splitlines()[0]
+  assert "| final train loss (mean of the last 2 step losses) |" in head
+  assert "| steps to SGD's final train loss (mean of the last 2 step losses) = 1 |" in head
+  assert "| train loss (last epoch's mean) |" in head
+  assert "| SGD | 0.1 | 1 | 2.2 | 1.5 |" in table  # the same quantity as the header's
+  assert "| EVA | 0.1 | 0.5 | 1.4 | 1 |" in table
+
+  by_epoch, by_time = report.figures_of([sgd, eva], "t", loss, value, window=2,
+                                        labels={"loss": "MSE"})
+  train_ax, test_ax = by_epoch.axes
+  assert (train_ax.get_ylabel(), test_ax.get_ylabel()) == ("train MSE", "test MSE")
+  assert {l.get_linestyle() for l in train_ax.lines} == {"-"}
+  assert {l.get_linestyle() for l in test_ax.lines} == {"--"}
+  # One legend entry per optimizer and one per split, not one per optimizer and split.
+  assert [t.get_text() for t in train_ax.get_legend().get_texts()] == [
+      "SGD", "EVA", "train", "test"]
+  time_ax, steps_ax = by_time.axes
+  assert time_ax.get_ylabel() == steps_ax.get_ylabel() == "MSE"
+  assert steps_ax.get_xlabel() == "steps" and "wall time" in time_ax.get_xlabel()
+  assert [t.get_text() for t in time_ax.get_legend().get_texts()] == [
+      "SGD", "EVA", "train (mean of the last 2 steps)", "test",
+      "SGD's final train loss (mean of the last 2 step losses) = 1", "first reached"]
+  crossings = [l for l in steps_ax.lines if l.get_marker() == "x"]
+  assert sorted(float(l.get_xdata()[0]) for l in crossings) == [4.0, 5.0]
+  assert all(float(l.get_ydata()[0]) == 1.0 for l in crossings)
+  target_lines = [l for l in steps_ax.lines if l.get_linestyle() == ":"]
+  assert len(target_lines) == 1 and list(target_lines[0].get_ydata()) == [1.0, 1.0]
+  import matplotlib.pyplot as plt
+
+  plt.close(by_epoch)
+  plt.close(by_time)

@@ -186,7 +186,8 @@ def run(task: Task, args: argparse.Namespace, title: str | None = None) -> list[
     results = interleave(trainers, args.chunk)
     value = report.set_times_to_target(results, task.target, args.reach_window)
     settings = {k: v for k, v in vars(args).items() if k != "specs"}
-    table, paths = report.write_all(results, out, title, task.target, value, settings)
+    table, paths = report.write_all(results, out, title, task.target, value, settings,
+                                    window=args.reach_window, labels=task.metric_labels)
     print()
     print(table)
     print(f"wrote {', '.join(str(p) for p in paths)} (total {time.perf_counter() - start:.0f}s)")

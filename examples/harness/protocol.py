@@ -553,7 +553,7 @@ def write(outcome: Outcome, task: Task, protocol: Protocol, out: Path, *, title:
     for seed, results in zip(protocol.seeds, outcome.runs):
         value = report.set_times_to_target(results, target, window)
         report.write_all(results, out / f"seed{seed}", f"{title}, seed {seed}", target, value,
-                         {**settings, "seed": seed})
+                         {**settings, "seed": seed}, window=window, labels=task.metric_labels)
     scored_by = validation_target(target)
     info = report.machine_info()
     md = [

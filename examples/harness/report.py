@@ -108,19 +108,27 @@ def _fmt(v: float, digits: int = 5) -> str:
     return f"{v:.{digits}g}" if math.isfinite(v) else str(v)
 
 
-def markdown_table(results: Sequence[Result], target: Target, target_value: float | None) -> str:
-    """One row per optimizer: lr, final train/test metrics, s/epoch, steps and time to
-    target with their ratios to SGD's, state."""
+def markdown_table(
+    results: Sequence[Result], target: Target, target_value: float | None, window: int = 10
+) -> str:
+    """One row per optimizer: lr, final quality, final train/test metrics, s/epoch, steps
+    and time to SGD's final quality with their ratios to SGD's, state.
+
+    SGD's final quality has one definition (:func:`final_quality`), written into the
+    header with its value; the rows give every optimizer's value of the same quantity.
+    """
     train_keys = sorted({k for r in results for k in r.train})
     test_keys = sorted({k for r in results for k in r.test})
     tv = _fmt(target_value) if target_value is not None else "n/a"
-    what = f"SGD's final {target.metric.replace('_', ' ')} ({tv})"
+    what = quality_definition(target, window)
+    by_loss = target.metric == "train_loss"  # else the target is one of the test columns
     header = (
         ["optimizer", "lr"]
-        + [f"final train {k}" for k in train_keys]
+        + ([f"final {what}"] if by_loss else [])
+        + [f"train {k} (last epoch's mean)" for k in train_keys]
         + [f"final test {k}" for k in test_keys]
-        + ["s/epoch", f"steps to {what}", "× SGD's steps", f"time to {what}",
-           "× SGD's time", "optimizer state"]
+        + ["s/epoch", f"steps to SGD's final {what} = {tv}", "× SGD's steps",
+           "time to it", "× SGD's time", "optimizer state"]
     )
     sgd = next((r for r in results if r.key == "sgd"), None)
     sgd_steps = sgd.steps_to_target if sgd is not None else None
@@ -137,6 +145,7 @@ def markdown_table(results: Sequence[Result], target: Target, target_value: floa
                 time_ratio = f"{r.time_to_target / sgd_time:.2f}"
         row = (
             [r.name, f"{r.lr:g}"]
+            + ([_fmt(final_quality(r, target, window))] if by_loss else [])
             + [_fmt(r.final(f"train_{k}")) for k in train_keys]
             + [_fmt(r.final(f"test_{k}")) for k in test_keys]
             + [f"{r.seconds_per_epoch:.1f}", reach_steps, step_ratio, reach_time, time_ratio,
@@ -217,60 +226,139 @@ def machine_info(devices: bool = True) -> dict[str, Any]:
     return info
 
 
-def plot(results: Sequence[Result], out: Path, title: str, log_loss: bool = True) -> list[Path]:
-    """``loss_vs_epoch.png`` (train loss and every test metric) and ``loss_vs_time.png``."""
+def trailing_mean(losses: Sequence[float], window: int) -> np.ndarray:
+    """The mean of the last ``window`` values at every step (fewer at the start): the
+    training loss as the target reads it."""
+    x = np.asarray(losses, dtype=np.float64)
+    csum = np.concatenate([[0.0], np.cumsum(x)])
+    i = np.arange(1, len(x) + 1)
+    start = np.maximum(0, i - window)
+    return (csum[i] - csum[start]) / (i - start)
+
+
+def plot(
+    results: Sequence[Result], out: Path, title: str, target: Target | None = None,
+    target_value: float | None = None, *, window: int = 10,
+    labels: dict[str, str] | None = None, log_loss: bool = True,
+) -> list[Path]:
+    """``loss_vs_epoch.png`` and ``loss_vs_time.png``.
+
+    ``loss_vs_epoch.png``: the training loss (each epoch's mean) and every test metric (at
+    every evaluation) against epochs. ``loss_vs_time.png``: the target's metric against
+    training wall time and against steps, with SGD's final value drawn as a line and each
+    optimizer's first crossing marked. Colours tell the optimizers apart, line styles the
+    splits (solid: train, dashed: test); the y axes carry the metric's name from
+    ``labels`` (e.g. ``{"loss": "MSE"}``).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    test_keys = sorted({k for r in results for k in r.test})
+    figures = figures_of(results, title, target, target_value, window=window, labels=labels,
+                         log_loss=log_loss)
+    paths = []
+    for name, fig in zip(("loss_vs_epoch.png", "loss_vs_time.png"), figures):
+        paths.append(out / name)
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def figures_of(
+    results: Sequence[Result], title: str, target: Target | None = None,
+    target_value: float | None = None, *, window: int = 10,
+    labels: dict[str, str] | None = None, log_loss: bool = True,
+) -> tuple[Any, Any]:
+    """The two figures of :func:`plot` (matplotlib ``Figure`` objects, not saved)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    labels = labels or {}
+    target = target or Target()
+    colours = {r.name: f"C{i % 10}" for i, r in enumerate(results)}
+    optimizer_handles = [Line2D([], [], color=colours[r.name], lw=2, label=r.name)
+                         for r in results]
+
+    def split_handles(train: str = "train") -> list[Any]:
+        return [Line2D([], [], color="0.4", linestyle="-", label=train),
+                Line2D([], [], color="0.4", linestyle="--", marker="o", ms=3, label="test")]
+
+    test_keys = sorted({k for r in results for k in r.evals})
     panels = [("train", "loss")] + [("test", k) for k in test_keys]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4))
     for ax, (split, key) in zip(np.atleast_1d(axes), panels):
         for r in results:
-            values = (r.train if split == "train" else r.test).get(key, [])
-            ax.plot(np.arange(1, len(values) + 1), values, marker="o", label=r.name)
+            if split == "train":
+                values = r.train.get(key, [])
+                ax.plot(np.arange(1, len(values) + 1), values, color=colours[r.name],
+                        linestyle="-", marker="o", ms=3)
+            else:
+                per_epoch = r.steps_per_epoch or max(r.steps, 1)
+                ax.plot(np.asarray(r.eval_steps) / per_epoch, r.evals.get(key, []),
+                        color=colours[r.name], linestyle="--", marker="o", ms=3)
         ax.set_xlabel("epoch")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.set_title(f"{split} {key}")
+        ax.set_ylabel(f"{split} {labels.get(key, key)}")
+        ax.set_title(f"{split} {key}" + (" (each epoch's mean)" if split == "train" else ""))
         if log_loss and key == "loss":
             ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+    np.atleast_1d(axes)[0].legend(handles=optimizer_handles + split_handles(), fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    paths = [out / "loss_vs_epoch.png"]
-    fig.savefig(paths[0], dpi=110)
-    plt.close(fig)
+    by_epoch = fig
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for r in results:
-        (line,) = ax.plot(r.step_times, r.step_losses, alpha=0.7, lw=0.8, label=f"{r.name} train")
-        if "loss" in r.evals:
-            ax.plot(r.eval_times, r.evals["loss"], marker="s", ms=3,
-                    linestyle="--", color=line.get_color(), label=f"{r.name} test")
-    ax.set_xlabel("training wall time (s)")
-    ax.set_ylabel("loss")
-    if log_loss:
-        ax.set_yscale("log")
-    ax.set_title(f"{title}: loss vs wall time")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    split, _, key = target.metric.partition("_")
+    label = labels.get(key, key)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharey=True)
+    for ax, by in zip(axes, ("time", "steps")):
+        for r in results:
+            c = colours[r.name]
+            if key == "loss" and r.step_losses:  # the training loss, as the target reads it
+                x = r.step_times if by == "time" else np.arange(1, len(r.step_losses) + 1)
+                ax.plot(x, trailing_mean(r.step_losses, window), color=c, lw=1, linestyle="-")
+            if key in r.evals:
+                ax.plot(r.eval_times if by == "time" else r.eval_steps, r.evals[key], color=c,
+                        linestyle="--", marker="o", ms=3)
+            if target_value is not None and r.steps_to_target is not None:
+                x = r.time_to_target if by == "time" else r.steps_to_target
+                ax.plot([x], [target_value], color=c, marker="x", ms=10, mew=2.5)
+        if target_value is not None:
+            ax.axhline(target_value, color="k", linestyle=":", lw=1)
+        ax.set_xlabel("training wall time (s)" if by == "time" else "steps")
+        ax.set_ylabel(label)
+        if log_loss and key == "loss":
+            ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+    what = quality_definition(target, window)
+    extra = [Line2D([], [], color="k", linestyle=":",
+                    label=f"SGD's final {what}" + (f" = {_fmt(target_value)}"
+                                                   if target_value is not None else "")),
+             Line2D([], [], color="0.4", marker="x", linestyle="", ms=8, mew=2,
+                    label="first reached")]
+    splits = split_handles(f"train (mean of the last {window} steps)")
+    splits = splits if key == "loss" else splits[1:]
+    axes[0].legend(handles=optimizer_handles + splits + extra, fontsize=7, ncol=2)
+    axes[0].set_title(f"{label} vs wall time")
+    axes[1].set_title(f"{label} vs steps")
+    fig.suptitle(title)
     fig.tight_layout()
-    paths.append(out / "loss_vs_time.png")
-    fig.savefig(paths[1], dpi=110)
-    plt.close(fig)
-    return paths
+    return by_epoch, fig
 
 
 def write_all(
     results: Sequence[Result], out: Path, title: str, target: Target,
-    target_value: float | None, config: dict[str, Any],
+    target_value: float | None, config: dict[str, Any], *, window: int = 10,
+    labels: dict[str, str] | None = None,
 ) -> tuple[str, list[Path]]:
-    """Write ``results.md``, ``metrics.json``, ``metrics.csv`` and the plots into ``out``."""
+    """Write ``results.md``, ``metrics.json``, ``metrics.csv`` and the plots into ``out``
+    (``window``: the target's, for a training-loss target; ``labels``: the metrics' names
+    for the y axes)."""
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(results, target, target_value)
+    table = markdown_table(results, target, target_value, window)
     info = machine_info()
     md = (
         f"# {title}\n\n{table}\n"
@@ -282,11 +370,12 @@ def write_all(
         "title": title,
         "config": config,
         "machine": info,
-        "target": {**asdict(target), "sgd_final_value": target_value},
+        "target": {**asdict(target), "sgd_final_value": target_value,
+                   "definition": quality_definition(target, window)},
         "optimizers": {r.name: asdict(r) for r in results},
     }
     (out / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=1) + "\n")
     write_csv(results, out / "metrics.csv")
     paths = [out / "results.md", out / "metrics.json", out / "metrics.csv"]
-    paths += plot(results, out, title)
+    paths += plot(results, out, title, target, target_value, window=window, labels=labels)
     return table, paths

@@ -74,6 +74,7 @@ class Task:
     target: Target = Target()
     description: str = ""
     eval_split: str = "test"  # what test_batches hold: "test", or "validation" (held out)
+    metric_labels: dict[str, str] = field(default_factory=dict)  # y-axis names: {"loss": "MSE"}
     # The paper's recipe, for the tuning protocol's "as published" row (None: its CIFAR
     # recipe, one learning rate of 0.1 for SGD, K-FAC and Eva).
     published_lrs: dict[str, float] | None = None
