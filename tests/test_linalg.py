@@ -48,3 +48,25 @@ def test_bias_row_round_trip():
   np.testing.assert_array_equal(linalg.with_bias_row(jnp.asarray(kernel), None), kernel)
   k, b = linalg.split_bias_row(jnp.asarray(kernel), False)
   assert b is None and k.shape == kernel.shape
+
+
+def test_block_diagonal_damped_inverse_inverts_each_diagonal_block():
+  """Sizes as equal as can be, the larger first (10 in 4: 3, 3, 2, 2); each block
+  of M + λI inverted, zeros elsewhere; one block (or more blocks than rows) is
+  the plain damped inverse."""
+  assert linalg.block_sizes(10, 4) == [3, 3, 2, 2]
+  assert linalg.block_sizes(3, 4) == [1, 1, 1]
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(10, 10))
+  m = a @ a.T + np.eye(10)
+  got = np.asarray(linalg.block_diagonal_damped_inverse(jnp.asarray(m), 0.5, 4))
+  want, start = np.zeros((10, 10)), 0
+  for size in (3, 3, 2, 2):
+    end = start + size
+    want[start:end, start:end] = np.linalg.inv(m[start:end, start:end] + 0.5 * np.eye(size))
+    start = end
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+      linalg.block_diagonal_damped_inverse(jnp.asarray(m), 0.5, 1),
+      np.linalg.inv(m + 0.5 * np.eye(10)), rtol=1e-4, atol=1e-6,
+  )

@@ -1078,3 +1078,79 @@ def test_boxed_parameters_with_partitioning_metadata_are_captured_like_plain_one
   for a, b in zip(jax.tree.leaves(out["boxed"]), jax.tree.leaves(out["plain"])):
     np.testing.assert_allclose(a, b, rtol=1e-6)
   assert isinstance(out["boxed"][0]["Dense_0"], eva_optax.LayerStats)
+
+
+class _SeqNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):  # (batch, time, features)
+    h = jnp.tanh(nn.Dense(4, name="proj")(x))
+    return nn.Dense(2, use_bias=False, name="head")(h.mean(axis=1))
+
+
+def _seq_problem(batch=6):
+  model = _SeqNet()
+  x = jax.random.normal(jax.random.key(0), (batch, 5, 3))
+  t = jax.random.normal(jax.random.key(1), (batch, 2))
+  params = model.init(jax.random.key(2), x)["params"]
+  loss = lambda p, x, t: jnp.mean((model.apply({"params": p}, x) - t) ** 2)
+  return model, params, loss, x, t
+
+
+def test_sample_rows_factors_are_per_sample_means_of_inputs_and_mean_loss_gradients():
+  """factor_rows='samples': A = mean_n â_n â_nᵀ with â_n = [mean over sample n's
+  time steps, 1]; G = mean_n ḡ_n ḡ_nᵀ with ḡ_n = mean over them of ∂L/∂y (L the
+  mean loss), against explicit per-sample values; ā, ḡ unchanged; and for the
+  head (one row per sample) G is 1/N² of the default's, A the same."""
+  model, params, loss, x, t = _seq_problem()
+  n = x.shape[0]
+  _, _, stats = eva_optax.value_and_grad(
+      loss, statistics=ALL_STATISTICS, factor_rows="samples"
+  )(params, x, t)
+  _, _, rows = eva_optax.value_and_grad(loss, statistics=ALL_STATISTICS)(params, x, t)
+
+  def forward(p, e_proj, e_head):
+    y = x @ p["proj"]["kernel"] + p["proj"]["bias"] + e_proj
+    h = jnp.tanh(y).mean(axis=1)
+    return jnp.mean((h @ p["head"]["kernel"] + e_head - t) ** 2), h
+
+  (g_proj, g_head), h = jax.grad(forward, argnums=(1, 2), has_aux=True)(
+      params, jnp.zeros((n, 5, 4)), jnp.zeros((n, 2))
+  )
+  a = np.concatenate([np.asarray(x).mean(axis=1), np.ones((n, 1))], axis=1)
+  g = np.asarray(g_proj).mean(axis=1)
+  np.testing.assert_allclose(stats["proj"].input_factor, a.T @ a / n, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(stats["proj"].output_grad_factor, g.T @ g / n, rtol=1e-5, atol=1e-12)
+  h, gh = np.asarray(h), np.asarray(g_head)
+  np.testing.assert_allclose(stats["head"].input_factor, h.T @ h / n, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(stats["head"].output_grad_factor, gh.T @ gh / n, rtol=1e-5, atol=1e-12)
+  np.testing.assert_allclose(stats["head"].input_factor, rows["head"].input_factor, rtol=1e-6)
+  np.testing.assert_allclose(
+      stats["head"].output_grad_factor * n**2, rows["head"].output_grad_factor, rtol=1e-5
+  )
+  for name in ("proj", "head"):
+    assert stats[name].factor_rows == "samples" and rows[name].factor_rows == "positions"
+    np.testing.assert_array_equal(stats[name].input_mean, rows[name].input_mean)
+    np.testing.assert_array_equal(stats[name].output_grad_mean, rows[name].output_grad_mean)
+  # proj has 5 positions per sample: its factors differ from the default's.
+  assert not np.allclose(stats["proj"].input_factor, rows["proj"].input_factor, rtol=1e-3)
+  with pytest.raises(ValueError, match="factor_rows"):
+    eva_optax.value_and_grad(loss, factor_rows="sample")
+
+
+def test_sample_rows_factors_under_pmap_equal_one_device():
+  """8 devices of 2 samples each, axis_name='batch': the 'samples' A and G (whose
+  G carries 1/batch²) equal those of the 16 samples on one device."""
+  model, params, loss, x, t = _seq_problem(batch=16)
+  statistics = ("input_factor", "output_grad_factor")
+  one = eva_optax.value_and_grad(loss, statistics=statistics, factor_rows="samples")
+  many = eva_optax.value_and_grad(
+      loss, statistics=statistics, factor_rows="samples", axis_name="batch"
+  )
+  _, _, want = one(params, x, t)
+  shard = lambda a: a.reshape((8, 2) + a.shape[1:])
+  _, _, got = jax.pmap(lambda xs, ts: many(params, xs, ts), axis_name="batch")(shard(x), shard(t))
+  for name in ("proj", "head"):
+    for field in statistics:
+      np.testing.assert_allclose(
+          getattr(got[name], field)[3], getattr(want[name], field), rtol=1e-5, atol=1e-12
+      )

@@ -500,3 +500,24 @@ def test_grouped_conv_statistics_equal_the_linen_capture():
     assert stats.layout == want.layout and stats.layout.groups == groups
     for field in STATISTICS:
       np.testing.assert_allclose(getattr(stats, field), getattr(want, field), rtol=RTOL, atol=1e-9)
+
+
+def test_sample_rows_factors_equal_the_linen_capture():
+  """nnx_value_and_grad(factor_rows='samples') gives the Linen capture's
+  per-sample A and G for the same layer and parameters (5 positions per sample)."""
+  x = jax.random.normal(jax.random.key(0), (4, 5, 3))
+  t = jax.random.normal(jax.random.key(1), (4, 5, 2))
+  linear = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  statistics = ("input_factor", "output_grad_factor")
+  _, _, got = eva_optax.nnx_value_and_grad(
+      lambda m: jnp.mean((jnp.tanh(m(x)) - t) ** 2), statistics=statistics, factor_rows="samples"
+  )(linear)
+  dense = nn.Dense(2)
+  params = {"kernel": linear.kernel[...], "bias": linear.bias[...]}
+  _, _, want = eva_optax.value_and_grad(
+      lambda p: jnp.mean((jnp.tanh(dense.apply({"params": p}, x)) - t) ** 2),
+      statistics=statistics, factor_rows="samples",
+  )(params)
+  assert got.factor_rows == "samples"
+  for field in statistics:
+    np.testing.assert_allclose(getattr(got, field), getattr(want, field), rtol=1e-5, atol=1e-12)

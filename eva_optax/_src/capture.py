@@ -175,6 +175,9 @@ class Layer(NamedTuple):
     out_dim: the feature size (the product of the output axes).
     has_bias: whether the layer has a bias.
     dtype: the statistics' dtype (:func:`~eva_optax._src.statistics.statistic_dtype`).
+    factor_rows: what a row of the factors A and G is (:data:`FACTOR_ROWS`):
+      ``'positions'``, every position of every sample; ``'samples'``, one row
+      per sample, the mean over its positions.
   """
 
   kind: str
@@ -185,6 +188,7 @@ class Layer(NamedTuple):
   out_dim: int
   has_bias: bool
   dtype: str = "float32"
+  factor_rows: str = "positions"
 
 
 def layer_record(
@@ -324,9 +328,13 @@ def _einsum_rows(
     geometry: EinsumGeometry, z: jax.Array, labels: str, features: str, dtype: Any
 ) -> jax.Array:
   """``z`` (axes ``labels``) as ``stack + (rows, features)``: the equation's
-  stack axes first, every other axis a row, the ``features`` axes last."""
+  stack axes first, every other axis a row (the sample axis, the input's first
+  row axis, leading), the ``features`` axes last."""
   stack = geometry.stack
   rows = "".join(c for c in labels if c not in stack and c not in features)
+  sample = _einsum_sample_label(geometry)
+  if sample in rows:
+    rows = sample + rows.replace(sample, "")
   order = [labels.index(c) for c in stack + rows + features]
   moved = jnp.transpose(z, order).astype(dtype)
   sizes = [z.shape[labels.index(c)] for c in stack]
@@ -406,9 +414,35 @@ def patch_selection(geometry: ConvGeometry, spatial: tuple[int, ...]) -> np.ndar
   return selection
 
 
+def _einsum_sample_label(geometry: EinsumGeometry) -> str:
+  """The input's sample axis: its first axis that is neither stacked nor contracted."""
+  for c in geometry.inputs:
+    if c not in geometry.stack and c not in geometry.contracted:
+      return c
+  return ""
+
+
+def sample_count(geometry: Geometry, x: jax.Array) -> int:
+  """Number of samples of a call (the rows of a ``'samples'`` factor)."""
+  if isinstance(geometry, EinsumGeometry):
+    label = _einsum_sample_label(geometry)
+    return x.shape[geometry.inputs.index(label)] if label else 1
+  return batch_size(geometry, x)
+
+
+def sample_means(rows: jax.Array, samples: int) -> jax.Array:
+  """``[stack +] (samples·positions, d)`` rows, sample-major, as the mean over
+  each sample's positions: ``[stack +] (samples, d)``."""
+  lead = rows.shape[:-2]
+  return jnp.mean(rows.reshape(lead + (samples, -1, rows.shape[-1])), axis=-2)
+
+
 def input_factor(layer: Layer, x: jax.Array) -> jax.Array:
-  """A = mean over rows of â âᵀ, with â = [row, 1] when the layer has a bias."""
+  """A = mean over rows of â âᵀ, with â = [row, 1] when the layer has a bias
+  (one row per sample, its mean over positions, with ``factor_rows='samples'``)."""
   rows = input_rows(layer.geometry, x, layer.dtype)  # [stack +] (rows, in)
+  if layer.factor_rows == "samples":
+    rows = sample_means(rows, sample_count(layer.geometry, x))
   if layer.has_bias:
     rows = jnp.concatenate([rows, jnp.ones(rows.shape[:-1] + (1,), rows.dtype)], axis=-1)
   return jnp.einsum("...ri,...rj->...ij", rows, rows, precision=_HIGHEST) / rows.shape[-2]
@@ -423,13 +457,17 @@ def batch_size(geometry: Geometry, x: jax.Array) -> int:
 
 def output_grad_factor(
     cotangent: jax.Array, out_dim: int, batch: int, dtype: Any = jnp.float32,
-    geometry: Geometry | None = None,
+    geometry: Geometry | None = None, per_sample: bool = False,
 ) -> jax.Array:
   """G = N · Σ_rows (∂L/∂y)(∂L/∂y)ᵀ, with N samples and L the mean loss.
 
   For a loss that is a mean over N samples, N · ∂L/∂y is the per-sample
   gradient, so for one row per sample G = E[g gᵀ]; positions (sequence, conv
   output pixels) are summed within a sample, as in KFC (Grosse & Martens 2016).
+  With ``per_sample`` (``factor_rows='samples'``, the authors' K-FAC):
+  G = (1/N) Σ_n ḡ_n ḡ_nᵀ with ḡ_n the mean over sample n's positions of
+  ∂L/∂y — the gradient of the mean loss, so N² times smaller for one row per
+  sample.
   """
   if isinstance(geometry, EinsumGeometry):
     rows = _einsum_rows(geometry, cotangent, geometry.output, geometry.outputs, dtype)
@@ -438,6 +476,9 @@ def output_grad_factor(
     rows = jnp.moveaxis(rows, 1, 0)
   else:
     rows = cotangent.reshape(-1, out_dim).astype(dtype)
+  if per_sample:
+    rows = sample_means(rows, batch)
+    return jnp.einsum("...ro,...rp->...op", rows, rows, precision=_HIGHEST) / batch
   return batch * jnp.einsum("...ro,...rp->...op", rows, rows, precision=_HIGHEST)
 
 
@@ -587,7 +628,8 @@ def probed_call(
     return values
 
   x = tap_input(x, input_probe, input_statistics)
-  batch = batch_size(layer.geometry, x)
+  per_sample = layer.factor_rows == "samples"
+  batch = (sample_count if per_sample else batch_size)(layer.geometry, x)
   args, kwargs = put_back(x)
   y = call(*args, **kwargs)
   if OUTPUT_GRAD_MEAN in statistics:
@@ -596,7 +638,9 @@ def probed_call(
     y = tap_output(
         y,
         probes[OUTPUT_FACTOR_PROBE],
-        lambda ct: output_grad_factor(ct, layer.out_dim, batch, layer.dtype, layer.geometry),
+        lambda ct: output_grad_factor(
+            ct, layer.out_dim, batch, layer.dtype, layer.geometry, per_sample
+        ),
         input_probe.get(FACTORS_DUE),
     )
   return y
@@ -639,6 +683,7 @@ def layer_stats(layer: Layer, probe_grads: dict[str, Any]) -> LayerStats:
       kind=layer.kind,
       layout=layer.layout,
       has_bias=layer.has_bias,
+      factor_rows=layer.factor_rows,
   )
 
 
@@ -656,22 +701,32 @@ def per_device(probes: Any, axis_name: Any) -> Any:
   return jax.tree.map(lambda z: z + 0.0 * index, probes)
 
 
-def global_statistics(probe_grads: dict, axis_name: Any) -> dict:
+def global_statistics(
+    probe_grads: dict, axis_name: Any, layers: dict[Any, Layer] | None = None
+) -> dict:
   """The probes' gradients of the global batch from those of each device's shard.
 
   Every statistic is a mean over the samples, averaged over the devices
   (``pmean``), except ḡ: it is the mean of ∂L/∂y for L the mean loss of the
   batch, so it carries a factor 1/batch, and the global batch is ``size``
   times a shard: ḡ = pmean(ḡ_shard) / size. (G = N·Σ_rows … already is a
-  per-sample mean.) Unchanged without an axis.
+  per-sample mean; a ``'samples'`` G of the layers in ``layers`` carries
+  1/batch², hence / size².) Unchanged without an axis.
   """
   if axis_name is None:
     return probe_grads
   size = jax.lax.psum(1, axis_name)
   averaged = jax.lax.pmean(probe_grads, axis_name)
+
+  def scale(path, name):
+    if name == OUTPUT_PROBE:
+      return size
+    samples = layers is not None and layers[path].factor_rows == "samples"
+    return size * size if name == OUTPUT_FACTOR_PROBE and samples else 1
+
   return {
       path: {
-          name: value / size if name == OUTPUT_PROBE else value
+          name: value / scale(path, name) if scale(path, name) != 1 else value
           for name, value in layer.items()
       }
       for path, layer in averaged.items()

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from eva_optax._src import capture
 from eva_optax._src.capture import FACTORS_DUE, PROBES, ConvGeometry, DenseGeometry, Layer
 from eva_optax._src.paths import BIAS, KERNEL, Path, flatten_with_paths, nest
-from eva_optax._src.statistics import EVA_STATISTICS, PassThrough, requested
+from eva_optax._src.statistics import EVA_STATISTICS, PassThrough, check_factor_rows, requested
 
 _SUPPORTED = "Dense, DenseGeneral, Conv or Einsum"
 
@@ -225,6 +225,7 @@ def value_and_grad(
     *,
     statistics: Sequence[str] = EVA_STATISTICS,
     axis_name: Any = None,
+    factor_rows: str = "positions",
 ) -> Callable[..., tuple[Any, Any, Any]]:
   """Like :func:`jax.value_and_grad`, also returning per-layer curvature statistics.
 
@@ -250,6 +251,12 @@ def value_and_grad(
       gradients are left to the caller, as with :func:`jax.value_and_grad`.
       Not needed under ``jit`` with a sharded batch, where every mean already
       is over the global batch.
+    factor_rows: what a row of the factors A and G is: ``'positions'``
+      (default; every position of every sample, G scaled to the per-sample
+      gradients: KFC) or ``'samples'`` (one row per sample, the mean over its
+      positions, and G of the mean loss's gradients, as the authors' K-FAC
+      computes them; :func:`eva_optax.kfac` documents the whole recipe).
+      Only A and G depend on it.
 
   Returns:
     ``grad_fn(params, *args, factors_due=True, **kwargs) -> (value, grads,
@@ -272,10 +279,12 @@ def value_and_grad(
       updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
   """
   statistics = requested(statistics)
+  check_factor_rows(factor_rows)
 
   def grad_fn(params: Any, *args: Any, **kwargs: Any):
     due = capture.factors_gate(kwargs.pop(FACTORS_DUE, True), statistics)
     layers, skipped = _discover(loss_fn, params, args, kwargs)
+    layers = {p: l._replace(factor_rows=factor_rows) for p, l in layers.items()}
     probes = capture.per_device(
         {path: capture.zero_probes(layer, statistics, due) for path, layer in layers.items()},
         axis_name,
@@ -290,7 +299,7 @@ def value_and_grad(
         wrapped, argnums=(0, 1), has_aux=True
     )(params, probes)
 
-    probe_grads = capture.global_statistics(probe_grads, axis_name)
+    probe_grads = capture.global_statistics(probe_grads, axis_name, layers)
     entries: dict[Path, Any] = dict(skipped)
     for path, layer_grads in probe_grads.items():
       entries[path] = capture.layer_stats(layers[path], layer_grads)

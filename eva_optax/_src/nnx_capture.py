@@ -54,7 +54,7 @@ from flax import nnx
 from eva_optax._src import capture
 from eva_optax._src.capture import FACTORS_DUE, ConvGeometry, DenseGeometry, Layer
 from eva_optax._src.paths import KERNEL, Path, nest
-from eva_optax._src.statistics import EVA_STATISTICS, PassThrough, requested
+from eva_optax._src.statistics import EVA_STATISTICS, PassThrough, check_factor_rows, requested
 
 _KINDS = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum)
 _SUPPORTED = "Linear, LinearGeneral, Conv or Einsum"
@@ -285,6 +285,7 @@ def nnx_value_and_grad(
     *,
     statistics: Sequence[str] = EVA_STATISTICS,
     axis_name: Any = None,
+    factor_rows: str = "positions",
 ) -> Callable[..., tuple[Any, Any, Any]]:
   """Like :func:`flax.nnx.value_and_grad`, also returning per-layer statistics.
 
@@ -301,6 +302,7 @@ def nnx_value_and_grad(
     axis_name: under ``pmap`` / ``shard_map``, the data-parallel axis name(s):
       the statistics become those of the global batch, as in
       :func:`eva_optax.value_and_grad`.
+    factor_rows: what a row of A and G is, as in :func:`eva_optax.value_and_grad`.
 
   Returns:
     ``grad_fn(model, *args, factors_due=True, **kwargs) -> (value, grads,
@@ -328,6 +330,7 @@ def nnx_value_and_grad(
         return loss
   """
   statistics = requested(statistics)
+  check_factor_rows(factor_rows)
 
   def wrapped(model, *args, **kwargs):
     return capture.loss_and_aux(loss_fn(model, *args, **kwargs), has_aux)
@@ -348,13 +351,16 @@ def nnx_value_and_grad(
       )
     due = capture.factors_gate(kwargs.pop(FACTORS_DUE, True), statistics)
     layers, skipped = _find_layers(model)
+    layers = {p: (m, l._replace(factor_rows=factor_rows)) for p, (m, l) in layers.items()}
     with _probed(layers, statistics, due, axis_name) as called:
       (loss, aux), grads = value_and_grad(model, *args, **kwargs)
       called = set(called)
 
     probe_state, grads = nnx.split_state(grads, _Probe, ...)
     probe_grads = {p: g for p, g in _probe_grads(probe_state).items() if p in called}
-    probe_grads = capture.global_statistics(probe_grads, axis_name)
+    probe_grads = capture.global_statistics(
+        probe_grads, axis_name, {p: l for p, (_, l) in layers.items()}
+    )
     entries: dict[Path, Any] = dict(skipped)
     for path, (_, layer) in layers.items():
       if path not in called:

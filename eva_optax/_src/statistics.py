@@ -49,6 +49,18 @@ STATISTICS = (INPUT_MEAN, OUTPUT_GRAD_MEAN, INPUT_FACTOR, OUTPUT_GRAD_FACTOR)
 EVA_STATISTICS = (INPUT_MEAN, OUTPUT_GRAD_MEAN)
 FACTORS = (INPUT_FACTOR, OUTPUT_GRAD_FACTOR)
 
+#: What a row of the factors A and G is: ``'positions'`` (every position of
+#: every sample, KFC's Ω ⊗ Γ; the default) or ``'samples'`` (one row per sample,
+#: the mean over its positions, G from the gradient of the mean loss: the
+#: authors' K-FAC).
+FACTOR_ROWS = ("positions", "samples")
+
+
+def check_factor_rows(factor_rows: Any) -> str:
+  if factor_rows not in FACTOR_ROWS:
+    raise ValueError(f"factor_rows must be one of {FACTOR_ROWS}; got {factor_rows!r}")
+  return factor_rows
+
 
 def statistic_shapes(
     stack: tuple[int, ...], in_dim: int, out_dim: int, has_bias: bool
@@ -160,6 +172,7 @@ class LayerStats:
     kind: ``'Dense'``, ``'DenseGeneral'`` or ``'Conv'`` (static).
     layout: the :class:`KernelLayout` of the layer's kernel (static).
     has_bias: whether the layer has a bias (static).
+    factor_rows: what a row of A and G was (:data:`FACTOR_ROWS`, static).
   """
 
   input_mean: jax.Array | None
@@ -171,6 +184,7 @@ class LayerStats:
       metadata=dict(static=True), default=KernelLayout()
   )
   has_bias: bool = dataclasses.field(metadata=dict(static=True), default=True)
+  factor_rows: str = dataclasses.field(metadata=dict(static=True), default="positions")
 
 
 @jax.tree_util.register_dataclass
