@@ -86,6 +86,7 @@ from examples.harness.training import Result, Target, Task
 DEFAULT_OPTIMIZERS = "sgd,adamw,eva,eva-f,eva-s,kfac,shampoo"
 LEARNING_RATES = {
     "sgd": 0.6, "adamw": 1e-3, "eva": 0.06, "eva-f": 0.6, "eva-s": 0.6, "kfac": 0.06,
+    "kfac-authors": 0.06,
     "foof": 0.06, "shampoo": 0.6,
     # Not checked here: the centres of the tuning protocol's grids (Muon's usual 0.02,
     # Sophia's AdamW-like step size).

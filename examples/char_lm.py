@@ -122,6 +122,7 @@ from examples.harness.training import Result, Target, Task
 DEFAULT_OPTIMIZERS = "sgd,adamw,eva,eva-s,kfac"
 LEARNING_RATES = {
     "sgd": 0.1, "adamw": 3e-3, "eva": 0.01, "eva-s": 0.03, "kfac": 0.03,
+    "kfac-authors": 0.03,
     "muon": 0.02, "sophia": 3e-3,  # not checked: the centres of the tuning protocol's grids
 }
 TEST_FRACTION = 0.1

@@ -91,6 +91,7 @@ from examples.harness.training import Result, Target, Task
 DEFAULT_OPTIMIZERS = "sgd,eva,kfac,shampoo"
 LEARNING_RATES = {
     "sgd": 0.1, "adamw": 1e-3, "eva": 0.1, "eva-f": 0.1, "eva-s": 0.1, "kfac": 0.1,
+    "kfac-authors": 0.1,
     "foof": 0.1, "shampoo": 0.1,
     "muon": 0.02, "sophia": 1e-3,  # not from the recipe: Muon's usual rate, AdamW's for Sophia
 }

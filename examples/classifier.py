@@ -119,6 +119,7 @@ from examples.harness.training import Result, Target, Task
 DEFAULT_OPTIMIZERS = "sgd,adamw,eva,eva-f,eva-s,kfac,shampoo"
 LEARNING_RATES = {
     "sgd": 0.1, "adamw": 1e-2, "eva": 3e-3, "eva-f": 0.3, "eva-s": 0.1, "kfac": 0.03,
+    "kfac-authors": 0.03,
     "foof": 0.03, "shampoo": 0.1,
     "muon": 0.02, "sophia": 1e-2,  # not checked: the centres of the tuning protocol's grids
 }

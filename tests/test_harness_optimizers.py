@@ -84,3 +84,22 @@ def test_sophia_gets_the_batch_loss_from_the_step_and_estimates_the_hessian():
   for _ in range(10):
     p, _, state, loss, _ = step(p, {}, state, (x, y))
   assert float(loss) < first
+
+
+def test_authors_kfac_spec_captures_per_sample_factors_and_inverts_in_blocks():
+  """'kfac-authors' is K-FAC on factor_rows='samples' statistics with 4-block
+  inverses; 'kfac' keeps the textbook factors, so their first steps differ."""
+  model = nn.Dense(3)
+  x = jax.random.normal(jax.random.key(0), (8, 5))
+  y = jax.random.normal(jax.random.key(1), (8, 3))
+  params = model.init(jax.random.key(2), x)["params"]
+  loss_fn = lambda p: (jnp.mean((model.apply({"params": p}, x) - y) ** 2), None)
+  updates = {}
+  for key in ("kfac", "kfac-authors"):
+    spec = SPEC_BY_KEY[key]
+    (_, _), grads, stats = training._grad_fn(spec, loss_fn)(params)
+    assert stats.factor_rows == ("samples" if key == "kfac-authors" else "positions")
+    tx = spec.build(0.1, Options())
+    updates[key], _ = tx.update(grads, tx.init(params), params, stats=stats)
+  assert dict(SPEC_BY_KEY["kfac-authors"].extra)["diag_blocks"] == 4
+  assert not np.allclose(updates["kfac"]["kernel"], updates["kfac-authors"]["kernel"], rtol=1e-2)

@@ -119,12 +119,12 @@ def test_tiny_realistic_workloads_build_trace_and_compile(step_time):
 
 def test_every_registry_key_is_an_optimizer_with_its_period(step_time):
   assert step_time.ALL_OPTIMIZERS == (
-      "sgd", "adamw", "eva", "eva-f", "eva-s", "kfac", "foof", "shampoo", "muon"
+      "sgd", "adamw", "eva", "eva-f", "eva-s", "kfac", "kfac-authors", "foof", "shampoo", "muon"
   )
   periods = {k: step_time.period_of(step_time.SPEC_BY_KEY[k]) for k in step_time.ALL_OPTIMIZERS}
   assert periods == {
-      "sgd": 1, "adamw": 1, "eva": 1, "eva-f": 1, "eva-s": 1, "kfac": 10, "foof": 10,
-      "shampoo": 10, "muon": 1,
+      "sgd": 1, "adamw": 1, "eva": 1, "eva-f": 1, "eva-s": 1, "kfac": 10, "kfac-authors": 10,
+      "foof": 10, "shampoo": 10, "muon": 1,
   }
   args = step_time.parse_args(["--optimizers", "eva,eva_foof,eva_shampoo", "--no-save"])
   assert args.optimizer_names == ["sgd", "eva", "eva-f", "eva-s"]  # the former keys still work

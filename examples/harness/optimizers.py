@@ -13,6 +13,10 @@ gradients:
 - ``"gated"``: the same, with ``factors_due=eva_optax.factors_due(opt_state)`` so that the
   Kronecker factors are only computed on the steps that use them (K-FAC, FOOF).
 
+``kfac-authors`` is K-FAC as the paper's authors ran it (factors from one row per sample,
+``factor_rows='samples'``; block-diagonal inverses in 4 blocks every 10 steps; KL clip
+0.01), beside the textbook ``kfac``.
+
 ``statistics`` is also what the abstract capture pass that finds every layer's
 :class:`eva_optax.KernelLayout` records (``layouts=``, for the optimizers that take it):
 Muon takes no statistics but names the cheapest, ``('input_mean',)``, so that it sees
@@ -54,6 +58,7 @@ class Spec:
     capture: str  # "plain" | "objective" | "stats" | "gated"
     statistics: Any = None
     extra: tuple[tuple[str, Any], ...] = ()  # fixed keyword arguments of ``factory``
+    capture_options: tuple[tuple[str, Any], ...] = ()  # of eva_optax.value_and_grad
 
     def accepts(self, argument: str) -> bool:
         """Whether the constructor takes ``argument`` (e.g. ``damping``, ``kl_clip``)."""
@@ -163,6 +168,11 @@ SPECS: tuple[Spec, ...] = (
     Spec(
         "kfac", "K-FAC", eva_optax.kfac, "gated", eva_optax.KFAC_STATISTICS,
         extra=(("stats_every", 10), ("inverse_every", 10)),
+    ),
+    Spec(  # the paper's K-FAC baseline: their factors, 4-block inverses, their KL clip
+        "kfac-authors", "K-FAC (authors')", eva_optax.kfac, "gated", eva_optax.KFAC_STATISTICS,
+        extra=(("inverse_every", 10), ("diag_blocks", 4), ("kl_clip", 0.01)),
+        capture_options=(("factor_rows", "samples"),),
     ),
     Spec(
         "foof", "FOOF", eva_optax.foof, "gated", eva_optax.FOOF_STATISTICS,

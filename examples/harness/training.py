@@ -128,7 +128,9 @@ def _copy(tree: Any) -> Any:
 
 
 def _grad_fn(spec: Spec, loss_fn: LossFn) -> Callable[..., Any]:
-    return eva_optax.value_and_grad(loss_fn, has_aux=True, statistics=spec.statistics)
+    return eva_optax.value_and_grad(
+        loss_fn, has_aux=True, statistics=spec.statistics, **dict(spec.capture_options)
+    )
 
 
 def make_step(
