@@ -194,3 +194,24 @@ def test_authors_kfac_equals_their_rule_in_float64():
     assert not np.allclose(q["Dense_0"]["kernel"], want["Dense_0"]["kernel"], rtol=1e-3)
   finally:
     jax.config.update("jax_enable_x64", before)
+
+
+def test_diag_blocks_is_static_under_inject_hyperparams():
+  """diag_blocks fixes shapes: left at None it is no hyperparameter; given, it
+  needs static_args, and a traced one is refused by name."""
+  import optax
+
+  import eva_optax
+
+  params = {"Dense_0": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
+  stats = {"Dense_0": eva_optax.LayerStats(
+      None, None, 2.0 * jnp.eye(5), jnp.eye(3), kind="Dense")}
+
+  def step(tx):
+    return jax.jit(lambda s: tx.update(params, s, params, stats=stats)[0])(tx.init(params))
+
+  step(optax.inject_hyperparams(eva_optax.kfac)(0.1))
+  blocked = step(optax.inject_hyperparams(eva_optax.kfac, static_args=("diag_blocks",))(0.1, diag_blocks=4))
+  assert np.all(np.isfinite(blocked["Dense_0"]["kernel"]))
+  with pytest.raises(ValueError, match="diag_blocks"):
+    step(optax.inject_hyperparams(eva_optax.kfac)(0.1, diag_blocks=4))

@@ -118,7 +118,7 @@ def scale_by_kfac(
     inverse_every: int = 10,
     scaling: str = kl.KL_CLIP,
     layouts: Any = None,
-    diag_blocks: int = 1,
+    diag_blocks: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """K-FAC's preconditioner with π-adjusted damping and periodic inverses.
 
@@ -136,8 +136,9 @@ def scale_by_kfac(
     scaling: ``'kl_clip'`` (default) or ``'kl_normalise'``.
     layouts: see :func:`eva_optax.scale_by_eva`.
     diag_blocks: invert only the block-diagonal part of each damped factor,
-      in this many blocks (static; the authors' K-FAC uses 4). Default 1:
-      the whole factor.
+      in this many blocks (the authors' K-FAC uses 4). Default ``None``: the
+      whole factor. It fixes shapes: under ``optax.inject_hyperparams`` pass
+      ``static_args=('diag_blocks',)``.
 
   References:
     Martens, Grosse. Optimizing Neural Networks with Kronecker-factored
@@ -145,11 +146,13 @@ def scale_by_kfac(
   """
 
   check_period("inverse_every", inverse_every)
-  check_period("diag_blocks", diag_blocks, static=True)
+  if diag_blocks is not None:
+    check_period("diag_blocks", diag_blocks, static=True)
+  blocks = 1 if diag_blocks is None else int(diag_blocks)
 
   def refresh(averages, gamma):
     a_inv, g_inv = damped_inverses(
-        averages["input_factor"], averages["output_grad_factor"], gamma, int(diag_blocks)
+        averages["input_factor"], averages["output_grad_factor"], gamma, blocks
     )
     return {"input_inverse": a_inv, "output_grad_inverse": g_inv}
 
@@ -185,7 +188,7 @@ def kfac(
     inverse_every: int = 10,
     scaling: str = kl.KL_CLIP,
     layouts: Any = None,
-    diag_blocks: int = 1,
+    diag_blocks: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """K-FAC in front of SGD: precondition → weight decay → momentum → learning rate.
 
