@@ -286,10 +286,7 @@ def test_apply_layerwise_preconditions_the_named_layers_scales_them_and_passes_t
 def _averages_setup():
   params = {"Dense_0": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)}, "norm": {"scale": jnp.zeros(2)}}
   slots = preconditioning.find_layer_slots(params)
-  averages = {
-      name: preconditioning.zero_statistics(slots, name)
-      for name in ("input_mean", "output_grad_mean", "input_factor")
-  }
+  averages = preconditioning.zero_statistics(slots, ("input_mean", "output_grad_mean", "input_factor"))
   return slots, averages
 
 

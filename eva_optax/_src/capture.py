@@ -724,13 +724,13 @@ def global_statistics(
     samples = layers is not None and layers[path].factor_rows == "samples"
     return size * size if name == OUTPUT_FACTOR_PROBE and samples else 1
 
-  return {
-      path: {
-          name: value / scale(path, name) if scale(path, name) != 1 else value
-          for name, value in layer.items()
-      }
-      for path, layer in averaged.items()
-  }
+  out = {}
+  for path, layer in averaged.items():
+    out[path] = {}
+    for name, value in layer.items():
+      by = scale(path, name)
+      out[path][name] = value if by == 1 else value / by
+  return out
 
 
 def factors_gate(factors_due: Any, statistics: tuple[str, ...]) -> jax.Array | None:

@@ -86,9 +86,10 @@ def readings(
   attention projections are read one way (bias-free ``query``/``key``/
   ``value`` kernels: two output axes, after one stack axis at rank 4; ``out``
   of rank 3: two input axes), except a bias-free ``out`` kernel of rank 4: a
-  Conv, or attention's output under ``nn.scan``. A bias-free kernel of rank ≥ 4 of a module named like an Einsum
-  (``Einsum_0``, ``kv_einsum``) can contract any one of its axes
-  ('BSD,CKDH->CBSKH').
+  Conv, or attention's output under ``nn.scan``. A bias-free kernel of rank
+  ≥ 4 of a module named like an Einsum (``Einsum_0``, ``kv_einsum``) can
+  contract any one of its axes ('BSD,CKDH->CBSKH').
+
   Optimizers reserve room in their state for these readings
   (:func:`reserved_readings`), so that the capture's layout is taken at the
   first update without a ``layouts=`` step.

@@ -112,16 +112,6 @@ def require_stats(stats: Any, name: str) -> None:
     )
 
 
-def statistic_shape(slot: LayerSlot, name: str) -> tuple[int, ...]:
-  """Shape of the statistic ``name`` (a :class:`LayerStats` field) of a layer."""
-  return statistic_shapes(*slot.layout.dims(slot.kernel_shape), slot.has_bias)[name]
-
-
-def zero_statistics(slots: dict[Path, LayerSlot], name: str) -> dict[str, Any]:
-  """Zero running averages of the statistic ``name`` for every layer, keyed by path."""
-  return nest({p: jnp.zeros(statistic_shape(s, name), s.dtype) for p, s in slots.items()})
-
-
 def layout_statistics(
     slot: LayerSlot, layout: KernelLayout, statistics: Sequence[str]
 ) -> dict[str, tuple[int, ...]]:
@@ -164,6 +154,16 @@ def has_room(slot: LayerSlot, layout: KernelLayout, statistics: Sequence[str]) -
       held[n] == shape or (len(held[n]) == 1 and held[n][0] >= math.prod(shape))
       for n, shape in wanted.items()
   )
+
+
+def zero_statistics(slots: dict[Path, LayerSlot], statistics: Sequence[str]) -> dict[str, Any]:
+  """Zero running averages of ``statistics`` for every layer, in the shapes of
+  :func:`room`: ``{name: tree keyed by module path}``."""
+  flat = {p: room(s, statistics) for p, s in slots.items()}
+  return {
+      n: nest({p: jnp.zeros(shapes[n], slots[p].dtype) for p, shapes in flat.items()})
+      for n in statistics
+  }
 
 
 def fit(stored: jax.Array, shape: tuple[int, ...], where: str) -> jax.Array:
@@ -409,10 +409,7 @@ def layerwise_transformation(
 
   def init_fn(params):
     slots = find_layer_slots(params, layouts)
-    averages = by_name({
-        p: {n: jnp.zeros(shape, s.dtype) for n, shape in room(s, statistics).items()}
-        for p, s in slots.items()
-    }) or {name: {} for name in statistics}
+    averages = zero_statistics(slots, statistics)
     fields = dict(count=jnp.zeros([], jnp.int32), **averages)
     if gated:
       fields["gate"] = FactorGate(jnp.ones([], jnp.bool_))  # count 0 averages
@@ -533,7 +530,6 @@ __all__ = [
     "layerwise_transformation",
     "require_stats",
     "scale_preconditioned",
-    "statistic_shape",
     "update_averages",
     "zero_statistics",
 ]
