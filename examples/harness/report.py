@@ -58,16 +58,19 @@ def time_to_reach(result: Result, target: Target, value: float, window: int = 10
 
 
 def steps_to_reach(result: Result, value: float, window: int = 10) -> int | None:
-    """Steps until the mean of the last ``window`` step losses is at or below ``value``."""
+    """Steps until the mean of the last ``window`` step losses is at or below ``value``.
+
+    Each mean is taken as :func:`final_quality` takes the last one (``np.mean`` of the
+    window), so a run always reaches its own final quality, at its last step at the latest.
+    """
     losses = np.asarray(result.step_losses, dtype=np.float64)
     if len(losses) == 0 or not math.isfinite(value):
         return None
     window = max(1, min(window, len(losses)))
-    csum = np.concatenate([[0.0], np.cumsum(losses)])
-    for i in range(window - 1, len(losses)):
-        mean = (csum[i + 1] - csum[i + 1 - window]) / window
+    for i in range(window, len(losses) + 1):
+        mean = np.mean(losses[i - window:i])
         if np.isfinite(mean) and mean <= value:
-            return i + 1
+            return i
     return None
 
 

@@ -1,0 +1,309 @@
+"""The headline: every workload's tuning protocol, read against SGD's and AdamW's quality.
+
+Reads the results of ``python -m benchmarks.protocol`` (``protocol.json`` and the per-seed
+``seed<n>/metrics.json`` in ``benchmarks/results/protocol/<workload>/``) and reports, per
+workload and optimizer, medians over seeds with the spread [min–max]:
+
+- **to SGD's final quality**: the steps and the training seconds until the optimizer first
+  reaches SGD's final quality of the same seed, as ratios to SGD's own (the crossing);
+- **to AdamW's final quality**: the same against AdamW's final quality and AdamW's own
+  steps and seconds to it;
+- **the shortest whole schedule** (25, 50, 75 or 100 % of the budget) whose final quality
+  reaches SGD's whole-budget quality, and its time as a ratio to SGD's whole budget;
+- Eva's time to SGD's quality over K-FAC's and Shampoo's (the paper's comparisons).
+
+"Final quality" has one definition per workload, printed in the table header
+(:func:`examples.harness.report.quality_definition`): the mean of the last 10 step losses
+for a training-loss target, the last evaluation for a test metric. A run that never
+reaches a reference counts as "not reached": its medians are over the seeds that did and
+the tables say how many.
+
+Writes ``headline.md`` and ``headline.json`` into ``--out`` (default
+``benchmarks/results``); with ``--readme`` the headline table replaces the text between
+``<!-- headline:start -->`` and ``<!-- headline:end -->`` in that file.
+
+Usage::
+
+    python -m benchmarks.headline --readme README.md
+    python -m benchmarks.headline --results /tmp/protocols --out /tmp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from examples.harness import report
+from examples.harness.optimizers import SPEC_BY_KEY
+from examples.harness.protocol import default_of
+from examples.harness.training import Result, Target, from_json, jsonable
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- headline:start -->", "<!-- headline:end -->"
+WORKLOAD_ORDER = ("autoencoder", "classifier", "char_lm")
+
+
+@dataclass
+class Protocol:
+    """One workload's protocol results, as :func:`load` reads them back."""
+
+    workload: str
+    document: dict[str, Any]  # protocol.json
+    runs: list[list[Result]]  # per seed, the final runs (SGD first)
+    target: Target
+    window: int
+
+    @property
+    def title(self) -> str:
+        return self.document["title"]
+
+    @property
+    def definition(self) -> str:
+        return report.quality_definition(self.target, self.window)
+
+    def names(self) -> list[str]:
+        return [r.name for r in self.runs[0]]
+
+
+def load(directory: Path) -> Protocol:
+    """``protocol.json`` and the final runs of every seed below ``directory``."""
+    document = from_json(json.loads((directory / "protocol.json").read_text()))
+    target = Target(document["target"]["metric"], document["target"]["higher_is_better"])
+    runs = []
+    for seed in document["protocol"]["seeds"]:
+        metrics = from_json(json.loads((directory / f"seed{seed}" / "metrics.json").read_text()))
+        runs.append([Result(**r) for r in metrics["optimizers"].values()])
+    window = int(document["settings"].get("reach_window", 10))
+    return Protocol(directory.name, document, runs, target, window)
+
+
+def _stats(values: Sequence[float | None]) -> dict[str, float] | None:
+    got = [v for v in values if v is not None and math.isfinite(v)]
+    if not got:
+        return None
+    return {"median": statistics.median(got), "min": min(got), "max": max(got), "n": len(got)}
+
+
+def against(p: Protocol, reference: str) -> dict[str, dict[str, Any]]:
+    """Per optimizer: steps and seconds to ``reference``'s final quality in the same seed,
+    as ratios to the reference's own steps and seconds to it (None where not reached)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in p.names():
+        steps, times, reached = [], [], 0
+        for results in p.runs:
+            by_name = {r.name: r for r in results}
+            ref, run = by_name[reference], by_name[name]
+            value = report.final_quality(ref, p.target, p.window)
+            mine = report.reach(run, p.target, value, p.window)
+            own = report.reach(ref, p.target, value, p.window)
+            if mine is None or own is None:
+                steps.append(None)
+                times.append(None)
+                continue
+            reached += 1
+            steps.append(mine[0] / own[0])
+            times.append(mine[1] / own[1] if own[1] else None)
+        out[name] = {"steps_ratio": _stats(steps), "time_ratio": _stats(times),
+                     "reached": reached, "seeds": len(p.runs)}
+    return out
+
+
+def time_over(p: Protocol, name: str, other: str) -> dict[str, float] | None:
+    """``name``'s seconds to SGD's final quality over ``other``'s, per seed (medians
+    [spread]; None: one of them is not in the runs, or never reached it)."""
+    ratios = []
+    for results in p.runs:
+        by_name = {r.name: r for r in results}
+        if name not in by_name or other not in by_name:
+            return None
+        value = report.final_quality(by_name["SGD"], p.target, p.window)
+        mine = report.reach(by_name[name], p.target, value, p.window)
+        them = report.reach(by_name[other], p.target, value, p.window)
+        ratios.append(mine[1] / them[1] if mine and them and them[1] else None)
+    return _stats(ratios)
+
+
+def _spread(s: dict[str, float] | None, fmt: str = ".2f") -> str:
+    if s is None:
+        return "not reached"
+    text = format(s["median"], fmt)
+    if s["n"] > 1 and s["min"] != s["max"]:
+        text += f" [{format(s['min'], fmt)}–{format(s['max'], fmt)}]"
+    return text
+
+
+def _reached(row: dict[str, Any]) -> str:
+    return "" if row["reached"] == row["seeds"] else f" ({row['reached']} of {row['seeds']})"
+
+
+def _budget(p: Protocol, name: str) -> str:
+    row = p.document.get("budgets", {}).get(name)
+    if not row:
+        return "–"
+    if row["budget"] is None:
+        return "none"
+    return (f"{row['budget']['median']:.0%} ({_spread(row['time_ratio'])}× SGD's time)"
+            + ("" if row["reached"] == row["seeds"] else f", {row['reached']} of {row['seeds']}"))
+
+
+def _final(p: Protocol, name: str) -> dict[str, float] | None:
+    return _stats([report.final_quality(next(r for r in results if r.name == name),
+                                        p.target, p.window) for results in p.runs])
+
+
+def budget_words(p: Protocol) -> str:
+    s = p.document["settings"]
+    steps = p.runs[0][0].budget_steps
+    return f"{s['epochs']} epoch{'s' * (s['epochs'] != 1)}, {steps} steps"
+
+
+# The headline's rows: Eva tuned by the protocol, and Eva with the paper's recipe against
+# the baselines run the same way (K-FAC "as published" where the protocol ran it).
+HEADLINE_ROWS = (("Eva", "tuned", "K-FAC", "Shampoo"),
+                 ("Eva (as published)", "as published", "K-FAC (as published)", "Shampoo"))
+
+
+def headline_table(protocols: Sequence[Protocol]) -> str:
+    """Per workload, Eva tuned and as published, against SGD's and AdamW's final quality."""
+    head = ["workload", "budget, seeds", "SGD's final quality", "Eva", "steps / SGD's",
+            "time / SGD's", "shortest whole schedule at SGD's quality", "Eva / K-FAC time",
+            "Eva / Shampoo time", "to AdamW's final: steps / AdamW's", "time / AdamW's"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in protocols:
+        sgd = against(p, "SGD")
+        adamw = against(p, "AdamW") if "AdamW" in p.names() else {}
+        for eva, variant, kfac, shampoo in HEADLINE_ROWS:
+            if eva not in sgd:
+                continue
+            row, to_adamw = sgd[eva], adamw.get(eva)
+            lines.append("| " + " | ".join([
+                p.title, f"{budget_words(p)}, {len(p.runs)} seeds",
+                f"{p.definition}: {_spread(_final(p, 'SGD'), '.4g')}",
+                f"{variant} ({_knobs(p, eva)})",
+                _spread(row["steps_ratio"]) + _reached(row),
+                _spread(row["time_ratio"]) + _reached(row),
+                _budget(p, eva),
+                _spread(time_over(p, eva, kfac)) + _reached(sgd[kfac]) if kfac in sgd else "–",
+                _spread(time_over(p, eva, shampoo)) + _reached(sgd[shampoo])
+                if shampoo in sgd else "–",
+                (_spread(to_adamw["steps_ratio"]) + _reached(to_adamw)) if to_adamw else "–",
+                (_spread(to_adamw["time_ratio"]) + _reached(to_adamw)) if to_adamw else "–",
+            ]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _knobs(p: Protocol, name: str) -> str:
+    """``lr, damping, kl_clip`` of a row: the chosen values, or the defaults spelled out."""
+    chosen = p.document["tuning"].get(name, {}).get("chosen")
+    if chosen is None:  # an "as published" row: its lr, the constructor's defaults
+        row = next(r for r in p.document["rows"] if r["name"] == name)
+        spec = SPEC_BY_KEY[row["key"]]
+        chosen = {"lr": row["lr"], **{k: row.get(k) if row.get(k) is not None
+                                      else default_of(spec, k) for k in ("damping", "kl_clip")}}
+    return ", ".join(f"{chosen[k]:g}" for k in ("lr", "damping", "kl_clip")
+                     if chosen.get(k) is not None) or "–"
+
+
+def optimizer_table(p: Protocol) -> str:
+    """Every row of one workload's final runs against SGD's and AdamW's final quality."""
+    sgd = against(p, "SGD")
+    adamw = against(p, "AdamW") if "AdamW" in p.names() else None
+    head = ["optimizer", "lr, damping, kl_clip", f"final {p.definition}",
+            "to SGD's final: steps / SGD's", "time / SGD's", "reached",
+            "shortest whole schedule at SGD's quality"]
+    if adamw:
+        head += ["to AdamW's final: steps / AdamW's", "time / AdamW's", "reached"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in p.names():
+        cells = [name, _knobs(p, name), _spread(_final(p, name), ".5g"),
+                 _spread(sgd[name]["steps_ratio"]), _spread(sgd[name]["time_ratio"]),
+                 f"{sgd[name]['reached']}/{sgd[name]['seeds']}", _budget(p, name)]
+        if adamw:
+            cells += [_spread(adamw[name]["steps_ratio"]), _spread(adamw[name]["time_ratio"]),
+                      f"{adamw[name]['reached']}/{adamw[name]['seeds']}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def command_of(p: Protocol) -> str:
+    return p.document["settings"].get("command", "python -m benchmarks.protocol")
+
+
+def render(protocols: Sequence[Protocol]) -> tuple[str, str]:
+    """(the headline block for the README, the whole ``headline.md``)."""
+    info = protocols[0].document["machine"]
+    machine = (f"Machine: {info['cpu']} ({info['cpu_count']} CPUs), device {info['device']}; "
+               + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + ".")
+    commands = "; ".join(f"`{command_of(p)}`" for p in protocols)
+    block = (headline_table(protocols) + "\nMedians over seeds [min–max]; ratios below 1 "
+             "favour Eva. " + machine + f" Commands: {commands}, then "
+             "`python -m benchmarks.headline --readme README.md`.\n")
+    md = ["# Headline: time to quality, every optimizer tuned alike\n", block]
+    for p in protocols:
+        md += [f"## {p.title}\n",
+               f"Budget {budget_words(p)}; seeds {len(p.runs)}; "
+               f"final quality = {p.definition}. Command: `{command_of(p)}`. Grids, every "
+               f"trial and the per-seed plots: `benchmarks/results/protocol/{p.workload}/`.\n",
+               optimizer_table(p)]
+    return block, "\n".join(md)
+
+
+def summary(protocols: Sequence[Protocol]) -> dict[str, Any]:
+    out = {}
+    for p in protocols:
+        out[p.workload] = {
+            "title": p.title, "definition": p.definition, "budget": budget_words(p),
+            "command": command_of(p), "seeds": len(p.runs),
+            "sgd_final": _final(p, "SGD"),
+            "against_sgd": against(p, "SGD"),
+            "against_adamw": against(p, "AdamW") if "AdamW" in p.names() else None,
+            "eva_over_kfac": time_over(p, "Eva", "K-FAC"),
+            "eva_over_shampoo": time_over(p, "Eva", "Shampoo"),
+        }
+    return out
+
+
+def replace_block(text: str, block: str) -> str:
+    """``text`` with the part between the headline markers replaced by ``block``."""
+    start, end = text.find(START), text.find(END)
+    if start < 0 or end < start:
+        raise SystemExit(f"no {START} ... {END} block to replace")
+    return text[: start + len(START)] + "\n" + block + text[end:]
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.headline",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "protocol"),
+                   help="directory of the protocols' workload directories")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--readme", default=None, help="file whose headline block to replace")
+    args = p.parse_args(argv)
+    root = Path(args.results)
+    found = [d for d in sorted(root.iterdir()) if (d / "protocol.json").is_file()] \
+        if root.is_dir() else []
+    if not found:
+        raise SystemExit(f"no protocol results under {root}: run python -m benchmarks.protocol")
+    found.sort(key=lambda d: (WORKLOAD_ORDER.index(d.name) if d.name in WORKLOAD_ORDER
+                              else len(WORKLOAD_ORDER), d.name))
+    protocols = [load(d) for d in found]
+    block, md = render(protocols)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "headline.md").write_text(md)
+    (out / "headline.json").write_text(json.dumps(jsonable(summary(protocols)), indent=1) + "\n")
+    if args.readme:
+        readme = Path(args.readme)
+        readme.write_text(replace_block(readme.read_text(), block))
+    print(md)
+    return md
+
+
+if __name__ == "__main__":
+    main()
