@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +39,7 @@ from typing import Any
 
 from examples.harness import report
 from examples.harness.optimizers import SPEC_BY_KEY
-from examples.harness.protocol import default_of
+from examples.harness.protocol import default_of, spread, stats
 from examples.harness.training import Result, Target, from_json, jsonable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,13 +81,6 @@ def load(directory: Path) -> Protocol:
     return Protocol(directory.name, document, runs, target, window)
 
 
-def _stats(values: Sequence[float | None]) -> dict[str, float] | None:
-    got = [v for v in values if v is not None and math.isfinite(v)]
-    if not got:
-        return None
-    return {"median": statistics.median(got), "min": min(got), "max": max(got), "n": len(got)}
-
-
 def against(p: Protocol, reference: str) -> dict[str, dict[str, Any]]:
     """Per optimizer: steps and seconds to ``reference``'s final quality in the same seed,
     as ratios to the reference's own steps and seconds to it (None where not reached)."""
@@ -109,7 +100,7 @@ def against(p: Protocol, reference: str) -> dict[str, dict[str, Any]]:
             reached += 1
             steps.append(mine[0] / own[0])
             times.append(mine[1] / own[1] if own[1] else None)
-        out[name] = {"steps_ratio": _stats(steps), "time_ratio": _stats(times),
+        out[name] = {"steps_ratio": stats(steps), "time_ratio": stats(times),
                      "reached": reached, "seeds": len(p.runs)}
     return out
 
@@ -126,16 +117,11 @@ def time_over(p: Protocol, name: str, other: str) -> dict[str, float] | None:
         mine = report.reach(by_name[name], p.target, value, p.window)
         them = report.reach(by_name[other], p.target, value, p.window)
         ratios.append(mine[1] / them[1] if mine and them and them[1] else None)
-    return _stats(ratios)
+    return stats(ratios)
 
 
 def _spread(s: dict[str, float] | None, fmt: str = ".2f") -> str:
-    if s is None:
-        return "not reached"
-    text = format(s["median"], fmt)
-    if s["n"] > 1 and s["min"] != s["max"]:
-        text += f" [{format(s['min'], fmt)}–{format(s['max'], fmt)}]"
-    return text
+    return spread(s, fmt, missing="not reached")
 
 
 def _reached(row: dict[str, Any]) -> str:
@@ -153,7 +139,7 @@ def _budget(p: Protocol, name: str) -> str:
 
 
 def _final(p: Protocol, name: str) -> dict[str, float] | None:
-    return _stats([report.final_quality(next(r for r in results if r.name == name),
+    return stats([report.final_quality(next(r for r in results if r.name == name),
                                         p.target, p.window) for results in p.runs])
 
 

@@ -279,6 +279,7 @@ def make_task(args: argparse.Namespace) -> Task:
             f"{n_params:,} parameters; batch {batch_size} × {seq_len}"
         ),
         eval_split=split,
+        output_layer="Dense_0",  # the Dense head over the vocabulary
         metric_labels={"loss": "cross-entropy (nats per character)",
                        "bits_per_char": "bits per character"},
     )

@@ -103,3 +103,81 @@ def test_authors_kfac_spec_captures_per_sample_factors_and_inverts_in_blocks():
     updates[key], _ = tx.update(grads, tx.init(params), params, stats=stats)
   assert dict(SPEC_BY_KEY["kfac-authors"].extra)["diag_blocks"] == 4
   assert not np.allclose(updates["kfac"]["kernel"], updates["kfac-authors"]["kernel"], rtol=1e-2)
+
+
+def _two_layer_problem(seed=2):
+  model = nn.Sequential([nn.Dense(5), nn.tanh, nn.Dense(3)])
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((8, 4)), jnp.float32)
+  y = jnp.asarray(rng.standard_normal((8, 3)), jnp.float32)
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  loss = lambda p: jnp.mean((model.apply({"params": p}, x) - y) ** 2)
+  import eva_optax
+
+  _, grads, stats = eva_optax.value_and_grad(loss)(params)
+  return params, grads, stats
+
+
+def test_plain_modules_get_sgd_and_the_others_eva():
+  """The output-layer knob: ``plain_modules`` sends those layers to SGD (same momentum
+  and weight decay), the rest to Eva, whose KL clip then sums over its own layers only."""
+  import eva_optax
+
+  params, grads, stats = _two_layer_problem()
+  options = Options(momentum=0.9, weight_decay=1e-3, plain_modules=("layers_2",))
+  tx = SPEC_BY_KEY["eva"].build(0.1, options)
+  state = tx.init(params)
+  for _ in range(2):  # the second step carries momentum
+    updates, state = tx.update(grads, state, params, stats=stats)
+  sgd = SPEC_BY_KEY["sgd"].build(0.1, options)
+  s = sgd.init(params["layers_2"])
+  for _ in range(2):
+    expected_plain, s = sgd.update(grads["layers_2"], s, params["layers_2"])
+  eva_alone = eva_optax.eva(0.1, momentum=0.9, weight_decay=1e-3)
+  sub = {"layers_0": params["layers_0"]}
+  e = eva_alone.init(sub)
+  sub_stats = {"layers_0": stats["layers_0"]}
+  for _ in range(2):
+    expected_eva, e = eva_alone.update({"layers_0": grads["layers_0"]}, e, sub, stats=sub_stats)
+  for name in ("kernel", "bias"):
+    np.testing.assert_allclose(updates["layers_2"][name], expected_plain[name], rtol=1e-6)
+    np.testing.assert_allclose(updates["layers_0"][name], expected_eva["layers_0"][name],
+                               rtol=1e-5, atol=1e-8)
+  # Eva on both layers moves the first one differently (its KL clip sees both).
+  both = eva_optax.eva(0.1, momentum=0.9, weight_decay=1e-3)
+  b = both.init(params)
+  for _ in range(2):
+    together, b = both.update(grads, b, params, stats=stats)
+  assert not np.allclose(together["layers_0"]["kernel"], updates["layers_0"]["kernel"])
+  with pytest.raises(ValueError, match=r"plain_modules: no top-level module \['head'\]"):
+    SPEC_BY_KEY["eva"].build(0.1, Options(plain_modules=("head",))).init(params)
+
+
+def test_stat_decay_and_scaling_reach_eva_and_are_checked_by_name():
+  import eva_optax
+
+  params, grads, stats = _two_layer_problem()
+  _, grads2, stats2 = _two_layer_problem(seed=3)  # another batch, other statistics
+  steps = ((grads, stats), (grads2, stats2))
+
+  def run(tx):
+    state = tx.init(params)
+    for g, st in steps:
+      update, state = tx.update(g, state, params, stats=st)
+    return update
+
+  default = run(eva_optax.eva(0.1, momentum=0.9, weight_decay=5e-4, kl_clip=10.0))
+  for options, kwargs in ((Options(kl_clip=10.0, stat_decay=0.5), {"stat_decay": 0.5}),
+                          (Options(scaling="kl_normalise"), {"scaling": "kl_normalise"})):
+    got = run(SPEC_BY_KEY["eva"].build(0.1, options))
+    want = run(eva_optax.eva(0.1, momentum=0.9, weight_decay=5e-4,
+                             kl_clip=options.kl_clip or 0.001, **kwargs))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
+    # ... and the knob changes the step (the running averages, or the scaling).
+    assert not np.allclose(got["layers_0"]["kernel"], default["layers_0"]["kernel"],
+                           rtol=1e-4, atol=0)
+  with pytest.raises(ValueError, match="stat_decay"):
+    SPEC_BY_KEY["eva"].build(0.1, Options(stat_decay=1.0))
+  # SGD and AdamW take neither: the options leave them as they are.
+  assert isinstance(SPEC_BY_KEY["sgd"].build(0.1, Options(stat_decay=0.5)),
+                    optax.GradientTransformation)

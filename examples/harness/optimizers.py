@@ -46,6 +46,11 @@ class Options:
     weight_decay: float = 5e-4
     damping: float | None = None
     kl_clip: float | None = None
+    stat_decay: float | None = None
+    scaling: str | None = None  # Eva's "kl_clip" or "kl_normalise"
+    # Top-level modules left unpreconditioned (e.g. a language model's output layer): their
+    # parameters get SGD with the same momentum and weight decay, through optax.partition.
+    plain_modules: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,11 +85,29 @@ class Spec:
             return optax.adamw(learning_rate, weight_decay=options.weight_decay)
         kwargs = {**dict(self.extra), **kwargs}
         kwargs.update(momentum=options.momentum, weight_decay=options.weight_decay)
-        for name in ("damping", "kl_clip"):
+        for name in ("damping", "kl_clip", "stat_decay", "scaling"):
             value = getattr(options, name)
             if value is not None and self.accepts(name):
                 kwargs[name] = value
-        return self.factory(learning_rate, **kwargs)
+        tx = self.factory(learning_rate, **kwargs)
+        if not options.plain_modules:
+            return tx
+        plain = SPEC_BY_KEY["sgd"].build(learning_rate, options)
+        return optax.partition(
+            {"preconditioned": tx, "plain": plain},
+            lambda params: plain_labels(params, options.plain_modules),
+        )
+
+
+def plain_labels(params: Any, modules: tuple[str, ...]) -> Any:
+    """``"plain"`` for every parameter under a top-level module of ``modules``, else
+    ``"preconditioned"``; a name that is not a top-level module is a ``ValueError``."""
+    missing = set(modules) - set(params)
+    if missing:
+        raise ValueError(f"plain_modules: no top-level module {sorted(missing)}; the model "
+                         f"has {sorted(params)}")
+    return {name: jax.tree.map(lambda _: "plain" if name in modules else "preconditioned",
+                               sub) for name, sub in params.items()}
 
 
 def _layout_at(layouts: Any, module: tuple[str, ...]) -> eva_optax.KernelLayout | None:

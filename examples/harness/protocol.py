@@ -137,14 +137,18 @@ class Point:
     lr: float
     damping: float | None = None
     kl_clip: float | None = None
+    # More fields of :class:`Options` (e.g. ``(("stat_decay", 0.2),)``), for the knob study.
+    extra: tuple[tuple[str, Any], ...] = ()
 
     def options(self, base: Options) -> Options:
-        return replace(base, damping=self.damping, kl_clip=self.kl_clip)
+        return replace(base, damping=self.damping, kl_clip=self.kl_clip, **dict(self.extra))
 
     def label(self) -> str:
         parts = [f"lr {self.lr:g}"]
         parts += [f"damping {self.damping:g}"] if self.damping is not None else []
         parts += [f"kl_clip {self.kl_clip:g}"] if self.kl_clip is not None else []
+        parts += [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                  for k, v in self.extra]
         return ", ".join(parts)
 
 
@@ -311,7 +315,8 @@ def final_runs(
     return runs
 
 
-def _stats(values: Sequence[float | None]) -> dict[str, float] | None:
+def stats(values: Sequence[float | None]) -> dict[str, float] | None:
+    """Median, min, max and count of the finite values (None: there are none)."""
     got = [v for v in values if v is not None and math.isfinite(v)]
     if not got:
         return None
@@ -331,23 +336,24 @@ def summarise(runs: Sequence[Sequence[Result]], target: Target, window: int) -> 
             "seeds": len(per_seed),
             "reached": sum(r.steps_to_target is not None for r in per_seed),
             "diverged": sum(r.diverged for r in per_seed),
-            "final": _stats([report.final_quality(r, target, window) for r in per_seed]),
-            "steps_to_target": _stats([r.steps_to_target for r in per_seed]),
-            "steps_ratio": _stats([r.steps_to_target / s.steps_to_target
+            "final": stats([report.final_quality(r, target, window) for r in per_seed]),
+            "steps_to_target": stats([r.steps_to_target for r in per_seed]),
+            "steps_ratio": stats([r.steps_to_target / s.steps_to_target
                                    if r.steps_to_target and s.steps_to_target else None
                                    for r, s in zip(per_seed, sgd)]),
-            "time_to_target_s": _stats([r.time_to_target for r in per_seed]),
-            "time_ratio": _stats([r.time_to_target / s.time_to_target
+            "time_to_target_s": stats([r.time_to_target for r in per_seed]),
+            "time_ratio": stats([r.time_to_target / s.time_to_target
                                   if r.time_to_target and s.time_to_target else None
                                   for r, s in zip(per_seed, sgd)]),
-            "seconds_per_epoch": _stats([r.seconds_per_epoch for r in per_seed]),
+            "seconds_per_epoch": stats([r.seconds_per_epoch for r in per_seed]),
         }
     return out
 
 
-def _spread(s: dict[str, float] | None, fmt: str) -> str:
+def spread(s: dict[str, float] | None, fmt: str, missing: str = "–") -> str:
+    """``median [min–max]`` of :func:`stats`'s dict (``missing`` for None)."""
     if s is None:
-        return "–"
+        return missing
     if s["n"] == 1 or s["min"] == s["max"]:
         return format(s["median"], fmt)
     return f"{format(s['median'], fmt)} [{format(s['min'], fmt)}–{format(s['max'], fmt)}]"
@@ -389,7 +395,7 @@ def final_table(summary: dict[str, Any], rows: Sequence[Row], target: Target, wi
                 sgd_value: dict[str, float] | None) -> str:
     """One row per setting: medians over seeds [min–max]."""
     what = report.quality_definition(target, window)
-    tv = _spread(sgd_value, ".5g")
+    tv = spread(sgd_value, ".5g")
     head = ["optimizer", "lr", "damping", "kl_clip", f"final {what}",
             f"steps to SGD's final ({tv})", "× SGD's steps", "time to it (s)",
             "× SGD's time", "reached", "s/epoch"]
@@ -400,10 +406,10 @@ def final_table(summary: dict[str, Any], rows: Sequence[Row], target: Target, wi
         damping = p.damping if p.damping is not None else default_of(row.spec, "damping")
         kl_clip = p.kl_clip if p.kl_clip is not None else default_of(row.spec, "kl_clip")
         lines.append("| " + " | ".join([
-            row.name, f"{p.lr:g}", _g(damping), _g(kl_clip), _spread(s["final"], ".5g"),
-            _spread(s["steps_to_target"], ".0f"), _spread(s["steps_ratio"], ".2f"),
-            _spread(s["time_to_target_s"], ".1f"), _spread(s["time_ratio"], ".2f"),
-            f"{s['reached']}/{s['seeds']}", _spread(s["seconds_per_epoch"], ".1f"),
+            row.name, f"{p.lr:g}", _g(damping), _g(kl_clip), spread(s["final"], ".5g"),
+            spread(s["steps_to_target"], ".0f"), spread(s["steps_ratio"], ".2f"),
+            spread(s["time_to_target_s"], ".1f"), spread(s["time_ratio"], ".2f"),
+            f"{s['reached']}/{s['seeds']}", spread(s["seconds_per_epoch"], ".1f"),
         ]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -507,13 +513,13 @@ def budget_summary(
             "key": first.key,
             "seeds": len(per_seed),
             "reached": sum(p["budget"] is not None for p in per_seed),
-            "quality": {str(b): _stats([p["quality"][b] for p in per_seed])
+            "quality": {str(b): stats([p["quality"][b] for p in per_seed])
                         for b in sorted(by_budget)},
-            "budget": _stats([p["budget"] for p in per_seed]),
-            "steps": _stats([p["steps"] for p in per_seed]),
-            "seconds": _stats([p["seconds"] for p in per_seed]),
-            "steps_ratio": _stats([p["steps_ratio"] for p in per_seed]),
-            "time_ratio": _stats([p["time_ratio"] for p in per_seed]),
+            "budget": stats([p["budget"] for p in per_seed]),
+            "steps": stats([p["steps"] for p in per_seed]),
+            "seconds": stats([p["seconds"] for p in per_seed]),
+            "steps_ratio": stats([p["steps_ratio"] for p in per_seed]),
+            "time_ratio": stats([p["time_ratio"] for p in per_seed]),
             "per_seed": per_seed,
         }
         if summary is not None and first.name in summary:
@@ -536,11 +542,11 @@ def budget_table(budgets: dict[str, Any], target: Target, window: int) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in budgets.items():
         lines.append("| " + " | ".join(
-            [name] + [_spread(row["quality"][b], ".5g") for b in fractions]
-            + [_spread(row["budget"], ".0%"), _spread(row["steps_ratio"], ".2f"),
-               _spread(row["time_ratio"], ".2f"), f"{row['reached']}/{row['seeds']}",
-               _spread(row.get("crossing_steps_ratio"), ".2f"),
-               _spread(row.get("crossing_time_ratio"), ".2f")]
+            [name] + [spread(row["quality"][b], ".5g") for b in fractions]
+            + [spread(row["budget"], ".0%"), spread(row["steps_ratio"], ".2f"),
+               spread(row["time_ratio"], ".2f"), f"{row['reached']}/{row['seeds']}",
+               spread(row.get("crossing_steps_ratio"), ".2f"),
+               spread(row.get("crossing_time_ratio"), ".2f")]
         ) + " |")
     return "\n".join(lines) + "\n"
 

@@ -78,6 +78,9 @@ class Task:
     # The paper's recipe, for the tuning protocol's "as published" row (None: its CIFAR
     # recipe, one learning rate of 0.1 for SGD, K-FAC and Eva).
     published_lrs: dict[str, float] | None = None
+    # The top-level module of the output (vocabulary) layer, which the Eva authors leave
+    # unpreconditioned in transformers (the knob study's ``plain_modules``; None: not asked).
+    output_layer: str | None = None
 
 
 @dataclass
