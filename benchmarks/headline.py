@@ -39,7 +39,7 @@ from typing import Any
 
 from examples.harness import report
 from examples.harness.optimizers import SPEC_BY_KEY
-from examples.harness.protocol import default_of, spread, stats
+from examples.harness.protocol import default_of, ratios_to, spread, stats
 from examples.harness.training import Result, Target, from_json, jsonable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,26 +83,8 @@ def load(directory: Path) -> Protocol:
 
 def against(p: Protocol, reference: str) -> dict[str, dict[str, Any]]:
     """Per optimizer: steps and seconds to ``reference``'s final quality in the same seed,
-    as ratios to the reference's own steps and seconds to it (None where not reached)."""
-    out: dict[str, dict[str, Any]] = {}
-    for name in p.names():
-        steps, times, reached = [], [], 0
-        for results in p.runs:
-            by_name = {r.name: r for r in results}
-            ref, run = by_name[reference], by_name[name]
-            value = report.final_quality(ref, p.target, p.window)
-            mine = report.reach(run, p.target, value, p.window)
-            own = report.reach(ref, p.target, value, p.window)
-            if mine is None or own is None:
-                steps.append(None)
-                times.append(None)
-                continue
-            reached += 1
-            steps.append(mine[0] / own[0])
-            times.append(mine[1] / own[1] if own[1] else None)
-        out[name] = {"steps_ratio": stats(steps), "time_ratio": stats(times),
-                     "reached": reached, "seeds": len(p.runs)}
-    return out
+    as ratios to the reference's own (:func:`examples.harness.protocol.ratios_to`)."""
+    return ratios_to(p.runs, reference, p.target, p.window)
 
 
 def time_over(p: Protocol, name: str, other: str) -> dict[str, float] | None:

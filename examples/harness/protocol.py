@@ -323,13 +323,36 @@ def stats(values: Sequence[float | None]) -> dict[str, float] | None:
     return {"median": statistics.median(got), "min": min(got), "max": max(got), "n": len(got)}
 
 
+def ratios_to(runs: Sequence[Sequence[Result]], reference: str, target: Target,
+              window: int) -> dict[str, dict[str, Any]]:
+    """Per row (by name): the steps and seconds until it first reaches the final quality
+    of the row named ``reference`` in the same seed, as ratios to that row's own steps and
+    seconds to it (medians [spread] over the seeds where both got there), and in how
+    many seeds it did."""
+    out: dict[str, dict[str, Any]] = {}
+    for i, first in enumerate(runs[0]):
+        steps, times = [], []
+        for results in runs:
+            ref = next(r for r in results if r.name == reference)
+            value = report.final_quality(ref, target, window)
+            mine = report.reach(results[i], target, value, window)
+            own = report.reach(ref, target, value, window)
+            got = mine is not None and own is not None
+            steps.append(mine[0] / own[0] if got else None)
+            times.append(mine[1] / own[1] if got and own[1] else None)
+        out[first.name] = {"steps_ratio": stats(steps), "time_ratio": stats(times),
+                           "reached": sum(s is not None for s in steps), "seeds": len(runs)}
+    return out
+
+
 def summarise(runs: Sequence[Sequence[Result]], target: Target, window: int) -> dict[str, Any]:
     """Per row (by name), over seeds: final quality, steps and seconds to SGD's final quality
     and their ratios to SGD's (in the same seed): median, min, max; how many reached it."""
     out: dict[str, Any] = {}
+    sgd_name = next(r.name for r in runs[0] if r.key == "sgd")
+    ratios = ratios_to(runs, sgd_name, target, window)
     for i, first in enumerate(runs[0]):
         per_seed = [results[i] for results in runs]
-        sgd = [next(r for r in results if r.key == "sgd") for results in runs]
         out[first.name] = {
             "key": first.key,
             "lr": first.lr,
@@ -338,13 +361,9 @@ def summarise(runs: Sequence[Sequence[Result]], target: Target, window: int) -> 
             "diverged": sum(r.diverged for r in per_seed),
             "final": stats([report.final_quality(r, target, window) for r in per_seed]),
             "steps_to_target": stats([r.steps_to_target for r in per_seed]),
-            "steps_ratio": stats([r.steps_to_target / s.steps_to_target
-                                   if r.steps_to_target and s.steps_to_target else None
-                                   for r, s in zip(per_seed, sgd)]),
+            "steps_ratio": ratios[first.name]["steps_ratio"],
             "time_to_target_s": stats([r.time_to_target for r in per_seed]),
-            "time_ratio": stats([r.time_to_target / s.time_to_target
-                                  if r.time_to_target and s.time_to_target else None
-                                  for r, s in zip(per_seed, sgd)]),
+            "time_ratio": ratios[first.name]["time_ratio"],
             "seconds_per_epoch": stats([r.seconds_per_epoch for r in per_seed]),
         }
     return out
