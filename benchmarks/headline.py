@@ -106,8 +106,11 @@ def _spread(s: dict[str, float] | None, fmt: str = ".2f") -> str:
     return spread(s, fmt, missing="not reached")
 
 
-def _reached(row: dict[str, Any]) -> str:
-    return "" if row["reached"] == row["seeds"] else f" ({row['reached']} of {row['seeds']})"
+def _reached(row: dict[str, Any], who: str = "") -> str:
+    """`` (n of m)`` where ``row`` reached its reference in only n of m seeds."""
+    if row["reached"] == row["seeds"]:
+        return ""
+    return f" ({who + ' reached it in ' if who else ''}{row['reached']} of {row['seeds']})"
 
 
 def _budget(p: Protocol, name: str) -> str:
@@ -157,8 +160,9 @@ def headline_table(protocols: Sequence[Protocol]) -> str:
                 _spread(row["steps_ratio"]) + _reached(row),
                 _spread(row["time_ratio"]) + _reached(row),
                 _budget(p, eva),
-                _spread(time_over(p, eva, kfac)) + _reached(sgd[kfac]) if kfac in sgd else "–",
-                _spread(time_over(p, eva, shampoo)) + _reached(sgd[shampoo])
+                _spread(time_over(p, eva, kfac)) + _reached(sgd[kfac], "K-FAC")
+                if kfac in sgd else "–",
+                _spread(time_over(p, eva, shampoo)) + _reached(sgd[shampoo], "Shampoo")
                 if shampoo in sgd else "–",
                 (_spread(to_adamw["steps_ratio"]) + _reached(to_adamw)) if to_adamw else "–",
                 (_spread(to_adamw["time_ratio"]) + _reached(to_adamw)) if to_adamw else "–",
