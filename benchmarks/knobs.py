@@ -10,7 +10,10 @@ quality is the target, as in the protocol), on ``--seeds``:
   1/sqrt(Σ⟨V, Ĝ⟩): every step has KL radius lr², so lr takes the role of sqrt(kl_clip)),
   at lr = sqrt(κ) × (1/√10, 1, √10) with κ the chosen KL clip;
 - **kl_clip** × 1/10 and × 10 (the protocol tried × 1/3 and × 3);
-- **damping** × 1/10 and × 10 (likewise);
+- **damping** × 10⁻⁴, 10⁻², 1/10 and 10: Eva's update is V = (Ĝ − s ḡ āᵀ / (‖ā‖²‖ḡ‖²
+  + γ)) / γ with s = ḡᵀĜā, so where ‖ā‖²‖ḡ‖² ≪ γ (``eva_optax.describe`` flags such
+  layers) it is the gradient / γ, and only a damping near that scale lets the correction
+  act;
 - **stat_decay** 0, 0.5 and 0.95 (the weight of the *old* running averages of ā and ḡ;
   Eva's default 0.05, the authors' 0.95 on the newest batch; 0 keeps only the current
   batch, 0.95 averages over about 20 steps as K-FAC's factors do);
@@ -48,6 +51,9 @@ from examples.harness.training import Task, jsonable
 
 ROOT = Path(__file__).resolve().parents[1]
 EVA = SPEC_BY_KEY["eva"]
+# Down to the scale of ‖ā‖²‖ḡ‖² in these models (1e-7 to 1e-23, see eva_optax.describe),
+# where Sherman–Morrison's correction to the gradient / γ starts to act.
+DAMPING_FACTORS = (1e-4, 1e-2, 0.1, 10.0)
 
 
 def _round(value: float) -> float:
@@ -81,7 +87,7 @@ def variants(eva: Point, task: Task) -> list[tuple[str, str, Point]]:
     for f in (0.1, 10.0):
         out.append(("kl_clip", f"kl_clip {_round(eva.kl_clip * f):g} (×{f:g})",
                     Point(eva.lr, eva.damping, _round(eva.kl_clip * f))))
-    for f in (0.1, 10.0):
+    for f in DAMPING_FACTORS:
         out.append(("damping", f"damping {_round(eva.damping * f):g} (×{f:g})",
                     Point(eva.lr, _round(eva.damping * f), eva.kl_clip)))
     for decay in (0.0, 0.5, 0.95):
