@@ -10,7 +10,7 @@ quality is the target, as in the protocol), on ``--seeds``:
   1/sqrt(Σ⟨V, Ĝ⟩): every step has KL radius lr², so lr takes the role of sqrt(kl_clip)),
   at lr = sqrt(κ) × (1/√10, 1, √10) with κ the chosen KL clip;
 - **kl_clip** × 1/10 and × 10 (the protocol tried × 1/3 and × 3);
-- **damping** × 10⁻⁴, 10⁻², 1/10 and 10: Eva's update is V = (Ĝ − s ḡ āᵀ / (‖ā‖²‖ḡ‖²
+- **damping** × 10⁻⁶, 10⁻⁴, 1/10 and 10: Eva's update is V = (Ĝ − s ḡ āᵀ / (‖ā‖²‖ḡ‖²
   + γ)) / γ with s = ḡᵀĜā, so where ‖ā‖²‖ḡ‖² ≪ γ (``eva_optax.describe`` flags such
   layers) it is the gradient / γ, and only a damping near that scale lets the correction
   act;
@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EVA = SPEC_BY_KEY["eva"]
 # Down to the scale of ‖ā‖²‖ḡ‖² in these models (1e-7 to 1e-23, see eva_optax.describe),
 # where Sherman–Morrison's correction to the gradient / γ starts to act.
-DAMPING_FACTORS = (1e-4, 1e-2, 0.1, 10.0)
+DAMPING_FACTORS = (1e-6, 1e-4, 0.1, 10.0)
 
 
 def _round(value: float) -> float:

@@ -32,7 +32,7 @@ def test_the_variants_change_one_knob_each_around_the_chosen_point():
   assert lrs == [0.02, 0.0632, 0.2]
   assert all(dict(p.extra) == {"scaling": "kl_normalise"} for p in by_knob["scaling"])
   assert [p.kl_clip for p in by_knob["kl_clip"]] == [0.0004, 0.04]
-  assert [p.damping for p in by_knob["damping"]] == [3e-06, 0.0003, 0.003, 0.3]
+  assert [p.damping for p in by_knob["damping"]] == [3e-08, 3e-06, 0.003, 0.3]
   assert [dict(p.extra)["stat_decay"] for p in by_knob["stat_decay"]] == [0.0, 0.5, 0.95]
   (plain,) = by_knob["output layer"]
   assert dict(plain.extra) == {"plain_modules": ("Dense_0",)}
