@@ -197,3 +197,10 @@ def test_the_report_has_one_final_quality_and_tells_the_splits_by_line_style():
 
   plt.close(by_epoch)
   plt.close(by_time)
+  # Thirteen runs (the protocol's tuned and "as published" rows): thirteen colours.
+  many = [_loss_run(f"opt{i}", [4, 3, 2, 1, 1], [3.0, 1.5]) for i in range(13)]
+  by_epoch, by_time = report.figures_of(many, "t", loss, value, window=2)
+  handles = by_epoch.axes[0].get_legend().legend_handles[:13]
+  assert len({tuple(plt.matplotlib.colors.to_rgba(h.get_color())) for h in handles}) == 13
+  plt.close(by_epoch)
+  plt.close(by_time)

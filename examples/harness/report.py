@@ -282,7 +282,10 @@ def figures_of(
 
     labels = labels or {}
     target = target or Target()
-    colours = {r.name: f"C{i % 10}" for i, r in enumerate(results)}
+    # One colour each: matplotlib's 10-colour cycle, and tab20 beyond ten runs.
+    cycle = [f"C{i}" for i in range(10)] if len(results) <= 10 else list(
+        plt.get_cmap("tab20").colors)
+    colours = {r.name: cycle[i % len(cycle)] for i, r in enumerate(results)}
     optimizer_handles = [Line2D([], [], color=colours[r.name], lw=2, label=r.name)
                          for r in results]
 
