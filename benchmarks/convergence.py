@@ -69,6 +69,7 @@ class Workload:
     quick: tuple[str, ...]  # the flags for --quick
     seeds: int  # default number of seeds
     quality: str = "train loss (mean of the last 10 step losses)"  # SGD's final quality
+    subject: str = ""  # the title without its budget (the protocol and the knob study name theirs)
 
 
 WORKLOADS = {
@@ -81,6 +82,7 @@ WORKLOADS = {
             ("--epochs", "1", "--train-limit", "2000", "--test-limit", "500",
              "--optimizers", "sgd,eva,kfac,shampoo"),
             3,
+            subject="Fashion-MNIST autoencoder",
         ),
         Workload(
             "classifier", "Fashion-MNIST ResNet classifier (6k images, 3 epochs)",
@@ -90,6 +92,7 @@ WORKLOADS = {
              "--optimizers", "sgd,eva"),
             2,
             "test accuracy (last evaluation)",
+            subject="Fashion-MNIST ResNet classifier",
         ),
         Workload(
             "char_lm", "character-level transformer on fortunes (3 × 100 steps)",
@@ -99,6 +102,7 @@ WORKLOADS = {
              "--layers", "1", "--heads", "2", "--optimizers", "sgd,eva"),
             2,
             "test loss (last evaluation)",
+            subject="character-level transformer on fortunes",
         ),
     )
 }

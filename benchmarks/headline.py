@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.convergence import WORKLOADS
 from examples.harness import report
 from examples.harness.optimizers import SPEC_BY_KEY
 from examples.harness.protocol import default_of, ratios_to, spread, stats
@@ -59,7 +60,9 @@ class Protocol:
 
     @property
     def title(self) -> str:
-        return self.document["title"]
+        """The workload's name without a budget (the tables give the budget)."""
+        known = WORKLOADS.get(self.workload)
+        return known.subject if known and known.subject else self.document["title"]
 
     @property
     def definition(self) -> str:

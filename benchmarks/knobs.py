@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     settings = {k: v for k, v in vars(example_args).items() if k != "specs"}
     for seed, results in zip(args.seeds, runs):
         value = report.set_times_to_target(results, task.target, window)
-        report.write_all(results, args.out / f"seed{seed}", f"{w.title}: Eva's knobs, seed {seed}",
+        report.write_all(results, args.out / f"seed{seed}", f"{w.subject}: Eva's knobs, seed {seed}",
                          task.target, value, {**settings, "seed": seed, "command": command},
                          window=window, labels=task.metric_labels)
     info = report.machine_info()
@@ -173,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
              f"the tuning protocol's choice ({args.protocol})" if args.protocol
              else "the example's learning rate and Eva's defaults")
     md = "\n".join([
-        f"# {w.title}: Eva's knobs, one at a time\n",
+        f"# {w.subject}: Eva's knobs, one at a time\n",
         f"From {start}: Eva at lr {eva.lr:g}, damping {eva.damping:g}, kl_clip "
         f"{eva.kl_clip:g}, stat_decay {default_of(EVA, 'stat_decay'):g}; SGD at lr "
         f"{sgd.lr:g} sets the target. {example_args.epochs} epochs "
@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "knobs.md").write_text(md)
     document_out = {
-        "title": w.title, "command": command, "machine": info, "settings": settings,
+        "title": w.subject, "command": command, "machine": info, "settings": settings,
         "start": {"sgd": asdict(sgd), "eva": asdict(eva)},
         "variants": [{"knob": k, "label": label, **asdict(p)} for k, label, p in knobs],
         "summary": summary,

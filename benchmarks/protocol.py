@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> Outcome:
     settings["command"] = "python -m benchmarks.protocol " + " ".join(argv or sys.argv[1:])
     outcome = run_protocol(
         make_task, example_args.specs, args.protocol, base, example_args.epochs, args.out,
-        title=w.title, eval_every=example_args.eval_every, chunk=example_args.chunk,
+        title=w.subject, eval_every=example_args.eval_every, chunk=example_args.chunk,
         window=example_args.reach_window, settings=settings,
     )
     print("\n" + (args.out / "protocol.md").read_text())
