@@ -14,6 +14,9 @@ quality is the target, as in the protocol), on ``--seeds``:
   + γ)) / γ with s = ḡᵀĜā, so where ‖ā‖²‖ḡ‖² ≪ γ (``eva_optax.describe`` flags such
   layers) it is the gradient / γ, and only a damping near that scale lets the correction
   act;
+- **the correction at work**: KL normalisation at lr sqrt(κ)×√10 with the damping × 10⁻⁶
+  and × 10⁻⁴ (KL normalisation fixes the step's size whatever γ is, so only the
+  direction changes: the correction removes more of the ḡ āᵀ component);
 - **stat_decay** 0, 0.5 and 0.95 (the weight of the *old* running averages of ā and ḡ;
   Eva's default 0.05, the authors' 0.95 on the newest batch; 0 keeps only the current
   batch, 0.95 averages over about 20 steps as K-FAC's factors do);
@@ -90,6 +93,14 @@ def variants(eva: Point, task: Task) -> list[tuple[str, str, Point]]:
     for f in DAMPING_FACTORS:
         out.append(("damping", f"damping {_round(eva.damping * f):g} (×{f:g})",
                     Point(eva.lr, _round(eva.damping * f), eva.kl_clip)))
+    # The correction at work: KL normalisation (which fixes the step's size whatever γ is)
+    # with a damping small enough for ‖ā‖²‖ḡ‖² to count.
+    normalised = _round(radius * 10 ** 0.5)
+    for f in DAMPING_FACTORS[:2]:
+        out.append(("correction", f"KL normalisation, lr {normalised:g}, damping "
+                    f"{_round(eva.damping * f):g} (×{f:g})",
+                    Point(normalised, _round(eva.damping * f), eva.kl_clip,
+                          (("scaling", "kl_normalise"),))))
     for decay in (0.0, 0.5, 0.95):
         out.append(("stat_decay", f"stat_decay {decay:g}",
                     Point(eva.lr, eva.damping, eva.kl_clip, (("stat_decay", decay),))))

@@ -34,14 +34,17 @@ def test_the_variants_change_one_knob_each_around_the_chosen_point():
   assert [p.kl_clip for p in by_knob["kl_clip"]] == [0.0004, 0.04]
   assert [p.damping for p in by_knob["damping"]] == [3e-08, 3e-06, 0.003, 0.3]
   assert [dict(p.extra)["stat_decay"] for p in by_knob["stat_decay"]] == [0.0, 0.5, 0.95]
+  # The correction at work: KL normalisation at sqrt(kl_clip)×√10, tiny dampings.
+  assert [(p.lr, p.damping, dict(p.extra)["scaling"]) for p in by_knob["correction"]] == [
+      (0.2, 3e-08, "kl_normalise"), (0.2, 3e-06, "kl_normalise")]
   (plain,) = by_knob["output layer"]
   assert dict(plain.extra) == {"plain_modules": ("Dense_0",)}
   # Every variant but the scaling ones keeps the chosen lr; each moves one knob only.
   for knob, points in by_knob.items():
     for p in points:
       moved = {f for f in ("lr", "damping", "kl_clip") if getattr(p, f) != getattr(eva, f)}
-      assert moved <= {"scaling": {"lr"}, "kl_clip": {"kl_clip"}, "damping": {"damping"}}.get(
-          knob, set()), knob
+      assert moved <= {"scaling": {"lr"}, "kl_clip": {"kl_clip"}, "damping": {"damping"},
+                       "correction": {"lr", "damping"}}.get(knob, set()), knob
   assert "output layer" not in {k for k, _, _ in knobs.variants(eva, regression_task(0.0))}
   # Without a protocol: the task's rates and Eva's defaults.
   sgd, eva = knobs.chosen_points(None, task)
