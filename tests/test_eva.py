@@ -261,6 +261,40 @@ def test_kl_normalise_divides_by_sqrt_of_global_dot():
   )
 
 
+def test_where_the_correction_vanishes_eva_is_sgd_over_damping_with_a_norm_clip():
+  """‖ā‖²‖ḡ‖² ≪ γ (what ``describe`` flags): V = Ĝ/γ, and ν caps the step η·ν·V at the norm
+  sqrt(κ/γ) in the gradient's direction, over the preconditioned layers together."""
+  params, loss_fn, xs, ys = PROBLEMS["mlp"]()
+  gamma, lr = 0.03, 0.5
+  pre = ("Dense_0", "Dense_1", "Dense_2")
+
+  def updates(loss, kl_clip):
+    _, grads, stats = eva_optax.value_and_grad(loss)(params, xs[0], ys[0])
+    tx = eva_optax.scale_by_eva(lr, damping=gamma, kl_clip=kl_clip)
+    return grads, tx.update(grads, tx.init(params), params, stats=stats)[0]
+
+  def apart(grads, u, scale):  # largest relative gap between u and scale·Ĝ
+    return max(float(jnp.linalg.norm(u[m][k] - scale * grads[m][k]) / jnp.linalg.norm(u[m][k]))
+               for m in pre for k in grads[m])
+
+  # The problem's own loss: the correction acts, V is not Ĝ/γ.
+  grads, u = updates(loss_fn, 1e12)
+  assert apart(grads, u, 1 / gamma) > 1e-3
+  # The loss × 1e-4 (ḡ × 1e-4, ‖ā‖²‖ḡ‖² × 1e-8): V = Ĝ/γ, unclipped ...
+  small = lambda p, x, y: 1e-4 * loss_fn(p, x, y)
+  grads, u = updates(small, 1e12)
+  assert apart(grads, u, 1 / gamma) < 1e-5
+  # ... and clipped: the step is sqrt(κ/γ) long, along Ĝ.
+  kappa = 1e-12
+  grads, u = updates(small, kappa)
+  norm = np.sqrt(sum(float(jnp.vdot(grads[m][k], grads[m][k])) for m in pre for k in grads[m]))
+  assert apart(grads, u, np.sqrt(kappa / gamma) / (lr * norm)) < 1e-5
+  step = lr * np.sqrt(sum(float(jnp.vdot(u[m][k], u[m][k])) for m in pre for k in u[m]))
+  np.testing.assert_allclose(step, np.sqrt(kappa / gamma), rtol=1e-5)
+  for k in ("scale", "bias"):  # pass-through leaves keep their gradient
+    np.testing.assert_array_equal(u["LayerNorm_0"][k], grads["LayerNorm_0"][k])
+
+
 # ---------------------------------------------------------------------------
 # Composition and the optax contract.
 
