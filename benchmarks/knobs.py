@@ -54,8 +54,8 @@ from examples.harness.training import Task, jsonable
 
 ROOT = Path(__file__).resolve().parents[1]
 EVA = SPEC_BY_KEY["eva"]
-# Down to the scale of ‖ā‖²‖ḡ‖² in these models (1e-7 to 1e-23, see eva_optax.describe),
-# where Sherman–Morrison's correction to the gradient / γ starts to act.
+# Down to the scale of ‖ā‖²‖ḡ‖² in these models (2e-6 to 1e-23 at initialisation, see
+# eva_optax.describe), where Sherman–Morrison's correction to the gradient / γ starts to act.
 DAMPING_FACTORS = (1e-6, 1e-4, 0.1, 10.0)
 
 
@@ -113,6 +113,8 @@ def variants(eva: Point, task: Task) -> list[tuple[str, str, Point]]:
 
 def table(summary: dict[str, Any], knobs: Sequence[tuple[str, str, Point]], what: str,
           sgd_value: dict[str, float] | None) -> str:
+    """SGD's row, then one row per variant: the final quality and the steps and time to
+    SGD's final quality as ratios to SGD's (medians [min–max] over seeds)."""
     head = ["knob", "Eva variant", "lr, damping, kl_clip", f"final {what}",
             f"steps to SGD's final ({spread(sgd_value, '.5g')}) / SGD's", "time / SGD's",
             "reached"]
