@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks import readme
 from examples.harness import report
 from examples.harness.training import Result, jsonable
 
@@ -210,13 +211,7 @@ def headline_table(all_headlines: dict[str, dict[str, Any]], seeds: dict[str, in
 
 def update_readme(path: Path, text: str) -> None:
     """Replace the block between the convergence markers of ``path`` with ``text``."""
-    start, end = "<!-- convergence:start -->", "<!-- convergence:end -->"
-    doc = path.read_text()
-    if start not in doc or end not in doc:
-        raise SystemExit(f"--readme: {path} has no {start} ... {end} block")
-    before, rest = doc.split(start, 1)
-    _, after = rest.split(end, 1)
-    path.write_text(f"{before}{start}\n{text}{end}{after}")
+    readme.update(path, "convergence", text)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks import readme
 from benchmarks.convergence import WORKLOADS
 from examples.harness import report
 from examples.harness.optimizers import SPEC_BY_KEY
@@ -44,7 +45,6 @@ from examples.harness.protocol import default_of, ratios_to, spread, stats
 from examples.harness.training import Result, Target, from_json, jsonable
 
 ROOT = Path(__file__).resolve().parents[1]
-START, END = "<!-- headline:start -->", "<!-- headline:end -->"
 WORKLOAD_ORDER = ("autoencoder", "classifier", "char_lm")
 
 
@@ -246,10 +246,7 @@ def summary(protocols: Sequence[Protocol]) -> dict[str, Any]:
 
 def replace_block(text: str, block: str) -> str:
     """``text`` with the part between the headline markers replaced by ``block``."""
-    start, end = text.find(START), text.find(END)
-    if start < 0 or end < start:
-        raise SystemExit(f"no {START} ... {END} block to replace")
-    return text[: start + len(START)] + "\n" + block + text[end:]
+    return readme.replace_block(text, "headline", block)
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -274,8 +271,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     (out / "headline.md").write_text(md)
     (out / "headline.json").write_text(json.dumps(jsonable(summary(protocols)), indent=1) + "\n")
     if args.readme:
-        readme = Path(args.readme)
-        readme.write_text(replace_block(readme.read_text(), block))
+        readme.update(Path(args.readme), "headline", block)
     print(md)
     return md
 

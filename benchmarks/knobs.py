@@ -49,7 +49,9 @@ from typing import Any
 from benchmarks.convergence import WORKLOADS, load_example
 from examples.harness import report
 from examples.harness.optimizers import SPEC_BY_KEY, Options
-from examples.harness.protocol import Point, Row, default_of, final_runs, spread, summarise
+from examples.harness.protocol import (
+    Point, Row, default_of, final_runs, significant, spread, summarise,
+)
 from examples.harness.training import Task, jsonable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,10 +59,6 @@ EVA = SPEC_BY_KEY["eva"]
 # Down to the scale of ‖ā‖²‖ḡ‖² in these models (2e-6 to 1e-23 at initialisation, see
 # eva_optax.describe), where Sherman–Morrison's correction to the gradient / γ starts to act.
 DAMPING_FACTORS = (1e-6, 1e-4, 0.1, 10.0)
-
-
-def _round(value: float) -> float:
-    return float(f"{value:.3g}")
 
 
 def chosen_points(document: dict[str, Any] | None, task: Task) -> tuple[Point, Point]:
@@ -84,22 +82,22 @@ def variants(eva: Point, task: Task) -> list[tuple[str, str, Point]]:
     radius = math.sqrt(eva.kl_clip)
     for f, words in ((10 ** -0.5, "sqrt(kl_clip)/√10"), (1.0, "sqrt(kl_clip)"),
                      (10 ** 0.5, "sqrt(kl_clip)×√10")):
-        lr = _round(radius * f)
+        lr = significant(radius * f)
         out.append(("scaling", f"KL normalisation, lr {lr:g} = {words}",
                     Point(lr, eva.damping, eva.kl_clip, (("scaling", "kl_normalise"),))))
     for f in (0.1, 10.0):
-        out.append(("kl_clip", f"kl_clip {_round(eva.kl_clip * f):g} (×{f:g})",
-                    Point(eva.lr, eva.damping, _round(eva.kl_clip * f))))
+        out.append(("kl_clip", f"kl_clip {significant(eva.kl_clip * f):g} (×{f:g})",
+                    Point(eva.lr, eva.damping, significant(eva.kl_clip * f))))
     for f in DAMPING_FACTORS:
-        out.append(("damping", f"damping {_round(eva.damping * f):g} (×{f:g})",
-                    Point(eva.lr, _round(eva.damping * f), eva.kl_clip)))
+        out.append(("damping", f"damping {significant(eva.damping * f):g} (×{f:g})",
+                    Point(eva.lr, significant(eva.damping * f), eva.kl_clip)))
     # The correction at work: KL normalisation (which fixes the step's size whatever γ is)
     # with a damping small enough for ‖ā‖²‖ḡ‖² to count.
-    normalised = _round(radius * 10 ** 0.5)
+    normalised = significant(radius * 10 ** 0.5)
     for f in DAMPING_FACTORS[:2]:
         out.append(("correction", f"KL normalisation, lr {normalised:g}, damping "
-                    f"{_round(eva.damping * f):g} (×{f:g})",
-                    Point(normalised, _round(eva.damping * f), eva.kl_clip,
+                    f"{significant(eva.damping * f):g} (×{f:g})",
+                    Point(normalised, significant(eva.damping * f), eva.kl_clip,
                           (("scaling", "kl_normalise"),))))
     for decay in (0.0, 0.5, 0.95):
         out.append(("stat_decay", f"stat_decay {decay:g}",

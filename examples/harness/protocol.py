@@ -99,7 +99,8 @@ class Protocol:
         return self.seeds if self.budget_seeds is None else self.budget_seeds
 
 
-def _round(value: float) -> float:
+def significant(value: float) -> float:
+    """``value`` to 3 significant digits (the grids' and the knob study's values)."""
     return float(f"{value:.3g}")
 
 
@@ -107,19 +108,19 @@ def lr_grid(center: float, points: int = 5, step: float = 10 ** 0.5) -> list[flo
     """``points`` learning rates log-spaced by ``step`` with ``center`` in the middle
     (3 significant digits; for an even count the extra point is above)."""
     low = -((points - 1) // 2)
-    return [_round(center * step ** k) for k in range(low, low + points)]
+    return [significant(center * step ** k) for k in range(low, low + points)]
 
 
 def lr_beyond(center: float, grid: Sequence[float], step: float, upwards: bool) -> float:
     """The next point of ``center``'s log-spaced grid past the top (or bottom) of ``grid``."""
     k = round(math.log(max(grid) if upwards else min(grid)) / math.log(step)
               - math.log(center) / math.log(step))
-    return _round(center * step ** (k + 1 if upwards else k - 1))
+    return significant(center * step ** (k + 1 if upwards else k - 1))
 
 
 def scaled(default: float, factors: Sequence[float]) -> list[float]:
     """``default`` times each factor (3 significant digits)."""
-    return [_round(default * f) for f in factors]
+    return [significant(default * f) for f in factors]
 
 
 def default_of(spec: Spec, argument: str) -> float | None:
