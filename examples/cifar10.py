@@ -85,7 +85,7 @@ import numpy as np
 import optax
 
 from examples.harness import cli, datasets
-from examples.harness.models import ResNet
+from examples.harness.models import ResNet, depth_to_blocks, resnet
 from examples.harness.training import Result, Target, Task
 
 DEFAULT_OPTIMIZERS = "sgd,eva,kfac,shampoo"
@@ -100,19 +100,6 @@ STEP_DECAYS = (0.5, 0.75)  # fractions of the run where the step schedule multip
 STEP_FACTOR = 0.1
 TEST_BATCH = 1000
 Batch = tuple[np.ndarray, np.ndarray]
-
-
-def depth_to_blocks(depth: int) -> int:
-    """Residual blocks per stage of ResNet-``depth``: ``(depth - 2) / 6`` (20 → 3, 56 → 9).
-
-    Raises:
-      ValueError: ``depth`` is not 6n+2 with n ≥ 1 (the message names ``--depth``).
-    """
-    if depth < 8 or (depth - 2) % 6:
-        raise ValueError(
-            f"--depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 56, 110, ...), got {depth}"
-        )
-    return (depth - 2) // 6
 
 
 # ----------------------------------------------------------------------------- data
@@ -222,7 +209,7 @@ def make_schedule(kind: str, lr: float, total_steps: int, warmup: int) -> optax.
 
 
 def make_model(depth: int) -> ResNet:
-    return ResNet(blocks_per_stage=depth_to_blocks(depth))
+    return resnet(depth)
 
 
 def make_task(args: Any) -> Task:

@@ -2,7 +2,8 @@
 
 The classification benchmark of the examples: ``examples.harness.models.ResNet()`` (a 3×3/16
 stem, three stages of two basic residual blocks with 16/32/64 channels and strides 1/2/2,
-BatchNorm after every convolution, global average pooling, a Dense head over 10 classes) on
+BatchNorm after every convolution, global average pooling, a Dense head over 10 classes; that
+is ResNet-14, and ``--depth``/``--width`` choose another ResNet-(6n+2) of the family) on
 the 28×28×1 Fashion-MNIST images, scaled to [0, 1] and standardised with the mean and
 standard deviation of the training images (one scalar each). The loss is the softmax cross
 entropy (``optax.softmax_cross_entropy_with_integer_labels``), batch 128, weight decay 5e-4,
@@ -72,7 +73,8 @@ took 89-93 s for SGD (about 2 s/step) and 99 s for Eva (156 s for the first epoc
 load).
 
 Flags (``--help`` lists them all): ``--optimizers``, ``--epochs`` (default 3),
-``--batch-size`` (128), ``--lr`` (every selected optimizer) or ``--lr-<key>`` (one),
+``--batch-size`` (128), ``--depth`` (14) and ``--width`` (16; the stages have 1, 2 and 4
+times as many channels), ``--lr`` (every selected optimizer) or ``--lr-<key>`` (one),
 ``--warmup-epochs`` (1; may be fractional), ``--flip``, ``--damping``, ``--kl-clip``,
 ``--momentum``, ``--weight-decay``, ``--seed``, ``--out``, ``--resume`` (continue an
 interrupted run from its checkpoints), ``--checkpoint`` (save them; off by default), ``--data-dir``,
@@ -104,7 +106,7 @@ Usage::
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -113,7 +115,7 @@ import numpy as np
 import optax
 
 from examples.harness import cli, datasets
-from examples.harness.models import ResNet
+from examples.harness.models import ResNet, resnet
 from examples.harness.training import Result, Target, Task
 
 DEFAULT_OPTIMIZERS = "sgd,adamw,eva,eva-f,eva-s,kfac,shampoo"
@@ -123,17 +125,32 @@ LEARNING_RATES = {
     "foof": 0.03, "shampoo": 0.1,
     "muon": 0.02, "sophia": 1e-2,  # not checked: the centres of the tuning protocol's grids
 }
-MODEL = ResNet()
+MODEL = ResNet()  # ResNet-14 of width 16, the default (``--depth 14 --width 16``)
 EVAL_BATCH = 1000
 
 Batch = tuple[np.ndarray, np.ndarray]  # images (B, 28, 28, 1) float32, labels (B,) int32
 
 
-def _forward(params: Any, batch_stats: Any, images: jax.Array, train: bool) -> Any:
-    variables = {"params": params, "batch_stats": batch_stats}
-    if train:
-        return MODEL.apply(variables, images, train=True, mutable=["batch_stats"])
-    return MODEL.apply(variables, images, train=False), {"batch_stats": batch_stats}
+def make_losses(model: ResNet) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """``(loss_fn, eval_fn)`` of ``model``: the mean softmax cross entropy in train mode
+    (returning the updated ``batch_stats``), and the mean cross entropy and accuracy in eval
+    mode (on the BatchNorm running averages)."""
+
+    def loss_fn(params: Any, model_state: Any, batch: Batch) -> tuple[jax.Array, Any]:
+        images, labels = batch
+        logits, updates = model.apply({"params": params, "batch_stats": model_state}, images,
+                                      train=True, mutable=["batch_stats"])
+        loss, accuracy = _metrics(logits, labels)
+        return loss, (updates["batch_stats"], {"accuracy": accuracy})
+
+    def eval_fn(params: Any, model_state: Any, batch: Batch) -> dict[str, jax.Array]:
+        images, labels = batch
+        logits = model.apply({"params": params, "batch_stats": model_state}, images,
+                             train=False)
+        loss, accuracy = _metrics(logits, labels)
+        return {"loss": loss, "accuracy": accuracy}
+
+    return loss_fn, eval_fn
 
 
 def _metrics(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -142,20 +159,7 @@ def _metrics(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array
     return loss, accuracy
 
 
-def loss_fn(params: Any, model_state: Any, batch: Batch) -> tuple[jax.Array, Any]:
-    """Mean softmax cross entropy in train mode; returns the updated ``batch_stats``."""
-    images, labels = batch
-    logits, updates = _forward(params, model_state, images, train=True)
-    loss, accuracy = _metrics(logits, labels)
-    return loss, (updates["batch_stats"], {"accuracy": accuracy})
-
-
-def eval_fn(params: Any, model_state: Any, batch: Batch) -> dict[str, jax.Array]:
-    """Mean cross entropy and accuracy in eval mode (BatchNorm running averages)."""
-    images, labels = batch
-    logits, _ = _forward(params, model_state, images, train=False)
-    loss, accuracy = _metrics(logits, labels)
-    return {"loss": loss, "accuracy": accuracy}
+loss_fn, eval_fn = make_losses(MODEL)  # the default network's
 
 
 def load_split(
@@ -194,6 +198,8 @@ def schedule(lr: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
 
 
 def make_task(args: Any) -> Task:
+    model = resnet(args.depth, args.width)
+    task_loss, task_eval = make_losses(model)
     (train_x, train_y), (test_x, test_y), split = cli.evaluation_split(
         args, load_split("train", args.data_dir, args.train_limit),
         lambda: load_split("test", args.data_dir, args.test_limit),
@@ -213,14 +219,14 @@ def make_task(args: Any) -> Task:
         return datasets.batches((test_x, test_y), EVAL_BATCH, drop_last=False)
 
     def init(key: jax.Array) -> tuple[Any, Any]:
-        variables = MODEL.init(key, jnp.zeros((1, 28, 28, 1)), train=False)
+        variables = model.init(key, jnp.zeros((1, 28, 28, 1)), train=False)
         return variables["params"], variables["batch_stats"]
 
     return Task(
         name="Fashion-MNIST ResNet classifier",
         init=init,
-        loss_fn=loss_fn,
-        eval_fn=eval_fn,
+        loss_fn=task_loss,
+        eval_fn=task_eval,
         train_epoch=train_epoch,
         test_batches=test_batches,
         steps_per_epoch=steps,
@@ -230,7 +236,7 @@ def make_task(args: Any) -> Task:
         target=Target("test_accuracy", higher_is_better=True),
         eval_split=split,
         metric_labels={"loss": "cross-entropy (nats)", "accuracy": "accuracy"},
-        description=(f"{len(train_x)} train / {len(test_x)} {split} images, batch "
+        description=(f"ResNet-{args.depth} (width {args.width}), {len(train_x)} train / {len(test_x)} {split} images, batch "
                      f"{args.batch_size}, warm-up {args.warmup_epochs:g} epochs"
                      + (", random flips" if args.flip else "")),
     )
@@ -242,9 +248,17 @@ def parse_args(argv: Sequence[str] | None = None) -> Any:
                    optimizers=DEFAULT_OPTIMIZERS)
     p.add_argument("--warmup-epochs", type=float, default=1.0,
                    help="epochs of linear learning-rate warm-up from 0 (default 1)")
+    p.add_argument("--depth", type=int, default=14,
+                   help="ResNet depth 6n+2 (8, 14, 20, ...; default 14: two blocks per stage)")
+    p.add_argument("--width", type=int, default=16,
+                   help="channels of the first stage; the others 2x and 4x (default 16)")
     p.add_argument("--flip", action="store_true",
                    help="random horizontal flips of the training images")
     args = cli.parse(p, argv)
+    try:
+        resnet(args.depth, args.width)
+    except ValueError as e:
+        p.error(str(e))
     if not args.warmup_epochs >= 0:
         p.error(f"--warmup-epochs must be at least 0, got {args.warmup_epochs}")
     return args

@@ -206,3 +206,55 @@ def test_flags_and_defaults(clf, capsys):
   with pytest.raises(SystemExit):
     clf.parse_args(["--warmup-epochs", "-1"])
   assert "--warmup-epochs must be at least 0" in capsys.readouterr().err
+
+
+def _conv_kernel_shapes(params):
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  return sorted(tuple(v.shape) for path, v in leaves
+                if jax.tree_util.keystr(path).endswith("['kernel']") and v.ndim == 4)
+
+
+@pytest.mark.parametrize("depth, width", [(14, 16), (8, 8), (20, 4)])
+def test_depth_and_width_choose_the_network(clf, depth, width):
+  args = clf.parse_args(["--depth", str(depth), "--width", str(width)])
+  model = clf.resnet(args.depth, args.width)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), train=False)
+  # Counted by hand: the 3x3 stem (1 -> w), per stage n blocks of two 3x3 convolutions, the
+  # first block of stages 2 and 3 with a 1x1 projection of the shortcut.
+  n = (depth - 2) // 6
+  w = width
+  expected = [(3, 3, 1, w)]
+  for c_in, c in ((w, w), (w, 2 * w), (2 * w, 4 * w)):
+    expected += [(3, 3, c_in, c), (3, 3, c, c)] + [(3, 3, c, c)] * (2 * (n - 1))
+    if c_in != c:
+      expected.append((1, 1, c_in, c))
+  assert _conv_kernel_shapes(variables["params"]) == sorted(expected)
+  assert variables["params"]["Dense_0"]["kernel"].shape == (4 * w, 10)
+
+
+def test_the_default_network_is_resnet_14_of_width_16(clf):
+  args = clf.parse_args([])
+  assert (args.depth, args.width) == (14, 16)
+  assert clf.resnet(args.depth, args.width) == clf.MODEL
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--depth", "12"], "--depth must be 6n+2"),
+    (["--width", "0"], "--width must be at least 1"),
+])
+def test_bad_depth_or_width_is_refused_naming_the_flag(clf, capsys, flags, message):
+  with pytest.raises(SystemExit):
+    clf.parse_args(flags)
+  assert message in capsys.readouterr().err
+
+
+def test_make_task_trains_the_chosen_network(clf, data):
+  args = clf.parse_args(["--depth", "8", "--width", "4", "--batch-size", "16",
+                         "--data-dir", str(data)])
+  task = clf.make_task(args)
+  params, batch_stats = task.init(jax.random.PRNGKey(0))
+  assert params["Dense_0"]["kernel"].shape == (16, 10)
+  loss, (new_stats, metrics) = task.loss_fn(params, batch_stats, task.example_batch)
+  assert np.isfinite(float(loss)) and 0 <= float(metrics["accuracy"]) <= 1
+  assert jax.tree.structure(new_stats) == jax.tree.structure(batch_stats)
+  assert "ResNet-8 (width 4)" in task.description

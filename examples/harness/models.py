@@ -5,7 +5,8 @@
 - :class:`ResNet`: a CIFAR-style ResNet (He et al., 2016, section 4.2): a 3×3 stem, stages
   of basic residual blocks with BatchNorm, global average pooling and a Dense head.
   ``ResNet(blocks_per_stage=3)`` is ResNet-20; the default 2 blocks per stage is the small
-  network of the Fashion-MNIST classifier.
+  network of the Fashion-MNIST classifier. :func:`resnet` builds ResNet-``depth`` (6n+2) of
+  a given stem width.
 - :class:`CharTransformer`: a pre-LayerNorm decoder-only transformer for character-level
   language modelling; the blocks are stacked with ``nn.scan`` (one compiled block, kernels
   with a leading layer axis) and the attention projections are ``nn.DenseGeneral``
@@ -96,6 +97,36 @@ class ResNet(nn.Module):
 
 
 RESNET18_STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))
+
+
+def depth_to_blocks(depth: int) -> int:
+    """Residual blocks per stage of ResNet-``depth``: ``(depth - 2) / 6`` (20 → 3, 56 → 9).
+
+    Raises:
+      ValueError: ``depth`` is not 6n+2 with n ≥ 1 (the message names ``--depth``).
+    """
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(
+            f"--depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 56, 110, ...), got {depth}"
+        )
+    return (depth - 2) // 6
+
+
+def resnet(depth: int, width: int = 16, dtype: Any = None) -> ResNet:
+    """ResNet-``depth`` (He et al., 2016, section 4.2): three stages of ``(depth - 2) / 6``
+    basic blocks with ``width``, ``2·width``, ``4·width`` channels and strides 1/2/2.
+
+    ``resnet(20)`` is ResNet-20 (16/32/64 channels); ``resnet(14)`` is ``ResNet()``.
+
+    Raises:
+      ValueError: ``depth`` is not 6n+2 with n ≥ 1, or ``width`` is below 1 (the message
+        names the flag).
+    """
+    blocks = depth_to_blocks(depth)
+    if width < 1:
+        raise ValueError(f"--width must be at least 1, got {width}")
+    stages = ((width, 1), (2 * width, 2), (4 * width, 2))
+    return ResNet(stages=stages, blocks_per_stage=blocks, dtype=dtype)
 
 
 class CausalSelfAttention(nn.Module):
