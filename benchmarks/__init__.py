@@ -10,6 +10,7 @@ Each one is a module, run from the repository root (``make bench`` runs the firs
     python -m benchmarks.convergence    # untuned: wall time to SGD's quality, several seeds
     python -m benchmarks.sweep          # a hyperparameter grid of one optimizer against SGD
     bash benchmarks/gpu.sh              # op counts and step times on one GPU
+    bash benchmarks/gpu_quality.sh      # time to quality on one GPU (the CIFAR recipe, the LM)
 
 They train the models of the examples with the examples' harness, :mod:`examples.harness`;
 results go to ``benchmarks/results/``.
