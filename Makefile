@@ -6,8 +6,9 @@
 #   make demo      Fashion-MNIST autoencoder: SGD, AdamW, Eva, Eva-f, Eva-s, K-FAC, Shampoo (results/demo)
 #   make bench     step time and state memory of every optimizer, Eva/SGD over 1-8 devices, the
 #                  tuning protocol (every optimizer tuned alike, several seeds, budget to
-#                  quality) on the autoencoder and the character LM, Eva's knobs on both, and
-#                  the README's headline table from them (benchmarks/results/)
+#                  quality) on the autoencoder, the character LM and the ResNet classifier,
+#                  Eva's knobs on the first two, and the README's headline table from them
+#                  (benchmarks/results/)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -27,6 +28,9 @@ REQUIRE_DATA ?= 1
 # study (15 runs) takes half that budget.
 AUTOENCODER_BENCH := sgd,adamw,eva,eva-f,eva-s,kfac,kfac-authors,shampoo,muon,sophia
 CHAR_LM_BENCH := sgd,adamw,eva,kfac
+# The classifier's workload (ResNet-8 of width 8 on all 60k images, 6 epochs) is the one of
+# benchmarks/convergence.py; one seed, for time (an epoch costs about 35 s per optimizer).
+CLASSIFIER_BENCH := sgd,adamw,eva,kfac
 CHAR_LM_FLAGS := --epochs 8 --steps-per-epoch 250 --seq-len 64 --d-model 64 --layers 2 \
 	--heads 4 --eval-batches 10 --eval-every 100
 
@@ -105,6 +109,7 @@ bench: install data corpus
 	$(PY) -m benchmarks.multi_device
 	$(PY) -m benchmarks.protocol --workload autoencoder --optimizers $(AUTOENCODER_BENCH) --budget-seeds 0
 	$(PY) -m benchmarks.protocol --workload char_lm --optimizers $(CHAR_LM_BENCH) --seeds 0,1 --budget-seeds 0 -- $(CHAR_LM_FLAGS)
+	$(PY) -m benchmarks.protocol --workload classifier --optimizers $(CLASSIFIER_BENCH) --seeds 0 --budget-seeds 0
 	$(PY) -m benchmarks.knobs --workload autoencoder --seeds 0,1
 	$(PY) -m benchmarks.knobs --workload char_lm --seeds 0 -- $(CHAR_LM_FLAGS) --epochs 4
 	$(PY) -m benchmarks.headline --readme README.md
