@@ -20,6 +20,10 @@ quality is the target, as in the protocol), on ``--seeds``:
 - **stat_decay** 0, 0.5 and 0.95 (the weight of the *old* running averages of ā and ḡ;
   Eva's default 0.05, the authors' 0.95 on the newest batch; 0 keeps only the current
   batch, 0.95 averages over about 20 steps as K-FAC's factors do);
+- **passed-through parameters at lr/damping**: Eva returns the parameters outside a layer
+  (embeddings, norm scales and offsets) unscaled, so they step at η while its layers, where
+  the correction vanishes, step at η/γ times the KL factor; this variant gives them SGD at
+  η/γ (``Options.passthrough_scale``, through ``optax.partition``);
 - **output layer unpreconditioned** (where the task names one, ``Task.output_layer``: the
   language model's vocabulary head), the authors' convention for transformers: that
   layer gets SGD with the same momentum and weight decay through ``optax.partition``.
@@ -46,9 +50,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import jax
+
 from benchmarks.convergence import WORKLOADS, load_example
 from examples.harness import report
-from examples.harness.optimizers import SPEC_BY_KEY, Options
+from examples.harness.optimizers import SPEC_BY_KEY, Options, has_passthrough
 from examples.harness.protocol import (
     Point, Row, default_of, final_runs, significant, spread, summarise,
 )
@@ -102,6 +108,14 @@ def variants(eva: Point, task: Task) -> list[tuple[str, str, Point]]:
     for decay in (0.0, 0.5, 0.95):
         out.append(("stat_decay", f"stat_decay {decay:g}",
                     Point(eva.lr, eva.damping, eva.kl_clip, (("stat_decay", decay),))))
+    # Passed-through parameters (embeddings, norms) step at η while Eva's layers, where the
+    # correction vanishes, step at η/γ (then the KL factor): give them η/γ too, with SGD
+    # (where the model has any).
+    if has_passthrough(task.init(jax.random.PRNGKey(0))[0]):
+        out.append(("passthrough", f"passed-through parameters at lr/damping "
+                    f"(×{significant(1 / eva.damping):g}, SGD)",
+                    Point(eva.lr, eva.damping, eva.kl_clip,
+                          (("passthrough_scale", significant(1 / eva.damping)),))))
     if task.output_layer:
         out.append(("output layer", f"{task.output_layer} unpreconditioned (SGD)",
                     Point(eva.lr, eva.damping, eva.kl_clip,

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from examples.harness import training
-from examples.harness.optimizers import SPEC_BY_KEY, Options
+from examples.harness.optimizers import SPEC_BY_KEY, Options, plain_labels
 
 pytestmark = pytest.mark.usefixtures("quick_compiles")
 
@@ -181,3 +181,72 @@ def test_stat_decay_and_scaling_reach_eva_and_are_checked_by_name():
   # SGD and AdamW take neither: the options leave them as they are.
   assert isinstance(SPEC_BY_KEY["sgd"].build(0.1, Options(stat_decay=0.5)),
                     optax.GradientTransformation)
+
+
+class _EmbedNormDense(nn.Module):
+  """An embedding and a LayerNorm (passed through by Eva) around two Dense layers."""
+
+  @nn.compact
+  def __call__(self, ids):
+    h = nn.Embed(7, 6)(ids)
+    h = nn.LayerNorm()(nn.tanh(nn.Dense(5)(h)))
+    return nn.Dense(7)(h)
+
+
+def _passthrough_problem():
+  import eva_optax
+
+  model = _EmbedNormDense()
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 7, size=(8, 3)), jnp.int32)
+  params = model.init(jax.random.PRNGKey(0), ids)["params"]
+  loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+      model.apply({"params": p}, ids), ids).mean()
+  _, grads, stats = eva_optax.value_and_grad(loss)(params)
+  return params, grads, stats
+
+
+def test_passthrough_labels_are_the_parameters_eva_passes_through():
+  import eva_optax
+
+  params, _, stats = _passthrough_problem()
+  labels = plain_labels(params, (), passthrough=True)
+  rows = eva_optax.describe(params, stats)
+  by_rule = ["passthrough" if r.rule == "pass-through" else r.rule for r in rows]
+  assert jax.tree.leaves(labels) == by_rule
+  assert labels["Embed_0"]["embedding"] == "passthrough"
+  assert labels["LayerNorm_0"] == {"scale": "passthrough", "bias": "passthrough"}
+  assert labels["Dense_0"] == {"kernel": "preconditioned", "bias": "preconditioned"}
+  # plain_modules wins over the pass-through label
+  assert plain_labels(params, ("LayerNorm_0",), passthrough=True)["LayerNorm_0"] == {
+      "scale": "plain", "bias": "plain"}
+
+
+@pytest.mark.parametrize("lr", [0.1, optax.linear_schedule(0.2, 0.0, 10)])
+def test_passthrough_scale_gives_the_passed_through_parameters_sgd_at_that_multiple(lr):
+  """Eva with passthrough_scale s: its layers move as Eva's alone, the embedding and the
+  LayerNorm as SGD at s·η (same momentum and weight decay); s = 1 is Eva unchanged."""
+  import eva_optax
+
+  params, grads, stats = _passthrough_problem()
+  options = Options(momentum=0.9, weight_decay=1e-3, passthrough_scale=30.0)
+  tx = SPEC_BY_KEY["eva"].build(lr, options)
+  eva_alone = eva_optax.eva(lr, momentum=0.9, weight_decay=1e-3)
+  scaled = (lambda c: 30.0 * lr(c)) if callable(lr) else 30.0 * lr
+  sgd = optax.chain(optax.add_decayed_weights(1e-3), optax.sgd(scaled, momentum=0.9))
+  state, e, s = tx.init(params), eva_alone.init(params), sgd.init(params)
+  for _ in range(3):  # momentum and the schedule move on
+    updates, state = tx.update(grads, state, params, stats=stats)
+    expected_eva, e = eva_alone.update(grads, e, params, stats=stats)
+    expected_sgd, s = sgd.update(grads, s, params)
+  for layer in ("Dense_0", "Dense_1"):
+    for name in ("kernel", "bias"):
+      np.testing.assert_allclose(updates[layer][name], expected_eva[layer][name],
+                                 rtol=1e-5, atol=1e-8)
+  for layer, name in (("Embed_0", "embedding"), ("LayerNorm_0", "scale"),
+                      ("LayerNorm_0", "bias")):
+    np.testing.assert_allclose(updates[layer][name], expected_sgd[layer][name], rtol=1e-6)
+    # and that is 30× what Eva alone gives them
+    np.testing.assert_allclose(updates[layer][name], 30.0 * expected_eva[layer][name],
+                               rtol=1e-5, atol=1e-8)
+  same = SPEC_BY_KEY["eva"].build(0.1, Options(passthrough_scale=1.0))
+  assert not isinstance(same.init(params), optax.PartitionState)

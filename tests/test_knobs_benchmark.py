@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
+
 import pytest
 
 from benchmarks import knobs
@@ -37,6 +39,13 @@ def test_the_variants_change_one_knob_each_around_the_chosen_point():
   # The correction at work: KL normalisation at sqrt(kl_clip)×√10, tiny dampings.
   assert [(p.lr, p.damping, dict(p.extra)["scaling"]) for p in by_knob["correction"]] == [
       (0.2, 3e-08, "kl_normalise"), (0.2, 3e-06, "kl_normalise")]
+  assert "passthrough" not in by_knob  # a Dense layer alone: nothing is passed through
+  with_norm = dataclasses.replace(task, init=lambda key: (
+      {"Dense_0": {"kernel": np.ones((3, 1)), "bias": np.ones(1)},
+       "LayerNorm_0": {"scale": np.ones(1), "bias": np.ones(1)}}, {}))
+  (passthrough,) = [p for k, _, p in knobs.variants(eva, with_norm) if k == "passthrough"]
+  assert dict(passthrough.extra) == {"passthrough_scale": 33.3}  # 1 / damping 0.03
+  assert (passthrough.lr, passthrough.damping, passthrough.kl_clip) == (0.2, 0.03, 0.004)
   (plain,) = by_knob["output layer"]
   assert dict(plain.extra) == {"plain_modules": ("Dense_0",)}
   # Every variant but the scaling ones keeps the chosen lr; each moves one knob only.

@@ -26,7 +26,7 @@ DenseGeneral and convolution kernels as the matrices Eva sees.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +51,11 @@ class Options:
     # Top-level modules left unpreconditioned (e.g. a language model's output layer): their
     # parameters get SGD with the same momentum and weight decay, through optax.partition.
     plain_modules: tuple[str, ...] = ()
+    # The learning rate of the parameters outside a layer (those whose module has no
+    # ``kernel``: embeddings, norm scales and offsets), which Eva and its family pass
+    # through, as a multiple of η; other than 1 they get SGD at that rate (momentum and
+    # weight decay as above), through optax.partition.
+    passthrough_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -90,24 +95,49 @@ class Spec:
             if value is not None and self.accepts(name):
                 kwargs[name] = value
         tx = self.factory(learning_rate, **kwargs)
-        if not options.plain_modules:
+        if not options.plain_modules and options.passthrough_scale == 1.0:
             return tx
-        plain = SPEC_BY_KEY["sgd"].build(learning_rate, options)
-        return optax.partition(
-            {"preconditioned": tx, "plain": plain},
-            lambda params: plain_labels(params, options.plain_modules),
-        )
+        sgd = SPEC_BY_KEY["sgd"]
+        transforms = {"preconditioned": tx, "plain": sgd.build(learning_rate, options)}
+        if options.passthrough_scale != 1.0:
+            transforms["passthrough"] = sgd.build(
+                _scaled_rate(learning_rate, options.passthrough_scale), options)
+        return optax.partition(transforms, lambda params: plain_labels(
+            params, options.plain_modules, options.passthrough_scale != 1.0))
 
 
-def plain_labels(params: Any, modules: tuple[str, ...]) -> Any:
-    """``"plain"`` for every parameter under a top-level module of ``modules``, else
-    ``"preconditioned"``; a name that is not a top-level module is a ``ValueError``."""
+def plain_labels(params: Any, modules: tuple[str, ...], passthrough: bool = False) -> Any:
+    """``"plain"`` for every parameter under a top-level module of ``modules``; with
+    ``passthrough``, ``"passthrough"`` for every other parameter outside a layer (its
+    module has no ``kernel``); else ``"preconditioned"``. A name that is not a top-level
+    module is a ``ValueError``."""
     missing = set(modules) - set(params)
     if missing:
         raise ValueError(f"plain_modules: no top-level module {sorted(missing)}; the model "
                          f"has {sorted(params)}")
-    return {name: jax.tree.map(lambda _: "plain" if name in modules else "preconditioned",
-                               sub) for name, sub in params.items()}
+
+    def in_layer(node: Mapping) -> bool:
+        return "kernel" in node and not isinstance(node["kernel"], Mapping)
+
+    def label(node: Any, plain: bool, inside: bool) -> Any:
+        if isinstance(node, Mapping):
+            return {k: label(v, plain, in_layer(node)) for k, v in node.items()}
+        if plain:
+            return "plain"
+        return "preconditioned" if inside or not passthrough else "passthrough"
+
+    return {name: label(sub, name in modules, in_layer(params)) for name, sub in params.items()}
+
+
+def has_passthrough(params: Any) -> bool:
+    """Whether ``params`` has parameters outside a layer (see :func:`plain_labels`)."""
+    return "passthrough" in jax.tree.leaves(plain_labels(params, (), passthrough=True))
+
+
+def _scaled_rate(learning_rate: optax.ScalarOrSchedule, factor: float) -> optax.ScalarOrSchedule:
+    if callable(learning_rate):
+        return lambda count: factor * learning_rate(count)
+    return factor * learning_rate
 
 
 def _layout_at(layouts: Any, module: tuple[str, ...]) -> eva_optax.KernelLayout | None:
