@@ -157,7 +157,7 @@ def headline_table(protocols: Sequence[Protocol]) -> str:
                 continue
             row, to_adamw = sgd[eva], adamw.get(eva)
             lines.append("| " + " | ".join([
-                p.title, f"{budget_words(p)}, {len(p.runs)} seeds",
+                p.title, f"{budget_words(p)}, {len(p.runs)} seed{'s' * (len(p.runs) != 1)}",
                 f"{p.definition}: {_spread(_final(p, 'SGD'), '.4g')}",
                 f"{variant} ({_knobs(p, eva)})",
                 _spread(row["steps_ratio"]) + _reached(row),

@@ -90,6 +90,7 @@ def test_the_tables_and_the_readme_block(results_dir, tmp_path):
   row = next(line for line in text.splitlines() if "| tuned (0.2, 0.03, 0.003) |" in line)
   assert "| 0.38 [0.25–0.50] | 0.62 [0.50–0.75] | 50% (0.60× SGD's time) |" in row
   assert row.endswith("| 1.00 (1 of 2) | 2.00 (1 of 2) |")
+  assert ", 2 seeds |" in row
   # The published row: its lr and the constructor's defaults; never reaches SGD's quality.
   published = next(line for line in text.splitlines() if "as published (0.1, 0.03, 0.001)" in line)
   assert "| not reached (0 of 2) | not reached (0 of 2) | – |" in published
