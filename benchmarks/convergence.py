@@ -17,8 +17,8 @@ and the paper's headline comparisons: Eva's time to the target over SGD's, K-FAC
 Shampoo's (runs where an optimizer does not reach the target count as "not reached"; the
 median is then over the seeds where it did, and the table says how many).
 
-Workloads (``--workloads``; sizes chosen so that a 2-core CPU runs the whole suite in
-about an hour; ``--quick`` shrinks everything to a smoke test):
+Workloads (``--workloads``; on a 2-core CPU the autoencoder and the character LM take
+minutes per seed, the classifier about 30; ``--quick`` shrinks everything to a smoke test):
 
 - ``autoencoder``: ``examples/autoencoder.py``, all of Fashion-MNIST, 3 epochs, batch
   1000, the paper's recipe (the demo's seven optimizers, Muon and Sophia);
