@@ -244,11 +244,6 @@ def summary(protocols: Sequence[Protocol]) -> dict[str, Any]:
     return out
 
 
-def replace_block(text: str, block: str) -> str:
-    """``text`` with the part between the headline markers replaced by ``block``."""
-    return readme.replace_block(text, "headline", block)
-
-
 def main(argv: Sequence[str] | None = None) -> str:
     p = argparse.ArgumentParser(prog="python -m benchmarks.headline",
                                 description=__doc__.split("\n\n")[0])

@@ -236,8 +236,9 @@ def make_task(args: Any) -> Task:
         target=Target("test_accuracy", higher_is_better=True),
         eval_split=split,
         metric_labels={"loss": "cross-entropy (nats)", "accuracy": "accuracy"},
-        description=(f"ResNet-{args.depth} (width {args.width}), {len(train_x)} train / {len(test_x)} {split} images, batch "
-                     f"{args.batch_size}, warm-up {args.warmup_epochs:g} epochs"
+        description=(f"ResNet-{args.depth} (width {args.width}), {len(train_x)} train / "
+                     f"{len(test_x)} {split} images, batch {args.batch_size}, warm-up "
+                     f"{args.warmup_epochs:g} epochs"
                      + (", random flips" if args.flip else "")),
     )
 

@@ -101,8 +101,11 @@ def test_the_tables_and_the_readme_block(results_dir, tmp_path):
   assert summary["autoencoder"]["eva_over_kfac"]["median"] == pytest.approx(0.375)
 
 
-def test_no_results_and_no_markers_are_clear_errors(tmp_path):
+def test_no_results_and_no_markers_are_clear_errors(results_dir, tmp_path):
   with pytest.raises(SystemExit, match="no protocol results"):
     headline.main(["--results", str(tmp_path), "--out", str(tmp_path)])
+  plain = tmp_path / "plain.md"
+  plain.write_text("no markers here")
   with pytest.raises(SystemExit, match="headline:start"):
-    headline.replace_block("no markers here", "x")
+    headline.main(["--results", str(results_dir / "protocol"), "--out", str(tmp_path),
+                   "--readme", str(plain)])

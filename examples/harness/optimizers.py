@@ -98,7 +98,9 @@ class Spec:
         if not options.plain_modules and options.passthrough_scale == 1.0:
             return tx
         sgd = SPEC_BY_KEY["sgd"]
-        transforms = {"preconditioned": tx, "plain": sgd.build(learning_rate, options)}
+        transforms = {"preconditioned": tx}
+        if options.plain_modules:
+            transforms["plain"] = sgd.build(learning_rate, options)
         if options.passthrough_scale != 1.0:
             transforms["passthrough"] = sgd.build(
                 _scaled_rate(learning_rate, options.passthrough_scale), options)
