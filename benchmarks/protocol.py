@@ -13,17 +13,24 @@ the final tables go into ``protocol.md`` and ``protocol.json`` in ``--out`` (def
 
 The example's ``--damping`` and ``--kl-clip`` are not used: the protocol sets them.
 
+``--tuning-from`` reads the tuning (grids, trials, chosen values) from an earlier run's
+``protocol.json`` instead of running it again, to give the final runs more seeds; the
+workload's flags and the tuning settings must be the ones it was tuned with.
+
 Usage::
 
     python -m benchmarks.protocol --workload autoencoder                     # seeds 0,1,2
     python -m benchmarks.protocol --workload classifier --optimizers sgd,adamw,eva \\
         -- --epochs 3 --train-limit 6000 --test-limit 2000
     python -m benchmarks.protocol --quick --out /tmp/protocol                # smoke test
+    python -m benchmarks.protocol --workload classifier --seeds 0,1 \\
+        --tuning-from benchmarks/results/protocol/classifier/protocol.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,6 +75,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="seeds of the budget-to-quality runs, among --seeds (default: all)")
     p.add_argument("--quick", action="store_true",
                    help="the workload's tiny flags and one seed: a smoke test")
+    p.add_argument("--tuning-from", default=None, metavar="PROTOCOL_JSON",
+                   help="read the tuning from an earlier run's protocol.json instead of "
+                        "running it (same workload flags and tuning settings)")
     p.add_argument("--out", default=None)
     p.add_argument("extra", nargs="*", help="more flags for the example (after --)")
     args = p.parse_args(argv)
@@ -94,6 +104,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# The example's settings that do not change what a tuning run does.
+NOT_TUNING = ("command", "out", "seed", "optimizers", "resume", "checkpoint", "no_checkpoint",
+              "tuning_from")
+
+
+def read_recorded(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """An earlier run's ``protocol.json``, checked to have been tuned on the example with
+    the same ``settings`` (but for :data:`NOT_TUNING`); exits naming the first that differs."""
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--tuning-from {path}: cannot read it ({e})") from None
+    if "tuning" not in document or "settings" not in document:
+        raise SystemExit(f"--tuning-from {path}: not a protocol.json (no tuning recorded)")
+    theirs = document["settings"]
+    for key in sorted(set(settings) | set(theirs)):
+        if key not in NOT_TUNING and theirs.get(key) != json.loads(json.dumps(settings.get(key))):
+            raise SystemExit(f"--tuning-from {path}: it was tuned with {key} = "
+                             f"{theirs.get(key)!r}, this run has {settings.get(key)!r}")
+    return document
+
+
 def main(argv: Sequence[str] | None = None) -> Outcome:
     args = parse_args(argv)
     w = WORKLOADS[args.workload]
@@ -111,11 +143,20 @@ def main(argv: Sequence[str] | None = None) -> Outcome:
     base = Options(example_args.momentum, example_args.weight_decay)
     settings = {k: v for k, v in vars(example_args).items() if k != "specs"}
     settings["command"] = "python -m benchmarks.protocol " + " ".join(argv or sys.argv[1:])
-    outcome = run_protocol(
-        make_task, example_args.specs, args.protocol, base, example_args.epochs, args.out,
-        title=w.subject, eval_every=example_args.eval_every, chunk=example_args.chunk,
-        window=example_args.reach_window, settings=settings,
-    )
+    recorded = None
+    if args.tuning_from:
+        recorded = read_recorded(Path(args.tuning_from), settings)
+        settings["tuning_from"] = args.tuning_from
+    try:
+        outcome = run_protocol(
+            make_task, example_args.specs, args.protocol, base, example_args.epochs, args.out,
+            title=w.subject, eval_every=example_args.eval_every, chunk=example_args.chunk,
+            window=example_args.reach_window, settings=settings, recorded=recorded,
+        )
+    except ValueError as e:
+        if recorded is None:
+            raise
+        raise SystemExit(f"--tuning-from {args.tuning_from}: {e}") from None
     print("\n" + (args.out / "protocol.md").read_text())
     print(f"wrote {args.out / 'protocol.md'}, {args.out / 'protocol.json'}")
     return outcome

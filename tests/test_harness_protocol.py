@@ -219,6 +219,52 @@ def test_the_whole_protocol_on_a_tiny_task(tmp_path):
     assert (tmp_path / f"seed{seed}" / "results.md").is_file()
 
 
+def test_a_recorded_tuning_gives_the_final_runs_more_seeds_without_tuning_again(tmp_path):
+  specs = [SPEC_BY_KEY["sgd"], SPEC_BY_KEY["eva"]]
+  settings = dict(validation_fraction=0.2, tune_fraction=0.5, budgets=(1.0,))
+  first = protocol.run_protocol(regression_task, specs, protocol.Protocol(seeds=(0,), **settings),
+                                Options(), epochs=2, out=tmp_path / "a", title="tiny")
+  recorded = json.loads((tmp_path / "a" / "protocol.json").read_text())
+  asked = []
+
+  def make_task(fraction):
+    asked.append(fraction)
+    return regression_task(fraction)
+
+  again = protocol.run_protocol(make_task, specs, protocol.Protocol(seeds=(0, 1), **settings),
+                                Options(), epochs=2, out=tmp_path / "b", title="tiny",
+                                recorded=recorded)
+  assert asked == [0.0]  # the validation split is never built: nothing is tuned
+  for key, search in first.searches.items():
+    read = again.searches[key]
+    assert read.grids == search.grids and read.stage == "done" and not read.pending()
+    assert [(t.stage, t.point, t.score) for t in read.trials] == [
+        (t.stage, t.point, t.score) for t in search.trials]
+    assert read.chosen() == search.chosen()
+  assert [r.point for r in again.rows] == [r.point for r in first.rows]
+  # Seed 0's final runs are the first protocol's, step for step; seed 1 is new.
+  for a, b in zip(first.runs[0], again.runs[0]):
+    np.testing.assert_allclose(b.step_losses, a.step_losses, rtol=1e-6)
+  assert len(again.runs) == 2 and all(r.seed == 1 for r in again.runs[1])
+  written = json.loads((tmp_path / "b" / "protocol.json").read_text())
+  assert written["tuning"] == recorded["tuning"]
+
+  # A record tuned otherwise, one without an optimizer, or one whose choice is not its
+  # best trial, is refused, naming what differs.
+  with pytest.raises(ValueError, match="tune_fraction 0.5, this protocol 0.25"):
+    protocol.run_protocol(regression_task, specs, protocol.Protocol(
+        validation_fraction=0.2, budgets=(1.0,)), Options(), epochs=2, out=tmp_path / "c",
+        title="tiny", recorded=recorded)
+  with pytest.raises(ValueError, match="no K-FAC"):
+    protocol.recorded_tuning(recorded, [SPEC_BY_KEY["kfac"]], protocol.Protocol(**settings),
+                             False, 5)
+  with pytest.raises(ValueError, match="ran 5 steps per point, this budget's 10"):
+    protocol.recorded_tuning(recorded, specs, protocol.Protocol(**settings), False, 10)
+  recorded["tuning"]["Eva"]["chosen"]["lr"] *= 3
+  with pytest.raises(ValueError, match="Eva: the recorded choice"):
+    protocol.recorded_tuning(recorded, specs, protocol.Protocol(**settings), False, 5)
+
+
 def test_the_shortest_budget_is_the_first_to_reach_the_reference():
   quality = {0.25: 0.5, 0.5: 0.3, 0.75: 0.2, 1.0: 0.1}
   assert protocol.shortest_budget(quality, 0.3, higher_is_better=False) == 0.5

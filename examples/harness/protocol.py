@@ -33,7 +33,9 @@ The quality and the target follow one definition (:func:`examples.harness.report
 the mean of the last ``window`` step losses for a training-loss target, the last evaluation
 for a test metric. :func:`run_protocol` runs all three and writes ``protocol.md`` and
 ``protocol.json``, grids and chosen values included; ``benchmarks/protocol.py`` is its
-command line.
+command line. Given an earlier run's ``protocol.json`` (``recorded``), it reads part 1
+from it (:func:`recorded_tuning`, which refuses a record tuned with other settings) and
+runs parts 2 and 3 only: more seeds without tuning again.
 """
 
 from __future__ import annotations
@@ -176,6 +178,25 @@ class Search:
         self._queue = [Point(lr) for lr in self.grids["lr"]]
         self._extensions = 0
 
+    @classmethod
+    def recorded(cls, spec: Spec, record: dict[str, Any], protocol: Protocol,
+                 higher_is_better: bool) -> Search:
+        """The finished search that ``record`` (an entry of ``protocol.json``'s
+        ``tuning``) describes: its grids, its trials in order, nothing pending. Raises
+        ValueError when the record's chosen values are not those of its best trial."""
+        search = cls(spec, record["grids"]["lr"][0], protocol, higher_is_better)
+        search.grids = {k: list(v) for k, v in record["grids"].items()}
+        search.trials = [
+            Trial(t["stage"], Point(t["lr"], t["damping"], t["kl_clip"],
+                                    tuple(tuple(e) for e in t.get("extra", ()))), t["score"])
+            for t in record["trials"]
+        ]
+        search._queue, search.stage = [], "done"
+        if search.chosen() != record["chosen"]:
+            raise ValueError(f"{spec.name}: the recorded choice {record['chosen']} is not its "
+                             f"best trial's {search.chosen()}")
+        return search
+
     def pending(self) -> list[Point]:
         return list(self._queue)
 
@@ -274,6 +295,37 @@ def tune(
             for p, r in zip(points, interleave(trainers, chunk)):
                 search.record(p, report.final_quality(r, scored_by))
         searches[spec.key] = search
+    return searches
+
+
+# The settings of part 1: a recorded tuning stands for this protocol's only where they agree.
+TUNING_FIELDS = ("lr_points", "lr_step", "max_extensions", "damping_factors",
+                 "kl_clip_factors", "kl_clip_for", "tune_fraction", "validation_fraction",
+                 "tune_seed")
+
+
+def recorded_tuning(document: dict[str, Any], specs: Sequence[Spec], protocol: Protocol,
+                    higher_is_better: bool, steps: int) -> dict[str, Search]:
+    """Part 1 as an earlier run recorded it (``document``: its ``protocol.json``), so that
+    the final runs can take other seeds without tuning again. Raises ValueError, naming
+    what differs, when the record was tuned with other settings (:data:`TUNING_FIELDS`,
+    the steps of a tuning run) or lacks an optimizer of ``specs``."""
+    recorded = document["protocol"]
+    for name in TUNING_FIELDS:
+        mine = json.loads(json.dumps(getattr(protocol, name)))
+        if recorded.get(name) != mine:
+            raise ValueError(f"the recorded tuning has {name} {recorded.get(name)}, "
+                             f"this protocol {mine}")
+    by_key = {t["key"]: t for t in document["tuning"].values()}
+    searches = {}
+    for spec in specs:
+        if spec.key not in by_key:
+            raise ValueError(f"the recorded tuning has no {spec.name} (it has "
+                             f"{', '.join(sorted(by_key))})")
+        if by_key[spec.key]["steps"] != steps:
+            raise ValueError(f"the recorded tuning ran {by_key[spec.key]['steps']} steps per "
+                             f"point, this budget's {steps}")
+        searches[spec.key] = Search.recorded(spec, by_key[spec.key], protocol, higher_is_better)
     return searches
 
 
@@ -450,13 +502,21 @@ def run_protocol(
     make_task: Callable[[float], Task], specs: Sequence[Spec], protocol: Protocol,
     base: Options, epochs: int, out: Path, *, title: str, eval_every: int = 0,
     chunk: int = 10, window: int = 10, settings: dict[str, Any] | None = None,
+    recorded: dict[str, Any] | None = None,
 ) -> Outcome:
     """The three parts of the protocol (the third when ``protocol.budgets`` holds a
     fraction below 1); writes ``protocol.md``, ``protocol.json`` and, per seed, the example's
-    report of the final runs (``seed<n>/``) into ``out``."""
+    report of the final runs (``seed<n>/``) into ``out``. With ``recorded`` (an earlier
+    run's ``protocol.json``), part 1 is read from it (:func:`recorded_tuning`) instead of
+    run."""
     task = make_task(0.0)
     budget_steps = epochs * task.steps_per_epoch
-    searches = tune(make_task, specs, protocol, base, budget_steps, chunk)
+    tune_steps = max(1, round(protocol.tune_fraction * budget_steps))
+    if recorded is None:
+        searches = tune(make_task, specs, protocol, base, budget_steps, chunk)
+    else:
+        searches = recorded_tuning(recorded, specs, protocol,
+                                   validation_target(task.target).higher_is_better, tune_steps)
     rows = rows_of(searches, task)
     runs = final_runs(task, rows, protocol.seeds, epochs, base, eval_every=eval_every,
                       chunk=chunk, window=window)
@@ -475,8 +535,7 @@ def run_protocol(
         outcome.budgets = budget_summary(by_budget, task.target, window,
                                          summary={row.name: summary[row.name] for row in tuned})
     write(outcome, task, protocol, out, title=title, epochs=epochs, window=window,
-          tune_steps=max(1, round(protocol.tune_fraction * budget_steps)),
-          settings=settings or {})
+          tune_steps=tune_steps, settings=settings or {})
     return outcome
 
 
@@ -585,7 +644,9 @@ def write(outcome: Outcome, task: Task, protocol: Protocol, out: Path, *, title:
     md = [
         f"# {title}: the tuning protocol\n",
         f"Tuning on {protocol.validation_fraction:.0%} of the training set held out, "
-        f"{protocol.tune_fraction:.0%} of the budget, seed {protocol.tune_seed}; then "
+        f"{protocol.tune_fraction:.0%} of the budget, seed {protocol.tune_seed}"
+        + (f" (as recorded in `{settings['tuning_from']}`, not run again)"
+           if settings.get("tuning_from") else "") + "; then "
         f"{epochs} epoch{'s' * (epochs != 1)} ({epochs * task.steps_per_epoch} steps) on the "
         "whole training set, "
         f"seeds {', '.join(map(str, protocol.seeds))}, interleaved.\n",

@@ -1,0 +1,70 @@
+"""benchmarks/protocol.py's command line: a recorded tuning (--tuning-from) is checked
+against the workload and handed to the protocol (whose reading of it
+tests/test_harness_protocol.py runs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import protocol
+
+
+@pytest.fixture
+def calls(monkeypatch):
+  """protocol.main's calls of run_protocol, recorded instead of run; each writes a
+  protocol.json holding its settings and a one-trial SGD tuning."""
+  seen = []
+
+  def run_protocol(make_task, specs, settings_of_protocol, base, epochs, out, **kw):
+    seen.append(kw)
+    out.mkdir(parents=True)
+    (out / "protocol.md").write_text("# tiny\n")
+    document = {"settings": kw["settings"], "protocol": {}, "tuning": {"SGD": {"key": "sgd"}}}
+    (out / "protocol.json").write_text(json.dumps(document))
+    return seen
+
+  monkeypatch.setattr(protocol, "run_protocol", run_protocol)
+  return seen
+
+
+def test_a_recorded_tuning_is_handed_on_only_for_the_same_workload(tmp_path, calls):
+  quick = ["--quick", "--optimizers", "sgd"]
+  protocol.main(quick + ["--out", str(tmp_path / "a")])
+  assert calls[0]["recorded"] is None
+  recorded = tmp_path / "a" / "protocol.json"
+  protocol.main(quick + ["--seeds", "0,1", "--tuning-from", str(recorded),
+                         "--out", str(tmp_path / "b")])
+  assert calls[1]["recorded"] == json.loads(recorded.read_text())
+  assert calls[1]["settings"]["tuning_from"] == str(recorded)
+  # Other optimizers and seeds are the protocol's to check; another workload is refused.
+  protocol.main(["--quick", "--optimizers", "sgd,eva", "--tuning-from", str(recorded),
+                 "--out", str(tmp_path / "c")])
+  with pytest.raises(SystemExit, match="tuned with train_limit = 2000, this run has 1000"):
+    protocol.main(quick + ["--tuning-from", str(recorded), "--out", str(tmp_path / "d"),
+                           "--", "--train-limit", "1000"])
+  with pytest.raises(SystemExit, match="tuned with batch_size = 1000, this run has 128"):
+    protocol.main(["--quick", "--workload", "classifier", "--optimizers", "sgd",
+                   "--tuning-from", str(recorded), "--out", str(tmp_path / "d")])
+  with pytest.raises(SystemExit, match="cannot read it"):
+    protocol.main(quick + ["--tuning-from", str(tmp_path / "none.json")])
+  (tmp_path / "other.json").write_text("{}")
+  with pytest.raises(SystemExit, match="not a protocol.json"):
+    protocol.main(quick + ["--tuning-from", str(tmp_path / "other.json")])
+  assert len(calls) == 3 and not (tmp_path / "d").exists()
+
+
+def test_a_recorded_tuning_that_does_not_fit_exits_naming_it(tmp_path, monkeypatch):
+  def refuse(*args, **kw):
+    raise ValueError("the recorded tuning has no AdamW")
+
+  monkeypatch.setattr(protocol, "run_protocol", refuse)
+  document = tmp_path / "protocol.json"
+  args = protocol.parse_args(["--quick", "--optimizers", "sgd"])
+  assert args.tuning_from is None
+  monkeypatch.setattr(protocol, "read_recorded", lambda path, settings: {"tuning": {}})
+  with pytest.raises(SystemExit, match=f"--tuning-from {document}: the recorded tuning has no"):
+    protocol.main(["--quick", "--tuning-from", str(document), "--out", str(tmp_path / "x")])
+  with pytest.raises(ValueError, match="no AdamW"):  # without --tuning-from: not rewritten
+    protocol.main(["--quick", "--out", str(tmp_path / "x")])
