@@ -23,16 +23,17 @@ APT := DEBIAN_FRONTEND=noninteractive apt-get
 # (they use their own tiny files or synthetic data).
 REQUIRE_DATA ?= 1
 
-# make bench's workloads. The character LM is a 2-layer, d_model 64 model on 64-character
-# windows, 2,000 steps (8 epochs of 250), so that its protocol fits a 2-core CPU; its knob
-# study (15 runs) takes half that budget.
+# make bench's workloads. The character LM is a 1-layer, d_model 32 model on 32-character
+# windows, 16,000 steps (32 epochs of 500): at that budget SGD's and AdamW's test losses have
+# flattened (benchmarks/results/char_lm_budget/), and a step costs about 4 ms, so its tuned
+# protocol fits a 2-core CPU; its knob study runs half that budget.
 AUTOENCODER_BENCH := sgd,adamw,eva,eva-f,eva-s,kfac,kfac-authors,shampoo,muon,sophia
 CHAR_LM_BENCH := sgd,adamw,eva,kfac
 # The classifier's workload (ResNet-8 of width 8 on all 60k images, 6 epochs) is the one of
 # benchmarks/convergence.py; one seed, for time (an epoch costs about 35 s per optimizer).
 CLASSIFIER_BENCH := sgd,adamw,eva,kfac
-CHAR_LM_FLAGS := --epochs 8 --steps-per-epoch 250 --seq-len 64 --d-model 64 --layers 2 \
-	--heads 4 --eval-batches 10 --eval-every 100
+CHAR_LM_FLAGS := --epochs 32 --steps-per-epoch 500 --seq-len 32 --d-model 32 --layers 1 \
+	--heads 2 --eval-batches 50 --eval-every 500
 
 .PHONY: all $(VENV) install data corpus demo test bench clean
 .DEFAULT_GOAL := test
@@ -111,7 +112,7 @@ bench: install data corpus
 	$(PY) -m benchmarks.protocol --workload char_lm --optimizers $(CHAR_LM_BENCH) --seeds 0,1 --budget-seeds 0 -- $(CHAR_LM_FLAGS)
 	$(PY) -m benchmarks.protocol --workload classifier --optimizers $(CLASSIFIER_BENCH) --seeds 0 --budget-seeds 0
 	$(PY) -m benchmarks.knobs --workload autoencoder --seeds 0,1
-	$(PY) -m benchmarks.knobs --workload char_lm --seeds 0 -- $(CHAR_LM_FLAGS) --epochs 4
+	$(PY) -m benchmarks.knobs --workload char_lm --seeds 0 -- $(CHAR_LM_FLAGS) --epochs 16
 	$(PY) -m benchmarks.headline --readme README.md
 
 clean:
