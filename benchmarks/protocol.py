@@ -38,8 +38,8 @@ from typing import Any
 
 from benchmarks.convergence import WORKLOADS, load_example
 from examples.harness.optimizers import Options
-from examples.harness.protocol import Outcome, Protocol, run_protocol
-from examples.harness.training import Task
+from examples.harness.protocol import Outcome, Protocol, RecordMismatch, run_protocol
+from examples.harness.training import Task, jsonable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,7 +120,7 @@ def read_recorded(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
         raise SystemExit(f"--tuning-from {path}: not a protocol.json (no tuning recorded)")
     theirs = document["settings"]
     for key in sorted(set(settings) | set(theirs)):
-        if key not in NOT_TUNING and theirs.get(key) != json.loads(json.dumps(settings.get(key))):
+        if key not in NOT_TUNING and theirs.get(key) != jsonable(settings.get(key)):
             raise SystemExit(f"--tuning-from {path}: it was tuned with {key} = "
                              f"{theirs.get(key)!r}, this run has {settings.get(key)!r}")
     return document
@@ -153,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> Outcome:
             title=w.subject, eval_every=example_args.eval_every, chunk=example_args.chunk,
             window=example_args.reach_window, settings=settings, recorded=recorded,
         )
-    except ValueError as e:
+    except RecordMismatch as e:
         if recorded is None:
             raise
         raise SystemExit(f"--tuning-from {args.tuning_from}: {e}") from None

@@ -265,6 +265,17 @@ def test_a_recorded_tuning_gives_the_final_runs_more_seeds_without_tuning_again(
     protocol.recorded_tuning(recorded, specs, protocol.Protocol(**settings), False, 5)
 
 
+def test_a_recorded_diverged_trial_reads_back_as_scoring_worst():
+  # protocol.json stores a diverged trial's score as the string "nan" (training.jsonable).
+  trial = lambda lr, score: {"stage": "lr", "lr": lr, "damping": None, "kl_clip": None,
+                             "extra": [], "score": score}
+  record = {"grids": {"lr": [0.1, 0.316, 1.0]}, "chosen": {"lr": 0.316, "damping": None,
+                                                           "kl_clip": None},
+            "trials": [trial(0.1, 0.5), trial(0.316, 0.4), trial(1.0, "nan")]}
+  search = protocol.Search.recorded(SPEC_BY_KEY["sgd"], record, protocol.Protocol(), False)
+  assert math.isnan(search.trials[2].score) and search.best.point.lr == 0.316
+
+
 def test_the_shortest_budget_is_the_first_to_reach_the_reference():
   quality = {0.25: 0.5, 0.5: 0.3, 0.75: 0.2, 1.0: 0.1}
   assert protocol.shortest_budget(quality, 0.3, higher_is_better=False) == 0.5

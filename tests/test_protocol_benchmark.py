@@ -9,6 +9,7 @@ import json
 import pytest
 
 from benchmarks import protocol
+from examples.harness.protocol import RecordMismatch
 
 
 @pytest.fixture
@@ -57,7 +58,7 @@ def test_a_recorded_tuning_is_handed_on_only_for_the_same_workload(tmp_path, cal
 
 def test_a_recorded_tuning_that_does_not_fit_exits_naming_it(tmp_path, monkeypatch):
   def refuse(*args, **kw):
-    raise ValueError("the recorded tuning has no AdamW")
+    raise RecordMismatch("the recorded tuning has no AdamW")
 
   monkeypatch.setattr(protocol, "run_protocol", refuse)
   document = tmp_path / "protocol.json"

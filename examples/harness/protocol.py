@@ -53,7 +53,7 @@ import jax
 
 from . import report
 from .optimizers import SPEC_BY_KEY, Options, Spec
-from .training import Result, RunConfig, Target, Task, Trainer, interleave, jsonable
+from .training import Result, RunConfig, Target, Task, Trainer, from_json, interleave, jsonable
 
 # The Eva paper's CIFAR recipe: one learning rate for SGD, K-FAC and Eva.
 PUBLISHED_LR = 0.1
@@ -95,6 +95,10 @@ class Protocol:
         if not set(self.budget_seeds or ()) <= set(self.seeds):
             raise ValueError(f"budget_seeds {self.budget_seeds} must be among the seeds "
                              f"{self.seeds} (their whole-budget runs are the reference)")
+
+    def tune_steps(self, budget_steps: int) -> int:
+        """The steps of one tuning run: ``tune_fraction`` of the budget's (at least 1)."""
+        return max(1, round(self.tune_fraction * budget_steps))
 
     @property
     def seeds_for_budgets(self) -> tuple[int, ...]:
@@ -183,18 +187,19 @@ class Search:
                  higher_is_better: bool) -> Search:
         """The finished search that ``record`` (an entry of ``protocol.json``'s
         ``tuning``) describes: its grids, its trials in order, nothing pending. Raises
-        ValueError when the record's chosen values are not those of its best trial."""
+        RecordMismatch when the record's chosen values are not those of its best trial."""
         search = cls(spec, record["grids"]["lr"][0], protocol, higher_is_better)
         search.grids = {k: list(v) for k, v in record["grids"].items()}
         search.trials = [
             Trial(t["stage"], Point(t["lr"], t["damping"], t["kl_clip"],
-                                    tuple(tuple(e) for e in t.get("extra", ()))), t["score"])
+                                    tuple(tuple(e) for e in t.get("extra", ()))),
+                  float(from_json(t["score"])))
             for t in record["trials"]
         ]
         search._queue, search.stage = [], "done"
         if search.chosen() != record["chosen"]:
-            raise ValueError(f"{spec.name}: the recorded choice {record['chosen']} is not its "
-                             f"best trial's {search.chosen()}")
+            raise RecordMismatch(f"{spec.name}: the recorded choice {record['chosen']} is "
+                                 f"not its best trial's {search.chosen()}")
         return search
 
     def pending(self) -> list[Point]:
@@ -281,7 +286,7 @@ def tune(
     scored_by = validation_target(task.target)
     params, model_state = task.init(jax.random.PRNGKey(protocol.tune_seed))
     config = RunConfig(epochs=1, seed=protocol.tune_seed,
-                       steps=max(1, round(protocol.tune_fraction * budget_steps)))
+                       steps=protocol.tune_steps(budget_steps))
     searches = {}
     for spec in specs:
         if spec.key not in task.default_lrs:
@@ -298,6 +303,10 @@ def tune(
     return searches
 
 
+class RecordMismatch(ValueError):
+    """A recorded tuning that cannot stand for this protocol's (:func:`recorded_tuning`)."""
+
+
 # The settings of part 1: a recorded tuning stands for this protocol's only where they agree.
 TUNING_FIELDS = ("lr_points", "lr_step", "max_extensions", "damping_factors",
                  "kl_clip_factors", "kl_clip_for", "tune_fraction", "validation_fraction",
@@ -307,24 +316,24 @@ TUNING_FIELDS = ("lr_points", "lr_step", "max_extensions", "damping_factors",
 def recorded_tuning(document: dict[str, Any], specs: Sequence[Spec], protocol: Protocol,
                     higher_is_better: bool, steps: int) -> dict[str, Search]:
     """Part 1 as an earlier run recorded it (``document``: its ``protocol.json``), so that
-    the final runs can take other seeds without tuning again. Raises ValueError, naming
+    the final runs can take other seeds without tuning again. Raises RecordMismatch, naming
     what differs, when the record was tuned with other settings (:data:`TUNING_FIELDS`,
     the steps of a tuning run) or lacks an optimizer of ``specs``."""
     recorded = document["protocol"]
     for name in TUNING_FIELDS:
-        mine = json.loads(json.dumps(getattr(protocol, name)))
+        mine = jsonable(getattr(protocol, name))
         if recorded.get(name) != mine:
-            raise ValueError(f"the recorded tuning has {name} {recorded.get(name)}, "
-                             f"this protocol {mine}")
+            raise RecordMismatch(f"the recorded tuning has {name} {recorded.get(name)}, "
+                                 f"this protocol {mine}")
     by_key = {t["key"]: t for t in document["tuning"].values()}
     searches = {}
     for spec in specs:
         if spec.key not in by_key:
-            raise ValueError(f"the recorded tuning has no {spec.name} (it has "
-                             f"{', '.join(sorted(by_key))})")
+            raise RecordMismatch(f"the recorded tuning has no {spec.name} (it has "
+                                 f"{', '.join(sorted(by_key))})")
         if by_key[spec.key]["steps"] != steps:
-            raise ValueError(f"the recorded tuning ran {by_key[spec.key]['steps']} steps per "
-                             f"point, this budget's {steps}")
+            raise RecordMismatch(f"the recorded tuning ran {by_key[spec.key]['steps']} steps "
+                                 f"per point, this budget's {steps}")
         searches[spec.key] = Search.recorded(spec, by_key[spec.key], protocol, higher_is_better)
     return searches
 
@@ -511,7 +520,7 @@ def run_protocol(
     run."""
     task = make_task(0.0)
     budget_steps = epochs * task.steps_per_epoch
-    tune_steps = max(1, round(protocol.tune_fraction * budget_steps))
+    tune_steps = protocol.tune_steps(budget_steps)
     if recorded is None:
         searches = tune(make_task, specs, protocol, base, budget_steps, chunk)
     else:
