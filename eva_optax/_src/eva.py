@@ -41,6 +41,7 @@ from eva_optax._src.preconditioning import (
     scale_preconditioned,
 )
 from eva_optax._src.segments import Segments, two_sums
+from eva_optax._src.sharded_sums import packed_sums, stack_labels
 
 #: What :func:`eva_optax.value_and_grad` must capture for Eva (its default).
 STATISTICS = EVA_STATISTICS
@@ -95,19 +96,45 @@ def sherman_morrison_layers(
   biases = [g.bias for g in grads]
   a, g = list(input_means), list(output_grad_means)
   segments = Segments([k.shape[:-2] for k in kernels])
-  a_sq, g_sq, bias_dot, bias_sq = segments.dots(
-      [(x, x) for x in a],
-      [(y, y) for y in g],
-      [None if b is None else (b, y) for b, y in zip(biases, g)],
-      [None if b is None else (b, b) for b in biases],
+  with_bias = [b is not None for b in biases]
+  zero = [jnp.zeros_like(y) for y in g]
+  b_or_0 = [z if b is None else b for b, z in zip(biases, zero)]
+  stacks = [stack_labels(k) for k in kernels]
+  terms = (
+      [(f"{t}io,{t}i,{t}o->{t}", (k, x, y)) for t, k, x, y in zip(stacks, kernels, a, g)]
+      + [(f"{t}io,{t}io->{t}", (k, k)) for t, k in zip(stacks, kernels)]
+      + [(f"{t}i,{t}i->{t}", (x, x)) for t, x in zip(stacks, a)]
+      + [(f"{t}o,{t}o->{t}", (y, y)) for t, y in zip(stacks, g)]
+      + [(f"{t}o,{t}o->{t}", (b, y)) for t, b, y in zip(stacks, b_or_0, g)]
+      + [(f"{t}o,{t}o->{t}", (b, b)) for t, b in zip(stacks, b_or_0)]
   )
-  # Per layer, one pass over the gradient matrix: āᵀ∇W ḡ and ‖∇W‖².
-  sums = [
-      two_sums(k * x[..., :, None] * y[..., None, :], k * k, (k.ndim - 2, k.ndim - 1))
-      for k, x, y in zip(kernels, a, g)
-  ]
-  s = segments.pack([q for q, _ in sums]) + bias_dot
-  grad_sq = segments.pack([n for _, n in sums]) + bias_sq
+
+  def fused(*ops):
+    n = len(kernels)
+    ks, xs, ys = ops[0 : 3 * n : 3], ops[1 : 3 * n : 3], ops[2 : 3 * n : 3]
+    bs = [ops[-2 * n + 2 * l] if with_bias[l] else None for l in range(n)]
+    dots = segments.dots(
+        [(x, x) for x in xs],
+        [(y, y) for y in ys],
+        [None if b is None else (b, y) for b, y in zip(bs, ys)],
+        [None if b is None else (b, b) for b in bs],
+    )
+    # Per layer, one pass over the gradient matrix: āᵀ∇W ḡ and ‖∇W‖².
+    sums = [
+        two_sums(k * x[..., :, None] * y[..., None, :], k * k, (k.ndim - 2, k.ndim - 1))
+        for k, x, y in zip(ks, xs, ys)
+    ]
+    return jnp.concatenate(
+        [segments.pack([q for q, _ in sums]), segments.pack([m for _, m in sums]), *dots]
+    )
+
+  size = segments.size
+  packed = packed_sums(terms, fused)
+  kernel_dot, kernel_sq, a_sq, g_sq, bias_dot, bias_sq = (
+      packed[j * size : (j + 1) * size] for j in range(6)
+  )
+  s = kernel_dot + bias_dot
+  grad_sq = kernel_sq + bias_sq
   has_bias = segments.indicator([b is not None for b in biases])
   coef = s / ((a_sq + has_bias) * g_sq + damping)
   kernel, bias = [], []

@@ -64,17 +64,21 @@ class Segments:
         if pair is None:
           continue
         x, y = pair
-        first = g * self.size + self.offsets[l]
-        slots = first + np.arange(math.prod(self.stacks[l]))
+        first = int(g * self.size + self.offsets[l])
+        count, n = math.prod(self.stacks[l]), x.shape[-1]
         xs.append(x.reshape(-1))
         ys.append(y.reshape(-1))
-        ids.append(np.repeat(slots, x.shape[-1]))
+        # Built from iotas, not a numpy constant: the sums also run inside a
+        # custom_partitioning op (eva_optax.sharded_sums), whose body may close
+        # over no array; XLA folds it to a constant all the same.
+        slots = jax.lax.broadcasted_iota(jnp.int32, (count, n), 0) + first
+        ids.append(slots.reshape(-1))
     if not xs:
       return [jnp.zeros((self.size,), jnp.float32) for _ in groups]
     dtype = jnp.result_type(*xs, *ys)
     dots = jax.ops.segment_sum(
         jnp.concatenate(xs).astype(dtype) * jnp.concatenate(ys).astype(dtype),
-        jnp.asarray(np.concatenate(ids).astype(np.int32)),
+        jnp.concatenate(ids),
         num_segments=len(groups) * self.size,
         indices_are_sorted=True,
     )

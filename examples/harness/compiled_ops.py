@@ -22,6 +22,7 @@ calls), ``fusion`` (every other fusion), ``copy`` (``copy``, ``copy-start``,
 from __future__ import annotations
 
 import collections
+import math
 import re
 from typing import Any, NamedTuple
 
@@ -166,4 +167,52 @@ def count_kinds(compiled: Any) -> collections.Counter:
     instructions, found = launched(_text(compiled))
     counts = collections.Counter({k: 0 for k in KINDS})
     counts.update(kind(i, found) for i in instructions)
+    return counts
+
+
+#: The opcodes of collectives (an async pair ``*-start``/``*-done`` counts once, as its start).
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+
+_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|f8\w*)\[([\d,]*)\]")
+_BYTES = {"pred": 1, "bf16": 2}
+
+
+def _elements_and_bytes(instruction: Instruction) -> tuple[int, int]:
+    """Elements and bytes of the result shape(s) of one instruction."""
+    result = instruction.text.split("=", 1)[1]
+    result = result[: result.index(f" {instruction.opcode}(")]
+    elements = nbytes = 0
+    for dtype, dims in _SHAPE.findall(result):
+        n = math.prod(int(d) for d in dims.split(",") if d)
+        width = _BYTES.get(dtype) or max(1, int(re.sub(r"\D", "", dtype) or 8) // 8)
+        elements += n
+        nbytes += n * width
+    return elements, nbytes
+
+
+class Collective(NamedTuple):
+    """One collective of a compiled program: its kind and the size of its result."""
+
+    kind: str
+    elements: int
+    bytes: int
+
+
+def collectives(compiled: Any) -> list[Collective]:
+    """Every collective of a compiled program (all its computations: a collective inside a
+    ``while`` or a ``conditional`` counts once), with the size of its result per device."""
+    found, _ = computations(_text(compiled))
+    out = []
+    for instructions in found.values():
+        for instruction in instructions:
+            op = instruction.opcode.removesuffix("-start")
+            if op in COLLECTIVES and not instruction.opcode.endswith("-done"):
+                out.append(Collective(op, *_elements_and_bytes(instruction)))
+    return out
+
+
+def count_collectives(compiled: Any) -> collections.Counter:
+    """The collectives of :func:`collectives` by kind, every kind present."""
+    counts = collections.Counter({k: 0 for k in COLLECTIVES})
+    counts.update(c.kind for c in collectives(compiled))
     return counts
