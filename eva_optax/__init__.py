@@ -32,6 +32,7 @@ from eva_optax._src.kl import kl_clip_factor, kl_normalise_factor
 from eva_optax._src.memory import state_bytes
 from eva_optax._src.nnx_capture import nnx_value_and_grad
 from eva_optax._src.preconditioning import FactorGate, factors_due
+from eva_optax._src.state_sharding import state_shardings
 from eva_optax._src.statistics import KernelLayout, LayerStats, PassThrough, layouts_of
 from eva_optax._src.shampoo import ScaleByShampooState, scale_by_shampoo, shampoo
 from eva_optax._src.train_state import TrainState
@@ -74,6 +75,7 @@ __all__ = [
     "scale_by_shampoo",
     "sgd_graft",
     "state_bytes",
+    "state_shardings",
     "shampoo",
     "sherman_morrison",
     "value_and_grad",

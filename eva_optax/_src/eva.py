@@ -105,7 +105,7 @@ def sherman_morrison_layers(
       + [(f"{t}io,{t}io->{t}", (k, k)) for t, k in zip(stacks, kernels)]
       + [(f"{t}i,{t}i->{t}", (x, x)) for t, x in zip(stacks, a)]
       + [(f"{t}o,{t}o->{t}", (y, y)) for t, y in zip(stacks, g)]
-      + [(f"{t}o,{t}o->{t}", (b, y)) for t, b, y in zip(stacks, b_or_0, g)]
+      + [(f"{t}o,{t}o->{t}", (b, y if b is not z else z)) for t, b, y, z in zip(stacks, b_or_0, g, zero)]
       + [(f"{t}o,{t}o->{t}", (b, b)) for t, b in zip(stacks, b_or_0)]
   )
 

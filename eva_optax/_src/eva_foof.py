@@ -22,6 +22,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -38,6 +39,7 @@ from eva_optax._src.preconditioning import (
     scale_preconditioned,
 )
 from eva_optax._src.segments import Segments, two_sums
+from eva_optax._src.sharded_sums import packed_sums, stack_labels
 
 #: What :func:`eva_optax.value_and_grad` must capture for Eva-f.
 STATISTICS = (INPUT_MEAN,)
@@ -76,27 +78,58 @@ def foof_vector_projection_layers(
   biases = [g.bias for g in grads]
   a = list(input_means)
   segments = Segments([k.shape[:-2] for k in kernels])
-  projected, column_sq = [], []
-  for k, x, b in zip(kernels, a, biases):
-    p, c = two_sums(k * x[..., :, None], k * k, (k.ndim - 2,))
-    projected.append(p if b is None else p + b)  # Ĝ ā, the bias matched by a 1
-    column_sq.append(c)
-  a_sq, projected_sq, grad_sq, bias_sq = segments.dots(
-      [(x, x) for x in a],
-      [(p, p) for p in projected],
-      [(c, jnp.ones_like(c)) for c in column_sq],
-      [None if b is None else (b, b) for b in biases],
+  stacks = [stack_labels(k) for k in kernels]
+  with_bias = [b is not None for b in biases]
+  n = len(kernels)
+  vectors = [k.shape[:-2] + k.shape[-1:] for k in kernels]  # stack + (out,)
+  terms = (
+      [(f"{t}io,{t}i->{t}o", (k, x)) for t, k, x in zip(stacks, kernels, a)]
+      + [(f"{t}io,{t}io->{t}o", (k, k)) for t, k in zip(stacks, kernels)]
+      + [(f"{t}i,{t}i->{t}", (x, x)) for t, x in zip(stacks, a)]
+      + [(f"{t}o->{t}o", (b,)) for t, b in zip(stacks, biases) if b is not None]
   )
-  has_bias = segments.indicator([b is not None for b in biases])
-  scale = 1.0 / (a_sq + has_bias + damping)
-  kernel, bias = [], []
-  for l, (k, b, x, p) in enumerate(zip(kernels, biases, a, projected)):
-    coef = p * segments.of(scale, l)[..., None]
-    kernel.append(k - x[..., :, None] * coef[..., None, :])
-    bias.append(None if b is None else b - coef)
-  # ⟨V, Ĝ⟩ = ‖Ĝ‖² − ‖Ĝā‖²/(‖ā‖² + γ).
-  dot = grad_sq + bias_sq - projected_sq * scale
-  return Preconditioned(tuple(kernel), tuple(bias), jnp.sum(dot))
+
+  def fused(*ops):
+    ks, xs = ops[0 : 2 * n : 2], ops[1 : 2 * n : 2]
+    # Per layer, one pass over the gradient matrix: ∇W ā and its column norms.
+    sums = [two_sums(k * x[..., :, None], k * k, (k.ndim - 2,)) for k, x in zip(ks, xs)]
+    (a_sq,) = segments.dots([(x, x) for x in xs])
+    flat = lambda vs: [jnp.reshape(v, -1) for v in vs]
+    return jnp.concatenate(
+        flat([p for p, _ in sums]) + flat([c for _, c in sums]) + [a_sq] + flat(ops[6 * n :])
+    )
+
+  def finish(packed, damping):
+    """The packed sums → every layer's coefficients (Ĝā)/(‖ā‖² + γ), then ⟨V, Ĝ⟩."""
+    pieces, offset = [], 0
+    for size in [math.prod(v) for v in vectors] * 2 + [segments.size] + [
+        math.prod(v) for v, b in zip(vectors, with_bias) if b
+    ]:
+      pieces.append(packed[offset : offset + size])
+      offset += size
+    it = iter(pieces[2 * n + 1 :])
+    bias = [next(it).reshape(v) if b else None for v, b in zip(vectors, with_bias)]
+    projected = [  # Ĝ ā, the bias matched by a 1
+        p.reshape(v) + (0 if b is None else b) for p, v, b in zip(pieces[:n], vectors, bias)
+    ]
+    column_sq = [c.reshape(v) for c, v in zip(pieces[n : 2 * n], vectors)]
+    a_sq = pieces[2 * n]
+    projected_sq, grad_sq, bias_sq = segments.dots(
+        [(p, p) for p in projected],
+        [(c, jnp.ones_like(c)) for c in column_sq],
+        [None if b is None else (b, b) for b in bias],
+    )
+    has_bias = segments.indicator(with_bias)
+    scale = 1.0 / (a_sq + has_bias + damping)
+    coef = [p * segments.of(scale, l)[..., None] for l, p in enumerate(projected)]
+    # ⟨V, Ĝ⟩ = ‖Ĝ‖² − ‖Ĝā‖²/(‖ā‖² + γ).
+    dot = jnp.sum(grad_sq + bias_sq - projected_sq * scale)
+    return (*coef, dot)
+
+  *coefs, dot = packed_sums(terms, fused, finish, (jnp.asarray(damping),))
+  kernel = tuple(k - x[..., :, None] * c[..., None, :] for k, x, c in zip(kernels, a, coefs))
+  bias = tuple(None if b is None else b - c for b, c in zip(biases, coefs))
+  return Preconditioned(kernel, bias, dot)
 
 
 class ScaleByEvaFoofState(NamedTuple):

@@ -42,7 +42,7 @@ import optax
 from eva_optax._src.alias import with_sgd
 from eva_optax._src.hyper import check_range, value_at
 from eva_optax._src.grafting import sgd_graft
-from eva_optax._src.sharding import replicate_on_params_mesh
+from eva_optax._src.sharding import is_placeholder, not_params_shaped, replicate_on_params_mesh
 
 
 def dimension_means(grad: jax.Array) -> tuple[jax.Array, ...]:
@@ -173,6 +173,8 @@ def scale_by_eva_shampoo(
       dtype = jnp.promote_types(p.dtype, jnp.float32)
       return tuple(jnp.zeros((d,), dtype) for d in p.shape)
 
+    if is_placeholder(params):  # optax.tree_map_params: no field is shaped like params
+      return ScaleByEvaShampooState(jnp.zeros([], jnp.int32), not_params_shaped())
     return replicate_on_params_mesh(
         params,
         ScaleByEvaShampooState(

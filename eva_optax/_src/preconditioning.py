@@ -33,13 +33,22 @@ from eva_optax._src.layers import (
 from eva_optax._src.paths import BIAS, KERNEL, Path, flatten_with_paths, nest, path_of, path_str
 from eva_optax._src.statistics import (
     FACTORS,
+    STATISTICS,
     KernelLayout,
     LayerStats,
     layer_entries,
     statistic_shapes,
 )
 from eva_optax._src.running_average import update_running_average
-from eva_optax._src.sharding import replicate_on_params_mesh
+from jax.sharding import PartitionSpec
+
+from eva_optax._src.sharding import (
+    is_placeholder,
+    not_params_shaped,
+    place,
+    spec_of,
+    statistic_spec,
+)
 
 
 class LayerGradient(NamedTuple):
@@ -346,6 +355,62 @@ def check_layerwise_hyperparameters(
   )
 
 
+#: The state classes of every layer-wise transformation built here.
+LAYERWISE_STATES: set[type] = set()
+
+
+def is_layerwise_state(x: Any) -> bool:
+  """Whether ``x`` is the state of a :func:`layerwise_transformation`."""
+  return type(x) in LAYERWISE_STATES
+
+
+def layerwise_state_specs(state: Any, params: Any) -> Any:
+  """The ``PartitionSpec`` of every leaf of a layer-wise state, from the parameters'.
+
+  ``params``: arrays or ``jax.ShapeDtypeStruct`` leaves carrying their
+  ``NamedSharding``. Each statistic follows its kernel
+  (:func:`eva_optax._src.sharding.statistic_spec`, read with the layout its
+  parameters suggest); a flat buffer sized for several layouts (:func:`room`),
+  or a statistic whose shape the suggested layout does not give, is
+  replicated, as are the count and the factor gate. A cached entry follows
+  the kernel's stack axes.
+  """
+  leaves = dict(flatten_with_paths(params))
+  slots = find_layer_slots(params)
+  kernel_specs = {p: spec_of(leaves.get(p + (KERNEL,))) for p in slots}
+  replicated = PartitionSpec()
+
+  def entry_spec(path: Path, name: str, stored: Any) -> PartitionSpec:
+    slot = slots.get(path)
+    if slot is None:
+      return replicated
+    stack = slot.layout.dims(slot.kernel_shape)[0]
+    shapes = statistic_shapes(*slot.layout.dims(slot.kernel_shape), slot.has_bias)
+    spec = statistic_spec(kernel_specs[path], len(slot.kernel_shape), slot.layout, name)
+    if name in STATISTICS:
+      return spec if tuple(stored.shape) == shapes[name] else replicated
+    return spec if tuple(stored.shape[: len(stack)]) == stack and len(stored.shape) > len(stack) else replicated
+
+  def field_specs(field: str, value: Any) -> Any:
+    if field == "cache":  # {name: tree keyed by path}
+      return {
+          n: nest({p: entry_spec(p, n, v) for p, v in flatten_with_paths(tree)})
+          for n, tree in value.items()
+      }
+    if field in STATISTICS:
+      return nest({p: entry_spec(p, field, v) for p, v in flatten_with_paths(value)})
+    return jax.tree.map(lambda _: replicated, value)
+
+  return type(state)(**{f: field_specs(f, getattr(state, f)) for f in state._fields})
+
+
+def _by_layer(trees: dict[str, Any]) -> dict[Path, dict[str, Any]]:
+  """``{name: tree keyed by path}`` → ``{path: {name: array}}``."""
+  flat = {n: dict(flatten_with_paths(t)) for n, t in trees.items()}
+  paths = next(iter(flat.values())).keys() if flat else ()
+  return {p: {n: flat[n][p] for n in flat} for p in paths}
+
+
 def layerwise_transformation(
     *,
     who: str,
@@ -388,12 +453,9 @@ def layerwise_transformation(
   for name, every in (("refresh_every", refresh_every), ("stats_every", stats_every)):
     check_period(name, every)
   gated = any(name in FACTORS for name in statistics)
+  LAYERWISE_STATES.add(state_cls)
 
-  def by_layer(trees: dict[str, Any]) -> dict[Path, dict[str, jax.Array]]:
-    """``{name: tree keyed by path}`` → ``{path: {name: array}}``."""
-    flat = {n: dict(flatten_with_paths(t)) for n, t in trees.items()}
-    paths = next(iter(flat.values())).keys() if flat else ()
-    return {p: {n: flat[n][p] for n in flat} for p in paths}
+  by_layer = _by_layer
 
   def by_name(per_layer: dict[Path, dict[str, Any]]) -> dict[str, Any]:
     """``{path: {name: array}}`` → ``{name: tree keyed by path}``."""
@@ -408,6 +470,16 @@ def layerwise_transformation(
     return jax.eval_shape(lambda a: refresh(a, jnp.asarray(1.0, slot.dtype)), zeros)
 
   def init_fn(params):
+    if is_placeholder(params):
+      # optax.tree_map_params: the per-layer trees are keyed by module path,
+      # not shaped like the parameters.
+      marker = not_params_shaped
+      fields = dict(count=jnp.zeros([], jnp.int32), **{n: marker() for n in statistics})
+      if gated:
+        fields["gate"] = FactorGate(jnp.ones([], jnp.bool_))
+      if refresh is not None:
+        fields["cache"] = marker()
+      return state_cls(**fields)
     slots = find_layer_slots(params, layouts)
     averages = zero_statistics(slots, statistics)
     fields = dict(count=jnp.zeros([], jnp.int32), **averages)
@@ -422,7 +494,8 @@ def layerwise_transformation(
         )
         cache[p] = {n: jnp.zeros(shape, dtypes[n]) for n, shape in shapes.items()}
       fields["cache"] = by_name(cache)
-    return replicate_on_params_mesh(params, state_cls(**fields))
+    state = state_cls(**fields)
+    return place(params, state, layerwise_state_specs(state, params))
 
   def update_fn(updates, state, params=None, *, stats=None, **extra_args):
     del params, extra_args

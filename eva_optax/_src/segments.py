@@ -88,9 +88,13 @@ class Segments:
     """Per-layer arrays of their stack shape, as one ``(self.size,)`` array."""
     return jnp.concatenate([jnp.reshape(v, -1) for v in per_layer])
 
-  def indicator(self, flags: Sequence[bool]) -> np.ndarray:
-    """A per-layer flag on every slot of its layer: a constant ``(self.size,)`` array."""
-    return np.repeat(np.asarray(flags, np.float32), np.diff(self.offsets))
+  def indicator(self, flags: Sequence[bool]) -> jax.Array:
+    """A per-layer flag on every slot of its layer: a constant ``(self.size,)`` array
+    (built from literals, so that it may appear inside a ``custom_partitioning`` op)."""
+    return jnp.concatenate(
+        [jnp.full((int(n),), float(f), jnp.float32) for f, n in zip(flags, np.diff(self.offsets))]
+        or [jnp.zeros((0,), jnp.float32)]
+    )
 
   def of(self, packed: jax.Array, layer: int) -> jax.Array:
     """Layer ``layer``'s slots of a ``(self.size,)`` array, in its stack shape."""

@@ -72,7 +72,7 @@ from eva_optax._src.alias import with_sgd
 from eva_optax._src.hyper import check_period, check_range, value_at
 from eva_optax._src.grafting import sgd_graft
 from eva_optax._src.linalg import per_matrix
-from eva_optax._src.sharding import replicate_on_params_mesh
+from eva_optax._src.sharding import is_placeholder, not_params_shaped, replicate_on_params_mesh
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -281,6 +281,8 @@ def scale_by_shampoo(
           for b in layout.block_shape
       )
 
+    if is_placeholder(params):  # optax.tree_map_params: no field is shaped like params
+      return ScaleByShampooState(jnp.zeros([], jnp.int32), not_params_shaped(), not_params_shaped())
     return replicate_on_params_mesh(
         params,
         ScaleByShampooState(

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -83,15 +83,15 @@ def _local_offset(size: int, axes: tuple[str, ...], mesh_shape: dict[str, int]) 
   return index * (size // shards)
 
 
-def _partitioned(equations, counts, shapes, fused, mesh, arg_shapes, result_shape):
-  del fused
+def _partitioned(equations, counts, shapes, body, mesh, arg_shapes, result_shape):
   mesh_shape = dict(mesh.shape)
   label_axes = _label_axes(equations, [s.sharding.spec for s in arg_shapes], counts)
-  arg_specs, k = [], 0
+  arg_specs = []
   for equation, axes in zip(equations, label_axes):
     for operand in _parse(equation)[0]:
       arg_specs.append(_spec(operand, axes))
-      k += 1
+  extras = len(arg_shapes) - len(arg_specs)
+  arg_specs += [PartitionSpec()] * extras  # the finish's own arguments: replicated
   arg_shardings = tuple(NamedSharding(mesh, s) for s in arg_specs)
   active = tuple(a for a, n in mesh_shape.items() if n > 1)
 
@@ -101,39 +101,62 @@ def _partitioned(equations, counts, shapes, fused, mesh, arg_shapes, result_shap
       inputs, output = _parse(equation)
       local = jnp.einsum(equation, *operands[k : k + n], precision=jax.lax.Precision.HIGHEST)
       k += n
-      dtype = result_shape.dtype
-      local = local.astype(dtype)
+      local = local.astype(body.dtype)
       if local.shape != tuple(shape):
         starts = [_local_offset(size, axes[c], mesh_shape) for c, size in zip(output, shape)]
-        local = jax.lax.dynamic_update_slice(jnp.zeros(shape, dtype), local, starts)
+        local = jax.lax.dynamic_update_slice(jnp.zeros(shape, body.dtype), local, starts)
       used = {a for c in set("".join(inputs)) for a in axes.get(c, ())}
       for axis in active:
         if axis not in used:  # a replica of the same block: count it once
-          local = local * (jax.lax.axis_index(axis) == 0).astype(dtype)
+          local = local * (jax.lax.axis_index(axis) == 0).astype(body.dtype)
       pieces.append(local.reshape(-1))
-    packed = jnp.concatenate(pieces) if pieces else jnp.zeros((0,), result_shape.dtype)
-    return jax.lax.psum(packed, active) if active else packed
+    packed = jnp.concatenate(pieces)
+    packed = jax.lax.psum(packed, active) if active else packed
+    return body.finish(packed, *operands[len(operands) - extras :])
 
-  return mesh, lower, NamedSharding(mesh, PartitionSpec()), arg_shardings
-
-
-def _replicated(equations, counts, shapes, fused, mesh, arg_shapes, result_shape):
-  del equations, counts, shapes, fused, arg_shapes, result_shape
-  return NamedSharding(mesh, PartitionSpec())
+  return mesh, lower, _replicated_like(mesh, result_shape), arg_shardings
 
 
-def _rule(equations, counts, shapes, fused, mesh, arg_shapes, result_shape) -> str:
-  del counts, shapes, fused, mesh, result_shape
-  # Every operand axis its own factor: the op follows its operands' shardings
-  # and never asks the partitioner to reshard the large ones.
-  names = (f"a{i}" for i in range(10**6))
-  operands = [" ".join(next(names) for _ in shape.shape) or "" for shape in arg_shapes]
-  return ", ".join(operands) + " -> out"
+def _replicated_like(mesh, result_shape):
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(lambda _: replicated, result_shape)
+
+
+def _replicated(equations, counts, shapes, body, mesh, arg_shapes, result_shape):
+  del equations, counts, shapes, body, arg_shapes
+  return _replicated_like(mesh, result_shape)
+
+
+def _rule(equations, counts, shapes, body, mesh, arg_shapes, result_shape) -> str:
+  del equations, counts, shapes, body, mesh
+  # Every axis its own factor: the op follows its operands' shardings and never
+  # asks the partitioner to reshard the large ones; each result is free to be
+  # sliced into whatever sharding its users want (a local slice of a replica).
+  names = (f"f{i}" for i in range(10**6))
+  side = lambda shapes: ", ".join(" ".join(next(names) for _ in s.shape) for s in shapes)
+  results = result_shape if isinstance(result_shape, (tuple, list)) else [result_shape]
+  return f"{side(arg_shapes)} -> {side(results)}"
+
+
+class _Body(NamedTuple):
+  """What the op runs besides the contractions (static; compared by identity)."""
+
+  fused: Callable[..., jax.Array]  # the terms' operands -> the packed sums
+  finish: Callable[..., jax.Array]  # (packed sums, *extras) -> the op's result
+  dtype: Any
+  extras: int
+
+  def __hash__(self):
+    return id(self)
+
+  def __eq__(self, other):
+    return self is other
 
 
 @functools.partial(custom_partitioning, static_argnums=(0, 1, 2, 3))
-def _packed(equations, counts, shapes, fused, *operands):
-  return fused(*operands)
+def _packed(equations, counts, shapes, body, *operands):
+  n = len(operands) - body.extras
+  return body.finish(body.fused(*operands[:n]).astype(body.dtype), *operands[n:])
 
 
 _packed.def_partition(
@@ -151,6 +174,8 @@ def stack_labels(kernel: jax.Array) -> str:
 def packed_sums(
     terms: Sequence[tuple[str, Sequence[jax.Array]]],
     fused: Callable[..., jax.Array] | None = None,
+    finish: Callable[..., jax.Array] | None = None,
+    extras: Sequence[jax.Array] = (),
 ) -> jax.Array:
   """Every term's ``einsum(equation, *operands)``, flattened and packed, in one op.
 
@@ -160,17 +185,23 @@ def packed_sums(
     fused: optional ``fused(*operands) -> packed`` (every term's operands in
       order; the same packed vector): the same sums in fewer operations, used
       on one device and wherever nothing is sharded.
+    finish: optional ``finish(packed, *extras) -> result``: work on the packed
+      sums, done inside the op on every device (so that it stays replicated,
+      whatever the shardings of the arrays its result meets next); a tuple of
+      arrays is several results, each sliced where its users need it (one
+      packed vector would be sharded as a whole and sliced with collectives).
+    extras: small arrays ``finish`` needs (a damping), replicated.
 
   Returns:
-    One vector, the terms' results flattened one after the other (replicated
-    on a mesh), in the dtype of all operands.
+    The packed vector (the terms' results flattened one after the other), or
+    ``finish`` of it (an array or a tuple of arrays); replicated on a mesh.
   """
   equations = tuple(e.replace(" ", "") for e, _ in terms)
   operands = [x for _, ops in terms for x in ops]
-  counts = tuple(len(ops) for _, ops in terms)
-  dtype = jnp.result_type(*operands) if operands else jnp.float32
   if not operands:
-    return jnp.zeros((0,), dtype)
+    raise ValueError("packed_sums needs at least one term")
+  counts = tuple(len(ops) for _, ops in terms)
+  dtype = jnp.result_type(*operands)
   shapes = tuple(
       jax.eval_shape(lambda *o, e=e: jnp.einsum(e, *o), *ops).shape for e, ops in terms
   )
@@ -182,6 +213,7 @@ def packed_sums(
       k += n
     return jnp.concatenate(out)
 
-  body = fused or default
-  flat = lambda *ops: body(*ops).astype(dtype)
-  return _packed(equations, counts, shapes, flat, *[x.astype(dtype) for x in operands])
+  body = _Body(fused or default, finish or (lambda packed: packed), dtype, len(extras))
+  return _packed(
+      equations, counts, shapes, body, *[x.astype(dtype) for x in operands], *extras
+  )

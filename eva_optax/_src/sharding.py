@@ -1,38 +1,117 @@
 """Where the optimizer state lives when the parameters are sharded over a mesh.
 
-The curvature state of every optimizer here (vectors ā, ḡ, per-dimension
-vectors, factors, inverses, roots, counts) is small next to the parameters and
-the same on every device, so it is **replicated** over the mesh the
-parameters live on. :func:`replicate_on_params_mesh` places a freshly built
-state there when ``init`` is called eagerly on parameters placed with a
-:class:`jax.sharding.NamedSharding` (replicated or FSDP-sharded); under
-``jit``/``eval_shape`` (traced parameters) the state is left to the caller's
-shardings. Under data parallelism every device then computes the same
-(redundant) inverses and roots from the same global statistics, which costs
-no communication.
+Every statistic of a layer follows its kernel: ā is sharded like the kernel's
+input axes, ḡ like its output axes, and every per-layer entry (a factor, an
+inverse, a scalar) like the kernel's stack axes, replicated over the rest
+(:func:`statistic_spec`). No buffer the size of a kernel axis then sits on
+more devices than the kernel itself, and the rule's work on a layer
+(:mod:`eva_optax.sharded_sums`) finds its operands where the kernel's blocks
+are. Counts and other scalars are replicated.
+
+:func:`place` puts a freshly built state there when ``init`` is called
+eagerly on parameters placed with a :class:`jax.sharding.NamedSharding`;
+under ``jit``/``eval_shape`` (traced parameters) the state is left to the
+caller's shardings, which :func:`eva_optax.state_shardings` gives.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
+
+from eva_optax._src.statistics import INPUT_MEAN, OUTPUT_GRAD_MEAN, KernelLayout
+
+
+def _sharding(leaf: Any) -> Any:
+  if isinstance(leaf, jax.core.Tracer):
+    return None
+  if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)):
+    return getattr(leaf, "sharding", None)
+  return None
 
 
 def params_mesh(params: Any) -> jax.sharding.Mesh | None:
   """The mesh of the first concrete parameter placed with a ``NamedSharding``, if any."""
   for leaf in jax.tree.leaves(params):
-    if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
-      sharding = getattr(leaf, "sharding", None)
-      if isinstance(sharding, NamedSharding):
-        return sharding.mesh
+    sharding = _sharding(leaf)
+    if isinstance(sharding, NamedSharding):
+      return sharding.mesh
   return None
+
+
+def spec_of(leaf: Any) -> PartitionSpec | None:
+  """The ``PartitionSpec`` of a parameter placed with a ``NamedSharding`` (else ``None``)."""
+  sharding = _sharding(leaf)
+  return sharding.spec if isinstance(sharding, NamedSharding) else None
+
+
+def merged(entries: Sequence[Any]) -> Any:
+  """The spec entry of axes merged into one (row-major): the first axis's entry when
+  the others are unsharded (its blocks stay contiguous), else ``None``."""
+  if not entries:
+    return None
+  return entries[0] if all(e is None for e in entries[1:]) else None
+
+
+def statistic_spec(
+    kernel_spec: PartitionSpec | None,
+    kernel_ndim: int,
+    layout: KernelLayout,
+    name: str,
+) -> PartitionSpec:
+  """Where a layer's statistic ``name`` lives, from its kernel's ``PartitionSpec``.
+
+  ā (``input_mean``): the stack axes, then the input axes merged; ḡ
+  (``output_grad_mean``): the stack axes, then the output axes merged; any
+  other per-layer entry (a factor, an inverse): the stack axes, replicated
+  over its matrix axes. Replicated when the kernel is, or for a grouped
+  convolution (whose stack axis is cut out of the output axis).
+  """
+  if kernel_spec is None or layout.groups > 1:
+    return PartitionSpec()
+  entries = tuple(kernel_spec) + (None,) * (kernel_ndim - len(kernel_spec))
+  order = layout.permutation or tuple(range(kernel_ndim))
+  ordered = [entries[a] for a in order]
+  stack = ordered[: layout.stack_ndim]
+  inputs = ordered[layout.stack_ndim : kernel_ndim - layout.output_ndim]
+  outputs = ordered[kernel_ndim - layout.output_ndim :]
+  if name == INPUT_MEAN:
+    return PartitionSpec(*stack, merged(inputs))
+  if name == OUTPUT_GRAD_MEAN:
+    return PartitionSpec(*stack, merged(outputs))
+  return PartitionSpec(*stack)
+
+
+def place(params: Any, state: Any, specs: Any = None) -> Any:
+  """``state`` placed on the parameters' mesh, leaf by leaf as ``specs`` says
+  (a tree of ``PartitionSpec`` matching ``state``, or a prefix of it; default:
+  replicated); unchanged without a concrete mesh or under tracing."""
+  mesh = params_mesh(params)
+  if mesh is None or any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(state)):
+    return state
+  if specs is None:
+    return jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+  shardings = jax.tree.map(
+      lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+  )
+  return jax.device_put(state, shardings)
 
 
 def replicate_on_params_mesh(params: Any, state: Any) -> Any:
   """``state`` replicated over the parameters' mesh; unchanged without one."""
-  mesh = params_mesh(params)
-  if mesh is None or any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(state)):
-    return state
-  return jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+  return place(params, state)
+
+
+def is_placeholder(params: Any) -> bool:
+  """Whether ``init`` was given a tree without leaves: ``optax.tree_map_params``
+  calls ``init`` on such a placeholder to find the fields shaped like the params."""
+  return not jax.tree.leaves(params)
+
+
+def not_params_shaped() -> jax.Array:
+  """What ``init`` on a placeholder returns for a field that is *not* shaped like
+  the parameters (a tree keyed by layer, per-dimension entries): one leaf, so that
+  ``optax.tree_map_params`` hands the whole field to ``transform_non_params``."""
+  return jax.numpy.zeros([], jax.numpy.float32)

@@ -1,0 +1,80 @@
+"""The shardings of an optimizer state, from the parameters' shardings.
+
+``jax.jit`` needs the optimizer state's shardings as well as the parameters'
+(``in_shardings``/``out_shardings``); :func:`state_shardings` gives them for
+any optimizer, eva_optax's or optax's, alone or chained:
+
+* a tree shaped like the parameters (momentum, Adam's moments) takes the
+  parameters' shardings (``optax.tree_map_params``);
+* the state of a layer-wise preconditioner (Eva, Eva-f, K-FAC, FOOF) follows
+  each layer's kernel: ā like its input axes, ḡ like its output axes
+  (:func:`eva_optax._src.sharding.statistic_spec`);
+* everything else (counts, scalars, Shampoo's and Eva-s's per-dimension
+  entries) is replicated.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from eva_optax._src.preconditioning import is_layerwise_state, layerwise_state_specs
+from eva_optax._src.sharding import params_mesh
+
+
+def state_shardings(tx: Any, params: Any, shardings: Any = None) -> Any:
+  """The ``NamedSharding`` of every leaf of ``tx.init(params)``.
+
+  Args:
+    tx: an optax ``GradientTransformation`` (or anything with ``init``).
+    params: the parameters, or their ``jax.ShapeDtypeStruct``\\ s; placed with
+      ``NamedSharding``\\ s unless ``shardings`` is given.
+    shardings: the parameters' ``NamedSharding``\\ s (a tree like ``params``),
+      for example ``nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed),
+      mesh, rules)``.
+
+  Returns:
+    A tree like the state with a ``NamedSharding`` per leaf, for
+    ``jax.jit(..., in_shardings=..., out_shardings=...)`` or
+    ``jax.jit(tx.init, out_shardings=...)``.
+
+  Example::
+
+      state_sharding = eva_optax.state_shardings(tx, params, param_sharding)
+      opt_state = jax.jit(tx.init, out_shardings=state_sharding)(params)
+  """
+  if shardings is not None:
+    params = jax.tree.map(
+        lambda p, s: jax.ShapeDtypeStruct(jax.numpy.shape(p), jax.numpy.result_type(p), sharding=s),
+        params,
+        shardings,
+    )
+  mesh = params_mesh(params)
+  if mesh is None:
+    raise ValueError(
+        "state_shardings needs the parameters' shardings: pass params placed with"
+        " NamedShardings, or shardings= (a tree of NamedSharding like params)"
+    )
+  replicated = NamedSharding(mesh, PartitionSpec())
+  abstract = jax.eval_shape(tx.init, params)
+  marked = optax.tree_map_params(
+      tx, lambda _, p: p.sharding, abstract, params, transform_non_params=lambda v: v
+  )
+
+  def sharding_of(node: Any) -> Any:
+    if is_layerwise_state(node):
+      return jax.tree.map(
+          lambda s: NamedSharding(mesh, s),
+          layerwise_state_specs(node, params),
+          is_leaf=lambda x: isinstance(x, PartitionSpec),
+      )
+    if isinstance(node, NamedSharding):
+      return node
+    return replicated
+
+  return jax.tree.map(
+      sharding_of, marked, is_leaf=lambda x: is_layerwise_state(x) or isinstance(x, NamedSharding)
+  )
