@@ -129,7 +129,12 @@ def sherman_morrison_layers(
     )
 
   size = segments.size
-  packed = packed_sums(terms, fused)
+  # ā and ḡ come back whole (replicated) for the elementwise correction: in the state
+  # they may be sharded beyond their kernel (over every device).
+  packed, *vectors = packed_sums(
+      terms, fused, returns=[(l, j) for l in range(len(kernels)) for j in (1, 2)]
+  )
+  a, g = list(vectors[0::2]), list(vectors[1::2])
   kernel_dot, kernel_sq, a_sq, g_sq, bias_dot, bias_sq = (
       packed[j * size : (j + 1) * size] for j in range(6)
   )

@@ -126,7 +126,9 @@ def foof_vector_projection_layers(
     dot = jnp.sum(grad_sq + bias_sq - projected_sq * scale)
     return (*coef, dot)
 
-  *coefs, dot = packed_sums(terms, fused, finish, (jnp.asarray(damping),))
+  (*coefs, dot), *a = packed_sums(
+      terms, fused, finish, (jnp.asarray(damping),), returns=[(l, 1) for l in range(n)]
+  )
   kernel = tuple(k - x[..., :, None] * c[..., None, :] for k, x, c in zip(kernels, a, coefs))
   bias = tuple(None if b is None else b - c for b, c in zip(biases, coefs))
   return Preconditioned(kernel, bias, dot)

@@ -45,6 +45,7 @@ from jax.sharding import PartitionSpec
 from eva_optax._src.sharding import (
     is_placeholder,
     not_params_shaped,
+    params_mesh,
     place,
     spec_of,
     statistic_spec,
@@ -378,6 +379,8 @@ def layerwise_state_specs(state: Any, params: Any) -> Any:
   leaves = dict(flatten_with_paths(params))
   slots = find_layer_slots(params)
   kernel_specs = {p: spec_of(leaves.get(p + (KERNEL,))) for p in slots}
+  mesh = params_mesh(params)
+  mesh_shape = dict(mesh.shape) if mesh is not None else None
   replicated = PartitionSpec()
 
   def entry_spec(path: Path, name: str, stored: Any) -> PartitionSpec:
@@ -386,7 +389,10 @@ def layerwise_state_specs(state: Any, params: Any) -> Any:
       return replicated
     stack = slot.layout.dims(slot.kernel_shape)[0]
     shapes = statistic_shapes(*slot.layout.dims(slot.kernel_shape), slot.has_bias)
-    spec = statistic_spec(kernel_specs[path], len(slot.kernel_shape), slot.layout, name)
+    spec = statistic_spec(
+        kernel_specs[path], len(slot.kernel_shape), slot.layout, name,
+        mesh_shape, stored.shape[-1] if stored.shape else None,
+    )
     if name in STATISTICS:
       return spec if tuple(stored.shape) == shapes[name] else replicated
     return spec if tuple(stored.shape[: len(stack)]) == stack and len(stored.shape) > len(stack) else replicated

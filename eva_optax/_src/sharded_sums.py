@@ -17,8 +17,11 @@ replica of a block, so that nothing is counted twice), and a single ``psum``
 over the mesh adds them, whatever the number of layers.
 
 Equations use explicit labels and ``->``; a label's sharding is the one of the
-first operand of the equation that has it (list the kernel first): the other
-operands are resharded to it, which for vectors costs vector-sized traffic.
+first operand of the equation that has it (list the kernel first). An operand
+sharded otherwise (a vector split over more devices than its kernel), or one
+the caller wants back whole, is gathered whole inside the op, all such
+operands in one all-gather per set of mesh axes, and every term takes the
+block it needs.
 """
 
 from __future__ import annotations
@@ -38,40 +41,50 @@ def _parse(equation: str) -> tuple[list[str], str]:
   return inputs.split(","), output
 
 
-def _axes(entry) -> tuple[str, ...]:
+def _axes(entry: Any) -> tuple[str, ...]:
   if entry is None:
     return ()
   return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
 
 
-def _label_axes(
-    equations: Sequence[str], specs: Sequence[PartitionSpec], counts: Sequence[int]
-) -> list[dict[str, tuple[str, ...]]]:
-  """Per equation, the mesh axes of each label: those of its first operand that has it."""
-  out, k = [], 0
-  for equation, n in zip(equations, counts):
-    inputs, _ = _parse(equation)
-    labels: dict[str, tuple[str, ...]] = {}
-    for operand in inputs:
-      spec = tuple(specs[k]) + (None,) * (len(operand) - len(specs[k]))
-      for label, entry in zip(operand, spec):
-        if label not in labels:
-          labels[label] = _axes(entry)
-      k += 1
-    # A mesh axis may shard only one label of an equation.
-    used: set[str] = set()
-    for label in list(labels):
-      axes = labels[label]
-      if used.intersection(axes):
-        labels[label] = ()
-      used.update(labels[label])
-    out.append(labels)
-  return out
+def _entry(axes: tuple[str, ...]) -> Any:
+  return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
 
 
-def _spec(labels: str, axes: dict[str, tuple[str, ...]]) -> PartitionSpec:
-  return PartitionSpec(*[(axes[c] if len(axes[c]) > 1 else axes[c][0]) if axes[c] else None
-                         for c in labels])
+def _padded(spec: Any, ndim: int) -> tuple:
+  return tuple(_axes(e) for e in tuple(spec)) + ((),) * (ndim - len(tuple(spec)))
+
+
+def _plan(equations, indices, actual):
+  """Which operands are taken whole, and per term the mesh axes of each label.
+
+  A label's axes are those of the first operand of the term that has it and is
+  not whole; an operand whose axes differ from them (or that is returned) is
+  whole: gathered, if sharded, and cut into the block each term needs.
+  """
+  whole = {u for u, spec in enumerate(actual) if not any(spec)}  # replicated: already whole
+  while True:
+    labels_of, changed = [], False
+    for equation, term in zip(equations, indices):
+      labels: dict[str, tuple[str, ...]] = {}
+      for operand, u in zip(_parse(equation)[0], term):
+        if u in whole:
+          continue
+        for label, axes in zip(operand, actual[u]):
+          if label not in labels:
+            labels[label] = axes
+          elif labels[label] != axes:
+            whole.add(u)
+            changed = True
+      # A mesh axis may shard only one label of a term.
+      used: set[str] = set()
+      for label in list(labels):
+        if used.intersection(labels[label]):
+          labels[label] = ()
+        used.update(labels[label])
+      labels_of.append(labels)
+    if not changed:
+      return whole, labels_of
 
 
 def _local_offset(size: int, axes: tuple[str, ...], mesh_shape: dict[str, int]) -> jax.Array:
@@ -83,38 +96,107 @@ def _local_offset(size: int, axes: tuple[str, ...], mesh_shape: dict[str, int]) 
   return index * (size // shards)
 
 
-def _partitioned(equations, counts, shapes, body, mesh, arg_shapes, result_shape):
+def _local_block(x: jax.Array, spec: Sequence[tuple[str, ...]], mesh_shape: dict[str, int]):
+  """This device's block of a whole array, for ``spec`` (axes per dimension)."""
+  if not any(spec):
+    return x
+  sizes = [n // math.prod(mesh_shape[a] for a in axes) for n, axes in zip(x.shape, spec)]
+  starts = [_local_offset(n, axes, mesh_shape) for n, axes in zip(x.shape, spec)]
+  return jax.lax.dynamic_slice(x, starts, sizes)
+
+
+def _regroup(part: jax.Array, spec, order: list[str], mesh_shape: dict[str, int]) -> jax.Array:
+  """Gathered blocks ``(devices,) + block`` (devices over ``order``) as the whole array."""
+  block = part.shape[1:]
+  part = part.reshape(tuple(mesh_shape[a] for a in order) + block)
+  perm, shape = [], []
+  for d, axes in enumerate(spec):
+    perm += [order.index(a) for a in axes]
+    perm.append(len(order) + d)
+    shape.append(block[d] * math.prod(mesh_shape[a] for a in axes))
+  return jnp.transpose(part, perm).reshape(shape)
+
+
+def _gather_whole(operands, members, actual, mesh) -> dict[int, jax.Array]:
+  """The whole of each operand in ``members`` (sharded alike): one all-gather for all."""
   mesh_shape = dict(mesh.shape)
-  label_axes = _label_axes(equations, [s.sharding.spec for s in arg_shapes], counts)
-  arg_specs = []
-  for equation, axes in zip(equations, label_axes):
-    for operand in _parse(equation)[0]:
-      arg_specs.append(_spec(operand, axes))
-  extras = len(arg_shapes) - len(arg_specs)
-  arg_specs += [PartitionSpec()] * extras  # the finish's own arguments: replicated
-  arg_shardings = tuple(NamedSharding(mesh, s) for s in arg_specs)
-  active = tuple(a for a, n in mesh_shape.items() if n > 1)
+  order = [a for a in mesh.axis_names if any(a in axes for axes in actual[members[0]])]
+  flat = jnp.concatenate([operands[u].reshape(-1) for u in members])
+  every = jax.lax.all_gather(flat, tuple(order), tiled=False).reshape(-1, flat.shape[0])
+  out, offset = {}, 0
+  for u in members:
+    size = operands[u].size
+    part = every[:, offset : offset + size].reshape((-1,) + operands[u].shape)
+    offset += size
+    out[u] = _regroup(part, actual[u], order, mesh_shape)
+  return out
+
+
+def _partitioned(equations, indices, shapes, body, mesh, arg_shapes, result_shape):
+  mesh_shape = dict(mesh.shape)
+  n = len(arg_shapes) - body.extras
+  actual = [_padded(s.sharding.spec, len(s.shape)) for s in arg_shapes[:n]]
+  whole, _ = _plan(equations, indices, actual)
+  whole |= set(body.returns)  # returned whole: gathered if sharded
+  _, labels_of = _plan_with(equations, indices, actual, whole)
+  arg_shardings = tuple(
+      NamedSharding(mesh, PartitionSpec(*[_entry(a) for a in spec])) for spec in actual
+  ) + (NamedSharding(mesh, PartitionSpec()),) * body.extras  # the finish's: replicated
+  active = tuple(a for a, size in mesh_shape.items() if size > 1)
 
   def lower(*operands):
-    pieces, k = [], 0
-    for equation, n, axes, shape in zip(equations, counts, label_axes, shapes):
+    operands = list(operands)
+    groups: dict[tuple, list[int]] = {}
+    for u in sorted(whole):
+      if any(actual[u]):
+        groups.setdefault(tuple(a for axes in actual[u] for a in axes), []).append(u)
+    full = {}
+    for members in groups.values():
+      full.update(_gather_whole(operands, members, actual, mesh))
+    pieces = []
+    for equation, term, labels, shape in zip(equations, indices, labels_of, shapes):
       inputs, output = _parse(equation)
-      local = jnp.einsum(equation, *operands[k : k + n], precision=jax.lax.Precision.HIGHEST)
-      k += n
+      local_operands = [
+          _local_block(full.get(u, operands[u]), [labels.get(c, ()) for c in operand], mesh_shape)
+          if u in whole else operands[u]
+          for operand, u in zip(inputs, term)
+      ]
+      local = jnp.einsum(equation, *local_operands, precision=jax.lax.Precision.HIGHEST)
       local = local.astype(body.dtype)
       if local.shape != tuple(shape):
-        starts = [_local_offset(size, axes[c], mesh_shape) for c, size in zip(output, shape)]
+        starts = [_local_offset(size, labels.get(c, ()), mesh_shape) for c, size in zip(output, shape)]
         local = jax.lax.dynamic_update_slice(jnp.zeros(shape, body.dtype), local, starts)
-      used = {a for c in set("".join(inputs)) for a in axes.get(c, ())}
+      used = {a for c in set("".join(inputs)) for a in labels.get(c, ())}
       for axis in active:
         if axis not in used:  # a replica of the same block: count it once
           local = local * (jax.lax.axis_index(axis) == 0).astype(body.dtype)
       pieces.append(local.reshape(-1))
     packed = jnp.concatenate(pieces)
     packed = jax.lax.psum(packed, active) if active else packed
-    return body.finish(packed, *operands[len(operands) - extras :])
+    result = body.finish(packed, *operands[n:])
+    if not body.returns:
+      return result
+    return (result,) + tuple(full.get(u, operands[u]) for u in body.returns)
 
   return mesh, lower, _replicated_like(mesh, result_shape), arg_shardings
+
+
+def _plan_with(equations, indices, actual, whole):
+  """The label axes of every term once ``whole`` is fixed (see :func:`_plan`)."""
+  labels_of = []
+  for equation, term in zip(equations, indices):
+    labels: dict[str, tuple[str, ...]] = {}
+    for operand, u in zip(_parse(equation)[0], term):
+      if u not in whole:
+        for label, axes in zip(operand, actual[u]):
+          labels.setdefault(label, axes)
+    used: set[str] = set()
+    for label in list(labels):
+      if used.intersection(labels[label]):
+        labels[label] = ()
+      used.update(labels[label])
+    labels_of.append(labels)
+  return whole, labels_of
 
 
 def _replicated_like(mesh, result_shape):
@@ -122,13 +204,13 @@ def _replicated_like(mesh, result_shape):
   return jax.tree.map(lambda _: replicated, result_shape)
 
 
-def _replicated(equations, counts, shapes, body, mesh, arg_shapes, result_shape):
-  del equations, counts, shapes, body, arg_shapes
+def _replicated(equations, indices, shapes, body, mesh, arg_shapes, result_shape):
+  del equations, indices, shapes, body, arg_shapes
   return _replicated_like(mesh, result_shape)
 
 
-def _rule(equations, counts, shapes, body, mesh, arg_shapes, result_shape) -> str:
-  del equations, counts, shapes, body, mesh
+def _rule(equations, indices, shapes, body, mesh, arg_shapes, result_shape) -> str:
+  del equations, indices, shapes, body, mesh
   # Every axis its own factor: the op follows its operands' shardings and never
   # asks the partitioner to reshard the large ones; each result is free to be
   # sliced into whatever sharding its users want (a local slice of a replica).
@@ -141,10 +223,11 @@ def _rule(equations, counts, shapes, body, mesh, arg_shapes, result_shape) -> st
 class _Body(NamedTuple):
   """What the op runs besides the contractions (static; compared by identity)."""
 
-  fused: Callable[..., jax.Array]  # the terms' operands -> the packed sums
+  fused: Callable[..., jax.Array]  # every term's operands, in order -> the packed sums
   finish: Callable[..., jax.Array]  # (packed sums, *extras) -> the op's result
   dtype: Any
   extras: int
+  returns: tuple[int, ...] = ()  # operands (unique positions) also returned, whole
 
   def __hash__(self):
     return id(self)
@@ -154,9 +237,13 @@ class _Body(NamedTuple):
 
 
 @functools.partial(custom_partitioning, static_argnums=(0, 1, 2, 3))
-def _packed(equations, counts, shapes, body, *operands):
+def _packed(equations, indices, shapes, body, *operands):
   n = len(operands) - body.extras
-  return body.finish(body.fused(*operands[:n]).astype(body.dtype), *operands[n:])
+  per_term = [operands[u] for term in indices for u in term]
+  result = body.finish(body.fused(*per_term).astype(body.dtype), *operands[n:])
+  if not body.returns:
+    return result
+  return (result,) + tuple(operands[u] for u in body.returns)
 
 
 _packed.def_partition(
@@ -176,12 +263,14 @@ def packed_sums(
     fused: Callable[..., jax.Array] | None = None,
     finish: Callable[..., jax.Array] | None = None,
     extras: Sequence[jax.Array] = (),
-) -> jax.Array:
+    returns: Sequence[tuple[int, int]] = (),
+) -> Any:
   """Every term's ``einsum(equation, *operands)``, flattened and packed, in one op.
 
   Args:
     terms: ``(equation, operands)`` pairs; explicit labels and ``->`` (for
-      example ``"io,i,o->"``), the kernel first among the operands.
+      example ``"io,i,o->"``), the kernel first among the operands. An array
+      used by several terms is one operand of the op.
     fused: optional ``fused(*operands) -> packed`` (every term's operands in
       order; the same packed vector): the same sums in fewer operations, used
       on one device and wherever nothing is sharded.
@@ -191,29 +280,44 @@ def packed_sums(
       arrays is several results, each sliced where its users need it (one
       packed vector would be sharded as a whole and sliced with collectives).
     extras: small arrays ``finish`` needs (a damping), replicated.
+    returns: ``(term, operand)`` positions of operands to return whole as well
+      (vectors sharded otherwise than their kernel, gathered in the same
+      all-gather as the op's own; replicated).
 
   Returns:
     The packed vector (the terms' results flattened one after the other), or
     ``finish`` of it (an array or a tuple of arrays); replicated on a mesh.
+    With ``returns``: ``(result, *operands)``.
   """
-  equations = tuple(e.replace(" ", "") for e, _ in terms)
-  operands = [x for _, ops in terms for x in ops]
-  if not operands:
+  if not terms:
     raise ValueError("packed_sums needs at least one term")
-  counts = tuple(len(ops) for _, ops in terms)
-  dtype = jnp.result_type(*operands)
+  equations = tuple(e.replace(" ", "") for e, _ in terms)
+  dtype = jnp.result_type(*[x for _, ops in terms for x in ops])
+  unique: list[jax.Array] = []
+  position: dict[int, int] = {}
+  indices = []
+  for _, ops in terms:
+    term = []
+    for x in ops:
+      if id(x) not in position:
+        position[id(x)] = len(unique)
+        unique.append(x)
+      term.append(position[id(x)])
+    indices.append(tuple(term))
+  indices = tuple(indices)
   shapes = tuple(
       jax.eval_shape(lambda *o, e=e: jnp.einsum(e, *o), *ops).shape for e, ops in terms
   )
 
   def default(*ops):
     out, k = [], 0
-    for e, n in zip(equations, counts):
-      out.append(jnp.einsum(e, *ops[k : k + n], precision=jax.lax.Precision.HIGHEST).reshape(-1))
-      k += n
+    for e, term in zip(equations, indices):
+      out.append(
+          jnp.einsum(e, *ops[k : k + len(term)], precision=jax.lax.Precision.HIGHEST).reshape(-1)
+      )
+      k += len(term)
     return jnp.concatenate(out)
 
-  body = _Body(fused or default, finish or (lambda packed: packed), dtype, len(extras))
-  return _packed(
-      equations, counts, shapes, body, *[x.astype(dtype) for x in operands], *extras
-  )
+  returned = tuple(indices[t][o] for t, o in returns)
+  body = _Body(fused or default, finish or (lambda packed: packed), dtype, len(extras), returned)
+  return _packed(equations, indices, shapes, body, *[x.astype(dtype) for x in unique], *extras)

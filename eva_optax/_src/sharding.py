@@ -16,6 +16,7 @@ caller's shardings, which :func:`eva_optax.state_shardings` gives.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import jax
@@ -60,14 +61,20 @@ def statistic_spec(
     kernel_ndim: int,
     layout: KernelLayout,
     name: str,
+    mesh_shape: dict[str, int] | None = None,
+    length: int | None = None,
 ) -> PartitionSpec:
   """Where a layer's statistic ``name`` lives, from its kernel's ``PartitionSpec``.
 
   ā (``input_mean``): the stack axes, then the input axes merged; ḡ
   (``output_grad_mean``): the stack axes, then the output axes merged; any
   other per-layer entry (a factor, an inverse): the stack axes, replicated
-  over its matrix axes. Replicated when the kernel is, or for a grouped
-  convolution (whose stack axis is cut out of the output axis).
+  over its matrix axes. A vector (ā, ḡ of ``length`` entries) is then split
+  further over the other mesh axes (``mesh_shape``), as far as its length
+  divides: it is on no more devices than needed, and the
+  rule gathers every such vector of the model in one all-gather
+  (:mod:`eva_optax.sharded_sums`). Replicated when the kernel is, or for a
+  grouped convolution (whose stack axis is cut out of the output axis).
   """
   if kernel_spec is None or layout.groups > 1:
     return PartitionSpec()
@@ -77,11 +84,23 @@ def statistic_spec(
   stack = ordered[: layout.stack_ndim]
   inputs = ordered[layout.stack_ndim : kernel_ndim - layout.output_ndim]
   outputs = ordered[kernel_ndim - layout.output_ndim :]
-  if name == INPUT_MEAN:
-    return PartitionSpec(*stack, merged(inputs))
-  if name == OUTPUT_GRAD_MEAN:
-    return PartitionSpec(*stack, merged(outputs))
-  return PartitionSpec(*stack)
+  if name not in (INPUT_MEAN, OUTPUT_GRAD_MEAN):
+    return PartitionSpec(*stack)
+  entry = merged(inputs if name == INPUT_MEAN else outputs)
+  if mesh_shape and length:
+    axes = list(_axes(entry))
+    for axis, size in mesh_shape.items():
+      shards = math.prod(mesh_shape[a] for a in axes) * size
+      if axis not in axes and size > 1 and length % shards == 0:
+        axes.append(axis)
+    entry = None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+  return PartitionSpec(*stack, entry)
+
+
+def _axes(entry: Any) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
 
 
 def place(params: Any, state: Any, specs: Any = None) -> Any:
