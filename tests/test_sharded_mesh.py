@@ -4,14 +4,12 @@ A decoder with Flax logical axis names (``examples.harness.sharded``) on 8 host
 devices, under tensor parallelism (data 2 × model 4) and FSDP (data 8). Counted
 in the compiled step, load-independent: the collectives each optimizer adds to
 SGD's, at two depths (a per-layer collective would show as a slope); none of
-them the size of an activation or a kernel. Then the numbers: three steps on
-the mesh equal three on one device, and the state's shardings follow the
-kernels.
+them the size of an activation or a kernel. Then where the state lives: its
+shardings follow the kernels, and the optax recipes give them. That the steps
+equal one device's is ``test_sharded_equality.py``.
 """
 
 from __future__ import annotations
-
-import functools
 
 import flax.linen as nn
 import jax
@@ -19,88 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 import eva_optax
-from examples.harness import compiled_ops, sharded
+from examples.harness import compiled_ops
+from sharded_setup import DEVICES, LARGE, MESHES, model as _model, setup as _setup, tokens as _tokens
 
-DEVICES = 8
 pytestmark = pytest.mark.skipif(
     jax.device_count() < DEVICES, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8"
 )
-
-VOCAB, D_MODEL, HEADS, MLP, SEQ, BATCH = 32, 128, 4, 256, 16, 64
-MESHES = {"tp": (2, 4), "fsdp": (8, 1)}
-OPTIMIZERS = {
-    "sgd": (lambda: optax.sgd(0.1, momentum=0.9), None),
-    "eva": (lambda: eva_optax.eva(0.1, weight_decay=1e-3), eva_optax.EVA_STATISTICS),
-    "eva_foof": (lambda: eva_optax.eva_foof(0.1), eva_optax.EVA_FOOF_STATISTICS),
-    "kfac": (lambda: eva_optax.kfac(0.1, inverse_every=2), eva_optax.KFAC_STATISTICS),
-    # ε well above float32 rounding of the statistics: with a tiny ε the float32 roots of
-    # nearly singular statistics amplify the order of the sums (2.4e-5 apart on FSDP at
-    # the default 1e-6).
-    "shampoo": (lambda: eva_optax.shampoo(0.1, damping=1e-4), None),
-}
-# A kernel, or an activation (batch × seq × width over 8 devices), is at least this large.
-LARGE = D_MODEL * D_MODEL
-assert BATCH * SEQ * D_MODEL // DEVICES >= LARGE
-
-
-def _model(layers: int) -> sharded.Decoder:
-  return sharded.Decoder(VOCAB, D_MODEL, HEADS, MLP, layers, max_len=SEQ)
-
-
-def _tokens(seed: int) -> jax.Array:
-  return jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, (BATCH, SEQ + 1)), jnp.int32)
-
-
-def _step(model, name):
-  make, statistics = OPTIMIZERS[name]
-  tx = make()
-  loss_fn = sharded.next_token_loss(model)
-
-  def step(params, state, tokens):
-    if statistics is None:
-      grads = jax.grad(loss_fn)(params, tokens)
-      updates, state = tx.update(grads, state, params)
-    else:
-      extra = {}
-      if name == "kfac":
-        extra["factors_due"] = eva_optax.factors_due(state)
-      grad_fn = eva_optax.value_and_grad(loss_fn, statistics=statistics)
-      _, grads, stats = grad_fn(params, tokens, **extra)
-      updates, state = tx.update(grads, state, params, stats=stats)
-    return optax.apply_updates(params, updates), state
-
-  return tx, step
-
-
-@functools.lru_cache(maxsize=None)
-def _setup(parallelism: str, layers: int, name: str):
-  """The compiled step on the mesh, its params, state and shardings."""
-  model = _model(layers)
-  mesh = sharded.make_mesh(MESHES[parallelism])
-  rules = sharded.RULES[parallelism]
-  tokens = _tokens(0)
-  tx, step = _step(model, name)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(model.init, jax.random.key(0), tokens[:, :-1])["params"]
-    param_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-    init = lambda k: nn.unbox(model.init(k, tokens[:, :-1])["params"])
-    params = jax.jit(init, out_shardings=param_shardings)(jax.random.key(0))
-    state_shardings = eva_optax.state_shardings(tx, params)
-    state = jax.jit(tx.init, out_shardings=state_shardings)(params)
-    batch = NamedSharding(mesh, P("data"))
-    jitted = jax.jit(
-        step,
-        in_shardings=(param_shardings, state_shardings, batch),
-        out_shardings=(param_shardings, state_shardings),
-    )
-    compiled = jitted.lower(params, state, tokens).compile()
-  return dict(
-      mesh=mesh, rules=rules, tx=tx, step=step, jitted=jitted, compiled=compiled, params=params,
-      state=state, param_shardings=param_shardings, state_shardings=state_shardings, batch=batch,
-  )
 
 
 def _collectives(parallelism, layers, name):
@@ -149,42 +74,6 @@ def test_sgd_has_collectives_to_compare_with():
   # at depth 2 than at depth 1.
   for parallelism in MESHES:
     assert len(_collectives(parallelism, 2, "sgd")) > len(_collectives(parallelism, 1, "sgd")) > 0
-
-
-def _run(setup, steps=3):
-  params, state = setup["params"], setup["state"]
-  with jax.default_matmul_precision("highest"):
-    for s in range(steps):
-      params, state = setup["jitted"](params, state, jax.device_put(_tokens(s + 1), setup["batch"]))
-  return params
-
-
-@functools.lru_cache(maxsize=None)
-def _one_device(name: str, layers: int = 1):
-  model = _model(layers)
-  tokens = _tokens(0)
-  tx, step = _step(model, name)
-  params = nn.unbox(model.init(jax.random.key(0), tokens[:, :-1])["params"])
-  state = tx.init(params)
-  jitted = jax.jit(step)
-  with jax.default_matmul_precision("highest"):
-    for s in range(3):
-      params, state = jitted(params, state, _tokens(s + 1))
-  return params
-
-
-@pytest.mark.parametrize("parallelism", sorted(MESHES))
-@pytest.mark.parametrize("name", ["eva", "eva_foof", "kfac", "shampoo"])
-def test_sharded_steps_equal_one_device(parallelism, name):
-  got, want = _run(_setup(parallelism, 1, name)), _one_device(name)
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
-    assert np.linalg.norm(g - w) <= 1e-5 * np.linalg.norm(w), np.linalg.norm(g - w) / np.linalg.norm(w)
-  moved = max(
-      float(np.abs(np.asarray(g) - np.asarray(w)).max())
-      for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(_setup(parallelism, 1, name)["params"]))
-  )
-  assert moved > 1e-3  # the steps did something
 
 
 def _spec(sharding) -> tuple:
