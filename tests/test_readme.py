@@ -167,7 +167,18 @@ def _check_nnx(ns):
 
 
 #: What each block promises, checked after it runs: {piece of the block: check}.
+def _check_sharded(ns):
+  """The tensor-parallel step ran, and Eva's statistics sit where the kernels are."""
+  assert np.isfinite(float(ns["loss"]))
+  eva_state = ns["opt_state"][0]
+  up = eva_state.output_grad_mean["block0"]["up"]  # ḡ of a kernel whose outputs are split
+  assert "model" in jax.tree.leaves(tuple(up.sharding.spec))
+  kernel = ns["params"]["block0"]["up"]["kernel"]
+  assert kernel.sharding.is_equivalent_to(ns["param_sharding"]["block0"]["up"]["kernel"], 2)
+
+
 CHECKS = {
+    "eva_optax.state_shardings(tx, params)": _check_sharded,
     "def train_step(params, opt_state, x, y)": _check_quickstart,
     "eva_optax.kfac(": _check_finite_step,
     "eva_optax.scale_by_eva(learning_rate=lr)": _check_chain,
