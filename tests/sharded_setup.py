@@ -17,9 +17,10 @@ from examples.harness import sharded
 DEVICES = 8
 # Wide enough that a kernel or an activation dwarfs the statistics (the traffic checks);
 # SMALL: the equality checks, where only the numbers matter.
-VOCAB, D_MODEL, HEADS, MLP, SEQ, BATCH = 32, 128, 4, 256, 16, 64
-SMALL = dict(d_model=32, mlp=64, seq=8, batch=16)
-MESHES = {"tp": (2, 4), "fsdp": (8, 1)}
+VOCAB, D_MODEL, HEADS, MLP, SEQ, BATCH = 32, 128, 8, 256, 16, 64
+SMALL = dict(d_model=32, heads=4, mlp=64, seq=8, batch=16)
+MESHES = {"tp": (2, 4), "fsdp": (8, 1), "model": (1, 8)}
+RULES = {"tp": "tp", "fsdp": "fsdp", "model": "tp"}  # model: tensor parallel on 8
 OPTIMIZERS = {
     "sgd": (lambda: optax.sgd(0.1, momentum=0.9), None),
     "eva": (lambda: eva_optax.eva(0.1, weight_decay=1e-3), eva_optax.EVA_STATISTICS),
@@ -37,7 +38,7 @@ assert BATCH * SEQ * D_MODEL // DEVICES >= LARGE
 
 def model(layers: int, small: bool = False) -> sharded.Decoder:
   if small:
-    return sharded.Decoder(VOCAB, SMALL["d_model"], HEADS, SMALL["mlp"], layers, SMALL["seq"])
+    return sharded.Decoder(VOCAB, SMALL["d_model"], SMALL["heads"], SMALL["mlp"], layers, SMALL["seq"])
   return sharded.Decoder(VOCAB, D_MODEL, HEADS, MLP, layers, max_len=SEQ)
 
 
@@ -79,7 +80,7 @@ def _setup(parallelism: str, layers: int, name: str, small: bool, quick: bool):
   del quick  # part of the cache key only
   decoder = model(layers, small)
   mesh = sharded.make_mesh(MESHES[parallelism])
-  rules = sharded.RULES[parallelism]
+  rules = sharded.RULES[RULES[parallelism]]
   first = tokens(0, small)
   tx, step = step_fn(decoder, name)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

@@ -40,6 +40,7 @@ from eva_optax._src.statistics import (
     statistic_shapes,
 )
 from eva_optax._src.running_average import update_running_average
+from eva_optax._src.sharded_sums import wall
 from jax.sharding import PartitionSpec
 
 from eva_optax._src.sharding import (
@@ -254,6 +255,14 @@ def update_averages(
           f"{who}: statistics for {orphans}, but the updates have no parameters"
           " there: the stats come from another model or another nesting of the params"
       )
+  # The captured values, all at once through a wall for sharding propagation
+  # (sharded_sums.wall): the state's split must not reach back into the capture.
+  names = {
+      path: [n for n in averages if getattr(entries[path], n, None) is not None]
+      for path in slots if isinstance(entries.get(path), LayerStats)
+  }
+  walled = iter(wall([getattr(entries[p], n) for p, ns in names.items() for n in ns]))
+  captured = {p: {n: next(walled) for n in ns} for p, ns in names.items()}
   for path, slot in slots.items():
     entry = entries.get(path)
     if not isinstance(entry, LayerStats):
@@ -268,7 +277,7 @@ def update_averages(
       )
     averaged[path] = {}
     for name in averages:
-      value, stored = getattr(entry, name), old[name][path]
+      value, stored = captured[path][name], old[name][path]
       previous = fit(stored, value.shape, f"{who}: layer {path_str(path)!r}, {name}")
       average = update_running_average(previous, value, stat_decay, count)
       if name in FACTORS:

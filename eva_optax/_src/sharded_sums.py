@@ -55,36 +55,43 @@ def _padded(spec: Any, ndim: int) -> tuple:
   return tuple(_axes(e) for e in tuple(spec)) + ((),) * (ndim - len(tuple(spec)))
 
 
-def _plan(equations, indices, actual):
-  """Which operands are taken whole, and per term the mesh axes of each label.
-
-  A label's axes are those of the first operand of the term that has it and is
-  not whole; an operand whose axes differ from them (or that is returned) is
-  whole: gathered, if sharded, and cut into the block each term needs.
-  """
-  whole = {u for u, spec in enumerate(actual) if not any(spec)}  # replicated: already whole
-  while True:
-    labels_of, changed = [], False
+def _whole(equations, indices, actual) -> set[int]:
+  """The operands taken whole: replicated ones, and every operand whose axes differ
+  from those of the term's first operand with the same label that is not whole (a
+  vector split over more devices than its kernel)."""
+  whole = {u for u, spec in enumerate(actual) if not any(spec)}
+  changed = True
+  while changed:
+    changed = False
     for equation, term in zip(equations, indices):
       labels: dict[str, tuple[str, ...]] = {}
       for operand, u in zip(_parse(equation)[0], term):
         if u in whole:
           continue
         for label, axes in zip(operand, actual[u]):
-          if label not in labels:
-            labels[label] = axes
-          elif labels[label] != axes:
+          if labels.setdefault(label, axes) != axes:
             whole.add(u)
             changed = True
-      # A mesh axis may shard only one label of a term.
-      used: set[str] = set()
-      for label in list(labels):
-        if used.intersection(labels[label]):
-          labels[label] = ()
-        used.update(labels[label])
-      labels_of.append(labels)
-    if not changed:
-      return whole, labels_of
+  return whole
+
+
+def _label_axes(equations, indices, actual, whole) -> list[dict[str, tuple[str, ...]]]:
+  """Per term, the mesh axes of each label: those of its first operand that has it and
+  is not whole; a mesh axis shards at most one label of a term."""
+  labels_of = []
+  for equation, term in zip(equations, indices):
+    labels: dict[str, tuple[str, ...]] = {}
+    for operand, u in zip(_parse(equation)[0], term):
+      if u not in whole:
+        for label, axes in zip(operand, actual[u]):
+          labels.setdefault(label, axes)
+    used: set[str] = set()
+    for label in list(labels):
+      if used.intersection(labels[label]):
+        labels[label] = ()
+      used.update(labels[label])
+    labels_of.append(labels)
+  return labels_of
 
 
 def _local_offset(size: int, axes: tuple[str, ...], mesh_shape: dict[str, int]) -> jax.Array:
@@ -136,9 +143,13 @@ def _partitioned(equations, indices, shapes, body, mesh, arg_shapes, result_shap
   mesh_shape = dict(mesh.shape)
   n = len(arg_shapes) - body.extras
   actual = [_padded(s.sharding.spec, len(s.shape)) for s in arg_shapes[:n]]
-  whole, _ = _plan(equations, indices, actual)
-  whole |= set(body.returns)  # returned whole: gathered if sharded
-  _, labels_of = _plan_with(equations, indices, actual, whole)
+  for u, arg in enumerate(arg_shapes[:n]):
+    if any(size % math.prod(mesh_shape[a] for a in axes) for size, axes in zip(arg.shape, actual[u])):
+      # Split unevenly (the partitioner pads the last block): taken replicated, so
+      # that no padding enters a sum. Correct, at the cost of gathering it.
+      actual[u] = ((),) * len(arg.shape)
+  whole = _whole(equations, indices, actual) | set(body.returns)  # returned: whole too
+  labels_of = _label_axes(equations, indices, actual, whole)
   arg_shardings = tuple(
       NamedSharding(mesh, PartitionSpec(*[_entry(a) for a in spec])) for spec in actual
   ) + (NamedSharding(mesh, PartitionSpec()),) * body.extras  # the finish's: replicated
@@ -179,24 +190,6 @@ def _partitioned(equations, indices, shapes, body, mesh, arg_shapes, result_shap
     return (result,) + tuple(full.get(u, operands[u]) for u in body.returns)
 
   return mesh, lower, _replicated_like(mesh, result_shape), arg_shardings
-
-
-def _plan_with(equations, indices, actual, whole):
-  """The label axes of every term once ``whole`` is fixed (see :func:`_plan`)."""
-  labels_of = []
-  for equation, term in zip(equations, indices):
-    labels: dict[str, tuple[str, ...]] = {}
-    for operand, u in zip(_parse(equation)[0], term):
-      if u not in whole:
-        for label, axes in zip(operand, actual[u]):
-          labels.setdefault(label, axes)
-    used: set[str] = set()
-    for label in list(labels):
-      if used.intersection(labels[label]):
-        labels[label] = ()
-      used.update(labels[label])
-    labels_of.append(labels)
-  return whole, labels_of
 
 
 def _replicated_like(mesh, result_shape):
@@ -321,3 +314,48 @@ def packed_sums(
   returned = tuple(indices[t][o] for t, o in returns)
   body = _Body(fused or default, finish or (lambda packed: packed), dtype, len(extras), returned)
   return _packed(equations, indices, shapes, body, *[x.astype(dtype) for x in unique], *extras)
+
+
+def _wall_partition(body, mesh, arg_shapes, result_shape):
+  del body, result_shape
+  shardings = tuple(s.sharding for s in arg_shapes)  # each result as its operand: no work
+  return mesh, lambda *arrays: tuple(arrays), shardings, shardings
+
+
+def _wall_infer(body, mesh, arg_shapes, result_shape):
+  del body, mesh, result_shape
+  return tuple(s.sharding for s in arg_shapes)
+
+
+def _wall_rule(body, mesh, arg_shapes, result_shape) -> str:
+  del body, mesh, result_shape
+  names = (f"f{i}" for i in range(10**6))
+  side = lambda shapes: ", ".join(" ".join(next(names) for _ in s.shape) for s in shapes)
+  return f"{side(arg_shapes)} -> {side(arg_shapes)}"
+
+
+@functools.partial(custom_partitioning, static_argnums=(0,))
+def _wall_op(body, *arrays):
+  del body
+  return tuple(arrays)
+
+
+_wall_op.def_partition(
+    partition=_wall_partition, infer_sharding_from_operands=_wall_infer, sharding_rule=_wall_rule
+)
+
+
+def wall(arrays: Sequence[jax.Array]) -> list[jax.Array]:
+  """``arrays`` unchanged, and a wall for the partitioner's sharding propagation.
+
+  The captured statistics meet the state (split over the devices) in the running
+  average: left free, the partitioner carries that split back into the capture,
+  and from there into the activations it averages, which it then gathers. Through
+  this op neither side's sharding reaches the other: each array keeps the
+  sharding the capture gave it (a refinement to the state's split is then a local
+  slice). The identity, with no work, on one device as on a mesh.
+  """
+  arrays = list(arrays)
+  if not arrays:
+    return []
+  return list(_wall_op(_Body(None, None, None, 0), *arrays))

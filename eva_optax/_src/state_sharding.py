@@ -60,8 +60,14 @@ def state_shardings(tx: Any, params: Any, shardings: Any = None) -> Any:
     )
   replicated = NamedSharding(mesh, PartitionSpec())
   abstract = jax.eval_shape(tx.init, params)
+  masked = lambda x: isinstance(x, optax.MaskedNode)
   marked = optax.tree_map_params(
-      tx, lambda _, p: p.sharding, abstract, params, transform_non_params=lambda v: v
+      tx,
+      lambda s, p: s if masked(s) else p.sharding,
+      abstract,
+      params,
+      transform_non_params=lambda v: v,
+      is_leaf=masked,  # optax.masked leaves a MaskedNode where a parameter is left out
   )
 
   def sharding_of(node: Any) -> Any:
