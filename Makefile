@@ -101,14 +101,17 @@ corpus:
 demo: install data
 	$(PY) -m examples.autoencoder
 
+# Two workers (pytest-xdist), a test module each at a time: the suite's compiles are mostly
+# single-threaded, so 2 cores run two modules side by side.
 test: REQUIRE_DATA := 0
 test: install data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: REQUIRE_DATA := 0
 bench: install data corpus
 	$(PY) -m benchmarks.step_time
 	$(PY) -m benchmarks.multi_device
+	$(PY) -m benchmarks.sharded
 	$(PY) -m benchmarks.protocol --workload autoencoder --optimizers $(AUTOENCODER_BENCH) --budget-seeds 0
 	$(PY) -m benchmarks.protocol --workload char_lm --optimizers $(CHAR_LM_BENCH) --seeds 0,1 --budget-seeds 0 -- $(CHAR_LM_FLAGS)
 	$(PY) -m benchmarks.protocol --workload classifier --optimizers $(CLASSIFIER_BENCH) --seeds 0 --budget-seeds 0

@@ -50,8 +50,9 @@ steps' losses), the test loss, the median step time after compilation, and the
 collectives of the compiled step by kind
 (``examples.harness.compiled_ops.count_collectives``). ``--out FILE`` writes the same,
 every step's loss included, as JSON. At the defaults on 8 host devices of a 2-core CPU:
-under ``tp`` (2x4) Eva's step has 14 all-reduces, AdamW's 13; under ``fsdp`` (8x1) 32
-all-gathers and 2 all-reduces, AdamW's 32 and 1 (Eva adds one all-reduce).
+under ``tp`` (2x4) Eva's step has 14 all-reduces and 2 all-gathers, AdamW's 13 and 0;
+under ``fsdp`` (8x1) 33 all-gathers and 2 all-reduces, AdamW's 32 and 1 (Eva adds the
+packed all-reduce of its per-layer sums and the all-gather of its split statistics).
 
 Checkpoints (orbax, ``examples.harness.training.save_checkpoint``): with
 ``--checkpoint-dir DIR`` the parameters, the optimizer state and the step are saved at
