@@ -216,3 +216,97 @@ def count_collectives(compiled: Any) -> collections.Counter:
     counts = collections.Counter({k: 0 for k in COLLECTIVES})
     counts.update(c.kind for c in collectives(compiled))
     return counts
+
+
+# ---------------------------------------------------------------------------------- groups
+
+_GROUPS = re.compile(r"replica_groups=(\{\{[\d,{} ]*\}\}|\{\}|\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?"
+                     r"|mesh\[[^\]]*\]\s*\{[^}]*\})")
+_PAIRS = re.compile(r"source_target_pairs=\{([\d,{} ]*)\}")
+_PARTITIONS = re.compile(r"\bnum_partitions=(\d+)")
+
+
+def _iota_group(spec: str) -> list[int]:
+    """The first group of an iota list ``[G,S]<=[d0,d1,...]T(perm)``."""
+    import numpy as np
+
+    match = re.fullmatch(r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", spec)
+    shape = [int(x) for x in match.group(1).split(",")]
+    ids = np.arange(math.prod(int(x) for x in match.group(2).split(",")))
+    ids = ids.reshape([int(x) for x in match.group(2).split(",")])
+    if match.group(3):
+        ids = ids.transpose([int(x) for x in match.group(3).split(",")])
+    return [int(i) for i in ids.reshape(shape[0], -1)[0]]
+
+
+def _mesh_group(spec: str) -> list[int]:
+    """The first group of a mesh list ``mesh['a'=2,'b'=4] {'a'}`` (device ids in the mesh's
+    row-major order; a sub-axis ``'a':(pre)size`` varies the middle part of ``a``)."""
+    import numpy as np
+
+    sizes = [(name, int(size)) for name, size in re.findall(r"'([^']+)'=(\d+)", spec)]
+    chosen = spec[spec.rindex("{"):]
+    shape: list[int] = []
+    varying: list[bool] = []
+    for name, size in sizes:
+        sub = re.search(rf"'{re.escape(name)}'(?::\((\d+)\)(\d+))?", chosen)
+        if sub is None:
+            shape.append(size)
+            varying.append(False)
+        elif sub.group(1) is None:
+            shape.append(size)
+            varying.append(True)
+        else:
+            pre, mid = int(sub.group(1)), int(sub.group(2))
+            shape += [pre, mid, size // (pre * mid)]
+            varying += [False, True, False]
+    ids = np.arange(math.prod(shape)).reshape(shape)
+    index = tuple(slice(None) if v else 0 for v in varying)
+    return [int(i) for i in ids[index].reshape(-1)]
+
+
+def replica_group(text: str, num_devices: int) -> list[int]:
+    """The devices (ids in the program's device assignment) of the first group of a collective
+    instruction's text: every group of a collective has the same size, so this is the size of
+    its group and, on a mesh, the mesh axes it spans. ``replica_groups={}`` is every device;
+    a ``collective-permute`` is the devices of its source-target pairs."""
+    pairs = _PAIRS.search(text)
+    if pairs:
+        return sorted({int(i) for i in re.findall(r"\d+", pairs.group(1))})
+    match = _GROUPS.search(text)
+    if match is None or match.group(1) == "{}":
+        return list(range(num_devices))
+    spec = match.group(1)
+    if spec.startswith("{{"):
+        return [int(i) for i in re.findall(r"\d+", spec[2:spec.index("}")])]
+    if spec.startswith("["):
+        return _iota_group(spec)
+    return _mesh_group(spec)
+
+
+class GroupedCollective(NamedTuple):
+    """A :class:`Collective` and the devices of its first replica group."""
+
+    kind: str
+    elements: int
+    bytes: int
+    group: tuple[int, ...]
+
+
+def grouped_collectives(compiled: Any) -> list[GroupedCollective]:
+    """:func:`collectives` with the first replica group of each (:func:`replica_group`); the
+    number of devices is the module's ``num_partitions`` (1 if it does not say)."""
+    text = _text(compiled)
+    match = _PARTITIONS.search(text.split("\n", 1)[0])
+    num_devices = int(match.group(1)) if match else 1
+    found, _ = computations(text)
+    out = []
+    for instructions in found.values():
+        for instruction in instructions:
+            op = instruction.opcode.removesuffix("-start")
+            if op in COLLECTIVES and not instruction.opcode.endswith("-done"):
+                out.append(GroupedCollective(
+                    op, *_elements_and_bytes(instruction),
+                    tuple(replica_group(instruction.text, num_devices)),
+                ))
+    return out
