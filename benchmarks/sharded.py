@@ -969,30 +969,25 @@ def state_markdown(records: Sequence[dict[str, Any]]) -> list[str]:
     depth = _full_depth(rs)
     meshes = _order(rs, "mesh")
     head = " | ".join(MESHES[m].label for m in meshes)
-    lines = [
+
+    def table(title: str, cell: Any) -> list[str]:
+        """One row per optimizer, one column per mesh: ``cell(record)`` at ``depth``."""
+        rows = [title, "", f"| optimizer | {head} |", "|---|" + "---:|" * len(meshes)]
+        for opt in _order(rs, "optimizer"):
+            cells = [_cell(_find(rs, mesh=m, depth=depth, optimizer=opt), cell) for m in meshes]
+            rows.append(f"| {opt} | " + " | ".join(cells) + " |")
+        return rows
+
+    lines = table(
         f"Optimizer state per device, kB (all devices' bytes / the logical size: 1 is fully "
         f"sharded, {DEVICES} replicated), depth {depth}:",
-        "",
-        f"| optimizer | {head} |",
-        "|---|" + "---:|" * len(meshes),
-    ]
-    for opt in _order(rs, "optimizer"):
-        cells = [_cell(_find(rs, mesh=m, depth=depth, optimizer=opt), lambda r: (
-            f"{_kb(r['state']['per_device'])} (x{r['state']['ratio']:.2f})")) for m in meshes]
-        lines.append(f"| {opt} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
+        lambda r: f"{_kb(r['state']['per_device'])} (x{r['state']['ratio']:.2f})",
+    )
+    lines += [""] + table(
         f"Compiled operations (`total_ops`) and step time on the {DEVICES} host devices "
         f"(CPU, ms; median over rounds), depth {depth}:",
-        "",
-        f"| optimizer | {head} |",
-        "|---|" + "---:|" * len(meshes),
-    ]
-    for opt in _order(rs, "optimizer"):
-        cells = [_cell(_find(rs, mesh=m, depth=depth, optimizer=opt), lambda r: (
-            f"{r['total_ops']} ops, " + (f"{r['step_ms']:.1f} ms" if "step_ms" in r else "-")))
-            for m in meshes]
-        lines.append(f"| {opt} | " + " | ".join(cells) + " |")
+        lambda r: f"{r['total_ops']} ops, " + (f"{r['step_ms']:.1f} ms" if "step_ms" in r else "-"),
+    )
     return lines + [""]
 
 

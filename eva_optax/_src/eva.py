@@ -105,7 +105,8 @@ def sherman_morrison_layers(
       + [(f"{t}io,{t}io->{t}", (k, k)) for t, k in zip(stacks, kernels)]
       + [(f"{t}i,{t}i->{t}", (x, x)) for t, x in zip(stacks, a)]
       + [(f"{t}o,{t}o->{t}", (y, y)) for t, y in zip(stacks, g)]
-      + [(f"{t}o,{t}o->{t}", (b, y if b is not z else z)) for t, b, y, z in zip(stacks, b_or_0, g, zero)]
+      # A layer without a bias: zeros for both (ḡ would be gathered for nothing).
+      + [(f"{t}o,{t}o->{t}", (b, y) if h else (b, b)) for t, b, y, h in zip(stacks, b_or_0, g, with_bias)]
       + [(f"{t}o,{t}o->{t}", (b, b)) for t, b in zip(stacks, b_or_0)]
   )
 
@@ -140,7 +141,7 @@ def sherman_morrison_layers(
   )
   s = kernel_dot + bias_dot
   grad_sq = kernel_sq + bias_sq
-  has_bias = segments.indicator([b is not None for b in biases])
+  has_bias = segments.indicator(with_bias)
   coef = s / ((a_sq + has_bias) * g_sq + damping)
   kernel, bias = [], []
   for l, (k, b, x, y) in enumerate(zip(kernels, biases, a, g)):

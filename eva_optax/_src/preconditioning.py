@@ -14,9 +14,9 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import optax
+from jax.sharding import PartitionSpec
 
 from eva_optax._src import kl
 from eva_optax._src.hyper import check_period, check_range, value_at
@@ -41,8 +41,6 @@ from eva_optax._src.statistics import (
 )
 from eva_optax._src.running_average import update_running_average
 from eva_optax._src.sharded_sums import wall
-from jax.sharding import PartitionSpec
-
 from eva_optax._src.sharding import (
     is_placeholder,
     not_params_shaped,
@@ -470,7 +468,6 @@ def layerwise_transformation(
   gated = any(name in FACTORS for name in statistics)
   LAYERWISE_STATES.add(state_cls)
 
-  by_layer = _by_layer
 
   def by_name(per_layer: dict[Path, dict[str, Any]]) -> dict[str, Any]:
     """``{path: {name: array}}`` → ``{name: tree keyed by path}``."""
@@ -530,7 +527,7 @@ def layerwise_transformation(
     if isinstance(stats_every, jax.core.Tracer) or int(stats_every) != 1:
       take = count % stats_every == 0
       averages = jax.tree.map(lambda n, o: jnp.where(take, n, o), averages, old)
-      current = by_layer(averages)
+      current = _by_layer(averages)
       averaged = {
           p: {n: fit(current[p][n], v.shape, who) for n, v in averaged[p].items()}
           for p in averaged
@@ -540,7 +537,7 @@ def layerwise_transformation(
     if gated:
       fields["gate"] = FactorGate(next_count % stats_every == 0)
     if refresh is not None:
-      stored = by_layer(state.cache)
+      stored = _by_layer(state.cache)
       fresh_shapes = {p: jax.eval_shape(refresh, v, gamma) for p, v in averaged.items()}
 
       def refreshed():
@@ -551,7 +548,7 @@ def layerwise_transformation(
 
       cache = jax.lax.cond(count % refresh_every == 0, refreshed, lambda: state.cache)
       fields["cache"] = cache
-      cached = by_layer(cache)
+      cached = _by_layer(cache)
       averaged = {
           p: {
               **averaged[p],

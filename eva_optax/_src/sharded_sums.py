@@ -316,27 +316,26 @@ def packed_sums(
   return _packed(equations, indices, shapes, body, *[x.astype(dtype) for x in unique], *extras)
 
 
-def _wall_partition(body, mesh, arg_shapes, result_shape):
-  del body, result_shape
+def _wall_partition(mesh, arg_shapes, result_shape):
+  del result_shape
   shardings = tuple(s.sharding for s in arg_shapes)  # each result as its operand: no work
   return mesh, lambda *arrays: tuple(arrays), shardings, shardings
 
 
-def _wall_infer(body, mesh, arg_shapes, result_shape):
-  del body, mesh, result_shape
+def _wall_infer(mesh, arg_shapes, result_shape):
+  del mesh, result_shape
   return tuple(s.sharding for s in arg_shapes)
 
 
-def _wall_rule(body, mesh, arg_shapes, result_shape) -> str:
-  del body, mesh, result_shape
+def _wall_rule(mesh, arg_shapes, result_shape) -> str:
+  del mesh, result_shape
   names = (f"f{i}" for i in range(10**6))
   side = lambda shapes: ", ".join(" ".join(next(names) for _ in s.shape) for s in shapes)
   return f"{side(arg_shapes)} -> {side(arg_shapes)}"
 
 
-@functools.partial(custom_partitioning, static_argnums=(0,))
-def _wall_op(body, *arrays):
-  del body
+@custom_partitioning
+def _wall_op(*arrays):
   return tuple(arrays)
 
 
@@ -358,4 +357,4 @@ def wall(arrays: Sequence[jax.Array]) -> list[jax.Array]:
   arrays = list(arrays)
   if not arrays:
     return []
-  return list(_wall_op(_Body(None, None, None, 0), *arrays))
+  return list(_wall_op(*arrays))
