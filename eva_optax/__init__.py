@@ -16,6 +16,7 @@ name in ``<module>.STATISTICS``, e.g.
 ``value_and_grad(loss_fn, statistics=eva_optax.KFAC_STATISTICS)``.
 """
 
+from eva_optax._src.capture import PassThroughWarning
 from eva_optax._src.linen_capture import value_and_grad
 from eva_optax._src.describe import describe
 from eva_optax._src.eva import STATISTICS as EVA_STATISTICS
@@ -48,6 +49,7 @@ __all__ = [
     "KernelLayout",
     "LayerStats",
     "PassThrough",
+    "PassThroughWarning",
     "ScaleByEvaFoofState",
     "ScaleByEvaShampooState",
     "ScaleByEvaState",

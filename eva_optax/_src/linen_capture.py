@@ -28,6 +28,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import flax
 import flax.linen as nn
 import jax
+from flax import nnx
 import jax.numpy as jnp
 
 from eva_optax._src import capture
@@ -190,19 +191,54 @@ def _inject(params: Any, probes: dict[Path, dict[str, Any]]) -> Any:
   return tree
 
 
+def _check_params(params: Any, argnums: int) -> None:
+  """The differentiated argument must be the 'params' collection (a dict)."""
+  if isinstance(params, (dict, flax.core.FrozenDict)):
+    return
+  which = "its first argument" if argnums == 0 else f"the argument argnums={argnums}"
+  if isinstance(params, nnx.Module):
+    raise TypeError(
+        f"eva_optax.value_and_grad is the Linen capture: {which} must be the"
+        f" 'params' collection (a dict), and it got an NNX module"
+        f" ({type(params).__name__}). For NNX models use"
+        " eva_optax.nnx_value_and_grad(loss_fn), with loss_fn(model, ...), and"
+        " pass its stats on: optimizer.update(model, grads, stats=stats)"
+    )
+  raise TypeError(
+      f"eva_optax.value_and_grad differentiates {which}, which must be the"
+      f" 'params' collection (a dict); got {type(params).__name__}"
+  )
+
+
+def _check_not_whole_variables(seen: dict[Path, _Seen], leaves: dict[Path, Any]) -> None:
+  """The differentiated tree is the 'params' collection, not the whole variables
+  dict: with ``{'params': ...}`` at its top, no kernel is where the model's
+  modules are, and every layer would be left without statistics."""
+  direct = [p for p in seen if p + (KERNEL,) in leaves]
+  nested = [p for p in seen if ("params",) + p + (KERNEL,) in leaves]
+  if direct or not nested:
+    return
+  raise ValueError(
+      "eva_optax.value_and_grad differentiates the 'params' collection itself, and"
+      " got the whole variables dict ({'params': ...} at its top): the model's"
+      f" layers ({', '.join(sorted('/'.join(p) for p in nested))}) have their"
+      " kernels under 'params' there, so none would get statistics. Pass"
+      " variables['params'] and rebuild the dict in the loss:"
+      " loss_fn(params, batch) calling model.apply({'params': params,"
+      " **other_collections}, x), grad_fn(variables['params'], batch)"
+  )
+
+
 def _discover(
-    loss_fn: Callable, params: Any, args: tuple, kwargs: dict
+    loss_fn: Callable, params: Any, args: tuple, kwargs: dict, argnums: int = 0
 ) -> tuple[dict[Path, Layer], dict[Path, PassThrough]]:
   """The layers the loss calls, from an abstract pass (no computation)."""
+  _check_params(params, argnums)
   seen: dict[Path, _Seen] = {}
   with nn.intercept_methods(_discovery_interceptor(seen)):
     jax.eval_shape(lambda p: loss_fn(p, *args, **kwargs), params)
-  if not isinstance(params, (dict, flax.core.FrozenDict)):
-    raise TypeError(
-        "eva_optax.value_and_grad differentiates its first argument, which must"
-        f" be the 'params' collection (a dict); got {type(params).__name__}"
-    )
   leaves = dict(flatten_with_paths(params))
+  _check_not_whole_variables(seen, leaves)
   layers: dict[Path, Layer] = {}
   skipped: dict[Path, PassThrough] = {}
   for path, s in seen.items():
@@ -221,6 +257,7 @@ def _discover(
 
 def value_and_grad(
     loss_fn: Callable[..., Any],
+    argnums: int = 0,
     has_aux: bool = False,
     *,
     statistics: Sequence[str] = EVA_STATISTICS,
@@ -234,6 +271,14 @@ def value_and_grad(
       (the mean over the batch), or ``(loss, aux)`` when ``has_aux``. It calls a
       Flax Linen model with ``model.apply({'params': params, ...}, ...)``;
       mutable collections (``batch_stats``) go through ``aux`` as usual.
+      ``params`` is the ``'params'`` collection itself, not the whole
+      variables dict ``{'params': ...}`` (an error: no layer would get
+      statistics).
+    argnums: the position of the argument holding ``params`` among the
+      positional arguments of ``loss_fn`` (an int, default 0), as for
+      :func:`jax.value_and_grad`: with ``argnums=1``, ``loss_fn(batch, params)``
+      and ``grad_fn(batch, params)``. Only that argument is differentiated
+      (one int, not a tuple).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     statistics: which statistics to capture, among ``'input_mean'`` (ā),
       ``'output_grad_mean'`` (ḡ), ``'input_factor'`` (A = E[â âᵀ] over rows,
@@ -259,18 +304,22 @@ def value_and_grad(
       Only A and G depend on it.
 
   Returns:
-    ``grad_fn(params, *args, factors_due=True, **kwargs) -> (value, grads,
-    stats)``. ``factors_due`` (a scalar bool, traced or not; the one keyword
-    ``grad_fn`` keeps for itself) gates the factors A and G: when it is false
-    they are not computed (``lax.cond``) and come back as zeros, which the
-    factor-based optimizers' running averages ignore. Pass
+    ``grad_fn(params, *args, factors_due=True, **kwargs) -> (value, grads, stats)``,
+    ``params`` at position ``argnums``. ``factors_due`` (a scalar bool, traced or
+    not; the one keyword ``grad_fn`` keeps for itself) gates the factors A and G:
+    when it is false they are not computed (``lax.cond``) and come back as zeros,
+    which the factor-based optimizers' running averages ignore. Pass
     :func:`eva_optax.factors_due` of the optimizer state, so that factors are
-    computed exactly on the steps K-FAC / FOOF average them (``stats_every``).
-    The other keyword arguments go to ``loss_fn``. ``value`` is the loss (or ``(loss, aux)``), ``grads`` the gradient w.r.t.
-    ``params`` and ``stats`` a tree keyed by module path (like ``params``)
-    holding a :class:`~eva_optax.LayerStats` per captured layer and a
-    :class:`~eva_optax.PassThrough` per layer seen but not preconditioned. It
-    calls neither ``jit`` nor ``pmap``; wrap it like any JAX function.
+    computed exactly on the steps K-FAC / FOOF average them (``stats_every``). The
+    other keyword arguments go to ``loss_fn``. ``value`` is the loss (or ``(loss,
+    aux)``), ``grads`` the gradient w.r.t. ``params`` and ``stats`` a tree keyed by
+    module path (like ``params``) holding a :class:`~eva_optax.LayerStats` per
+    captured layer and a :class:`~eva_optax.PassThrough` per layer seen but not
+    preconditioned. It calls neither ``jit`` nor ``pmap``; wrap it like any JAX
+    function. The first trace of ``grad_fn`` warns once
+    (:class:`eva_optax.PassThroughWarning`) of the modules owning a kernel that it
+    passes through (``nn.ConvTranspose``, …): their parameters get the plain
+    gradient.
 
   Example::
 
@@ -280,10 +329,16 @@ def value_and_grad(
   """
   statistics = requested(statistics)
   check_factor_rows(factor_rows)
+  front_end = "eva_optax.value_and_grad"
+  argnums = capture.check_argnums(argnums, front_end)
+  warned: set = set()  # the sets of pass-through modules already warned of
 
-  def grad_fn(params: Any, *args: Any, **kwargs: Any):
+  def grad_fn(*args: Any, **kwargs: Any):
+    params, args = capture.move_to_front(args, argnums, front_end)
     due = capture.factors_gate(kwargs.pop(FACTORS_DUE, True), statistics)
-    layers, skipped = _discover(loss_fn, params, args, kwargs)
+    call = lambda p, *a, **k: loss_fn(*capture.put_back(p, a, argnums), **k)
+    layers, skipped = _discover(call, params, args, kwargs, argnums)
+    capture.warn_pass_through(skipped, warned, front_end)
     layers = {p: l._replace(factor_rows=factor_rows) for p, l in layers.items()}
     probes = capture.per_device(
         {path: capture.zero_probes(layer, statistics, due) for path, layer in layers.items()},
@@ -292,7 +347,7 @@ def value_and_grad(
 
     def wrapped(params, probes):
       with nn.intercept_methods(_capture_interceptor(layers, statistics)):
-        out = loss_fn(_inject(params, probes), *args, **kwargs)
+        out = call(_inject(params, probes), *args, **kwargs)
       return capture.loss_and_aux(out, has_aux)
 
     (loss, aux), (grads, probe_grads) = jax.value_and_grad(

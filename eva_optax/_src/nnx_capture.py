@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax.numpy as jnp
@@ -281,6 +282,7 @@ def _probed(layers: dict[Path, tuple[nnx.Module, Layer]], statistics, due, axis_
 
 def nnx_value_and_grad(
     loss_fn: Callable[..., Any],
+    argnums: int = 0,
     has_aux: bool = False,
     *,
     statistics: Sequence[str] = EVA_STATISTICS,
@@ -294,6 +296,10 @@ def nnx_value_and_grad(
       mean over the batch), or ``(loss, aux)`` when ``has_aux``. ``model`` is
       an ``nnx.Module``; updates of its other variables (BatchNorm statistics,
       RNG counts) reach the model, as with :func:`flax.nnx.value_and_grad`.
+    argnums: the position of the model among the positional arguments of
+      ``loss_fn`` (an int, default 0), as for :func:`flax.nnx.value_and_grad`:
+      with ``argnums=1``, ``loss_fn(batch, model)`` and ``grad_fn(batch,
+      model)``. The ``nnx.Param`` variables of that model are differentiated.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     statistics: which statistics to capture, as for
       :func:`eva_optax.value_and_grad` (default ``('input_mean',
@@ -305,18 +311,19 @@ def nnx_value_and_grad(
     factor_rows: what a row of A and G is, as in :func:`eva_optax.value_and_grad`.
 
   Returns:
-    ``grad_fn(model, *args, factors_due=True, **kwargs) -> (value, grads,
-    stats)``: ``value`` the loss (or ``(loss, aux)``), ``grads`` the
-    ``nnx.State`` of the ``nnx.Param`` gradients (as
-    ``nnx.value_and_grad(loss_fn)`` gives), ``stats`` a tree keyed by module
-    path like ``nnx.state(model, nnx.Param)`` holding a
-    :class:`~eva_optax.LayerStats` per ``Linear`` / ``LinearGeneral`` /
-    ``Conv`` / ``Einsum`` called (``kind`` is the NNX class name) and a
-    :class:`~eva_optax.PassThrough` per other module owning an ``nnx.Param``
-    ``kernel`` (``ConvTranspose``, Einsum equations with an ellipsis,
-    ``LinearGeneral`` with ``batch_axis``, layers ``loss_fn`` did not call).
-    ``factors_due`` gates the K-FAC factors, as for
-    :func:`eva_optax.value_and_grad`.
+    ``grad_fn(model, *args, factors_due=True, **kwargs) -> (value, grads, stats)``,
+    ``model`` at position ``argnums``: ``value`` the loss (or ``(loss, aux)``),
+    ``grads`` the ``nnx.State`` of the ``nnx.Param`` gradients (as
+    ``nnx.value_and_grad(loss_fn)`` gives), ``stats`` a tree keyed by module path
+    like ``nnx.state(model, nnx.Param)`` holding a :class:`~eva_optax.LayerStats`
+    per ``Linear`` / ``LinearGeneral`` / ``Conv`` / ``Einsum`` called (``kind`` is
+    the NNX class name) and a :class:`~eva_optax.PassThrough` per other module
+    owning an ``nnx.Param`` ``kernel`` (``ConvTranspose``, Einsum equations with an
+    ellipsis, ``LinearGeneral`` with ``batch_axis``, layers ``loss_fn`` did not
+    call). ``factors_due`` gates the K-FAC factors, as for
+    :func:`eva_optax.value_and_grad`. The first call warns once
+    (:class:`eva_optax.PassThroughWarning`) of the modules owning a kernel that are
+    passed through because of their kind or configuration.
 
   Example::
 
@@ -331,9 +338,13 @@ def nnx_value_and_grad(
   """
   statistics = requested(statistics)
   check_factor_rows(factor_rows)
+  front_end = "eva_optax.nnx_value_and_grad"
+  argnums = capture.check_argnums(argnums, front_end)
+  warned: set = set()  # the sets of pass-through modules already warned of
 
   def wrapped(model, *args, **kwargs):
-    return capture.loss_and_aux(loss_fn(model, *args, **kwargs), has_aux)
+    out = loss_fn(*capture.put_back(model, args, argnums), **kwargs)
+    return capture.loss_and_aux(out, has_aux)
 
   value_and_grad = nnx.value_and_grad(
       wrapped,
@@ -343,14 +354,22 @@ def nnx_value_and_grad(
       graph_updates=True,
   )
 
-  def grad_fn(model: nnx.Module, *args: Any, **kwargs: Any):
+  def grad_fn(*args: Any, **kwargs: Any):
+    model, args = capture.move_to_front(args, argnums, front_end)
     if not isinstance(model, nnx.Module):
+      which = "its first argument" if argnums == 0 else f"the argument argnums={argnums}"
+      linen = (
+          " For Flax Linen, whose parameters are a dict, use"
+          " eva_optax.value_and_grad(loss_fn) with loss_fn(params, ...)"
+          if isinstance(model, Mapping) else ""
+      )
       raise TypeError(
-          "eva_optax.nnx_value_and_grad differentiates its first argument, which"
-          f" must be an nnx.Module; got {type(model).__name__}"
+          f"eva_optax.nnx_value_and_grad differentiates {which}, which"
+          f" must be an nnx.Module; got {type(model).__name__}.{linen}"
       )
     due = capture.factors_gate(kwargs.pop(FACTORS_DUE, True), statistics)
     layers, skipped = _find_layers(model)
+    capture.warn_pass_through(skipped, warned, front_end)
     layers = {p: (m, l._replace(factor_rows=factor_rows)) for p, (m, l) in layers.items()}
     with _probed(layers, statistics, due, axis_name) as called:
       (loss, aux), grads = value_and_grad(model, *args, **kwargs)

@@ -40,6 +40,7 @@ from eva_optax._src.statistics import (
     statistic_shapes,
 )
 from eva_optax._src.running_average import update_running_average
+from eva_optax._src.missing_stats import missing_stats_message
 from eva_optax._src.sharded_sums import wall
 from eva_optax._src.sharding import (
     is_placeholder,
@@ -115,10 +116,9 @@ def each_layer(rule: LayerRule) -> GroupRule:
 
 def require_stats(stats: Any, name: str) -> None:
   if stats is None:
-    raise ValueError(
-        f"{name} needs the layer statistics: call tx.update(grads, state, params,"
-        " stats=stats) with the stats returned by eva_optax.value_and_grad"
-    )
+    # The message names the Linen and NNX routes and the wrapper that dropped
+    # the stats, if any (read from the call stack, on this error path only).
+    raise ValueError(missing_stats_message(name))
 
 
 def layout_statistics(
