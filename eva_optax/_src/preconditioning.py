@@ -33,6 +33,8 @@ from eva_optax._src.layers import (
 from eva_optax._src.paths import BIAS, KERNEL, Path, flatten_with_paths, nest, path_of, path_str
 from eva_optax._src.statistics import (
     FACTORS,
+    INPUT_MEAN,
+    OUTPUT_GRAD_MEAN,
     STATISTICS,
     KernelLayout,
     LayerStats,
@@ -41,7 +43,8 @@ from eva_optax._src.statistics import (
 )
 from eva_optax._src.running_average import update_running_average
 from eva_optax._src.missing_stats import missing_stats_message
-from eva_optax._src.sharded_sums import wall
+from eva_optax._src.once_per_mesh import once_per_mesh
+from eva_optax._src.sharded_sums import wall, whole
 from eva_optax._src.sharding import (
     is_placeholder,
     not_params_shaped,
@@ -396,9 +399,11 @@ def layerwise_state_specs(state: Any, params: Any) -> Any:
       return replicated
     stack = slot.layout.dims(slot.kernel_shape)[0]
     shapes = statistic_shapes(*slot.layout.dims(slot.kernel_shape), slot.has_bias)
+    vector = name in (INPUT_MEAN, OUTPUT_GRAD_MEAN)
+    rows = len(stack) if not vector else len(stored.shape) - 1
     spec = statistic_spec(
         kernel_specs[path], len(slot.kernel_shape), slot.layout, name,
-        mesh_shape, stored.shape[-1] if stored.shape else None,
+        mesh_shape, stored.shape[rows] if len(stored.shape) > rows else None,
     )
     if name in STATISTICS:
       return spec if tuple(stored.shape) == shapes[name] else replicated
@@ -541,14 +546,20 @@ def layerwise_transformation(
       fresh_shapes = {p: jax.eval_shape(refresh, v, gamma) for p, v in averaged.items()}
 
       def refreshed():
+        # Each layer's cache on one device of the mesh (once_per_mesh), where its
+        # factors are split.
         new = dict(stored)
-        for p, v in averaged.items():
-          new[p] = {n: put(stored[p][n], c) for n, c in refresh(v, gamma).items()}
+        fresh = once_per_mesh(refresh, list(averaged.values()), (gamma,))
+        for p, cache in zip(averaged, fresh):
+          new[p] = {n: put(stored[p][n], c) for n, c in cache.items()}
         return by_name(new) or state.cache
 
       cache = jax.lax.cond(count % refresh_every == 0, refreshed, lambda: state.cache)
       fields["cache"] = cache
-      cached = _by_layer(cache)
+      # The rule needs each layer's cache whole: on a mesh, where the state
+      # splits it, all of it comes in through one all-gather.
+      leaves, treedef = jax.tree.flatten(cache)
+      cached = _by_layer(jax.tree.unflatten(treedef, whole(leaves)))
       averaged = {
           p: {
               **averaged[p],

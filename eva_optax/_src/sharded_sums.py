@@ -47,11 +47,11 @@ def _axes(entry: Any) -> tuple[str, ...]:
   return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
 
 
-def _entry(axes: tuple[str, ...]) -> Any:
+def spec_entry(axes: tuple[str, ...]) -> Any:
   return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
 
 
-def _padded(spec: Any, ndim: int) -> tuple:
+def spec_axes(spec: Any, ndim: int) -> tuple:
   return tuple(_axes(e) for e in tuple(spec)) + ((),) * (ndim - len(tuple(spec)))
 
 
@@ -112,7 +112,7 @@ def _local_block(x: jax.Array, spec: Sequence[tuple[str, ...]], mesh_shape: dict
   return jax.lax.dynamic_slice(x, starts, sizes)
 
 
-def _regroup(part: jax.Array, spec, order: list[str], mesh_shape: dict[str, int]) -> jax.Array:
+def regroup(part: jax.Array, spec, order: list[str], mesh_shape: dict[str, int]) -> jax.Array:
   """Gathered blocks ``(devices,) + block`` (devices over ``order``) as the whole array."""
   block = part.shape[1:]
   part = part.reshape(tuple(mesh_shape[a] for a in order) + block)
@@ -122,6 +122,37 @@ def _regroup(part: jax.Array, spec, order: list[str], mesh_shape: dict[str, int]
     perm.append(len(order) + d)
     shape.append(block[d] * math.prod(mesh_shape[a] for a in axes))
   return jnp.transpose(part, perm).reshape(shape)
+
+
+def gather_whole(
+    operands: Sequence[jax.Array], specs: Sequence[Sequence[tuple[str, ...]]],
+    active: Sequence[str], mesh_shape: dict[str, int],
+) -> list[jax.Array]:
+  """Inside a partitioned op: every operand whole, all in one all-gather.
+
+  ``specs``: the mesh axes of each dimension of each operand (this device holds
+  a block); ``active``: the mesh axes of more than one device, in mesh order.
+  Operands split over no axis are returned as they are.
+  """
+  out = list(operands)
+  split = [u for u, spec in enumerate(specs) if any(spec)]
+  if not split:
+    return out
+  devices = math.prod(mesh_shape[a] for a in active)
+  flat = jnp.concatenate([out[u].reshape(-1) for u in split])
+  every = jax.lax.all_gather(flat, tuple(active), tiled=False).reshape(devices, -1)
+  offset = 0
+  for u in split:
+    block = tuple(out[u].shape)
+    part = every[:, offset : offset + math.prod(block)]
+    offset += math.prod(block)
+    part = part.reshape(tuple(mesh_shape[a] for a in active) + block)
+    used = [a for axes in specs[u] for a in axes]
+    # One replica of each block: index 0 along the axes that do not split it.
+    part = part[tuple(slice(None) if a in used else 0 for a in active)]
+    order = [a for a in active if a in used]
+    out[u] = regroup(part.reshape((-1,) + block), specs[u], order, mesh_shape)
+  return out
 
 
 def _gather_whole(operands, members, actual, mesh) -> dict[int, jax.Array]:
@@ -135,14 +166,14 @@ def _gather_whole(operands, members, actual, mesh) -> dict[int, jax.Array]:
     size = operands[u].size
     part = every[:, offset : offset + size].reshape((-1,) + operands[u].shape)
     offset += size
-    out[u] = _regroup(part, actual[u], order, mesh_shape)
+    out[u] = regroup(part, actual[u], order, mesh_shape)
   return out
 
 
 def _partitioned(equations, indices, shapes, body, mesh, arg_shapes, result_shape):
   mesh_shape = dict(mesh.shape)
   n = len(arg_shapes) - body.extras
-  actual = [_padded(s.sharding.spec, len(s.shape)) for s in arg_shapes[:n]]
+  actual = [spec_axes(s.sharding.spec, len(s.shape)) for s in arg_shapes[:n]]
   for u, arg in enumerate(arg_shapes[:n]):
     if any(size % math.prod(mesh_shape[a] for a in axes) for size, axes in zip(arg.shape, actual[u])):
       # Split unevenly (the partitioner pads the last block): taken replicated, so
@@ -151,7 +182,7 @@ def _partitioned(equations, indices, shapes, body, mesh, arg_shapes, result_shap
   whole = _whole(equations, indices, actual) | set(body.returns)  # returned: whole too
   labels_of = _label_axes(equations, indices, actual, whole)
   arg_shardings = tuple(
-      NamedSharding(mesh, PartitionSpec(*[_entry(a) for a in spec])) for spec in actual
+      NamedSharding(mesh, PartitionSpec(*[spec_entry(a) for a in spec])) for spec in actual
   ) + (NamedSharding(mesh, PartitionSpec()),) * body.extras  # the finish's: replicated
   active = tuple(a for a, size in mesh_shape.items() if size > 1)
 
@@ -358,3 +389,49 @@ def wall(arrays: Sequence[jax.Array]) -> list[jax.Array]:
   if not arrays:
     return []
   return list(_wall_op(*arrays))
+
+
+def _whole_specs(mesh, arg_shapes):
+  mesh_shape = dict(mesh.shape)
+  specs = []
+  for arg in arg_shapes:
+    spec = spec_axes(arg.sharding.spec, len(arg.shape))
+    even = all(n % math.prod(mesh_shape[a] for a in axes) == 0 for n, axes in zip(arg.shape, spec))
+    specs.append(spec if even else ((),) * len(arg.shape))
+  return specs
+
+
+def _whole_partition(mesh, arg_shapes, result_shape):
+  del result_shape
+  mesh_shape = dict(mesh.shape)
+  specs = _whole_specs(mesh, arg_shapes)
+  active = [a for a in mesh.axis_names if mesh_shape[a] > 1]
+  arg_shardings = tuple(
+      NamedSharding(mesh, PartitionSpec(*[spec_entry(a) for a in spec])) for spec in specs
+  )
+  lower = lambda *arrays: tuple(gather_whole(arrays, specs, active, mesh_shape))
+  return mesh, lower, _replicated_like(mesh, tuple(arg_shapes)), arg_shardings
+
+
+@custom_partitioning
+def _whole_op(*arrays):
+  return tuple(arrays)
+
+
+_whole_op.def_partition(
+    partition=_whole_partition,
+    infer_sharding_from_operands=lambda mesh, arg_shapes, result_shape: _replicated_like(
+        mesh, tuple(arg_shapes)
+    ),
+    sharding_rule=_wall_rule,
+)
+
+
+def whole(arrays: Sequence[jax.Array]) -> list[jax.Array]:
+  """``arrays`` whole on every device: on a mesh, every one split over the
+  devices comes in through one all-gather for all (instead of one each where
+  its users need it). The identity on one device."""
+  arrays = list(arrays)
+  if not arrays:
+    return []
+  return list(_whole_op(*arrays))

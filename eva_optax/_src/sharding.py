@@ -67,14 +67,21 @@ def statistic_spec(
   """Where a layer's statistic ``name`` lives, from its kernel's ``PartitionSpec``.
 
   ā (``input_mean``): the stack axes, then the input axes merged; ḡ
-  (``output_grad_mean``): the stack axes, then the output axes merged; any
-  other per-layer entry (a factor, an inverse): the stack axes, replicated
-  over its matrix axes. A vector (ā, ḡ of ``length`` entries) is then split
-  further over the other mesh axes (``mesh_shape``), as far as its length
-  divides: it is on no more devices than needed, and the
-  rule gathers every such vector of the model in one all-gather
-  (:mod:`eva_optax.sharded_sums`). Replicated when the kernel is, or for a
-  grouped convolution (whose stack axis is cut out of the output axis).
+  (``output_grad_mean``): the stack axes, then the output axes merged. A
+  vector (ā, ḡ of ``length`` entries) is then split further over the other
+  mesh axes (``mesh_shape``), as far as its length divides: it is on no more
+  devices than needed, and the rule gathers every such vector of the model in
+  one all-gather (:mod:`eva_optax.sharded_sums`). Replicated when the kernel
+  is, or for a grouped convolution (whose stack axis is cut out of the output
+  axis).
+
+  Any other per-layer entry (a factor or an inverse of ``length`` rows): the
+  stack axes, then its rows split like the kernel's input axes (a name
+  starting with ``input``) or output axes (``output``) where they divide
+  ``length``, then over the mesh's other axes as far as ``length`` divides;
+  its columns whole. No device then holds more than its share of a
+  factor, and :func:`eva_optax._src.once_per_mesh.once_per_mesh` inverts
+  each on one device.
   """
   if kernel_spec is None or layout.groups > 1:
     return PartitionSpec()
@@ -84,14 +91,22 @@ def statistic_spec(
   stack = ordered[: layout.stack_ndim]
   inputs = ordered[layout.stack_ndim : kernel_ndim - layout.output_ndim]
   outputs = ordered[kernel_ndim - layout.output_ndim :]
-  if name not in (INPUT_MEAN, OUTPUT_GRAD_MEAN):
+  vector = name in (INPUT_MEAN, OUTPUT_GRAD_MEAN)
+  if vector:
+    entry = merged(inputs if name == INPUT_MEAN else outputs)
+  elif not (mesh_shape and length):
     return PartitionSpec(*stack)
-  entry = merged(inputs if name == INPUT_MEAN else outputs)
+  else:
+    side = inputs if name.startswith("input") else outputs if name.startswith("output") else []
+    entry = merged(side)
+    if length % math.prod(mesh_shape.get(a, 1) for a in _axes(entry)):
+      entry = None
   if mesh_shape and length:
+    taken = {a for e in stack for a in _axes(e)}
     axes = list(_axes(entry))
     for axis, size in mesh_shape.items():
       shards = math.prod(mesh_shape[a] for a in axes) * size
-      if axis not in axes and size > 1 and length % shards == 0:
+      if axis not in axes and axis not in taken and size > 1 and length % shards == 0:
         axes.append(axis)
     entry = None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
   return PartitionSpec(*stack, entry)
