@@ -26,6 +26,12 @@ OPTIMIZERS = {
     "eva": (lambda: eva_optax.eva(0.1, weight_decay=1e-3), eva_optax.EVA_STATISTICS),
     "eva_foof": (lambda: eva_optax.eva_foof(0.1), eva_optax.EVA_FOOF_STATISTICS),
     "kfac": (lambda: eva_optax.kfac(0.1, inverse_every=2), eva_optax.KFAC_STATISTICS),
+    # γ well above float32 rounding too: at the default 0.03, FOOF's one damped inverse
+    # of A turns the order of the sums into 1.7e-5 on TP (with A whole on every device
+    # as with A split: the same number).
+    "foof": (
+        lambda: eva_optax.foof(0.1, inverse_every=2, damping=0.3), eva_optax.FOOF_STATISTICS
+    ),
     # ε well above float32 rounding of the statistics: with a tiny ε the float32 roots of
     # nearly singular statistics amplify the order of the sums (2.4e-5 apart on FSDP at
     # the default 1e-6).
@@ -58,7 +64,7 @@ def step_fn(model, name):
       updates, state = tx.update(grads, state, params)
     else:
       extra = {}
-      if name == "kfac":
+      if name in ("kfac", "foof"):
         extra["factors_due"] = eva_optax.factors_due(state)
       grad_fn = eva_optax.value_and_grad(loss_fn, statistics=statistics)
       _, grads, stats = grad_fn(params, tokens, **extra)

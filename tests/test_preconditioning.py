@@ -21,7 +21,9 @@ import pytest
 import eva_optax
 from eva_optax._src import preconditioning
 from eva_optax._src.preconditioning import LayerGradient, Preconditioned
-from eva_optax._src.statistics import EVA_STATISTICS, KernelLayout, LayerStats, PassThrough
+from eva_optax._src.statistics import (
+    EVA_STATISTICS, KernelLayout, LayerStats, PassThrough, WithBiasRow, together,
+)
 
 # The submodules (the package exports functions of the same names).
 eva_foof = importlib.import_module("eva_optax._src.eva_foof")
@@ -298,14 +300,17 @@ def test_update_averages_first_takes_the_statistics_then_averages_them():
   per_layer, averages = preconditioning.update_averages(slots, stats, averages, 0.25, jnp.int32(0), "test")
   assert set(per_layer) == {("Dense_0",)}
   np.testing.assert_array_equal(per_layer[("Dense_0",)]["input_mean"], first.input_mean)
-  np.testing.assert_array_equal(averages["input_factor"]["Dense_0"], first.input_factor)
+  # A of a layer with a bias: kept as its kernel rows and its bias row.
+  stored = averages["input_factor"]["Dense_0"]
+  assert isinstance(stored, WithBiasRow) and stored.rows.shape == (3, 4)
+  np.testing.assert_array_equal(stored.matrix(), first.input_factor)
   per_layer, averages = preconditioning.update_averages(
       slots, {"Dense_0": second}, averages, 0.25, jnp.int32(1), "test"
   )
   for name in ("input_mean", "output_grad_mean", "input_factor"):
     want = 0.25 * getattr(first, name) + 0.75 * getattr(second, name)
-    np.testing.assert_allclose(per_layer[("Dense_0",)][name], want, rtol=1e-6)
-    np.testing.assert_allclose(averages[name]["Dense_0"], want, rtol=1e-6)
+    np.testing.assert_allclose(together(per_layer[("Dense_0",)][name]), want, rtol=1e-6)
+    np.testing.assert_allclose(together(averages[name]["Dense_0"]), want, rtol=1e-6)
 
 
 def test_update_averages_keeps_what_is_not_finite_and_factors_not_computed():
@@ -319,8 +324,8 @@ def test_update_averages_keeps_what_is_not_finite_and_factors_not_computed():
     per_layer, after = preconditioning.update_averages(slots, {"Dense_0": bad}, averages, 0.5, jnp.int32(1), "test")
     np.testing.assert_allclose(after["input_mean"]["Dense_0"], [1.0, 3.0, 4.0])
     np.testing.assert_allclose(after["output_grad_mean"]["Dense_0"], [4.0, 3.0])
-    np.testing.assert_array_equal(after["input_factor"]["Dense_0"], old.input_factor)
-    np.testing.assert_array_equal(per_layer[("Dense_0",)]["input_factor"], old.input_factor)
+    np.testing.assert_array_equal(together(after["input_factor"]["Dense_0"]), old.input_factor)
+    np.testing.assert_array_equal(together(per_layer[("Dense_0",)]["input_factor"]), old.input_factor)
 
 
 def test_update_averages_names_what_is_missing():
@@ -384,7 +389,8 @@ def test_tx_init_alone_equals_the_captured_layouts_given(name):
       for module in ("Conv_0", "Conv_1", "Einsum_0", "Einsum_1"):
         for field in statistics:
           assert getattr(state[0], field)[module].ndim == 1, (module, field)
-      assert getattr(state[0], statistics[0])["Dense_0"].ndim == (2 if name in ("foof", "kfac") else 1)
+      dense = getattr(state[0], statistics[0])["Dense_0"]  # A: its rows and its bias row
+      assert (dense.rows.ndim == 2) if name in ("foof", "kfac") else (dense.ndim == 1)
 
     @jax.jit
     def step(p, s, x, y):

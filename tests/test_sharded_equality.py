@@ -50,7 +50,7 @@ def _one_device(name: str, layers: int = 1):
 
 
 @pytest.mark.parametrize("parallelism", ["tp", "fsdp"])
-@pytest.mark.parametrize("name", ["eva", "eva_foof", "kfac", "shampoo"])
+@pytest.mark.parametrize("name", ["eva", "eva_foof", "kfac", "foof", "shampoo"])
 def test_sharded_steps_equal_one_device(parallelism, name):
   got, want = _run(setup(parallelism, 1, name, small=True)), _one_device(name)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):

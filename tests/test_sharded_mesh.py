@@ -12,6 +12,8 @@ equal one device's is ``test_sharded_equality.py``.
 
 from __future__ import annotations
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -129,6 +131,22 @@ def test_eva_state_on_no_more_devices_than_the_params(parallelism, name):
   # Not trivially: FSDP shards the statistics of the layers it shards.
   if parallelism == "fsdp":
     assert stored / logical < DEVICES
+
+
+@pytest.mark.parametrize("parallelism", ["tp", "fsdp"])
+@pytest.mark.parametrize("name", ["kfac", "foof"])
+def test_kfac_and_foof_factors_split_over_the_devices(parallelism, name):
+  """Factors and inverses split by rows (A of a layer with a bias as its rows and its
+  bias row): the state over all devices within 1.5x its logical size (8x if whole
+  on every device), at two depths; each inverse inside its owner's branch only."""
+  for layers in (1, 2):
+    setup = _setup(parallelism, layers, name)
+    stored, logical = _bytes(setup["state"][0])
+    assert stored / logical <= 1.5, (layers, stored / logical)
+  # Every Cholesky factorisation of the step runs inside once_per_mesh's op, in the
+  # branch that only the layer's owner takes (test_once_per_mesh.py).
+  ops = [m for m in re.findall(r'op_name="([^"]*)"', setup["compiled"].as_text()) if "jit(cholesky)" in m]
+  assert ops and all(m.startswith("tmp_xla_computation/cond/branch_1_fun/") for m in ops)
 
 
 @pytest.mark.parametrize(

@@ -51,9 +51,11 @@ class ScaleByFoofState(NamedTuple):
 
   Attributes:
     count: number of updates so far.
-    input_factor: running A per layer, keyed by module path.
-    cache: ``{'input_inverse': (A + γI)⁻¹ per layer}``, refreshed every
-      ``inverse_every`` steps.
+    input_factor: running A per layer, keyed by module path (for a layer
+      with a bias, a :class:`~eva_optax._src.statistics.WithBiasRow`: see
+      :class:`eva_optax.ScaleByKfacState`).
+    cache: ``{'input_inverse': (A + γI)⁻¹ per layer}``, kept like A,
+      refreshed every ``inverse_every`` steps, each on one device of a mesh.
     gate: whether the next update averages the factor, read by
       :func:`eva_optax.factors_due`.
   """

@@ -93,10 +93,15 @@ class ScaleByKfacState(NamedTuple):
 
   Attributes:
     count: number of updates so far.
-    input_factor: running A per layer, keyed by module path.
+    input_factor: running A per layer, keyed by module path; for a layer
+      with a bias, a :class:`~eva_optax._src.statistics.WithBiasRow` (its
+      kernel rows and its bias row, ``.matrix()`` for A), so that on a mesh
+      its rows split evenly over the devices.
     output_grad_factor: running G per layer.
     cache: ``{'input_inverse', 'output_grad_inverse'}``: the damped inverses
-      per layer, refreshed every ``inverse_every`` steps.
+      per layer (kept like the factors), refreshed every ``inverse_every``
+      steps, each on one device of a mesh
+      (:func:`~eva_optax._src.once_per_mesh.once_per_mesh`).
     gate: whether the next update averages the factors, read by
       :func:`eva_optax.factors_due`.
   """

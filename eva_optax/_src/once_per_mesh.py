@@ -66,7 +66,7 @@ def cost(leaves: Sequence[Any]) -> float:
 class _Body(NamedTuple):
   """The static part of the op (compared by identity)."""
 
-  fn: Callable[..., Any]
+  fns: tuple[Callable[..., Any], ...]  # one per layer
   layers: tuple[jax.tree_util.PyTreeDef, ...]  # each layer's operands
   sizes: tuple[int, ...]  # leaves per layer
   results: tuple[jax.tree_util.PyTreeDef, ...]  # each layer's result
@@ -90,7 +90,9 @@ def _split(body: _Body, operands: Sequence[Any]) -> tuple[list[Any], list[Any]]:
 
 def _run_all(body: _Body, operands: Sequence[Any]) -> tuple[jax.Array, ...]:
   trees, extras = _split(body, operands)
-  return tuple(leaf for tree in trees for leaf in jax.tree.leaves(body.fn(tree, *extras)))
+  return tuple(
+      leaf for fn, tree in zip(body.fns, trees) for leaf in jax.tree.leaves(fn(tree, *extras))
+  )
 
 
 @functools.partial(custom_partitioning, static_argnums=(0,))
@@ -173,10 +175,10 @@ def _partition(body: _Body, mesh, arg_shapes, result_shape):
     trees, extras = _split(body, operands)
     # 3. Each layer on its owner only.
     computed = []
-    for tree, who, treedef in zip(trees, owner, body.results):
-      shapes = jax.eval_shape(lambda t: body.fn(t, *extras), tree)
+    for fn, tree, who in zip(body.fns, trees, owner):
+      shapes = jax.eval_shape(lambda t: fn(t, *extras), tree)
       zeros = lambda shapes=shapes: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-      value = jax.lax.cond(index == who, lambda t=tree: body.fn(t, *extras), zeros)
+      value = jax.lax.cond(index == who, lambda t=tree, fn=fn: fn(t, *extras), zeros)
       computed += jax.tree.leaves(value)
     # 4. Every device its block of every result, in one reduce-scatter.
     parts = [
@@ -215,13 +217,16 @@ _op.def_partition(partition=_partition, infer_sharding_from_operands=_infer, sha
 
 
 def once_per_mesh(
-    fn: Callable[..., Any], layers: Sequence[Any], extras: Sequence[jax.Array] = ()
+    fn: Callable[..., Any] | Sequence[Callable[..., Any]],
+    layers: Sequence[Any],
+    extras: Sequence[jax.Array] = (),
 ) -> list[Any]:
   """``[fn(layer, *extras) for layer in layers]``, each computed on one device.
 
   Args:
     fn: a function of one layer's tree of arrays (and the extras) to a tree
-      of arrays, the same for every layer (its shapes may differ).
+      of arrays (its shapes may differ from layer to layer), or one such
+      function per layer.
     layers: one tree of arrays per layer.
     extras: small arrays every call needs (a damping), replicated.
 
@@ -234,9 +239,12 @@ def once_per_mesh(
   if not layers:
     return []
   flat = [jax.tree.flatten(layer) for layer in layers]
-  results = [jax.eval_shape(lambda t: fn(t, *extras), layer) for layer in layers]
+  fns = tuple(fn) if isinstance(fn, (list, tuple)) else (fn,) * len(layers)
+  if len(fns) != len(layers):
+    raise ValueError(f"once_per_mesh: {len(fns)} functions for {len(layers)} layers")
+  results = [jax.eval_shape(lambda t, f=f: f(t, *extras), layer) for f, layer in zip(fns, layers)]
   body = _Body(
-      fn,
+      fns,
       tuple(treedef for _, treedef in flat),
       tuple(len(leaves) for leaves, _ in flat),
       tuple(jax.tree.structure(r) for r in results),

@@ -38,8 +38,14 @@ from eva_optax._src.statistics import (
     STATISTICS,
     KernelLayout,
     LayerStats,
+    WithBiasRow,
+    apart,
+    is_with_bias_row,
+    keeps_bias_row_apart,
     layer_entries,
     statistic_shapes,
+    stored_shape,
+    together,
 )
 from eva_optax._src.running_average import update_running_average
 from eva_optax._src.missing_stats import missing_stats_message
@@ -168,20 +174,37 @@ def has_room(slot: LayerSlot, layout: KernelLayout, statistics: Sequence[str]) -
   )
 
 
+def stored_zeros(slot: LayerSlot, shape: tuple[int, ...], dtype: Any) -> Any:
+  """A zero state entry of ``shape`` for the layer of ``slot``: an array, or a
+  :class:`~eva_optax._src.statistics.WithBiasRow` for a square matrix over
+  â = [a, 1] (so that its rows split evenly over a mesh)."""
+  stack, in_dim, _ = slot.layout.dims(slot.kernel_shape)
+  zeros = jnp.zeros(shape, dtype)
+  return apart(zeros) if keeps_bias_row_apart(stack, in_dim, slot.has_bias, shape) else zeros
+
+
 def zero_statistics(slots: dict[Path, LayerSlot], statistics: Sequence[str]) -> dict[str, Any]:
   """Zero running averages of ``statistics`` for every layer, in the shapes of
   :func:`room`: ``{name: tree keyed by module path}``."""
   flat = {p: room(s, statistics) for p, s in slots.items()}
   return {
-      n: nest({p: jnp.zeros(shapes[n], slots[p].dtype) for p, shapes in flat.items()})
+      n: nest({p: stored_zeros(slots[p], shapes[n], slots[p].dtype) for p, shapes in flat.items()})
       for n in statistics
   }
 
 
-def fit(stored: jax.Array, shape: tuple[int, ...], where: str) -> jax.Array:
-  """A state entry as an array of ``shape``: itself, or the head of its flat buffer."""
+def flatten_entries(tree: Any) -> list[tuple[Path, Any]]:
+  """``(module path, entry)`` of a per-layer state tree (an entry: an array or a
+  :class:`~eva_optax._src.statistics.WithBiasRow`)."""
+  return flatten_with_paths(tree, is_leaf=is_with_bias_row)
+
+
+def fit(stored: Any, shape: tuple[int, ...], where: str) -> Any:
+  """A state entry as an array of ``shape``: itself (a
+  :class:`~eva_optax._src.statistics.WithBiasRow` of that shape stays one), or
+  the head of its flat buffer."""
   shape = tuple(shape)
-  if tuple(stored.shape) == shape:
+  if stored_shape(stored) == shape:
     return stored
   n = math.prod(shape)
   if stored.ndim != 1 or stored.shape[0] < n:
@@ -195,9 +218,12 @@ def fit(stored: jax.Array, shape: tuple[int, ...], where: str) -> jax.Array:
   return stored[:n].reshape(shape)
 
 
-def put(stored: jax.Array, value: jax.Array) -> jax.Array:
+def put(stored: Any, value: Any) -> Any:
   """``value`` as the new state entry ``stored`` (which :func:`fit` read it from):
-  itself, or at the head of a flat buffer whose tail is zero."""
+  itself, in the stored form, or at the head of a flat buffer whose tail is zero."""
+  if isinstance(stored, WithBiasRow):
+    value = value if isinstance(value, WithBiasRow) else apart(value)
+    return jax.tree.map(lambda v, s: v.astype(s.dtype), value, stored)
   if tuple(stored.shape) == tuple(value.shape):
     return value.astype(stored.dtype)
   flat = value.reshape(-1).astype(stored.dtype)
@@ -234,7 +260,7 @@ def update_averages(
     running-average trees (unchanged for layers without statistics this step).
   """
   entries = layer_entries(stats)
-  old = {name: dict(flatten_with_paths(tree)) for name, tree in averages.items()}
+  old = {name: dict(flatten_entries(tree)) for name, tree in averages.items()}
   new = {name: dict(flat) for name, flat in old.items()}
   averaged: dict[Path, dict[str, jax.Array]] = {}
   missing = [path_str(p) for p in slots if p not in entries]
@@ -280,7 +306,11 @@ def update_averages(
     for name in averages:
       value, stored = captured[path][name], old[name][path]
       previous = fit(stored, value.shape, f"{who}: layer {path_str(path)!r}, {name}")
-      average = update_running_average(previous, value, stat_decay, count)
+      # Kept apart (a WithBiasRow): averaged part by part, each where it lives.
+      parts = apart(value) if isinstance(previous, WithBiasRow) else value
+      average = jax.tree.map(
+          lambda old, new: update_running_average(old, new, stat_decay, count), previous, parts
+      )
       if name in FACTORS:
         # A factor the capture was told not to compute is exactly zero: it
         # never enters the average (see eva_optax.factors_due).
@@ -289,7 +319,7 @@ def update_averages(
         # Entry by entry: elementwise, so it fuses into the average itself
         # instead of adding a reduction per layer to the step.
         keep = jnp.isfinite(value)
-      average = jnp.where(keep, average, previous)
+      average = jax.tree.map(lambda a, b: jnp.where(keep, a, b), average, previous)
       averaged[path][name] = average
       new[name][path] = put(stored, average)
   return averaged, {name: nest(flat) for name, flat in new.items()}
@@ -393,11 +423,19 @@ def layerwise_state_specs(state: Any, params: Any) -> Any:
   mesh_shape = dict(mesh.shape) if mesh is not None else None
   replicated = PartitionSpec()
 
-  def entry_spec(path: Path, name: str, stored: Any) -> PartitionSpec:
+  def entry_spec(path: Path, name: str, stored: Any) -> Any:
     slot = slots.get(path)
     if slot is None:
-      return replicated
+      return jax.tree.map(lambda _: replicated, stored)
     stack = slot.layout.dims(slot.kernel_shape)[0]
+    if isinstance(stored, WithBiasRow):  # the rows split, the bias row with the stack
+      rows = statistic_spec(
+          kernel_specs[path], len(slot.kernel_shape), slot.layout, name, mesh_shape,
+          stored.rows.shape[len(stack)],
+      )
+      return WithBiasRow(rows, statistic_spec(
+          kernel_specs[path], len(slot.kernel_shape), slot.layout, name
+      ))
     shapes = statistic_shapes(*slot.layout.dims(slot.kernel_shape), slot.has_bias)
     vector = name in (INPUT_MEAN, OUTPUT_GRAD_MEAN)
     rows = len(stack) if not vector else len(stored.shape) - 1
@@ -412,11 +450,11 @@ def layerwise_state_specs(state: Any, params: Any) -> Any:
   def field_specs(field: str, value: Any) -> Any:
     if field == "cache":  # {name: tree keyed by path}
       return {
-          n: nest({p: entry_spec(p, n, v) for p, v in flatten_with_paths(tree)})
+          n: nest({p: entry_spec(p, n, v) for p, v in flatten_entries(tree)})
           for n, tree in value.items()
       }
     if field in STATISTICS:
-      return nest({p: entry_spec(p, field, v) for p, v in flatten_with_paths(value)})
+      return nest({p: entry_spec(p, field, v) for p, v in flatten_entries(value)})
     return jax.tree.map(lambda _: replicated, value)
 
   return type(state)(**{f: field_specs(f, getattr(state, f)) for f in state._fields})
@@ -424,7 +462,7 @@ def layerwise_state_specs(state: Any, params: Any) -> Any:
 
 def _by_layer(trees: dict[str, Any]) -> dict[Path, dict[str, Any]]:
   """``{name: tree keyed by path}`` → ``{path: {name: array}}``."""
-  flat = {n: dict(flatten_with_paths(t)) for n, t in trees.items()}
+  flat = {n: dict(flatten_entries(t)) for n, t in trees.items()}
   paths = next(iter(flat.values())).keys() if flat else ()
   return {p: {n: flat[n][p] for n in flat} for p in paths}
 
@@ -509,7 +547,7 @@ def layerwise_transformation(
         shapes = room(
             s, statistics, lambda l, s=s: {n: v.shape for n, v in cache_shapes_of(s, l).items()}
         )
-        cache[p] = {n: jnp.zeros(shape, dtypes[n]) for n, shape in shapes.items()}
+        cache[p] = {n: stored_zeros(s, shape, dtypes[n]) for n, shape in shapes.items()}
       fields["cache"] = by_name(cache)
     state = state_cls(**fields)
     return place(params, state, layerwise_state_specs(state, params))
@@ -534,7 +572,7 @@ def layerwise_transformation(
       averages = jax.tree.map(lambda n, o: jnp.where(take, n, o), averages, old)
       current = _by_layer(averages)
       averaged = {
-          p: {n: fit(current[p][n], v.shape, who) for n, v in averaged[p].items()}
+          p: {n: fit(current[p][n], stored_shape(v), who) for n, v in averaged[p].items()}
           for p in averaged
       }
     next_count = optax.safe_increment(count)
@@ -543,13 +581,26 @@ def layerwise_transformation(
       fields["gate"] = FactorGate(next_count % stats_every == 0)
     if refresh is not None:
       stored = _by_layer(state.cache)
-      fresh_shapes = {p: jax.eval_shape(refresh, v, gamma) for p, v in averaged.items()}
+      whole_of = lambda v: {n: together(x) for n, x in v.items()}
+      fresh_shapes = {
+          p: jax.eval_shape(lambda v, g: refresh(whole_of(v), g), v, gamma)
+          for p, v in averaged.items()
+      }
+
+      def in_stored_form(p):
+        """The refresh of layer ``p``, in the form of its stored cache."""
+        return lambda v, g: {
+            n: apart(c) if isinstance(stored[p][n], WithBiasRow) else c
+            for n, c in refresh(whole_of(v), g).items()
+        }
 
       def refreshed():
         # Each layer's cache on one device of the mesh (once_per_mesh), where its
         # factors are split.
         new = dict(stored)
-        fresh = once_per_mesh(refresh, list(averaged.values()), (gamma,))
+        fresh = once_per_mesh(
+            [in_stored_form(p) for p in averaged], list(averaged.values()), (gamma,)
+        )
         for p, cache in zip(averaged, fresh):
           new[p] = {n: put(stored[p][n], c) for n, c in cache.items()}
         return by_name(new) or state.cache
@@ -563,7 +614,7 @@ def layerwise_transformation(
       averaged = {
           p: {
               **averaged[p],
-              **{n: fit(cached[p][n], c.shape, who) for n, c in fresh_shapes[p].items()},
+              **{n: fit(together(cached[p][n]), c.shape, who) for n, c in fresh_shapes[p].items()},
           }
           for p in averaged
       }

@@ -78,6 +78,58 @@ def statistic_shapes(
   }
 
 
+class WithBiasRow(NamedTuple):
+  """A layer's square matrix over â = [a, 1] (K-FAC's A, its inverse), as stored.
+
+  The running A of a layer with a bias is ``stack + (in + 1, in + 1)``: a
+  side that no mesh axis divides (jax splits arrays evenly only). The state
+  keeps it as its first ``in`` rows and its last row, so that the rows split
+  over the devices (:func:`eva_optax._src.sharding.statistic_spec`) and only
+  the bias row is replicated. :func:`together` gives the matrix back.
+
+  Attributes:
+    rows: ``stack + (in, in + 1)``, the rows of the kernel's inputs.
+    bias_row: ``stack + (in + 1,)``, the row of the bias.
+  """
+
+  rows: jax.Array
+  bias_row: jax.Array
+
+  def matrix(self) -> jax.Array:
+    """The whole ``stack + (in + 1, in + 1)`` matrix."""
+    return jnp.concatenate([self.rows, self.bias_row[..., None, :]], axis=-2)
+
+
+def is_with_bias_row(x: Any) -> bool:
+  return isinstance(x, WithBiasRow)
+
+
+def keeps_bias_row_apart(
+    stack: tuple[int, ...], in_dim: int, has_bias: bool, shape: tuple[int, ...]
+) -> bool:
+  """Whether a per-layer entry of ``shape`` is stored as a :class:`WithBiasRow`:
+  a square matrix of side ``in + 1`` of a layer with a bias."""
+  side = in_dim + 1
+  return has_bias and tuple(shape) == tuple(stack) + (side, side)
+
+
+def apart(matrix: jax.Array) -> WithBiasRow:
+  """``matrix`` (``… × (n, n)``) as its first ``n - 1`` rows and its last row."""
+  return WithBiasRow(matrix[..., :-1, :], matrix[..., -1, :])
+
+
+def together(stored: Any) -> jax.Array:
+  """The matrix of a :class:`WithBiasRow` (any other array as it is)."""
+  return stored.matrix() if isinstance(stored, WithBiasRow) else stored
+
+
+def stored_shape(stored: Any) -> tuple[int, ...]:
+  """The shape of the matrix ``stored`` holds."""
+  if isinstance(stored, WithBiasRow):
+    return tuple(stored.bias_row.shape[:-1]) + (stored.bias_row.shape[-1],) * 2
+  return tuple(stored.shape)
+
+
 def statistic_dtype(param_dtype: Any) -> jnp.dtype:
   """The precision of a layer's statistics: its parameters', at least float32.
 
