@@ -134,18 +134,24 @@ def test_eva_state_on_no_more_devices_than_the_params(parallelism, name):
 
 
 @pytest.mark.parametrize("parallelism", ["tp", "fsdp"])
-@pytest.mark.parametrize("name", ["kfac", "foof"])
-def test_kfac_and_foof_factors_split_over_the_devices(parallelism, name):
-  """Factors and inverses split by rows (A of a layer with a bias as its rows and its
-  bias row): the state over all devices within 1.5x its logical size (8x if whole
-  on every device), at two depths; each inverse inside its owner's branch only."""
+@pytest.mark.parametrize(
+    "name, decomposition", [("kfac", "cholesky"), ("foof", "cholesky"), ("shampoo", "eigh")]
+)
+def test_matrix_states_split_over_the_devices(parallelism, name, decomposition):
+  """K-FAC's and FOOF's factors and inverses, Shampoo's statistics and roots: rows split
+  over the devices (A of a layer with a bias as its rows and its bias row), the state
+  over all devices within 1.5x its logical size (8x if whole on every device), at two
+  depths; each inverse or root inside its owner's branch only."""
   for layers in (1, 2):
     setup = _setup(parallelism, layers, name)
     stored, logical = _bytes(setup["state"][0])
     assert stored / logical <= 1.5, (layers, stored / logical)
-  # Every Cholesky factorisation of the step runs inside once_per_mesh's op, in the
-  # branch that only the layer's owner takes (test_once_per_mesh.py).
-  ops = [m for m in re.findall(r'op_name="([^"]*)"', setup["compiled"].as_text()) if "jit(cholesky)" in m]
+  # Every decomposition of the step runs inside once_per_mesh's op, in the branch
+  # that only the layer's owner takes (test_once_per_mesh.py).
+  ops = [
+      m for m in re.findall(r'op_name="([^"]*)"', setup["compiled"].as_text())
+      if f"jit({decomposition})" in m
+  ]
   assert ops and all(m.startswith("tmp_xla_computation/cond/branch_1_fun/") for m in ops)
 
 

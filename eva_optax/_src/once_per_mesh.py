@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
-from eva_optax._src.sharded_sums import gather_whole, spec_axes, spec_entry
+from eva_optax._src.sharded_sums import blocks_of, gather_blocks, scatter_blocks
 
 
 def owners(costs: Sequence[float], devices: int) -> list[int]:
@@ -100,68 +100,46 @@ def _op(body, *operands):
   return _run_all(body, operands)
 
 
-def _even(shape, spec, mesh_shape) -> bool:
-  return all(n % math.prod(mesh_shape[a] for a in axes) == 0 for n, axes in zip(shape, spec))
-
-
 def _placement(body: _Body, mesh, arg_shapes, result_shape):
-  """Per operand and per result, the mesh axes of each dimension."""
-  mesh_shape = dict(mesh.shape)
+  """The :class:`~eva_optax._src.sharded_sums.Blocks` of every operand and result
+  (``None``: whole on every device), and the shardings to declare for them."""
   n = sum(body.sizes)
-  args = []
-  for arg in arg_shapes[:n]:
-    spec = spec_axes(arg.sharding.spec, len(arg.shape))
-    args.append(spec if _even(arg.shape, spec, mesh_shape) else ((),) * len(arg.shape))
-  results = []
+  replicated = NamedSharding(mesh, PartitionSpec())
+  args, arg_shardings = [], []
+  for a in arg_shapes[:n]:
+    b = blocks_of(a.sharding, a.shape, mesh)
+    args.append(b)
+    # As the partitioner made it; taken whole if split unevenly.
+    arg_shardings.append(a.sharding if b is not None else replicated)
+  arg_shardings += [replicated] * (len(arg_shapes) - n)
+  results, result_shardings = [], []
   start_arg, start_result = 0, 0
   flat_results = jax.tree.leaves(result_shape)
   for size, treedef in zip(body.sizes, body.results):
-    own = list(zip(arg_shapes[start_arg : start_arg + size], args[start_arg : start_arg + size]))
+    own = list(range(start_arg, start_arg + size))
     for result in flat_results[start_result : start_result + treedef.num_leaves]:
-      like = [spec for a, spec in own if tuple(a.shape) == tuple(result.shape)]
-      results.append(like[0] if like else ((),) * len(result.shape))
+      # Split like the layer's operand of the same shape, else whole everywhere.
+      like = [u for u in own if tuple(arg_shapes[u].shape) == tuple(result.shape) and args[u]]
+      results.append(args[like[0]] if like else None)
+      result_shardings.append(arg_shardings[like[0]] if like else replicated)
     start_arg += size
     start_result += treedef.num_leaves
-  return args, results
-
-
-def _sharding(mesh, spec) -> NamedSharding:
-  return NamedSharding(mesh, PartitionSpec(*[spec_entry(a) for a in spec]))
-
-
-def _blocks(whole: jax.Array, spec, active: list[str], mesh_shape) -> jax.Array:
-  """``(devices, block size)``: each device's block of ``whole`` (devices over
-  ``active``, row-major; repeated over the axes that do not split it)."""
-  shape, used = [], []
-  for n, axes in zip(whole.shape, spec):
-    shape += [mesh_shape[a] for a in axes] + [n // math.prod(mesh_shape[a] for a in axes)]
-    used += list(axes) + [None]
-  split = whole.reshape(shape)
-  block_dims = [i for i, a in enumerate(used) if a is None]
-  axis_dims = {a: i for i, a in enumerate(used) if a is not None}
-  ordered = jnp.transpose(split, [axis_dims[a] for a in active if a in axis_dims] + block_dims)
-  for position, a in enumerate(active):
-    if a not in axis_dims:  # not split over it: the same block on every device along it
-      ordered = jnp.expand_dims(ordered, position)
-  full = tuple(mesh_shape[a] for a in active) + ordered.shape[len(active) :]
-  return jnp.broadcast_to(ordered, full).reshape(math.prod(full[: len(active)]), -1)
+  return args, tuple(arg_shardings), results, tuple(result_shardings)
 
 
 def _partition(body: _Body, mesh, arg_shapes, result_shape):
   mesh_shape = dict(mesh.shape)
-  args, results = _placement(body, mesh, arg_shapes, result_shape)
+  args, arg_shardings, results, result_shardings = _placement(
+      body, mesh, arg_shapes, result_shape
+  )
   active = [a for a in mesh.axis_names if mesh_shape[a] > 1]
   devices = math.prod(mesh_shape[a] for a in active)
-  n = sum(body.sizes)
   costs, start = [], 0
   for size in body.sizes:
     costs.append(cost(arg_shapes[start : start + size]))
     start += size
   owner = owners(costs, max(devices, 1))
-  arg_shardings = tuple(_sharding(mesh, s) for s in args) + tuple(
-      NamedSharding(mesh, PartitionSpec()) for _ in arg_shapes[n:]
-  )
-  result_shardings = tuple(_sharding(mesh, s) for s in results)
+  n = sum(body.sizes)
 
   def lower(*operands):
     operands = list(operands)
@@ -171,7 +149,7 @@ def _partition(body: _Body, mesh, arg_shapes, result_shape):
     for a in active:
       index = index * mesh_shape[a] + jax.lax.axis_index(a)
     # 2. Every split operand whole, in one all-gather.
-    operands = gather_whole(operands, args, active, mesh_shape)
+    operands[:n] = gather_blocks(operands[:n], args, active)
     trees, extras = _split(body, operands)
     # 3. Each layer on its owner only.
     computed = []
@@ -181,27 +159,13 @@ def _partition(body: _Body, mesh, arg_shapes, result_shape):
       value = jax.lax.cond(index == who, lambda t=tree, fn=fn: fn(t, *extras), zeros)
       computed += jax.tree.leaves(value)
     # 4. Every device its block of every result, in one reduce-scatter.
-    parts = [
-        _blocks(value, spec, active, mesh_shape) for value, spec in zip(computed, results)
-    ]
-    dtype = jnp.result_type(*computed)
-    mine = jax.lax.psum_scatter(
-        jnp.concatenate([p.astype(dtype) for p in parts], axis=1), tuple(active),
-        scatter_dimension=0, tiled=False,
-    )
-    out, offset = [], 0
-    for value, part, spec in zip(computed, parts, results):
-      block = [s // math.prod(mesh_shape[a] for a in axes) for s, axes in zip(value.shape, spec)]
-      out.append(mine[offset : offset + part.shape[1]].reshape(block).astype(value.dtype))
-      offset += part.shape[1]
-    return tuple(out)
+    return tuple(scatter_blocks(computed, results, active))
 
   return mesh, lower, result_shardings, arg_shardings
 
 
 def _infer(body: _Body, mesh, arg_shapes, result_shape):
-  _, results = _placement(body, mesh, arg_shapes, result_shape)
-  return tuple(_sharding(mesh, s) for s in results)
+  return _placement(body, mesh, arg_shapes, result_shape)[3]
 
 
 def _rule(body: _Body, mesh, arg_shapes, result_shape) -> str:
@@ -213,7 +177,12 @@ def _rule(body: _Body, mesh, arg_shapes, result_shape) -> str:
   return f"{side(arg_shapes)} -> {side(jax.tree.leaves(result_shape))}"
 
 
-_op.def_partition(partition=_partition, infer_sharding_from_operands=_infer, sharding_rule=_rule)
+_op.def_partition(
+    partition=_partition,
+    infer_sharding_from_operands=_infer,
+    sharding_rule=_rule,
+    decode_shardings=False,  # any sharding the partitioner chose, named by mesh axes or not
+)
 
 
 def once_per_mesh(

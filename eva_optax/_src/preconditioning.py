@@ -605,12 +605,20 @@ def layerwise_transformation(
           new[p] = {n: put(stored[p][n], c) for n, c in cache.items()}
         return by_name(new) or state.cache
 
-      cache = jax.lax.cond(count % refresh_every == 0, refreshed, lambda: state.cache)
+      def with_whole(cache):
+        # The rule needs each layer's cache whole: on a mesh, where the state
+        # splits it, all of it comes in through one all-gather, taken where
+        # its split is the state's.
+        leaves, treedef = jax.tree.flatten(cache)
+        return cache, jax.tree.unflatten(treedef, whole(leaves))
+
+      cache, whole_cache = jax.lax.cond(
+          count % refresh_every == 0,
+          lambda: with_whole(refreshed()),
+          lambda: with_whole(state.cache),
+      )
       fields["cache"] = cache
-      # The rule needs each layer's cache whole: on a mesh, where the state
-      # splits it, all of it comes in through one all-gather.
-      leaves, treedef = jax.tree.flatten(cache)
-      cached = _by_layer(jax.tree.unflatten(treedef, whole(leaves)))
+      cached = _by_layer(whole_cache)
       averaged = {
           p: {
               **averaged[p],

@@ -67,12 +67,15 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec
 
 from eva_optax._src.alias import with_sgd
 from eva_optax._src.hyper import check_period, check_range, value_at
 from eva_optax._src.grafting import sgd_graft
 from eva_optax._src.linalg import per_matrix
-from eva_optax._src.sharding import is_placeholder, not_params_shaped, replicate_on_params_mesh
+from eva_optax._src.once_per_mesh import once_per_mesh
+from eva_optax._src.sharded_sums import whole
+from eva_optax._src.sharding import is_placeholder, not_params_shaped, params_mesh, place
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -210,12 +213,44 @@ class ScaleByShampooState(NamedTuple):
       shape ``(num_blocks, b_i, b_i)`` (float32 or wider), or ``optax.MaskedNode()`` for
       parameters that pass through. Fixed at ``init``.
     inverse_roots: P_i (float32), the same structure and shapes; identities at ``init``,
-      refreshed at steps 0, N, 2N, ….
+      refreshed at steps 0, N, 2N, …, each parameter's on one device of a mesh
+      (:func:`~eva_optax._src.once_per_mesh.once_per_mesh`).
+
+  On a mesh every L_i and P_i has its rows split over the devices
+  (:func:`shampoo_state_specs`).
   """
 
   count: jax.Array
   statistics: Any
   inverse_roots: Any
+
+
+def block_matrix_spec(shape: Sequence[int], mesh_shape: dict[str, int]) -> Any:
+  """Where a ``(num_blocks, b, b)`` statistic or root lives on a mesh: its rows
+  split over the mesh axes (in mesh order) as far as ``b`` divides; else its
+  blocks, as far as their number divides; else whole on every device."""
+  for dim in (1, 0):
+    axes, shards = [], 1
+    for axis, size in mesh_shape.items():
+      if size > 1 and shape[dim] % (shards * size) == 0:
+        axes.append(axis)
+        shards *= size
+    if axes:
+      entry = axes[0] if len(axes) == 1 else tuple(axes)
+      return PartitionSpec(*([None] * dim), entry)
+  return PartitionSpec()
+
+
+def shampoo_state_specs(state: ScaleByShampooState, params: Any) -> ScaleByShampooState:
+  """The ``PartitionSpec`` of every leaf of a Shampoo state on the parameters' mesh
+  (:func:`block_matrix_spec`; the count replicated)."""
+  mesh = params_mesh(params)
+  mesh_shape = dict(mesh.shape) if mesh is not None else {}
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  specs = lambda tree: jax.tree.map(
+      lambda x: x if masked(x) else block_matrix_spec(x.shape, mesh_shape), tree, is_leaf=masked
+  )
+  return ScaleByShampooState(PartitionSpec(), specs(state.statistics), specs(state.inverse_roots))
 
 
 def scale_by_shampoo(
@@ -283,14 +318,12 @@ def scale_by_shampoo(
 
     if is_placeholder(params):  # optax.tree_map_params: no field is shaped like params
       return ScaleByShampooState(jnp.zeros([], jnp.int32), not_params_shaped(), not_params_shaped())
-    return replicate_on_params_mesh(
-        params,
-        ScaleByShampooState(
-            count=jnp.zeros([], jnp.int32),
-            statistics=jax.tree.map(statistics, params),
-            inverse_roots=jax.tree.map(identities, params),
-        ),
+    state = ScaleByShampooState(
+        count=jnp.zeros([], jnp.int32),
+        statistics=jax.tree.map(statistics, params),
+        inverse_roots=jax.tree.map(identities, params),
     )
+    return place(params, state, shampoo_state_specs(state, params))
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -318,19 +351,40 @@ def scale_by_shampoo(
           )
       )
 
+    preconditioned = [i for i, layout in enumerate(layouts) if layout is not None]
+
     def refresh(stats_list):
+      # Each parameter's roots on one device of a mesh, where its statistics are split.
       gamma = value_at(damping, count)
-      return [
-          s if layout is None else tuple(inverse_root(l, gamma, 2 * layout.rank) for l in s)
-          for s, layout in zip(stats_list, layouts)
+      roots = once_per_mesh(
+          [
+              lambda s, g, k=layouts[i].rank: tuple(inverse_root(l, g, 2 * k) for l in s)
+              for i in preconditioned
+          ],
+          [stats_list[i] for i in preconditioned],
+          (jnp.asarray(gamma, jnp.float32),),
+      )
+      out = list(stats_list)
+      for i, r in zip(preconditioned, roots):
+        out[i] = r
+      return out
+
+    def with_whole(roots):
+      """The roots, and the same whole for the preconditioning: on a mesh, all of
+      them in one all-gather, taken where their split is the state's."""
+      gathered = iter(whole([root for i in preconditioned for root in roots[i]]))
+      return roots, [
+          r if layouts[i] is None else tuple(next(gathered) for _ in r)
+          for i, r in enumerate(roots)
       ]
 
-    new_roots = jax.lax.cond(
-        count % inverse_every == 0, refresh, lambda _: old_roots, new_stats
+    kept = with_whole(old_roots)  # out of the cond: the state's split, as it came in
+    new_roots, whole_roots = jax.lax.cond(
+        count % inverse_every == 0, lambda s: with_whole(refresh(s)), lambda _: kept, new_stats
     )
 
     new_updates = []
-    for g, layout, b, roots in zip(grads, layouts, blocks, new_roots):
+    for g, layout, b, roots in zip(grads, layouts, blocks, whole_roots):
       if layout is None:
         new_updates.append(g)
         continue

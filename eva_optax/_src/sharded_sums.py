@@ -32,6 +32,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -122,37 +123,6 @@ def regroup(part: jax.Array, spec, order: list[str], mesh_shape: dict[str, int])
     perm.append(len(order) + d)
     shape.append(block[d] * math.prod(mesh_shape[a] for a in axes))
   return jnp.transpose(part, perm).reshape(shape)
-
-
-def gather_whole(
-    operands: Sequence[jax.Array], specs: Sequence[Sequence[tuple[str, ...]]],
-    active: Sequence[str], mesh_shape: dict[str, int],
-) -> list[jax.Array]:
-  """Inside a partitioned op: every operand whole, all in one all-gather.
-
-  ``specs``: the mesh axes of each dimension of each operand (this device holds
-  a block); ``active``: the mesh axes of more than one device, in mesh order.
-  Operands split over no axis are returned as they are.
-  """
-  out = list(operands)
-  split = [u for u, spec in enumerate(specs) if any(spec)]
-  if not split:
-    return out
-  devices = math.prod(mesh_shape[a] for a in active)
-  flat = jnp.concatenate([out[u].reshape(-1) for u in split])
-  every = jax.lax.all_gather(flat, tuple(active), tiled=False).reshape(devices, -1)
-  offset = 0
-  for u in split:
-    block = tuple(out[u].shape)
-    part = every[:, offset : offset + math.prod(block)]
-    offset += math.prod(block)
-    part = part.reshape(tuple(mesh_shape[a] for a in active) + block)
-    used = [a for axes in specs[u] for a in axes]
-    # One replica of each block: index 0 along the axes that do not split it.
-    part = part[tuple(slice(None) if a in used else 0 for a in active)]
-    order = [a for a in active if a in used]
-    out[u] = regroup(part.reshape((-1,) + block), specs[u], order, mesh_shape)
-  return out
 
 
 def _gather_whole(operands, members, actual, mesh) -> dict[int, jax.Array]:
@@ -391,25 +361,111 @@ def wall(arrays: Sequence[jax.Array]) -> list[jax.Array]:
   return list(_wall_op(*arrays))
 
 
-def _whole_specs(mesh, arg_shapes):
-  mesh_shape = dict(mesh.shape)
-  specs = []
-  for arg in arg_shapes:
-    spec = spec_axes(arg.sharding.spec, len(arg.shape))
-    even = all(n % math.prod(mesh_shape[a] for a in axes) == 0 for n, axes in zip(arg.shape, spec))
-    specs.append(spec if even else ((),) * len(arg.shape))
-  return specs
+class Blocks(NamedTuple):
+  """Where an array of a given sharding lies over the devices of a mesh.
+
+  Attributes:
+    block: the shape each device holds.
+    rows: per device (its position over the mesh's axes of more than one
+      device, row-major, as ``all_gather`` over them orders it), the start
+      of its block.
+    distinct: ``(row, start)`` of one device per distinct block.
+  """
+
+  block: tuple[int, ...]
+  rows: tuple[tuple[int, ...], ...]
+  distinct: tuple[tuple[int, tuple[int, ...]], ...]
+
+
+def blocks_of(sharding: Any, shape: Sequence[int], mesh) -> Blocks | None:
+  """The :class:`Blocks` of an array of ``shape`` with ``sharding`` (any, as
+  the partitioner hands it, even one that names no mesh axis), or ``None``
+  when every device holds it whole or it is split unevenly."""
+  shape = tuple(shape)
+  if sharding is None or sharding.is_fully_replicated:
+    return None
+  try:
+    block = tuple(sharding.shard_shape(shape))
+  except ValueError:  # split unevenly
+    return None
+  indices = {d.id: idx for d, idx in sharding.devices_indices_map(shape).items()}
+  starts = []
+  for device in np.asarray(mesh.devices).reshape(-1):
+    idx = indices[device.id]
+    starts.append(tuple(0 if sl.start is None else sl.start for sl in idx))
+  distinct: dict[tuple[int, ...], int] = {}
+  for row, start in enumerate(starts):
+    distinct.setdefault(start, row)
+  return Blocks(block, tuple(starts), tuple((row, start) for start, row in distinct.items()))
+
+
+def gather_blocks(operands: Sequence[jax.Array], blocks: Sequence[Blocks | None], active) -> list[jax.Array]:
+  """Inside a partitioned op: every operand whole, all in one all-gather over
+  ``active`` (the mesh axes of more than one device, in mesh order)."""
+  out = list(operands)
+  split = [u for u, b in enumerate(blocks) if b is not None]
+  if not split:
+    return out
+  flat = jnp.concatenate([out[u].reshape(-1) for u in split])
+  every = jax.lax.all_gather(flat, tuple(active), tiled=False).reshape(-1, flat.shape[0])
+  offset = 0
+  for u in split:
+    b = blocks[u]
+    size = math.prod(b.block)
+    whole_shape = tuple(
+        max(start[d] for start in b.rows) + b.block[d] for d in range(len(b.block))
+    )
+    x = jnp.zeros(whole_shape, out[u].dtype)
+    for row, start in b.distinct:
+      x = jax.lax.dynamic_update_slice(x, every[row, offset : offset + size].reshape(b.block), start)
+    out[u] = x
+    offset += size
+  return out
+
+
+def scatter_blocks(values: Sequence[jax.Array], blocks: Sequence[Blocks | None], active) -> list[jax.Array]:
+  """Inside a partitioned op: the sum over the devices of each value, every device
+  getting its block of it (whole where ``blocks`` is ``None``), in one reduce-scatter."""
+  parts = []
+  for value, b in zip(values, blocks):
+    if b is None:
+      parts.append(None)
+      continue
+    rows = [jax.lax.dynamic_slice(value, start, b.block).reshape(-1) for start in b.rows]
+    parts.append(jnp.stack(rows))
+  n = next((p.shape[0] for p in parts if p is not None), None)
+  dtype = jnp.result_type(*values)
+  if n is None:  # nothing split: a plain sum
+    summed = jax.lax.psum([v.astype(dtype) for v in values], tuple(active))
+    return [s.astype(v.dtype) for s, v in zip(summed, values)]
+  parts = [
+      jnp.broadcast_to(v.reshape(1, -1), (n, v.size)) if p is None else p
+      for v, p in zip(values, parts)
+  ]
+  mine = jax.lax.psum_scatter(
+      jnp.concatenate([p.astype(dtype) for p in parts], axis=1), tuple(active),
+      scatter_dimension=0, tiled=False,
+  )
+  out, offset = [], 0
+  for value, part, b in zip(values, parts, blocks):
+    shape = value.shape if b is None else b.block
+    out.append(mine[offset : offset + part.shape[1]].reshape(shape).astype(value.dtype))
+    offset += part.shape[1]
+  return out
 
 
 def _whole_partition(mesh, arg_shapes, result_shape):
   del result_shape
-  mesh_shape = dict(mesh.shape)
-  specs = _whole_specs(mesh, arg_shapes)
-  active = [a for a in mesh.axis_names if mesh_shape[a] > 1]
+  blocks = [blocks_of(a.sharding, a.shape, mesh) for a in arg_shapes]
+  active = [a for a, size in mesh.shape.items() if size > 1]
+  replicated = NamedSharding(mesh, PartitionSpec())
+  # Each operand as it comes (whatever the partitioner made of it), unless split
+  # unevenly: that one taken whole.
   arg_shardings = tuple(
-      NamedSharding(mesh, PartitionSpec(*[spec_entry(a) for a in spec])) for spec in specs
+      a.sharding if b is not None or a.sharding.is_fully_replicated else replicated
+      for a, b in zip(arg_shapes, blocks)
   )
-  lower = lambda *arrays: tuple(gather_whole(arrays, specs, active, mesh_shape))
+  lower = lambda *arrays: tuple(gather_blocks(arrays, blocks, active))
   return mesh, lower, _replicated_like(mesh, tuple(arg_shapes)), arg_shardings
 
 
@@ -424,6 +480,7 @@ _whole_op.def_partition(
         mesh, tuple(arg_shapes)
     ),
     sharding_rule=_wall_rule,
+    decode_shardings=False,  # any sharding the partitioner chose, named by mesh axes or not
 )
 
 

@@ -9,8 +9,10 @@ any optimizer, eva_optax's or optax's, alone or chained:
 * the state of a layer-wise preconditioner (Eva, Eva-f, K-FAC, FOOF) follows
   each layer's kernel: ā like its input axes, ḡ like its output axes
   (:func:`eva_optax._src.sharding.statistic_spec`);
-* everything else (counts, scalars, Shampoo's and Eva-s's per-dimension
-  entries) is replicated.
+* Shampoo's statistics and roots have their rows split over the devices
+  (:func:`eva_optax._src.shampoo.shampoo_state_specs`);
+* everything else (counts, scalars, Eva-s's per-dimension vectors) is
+  replicated.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from eva_optax._src.preconditioning import is_layerwise_state, layerwise_state_specs
+from eva_optax._src.shampoo import ScaleByShampooState, shampoo_state_specs
 from eva_optax._src.sharding import params_mesh
 
 
@@ -70,17 +73,21 @@ def state_shardings(tx: Any, params: Any, shardings: Any = None) -> Any:
       is_leaf=masked,  # optax.masked leaves a MaskedNode where a parameter is left out
   )
 
+  own_specs = lambda x: is_layerwise_state(x) or isinstance(x, ScaleByShampooState)
+
   def sharding_of(node: Any) -> Any:
-    if is_layerwise_state(node):
+    if own_specs(node):
+      specs = (
+          layerwise_state_specs(node, params) if is_layerwise_state(node)
+          else shampoo_state_specs(node, params)
+      )
       return jax.tree.map(
-          lambda s: NamedSharding(mesh, s),
-          layerwise_state_specs(node, params),
-          is_leaf=lambda x: isinstance(x, PartitionSpec),
+          lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
       )
     if isinstance(node, NamedSharding):
       return node
     return replicated
 
   return jax.tree.map(
-      sharding_of, marked, is_leaf=lambda x: is_layerwise_state(x) or isinstance(x, NamedSharding)
+      sharding_of, marked, is_leaf=lambda x: own_specs(x) or isinstance(x, NamedSharding)
   )
