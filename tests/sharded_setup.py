@@ -74,15 +74,16 @@ def step_fn(model, name):
   return tx, step
 
 
-def setup(parallelism: str, layers: int, name: str, small: bool = False):
+def setup(parallelism: str, layers: int, name: str, small: bool = False, matrices: str = "split"):
   """The compiled step on the mesh, its params, state and shardings (one per compiler
-  setting: a module of ``quick_compiles`` gets its own)."""
+  setting: a module of ``quick_compiles`` gets its own); ``matrices``: see
+  ``eva_optax.state_shardings``."""
   quick = jax.config.read("jax_disable_most_optimizations")
-  return _setup(parallelism, layers, name, small, quick)
+  return _setup(parallelism, layers, name, small, quick, matrices)
 
 
 @functools.lru_cache(maxsize=None)
-def _setup(parallelism: str, layers: int, name: str, small: bool, quick: bool):
+def _setup(parallelism: str, layers: int, name: str, small: bool, quick: bool, matrices: str):
   del quick  # part of the cache key only
   decoder = model(layers, small)
   mesh = sharded.make_mesh(MESHES[parallelism])
@@ -94,7 +95,7 @@ def _setup(parallelism: str, layers: int, name: str, small: bool, quick: bool):
     param_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
     init = lambda k: nn.unbox(decoder.init(k, first[:, :-1])["params"])
     params = jax.jit(init, out_shardings=param_shardings)(jax.random.key(0))
-    state_shardings = eva_optax.state_shardings(tx, params)
+    state_shardings = eva_optax.state_shardings(tx, params, matrices=matrices)
     state = jax.jit(tx.init, out_shardings=state_shardings)(params)
     batch = NamedSharding(mesh, P("data"))
     jitted = jax.jit(

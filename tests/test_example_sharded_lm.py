@@ -74,7 +74,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def two_processes(corpus: Path, tmp_path_factory: pytest.TempPathFactory):
-  """2 processes × 4 devices, Eva, launched now: ``wait() -> [(rc, output, results)]``.
+  """2 processes × 4 devices, Eva and K-FAC, launched now: ``wait() -> [(rc, output, results)]``.
 
   Tensor parallel across the processes: a model-only mesh of 8 (8 heads), so that every
   layer's heads, MLP units and vocabulary are split over both processes' devices."""
@@ -82,7 +82,7 @@ def two_processes(corpus: Path, tmp_path_factory: pytest.TempPathFactory):
   port = _free_port()
   processes = [
       subprocess.Popen(
-          [sys.executable, "-m", "examples.sharded_lm", "--quick", "--optimizers", "eva",
+          [sys.executable, "-m", "examples.sharded_lm", "--quick", "--optimizers", "eva,kfac",
            *ACROSS_PROCESSES,
            "--corpus", str(corpus), "--out", str(out / "results-{process}.json"),
            "--coordinator", f"localhost:{port}", "--num-processes", "2",
@@ -204,13 +204,16 @@ def test_a_run_in_two_parts_on_two_meshes_equals_one_run(run, corpus, tmp_path, 
 
 def test_two_processes_give_the_losses_of_one(run, two_processes, corpus):
   finished = two_processes()
-  one = run["lm"].main(["--quick", "--optimizers", "eva", *ACROSS_PROCESSES, "--corpus", str(corpus)])
-  eva = one[0]["losses"]
+  one = run["lm"].main(
+      ["--quick", "--optimizers", "eva,kfac", *ACROSS_PROCESSES, "--corpus", str(corpus)]
+  )
   for i, (rc, output, results) in enumerate(finished):
     assert rc == 0, output
-    assert f"[process {i}] Eva" in output
+    assert f"[process {i}] Eva" in output and f"[process {i}] K-FAC" in output
     assert results["processes"] == 2 and results["devices"] == DEVICES
-    np.testing.assert_allclose(results["results"][0]["losses"], eva, rtol=1e-5)
+    # K-FAC: its inverses computed by their owners across both processes.
+    for got, want in zip(results["results"], one):
+      np.testing.assert_allclose(got["losses"], want["losses"], rtol=1e-5, err_msg=want["optimizer"])
 
 
 def test_flags_are_checked():

@@ -49,10 +49,14 @@ def _one_device(name: str, layers: int = 1):
   return params
 
 
-@pytest.mark.parametrize("parallelism", ["tp", "fsdp"])
-@pytest.mark.parametrize("name", ["eva", "eva_foof", "kfac", "foof", "shampoo"])
-def test_sharded_steps_equal_one_device(parallelism, name):
-  got, want = _run(setup(parallelism, 1, name, small=True)), _one_device(name)
+@pytest.mark.parametrize(
+    "parallelism, name, matrices",
+    [(p, n, "split") for p in ("tp", "fsdp") for n in ("eva", "eva_foof", "kfac", "foof", "shampoo")]
+    + [("tp", "kfac", "whole"), ("tp", "shampoo", "whole")],
+)
+def test_sharded_steps_equal_one_device(parallelism, name, matrices):
+  got = _run(setup(parallelism, 1, name, small=True, matrices=matrices))
+  want = _one_device(name)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
     relative = np.linalg.norm(g - w) / np.linalg.norm(w)
@@ -60,7 +64,8 @@ def test_sharded_steps_equal_one_device(parallelism, name):
   moved = max(
       float(np.abs(np.asarray(g) - np.asarray(w)).max())
       for g, w in zip(
-          jax.tree.leaves(got), jax.tree.leaves(setup(parallelism, 1, name, small=True)["params"])
+          jax.tree.leaves(got),
+          jax.tree.leaves(setup(parallelism, 1, name, small=True, matrices=matrices)["params"]),
       )
   )
   assert moved > 1e-3  # the steps did something

@@ -155,6 +155,18 @@ def test_matrix_states_split_over_the_devices(parallelism, name, decomposition):
   assert ops and all(m.startswith("tmp_xla_computation/cond/branch_1_fun/") for m in ops)
 
 
+@pytest.mark.parametrize("name", ["kfac", "shampoo"])
+def test_matrices_whole_trade_memory_for_collectives(name):
+  """``state_shardings(..., matrices='whole')``: the matrices on every device (the state
+  several times its logical size), and fewer collectives a step than split: no gather
+  of the inverses (roots) between refreshes; still each inverse computed once."""
+  split, whole = _setup("tp", 1, name), _setup("tp", 1, name, matrices="whole")
+  ratio = lambda setup: (lambda b: b[0] / b[1])(_bytes(setup["state"][0]))
+  assert ratio(split) <= 1.5 < 4 <= ratio(whole)
+  count = lambda setup: len(compiled_ops.collectives(setup["compiled"]))
+  assert count(whole) < count(split)
+
+
 @pytest.mark.parametrize(
     "name", ["eva", "eva_foof", "eva_shampoo", "kfac", "foof", "shampoo"]
 )

@@ -405,7 +405,7 @@ def is_layerwise_state(x: Any) -> bool:
   return type(x) in LAYERWISE_STATES
 
 
-def layerwise_state_specs(state: Any, params: Any) -> Any:
+def layerwise_state_specs(state: Any, params: Any, split_matrices: bool = True) -> Any:
   """The ``PartitionSpec`` of every leaf of a layer-wise state, from the parameters'.
 
   ``params``: arrays or ``jax.ShapeDtypeStruct`` leaves carrying their
@@ -413,14 +413,16 @@ def layerwise_state_specs(state: Any, params: Any) -> Any:
   (:func:`eva_optax._src.sharding.statistic_spec`, read with the layout its
   parameters suggest); a flat buffer sized for several layouts (:func:`room`),
   or a statistic whose shape the suggested layout does not give, is
-  replicated, as are the count and the factor gate. A cached entry follows
-  the kernel's stack axes.
+  replicated, as are the count and the factor gate. A per-layer matrix (a
+  factor, an inverse) has its rows split too, unless ``split_matrices`` is
+  false: then it is whole on every device of its kernel's stack axes.
   """
   leaves = dict(flatten_with_paths(params))
   slots = find_layer_slots(params)
   kernel_specs = {p: spec_of(leaves.get(p + (KERNEL,))) for p in slots}
   mesh = params_mesh(params)
   mesh_shape = dict(mesh.shape) if mesh is not None else None
+  matrix_mesh = mesh_shape if split_matrices else None  # no mesh: the stack axes only
   replicated = PartitionSpec()
 
   def entry_spec(path: Path, name: str, stored: Any) -> Any:
@@ -430,7 +432,7 @@ def layerwise_state_specs(state: Any, params: Any) -> Any:
     stack = slot.layout.dims(slot.kernel_shape)[0]
     if isinstance(stored, WithBiasRow):  # the rows split, the bias row with the stack
       rows = statistic_spec(
-          kernel_specs[path], len(slot.kernel_shape), slot.layout, name, mesh_shape,
+          kernel_specs[path], len(slot.kernel_shape), slot.layout, name, matrix_mesh,
           stored.rows.shape[len(stack)],
       )
       return WithBiasRow(rows, statistic_spec(
@@ -441,7 +443,8 @@ def layerwise_state_specs(state: Any, params: Any) -> Any:
     rows = len(stack) if not vector else len(stored.shape) - 1
     spec = statistic_spec(
         kernel_specs[path], len(slot.kernel_shape), slot.layout, name,
-        mesh_shape, stored.shape[rows] if len(stored.shape) > rows else None,
+        mesh_shape if vector else matrix_mesh,
+        stored.shape[rows] if len(stored.shape) > rows else None,
     )
     if name in STATISTICS:
       return spec if tuple(stored.shape) == shapes[name] else replicated

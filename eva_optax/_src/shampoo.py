@@ -241,11 +241,14 @@ def block_matrix_spec(shape: Sequence[int], mesh_shape: dict[str, int]) -> Any:
   return PartitionSpec()
 
 
-def shampoo_state_specs(state: ScaleByShampooState, params: Any) -> ScaleByShampooState:
+def shampoo_state_specs(
+    state: ScaleByShampooState, params: Any, split_matrices: bool = True
+) -> ScaleByShampooState:
   """The ``PartitionSpec`` of every leaf of a Shampoo state on the parameters' mesh
-  (:func:`block_matrix_spec`; the count replicated)."""
+  (:func:`block_matrix_spec`; whole on every device unless ``split_matrices``;
+  the count replicated)."""
   mesh = params_mesh(params)
-  mesh_shape = dict(mesh.shape) if mesh is not None else {}
+  mesh_shape = dict(mesh.shape) if mesh is not None and split_matrices else {}
   masked = lambda x: isinstance(x, optax.MaskedNode)
   specs = lambda tree: jax.tree.map(
       lambda x: x if masked(x) else block_matrix_spec(x.shape, mesh_shape), tree, is_leaf=masked

@@ -28,7 +28,12 @@ from eva_optax._src.shampoo import ScaleByShampooState, shampoo_state_specs
 from eva_optax._src.sharding import params_mesh
 
 
-def state_shardings(tx: Any, params: Any, shardings: Any = None) -> Any:
+#: ``state_shardings(..., matrices=)``: K-FAC's, FOOF's and Shampoo's matrices
+#: split over the devices, or whole on every one.
+SPLIT, WHOLE = "split", "whole"
+
+
+def state_shardings(tx: Any, params: Any, shardings: Any = None, *, matrices: str = SPLIT) -> Any:
   """The ``NamedSharding`` of every leaf of ``tx.init(params)``.
 
   Args:
@@ -38,6 +43,13 @@ def state_shardings(tx: Any, params: Any, shardings: Any = None) -> Any:
     shardings: the parameters' ``NamedSharding``\\ s (a tree like ``params``),
       for example ``nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed),
       mesh, rules)``.
+    matrices: where K-FAC's and FOOF's factors and inverses and Shampoo's
+      statistics and roots live. ``'split'`` (default): their rows over the
+      devices, the state over all devices about its logical size; every step
+      gathers the inverses (roots) whole once, in one all-gather of all of
+      them. ``'whole'``: whole on every device (as many copies as devices),
+      and no collective for them between refreshes. Either way each inverse
+      is computed on one device.
 
   Returns:
     A tree like the state with a ``NamedSharding`` per leaf, for
@@ -49,6 +61,9 @@ def state_shardings(tx: Any, params: Any, shardings: Any = None) -> Any:
       state_sharding = eva_optax.state_shardings(tx, params, param_sharding)
       opt_state = jax.jit(tx.init, out_shardings=state_sharding)(params)
   """
+  if matrices not in (SPLIT, WHOLE):
+    raise ValueError(f"state_shardings: matrices={matrices!r}, expected {SPLIT!r} or {WHOLE!r}")
+  split = matrices == SPLIT
   if shardings is not None:
     params = jax.tree.map(
         lambda p, s: jax.ShapeDtypeStruct(jax.numpy.shape(p), jax.numpy.result_type(p), sharding=s),
@@ -78,8 +93,8 @@ def state_shardings(tx: Any, params: Any, shardings: Any = None) -> Any:
   def sharding_of(node: Any) -> Any:
     if own_specs(node):
       specs = (
-          layerwise_state_specs(node, params) if is_layerwise_state(node)
-          else shampoo_state_specs(node, params)
+          layerwise_state_specs(node, params, split) if is_layerwise_state(node)
+          else shampoo_state_specs(node, params, split)
       )
       return jax.tree.map(
           lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
