@@ -1,13 +1,14 @@
 # eva_optax developer tasks. Needs only python3 and make; everything else goes into .venv.
 #
-#   make install   create .venv and install the package with the test and example extras
+#   make install   create .venv and install the package with the test, example and docs extras
 #   make data      locate Fashion-MNIST (installs the Debian package when run as root)
-#   make test      run the test suite (slow convergence runs excluded)
+#   make test      run the test suite (slow convergence runs excluded; it builds the docs too)
+#   make docs      build the documentation site into docs/_build/html (warnings are errors)
 #   make demo      Fashion-MNIST autoencoder: SGD, AdamW, Eva, Eva-f, Eva-s, K-FAC, Shampoo (results/demo)
 #   make bench     step time and state memory of every optimizer, Eva/SGD over 1-8 devices, the
 #                  tuning protocol (every optimizer tuned alike, several seeds, budget to
 #                  quality) on the autoencoder, the character LM and the ResNet classifier,
-#                  Eva's knobs on the first two, and the README's headline table from them
+#                  Eva's knobs on the first two, and the headline table of docs/results.md from them
 #                  (benchmarks/results/)
 
 PYTHON ?= python3
@@ -36,7 +37,7 @@ CLASSIFIER_BENCH := sgd,adamw,eva,kfac
 CHAR_LM_FLAGS := --epochs 32 --steps-per-epoch 500 --seq-len 32 --d-model 32 --layers 1 \
 	--heads 2 --eval-batches 50 --eval-every 500
 
-.PHONY: all $(VENV) install data corpus demo test bench clean
+.PHONY: all $(VENV) install data corpus demo test docs bench clean
 .DEFAULT_GOAL := test
 
 all: test
@@ -58,7 +59,7 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e '.[test,examples]'
+	$(PY) -m pip install -q -e '.[test,examples,docs]'
 	@touch $@
 
 install: $(STAMP)
@@ -101,6 +102,12 @@ corpus:
 demo: install data
 	$(PY) -m examples.autoencoder
 
+# Sphinx + MyST (the notebook is rendered as committed, not executed); tests/test_docs.py
+# builds the same into a temporary folder.
+docs: install
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	@echo "docs: docs/_build/html/index.html"
+
 # Two workers (pytest-xdist), a test module each at a time: the suite's compiles are mostly
 # single-threaded, so 2 cores run two modules side by side.
 test: REQUIRE_DATA := 0
@@ -117,7 +124,7 @@ bench: install data corpus
 	$(PY) -m benchmarks.protocol --workload classifier --optimizers $(CLASSIFIER_BENCH) --seeds 0 --budget-seeds 0
 	$(PY) -m benchmarks.knobs --workload autoencoder --seeds 0,1
 	$(PY) -m benchmarks.knobs --workload char_lm --seeds 0 -- $(CHAR_LM_FLAGS) --epochs 16
-	$(PY) -m benchmarks.headline --readme README.md
+	$(PY) -m benchmarks.headline --readme docs/results.md
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .hypothesis

@@ -24,7 +24,7 @@ Writes ``headline.md`` and ``headline.json`` into ``--out`` (default
 
 Usage::
 
-    python -m benchmarks.headline --readme README.md
+    python -m benchmarks.headline --readme docs/results.md
     python -m benchmarks.headline --results /tmp/protocols --out /tmp
 """
 
@@ -211,14 +211,14 @@ def command_of(p: Protocol) -> str:
 
 
 def render(protocols: Sequence[Protocol]) -> tuple[str, str]:
-    """(the headline block for the README, the whole ``headline.md``)."""
+    """(the headline block of docs/results.md, the whole ``headline.md``)."""
     info = protocols[0].document["machine"]
     machine = (f"Machine: {info['cpu']} ({info['cpu_count']} CPUs), device {info['device']}; "
                + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + ".")
     commands = "; ".join(f"`{command_of(p)}`" for p in protocols)
     block = (headline_table(protocols) + "\nMedians over seeds [min–max]; ratios below 1 "
              "favour Eva. " + machine + f" Commands: {commands}, then "
-             "`python -m benchmarks.headline --readme README.md`.\n")
+             "`python -m benchmarks.headline --readme docs/results.md`.\n")
     md = ["# Headline: time to quality, every optimizer tuned alike\n", block]
     for p in protocols:
         md += [f"## {p.title}\n",

@@ -45,7 +45,7 @@ Projection (not with ``--quick``):
   host devices. The markdown states the model and its assumptions.
 
 Output: a table on stdout and, unless ``--no-save`` (or ``--quick``),
-``benchmarks/results/sharded.{json,md}`` (the markdown is the README's "Sharded meshes").
+``benchmarks/results/sharded.{json,md}`` (summarised in docs/multi_device.md, "Sharded parameters").
 Every 8-device job runs in one worker process (``--workers`` to split them), the large
 meshes in one process per device count; all import the library at the start, so that they
 measure the same code. With ``--in-process`` (the default of ``--quick`` when this process

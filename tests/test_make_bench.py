@@ -33,7 +33,7 @@ COMMANDS = _bench_commands()
 def test_bench_runs_every_protocol_then_the_headline_from_them():
   modules = [c[0] for c in COMMANDS]
   assert modules[:2] == ["benchmarks.step_time", "benchmarks.multi_device"]
-  assert modules[-1] == "benchmarks.headline" and COMMANDS[-1][1:] == ["--readme", "README.md"]
+  assert modules[-1] == "benchmarks.headline" and COMMANDS[-1][1:] == ["--readme", "docs/results.md"]
   protocols = [c[c.index("--workload") + 1] for c in COMMANDS if c[0] == "benchmarks.protocol"]
   assert protocols == ["autoencoder", "char_lm", "classifier"]
   # the headline comes after every protocol it reads

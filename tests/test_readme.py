@@ -1,21 +1,24 @@
-"""Every ```python block of README.md runs as written, in order, in one namespace.
+"""Every ```python block of README.md and of the guides in docs/ runs as written,
+in order, in one namespace.
 
-The blocks build on each other as the README reads (the quickstart defines
-``model``, ``params``, ``loss_fn``, ``tx``, ``grad_fn``, ``train_step``; later
-blocks reuse them), so they run one after the other in one namespace, each
-block's text unchanged. Rules:
+The blocks build on each other (the README's quickstart defines ``model``,
+``params``, ``loss_fn``, ``tx``, ``grad_fn``, ``train_step``; the guides' blocks
+reuse them), so they run one after the other in one namespace, each block's text
+unchanged: README.md first, then the guides in :data:`PAGES` order (the NNX
+guide's block last, since its given ``model`` and ``loss_fn`` replace the Linen
+ones). Every page of docs/ with a python block must be in :data:`PAGES`. Rules:
 
-* A block may use names the README's prose takes as given and never defines
+* A block may use names the pages' prose takes as given and never defines
   (a batch ``x, y``, a learning rate ``lr``, an NNX ``model``): :data:`GIVEN`
   supplies them, keyed by a piece of the block's text, each with why. Nothing
   else is added to any block.
 * What a block promises is then checked with numbers (:data:`CHECKS`: the
   quickstart trains and skips a NaN batch, the chain equals the alias, …).
-* Each key of :data:`GIVEN` and :data:`CHECKS` must match exactly one block,
-  so neither goes stale when the README changes.
+* Each key of :data:`GIVEN` and :data:`CHECKS` must match exactly one block
+  of all the pages, so neither goes stale when a page changes.
 * A block that genuinely cannot run (it needs a dataset, a GPU, a network)
   starts with the line ``# not run: <reason>``; it is then skipped, and the
-  reason must be given. No block of the README needs it today.
+  reason must be given. No block of the pages needs it today.
 """
 
 from __future__ import annotations
@@ -31,13 +34,22 @@ import pytest
 
 import eva_optax
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+#: The pages whose python blocks run, in the order they run (README.md first).
+PAGES = [
+    README,
+    ROOT / "docs" / "optimizers.md",       # K-FAC, Eva-s, the chain (the Linen quickstart's names)
+    ROOT / "docs" / "layers.md",           # layouts (K-FAC's grad_fn from optimizers.md)
+    ROOT / "docs" / "multi_device.md",     # pmap (the tx of layers.md), the sharded decoder
+    ROOT / "docs" / "getting_started.md",  # NNX: its given model and loss_fn come last
+]
 NOT_RUN = "# not run:"
 
 pytestmark = pytest.mark.usefixtures("quick_compiles")
 
 
-def python_blocks(text: str) -> list[tuple[int, str]]:
+def python_blocks(text: str, name: str = "README.md") -> list[tuple[int, str]]:
   """``(first line number, code)`` of every ```python fenced block."""
   blocks, code, start = [], None, 0
   for number, line in enumerate(text.splitlines(), 1):
@@ -48,7 +60,7 @@ def python_blocks(text: str) -> list[tuple[int, str]]:
       code = None
     elif code is not None:
       code.append(line)
-  assert code is None, f"README.md: the block from line {start} is not closed"
+  assert code is None, f"{name}: the block from line {start} is not closed"
   return blocks
 
 
@@ -75,7 +87,7 @@ def _nnx_model(ns):
   ns["model"], ns["loss_fn"] = MLP(nnx.Rngs(0)), loss_fn
 
 
-#: Names a block uses that the README takes as given: {piece of the block: (setup, why)}.
+#: Names a block uses that its page takes as given: {piece of the block: (setup, why)}.
 GIVEN = {
     "eva_optax.kfac(": (lambda ns: ns.update(zip("xy", _batch())), "a batch x, y: the user's data"),
     "eva_optax.scale_by_eva(learning_rate=lr)": (lambda ns: ns.update(lr=0.1), "lr: the prose's learning rate"),
@@ -190,28 +202,46 @@ CHECKS = {
 
 def _matching(blocks, key):
   found = [i for i, (_, code) in enumerate(blocks) if key in code]
-  assert len(found) == 1, f"{key!r} must be in exactly one python block of README.md, found {len(found)}"
+  assert len(found) == 1, f"{key!r} must be in exactly one python block of the pages, found {len(found)}"
   return found[0]
 
 
-def test_every_python_block_of_the_readme_runs():
-  blocks = python_blocks(README.read_text(encoding="utf-8"))
+def _page_blocks() -> list[tuple[str, int, str]]:
+  """``(page, first line, code)`` of every python block of :data:`PAGES`, in order."""
+  found = []
+  for page in PAGES:
+    name = page.relative_to(ROOT).as_posix()
+    found += [(name, line, code) for line, code in python_blocks(page.read_text(encoding="utf-8"), name)]
+  return found
+
+
+def test_every_page_with_python_blocks_runs_them():
+  listed = {page.resolve() for page in PAGES}
+  for page in sorted((ROOT / "docs").glob("*.md")):
+    if python_blocks(page.read_text(encoding="utf-8"), page.name):
+      assert page.resolve() in listed, f"docs/{page.name} has python blocks: add it to PAGES"
+  assert python_blocks(README.read_text(encoding="utf-8")), "README.md lost its quickstart"
+
+
+def test_every_python_block_of_the_readme_and_the_guides_runs():
+  pages = _page_blocks()
+  blocks = [(line, code) for _, line, code in pages]
   assert len(blocks) >= 6
   given = {_matching(blocks, k): setup for k, (setup, _) in GIVEN.items()}
   checks = {_matching(blocks, k): check for k, check in CHECKS.items()}
   ns: dict = {"__name__": "readme"}
   ran = 0
-  for i, (line, code) in enumerate(blocks):
+  for i, (page, line, code) in enumerate(pages):
     first = code.lstrip().splitlines()[0]
     if first.startswith(NOT_RUN):
-      assert first[len(NOT_RUN) :].strip(), f"README.md line {line}: '{NOT_RUN}' needs a reason"
+      assert first[len(NOT_RUN) :].strip(), f"{page} line {line}: '{NOT_RUN}' needs a reason"
       continue
     if i in given:
       given[i](ns)
     try:
-      exec(compile(code, f"README.md:{line}", "exec"), ns)
+      exec(compile(code, f"{page}:{line}", "exec"), ns)
     except Exception as e:
-      raise AssertionError(f"the python block at README.md line {line} fails: {e!r}") from e
+      raise AssertionError(f"the python block at {page} line {line} fails: {e!r}") from e
     if i in checks:
       checks[i](ns)
     ran += 1

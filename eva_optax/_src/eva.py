@@ -267,7 +267,7 @@ def eva(
 
   Example::
 
-      tx = eva_optax.eva(0.1, momentum=0.9, weight_decay=5e-4)
+      tx = eva_optax.eva(0.01, momentum=0.9, weight_decay=5e-4)  # SGD's rate 0.1 / 10
       grad_fn = eva_optax.value_and_grad(loss_fn)
       loss, grads, stats = grad_fn(params, batch)
       updates, opt_state = tx.update(grads, opt_state, params, stats=stats)

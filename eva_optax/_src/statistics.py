@@ -265,7 +265,7 @@ def layouts_of(stats: Any) -> dict[str, Any]:
   per group; :func:`eva_optax.describe` says which)::
 
       _, _, stats = jax.eval_shape(grad_fn, params, batch)
-      tx = eva_optax.eva(0.1, layouts=eva_optax.layouts_of(stats))
+      tx = eva_optax.eva(0.01, layouts=eva_optax.layouts_of(stats))
   """
   return nest(
       {p: e.layout for p, e in layer_entries(stats).items() if isinstance(e, LayerStats)}

@@ -7,7 +7,7 @@ changes: ``step``, ``params``, ``opt_state`` and the extra fields behave as in
 Flax's). Usage::
 
     state = eva_optax.TrainState.create(apply_fn=model.apply, params=params,
-                                        tx=eva_optax.eva(0.1))
+                                        tx=eva_optax.eva(0.01))
     loss, grads, stats = grad_fn(state.params, x, y)
     state = state.apply_gradients(grads=grads, stats=stats)
 """
