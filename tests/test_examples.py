@@ -31,8 +31,14 @@ def test_autoencoder_trains_all_seven_optimizers(tmp_path, capsys):
   assert len(rows) == 1 + len(names)
   for name in names:
     assert f"| {name} |" in table
-    assert f"| {name} |" in out  # the table is printed too
+    assert any(line.split()[:1] == [name] for line in out.splitlines()), name  # printed too
   assert "nan" not in table.lower()
+  # The printed summary: at most six short columns, their definitions below it.
+  summary = out.splitlines()
+  head_at = next(i for i, line in enumerate(summary) if line.startswith("optimizer "))
+  assert summary[head_at].split() == ["optimizer", "lr", "final", "steps", "×", "SGD", "time"]
+  assert "final  train loss (mean of the last 10 step losses) at the end" in out
+  assert str(out_dir / "results.md") in out
   # One definition of SGD's final quality: the header's value is SGD's row's.
   cells = lambda line: [c.strip() for c in line.strip("|").split("|")]
   head = cells(rows[0])

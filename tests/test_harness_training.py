@@ -172,6 +172,15 @@ def test_the_report_has_one_final_quality_and_tells_the_splits_by_line_style():
   assert "| train loss (last epoch's mean) |" in head
   assert "| SGD | 0.1 | 1 | 2.2 | 1.5 |" in table  # the same quantity as the header's
   assert "| EVA | 0.1 | 0.5 | 1.4 | 1 |" in table
+  # The terminal's summary: six short columns, their definitions below.
+  summary = report.summary_table([sgd, eva], loss, value, window=2, details="out/results.md")
+  rows = summary.splitlines()
+  assert rows[0].split() == ["optimizer", "lr", "final", "steps", "×", "SGD", "time"]
+  assert rows[2].split()[:5] == ["SGD", "0.1", "1", "5", "1.00"]
+  assert rows[3].split()[:5] == ["EVA", "0.1", "0.5", "4", "0.80"]
+  assert "final  train loss (mean of the last 2 step losses) at the end" in summary
+  assert "first reaches SGD's final value, 1 (–: never)" in summary
+  assert "out/results.md" in summary
 
   by_epoch, by_time = report.figures_of([sgd, eva], "t", loss, value, window=2,
                                         labels={"loss": "MSE"})
@@ -180,14 +189,19 @@ def test_the_report_has_one_final_quality_and_tells_the_splits_by_line_style():
   assert {l.get_linestyle() for l in train_ax.lines} == {"-"}
   assert {l.get_linestyle() for l in test_ax.lines} == {"--"}
   # One legend entry per optimizer and one per split, not one per optimizer and split.
-  assert [t.get_text() for t in train_ax.get_legend().get_texts()] == [
+  # The legend is the figure's, outside the axes.
+  assert train_ax.get_legend() is None and len(by_epoch.legends) == 1
+  assert [t.get_text() for t in by_epoch.legends[0].get_texts()] == [
       "SGD", "EVA", "train", "test"]
   time_ax, steps_ax = by_time.axes
   assert time_ax.get_ylabel() == steps_ax.get_ylabel() == "MSE"
   assert steps_ax.get_xlabel() == "steps" and "wall time" in time_ax.get_xlabel()
-  assert [t.get_text() for t in time_ax.get_legend().get_texts()] == [
-      "SGD", "EVA", "train (mean of the last 2 steps)", "test",
+  assert [t.get_text() for t in by_time.legends[0].get_texts()] == [
+      "SGD", "EVA", "train (mean of the last 2 steps)", "test", "train (each step)",
       "SGD's final train loss (mean of the last 2 step losses) = 1", "first reached"]
+  # Eva's family is drawn thicker than the others.
+  sgd_handle, eva_handle = by_time.legends[0].legend_handles[:2]
+  assert eva_handle.get_linewidth() > sgd_handle.get_linewidth()
   crossings = [l for l in steps_ax.lines if l.get_marker() == "x"]
   assert sorted(float(l.get_xdata()[0]) for l in crossings) == [4.0, 5.0]
   assert all(float(l.get_ydata()[0]) == 1.0 for l in crossings)
@@ -200,7 +214,7 @@ def test_the_report_has_one_final_quality_and_tells_the_splits_by_line_style():
   # Thirteen runs (the protocol's tuned and "as published" rows): thirteen colours.
   many = [_loss_run(f"opt{i}", [4, 3, 2, 1, 1], [3.0, 1.5]) for i in range(13)]
   by_epoch, by_time = report.figures_of(many, "t", loss, value, window=2)
-  handles = by_epoch.axes[0].get_legend().legend_handles[:13]
+  handles = by_epoch.legends[0].legend_handles[:13]
   assert len({tuple(plt.matplotlib.colors.to_rgba(h.get_color())) for h in handles}) == 13
   plt.close(by_epoch)
   plt.close(by_time)

@@ -186,9 +186,10 @@ def run(task: Task, args: argparse.Namespace, title: str | None = None) -> list[
     results = interleave(trainers, args.chunk)
     value = report.set_times_to_target(results, task.target, args.reach_window)
     settings = {k: v for k, v in vars(args).items() if k != "specs"}
-    table, paths = report.write_all(results, out, title, task.target, value, settings,
-                                    window=args.reach_window, labels=task.metric_labels)
+    _, paths = report.write_all(results, out, title, task.target, value, settings,
+                                window=args.reach_window, labels=task.metric_labels)
     print()
-    print(table)
+    print(report.summary_table(results, task.target, value, args.reach_window,
+                               details=str(out / "results.md")))
     print(f"wrote {', '.join(str(p) for p in paths)} (total {time.perf_counter() - start:.0f}s)")
     return results
