@@ -62,6 +62,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.records import save_report
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 OPTIMIZERS = ("sgd", "eva", "sgd-again")
@@ -451,10 +453,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     print()
     print(text_table(results))
     if not args.no_save:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-        Path(args.md).write_text(markdown(report))
-        print(f"\nwrote {args.json} and {args.md}")
+        print("\n" + save_report(report, args.json, args.md, markdown(report)))
     return report
 
 

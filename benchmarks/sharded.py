@@ -77,6 +77,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.records import save_report
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DEVICE_FLAG = "--xla_force_host_platform_device_count"
@@ -1365,10 +1367,7 @@ def _write(report: dict[str, Any], args: argparse.Namespace) -> None:
     print()
     print(markdown(report))
     if not args.no_save:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-        Path(args.md).write_text(markdown(report))
-        print(f"wrote {args.json} and {args.md}")
+        print(save_report(report, args.json, args.md, markdown(report)))
 
 
 def reanalyse(args: argparse.Namespace) -> dict[str, Any]:

@@ -374,16 +374,18 @@ def scale_by_shampoo(
 
     def with_whole(roots):
       """The roots, and the same whole for the preconditioning: on a mesh, all of
-      them in one all-gather, taken where their split is the state's."""
+      them in one all-gather (in each branch: a refresh step gathers only the new)."""
       gathered = iter(whole([root for i in preconditioned for root in roots[i]]))
       return roots, [
           r if layouts[i] is None else tuple(next(gathered) for _ in r)
           for i, r in enumerate(roots)
       ]
 
-    kept = with_whole(old_roots)  # out of the cond: the state's split, as it came in
     new_roots, whole_roots = jax.lax.cond(
-        count % inverse_every == 0, lambda s: with_whole(refresh(s)), lambda _: kept, new_stats
+        count % inverse_every == 0,
+        lambda s: with_whole(refresh(s)),
+        lambda _: with_whole(old_roots),
+        new_stats,
     )
 
     new_updates = []
