@@ -2,7 +2,9 @@
 #
 #   make install   create .venv and install the package with the test, example and docs extras
 #   make data      locate Fashion-MNIST (installs the Debian package when run as root)
-#   make test      run the test suite (slow convergence runs excluded; it builds the docs too)
+#   make test      lint and format check (ruff), then the test suite (slow convergence runs
+#                  excluded; it builds the docs too)
+#   make lint      only the ruff check and format check
 #   make docs      build the documentation site into docs/_build/html (warnings are errors)
 #   make demo      Fashion-MNIST autoencoder: SGD, AdamW, Eva, Eva-f, Eva-s, K-FAC, Shampoo (results/demo)
 #   make bench     step time and state memory of every optimizer, Eva/SGD over 1-8 devices, the
@@ -37,7 +39,7 @@ CLASSIFIER_BENCH := sgd,adamw,eva,kfac
 CHAR_LM_FLAGS := --epochs 32 --steps-per-epoch 500 --seq-len 32 --d-model 32 --layers 1 \
 	--heads 2 --eval-batches 50 --eval-every 500
 
-.PHONY: all $(VENV) install data corpus demo test docs bench clean
+.PHONY: all $(VENV) install data corpus demo test lint docs bench clean
 .DEFAULT_GOAL := test
 
 all: test
@@ -111,8 +113,14 @@ docs: install
 # Two workers (pytest-xdist), a test module each at a time: the suite's compiles are mostly
 # single-threaded, so 2 cores run two modules side by side.
 test: REQUIRE_DATA := 0
-test: install data
+test: install data lint
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+# ruff: the linter and the formatter (2-space indents, 100 columns) over the whole repository;
+# `$(PY) -m ruff format .` rewrites what the check rejects.
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 bench: REQUIRE_DATA := 0
 bench: install data corpus

@@ -50,226 +50,291 @@ WORKLOAD_ORDER = ("autoencoder", "classifier", "char_lm")
 
 @dataclass
 class Protocol:
-    """One workload's protocol results, as :func:`load` reads them back."""
+  """One workload's protocol results, as :func:`load` reads them back."""
 
-    workload: str
-    document: dict[str, Any]  # protocol.json
-    runs: list[list[Result]]  # per seed, the final runs (SGD first)
-    target: Target
-    window: int
+  workload: str
+  document: dict[str, Any]  # protocol.json
+  runs: list[list[Result]]  # per seed, the final runs (SGD first)
+  target: Target
+  window: int
 
-    @property
-    def title(self) -> str:
-        """The workload's name without a budget (the tables give the budget)."""
-        known = WORKLOADS.get(self.workload)
-        return known.subject if known and known.subject else self.document["title"]
+  @property
+  def title(self) -> str:
+    """The workload's name without a budget (the tables give the budget)."""
+    known = WORKLOADS.get(self.workload)
+    return known.subject if known and known.subject else self.document["title"]
 
-    @property
-    def definition(self) -> str:
-        return report.quality_definition(self.target, self.window)
+  @property
+  def definition(self) -> str:
+    return report.quality_definition(self.target, self.window)
 
-    def names(self) -> list[str]:
-        return [r.name for r in self.runs[0]]
+  def names(self) -> list[str]:
+    return [r.name for r in self.runs[0]]
 
 
 def load(directory: Path) -> Protocol:
-    """``protocol.json`` and the final runs of every seed below ``directory``."""
-    document = from_json(json.loads((directory / "protocol.json").read_text()))
-    target = Target(document["target"]["metric"], document["target"]["higher_is_better"])
-    runs = []
-    for seed in document["protocol"]["seeds"]:
-        metrics = from_json(json.loads((directory / f"seed{seed}" / "metrics.json").read_text()))
-        runs.append([Result(**r) for r in metrics["optimizers"].values()])
-    window = int(document["settings"].get("reach_window", 10))
-    return Protocol(directory.name, document, runs, target, window)
+  """``protocol.json`` and the final runs of every seed below ``directory``."""
+  document = from_json(json.loads((directory / "protocol.json").read_text()))
+  target = Target(document["target"]["metric"], document["target"]["higher_is_better"])
+  runs = []
+  for seed in document["protocol"]["seeds"]:
+    metrics = from_json(json.loads((directory / f"seed{seed}" / "metrics.json").read_text()))
+    runs.append([Result(**r) for r in metrics["optimizers"].values()])
+  window = int(document["settings"].get("reach_window", 10))
+  return Protocol(directory.name, document, runs, target, window)
 
 
 def against(p: Protocol, reference: str) -> dict[str, dict[str, Any]]:
-    """Per optimizer: steps and seconds to ``reference``'s final quality in the same seed,
-    as ratios to the reference's own (:func:`examples.harness.protocol.ratios_to`)."""
-    return ratios_to(p.runs, reference, p.target, p.window)
+  """Per optimizer: steps and seconds to ``reference``'s final quality in the same seed,
+  as ratios to the reference's own (:func:`examples.harness.protocol.ratios_to`)."""
+  return ratios_to(p.runs, reference, p.target, p.window)
 
 
 def time_over(p: Protocol, name: str, other: str) -> dict[str, float] | None:
-    """``name``'s seconds to SGD's final quality over ``other``'s, per seed (medians
-    [spread]; None: one of them is not in the runs, or never reached it)."""
-    ratios = []
-    for results in p.runs:
-        by_name = {r.name: r for r in results}
-        if name not in by_name or other not in by_name:
-            return None
-        value = report.final_quality(by_name["SGD"], p.target, p.window)
-        mine = report.reach(by_name[name], p.target, value, p.window)
-        them = report.reach(by_name[other], p.target, value, p.window)
-        ratios.append(mine[1] / them[1] if mine and them and them[1] else None)
-    return stats(ratios)
+  """``name``'s seconds to SGD's final quality over ``other``'s, per seed (medians
+  [spread]; None: one of them is not in the runs, or never reached it)."""
+  ratios = []
+  for results in p.runs:
+    by_name = {r.name: r for r in results}
+    if name not in by_name or other not in by_name:
+      return None
+    value = report.final_quality(by_name["SGD"], p.target, p.window)
+    mine = report.reach(by_name[name], p.target, value, p.window)
+    them = report.reach(by_name[other], p.target, value, p.window)
+    ratios.append(mine[1] / them[1] if mine and them and them[1] else None)
+  return stats(ratios)
 
 
 def _spread(s: dict[str, float] | None, fmt: str = ".2f") -> str:
-    return spread(s, fmt, missing="not reached")
+  return spread(s, fmt, missing="not reached")
 
 
 def _reached(row: dict[str, Any], who: str = "") -> str:
-    """`` (n of m)`` where ``row`` reached its reference in only n of m seeds."""
-    if row["reached"] == row["seeds"]:
-        return ""
-    return f" ({who + ' reached it in ' if who else ''}{row['reached']} of {row['seeds']})"
+  """`` (n of m)`` where ``row`` reached its reference in only n of m seeds."""
+  if row["reached"] == row["seeds"]:
+    return ""
+  return f" ({who + ' reached it in ' if who else ''}{row['reached']} of {row['seeds']})"
 
 
 def _budget(p: Protocol, name: str) -> str:
-    row = p.document.get("budgets", {}).get(name)
-    if not row:
-        return "–"
-    if row["budget"] is None:
-        return "none"
-    return (f"{row['budget']['median']:.0%} ({_spread(row['time_ratio'])}× SGD's time)"
-            + ("" if row["reached"] == row["seeds"] else f", {row['reached']} of {row['seeds']}"))
+  row = p.document.get("budgets", {}).get(name)
+  if not row:
+    return "–"
+  if row["budget"] is None:
+    return "none"
+  return f"{row['budget']['median']:.0%} ({_spread(row['time_ratio'])}× SGD's time)" + (
+    "" if row["reached"] == row["seeds"] else f", {row['reached']} of {row['seeds']}"
+  )
 
 
 def _final(p: Protocol, name: str) -> dict[str, float] | None:
-    return stats([report.final_quality(next(r for r in results if r.name == name),
-                                        p.target, p.window) for results in p.runs])
+  return stats(
+    [
+      report.final_quality(next(r for r in results if r.name == name), p.target, p.window)
+      for results in p.runs
+    ]
+  )
 
 
 def budget_words(p: Protocol) -> str:
-    s = p.document["settings"]
-    steps = p.runs[0][0].budget_steps
-    return f"{s['epochs']} epoch{'s' * (s['epochs'] != 1)}, {steps} steps"
+  s = p.document["settings"]
+  steps = p.runs[0][0].budget_steps
+  return f"{s['epochs']} epoch{'s' * (s['epochs'] != 1)}, {steps} steps"
 
 
 # The headline's rows: Eva tuned by the protocol, and Eva with the paper's recipe against
 # the baselines run the same way (K-FAC "as published" where the protocol ran it).
-HEADLINE_ROWS = (("Eva", "tuned", "K-FAC", "Shampoo"),
-                 ("Eva (as published)", "as published", "K-FAC (as published)", "Shampoo"))
+HEADLINE_ROWS = (
+  ("Eva", "tuned", "K-FAC", "Shampoo"),
+  ("Eva (as published)", "as published", "K-FAC (as published)", "Shampoo"),
+)
 
 
 def headline_table(protocols: Sequence[Protocol]) -> str:
-    """Per workload, Eva tuned and as published, against SGD's and AdamW's final quality."""
-    head = ["workload", "budget, seeds", "SGD's final quality", "Eva", "steps / SGD's",
-            "time / SGD's", "shortest whole schedule at SGD's quality", "Eva / K-FAC time",
-            "Eva / Shampoo time", "to AdamW's final: steps / AdamW's", "time / AdamW's"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for p in protocols:
-        sgd = against(p, "SGD")
-        adamw = against(p, "AdamW") if "AdamW" in p.names() else {}
-        for eva, variant, kfac, shampoo in HEADLINE_ROWS:
-            if eva not in sgd:
-                continue
-            row, to_adamw = sgd[eva], adamw.get(eva)
-            lines.append("| " + " | ".join([
-                p.title, f"{budget_words(p)}, {len(p.runs)} seed{'s' * (len(p.runs) != 1)}",
-                f"{p.definition}: {_spread(_final(p, 'SGD'), '.4g')}",
-                f"{variant} ({_knobs(p, eva)})",
-                _spread(row["steps_ratio"]) + _reached(row),
-                _spread(row["time_ratio"]) + _reached(row),
-                _budget(p, eva),
-                _spread(time_over(p, eva, kfac)) + _reached(sgd[kfac], "K-FAC")
-                if kfac in sgd else "–",
-                _spread(time_over(p, eva, shampoo)) + _reached(sgd[shampoo], "Shampoo")
-                if shampoo in sgd else "–",
-                (_spread(to_adamw["steps_ratio"]) + _reached(to_adamw)) if to_adamw else "–",
-                (_spread(to_adamw["time_ratio"]) + _reached(to_adamw)) if to_adamw else "–",
-            ]) + " |")
-    return "\n".join(lines) + "\n"
+  """Per workload, Eva tuned and as published, against SGD's and AdamW's final quality."""
+  head = [
+    "workload",
+    "budget, seeds",
+    "SGD's final quality",
+    "Eva",
+    "steps / SGD's",
+    "time / SGD's",
+    "shortest whole schedule at SGD's quality",
+    "Eva / K-FAC time",
+    "Eva / Shampoo time",
+    "to AdamW's final: steps / AdamW's",
+    "time / AdamW's",
+  ]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for p in protocols:
+    sgd = against(p, "SGD")
+    adamw = against(p, "AdamW") if "AdamW" in p.names() else {}
+    for eva, variant, kfac, shampoo in HEADLINE_ROWS:
+      if eva not in sgd:
+        continue
+      row, to_adamw = sgd[eva], adamw.get(eva)
+      lines.append(
+        "| "
+        + " | ".join(
+          [
+            p.title,
+            f"{budget_words(p)}, {len(p.runs)} seed{'s' * (len(p.runs) != 1)}",
+            f"{p.definition}: {_spread(_final(p, 'SGD'), '.4g')}",
+            f"{variant} ({_knobs(p, eva)})",
+            _spread(row["steps_ratio"]) + _reached(row),
+            _spread(row["time_ratio"]) + _reached(row),
+            _budget(p, eva),
+            _spread(time_over(p, eva, kfac)) + _reached(sgd[kfac], "K-FAC") if kfac in sgd else "–",
+            _spread(time_over(p, eva, shampoo)) + _reached(sgd[shampoo], "Shampoo")
+            if shampoo in sgd
+            else "–",
+            (_spread(to_adamw["steps_ratio"]) + _reached(to_adamw)) if to_adamw else "–",
+            (_spread(to_adamw["time_ratio"]) + _reached(to_adamw)) if to_adamw else "–",
+          ]
+        )
+        + " |"
+      )
+  return "\n".join(lines) + "\n"
 
 
 def _knobs(p: Protocol, name: str) -> str:
-    """``lr, damping, kl_clip`` of a row: the chosen values, or the defaults spelled out."""
-    chosen = p.document["tuning"].get(name, {}).get("chosen")
-    if chosen is None:  # an "as published" row: its lr, the constructor's defaults
-        row = next(r for r in p.document["rows"] if r["name"] == name)
-        spec = SPEC_BY_KEY[row["key"]]
-        chosen = {"lr": row["lr"], **{k: row.get(k) if row.get(k) is not None
-                                      else default_of(spec, k) for k in ("damping", "kl_clip")}}
-    return ", ".join(f"{chosen[k]:g}" for k in ("lr", "damping", "kl_clip")
-                     if chosen.get(k) is not None) or "–"
+  """``lr, damping, kl_clip`` of a row: the chosen values, or the defaults spelled out."""
+  chosen = p.document["tuning"].get(name, {}).get("chosen")
+  if chosen is None:  # an "as published" row: its lr, the constructor's defaults
+    row = next(r for r in p.document["rows"] if r["name"] == name)
+    spec = SPEC_BY_KEY[row["key"]]
+    chosen = {
+      "lr": row["lr"],
+      **{
+        k: row.get(k) if row.get(k) is not None else default_of(spec, k)
+        for k in ("damping", "kl_clip")
+      },
+    }
+  return (
+    ", ".join(f"{chosen[k]:g}" for k in ("lr", "damping", "kl_clip") if chosen.get(k) is not None)
+    or "–"
+  )
 
 
 def optimizer_table(p: Protocol) -> str:
-    """Every row of one workload's final runs against SGD's and AdamW's final quality."""
-    sgd = against(p, "SGD")
-    adamw = against(p, "AdamW") if "AdamW" in p.names() else None
-    head = ["optimizer", "lr, damping, kl_clip", f"final {p.definition}",
-            "to SGD's final: steps / SGD's", "time / SGD's", "reached",
-            "shortest whole schedule at SGD's quality"]
+  """Every row of one workload's final runs against SGD's and AdamW's final quality."""
+  sgd = against(p, "SGD")
+  adamw = against(p, "AdamW") if "AdamW" in p.names() else None
+  head = [
+    "optimizer",
+    "lr, damping, kl_clip",
+    f"final {p.definition}",
+    "to SGD's final: steps / SGD's",
+    "time / SGD's",
+    "reached",
+    "shortest whole schedule at SGD's quality",
+  ]
+  if adamw:
+    head += ["to AdamW's final: steps / AdamW's", "time / AdamW's", "reached"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for name in p.names():
+    cells = [
+      name,
+      _knobs(p, name),
+      _spread(_final(p, name), ".5g"),
+      _spread(sgd[name]["steps_ratio"]),
+      _spread(sgd[name]["time_ratio"]),
+      f"{sgd[name]['reached']}/{sgd[name]['seeds']}",
+      _budget(p, name),
+    ]
     if adamw:
-        head += ["to AdamW's final: steps / AdamW's", "time / AdamW's", "reached"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name in p.names():
-        cells = [name, _knobs(p, name), _spread(_final(p, name), ".5g"),
-                 _spread(sgd[name]["steps_ratio"]), _spread(sgd[name]["time_ratio"]),
-                 f"{sgd[name]['reached']}/{sgd[name]['seeds']}", _budget(p, name)]
-        if adamw:
-            cells += [_spread(adamw[name]["steps_ratio"]), _spread(adamw[name]["time_ratio"]),
-                      f"{adamw[name]['reached']}/{adamw[name]['seeds']}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+      cells += [
+        _spread(adamw[name]["steps_ratio"]),
+        _spread(adamw[name]["time_ratio"]),
+        f"{adamw[name]['reached']}/{adamw[name]['seeds']}",
+      ]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
 
 
 def command_of(p: Protocol) -> str:
-    return p.document["settings"].get("command", "python -m benchmarks.protocol")
+  return p.document["settings"].get("command", "python -m benchmarks.protocol")
 
 
 def render(protocols: Sequence[Protocol]) -> tuple[str, str]:
-    """(the headline block of docs/results.md, the whole ``headline.md``)."""
-    info = protocols[0].document["machine"]
-    machine = (f"Machine: {info['cpu']} ({info['cpu_count']} CPUs), device {info['device']}; "
-               + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + ".")
-    commands = "; ".join(f"`{command_of(p)}`" for p in protocols)
-    block = (headline_table(protocols) + "\nMedians over seeds [min–max]; ratios below 1 "
-             "favour Eva. " + machine + f" Commands: {commands}, then "
-             "`python -m benchmarks.headline --readme docs/results.md`.\n")
-    md = ["# Headline: time to quality, every optimizer tuned alike\n", block]
-    for p in protocols:
-        md += [f"## {p.title}\n",
-               f"Budget {budget_words(p)}; seeds {len(p.runs)}; "
-               f"final quality = {p.definition}. Command: `{command_of(p)}`. Grids, every "
-               f"trial and the per-seed plots: `benchmarks/results/protocol/{p.workload}/`.\n",
-               optimizer_table(p)]
-    return block, "\n".join(md)
+  """(the headline block of docs/results.md, the whole ``headline.md``)."""
+  info = protocols[0].document["machine"]
+  machine = (
+    f"Machine: {info['cpu']} ({info['cpu_count']} CPUs), device {info['device']}; "
+    + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+    + "."
+  )
+  commands = "; ".join(f"`{command_of(p)}`" for p in protocols)
+  block = (
+    headline_table(protocols) + "\nMedians over seeds [min–max]; ratios below 1 "
+    "favour Eva. " + machine + f" Commands: {commands}, then "
+    "`python -m benchmarks.headline --readme docs/results.md`.\n"
+  )
+  md = ["# Headline: time to quality, every optimizer tuned alike\n", block]
+  for p in protocols:
+    md += [
+      f"## {p.title}\n",
+      f"Budget {budget_words(p)}; seeds {len(p.runs)}; "
+      f"final quality = {p.definition}. Command: `{command_of(p)}`. Grids, every "
+      f"trial and the per-seed plots: `benchmarks/results/protocol/{p.workload}/`.\n",
+      optimizer_table(p),
+    ]
+  return block, "\n".join(md)
 
 
 def summary(protocols: Sequence[Protocol]) -> dict[str, Any]:
-    out = {}
-    for p in protocols:
-        out[p.workload] = {
-            "title": p.title, "definition": p.definition, "budget": budget_words(p),
-            "command": command_of(p), "seeds": len(p.runs),
-            "sgd_final": _final(p, "SGD"),
-            "against_sgd": against(p, "SGD"),
-            "against_adamw": against(p, "AdamW") if "AdamW" in p.names() else None,
-            "eva_over_kfac": time_over(p, "Eva", "K-FAC"),
-            "eva_over_shampoo": time_over(p, "Eva", "Shampoo"),
-        }
-    return out
+  out = {}
+  for p in protocols:
+    out[p.workload] = {
+      "title": p.title,
+      "definition": p.definition,
+      "budget": budget_words(p),
+      "command": command_of(p),
+      "seeds": len(p.runs),
+      "sgd_final": _final(p, "SGD"),
+      "against_sgd": against(p, "SGD"),
+      "against_adamw": against(p, "AdamW") if "AdamW" in p.names() else None,
+      "eva_over_kfac": time_over(p, "Eva", "K-FAC"),
+      "eva_over_shampoo": time_over(p, "Eva", "Shampoo"),
+    }
+  return out
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.headline",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "protocol"),
-                   help="directory of the protocols' workload directories")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--readme", default=None, help="file whose headline block to replace")
-    args = p.parse_args(argv)
-    root = Path(args.results)
-    found = [d for d in sorted(root.iterdir()) if (d / "protocol.json").is_file()] \
-        if root.is_dir() else []
-    if not found:
-        raise SystemExit(f"no protocol results under {root}: run python -m benchmarks.protocol")
-    found.sort(key=lambda d: (WORKLOAD_ORDER.index(d.name) if d.name in WORKLOAD_ORDER
-                              else len(WORKLOAD_ORDER), d.name))
-    protocols = [load(d) for d in found]
-    block, md = render(protocols)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "headline.md").write_text(md)
-    (out / "headline.json").write_text(json.dumps(jsonable(summary(protocols)), indent=1) + "\n")
-    if args.readme:
-        readme.update(Path(args.readme), "headline", block)
-    print(md)
-    return md
+  p = argparse.ArgumentParser(
+    prog="python -m benchmarks.headline", description=__doc__.split("\n\n")[0]
+  )
+  p.add_argument(
+    "--results",
+    default=str(ROOT / "benchmarks" / "results" / "protocol"),
+    help="directory of the protocols' workload directories",
+  )
+  p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+  p.add_argument("--readme", default=None, help="file whose headline block to replace")
+  args = p.parse_args(argv)
+  root = Path(args.results)
+  found = (
+    [d for d in sorted(root.iterdir()) if (d / "protocol.json").is_file()] if root.is_dir() else []
+  )
+  if not found:
+    raise SystemExit(f"no protocol results under {root}: run python -m benchmarks.protocol")
+  found.sort(
+    key=lambda d: (
+      WORKLOAD_ORDER.index(d.name) if d.name in WORKLOAD_ORDER else len(WORKLOAD_ORDER),
+      d.name,
+    )
+  )
+  protocols = [load(d) for d in found]
+  block, md = render(protocols)
+  out = Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "headline.md").write_text(md)
+  (out / "headline.json").write_text(json.dumps(jsonable(summary(protocols)), indent=1) + "\n")
+  if args.readme:
+    readme.update(Path(args.readme), "headline", block)
+  print(md)
+  return md
 
 
 if __name__ == "__main__":
-    main()
+  main()

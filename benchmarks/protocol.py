@@ -45,122 +45,165 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise SystemExit(f"{flag}: expected comma-separated integers, got {text!r}") from None
+  try:
+    return tuple(int(v) for v in text.split(","))
+  except ValueError:
+    raise SystemExit(f"{flag}: expected comma-separated integers, got {text!r}") from None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.protocol", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--workload", default="autoencoder", choices=sorted(WORKLOADS))
-    p.add_argument("--optimizers", default=None,
-                   help="comma-separated keys (default: the workload's set)")
-    p.add_argument("--seeds", default=None, help="seeds of the final runs (default 0,1,2)")
-    p.add_argument("--tune-fraction", type=float, default=None,
-                   help="tuning runs: a whole schedule over this fraction of the budget "
-                        f"(default {Protocol.tune_fraction})")
-    p.add_argument("--validation-fraction", type=float, default=None,
-                   help="of the training set, held out for tuning "
-                        f"(default {Protocol.validation_fraction})")
-    p.add_argument("--lr-points", type=int, default=None,
-                   help=f"learning rates in the grid, at least 5 (default {Protocol.lr_points})")
-    p.add_argument("--budgets", default=None,
-                   help="fractions of the budget for the budget-to-quality runs "
-                        "(default 0.25,0.5,0.75,1; 1 alone skips them)")
-    p.add_argument("--budget-seeds", default=None,
-                   help="seeds of the budget-to-quality runs, among --seeds (default: all)")
-    p.add_argument("--quick", action="store_true",
-                   help="the workload's tiny flags and one seed: a smoke test")
-    p.add_argument("--tuning-from", default=None, metavar="PROTOCOL_JSON",
-                   help="read the tuning from an earlier run's protocol.json instead of "
-                        "running it (same workload flags and tuning settings)")
-    p.add_argument("--out", default=None)
-    p.add_argument("extra", nargs="*", help="more flags for the example (after --)")
-    args = p.parse_args(argv)
-    settings: dict[str, Any] = {}
-    if args.seeds is not None:
-        settings["seeds"] = _ints(args.seeds, "--seeds")
-    elif args.quick:
-        settings["seeds"] = (0,)
-    if args.budgets is not None:
-        try:
-            settings["budgets"] = tuple(float(v) for v in args.budgets.split(","))
-        except ValueError:
-            p.error(f"--budgets: expected comma-separated fractions, got {args.budgets!r}")
-    if args.budget_seeds is not None:
-        settings["budget_seeds"] = _ints(args.budget_seeds, "--budget-seeds")
-    for name in ("tune_fraction", "validation_fraction", "lr_points"):
-        if getattr(args, name) is not None:
-            settings[name] = getattr(args, name)
+  p = argparse.ArgumentParser(
+    prog="python -m benchmarks.protocol",
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  p.add_argument("--workload", default="autoencoder", choices=sorted(WORKLOADS))
+  p.add_argument(
+    "--optimizers", default=None, help="comma-separated keys (default: the workload's set)"
+  )
+  p.add_argument("--seeds", default=None, help="seeds of the final runs (default 0,1,2)")
+  p.add_argument(
+    "--tune-fraction",
+    type=float,
+    default=None,
+    help="tuning runs: a whole schedule over this fraction of the budget "
+    f"(default {Protocol.tune_fraction})",
+  )
+  p.add_argument(
+    "--validation-fraction",
+    type=float,
+    default=None,
+    help=f"of the training set, held out for tuning (default {Protocol.validation_fraction})",
+  )
+  p.add_argument(
+    "--lr-points",
+    type=int,
+    default=None,
+    help=f"learning rates in the grid, at least 5 (default {Protocol.lr_points})",
+  )
+  p.add_argument(
+    "--budgets",
+    default=None,
+    help="fractions of the budget for the budget-to-quality runs "
+    "(default 0.25,0.5,0.75,1; 1 alone skips them)",
+  )
+  p.add_argument(
+    "--budget-seeds",
+    default=None,
+    help="seeds of the budget-to-quality runs, among --seeds (default: all)",
+  )
+  p.add_argument(
+    "--quick", action="store_true", help="the workload's tiny flags and one seed: a smoke test"
+  )
+  p.add_argument(
+    "--tuning-from",
+    default=None,
+    metavar="PROTOCOL_JSON",
+    help="read the tuning from an earlier run's protocol.json instead of "
+    "running it (same workload flags and tuning settings)",
+  )
+  p.add_argument("--out", default=None)
+  p.add_argument("extra", nargs="*", help="more flags for the example (after --)")
+  args = p.parse_args(argv)
+  settings: dict[str, Any] = {}
+  if args.seeds is not None:
+    settings["seeds"] = _ints(args.seeds, "--seeds")
+  elif args.quick:
+    settings["seeds"] = (0,)
+  if args.budgets is not None:
     try:
-        args.protocol = Protocol(**settings)
-    except ValueError as e:
-        p.error(str(e))
-    args.out = Path(args.out or ROOT / "benchmarks" / "results" / "protocol" / args.workload)
-    return args
+      settings["budgets"] = tuple(float(v) for v in args.budgets.split(","))
+    except ValueError:
+      p.error(f"--budgets: expected comma-separated fractions, got {args.budgets!r}")
+  if args.budget_seeds is not None:
+    settings["budget_seeds"] = _ints(args.budget_seeds, "--budget-seeds")
+  for name in ("tune_fraction", "validation_fraction", "lr_points"):
+    if getattr(args, name) is not None:
+      settings[name] = getattr(args, name)
+  try:
+    args.protocol = Protocol(**settings)
+  except ValueError as e:
+    p.error(str(e))
+  args.out = Path(args.out or ROOT / "benchmarks" / "results" / "protocol" / args.workload)
+  return args
 
 
 # The example's settings that do not change what a tuning run does.
-NOT_TUNING = ("command", "out", "seed", "optimizers", "resume", "checkpoint", "no_checkpoint",
-              "tuning_from")
+NOT_TUNING = (
+  "command",
+  "out",
+  "seed",
+  "optimizers",
+  "resume",
+  "checkpoint",
+  "no_checkpoint",
+  "tuning_from",
+)
 
 
 def read_recorded(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    """An earlier run's ``protocol.json``, checked to have been tuned on the example with
-    the same ``settings`` (but for :data:`NOT_TUNING`); exits naming the first that differs."""
-    try:
-        document = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"--tuning-from {path}: cannot read it ({e})") from None
-    if "tuning" not in document or "settings" not in document:
-        raise SystemExit(f"--tuning-from {path}: not a protocol.json (no tuning recorded)")
-    theirs = document["settings"]
-    for key in sorted(set(settings) | set(theirs)):
-        if key not in NOT_TUNING and theirs.get(key) != jsonable(settings.get(key)):
-            raise SystemExit(f"--tuning-from {path}: it was tuned with {key} = "
-                             f"{theirs.get(key)!r}, this run has {settings.get(key)!r}")
-    return document
+  """An earlier run's ``protocol.json``, checked to have been tuned on the example with
+  the same ``settings`` (but for :data:`NOT_TUNING`); exits naming the first that differs."""
+  try:
+    document = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise SystemExit(f"--tuning-from {path}: cannot read it ({e})") from None
+  if "tuning" not in document or "settings" not in document:
+    raise SystemExit(f"--tuning-from {path}: not a protocol.json (no tuning recorded)")
+  theirs = document["settings"]
+  for key in sorted(set(settings) | set(theirs)):
+    if key not in NOT_TUNING and theirs.get(key) != jsonable(settings.get(key)):
+      raise SystemExit(
+        f"--tuning-from {path}: it was tuned with {key} = "
+        f"{theirs.get(key)!r}, this run has {settings.get(key)!r}"
+      )
+  return document
 
 
 def main(argv: Sequence[str] | None = None) -> Outcome:
-    args = parse_args(argv)
-    w = WORKLOADS[args.workload]
-    example = load_example(w.name)
-    flags = list(w.quick if args.quick else w.argv) + list(args.extra)
-    if args.optimizers:
-        flags += ["--optimizers", args.optimizers]
-    example_args = example.parse_args(flags)
+  args = parse_args(argv)
+  w = WORKLOADS[args.workload]
+  example = load_example(w.name)
+  flags = list(w.quick if args.quick else w.argv) + list(args.extra)
+  if args.optimizers:
+    flags += ["--optimizers", args.optimizers]
+  example_args = example.parse_args(flags)
 
-    def make_task(validation_fraction: float) -> Task:
-        return example.make_task(
-            argparse.Namespace(**{**vars(example_args), "validation_fraction": validation_fraction})
-        )
+  def make_task(validation_fraction: float) -> Task:
+    return example.make_task(
+      argparse.Namespace(**{**vars(example_args), "validation_fraction": validation_fraction})
+    )
 
-    base = Options(example_args.momentum, example_args.weight_decay)
-    settings = {k: v for k, v in vars(example_args).items() if k != "specs"}
-    settings["command"] = "python -m benchmarks.protocol " + " ".join(argv or sys.argv[1:])
-    recorded = None
-    if args.tuning_from:
-        recorded = read_recorded(Path(args.tuning_from), settings)
-        settings["tuning_from"] = args.tuning_from
-    try:
-        outcome = run_protocol(
-            make_task, example_args.specs, args.protocol, base, example_args.epochs, args.out,
-            title=w.subject, eval_every=example_args.eval_every, chunk=example_args.chunk,
-            window=example_args.reach_window, settings=settings, recorded=recorded,
-        )
-    except RecordMismatch as e:
-        if recorded is None:
-            raise
-        raise SystemExit(f"--tuning-from {args.tuning_from}: {e}") from None
-    print("\n" + (args.out / "protocol.md").read_text())
-    print(f"wrote {args.out / 'protocol.md'}, {args.out / 'protocol.json'}")
-    return outcome
+  base = Options(example_args.momentum, example_args.weight_decay)
+  settings = {k: v for k, v in vars(example_args).items() if k != "specs"}
+  settings["command"] = "python -m benchmarks.protocol " + " ".join(argv or sys.argv[1:])
+  recorded = None
+  if args.tuning_from:
+    recorded = read_recorded(Path(args.tuning_from), settings)
+    settings["tuning_from"] = args.tuning_from
+  try:
+    outcome = run_protocol(
+      make_task,
+      example_args.specs,
+      args.protocol,
+      base,
+      example_args.epochs,
+      args.out,
+      title=w.subject,
+      eval_every=example_args.eval_every,
+      chunk=example_args.chunk,
+      window=example_args.reach_window,
+      settings=settings,
+      recorded=recorded,
+    )
+  except RecordMismatch as e:
+    if recorded is None:
+      raise
+    raise SystemExit(f"--tuning-from {args.tuning_from}: {e}") from None
+  print("\n" + (args.out / "protocol.md").read_text())
+  print(f"wrote {args.out / 'protocol.md'}, {args.out / 'protocol.json'}")
+  return outcome
 
 
 if __name__ == "__main__":
-    main()
+  main()

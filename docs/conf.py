@@ -19,10 +19,10 @@ author = "the eva_optax authors"
 release = version = eva_optax.__version__
 
 extensions = [
-    "myst_nb",  # MyST Markdown and notebooks (it brings myst_parser)
-    "sphinx.ext.autodoc",
-    "sphinx.ext.autosummary",
-    "sphinx.ext.napoleon",
+  "myst_nb",  # MyST Markdown and notebooks (it brings myst_parser)
+  "sphinx.ext.autodoc",
+  "sphinx.ext.autosummary",
+  "sphinx.ext.napoleon",
 ]
 
 # Only the pages of the site; README.md and ARCHITECTURE.md come in through {include}.

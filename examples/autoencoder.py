@@ -85,12 +85,19 @@ from examples.harness.training import Result, Target, Task
 
 DEFAULT_OPTIMIZERS = "sgd,adamw,eva,eva-f,eva-s,kfac,shampoo"
 LEARNING_RATES = {
-    "sgd": 0.6, "adamw": 1e-3, "eva": 0.06, "eva-f": 0.6, "eva-s": 0.6, "kfac": 0.06,
-    "kfac-authors": 0.06,
-    "foof": 0.06, "shampoo": 0.6,
-    # Not checked here: the centres of the tuning protocol's grids (Muon's usual 0.02,
-    # Sophia's AdamW-like step size).
-    "muon": 0.02, "sophia": 1e-3,
+  "sgd": 0.6,
+  "adamw": 1e-3,
+  "eva": 0.06,
+  "eva-f": 0.6,
+  "eva-s": 0.6,
+  "kfac": 0.06,
+  "kfac-authors": 0.06,
+  "foof": 0.06,
+  "shampoo": 0.6,
+  # Not checked here: the centres of the tuning protocol's grids (Muon's usual 0.02,
+  # Sophia's AdamW-like step size).
+  "muon": 0.02,
+  "sophia": 1e-3,
 }
 # The paper's autoencoder recipe: SGD 0.6, K-FAC and Eva 0.06 (the tuning protocol's "as
 # published" row).
@@ -99,69 +106,77 @@ MODEL = Autoencoder()
 
 
 def loss_fn(params: Any, model_state: Any, batch: jax.Array) -> tuple[jax.Array, Any]:
-    """Mean squared reconstruction error over all elements (pixels in [0, 1])."""
-    outputs = MODEL.apply({"params": params}, batch)
-    return jnp.mean(jnp.square(outputs - batch)), (model_state, {})
+  """Mean squared reconstruction error over all elements (pixels in [0, 1])."""
+  outputs = MODEL.apply({"params": params}, batch)
+  return jnp.mean(jnp.square(outputs - batch)), (model_state, {})
 
 
 def eval_fn(params: Any, model_state: Any, batch: jax.Array) -> dict[str, jax.Array]:
-    return {"loss": loss_fn(params, model_state, batch)[0]}
+  return {"loss": loss_fn(params, model_state, batch)[0]}
 
 
 def load_images(split: str, data_dir: str | None, limit: int | None) -> np.ndarray:
-    """Flattened float32 images in [0, 1] of ``split`` (the first ``limit`` ones)."""
-    images, _ = datasets.fashion_mnist(split, data_dir)  # type: ignore[arg-type]
-    if limit is not None:
-        images = images[:limit]
-    return images.reshape(len(images), -1).astype(np.float32) / 255.0
+  """Flattened float32 images in [0, 1] of ``split`` (the first ``limit`` ones)."""
+  images, _ = datasets.fashion_mnist(split, data_dir)  # type: ignore[arg-type]
+  if limit is not None:
+    images = images[:limit]
+  return images.reshape(len(images), -1).astype(np.float32) / 255.0
 
 
 def make_task(args: Any) -> Task:
-    (train_x,), (test_x,), split = cli.evaluation_split(
-        args, (load_images("train", args.data_dir, args.train_limit),),
-        lambda: (load_images("test", args.data_dir, args.test_limit),),
+  (train_x,), (test_x,), split = cli.evaluation_split(
+    args,
+    (load_images("train", args.data_dir, args.train_limit),),
+    lambda: (load_images("test", args.data_dir, args.test_limit),),
+  )
+  steps = len(train_x) // args.batch_size
+  if steps == 0:
+    raise SystemExit(
+      f"--batch-size {args.batch_size} is larger than the {len(train_x)} training images"
     )
-    steps = len(train_x) // args.batch_size
-    if steps == 0:
-        raise SystemExit(f"--batch-size {args.batch_size} is larger than the {len(train_x)} "
-                         "training images")
 
-    def train_epoch(rng: np.random.Generator) -> Iterator[np.ndarray]:
-        return (b for (b,) in datasets.batches((train_x,), args.batch_size, rng=rng))
+  def train_epoch(rng: np.random.Generator) -> Iterator[np.ndarray]:
+    return (b for (b,) in datasets.batches((train_x,), args.batch_size, rng=rng))
 
-    def test_batches() -> Iterator[np.ndarray]:
-        return (b for (b,) in datasets.batches((test_x,), 1000, drop_last=False))
+  def test_batches() -> Iterator[np.ndarray]:
+    return (b for (b,) in datasets.batches((test_x,), 1000, drop_last=False))
 
-    return Task(
-        name="Fashion-MNIST autoencoder",
-        init=lambda key: (MODEL.init(key, jnp.zeros((1, 784)))["params"], {}),
-        loss_fn=loss_fn,
-        eval_fn=eval_fn,
-        train_epoch=train_epoch,
-        test_batches=test_batches,
-        steps_per_epoch=steps,
-        example_batch=train_x[: args.batch_size],
-        schedule=lambda lr, total: optax.linear_schedule(lr, 0.0, transition_steps=total),
-        default_lrs=LEARNING_RATES,
-        target=Target("train_loss"),
-        description=f"{len(train_x)} train / {len(test_x)} {split} images, batch {args.batch_size}",
-        eval_split=split,
-        published_lrs=PUBLISHED_LRS,
-        metric_labels={"loss": "MSE"},
-    )
+  return Task(
+    name="Fashion-MNIST autoencoder",
+    init=lambda key: (MODEL.init(key, jnp.zeros((1, 784)))["params"], {}),
+    loss_fn=loss_fn,
+    eval_fn=eval_fn,
+    train_epoch=train_epoch,
+    test_batches=test_batches,
+    steps_per_epoch=steps,
+    example_batch=train_x[: args.batch_size],
+    schedule=lambda lr, total: optax.linear_schedule(lr, 0.0, transition_steps=total),
+    default_lrs=LEARNING_RATES,
+    target=Target("train_loss"),
+    description=f"{len(train_x)} train / {len(test_x)} {split} images, batch {args.batch_size}",
+    eval_split=split,
+    published_lrs=PUBLISHED_LRS,
+    metric_labels={"loss": "MSE"},
+  )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Any:
-    p = cli.parser(__doc__, prog="python -m examples.autoencoder",
-                   epochs=3, batch_size=1000, out="results/demo",
-                   optimizers=DEFAULT_OPTIMIZERS, eval_every=20)
-    return cli.parse(p, argv)
+  p = cli.parser(
+    __doc__,
+    prog="python -m examples.autoencoder",
+    epochs=3,
+    batch_size=1000,
+    out="results/demo",
+    optimizers=DEFAULT_OPTIMIZERS,
+    eval_every=20,
+  )
+  return cli.parse(p, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> list[Result]:
-    args = parse_args(argv)
-    return cli.run(make_task(args), args)
+  args = parse_args(argv)
+  return cli.run(make_task(args), args)
 
 
 if __name__ == "__main__":
-    main()
+  main()

@@ -121,9 +121,14 @@ from examples.harness.training import Result, Target, Task
 
 DEFAULT_OPTIMIZERS = "sgd,adamw,eva,eva-s,kfac"
 LEARNING_RATES = {
-    "sgd": 0.1, "adamw": 3e-3, "eva": 0.01, "eva-s": 0.03, "kfac": 0.03,
-    "kfac-authors": 0.03,
-    "muon": 0.02, "sophia": 3e-3,  # not checked: the centres of the tuning protocol's grids
+  "sgd": 0.1,
+  "adamw": 3e-3,
+  "eva": 0.01,
+  "eva-s": 0.03,
+  "kfac": 0.03,
+  "kfac-authors": 0.03,
+  "muon": 0.02,
+  "sophia": 3e-3,  # not checked: the centres of the tuning protocol's grids
 }
 TEST_FRACTION = 0.1
 WARMUP_FRACTION = 0.05
@@ -134,191 +139,213 @@ Batch = tuple[np.ndarray, np.ndarray]  # (inputs, targets), int32 (batch, seq_le
 
 
 def make_model(vocab: int, args: argparse.Namespace) -> CharTransformer:
-    """The transformer of the flags: MLP width 4 × d_model, ``max_len`` = ``--seq-len``."""
-    return CharTransformer(
-        vocab=vocab, d_model=args.d_model, num_heads=args.heads, mlp_dim=4 * args.d_model,
-        num_layers=args.layers, max_len=args.seq_len,
-    )
+  """The transformer of the flags: MLP width 4 × d_model, ``max_len`` = ``--seq-len``."""
+  return CharTransformer(
+    vocab=vocab,
+    d_model=args.d_model,
+    num_heads=args.heads,
+    mlp_dim=4 * args.d_model,
+    num_layers=args.layers,
+    max_len=args.seq_len,
+  )
 
 
 def make_loss_fn(
-    model: CharTransformer,
+  model: CharTransformer,
 ) -> Callable[[Any, Any, Batch], tuple[jax.Array, tuple[Any, dict[str, jax.Array]]]]:
-    """``loss_fn(params, model_state, (inputs, targets))``: mean next-character cross-entropy.
+  """``loss_fn(params, model_state, (inputs, targets))``: mean next-character cross-entropy.
 
-    The mean over every position of every window, in nats; ``model_state`` is ``{}``.
-    """
+  The mean over every position of every window, in nats; ``model_state`` is ``{}``.
+  """
 
-    def loss_fn(
-        params: Any, model_state: Any, batch: Batch
-    ) -> tuple[jax.Array, tuple[Any, dict[str, jax.Array]]]:
-        inputs, targets = batch
-        logits = model.apply({"params": params}, inputs)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-        return loss, (model_state, {})
+  def loss_fn(
+    params: Any, model_state: Any, batch: Batch
+  ) -> tuple[jax.Array, tuple[Any, dict[str, jax.Array]]]:
+    inputs, targets = batch
+    logits = model.apply({"params": params}, inputs)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    return loss, (model_state, {})
 
-    return loss_fn
+  return loss_fn
 
 
 def make_eval_fn(
-    loss_fn: Callable[..., Any],
+  loss_fn: Callable[..., Any],
 ) -> Callable[[Any, Any, Batch], dict[str, jax.Array]]:
-    """Test loss (nats per character) and bits per character (loss / ln 2)."""
+  """Test loss (nats per character) and bits per character (loss / ln 2)."""
 
-    def eval_fn(params: Any, model_state: Any, batch: Batch) -> dict[str, jax.Array]:
-        loss = loss_fn(params, model_state, batch)[0]
-        return {"loss": loss, "bits_per_char": loss / LN2}
+  def eval_fn(params: Any, model_state: Any, batch: Batch) -> dict[str, jax.Array]:
+    loss = loss_fn(params, model_state, batch)[0]
+    return {"loss": loss, "bits_per_char": loss / LN2}
 
-    return eval_fn
+  return eval_fn
 
 
 def eval_windows(ids: np.ndarray, seq_len: int, max_windows: int) -> Batch:
-    """The first ``max_windows`` non-overlapping windows of ``ids`` from its start.
+  """The first ``max_windows`` non-overlapping windows of ``ids`` from its start.
 
-    ``inputs[w] = ids[w·L : (w+1)·L]`` and ``targets[w]`` the same shifted by one.
-    """
-    count = min((len(ids) - 1) // seq_len, max_windows)
-    starts = seq_len * np.arange(count)
-    windows = ids[starts[:, None] + np.arange(seq_len + 1)].astype(np.int32)
-    return windows[:, :-1], windows[:, 1:]
+  ``inputs[w] = ids[w·L : (w+1)·L]`` and ``targets[w]`` the same shifted by one.
+  """
+  count = min((len(ids) - 1) // seq_len, max_windows)
+  starts = seq_len * np.arange(count)
+  windows = ids[starts[:, None] + np.arange(seq_len + 1)].astype(np.int32)
+  return windows[:, :-1], windows[:, 1:]
 
 
 def warmup_cosine(lr: float, total_steps: int) -> optax.Schedule:
-    """0 → ``lr`` linearly over the first 5% of the steps, cosine down to 10% of ``lr``."""
-    warmup = max(1, round(WARMUP_FRACTION * total_steps))
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=lr, warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1), end_value=FINAL_LR_FRACTION * lr,
-    )
+  """0 → ``lr`` linearly over the first 5% of the steps, cosine down to 10% of ``lr``."""
+  warmup = max(1, round(WARMUP_FRACTION * total_steps))
+  return optax.warmup_cosine_decay_schedule(
+    init_value=0.0,
+    peak_value=lr,
+    warmup_steps=warmup,
+    decay_steps=max(total_steps, warmup + 1),
+    end_value=FINAL_LR_FRACTION * lr,
+  )
 
 
 def load_corpus(args: argparse.Namespace) -> tuple[str, str, np.ndarray, np.ndarray]:
-    """``(description, vocabulary, train ids, test ids)``, the limits applied (characters).
+  """``(description, vocabulary, train ids, test ids)``, the limits applied (characters).
 
-    With ``--validation-fraction`` the "test ids" are the last part of the train split,
-    held out of it; the test split is not used.
-    """
+  With ``--validation-fraction`` the "test ids" are the last part of the train split,
+  held out of it; the test split is not used.
+  """
+  try:
+    text, description = datasets.text_corpus(args.corpus)
+  except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(str(e)) from None
+  vocabulary = datasets.char_vocabulary(text)
+  try:
+    train_ids, test_ids = datasets.split_text(datasets.encode(text, vocabulary), TEST_FRACTION)
+  except ValueError as e:
+    raise SystemExit(f"{description}: {e}") from None
+  if args.train_limit is not None:
+    train_ids = train_ids[: args.train_limit]
+  if args.test_limit is not None:
+    test_ids = test_ids[: args.test_limit]
+  if args.validation_fraction:  # the last part of the train split, contiguous
     try:
-        text, description = datasets.text_corpus(args.corpus)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e)) from None
-    vocabulary = datasets.char_vocabulary(text)
-    try:
-        train_ids, test_ids = datasets.split_text(
-            datasets.encode(text, vocabulary), TEST_FRACTION
-        )
+      train_ids, test_ids = datasets.split_text(train_ids, args.validation_fraction)
     except ValueError as e:
-        raise SystemExit(f"{description}: {e}") from None
-    if args.train_limit is not None:
-        train_ids = train_ids[: args.train_limit]
-    if args.test_limit is not None:
-        test_ids = test_ids[: args.test_limit]
-    if args.validation_fraction:  # the last part of the train split, contiguous
-        try:
-            train_ids, test_ids = datasets.split_text(train_ids, args.validation_fraction)
-        except ValueError as e:
-            raise SystemExit(f"--validation-fraction: {e}") from None
-    return description, vocabulary, train_ids, test_ids
+      raise SystemExit(f"--validation-fraction: {e}") from None
+  return description, vocabulary, train_ids, test_ids
 
 
 def make_task(args: argparse.Namespace) -> Task:
-    description, vocabulary, train_ids, test_ids = load_corpus(args)
-    split = "validation" if args.validation_fraction else "test"
-    seq_len, batch_size = args.seq_len, args.batch_size
-    full = datasets.sequence_batches_per_epoch(len(train_ids), seq_len, batch_size)
-    if full == 0:
-        raise SystemExit(
-            f"{len(train_ids)} training characters are too few for one batch of "
-            f"{batch_size} windows of {seq_len} (needs {seq_len * batch_size + 1}); "
-            "lower --batch-size or --seq-len, or raise --train-limit"
-        )
-    steps = full if args.steps_per_epoch is None else min(full, args.steps_per_epoch)
-    test_x, test_y = eval_windows(test_ids, seq_len, args.eval_batches * batch_size)
-    if len(test_x) == 0:
-        raise SystemExit(
-            f"{len(test_ids)} test characters are too few for one window of {seq_len} "
-            f"(needs {seq_len + 1}); lower --seq-len or raise --test-limit"
-        )
-
-    model = make_model(len(vocabulary), args)
-    loss_fn = make_loss_fn(model)
-
-    def train_epoch(rng: np.random.Generator) -> Iterator[Batch]:
-        # sequence_batches draws the epoch's phase and order at once, whatever the cap.
-        return itertools.islice(datasets.sequence_batches(train_ids, seq_len, batch_size, rng),
-                                steps)
-
-    def test_batches() -> Iterator[Batch]:
-        for i in range(0, len(test_x), batch_size):
-            yield test_x[i : i + batch_size], test_y[i : i + batch_size]
-
-    example = next(datasets.sequence_batches(train_ids, seq_len, batch_size,
-                                             np.random.default_rng(0)))
-
-    def init(key: jax.Array) -> tuple[Any, Any]:
-        return model.init(key, jnp.zeros((1, seq_len), jnp.int32))["params"], {}
-
-    shapes = jax.eval_shape(init, jax.random.PRNGKey(0))[0]
-    n_params = sum(x.size for x in jax.tree.leaves(shapes))
-    return Task(
-        name="Character-level transformer LM",
-        init=init,
-        loss_fn=loss_fn,
-        eval_fn=make_eval_fn(loss_fn),
-        train_epoch=train_epoch,
-        test_batches=test_batches,
-        steps_per_epoch=steps,
-        example_batch=example,
-        schedule=warmup_cosine,
-        default_lrs=LEARNING_RATES,
-        target=Target("test_loss"),
-        description=(
-            f"{description}; vocabulary {len(vocabulary)}, {len(train_ids):,} train / "
-            f"{len(test_ids):,} {split} characters ({len(test_x)} {split} windows); "
-            f"{args.layers} layers, d_model {args.d_model}, {args.heads} heads, "
-            f"{n_params:,} parameters; batch {batch_size} × {seq_len}"
-        ),
-        eval_split=split,
-        output_layer="Dense_0",  # the Dense head over the vocabulary
-        metric_labels={"loss": "cross-entropy (nats per character)",
-                       "bits_per_char": "bits per character"},
+  description, vocabulary, train_ids, test_ids = load_corpus(args)
+  split = "validation" if args.validation_fraction else "test"
+  seq_len, batch_size = args.seq_len, args.batch_size
+  full = datasets.sequence_batches_per_epoch(len(train_ids), seq_len, batch_size)
+  if full == 0:
+    raise SystemExit(
+      f"{len(train_ids)} training characters are too few for one batch of "
+      f"{batch_size} windows of {seq_len} (needs {seq_len * batch_size + 1}); "
+      "lower --batch-size or --seq-len, or raise --train-limit"
     )
+  steps = full if args.steps_per_epoch is None else min(full, args.steps_per_epoch)
+  test_x, test_y = eval_windows(test_ids, seq_len, args.eval_batches * batch_size)
+  if len(test_x) == 0:
+    raise SystemExit(
+      f"{len(test_ids)} test characters are too few for one window of {seq_len} "
+      f"(needs {seq_len + 1}); lower --seq-len or raise --test-limit"
+    )
+
+  model = make_model(len(vocabulary), args)
+  loss_fn = make_loss_fn(model)
+
+  def train_epoch(rng: np.random.Generator) -> Iterator[Batch]:
+    # sequence_batches draws the epoch's phase and order at once, whatever the cap.
+    return itertools.islice(datasets.sequence_batches(train_ids, seq_len, batch_size, rng), steps)
+
+  def test_batches() -> Iterator[Batch]:
+    for i in range(0, len(test_x), batch_size):
+      yield test_x[i : i + batch_size], test_y[i : i + batch_size]
+
+  example = next(
+    datasets.sequence_batches(train_ids, seq_len, batch_size, np.random.default_rng(0))
+  )
+
+  def init(key: jax.Array) -> tuple[Any, Any]:
+    return model.init(key, jnp.zeros((1, seq_len), jnp.int32))["params"], {}
+
+  shapes = jax.eval_shape(init, jax.random.PRNGKey(0))[0]
+  n_params = sum(x.size for x in jax.tree.leaves(shapes))
+  return Task(
+    name="Character-level transformer LM",
+    init=init,
+    loss_fn=loss_fn,
+    eval_fn=make_eval_fn(loss_fn),
+    train_epoch=train_epoch,
+    test_batches=test_batches,
+    steps_per_epoch=steps,
+    example_batch=example,
+    schedule=warmup_cosine,
+    default_lrs=LEARNING_RATES,
+    target=Target("test_loss"),
+    description=(
+      f"{description}; vocabulary {len(vocabulary)}, {len(train_ids):,} train / "
+      f"{len(test_ids):,} {split} characters ({len(test_x)} {split} windows); "
+      f"{args.layers} layers, d_model {args.d_model}, {args.heads} heads, "
+      f"{n_params:,} parameters; batch {batch_size} × {seq_len}"
+    ),
+    eval_split=split,
+    output_layer="Dense_0",  # the Dense head over the vocabulary
+    metric_labels={
+      "loss": "cross-entropy (nats per character)",
+      "bits_per_char": "bits per character",
+    },
+  )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = cli.parser(
-        __doc__, prog="python -m examples.char_lm",
-        epochs=3, batch_size=32, out="results/char_lm", optimizers=DEFAULT_OPTIMIZERS,
-        helps={  # the common data flags, as this example reads them
-            "--train-limit": "use the first N characters of the train split",
-            "--test-limit": "use the first N characters of the test split",
-            "--data-dir": "not used (see --corpus)",
-        },
-    )
-    p.add_argument("--corpus", default=None,
-                   help="text file or directory (default: $EVA_OPTAX_CORPUS, else the "
-                        f"fortunes package, {datasets.FORTUNES_DIR})")
-    p.add_argument("--seq-len", type=int, default=128, help="window length (default 128)")
-    p.add_argument("--d-model", type=int, default=128, help="default 128")
-    p.add_argument("--layers", type=int, default=4, help="default 4")
-    p.add_argument("--heads", type=int, default=4, help="default 4; must divide --d-model")
-    p.add_argument("--steps-per-epoch", type=int, default=None,
-                   help="stop every epoch after N steps (default: the whole pass)")
-    p.add_argument("--eval-batches", type=int, default=20,
-                   help="test windows: at most N batches of the test split (default 20)")
-    args = cli.parse(p, argv)
-    cli.require_at_least(
-        p, args, ("seq_len", "d_model", "layers", "heads", "steps_per_epoch", "eval_batches")
-    )
-    if args.d_model % args.heads:
-        p.error(f"--heads {args.heads} must divide --d-model {args.d_model}")
-    return args
+  p = cli.parser(
+    __doc__,
+    prog="python -m examples.char_lm",
+    epochs=3,
+    batch_size=32,
+    out="results/char_lm",
+    optimizers=DEFAULT_OPTIMIZERS,
+    helps={  # the common data flags, as this example reads them
+      "--train-limit": "use the first N characters of the train split",
+      "--test-limit": "use the first N characters of the test split",
+      "--data-dir": "not used (see --corpus)",
+    },
+  )
+  p.add_argument(
+    "--corpus",
+    default=None,
+    help="text file or directory (default: $EVA_OPTAX_CORPUS, else the "
+    f"fortunes package, {datasets.FORTUNES_DIR})",
+  )
+  p.add_argument("--seq-len", type=int, default=128, help="window length (default 128)")
+  p.add_argument("--d-model", type=int, default=128, help="default 128")
+  p.add_argument("--layers", type=int, default=4, help="default 4")
+  p.add_argument("--heads", type=int, default=4, help="default 4; must divide --d-model")
+  p.add_argument(
+    "--steps-per-epoch",
+    type=int,
+    default=None,
+    help="stop every epoch after N steps (default: the whole pass)",
+  )
+  p.add_argument(
+    "--eval-batches",
+    type=int,
+    default=20,
+    help="test windows: at most N batches of the test split (default 20)",
+  )
+  args = cli.parse(p, argv)
+  cli.require_at_least(
+    p, args, ("seq_len", "d_model", "layers", "heads", "steps_per_epoch", "eval_batches")
+  )
+  if args.d_model % args.heads:
+    p.error(f"--heads {args.heads} must divide --d-model {args.d_model}")
+  return args
 
 
 def main(argv: Sequence[str] | None = None) -> list[Result]:
-    args = parse_args(argv)
-    return cli.run(make_task(args), args)
+  args = parse_args(argv)
+  return cli.run(make_task(args), args)
 
 
 if __name__ == "__main__":
-    main()
+  main()

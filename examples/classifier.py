@@ -120,10 +120,17 @@ from examples.harness.training import Result, Target, Task
 
 DEFAULT_OPTIMIZERS = "sgd,adamw,eva,eva-f,eva-s,kfac,shampoo"
 LEARNING_RATES = {
-    "sgd": 0.1, "adamw": 1e-2, "eva": 3e-3, "eva-f": 0.3, "eva-s": 0.1, "kfac": 0.03,
-    "kfac-authors": 0.03,
-    "foof": 0.03, "shampoo": 0.1,
-    "muon": 0.02, "sophia": 1e-2,  # not checked: the centres of the tuning protocol's grids
+  "sgd": 0.1,
+  "adamw": 1e-2,
+  "eva": 3e-3,
+  "eva-f": 0.3,
+  "eva-s": 0.1,
+  "kfac": 0.03,
+  "kfac-authors": 0.03,
+  "foof": 0.03,
+  "shampoo": 0.1,
+  "muon": 0.02,
+  "sophia": 1e-2,  # not checked: the centres of the tuning protocol's grids
 }
 MODEL = ResNet()  # ResNet-14 of width 16, the default (``--depth 14 --width 16``)
 EVAL_BATCH = 1000
@@ -132,143 +139,167 @@ Batch = tuple[np.ndarray, np.ndarray]  # images (B, 28, 28, 1) float32, labels (
 
 
 def make_losses(model: ResNet) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """``(loss_fn, eval_fn)`` of ``model``: the mean softmax cross entropy in train mode
-    (returning the updated ``batch_stats``), and the mean cross entropy and accuracy in eval
-    mode (on the BatchNorm running averages)."""
+  """``(loss_fn, eval_fn)`` of ``model``: the mean softmax cross entropy in train mode
+  (returning the updated ``batch_stats``), and the mean cross entropy and accuracy in eval
+  mode (on the BatchNorm running averages)."""
 
-    def loss_fn(params: Any, model_state: Any, batch: Batch) -> tuple[jax.Array, Any]:
-        images, labels = batch
-        logits, updates = model.apply({"params": params, "batch_stats": model_state}, images,
-                                      train=True, mutable=["batch_stats"])
-        loss, accuracy = _metrics(logits, labels)
-        return loss, (updates["batch_stats"], {"accuracy": accuracy})
+  def loss_fn(params: Any, model_state: Any, batch: Batch) -> tuple[jax.Array, Any]:
+    images, labels = batch
+    logits, updates = model.apply(
+      {"params": params, "batch_stats": model_state}, images, train=True, mutable=["batch_stats"]
+    )
+    loss, accuracy = _metrics(logits, labels)
+    return loss, (updates["batch_stats"], {"accuracy": accuracy})
 
-    def eval_fn(params: Any, model_state: Any, batch: Batch) -> dict[str, jax.Array]:
-        images, labels = batch
-        logits = model.apply({"params": params, "batch_stats": model_state}, images,
-                             train=False)
-        loss, accuracy = _metrics(logits, labels)
-        return {"loss": loss, "accuracy": accuracy}
+  def eval_fn(params: Any, model_state: Any, batch: Batch) -> dict[str, jax.Array]:
+    images, labels = batch
+    logits = model.apply({"params": params, "batch_stats": model_state}, images, train=False)
+    loss, accuracy = _metrics(logits, labels)
+    return {"loss": loss, "accuracy": accuracy}
 
-    return loss_fn, eval_fn
+  return loss_fn, eval_fn
 
 
 def _metrics(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == labels)
-    return loss, accuracy
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+  return loss, accuracy
 
 
 loss_fn, eval_fn = make_losses(MODEL)  # the default network's
 
 
 def load_split(
-    split: str, data_dir: str | None, limit: int | None
+  split: str, data_dir: str | None, limit: int | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Images of ``split`` as float32 (N, 28, 28, 1) in [0, 1] and int32 labels."""
-    images, labels = datasets.fashion_mnist(split, data_dir)  # type: ignore[arg-type]
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
-    return images[..., None].astype(np.float32) / 255.0, labels.astype(np.int32)
+  """Images of ``split`` as float32 (N, 28, 28, 1) in [0, 1] and int32 labels."""
+  images, labels = datasets.fashion_mnist(split, data_dir)  # type: ignore[arg-type]
+  if limit is not None:
+    images, labels = images[:limit], labels[:limit]
+  return images[..., None].astype(np.float32) / 255.0, labels.astype(np.int32)
 
 
 def standardise(train_x: np.ndarray, test_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Both splits minus the training mean, over the training standard deviation."""
-    mean, std = float(train_x.mean()), float(train_x.std())
-    std = std if std > 0 else 1.0
-    return (train_x - mean) / std, (test_x - mean) / std
+  """Both splits minus the training mean, over the training standard deviation."""
+  mean, std = float(train_x.mean()), float(train_x.std())
+  std = std if std > 0 else 1.0
+  return (train_x - mean) / std, (test_x - mean) / std
 
 
 def random_flip(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Each image mirrored left-right with probability 1/2 (one draw per image from ``rng``)."""
-    flip = rng.random(len(images)) < 0.5
-    return np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+  """Each image mirrored left-right with probability 1/2 (one draw per image from ``rng``)."""
+  flip = rng.random(len(images)) < 0.5
+  return np.where(flip[:, None, None, None], images[:, :, ::-1], images)
 
 
 def schedule(lr: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
-    """Linear warm-up from 0 to ``lr``, then cosine decay to 0 at ``total_steps``.
+  """Linear warm-up from 0 to ``lr``, then cosine decay to 0 at ``total_steps``.
 
-    The warm-up is cut to ``total_steps - 1`` steps so that the cosine part has a step.
-    """
-    warmup_steps = max(0, min(warmup_steps, total_steps - 1))
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=lr, warmup_steps=warmup_steps,
-        decay_steps=max(total_steps, 1), end_value=0.0,
-    )
+  The warm-up is cut to ``total_steps - 1`` steps so that the cosine part has a step.
+  """
+  warmup_steps = max(0, min(warmup_steps, total_steps - 1))
+  return optax.warmup_cosine_decay_schedule(
+    init_value=0.0,
+    peak_value=lr,
+    warmup_steps=warmup_steps,
+    decay_steps=max(total_steps, 1),
+    end_value=0.0,
+  )
 
 
 def make_task(args: Any) -> Task:
-    model = resnet(args.depth, args.width)
-    task_loss, task_eval = make_losses(model)
-    (train_x, train_y), (test_x, test_y), split = cli.evaluation_split(
-        args, load_split("train", args.data_dir, args.train_limit),
-        lambda: load_split("test", args.data_dir, args.test_limit),
+  model = resnet(args.depth, args.width)
+  task_loss, task_eval = make_losses(model)
+  (train_x, train_y), (test_x, test_y), split = cli.evaluation_split(
+    args,
+    load_split("train", args.data_dir, args.train_limit),
+    lambda: load_split("test", args.data_dir, args.test_limit),
+  )
+  train_x, test_x = standardise(train_x, test_x)
+  steps = len(train_x) // args.batch_size
+  if steps == 0:
+    raise SystemExit(
+      f"--batch-size {args.batch_size} is larger than the {len(train_x)} training images"
     )
-    train_x, test_x = standardise(train_x, test_x)
-    steps = len(train_x) // args.batch_size
-    if steps == 0:
-        raise SystemExit(f"--batch-size {args.batch_size} is larger than the {len(train_x)} "
-                         "training images")
-    warmup_steps = int(round(args.warmup_epochs * steps))
+  warmup_steps = int(round(args.warmup_epochs * steps))
 
-    def train_epoch(rng: np.random.Generator) -> Iterator[Batch]:
-        for x, y in datasets.batches((train_x, train_y), args.batch_size, rng=rng):
-            yield (random_flip(x, rng) if args.flip else x), y
+  def train_epoch(rng: np.random.Generator) -> Iterator[Batch]:
+    for x, y in datasets.batches((train_x, train_y), args.batch_size, rng=rng):
+      yield (random_flip(x, rng) if args.flip else x), y
 
-    def test_batches() -> Iterator[Batch]:
-        return datasets.batches((test_x, test_y), EVAL_BATCH, drop_last=False)
+  def test_batches() -> Iterator[Batch]:
+    return datasets.batches((test_x, test_y), EVAL_BATCH, drop_last=False)
 
-    def init(key: jax.Array) -> tuple[Any, Any]:
-        variables = model.init(key, jnp.zeros((1, 28, 28, 1)), train=False)
-        return variables["params"], variables["batch_stats"]
+  def init(key: jax.Array) -> tuple[Any, Any]:
+    variables = model.init(key, jnp.zeros((1, 28, 28, 1)), train=False)
+    return variables["params"], variables["batch_stats"]
 
-    return Task(
-        name="Fashion-MNIST ResNet classifier",
-        init=init,
-        loss_fn=task_loss,
-        eval_fn=task_eval,
-        train_epoch=train_epoch,
-        test_batches=test_batches,
-        steps_per_epoch=steps,
-        example_batch=(train_x[: args.batch_size], train_y[: args.batch_size]),
-        schedule=lambda lr, total: schedule(lr, total, warmup_steps),
-        default_lrs=LEARNING_RATES,
-        target=Target("test_accuracy", higher_is_better=True),
-        eval_split=split,
-        metric_labels={"loss": "cross-entropy (nats)", "accuracy": "accuracy"},
-        description=(f"ResNet-{args.depth} (width {args.width}), {len(train_x)} train / "
-                     f"{len(test_x)} {split} images, batch {args.batch_size}, warm-up "
-                     f"{args.warmup_epochs:g} epochs"
-                     + (", random flips" if args.flip else "")),
-    )
+  return Task(
+    name="Fashion-MNIST ResNet classifier",
+    init=init,
+    loss_fn=task_loss,
+    eval_fn=task_eval,
+    train_epoch=train_epoch,
+    test_batches=test_batches,
+    steps_per_epoch=steps,
+    example_batch=(train_x[: args.batch_size], train_y[: args.batch_size]),
+    schedule=lambda lr, total: schedule(lr, total, warmup_steps),
+    default_lrs=LEARNING_RATES,
+    target=Target("test_accuracy", higher_is_better=True),
+    eval_split=split,
+    metric_labels={"loss": "cross-entropy (nats)", "accuracy": "accuracy"},
+    description=(
+      f"ResNet-{args.depth} (width {args.width}), {len(train_x)} train / "
+      f"{len(test_x)} {split} images, batch {args.batch_size}, warm-up "
+      f"{args.warmup_epochs:g} epochs" + (", random flips" if args.flip else "")
+    ),
+  )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Any:
-    p = cli.parser(__doc__, prog="python -m examples.classifier",
-                   epochs=3, batch_size=128, out="results/classifier",
-                   optimizers=DEFAULT_OPTIMIZERS)
-    p.add_argument("--warmup-epochs", type=float, default=1.0,
-                   help="epochs of linear learning-rate warm-up from 0 (default 1)")
-    p.add_argument("--depth", type=int, default=14,
-                   help="ResNet depth 6n+2 (8, 14, 20, ...; default 14: two blocks per stage)")
-    p.add_argument("--width", type=int, default=16,
-                   help="channels of the first stage; the others 2x and 4x (default 16)")
-    p.add_argument("--flip", action="store_true",
-                   help="random horizontal flips of the training images")
-    args = cli.parse(p, argv)
-    try:
-        resnet(args.depth, args.width)
-    except ValueError as e:
-        p.error(str(e))
-    if not args.warmup_epochs >= 0:
-        p.error(f"--warmup-epochs must be at least 0, got {args.warmup_epochs}")
-    return args
+  p = cli.parser(
+    __doc__,
+    prog="python -m examples.classifier",
+    epochs=3,
+    batch_size=128,
+    out="results/classifier",
+    optimizers=DEFAULT_OPTIMIZERS,
+  )
+  p.add_argument(
+    "--warmup-epochs",
+    type=float,
+    default=1.0,
+    help="epochs of linear learning-rate warm-up from 0 (default 1)",
+  )
+  p.add_argument(
+    "--depth",
+    type=int,
+    default=14,
+    help="ResNet depth 6n+2 (8, 14, 20, ...; default 14: two blocks per stage)",
+  )
+  p.add_argument(
+    "--width",
+    type=int,
+    default=16,
+    help="channels of the first stage; the others 2x and 4x (default 16)",
+  )
+  p.add_argument(
+    "--flip", action="store_true", help="random horizontal flips of the training images"
+  )
+  args = cli.parse(p, argv)
+  try:
+    resnet(args.depth, args.width)
+  except ValueError as e:
+    p.error(str(e))
+  if not args.warmup_epochs >= 0:
+    p.error(f"--warmup-epochs must be at least 0, got {args.warmup_epochs}")
+  return args
 
 
 def main(argv: Sequence[str] | None = None) -> list[Result]:
-    args = parse_args(argv)
-    return cli.run(make_task(args), args)
+  args = parse_args(argv)
+  return cli.run(make_task(args), args)
 
 
 if __name__ == "__main__":
-    main()
+  main()

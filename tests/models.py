@@ -52,7 +52,9 @@ def random_layer(rng, in_dim, out_dim, bias):
   b = rng.normal(size=out_dim) if bias else None
   # Paper orientation Ĝ (out, in[+1]).
   g_hat = np.concatenate([kernel.T, b[:, None]], axis=1) if bias else kernel.T
-  grad = LayerGradient(jnp.asarray(kernel, jnp.float32), None if b is None else jnp.asarray(b, jnp.float32))
+  grad = LayerGradient(
+    jnp.asarray(kernel, jnp.float32), None if b is None else jnp.asarray(b, jnp.float32)
+  )
   return grad, g_hat
 
 

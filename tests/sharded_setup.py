@@ -22,20 +22,18 @@ SMALL = dict(d_model=32, heads=4, mlp=64, seq=8, batch=16)
 MESHES = {"tp": (2, 4), "fsdp": (8, 1), "model": (1, 8)}
 RULES = {"tp": "tp", "fsdp": "fsdp", "model": "tp"}  # model: tensor parallel on 8
 OPTIMIZERS = {
-    "sgd": (lambda: optax.sgd(0.1, momentum=0.9), None),
-    "eva": (lambda: eva_optax.eva(0.1, weight_decay=1e-3), eva_optax.EVA_STATISTICS),
-    "eva_foof": (lambda: eva_optax.eva_foof(0.1), eva_optax.EVA_FOOF_STATISTICS),
-    "kfac": (lambda: eva_optax.kfac(0.1, inverse_every=2), eva_optax.KFAC_STATISTICS),
-    # γ well above float32 rounding too: at the default 0.03, FOOF's one damped inverse
-    # of A turns the order of the sums into 1.7e-5 on TP (with A whole on every device
-    # as with A split: the same number).
-    "foof": (
-        lambda: eva_optax.foof(0.1, inverse_every=2, damping=0.3), eva_optax.FOOF_STATISTICS
-    ),
-    # ε well above float32 rounding of the statistics: with a tiny ε the float32 roots of
-    # nearly singular statistics amplify the order of the sums (2.4e-5 apart on FSDP at
-    # the default 1e-6).
-    "shampoo": (lambda: eva_optax.shampoo(0.1, damping=1e-4), None),
+  "sgd": (lambda: optax.sgd(0.1, momentum=0.9), None),
+  "eva": (lambda: eva_optax.eva(0.1, weight_decay=1e-3), eva_optax.EVA_STATISTICS),
+  "eva_foof": (lambda: eva_optax.eva_foof(0.1), eva_optax.EVA_FOOF_STATISTICS),
+  "kfac": (lambda: eva_optax.kfac(0.1, inverse_every=2), eva_optax.KFAC_STATISTICS),
+  # γ well above float32 rounding too: at the default 0.03, FOOF's one damped inverse
+  # of A turns the order of the sums into 1.7e-5 on TP (with A whole on every device
+  # as with A split: the same number).
+  "foof": (lambda: eva_optax.foof(0.1, inverse_every=2, damping=0.3), eva_optax.FOOF_STATISTICS),
+  # ε well above float32 rounding of the statistics: with a tiny ε the float32 roots of
+  # nearly singular statistics amplify the order of the sums (2.4e-5 apart on FSDP at
+  # the default 1e-6).
+  "shampoo": (lambda: eva_optax.shampoo(0.1, damping=1e-4), None),
 }
 # A kernel, or an activation (batch × seq × width over 8 devices), is at least this large.
 LARGE = D_MODEL * D_MODEL
@@ -44,7 +42,9 @@ assert BATCH * SEQ * D_MODEL // DEVICES >= LARGE
 
 def model(layers: int, small: bool = False) -> sharded.Decoder:
   if small:
-    return sharded.Decoder(VOCAB, SMALL["d_model"], SMALL["heads"], SMALL["mlp"], layers, SMALL["seq"])
+    return sharded.Decoder(
+      VOCAB, SMALL["d_model"], SMALL["heads"], SMALL["mlp"], layers, SMALL["seq"]
+    )
   return sharded.Decoder(VOCAB, D_MODEL, HEADS, MLP, layers, max_len=SEQ)
 
 
@@ -82,7 +82,7 @@ def setup(parallelism: str, layers: int, name: str, small: bool = False, matrice
   return _setup(parallelism, layers, name, small, quick, matrices)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _setup(parallelism: str, layers: int, name: str, small: bool, quick: bool, matrices: str):
   del quick  # part of the cache key only
   decoder = model(layers, small)
@@ -99,14 +99,21 @@ def _setup(parallelism: str, layers: int, name: str, small: bool, quick: bool, m
     state = jax.jit(tx.init, out_shardings=state_shardings)(params)
     batch = NamedSharding(mesh, P("data"))
     jitted = jax.jit(
-        step,
-        in_shardings=(param_shardings, state_shardings, batch),
-        out_shardings=(param_shardings, state_shardings),
+      step,
+      in_shardings=(param_shardings, state_shardings, batch),
+      out_shardings=(param_shardings, state_shardings),
     )
     compiled = jitted.lower(params, state, first).compile()
   return dict(
-      mesh=mesh, rules=rules, tx=tx, step=step, jitted=jitted, compiled=compiled, params=params,
-      state=state, param_shardings=param_shardings, state_shardings=state_shardings, batch=batch,
+    mesh=mesh,
+    rules=rules,
+    tx=tx,
+    step=step,
+    jitted=jitted,
+    compiled=compiled,
+    params=params,
+    state=state,
+    param_shardings=param_shardings,
+    state_shardings=state_shardings,
+    batch=batch,
   )
-
-

@@ -12,7 +12,11 @@ from eva_optax._src.alias import with_sgd
 def test_with_sgd_is_the_chain(nesterov):
   scale = optax.scale(0.5)  # a stand-in preconditioner
   tail = with_sgd(scale, 0.1, momentum=0.9, nesterov=nesterov, weight_decay=0.01)
-  chain = optax.chain(optax.scale(0.5), optax.add_decayed_weights(0.01), optax.sgd(0.1, momentum=0.9, nesterov=nesterov))
+  chain = optax.chain(
+    optax.scale(0.5),
+    optax.add_decayed_weights(0.01),
+    optax.sgd(0.1, momentum=0.9, nesterov=nesterov),
+  )
   params = {"w": jnp.asarray([1.0, -2.0, 3.0])}
   grads = [{"w": jnp.asarray([0.5, 0.5, -1.0])}, {"w": jnp.asarray([-1.0, 2.0, 0.0])}]
   p, q, s, t = params, params, tail.init(params), chain.init(params)
@@ -28,13 +32,13 @@ def test_with_sgd_is_the_chain(nesterov):
 
 
 @pytest.mark.parametrize(
-    "kwargs, name",
-    [
-        (dict(learning_rate=-0.1), "learning_rate"),
-        (dict(momentum=1.0), "momentum"),
-        (dict(momentum=-0.5), "momentum"),
-        (dict(weight_decay=-1e-4), "weight_decay"),
-    ],
+  "kwargs, name",
+  [
+    (dict(learning_rate=-0.1), "learning_rate"),
+    (dict(momentum=1.0), "momentum"),
+    (dict(momentum=-0.5), "momentum"),
+    (dict(weight_decay=-1e-4), "weight_decay"),
+  ],
 )
 def test_with_sgd_refuses_by_name(kwargs, name):
   args = dict(learning_rate=0.1, momentum=0.9, nesterov=False, weight_decay=0.0) | kwargs

@@ -25,23 +25,28 @@ from eva_optax._src.statistics import KernelLayout, STATISTICS
 
 
 @pytest.mark.parametrize(
-    "padding, strides, dilation",
-    [("SAME", 1, 1), ("VALID", 2, 1), ("SAME", 2, 2), ([(2, 1), (0, 3)], (1, 2), 1), (1, 1, 1)],
+  "padding, strides, dilation",
+  [("SAME", 1, 1), ("VALID", 2, 1), ("SAME", 2, 2), ([(2, 1), (0, 3)], (1, 2), 1), (1, 1, 1)],
 )
 def test_conv_input_mean_without_convolution_equals_im2col(padding, strides, dilation):
   """ā of a zero-padded Conv (one product with a selection matrix) is the mean
   of the im2col patches of the mean image, from an independent extraction."""
-  conv = nn.Conv(3, (3, 2), strides=strides, padding=padding, kernel_dilation=dilation, use_bias=False)
+  conv = nn.Conv(
+    3, (3, 2), strides=strides, padding=padding, kernel_dilation=dilation, use_bias=False
+  )
   x = jax.random.normal(jax.random.key(0), (5, 9, 8, 2))
   params = conv.init(jax.random.key(1), x)["params"]
   loss = lambda p: jnp.mean(conv.apply({"params": p}, x) ** 2)
   _, _, stats = eva_optax.value_and_grad(loss)(params)
   mean_image = np.asarray(x).mean(0, keepdims=True)
   patches = jax.lax.conv_general_dilated_patches(
-      jnp.asarray(mean_image), (3, 2), conv.strides if isinstance(strides, tuple) else (strides,) * 2,
-      padding if isinstance(padding, (str, list)) else [(padding, padding)] * 2,
-      rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      precision=jax.lax.Precision.HIGHEST,
+    jnp.asarray(mean_image),
+    (3, 2),
+    conv.strides if isinstance(strides, tuple) else (strides,) * 2,
+    padding if isinstance(padding, (str, list)) else [(padding, padding)] * 2,
+    rhs_dilation=(dilation, dilation),
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    precision=jax.lax.Precision.HIGHEST,
   )  # (1, Ho, Wo, C·kh·kw), features ordered (c, kh, kw)
   mean = np.asarray(patches).reshape(-1, 2, 3, 2).mean(0)  # (c, kh, kw)
   want = np.transpose(mean, (1, 2, 0)).reshape(-1)  # HWIO order (kh, kw, c)
@@ -77,7 +82,9 @@ def test_patch_selection_only_for_zero_padding_without_input_dilation():
   assert capture.patch_selection(same._replace(padding="REFLECT"), (4, 4)) is None
   # Each window offset of a VALID 1-d conv reads each output position's pixel once.
   valid = ConvGeometry((2,), (1,), "VALID", (1,), (1,))
-  np.testing.assert_allclose(capture.patch_selection(valid, (4,)), [[1, 1, 1, 0], [0, 1, 1, 1]] / np.float32(3))
+  np.testing.assert_allclose(
+    capture.patch_selection(valid, (4,)), [[1, 1, 1, 0], [0, 1, 1, 1]] / np.float32(3)
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -90,7 +97,9 @@ def test_dense_rows_follow_the_kernels_input_order():
   geometry = DenseGeometry(axis=(-1, -2))
   rows = np.asarray(capture.input_rows(geometry, jnp.asarray(x, jnp.float32)))
   np.testing.assert_allclose(rows, x.reshape(6, 20), rtol=1e-6)
-  np.testing.assert_allclose(capture.input_mean(geometry, jnp.asarray(x, jnp.float32)), x.reshape(6, 20).mean(0), rtol=1e-5)
+  np.testing.assert_allclose(
+    capture.input_mean(geometry, jnp.asarray(x, jnp.float32)), x.reshape(6, 20).mean(0), rtol=1e-5
+  )
   middle = DenseGeometry(axis=(1,))
   rows = np.asarray(capture.input_rows(middle, jnp.asarray(x, jnp.float32)))
   np.testing.assert_allclose(rows, np.moveaxis(x, 1, -1).reshape(-1, 3), rtol=1e-6)
@@ -104,7 +113,9 @@ def test_factors_equal_their_formulas(has_bias):
   layer = capture.layer_record("Dense", DenseGeometry(), (5, 2), 2, 1, has_bias)
   rows = x.reshape(-1, 5)
   hat = np.concatenate([rows, np.ones((12, 1))], 1) if has_bias else rows
-  np.testing.assert_allclose(capture.input_factor(layer, jnp.asarray(x, jnp.float32)), hat.T @ hat / 12, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    capture.input_factor(layer, jnp.asarray(x, jnp.float32)), hat.T @ hat / 12, rtol=1e-5, atol=1e-6
+  )
   assert capture.batch_size(layer.geometry, x) == 4
   g = capture.output_grad_factor(jnp.asarray(dy, jnp.float32), 2, 4)
   np.testing.assert_allclose(g, 4 * dy.reshape(-1, 2).T @ dy.reshape(-1, 2), rtol=1e-5)
@@ -123,12 +134,16 @@ def test_batch_size_counts_the_samples():
 
 
 def test_layer_record_of_a_stacked_conv():
-  layer = capture.layer_record("Conv", ConvGeometry((3, 3), (1, 1), "SAME", (1, 1), (1, 1)), (5, 3, 3, 2, 4), 4, 1, True)
+  layer = capture.layer_record(
+    "Conv", ConvGeometry((3, 3), (1, 1), "SAME", (1, 1), (1, 1)), (5, 3, 3, 2, 4), 4, 1, True
+  )
   assert layer.layout == KernelLayout(1, 1)
   assert (layer.stack_shape, layer.in_dim, layer.out_dim) == ((5,), 18, 4)
   probes = capture.zero_probes(layer, STATISTICS, None)
   assert {k: v.shape for k, v in probes[capture.INPUT_PROBE].items()} == {
-      "calls": (5,), "input_mean": (5, 18), "input_factor": (5, 19, 19)
+    "calls": (5,),
+    "input_mean": (5, 18),
+    "input_factor": (5, 19, 19),
   }
   assert probes[capture.OUTPUT_PROBE].shape == (5, 4)
   assert probes[capture.OUTPUT_FACTOR_PROBE].shape == (5, 4, 4)
@@ -160,8 +175,8 @@ def test_factors_gate():
 def test_layer_stats_average_over_the_calls():
   layer = capture.layer_record("Dense", DenseGeometry(), (3, 2), 2, 1, False)
   grads = {
-      capture.INPUT_PROBE: {"calls": jnp.float32(2.0), "input_mean": jnp.asarray([2.0, 4.0, 6.0])},
-      capture.OUTPUT_PROBE: jnp.asarray([1.0, -3.0]),
+    capture.INPUT_PROBE: {"calls": jnp.float32(2.0), "input_mean": jnp.asarray([2.0, 4.0, 6.0])},
+    capture.OUTPUT_PROBE: jnp.asarray([1.0, -3.0]),
   }
   stats = capture.layer_stats(layer, grads)
   np.testing.assert_allclose(stats.input_mean, [1.0, 2.0, 3.0])

@@ -17,12 +17,20 @@ SAVED_AT = 2  # the K-FAC / FOOF / Shampoo refresh of step 3 comes after the res
 
 # name: (optimizer factory, statistics to capture (None: plain gradients), gated factors)
 OPTIMIZERS = {
-    "eva": (lambda: eva_optax.eva(0.05, weight_decay=1e-3), eva_optax.EVA_STATISTICS, False),
-    "eva_foof": (lambda: eva_optax.eva_foof(0.05, weight_decay=1e-3), eva_optax.EVA_FOOF_STATISTICS, False),
-    "eva_shampoo": (lambda: eva_optax.eva_shampoo(0.05, stat_decay=0.5), None, False),
-    "kfac": (lambda: eva_optax.kfac(0.05, stats_every=2, inverse_every=3), eva_optax.KFAC_STATISTICS, True),
-    "foof": (lambda: eva_optax.foof(0.05, inverse_every=3), eva_optax.FOOF_STATISTICS, True),
-    "shampoo": (lambda: eva_optax.shampoo(0.05, inverse_every=3, block_size=4), None, False),
+  "eva": (lambda: eva_optax.eva(0.05, weight_decay=1e-3), eva_optax.EVA_STATISTICS, False),
+  "eva_foof": (
+    lambda: eva_optax.eva_foof(0.05, weight_decay=1e-3),
+    eva_optax.EVA_FOOF_STATISTICS,
+    False,
+  ),
+  "eva_shampoo": (lambda: eva_optax.eva_shampoo(0.05, stat_decay=0.5), None, False),
+  "kfac": (
+    lambda: eva_optax.kfac(0.05, stats_every=2, inverse_every=3),
+    eva_optax.KFAC_STATISTICS,
+    True,
+  ),
+  "foof": (lambda: eva_optax.foof(0.05, inverse_every=3), eva_optax.FOOF_STATISTICS, True),
+  "shampoo": (lambda: eva_optax.shampoo(0.05, inverse_every=3, block_size=4), None, False),
 }
 
 
@@ -105,6 +113,6 @@ def test_resumed_run_is_bit_identical(problem, name, tmp_path):
   assert not np.array_equal(p["Dense_1"]["kernel"], saved[0]["Dense_1"]["kernel"])
   if _periodic_part(s) is not None:
     assert not all(
-        np.array_equal(u, v)
-        for u, v in zip(jax.tree.leaves(_periodic_part(s)), jax.tree.leaves(_periodic_part(saved[1])))
+      np.array_equal(u, v)
+      for u, v in zip(jax.tree.leaves(_periodic_part(s)), jax.tree.leaves(_periodic_part(saved[1])))
     )

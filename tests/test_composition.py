@@ -106,22 +106,30 @@ def test_partition_equals_each_optimizer_on_its_subset(problem, mask_compatible_
   assert set(params) == set(EVA_LAYERS + ADAM_LAYERS)
   eva, adam = eva_optax.eva(0.05, weight_decay=1e-3), optax.adam(1e-2)
   tx = optax.partition(
-      {"eva": eva, "adam": adam}, labels, mask_compatible_extra_args=mask_compatible_extra_args
+    {"eva": eva, "adam": adam}, labels, mask_compatible_extra_args=mask_compatible_extra_args
   )
   update = jax.jit(tx.update)
   eva_update, adam_update = jax.jit(eva.update), jax.jit(adam.update)
 
   p, state = params, tx.init(params)
-  eva_state, adam_state = eva.init(_subset(params, EVA_LAYERS)), adam.init(_subset(params, ADAM_LAYERS))
+  eva_state, adam_state = (
+    eva.init(_subset(params, EVA_LAYERS)),
+    adam.init(_subset(params, ADAM_LAYERS)),
+  )
   for i in range(3):
     _, grads, stats = grad_fn(p, xs[i], ys[i])
     assert set(stats) == {"Dense_0", "Dense_1", "Dense_2"}
     assert jax.tree.structure(stats) != jax.tree.structure(grads)
     updates, state = update(grads, state, p, stats=stats)
     eva_updates, eva_state = eva_update(
-        _subset(grads, EVA_LAYERS), eva_state, _subset(p, EVA_LAYERS), stats=_subset(stats, EVA_LAYERS)
+      _subset(grads, EVA_LAYERS),
+      eva_state,
+      _subset(p, EVA_LAYERS),
+      stats=_subset(stats, EVA_LAYERS),
     )
-    adam_updates, adam_state = adam_update(_subset(grads, ADAM_LAYERS), adam_state, _subset(p, ADAM_LAYERS))
+    adam_updates, adam_state = adam_update(
+      _subset(grads, ADAM_LAYERS), adam_state, _subset(p, ADAM_LAYERS)
+    )
     _close(updates, {**eva_updates, **adam_updates})
     p = optax.apply_updates(p, updates)
 
@@ -243,7 +251,10 @@ def test_multisteps_inside_chain_drops_the_statistics(problem):
   _, grads, stats = grad_fn(params, xs[0], ys[0])
   multi = optax.MultiSteps(eva_optax.eva(0.05), every_k_schedule=2)
   assert not isinstance(multi.gradient_transformation(), optax.GradientTransformationExtraArgs)
-  for tx in (optax.chain(optax.clip_by_global_norm(1.0), multi), optax.chain(multi.gradient_transformation())):
+  for tx in (
+    optax.chain(optax.clip_by_global_norm(1.0), multi),
+    optax.chain(multi.gradient_transformation()),
+  ):
     with pytest.raises(ValueError, match="needs the layer statistics"):
       tx.update(grads, tx.init(params), params, stats=stats)
 

@@ -8,16 +8,20 @@ from eva_optax._src.statistics import KernelLayout, LayerStats, PassThrough
 
 def _params_and_stats():
   params = {
-      "Dense_0": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)},
-      "LayerNorm_0": {"scale": jnp.ones(3), "bias": jnp.zeros(3)},
-      "blocks": {"up": {"kernel": jnp.zeros((2, 3, 5))}},
-      "grouped": {"kernel": jnp.zeros((3, 3, 1, 4)), "bias": jnp.zeros(4)},
-      "unused": {"kernel": jnp.zeros((3, 3))},
+    "Dense_0": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)},
+    "LayerNorm_0": {"scale": jnp.ones(3), "bias": jnp.zeros(3)},
+    "blocks": {"up": {"kernel": jnp.zeros((2, 3, 5))}},
+    "grouped": {"kernel": jnp.zeros((3, 3, 1, 4)), "bias": jnp.zeros(4)},
+    "unused": {"kernel": jnp.zeros((3, 3))},
   }
   stats = {
-      "Dense_0": LayerStats(jnp.ones(4), jnp.ones(3), kind="Dense"),
-      "blocks": {"up": LayerStats(jnp.ones((2, 3)), jnp.ones((2, 5)), layout=KernelLayout(1, 1), has_bias=False)},
-      "grouped": PassThrough("Conv", "feature_group_count=2: grouped convolution"),
+    "Dense_0": LayerStats(jnp.ones(4), jnp.ones(3), kind="Dense"),
+    "blocks": {
+      "up": LayerStats(
+        jnp.ones((2, 3)), jnp.ones((2, 5)), layout=KernelLayout(1, 1), has_bias=False
+      )
+    },
+    "grouped": PassThrough("Conv", "feature_group_count=2: grouped convolution"),
   }
   return params, stats
 
@@ -28,14 +32,14 @@ def test_one_row_per_parameter_with_its_rule():
   by_name = {r.parameter: r for r in rows}
   assert len(rows) == len(by_name) == 8  # every leaf of params, once
   assert {name: r.rule for name, r in by_name.items()} == {
-      "Dense_0/bias": "preconditioned",
-      "Dense_0/kernel": "preconditioned",
-      "LayerNorm_0/bias": "pass-through",
-      "LayerNorm_0/scale": "pass-through",
-      "blocks/up/kernel": "preconditioned",
-      "grouped/bias": "pass-through",
-      "grouped/kernel": "pass-through",
-      "unused/kernel": "pass-through",
+    "Dense_0/bias": "preconditioned",
+    "Dense_0/kernel": "preconditioned",
+    "LayerNorm_0/bias": "pass-through",
+    "LayerNorm_0/scale": "pass-through",
+    "blocks/up/kernel": "preconditioned",
+    "grouped/bias": "pass-through",
+    "grouped/kernel": "pass-through",
+    "unused/kernel": "pass-through",
   }
   assert by_name["Dense_0/kernel"].shape == (4, 3)
   assert by_name["Dense_0/kernel"].detail.startswith("Dense: in 4 + bias, out 3")
@@ -81,14 +85,20 @@ def test_layer_whose_layout_the_parameters_leave_open_says_where_it_comes_from()
   2 groups of 4 input channels has no such room (only depthwise convs have
   it): the row names layouts=; with those layouts given, neither row does."""
   params = {
-      "q": {"kernel": jnp.zeros((4, 3, 5))},
-      "grouped": {"kernel": jnp.zeros((3, 3, 4, 8))},
+    "q": {"kernel": jnp.zeros((4, 3, 5))},
+    "grouped": {"kernel": jnp.zeros((3, 3, 4, 8))},
   }
   stats = {
-      "q": LayerStats(jnp.ones(4), jnp.ones(15), kind="DenseGeneral", layout=KernelLayout(0, 2), has_bias=False),
-      "grouped": LayerStats(
-          jnp.ones((2, 36)), jnp.ones((2, 4)), kind="Conv", layout=KernelLayout(1, 1, groups=2), has_bias=False
-      ),
+    "q": LayerStats(
+      jnp.ones(4), jnp.ones(15), kind="DenseGeneral", layout=KernelLayout(0, 2), has_bias=False
+    ),
+    "grouped": LayerStats(
+      jnp.ones((2, 36)),
+      jnp.ones((2, 4)),
+      kind="Conv",
+      layout=KernelLayout(1, 1, groups=2),
+      has_bias=False,
+    ),
   }
   rows = {r.parameter: r for r in eva_optax.describe(params, stats)}
   q, grouped = rows["q/kernel"], rows["grouped/kernel"]

@@ -44,28 +44,60 @@ SYMBOLIC = {"lr", "learning_rate", "...", "EVA_LR"}
 
 
 def _missing_docs_tools() -> list[str]:
-  return [m for m in ("sphinx", "myst_nb", "myst_parser", "furo") if importlib.util.find_spec(m) is None]
+  return [
+    m for m in ("sphinx", "myst_nb", "myst_parser", "furo") if importlib.util.find_spec(m) is None
+  ]
 
 
 def test_the_docs_build_without_warnings_and_list_every_public_name(tmp_path):
   missing = _missing_docs_tools()
   if missing:
-    pytest.skip(f"the docs extra is not installed ({', '.join(missing)} missing): "
-                "pip install -e '.[docs]', or make install")
+    pytest.skip(
+      f"the docs extra is not installed ({', '.join(missing)} missing): "
+      "pip install -e '.[docs]', or make install"
+    )
   out = tmp_path / "html"
   start = time.perf_counter()
   build = subprocess.run(
-      [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html",
-       "-d", str(tmp_path / "doctrees"), str(DOCS), str(out)],
-      cwd=ROOT, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
+    [
+      sys.executable,
+      "-m",
+      "sphinx",
+      "-W",
+      "--keep-going",
+      "-q",
+      "-b",
+      "html",
+      "-d",
+      str(tmp_path / "doctrees"),
+      str(DOCS),
+      str(out),
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=BUILD_TIMEOUT_S,
   )
   seconds = time.perf_counter() - start
-  assert build.returncode == 0, f"sphinx failed after {seconds:.0f} s:\n{build.stdout}\n{build.stderr}"
+  assert build.returncode == 0, (
+    f"sphinx failed after {seconds:.0f} s:\n{build.stdout}\n{build.stderr}"
+  )
   api = (out / "api.html").read_text(encoding="utf-8")
   undocumented = [n for n in eva_optax.__all__ if f'id="eva_optax.{n}"' not in api]
   assert not undocumented, f"api.html documents no {undocumented}"
-  for page in ("index", "getting_started", "settings", "optimizers", "layers", "multi_device",
-               "results", "conventions", "examples", "architecture", "quickstart"):
+  for page in (
+    "index",
+    "getting_started",
+    "settings",
+    "optimizers",
+    "layers",
+    "multi_device",
+    "results",
+    "conventions",
+    "examples",
+    "architecture",
+    "quickstart",
+  ):
     assert (out / f"{page}.html").is_file(), page
   index = (out / "index.html").read_text(encoding="utf-8")
   assert "Should I use Eva?" in index and 'href="getting_started.html"' in index
@@ -78,8 +110,10 @@ def _documented_texts() -> dict[str, str]:
   """{where: text} of the README, the guides, ARCHITECTURE.md, the library's
   docstrings (its sources: the library itself never calls ``eva`` with a number)
   and the notebook's cells."""
-  texts = {"README.md": (ROOT / "README.md").read_text(encoding="utf-8"),
-           "ARCHITECTURE.md": (ROOT / "ARCHITECTURE.md").read_text(encoding="utf-8")}
+  texts = {
+    "README.md": (ROOT / "README.md").read_text(encoding="utf-8"),
+    "ARCHITECTURE.md": (ROOT / "ARCHITECTURE.md").read_text(encoding="utf-8"),
+  }
   for page in sorted(DOCS.glob("*.md")):
     texts[f"docs/{page.name}"] = page.read_text(encoding="utf-8")
   for source in sorted((ROOT / "eva_optax").rglob("*.py")):
@@ -101,12 +135,16 @@ def rate_rule_violations(texts: dict[str, str]) -> list[str]:
         try:
           rate = float(arg)
         except ValueError:
-          bad.append(f"{where}:{number}: {arg!r} is neither a rate nor a known name: {line.strip()}")
+          bad.append(
+            f"{where}:{number}: {arg!r} is neither a rate nor a known name: {line.strip()}"
+          )
           continue
         sgd = SGD_CALL.search(line)
         expected = float(sgd.group(1)) / RULE if sgd else EXAMPLE_RATE
         if not math.isclose(rate, expected, rel_tol=1e-9):
-          bad.append(f"{where}:{number}: eva({arg}) where the rule gives {expected:g}: {line.strip()}")
+          bad.append(
+            f"{where}:{number}: eva({arg}) where the rule gives {expected:g}: {line.strip()}"
+          )
   return bad
 
 

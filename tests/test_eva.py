@@ -33,11 +33,11 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 @hypothesis.settings(deadline=None, max_examples=30)
 @hypothesis.given(
-    in_dim=st.integers(1, 6),
-    out_dim=st.integers(1, 5),
-    bias=st.booleans(),
-    damping=st.floats(1e-3, 10.0),
-    seed=st.integers(0, 2**16),
+  in_dim=st.integers(1, 6),
+  out_dim=st.integers(1, 5),
+  bias=st.booleans(),
+  damping=st.floats(1e-3, 10.0),
+  seed=st.integers(0, 2**16),
 )
 def test_sherman_morrison_equals_explicit_solve(in_dim, out_dim, bias, damping, seed):
   rng = np.random.default_rng(seed)
@@ -55,14 +55,22 @@ def test_sherman_morrison_equals_explicit_solve(in_dim, out_dim, bias, damping, 
   expected = expected.reshape(g_hat.shape)
 
   p = eva_optax.sherman_morrison(
-      LayerGradient(jnp.asarray(kernel, jnp.float32), None if b is None else jnp.asarray(b, jnp.float32)),
-      jnp.asarray(a, jnp.float32), jnp.asarray(g, jnp.float32), jnp.float32(damping),
+    LayerGradient(
+      jnp.asarray(kernel, jnp.float32), None if b is None else jnp.asarray(b, jnp.float32)
+    ),
+    jnp.asarray(a, jnp.float32),
+    jnp.asarray(g, jnp.float32),
+    jnp.float32(damping),
   )
-  got = np.concatenate([np.asarray(p.kernel).T, np.asarray(p.bias)[:, None]], 1) if bias else np.asarray(p.kernel).T
+  got = (
+    np.concatenate([np.asarray(p.kernel).T, np.asarray(p.bias)[:, None]], 1)
+    if bias
+    else np.asarray(p.kernel).T
+  )
   scale = np.abs(expected).max() + 1e-6
   np.testing.assert_allclose(got / damping, expected, rtol=2e-4, atol=2e-4 * scale)
   np.testing.assert_allclose(
-      float(p.update_dot_grad) / damping, float(np.vdot(expected, g_hat)), rtol=2e-3, atol=1e-4
+    float(p.update_dot_grad) / damping, float(np.vdot(expected, g_hat)), rtol=2e-3, atol=1e-4
   )
 
 
@@ -103,8 +111,12 @@ def test_grouped_sherman_morrison_equals_explicit_solve_per_layer():
     stack = k.shape[:-2]
     for idx in np.ndindex(*stack):
       bias = None if b is None else np.asarray(b, np.float64)[idx]
-      want = _dense_sherman_morrison(k[idx], bias, np.asarray(x, np.float64)[idx], np.asarray(y, np.float64)[idx], 0.03)
-      np.testing.assert_allclose(np.asarray(group.kernel[l])[idx], want[: k.shape[-2]], rtol=1e-4, atol=1e-5)
+      want = _dense_sherman_morrison(
+        k[idx], bias, np.asarray(x, np.float64)[idx], np.asarray(y, np.float64)[idx], 0.03
+      )
+      np.testing.assert_allclose(
+        np.asarray(group.kernel[l])[idx], want[: k.shape[-2]], rtol=1e-4, atol=1e-5
+      )
       if bias is not None:
         np.testing.assert_allclose(np.asarray(group.bias[l])[idx], want[-1], rtol=1e-4, atol=1e-5)
         full = np.vstack([k[idx], bias[None]])
@@ -149,23 +161,34 @@ def _problem(model, x_shape, seed=0):
 
 
 PROBLEMS = {
-    "mlp": lambda: _problem(MLP(), (8, 7)),
-    "cnn": lambda: _problem(CNN(), (8, 9, 9, 2)),
+  "mlp": lambda: _problem(MLP(), (8, 7)),
+  "cnn": lambda: _problem(CNN(), (8, 9, 9, 2)),
 }
 
 
-def _numpy_eva_trajectory(params, grads_and_stats, *, lr, momentum, wd, damping, kl_clip, stat_decay):
+def _numpy_eva_trajectory(
+  params, grads_and_stats, *, lr, momentum, wd, damping, kl_clip, stat_decay
+):
   """The whole update in NumPy, layer by layer, from the captured statistics."""
   params = jax.tree.map(lambda p: np.asarray(p, np.float64), params)
-  flat = {"/".join(str(k.key) for k in path): v for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  flat = {
+    "/".join(str(k.key) for k in path): v
+    for path, v in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
   buf = {k: np.zeros_like(v) for k, v in flat.items()}
   avg_a, avg_g = {}, {}
   for step, (grads, stats) in enumerate(grads_and_stats):
-    gflat = {"/".join(str(k.key) for k in path): np.asarray(v, np.float64) for path, v in jax.tree_util.tree_flatten_with_path(grads)[0]}
+    gflat = {
+      "/".join(str(k.key) for k in path): np.asarray(v, np.float64)
+      for path, v in jax.tree_util.tree_flatten_with_path(grads)[0]
+    }
     layers = {name: s for name, s in stats.items()}
     vs, total = {}, 0.0
     for name, s in layers.items():
-      a_new, g_new = np.asarray(s.input_mean, np.float64), np.asarray(s.output_grad_mean, np.float64)
+      a_new, g_new = (
+        np.asarray(s.input_mean, np.float64),
+        np.asarray(s.output_grad_mean, np.float64),
+      )
       if step == 0:
         avg_a[name], avg_g[name] = a_new, g_new
       else:
@@ -202,8 +225,12 @@ def test_trajectory_matches_numpy_reimplementation(problem):
   params, loss_fn, xs, ys = PROBLEMS[problem]()
   hp = dict(lr=0.3, momentum=0.9, wd=0.01, damping=0.05, kl_clip=0.002, stat_decay=0.2)
   tx = eva_optax.eva(
-      hp["lr"], momentum=hp["momentum"], weight_decay=hp["wd"], damping=hp["damping"],
-      kl_clip=hp["kl_clip"], stat_decay=hp["stat_decay"],
+    hp["lr"],
+    momentum=hp["momentum"],
+    weight_decay=hp["wd"],
+    damping=hp["damping"],
+    kl_clip=hp["kl_clip"],
+    stat_decay=hp["stat_decay"],
   )
   grad_fn = jax.jit(eva_optax.value_and_grad(loss_fn))
   state = tx.init(params)
@@ -216,7 +243,9 @@ def test_trajectory_matches_numpy_reimplementation(problem):
     updates, state = tx.update(grads, state, p, stats=stats)
     p = optax.apply_updates(p, updates)
   expected = _numpy_eva_trajectory(params, seen, **hp)
-  got = {"/".join(str(k.key) for k in path): v for path, v in jax.tree_util.tree_flatten_with_path(p)[0]}
+  got = {
+    "/".join(str(k.key) for k in path): v for path, v in jax.tree_util.tree_flatten_with_path(p)[0]
+  }
   assert set(got) == set(expected)
   for k in got:
     np.testing.assert_allclose(got[k], expected[k], rtol=2e-4, atol=2e-6, err_msg=k)
@@ -233,9 +262,9 @@ def test_kl_clip_is_active_and_global():
   u_big, _ = big.update(grads, big.init(params), params, stats=stats)
   u_none, _ = none.update(grads, none.init(params), params, stats=stats)
   ratios = [
-      float(jnp.linalg.norm(u_big[m][k]) / jnp.linalg.norm(u_none[m][k]))
-      for m in ("Dense_0", "Dense_1", "Dense_2")
-      for k in u_big[m]
+    float(jnp.linalg.norm(u_big[m][k]) / jnp.linalg.norm(u_none[m][k]))
+    for m in ("Dense_0", "Dense_1", "Dense_2")
+    for k in u_big[m]
   ]
   assert max(ratios) < 1.0
   np.testing.assert_allclose(ratios, ratios[0], rtol=1e-4)
@@ -256,8 +285,9 @@ def test_kl_normalise_divides_by_sqrt_of_global_dot():
   total = sum(float(jnp.vdot(projection[m][k], grads[m][k])) for m in grads for k in grads[m])
   assert total > 0
   jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b / np.sqrt(total), rtol=1e-4, atol=1e-7),
-      u_norm, projection,
+    lambda a, b: np.testing.assert_allclose(a, b / np.sqrt(total), rtol=1e-4, atol=1e-7),
+    u_norm,
+    projection,
   )
 
 
@@ -274,8 +304,11 @@ def test_where_the_correction_vanishes_eva_is_sgd_over_damping_with_a_norm_clip(
     return grads, tx.update(grads, tx.init(params), params, stats=stats)[0]
 
   def apart(grads, u, scale):  # largest relative gap between u and scale·Ĝ
-    return max(float(jnp.linalg.norm(u[m][k] - scale * grads[m][k]) / jnp.linalg.norm(u[m][k]))
-               for m in pre for k in grads[m])
+    return max(
+      float(jnp.linalg.norm(u[m][k] - scale * grads[m][k]) / jnp.linalg.norm(u[m][k]))
+      for m in pre
+      for k in grads[m]
+    )
 
   # The problem's own loss: the correction acts, V is not Ĝ/γ.
   grads, u = updates(loss_fn, 1e12)
@@ -316,12 +349,12 @@ def test_preconditioner_composition_equals_alias(nesterov):
   lr, wd = 0.2, 5e-4
   alias, _ = _run(eva_optax.eva(lr, momentum=0.9, nesterov=nesterov, weight_decay=wd), "cnn")
   composed, _ = _run(
-      optax.chain(
-          eva_optax.scale_by_eva(learning_rate=lr),
-          optax.add_decayed_weights(wd),
-          optax.sgd(lr, momentum=0.9, nesterov=nesterov),
-      ),
-      "cnn",
+    optax.chain(
+      eva_optax.scale_by_eva(learning_rate=lr),
+      optax.add_decayed_weights(wd),
+      optax.sgd(lr, momentum=0.9, nesterov=nesterov),
+    ),
+    "cnn",
   )
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), alias, composed)
 
@@ -412,18 +445,18 @@ def test_update_without_stats_is_a_clear_error():
 
 
 @pytest.mark.parametrize(
-    "kwargs, name",
-    [
-        (dict(damping=0.0), "damping"),
-        (dict(damping=-1.0), "damping"),
-        (dict(kl_clip=0.0), "kl_clip"),
-        (dict(stat_decay=1.0), "stat_decay"),
-        (dict(stat_decay=-0.1), "stat_decay"),
-        (dict(momentum=1.5), "momentum"),
-        (dict(weight_decay=-1.0), "weight_decay"),
-        (dict(damping=float("nan")), "damping"),
-        (dict(scaling="other"), "scaling"),
-    ],
+  "kwargs, name",
+  [
+    (dict(damping=0.0), "damping"),
+    (dict(damping=-1.0), "damping"),
+    (dict(kl_clip=0.0), "kl_clip"),
+    (dict(stat_decay=1.0), "stat_decay"),
+    (dict(stat_decay=-0.1), "stat_decay"),
+    (dict(momentum=1.5), "momentum"),
+    (dict(weight_decay=-1.0), "weight_decay"),
+    (dict(damping=float("nan")), "damping"),
+    (dict(scaling="other"), "scaling"),
+  ],
 )
 def test_bad_hyperparameters_name_the_parameter(kwargs, name):
   with pytest.raises(ValueError, match=name):
@@ -443,7 +476,9 @@ class Stacked(nn.Module):
       def __call__(self, h, _):
         return nn.tanh(nn.Dense(h.shape[-1], use_bias=False)(h)), None
 
-    x, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)()(x, None)
+    x, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)()(
+      x, None
+    )
     return nn.DenseGeneral((3, 1), use_bias=False)(x).reshape(x.shape[0], 3)
 
 
@@ -479,15 +514,24 @@ def test_layouts_the_parameters_leave_open_are_taken_from_the_capture():
       flat, exact = getattr(free_state[0], name), getattr(given_state[0], name)
       for key in path:
         flat, exact = flat[key], exact[key]
-      np.testing.assert_allclose(preconditioning.fit(flat, exact.shape, name), exact, rtol=1e-5, atol=1e-8)
+      np.testing.assert_allclose(
+        preconditioning.fit(flat, exact.shape, name), exact, rtol=1e-5, atol=1e-8
+      )
   _, grads, stats = grad_fn(params)
   # Each stacked layer is preconditioned with its own statistics.
   one = eva_optax.scale_by_eva(0.1, layouts=layouts)
   u, _ = one.update(grads, one.init(params), params, stats=stats)
   k = grads["ScanBlock_0"]["Dense_0"]["kernel"]
   s = stats["ScanBlock_0"]["Dense_0"]
-  per_layer = [eva_optax.sherman_morrison(LayerGradient(k[i], None), s.input_mean[i], s.output_grad_mean[i], 0.03) for i in range(3)]
-  ratio = np.asarray(u["ScanBlock_0"]["Dense_0"]["kernel"][1]) / (np.asarray(per_layer[1].kernel) / 0.03)
+  per_layer = [
+    eva_optax.sherman_morrison(
+      LayerGradient(k[i], None), s.input_mean[i], s.output_grad_mean[i], 0.03
+    )
+    for i in range(3)
+  ]
+  ratio = np.asarray(u["ScanBlock_0"]["Dense_0"]["kernel"][1]) / (
+    np.asarray(per_layer[1].kernel) / 0.03
+  )
   np.testing.assert_allclose(ratio, ratio.flat[0], rtol=1e-4)
 
 
@@ -506,9 +550,13 @@ def test_kl_factor_is_computed_once_not_per_layer():
   model = Deep()
   x = jnp.ones((4, 8))
   params = model.init(jax.random.key(0), x)["params"]
-  _, grads, stats = eva_optax.value_and_grad(lambda p: jnp.mean(model.apply({"params": p}, x) ** 2))(params)
+  _, grads, stats = eva_optax.value_and_grad(
+    lambda p: jnp.mean(model.apply({"params": p}, x) ** 2)
+  )(params)
   tx = eva_optax.eva(0.1)
-  compiled = jax.jit(lambda g, s, p, st: tx.update(g, s, p, stats=st)).lower(
-      grads, tx.init(params), params, stats
-  ).compile()
+  compiled = (
+    jax.jit(lambda g, s, p, st: tx.update(g, s, p, stats=st))
+    .lower(grads, tx.init(params), params, stats)
+    .compile()
+  )
   assert compiled.as_text().count("minimum(") <= 2

@@ -22,8 +22,11 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 @hypothesis.settings(deadline=None, max_examples=25)
 @hypothesis.given(
-    in_dim=st.integers(1, 6), out_dim=st.integers(1, 5), bias=st.booleans(),
-    damping=st.floats(1e-2, 10.0), seed=st.integers(0, 2**16),
+  in_dim=st.integers(1, 6),
+  out_dim=st.integers(1, 5),
+  bias=st.booleans(),
+  damping=st.floats(1e-2, 10.0),
+  seed=st.integers(0, 2**16),
 )
 def test_eva_foof_equals_explicit_solve(in_dim, out_dim, bias, damping, seed):
   rng = np.random.default_rng(seed)
@@ -34,7 +37,9 @@ def test_eva_foof_equals_explicit_solve(in_dim, out_dim, bias, damping, seed):
   p = eva_foof.foof_vector_projection(grad, jnp.asarray(a, jnp.float32), jnp.float32(damping))
   scale = np.abs(expected).max() + 1e-6
   np.testing.assert_allclose(paper(p, bias) / damping, expected, rtol=2e-4, atol=2e-4 * scale)
-  np.testing.assert_allclose(float(p.update_dot_grad) / damping, np.sum(expected * g_hat), rtol=2e-3, atol=1e-4)
+  np.testing.assert_allclose(
+    float(p.update_dot_grad) / damping, np.sum(expected * g_hat), rtol=2e-3, atol=1e-4
+  )
 
 
 def test_grouped_eva_foof_equals_explicit_solve_per_layer():
@@ -51,7 +56,9 @@ def test_grouped_eva_foof_equals_explicit_solve_per_layer():
       x64 = x64 if b is None else np.append(x64, 1.0)
       # Ĝ (ā āᵀ + γI)⁻¹ · γ in the (in, out) orientation: (γ I + ā āᵀ)⁻¹ applied on the input side.
       want = 0.03 * np.linalg.solve(np.outer(x64, x64) + 0.03 * np.eye(x64.size), full)
-      np.testing.assert_allclose(np.asarray(group.kernel[l])[idx], want[: k.shape[-2]], rtol=1e-4, atol=1e-5)
+      np.testing.assert_allclose(
+        np.asarray(group.kernel[l])[idx], want[: k.shape[-2]], rtol=1e-4, atol=1e-5
+      )
       if b is not None:
         np.testing.assert_allclose(np.asarray(group.bias[l])[idx], want[-1], rtol=1e-4, atol=1e-5)
       total += np.sum(want * full)

@@ -8,10 +8,10 @@ import optax
 import pytest
 
 from eva_optax._src.eva_shampoo import (
-    ScaleByEvaShampooState,
-    eva_shampoo,
-    scale_by_eva_shampoo,
-    sherman_morrison_tensor,
+  ScaleByEvaShampooState,
+  eva_shampoo,
+  scale_by_eva_shampoo,
+  sherman_morrison_tensor,
 )
 
 SHAPES = {"rank2": (5, 4), "rank3": (4, 3, 5), "rank4": (3, 3, 2, 4)}
@@ -40,7 +40,9 @@ def _explicit_solve(grad, vectors, damping):
   """(u uᵀ + γI)⁻¹ vec(G) with u = s_1 ⊗ … ⊗ s_k built explicitly."""
   letters = "abcdefgh"[: len(vectors)]
   u = np.einsum(",".join(letters) + "->" + letters, *vectors).reshape(-1)
-  solved = np.linalg.solve(np.outer(u, u) + damping * np.eye(u.size), grad.astype(np.float64).reshape(-1))
+  solved = np.linalg.solve(
+    np.outer(u, u) + damping * np.eye(u.size), grad.astype(np.float64).reshape(-1)
+  )
   return solved.reshape(grad.shape)
 
 
@@ -80,7 +82,9 @@ def test_projection_is_damping_times_inverse():
   g = rng.normal(size=(3, 4, 2)).astype(np.float32)
   vectors = [rng.normal(size=d).astype(np.float32) for d in g.shape]
   damping = 0.3
-  got = sherman_morrison_tensor(jnp.asarray(g), [jnp.asarray(v) for v in vectors], jnp.float32(damping))
+  got = sherman_morrison_tensor(
+    jnp.asarray(g), [jnp.asarray(v) for v in vectors], jnp.float32(damping)
+  )
   want = damping * _explicit_solve(g, [v.astype(np.float64) for v in vectors], damping)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
@@ -113,13 +117,15 @@ def test_zero_gradient_gives_zero_update():
 def _params_and_grads(steps=3, seed=3):
   rng = np.random.default_rng(seed)
   params = {
-      "dense": {"kernel": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32),
-                "bias": jnp.asarray(rng.normal(size=(5,)), jnp.float32)},
-      "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)},
+    "dense": {
+      "kernel": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32),
+      "bias": jnp.asarray(rng.normal(size=(5,)), jnp.float32),
+    },
+    "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)},
   }
   grads = [
-      jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) + 0.3, jnp.float32), params)
-      for _ in range(steps)
+    jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) + 0.3, jnp.float32), params)
+    for _ in range(steps)
   ]
   return params, grads
 
@@ -141,11 +147,11 @@ def test_alias_equals_chain_with_nesterov():
   lr, wd = 0.1, 5e-4
   alias, _ = _run(eva_shampoo(lr, weight_decay=wd, damping=0.05, stat_decay=0.9))
   chained, _ = _run(
-      optax.chain(
-          scale_by_eva_shampoo(damping=0.05, stat_decay=0.9),
-          optax.add_decayed_weights(wd),
-          optax.sgd(lr, momentum=0.9, nesterov=True),
-      )
+    optax.chain(
+      scale_by_eva_shampoo(damping=0.05, stat_decay=0.9),
+      optax.add_decayed_weights(wd),
+      optax.sgd(lr, momentum=0.9, nesterov=True),
+    )
   )
   _assert_trees_close(alias, chained)
 
@@ -180,7 +186,9 @@ def test_inject_hyperparams_gives_identical_updates():
 
 def test_schedules_extra_args_and_apply_if_finite():
   damping = optax.exponential_decay(0.1, 1, 0.5)
-  scheduled, _ = _run(eva_shampoo(optax.constant_schedule(0.1), damping=damping), unrelated=jnp.ones(2))
+  scheduled, _ = _run(
+    eva_shampoo(optax.constant_schedule(0.1), damping=damping), unrelated=jnp.ones(2)
+  )
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(scheduled))
 
   params, grads = _params_and_grads(steps=1)
@@ -194,16 +202,16 @@ def test_schedules_extra_args_and_apply_if_finite():
 
 
 @pytest.mark.parametrize(
-    "kwargs, name",
-    [
-        (dict(damping=0.0), "damping"),
-        (dict(damping=-1.0), "damping"),
-        (dict(damping=float("nan")), "damping"),
-        (dict(stat_decay=-0.1), "stat_decay"),
-        (dict(stat_decay=1.5), "stat_decay"),
-        (dict(momentum=1.5), "momentum"),
-        (dict(weight_decay=-1.0), "weight_decay"),
-    ],
+  "kwargs, name",
+  [
+    (dict(damping=0.0), "damping"),
+    (dict(damping=-1.0), "damping"),
+    (dict(damping=float("nan")), "damping"),
+    (dict(stat_decay=-0.1), "stat_decay"),
+    (dict(stat_decay=1.5), "stat_decay"),
+    (dict(momentum=1.5), "momentum"),
+    (dict(weight_decay=-1.0), "weight_decay"),
+  ],
 )
 def test_bad_hyperparameters_name_the_parameter(kwargs, name):
   with pytest.raises(ValueError, match=name):

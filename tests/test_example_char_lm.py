@@ -13,10 +13,10 @@ from example_helpers import finite_numbers, load_example
 
 
 SENTENCES = (
-    "The quick brown fox jumps over the lazy dog. ",
-    "A journey of a thousand miles begins with a single step.\n",
-    "All that glitters is not gold; all who wander are not lost. ",
-    "Time flies like an arrow, fruit flies like a banana.\n\n",
+  "The quick brown fox jumps over the lazy dog. ",
+  "A journey of a thousand miles begins with a single step.\n",
+  "All that glitters is not gold; all who wander are not lost. ",
+  "Time flies like an arrow, fruit flies like a banana.\n\n",
 )
 
 
@@ -26,16 +26,41 @@ def _write_corpus(tmp_path: Path) -> Path:
   return path
 
 
-SMALL = ["--seq-len", "16", "--d-model", "32", "--layers", "2", "--heads", "2",
-         "--batch-size", "4", "--steps-per-epoch", "5", "--epochs", "1"]
+SMALL = [
+  "--seq-len",
+  "16",
+  "--d-model",
+  "32",
+  "--layers",
+  "2",
+  "--heads",
+  "2",
+  "--batch-size",
+  "4",
+  "--steps-per-epoch",
+  "5",
+  "--epochs",
+  "1",
+]
 
 
 def test_char_lm_trains_sgd_eva_kfac_muon(tmp_path, capsys):
   corpus = _write_corpus(tmp_path)
   out_dir = tmp_path / "out"
   lm = load_example("char_lm")
-  results = lm.main(SMALL + ["--corpus", str(corpus), "--optimizers", "sgd,eva,kfac,muon",
-                             "--eval-batches", "3", "--out", str(out_dir)])
+  results = lm.main(
+    SMALL
+    + [
+      "--corpus",
+      str(corpus),
+      "--optimizers",
+      "sgd,eva,kfac,muon",
+      "--eval-batches",
+      "3",
+      "--out",
+      str(out_dir),
+    ]
+  )
   out = capsys.readouterr().out
   names = ["SGD", "Eva", "K-FAC", "Muon"]  # Muon: the scanned DenseGeneral kernels
   assert [r.name for r in results] == names
@@ -51,8 +76,13 @@ def test_char_lm_trains_sgd_eva_kfac_muon(tmp_path, capsys):
     assert bpc == pytest.approx(loss / math.log(2), rel=1e-6), r.name
     assert math.isfinite(r.train["loss"][-1]), r.name
 
-  for name in ("results.md", "metrics.json", "metrics.csv", "loss_vs_epoch.png",
-               "loss_vs_time.png"):
+  for name in (
+    "results.md",
+    "metrics.json",
+    "metrics.csv",
+    "loss_vs_epoch.png",
+    "loss_vs_time.png",
+  ):
     assert (out_dir / name).is_file(), name
   metrics = json.loads((out_dir / "metrics.json").read_text())
   assert list(metrics["optimizers"]) == names
@@ -71,8 +101,9 @@ def test_loss_fn_is_the_mean_next_character_cross_entropy():
   from examples.harness.models import CharTransformer
 
   vocab, batch, seq_len = 11, 3, 8
-  model = CharTransformer(vocab=vocab, d_model=16, num_heads=2, mlp_dim=32, num_layers=2,
-                          max_len=seq_len)
+  model = CharTransformer(
+    vocab=vocab, d_model=16, num_heads=2, mlp_dim=32, num_layers=2, max_len=seq_len
+  )
   rng = np.random.default_rng(0)
   inputs = rng.integers(0, vocab, (batch, seq_len)).astype(np.int32)
   targets = rng.integers(0, vocab, (batch, seq_len)).astype(np.int32)
@@ -83,8 +114,11 @@ def test_loss_fn_is_the_mean_next_character_cross_entropy():
   @jax.jit
   def everything(params):  # one compilation for the three
     batch = (inputs, targets)
-    return loss_fn(params, {}, batch), model.apply({"params": params}, inputs), eval_fn(
-        params, {}, batch)
+    return (
+      loss_fn(params, {}, batch),
+      model.apply({"params": params}, inputs),
+      eval_fn(params, {}, batch),
+    )
 
   (loss, (state, metrics)), logits, evaluated = everything(params)
   assert state == {} and metrics == {}
@@ -112,8 +146,9 @@ def test_eval_windows_are_the_first_non_overlapping_windows():
 def test_limits_count_characters(tmp_path):
   lm = load_example("char_lm")
   corpus = _write_corpus(tmp_path)
-  args = lm.parse_args(SMALL + ["--corpus", str(corpus), "--train-limit", "1000",
-                                "--test-limit", "100"])
+  args = lm.parse_args(
+    SMALL + ["--corpus", str(corpus), "--train-limit", "1000", "--test-limit", "100"]
+  )
   _, vocabulary, train_ids, test_ids = lm.load_corpus(args)
   assert len(train_ids) == 1000 and len(test_ids) == 100
   assert set(vocabulary) == set("".join(SENTENCES))
@@ -121,8 +156,9 @@ def test_limits_count_characters(tmp_path):
   assert task.steps_per_epoch == 5  # capped; the whole pass would be 999 // 64 = 15
   assert task.target.metric == "test_loss"
   # A validation split: the last 10% of the (limited) train split, the test split unread.
-  held = lm.parse_args(SMALL + ["--corpus", str(corpus), "--train-limit", "1000",
-                                "--validation-fraction", "0.1"])
+  held = lm.parse_args(
+    SMALL + ["--corpus", str(corpus), "--train-limit", "1000", "--validation-fraction", "0.1"]
+  )
   _, _, held_train, held_out = lm.load_corpus(held)
   np.testing.assert_array_equal(held_train, train_ids[:900])
   np.testing.assert_array_equal(held_out, train_ids[900:])
@@ -140,12 +176,12 @@ def test_missing_corpus_exits_naming_it(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["--heads", "3"], "--heads 3 must divide --d-model 128"),
-        (["--seq-len", "0"], "--seq-len must be at least 1"),
-        (["--steps-per-epoch", "0"], "--steps-per-epoch must be at least 1"),
-    ],
+  "argv, message",
+  [
+    (["--heads", "3"], "--heads 3 must divide --d-model 128"),
+    (["--seq-len", "0"], "--seq-len must be at least 1"),
+    (["--steps-per-epoch", "0"], "--steps-per-epoch must be at least 1"),
+  ],
 )
 def test_bad_model_flags_are_refused(argv, message, capsys):
   lm = load_example("char_lm")

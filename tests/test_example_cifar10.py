@@ -148,8 +148,17 @@ def test_missing_data_exits_with_the_path(no_cifar_elsewhere):
   cifar10 = load_example("cifar10")
   nowhere = no_cifar_elsewhere / "nowhere"
   with pytest.raises(SystemExit) as info:
-    cifar10.main(["--epochs", "1", "--data-dir", str(nowhere), "--no-checkpoint",
-                  "--out", str(no_cifar_elsewhere / "out")])
+    cifar10.main(
+      [
+        "--epochs",
+        "1",
+        "--data-dir",
+        str(nowhere),
+        "--no-checkpoint",
+        "--out",
+        str(no_cifar_elsewhere / "out"),
+      ]
+    )
   message = str(info.value.code)
   assert str(nowhere) in message
   assert "CIFAR-10" in message and "not found" in message
@@ -166,8 +175,23 @@ def test_trains_on_a_tiny_archive(no_cifar_elsewhere, capsys):
   out_dir = no_cifar_elsewhere / "out"
   cifar10 = load_example("cifar10")
   results = cifar10.main(
-      ["--epochs", "1", "--batch-size", "8", "--depth", "8", "--optimizers", "sgd,eva",
-       "--schedule", "step", "--data-dir", str(data), "--out", str(out_dir), "--checkpoint"]
+    [
+      "--epochs",
+      "1",
+      "--batch-size",
+      "8",
+      "--depth",
+      "8",
+      "--optimizers",
+      "sgd,eva",
+      "--schedule",
+      "step",
+      "--data-dir",
+      str(data),
+      "--out",
+      str(out_dir),
+      "--checkpoint",
+    ]
   )
   out = capsys.readouterr().out
   assert [r.name for r in results] == ["SGD", "Eva"]
@@ -178,8 +202,13 @@ def test_trains_on_a_tiny_archive(no_cifar_elsewhere, capsys):
       assert set(split) == {"loss", "accuracy"}
       assert math.isfinite(split["loss"][0])
       assert 0.0 <= split["accuracy"][0] <= 1.0
-  for name in ("results.md", "metrics.json", "metrics.csv", "loss_vs_epoch.png",
-               "loss_vs_time.png"):
+  for name in (
+    "results.md",
+    "metrics.json",
+    "metrics.csv",
+    "loss_vs_epoch.png",
+    "loss_vs_time.png",
+  ):
     assert (out_dir / name).is_file(), name
   assert (out_dir / "checkpoints" / "eva").is_dir()
   metrics = json.loads((out_dir / "metrics.json").read_text())

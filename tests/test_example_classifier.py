@@ -44,10 +44,21 @@ def _init(clf):
 def test_classifier_trains_and_writes_the_report(clf, data, tmp_path, capsys):
   out_dir = tmp_path / "out"
   names = ["SGD", "Eva", "K-FAC", "Sophia"]  # Sophia: obj_fn in train mode, BatchNorm
-  results = clf.main([
-      "--optimizers", "sgd,eva,kfac,sophia", "--epochs", "1", "--batch-size", "32",
-      "--data-dir", str(data), "--out", str(out_dir), "--checkpoint",
-  ])
+  results = clf.main(
+    [
+      "--optimizers",
+      "sgd,eva,kfac,sophia",
+      "--epochs",
+      "1",
+      "--batch-size",
+      "32",
+      "--data-dir",
+      str(data),
+      "--out",
+      str(out_dir),
+      "--checkpoint",
+    ]
+  )
   out = capsys.readouterr().out
   assert [r.name for r in results] == names
   assert "nan" not in out.lower()
@@ -96,9 +107,9 @@ def jitted(clf):
   """The loss, the evaluation and the eval-mode logits, compiled once for the tiny batches."""
   variables = lambda p, s: {"params": p, "batch_stats": s}
   return (
-      jax.jit(clf.loss_fn),
-      jax.jit(clf.eval_fn),
-      jax.jit(lambda p, s, x: clf.MODEL.apply(variables(p, s), x, train=False)),
+    jax.jit(clf.loss_fn),
+    jax.jit(clf.eval_fn),
+    jax.jit(lambda p, s, x: clf.MODEL.apply(variables(p, s), x, train=False)),
   )
 
 
@@ -110,7 +121,7 @@ def test_train_mode_updates_batch_stats_and_eval_mode_uses_them(clf, jitted):
   assert np.isfinite(float(loss)) and 0.0 <= float(metrics["accuracy"]) <= 1.0
   assert jax.tree.structure(new_stats) == jax.tree.structure(batch_stats)
   changed = jax.tree.leaves(
-      jax.tree.map(lambda a, b: not np.allclose(a, b), new_stats, batch_stats)
+    jax.tree.map(lambda a, b: not np.allclose(a, b), new_stats, batch_stats)
   )
   assert changed and all(changed)  # every BatchNorm mean and variance moved
 
@@ -119,8 +130,10 @@ def test_train_mode_updates_batch_stats_and_eval_mode_uses_them(clf, jitted):
   images, labels = batch
   other = np.concatenate([images[:4], _tiny_batch(seed=5)[0][4:]])
   np.testing.assert_allclose(
-      logits_fn(params, new_stats, images)[:4], logits_fn(params, new_stats, other)[:4],
-      rtol=1e-5, atol=1e-5,
+    logits_fn(params, new_stats, images)[:4],
+    logits_fn(params, new_stats, other)[:4],
+    rtol=1e-5,
+    atol=1e-5,
   )
   before = float(eval_fn(params, batch_stats, batch)["loss"])
   after = float(eval_fn(params, new_stats, batch)["loss"])
@@ -197,11 +210,14 @@ def test_random_flip_is_reproducible_and_mirrors_whole_images(clf, data):
 
 def test_flags_and_defaults(clf, capsys):
   args = clf.parse_args([])
-  assert [s.key for s in args.specs] == ["sgd", "adamw", "eva", "eva-f", "eva-s", "kfac",
-                                         "shampoo"]
+  assert [s.key for s in args.specs] == ["sgd", "adamw", "eva", "eva-f", "eva-s", "kfac", "shampoo"]
   assert (args.epochs, args.batch_size, args.out) == (3, 128, "results/classifier")
   assert (args.warmup_epochs, args.flip, args.weight_decay, args.momentum) == (
-      1.0, False, 5e-4, 0.9)
+    1.0,
+    False,
+    5e-4,
+    0.9,
+  )
   assert clf.parse_args(["--warmup-epochs", "0.5"]).warmup_epochs == 0.5
   assert set(clf.LEARNING_RATES) >= {s.key for s in args.specs}
   with pytest.raises(SystemExit):
@@ -211,8 +227,11 @@ def test_flags_and_defaults(clf, capsys):
 
 def _conv_kernel_shapes(params):
   leaves = jax.tree_util.tree_leaves_with_path(params)
-  return sorted(tuple(v.shape) for path, v in leaves
-                if jax.tree_util.keystr(path).endswith("['kernel']") and v.ndim == 4)
+  return sorted(
+    tuple(v.shape)
+    for path, v in leaves
+    if jax.tree_util.keystr(path).endswith("['kernel']") and v.ndim == 4
+  )
 
 
 @pytest.mark.parametrize("depth, width", [(14, 16), (8, 8), (20, 4)])
@@ -239,10 +258,13 @@ def test_the_default_network_is_resnet_14_of_width_16(clf):
   assert clf.resnet(args.depth, args.width) == clf.MODEL
 
 
-@pytest.mark.parametrize("flags, message", [
+@pytest.mark.parametrize(
+  "flags, message",
+  [
     (["--depth", "12"], "--depth must be 6n+2"),
     (["--width", "0"], "--width must be at least 1"),
-])
+  ],
+)
 def test_bad_depth_or_width_is_refused_naming_the_flag(clf, capsys, flags, message):
   with pytest.raises(SystemExit):
     clf.parse_args(flags)
@@ -250,8 +272,9 @@ def test_bad_depth_or_width_is_refused_naming_the_flag(clf, capsys, flags, messa
 
 
 def test_make_task_trains_the_chosen_network(clf, data):
-  args = clf.parse_args(["--depth", "8", "--width", "4", "--batch-size", "16",
-                         "--data-dir", str(data)])
+  args = clf.parse_args(
+    ["--depth", "8", "--width", "4", "--batch-size", "16", "--data-dir", str(data)]
+  )
   task = clf.make_task(args)
   params, batch_stats = task.init(jax.random.PRNGKey(0))
   assert params["Dense_0"]["kernel"].shape == (16, 10)

@@ -31,14 +31,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DEVICES = 8
 TIMEOUT_S = 180
 SENTENCES = (
-    "The quick brown fox jumps over the lazy dog. ",
-    "A journey of a thousand miles begins with a single step.\n",
-    "All that glitters is not gold; all who wander are not lost. ",
-    "Time flies like an arrow, fruit flies like a banana.\n\n",
+  "The quick brown fox jumps over the lazy dog. ",
+  "A journey of a thousand miles begins with a single step.\n",
+  "All that glitters is not gold; all who wander are not lost. ",
+  "Time flies like an arrow, fruit flies like a banana.\n\n",
 )
 
 pytestmark = pytest.mark.skipif(
-    jax.device_count() < DEVICES, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8"
+  jax.device_count() < DEVICES, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8"
 )
 
 
@@ -49,15 +49,18 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict[str, str]:
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
+  flags = [
+    f
+    for f in os.environ.get("XLA_FLAGS", "").split()
+    if not f.startswith("--xla_force_host_platform_device_count")
+  ]
   flags.append(f"--xla_force_host_platform_device_count={devices}")
   return {
-      **os.environ,
-      "XLA_FLAGS": " ".join(flags),
-      "JAX_PLATFORMS": "cpu",
-      "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",  # as the quick_compiles fixture, in process
-      "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    **os.environ,
+    "XLA_FLAGS": " ".join(flags),
+    "JAX_PLATFORMS": "cpu",
+    "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",  # as the quick_compiles fixture, in process
+    "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
   }
 
 
@@ -81,15 +84,33 @@ def two_processes(corpus: Path, tmp_path_factory: pytest.TempPathFactory):
   out = tmp_path_factory.mktemp("two-processes")
   port = _free_port()
   processes = [
-      subprocess.Popen(
-          [sys.executable, "-m", "examples.sharded_lm", "--quick", "--optimizers", "eva,kfac",
-           *ACROSS_PROCESSES,
-           "--corpus", str(corpus), "--out", str(out / "results-{process}.json"),
-           "--coordinator", f"localhost:{port}", "--num-processes", "2",
-           "--process-id", str(i)],
-          env=_env(4), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-      )
-      for i in range(2)
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "examples.sharded_lm",
+        "--quick",
+        "--optimizers",
+        "eva,kfac",
+        *ACROSS_PROCESSES,
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(out / "results-{process}.json"),
+        "--coordinator",
+        f"localhost:{port}",
+        "--num-processes",
+        "2",
+        "--process-id",
+        str(i),
+      ],
+      env=_env(4),
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
   ]
 
   def wait() -> list[tuple[int, str, dict]]:
@@ -116,12 +137,28 @@ def run(corpus, two_processes, quick_compiles, tmp_path_factory):
   """One process, 2x4 mesh, tensor parallel: Eva and AdamW, checkpoints saved."""
   directory = tmp_path_factory.mktemp("run")
   lm = load_example("sharded_lm")
-  argv = ["--quick", "--optimizers", "eva,adamw", "--corpus", str(corpus), "--mesh", "2x4",
-          "--parallelism", "tp", "--checkpoint-dir", str(directory / "checkpoints"),
-          "--out", str(directory / "results.json")]
+  argv = [
+    "--quick",
+    "--optimizers",
+    "eva,adamw",
+    "--corpus",
+    str(corpus),
+    "--mesh",
+    "2x4",
+    "--parallelism",
+    "tp",
+    "--checkpoint-dir",
+    str(directory / "checkpoints"),
+    "--out",
+    str(directory / "results.json"),
+  ]
   results = lm.main(argv)
-  return dict(lm=lm, results=results, directory=directory,
-              record=json.loads((directory / "results.json").read_text()))
+  return dict(
+    lm=lm,
+    results=results,
+    directory=directory,
+    record=json.loads((directory / "results.json").read_text()),
+  )
 
 
 def test_trains_eva_and_adamw_and_prints_the_table(run, capsys):
@@ -164,8 +201,9 @@ def test_params_and_state_live_on_the_mesh_as_the_rules_say(run):
 @pytest.mark.parametrize("mesh,parallelism", [("8x1", "fsdp"), ("4x2", "tp")])
 def test_checkpoint_restores_onto_another_mesh_bit_for_bit(run, corpus, mesh, parallelism):
   lm = run["lm"]
-  args = lm.parse_args(["--quick", "--corpus", str(corpus), "--mesh", mesh,
-                        "--parallelism", parallelism])
+  args = lm.parse_args(
+    ["--quick", "--corpus", str(corpus), "--mesh", mesh, "--parallelism", parallelism]
+  )
   other = sharded.make_mesh(args.mesh_shape)
   vocab = run["results"][0]["params"]["embed"]["embedding"].shape[0]
   setup = lm.make_setup(args, other, sharded.RULES[parallelism], vocab)
@@ -173,12 +211,17 @@ def test_checkpoint_restores_onto_another_mesh_bit_for_bit(run, corpus, mesh, pa
     _, tx, state_sharding = lm.make_optimizer(setup, key, args)
     abstract_state = jax.eval_shape(tx.init, setup.abstract_params)
     params, opt_state, step, meta = lm.restore(
-        run["directory"] / "checkpoints" / key, setup.abstract_params, abstract_state,
-        setup.param_sharding, state_sharding,
+      run["directory"] / "checkpoints" / key,
+      setup.abstract_params,
+      abstract_state,
+      setup.param_sharding,
+      state_sharding,
     )
     assert step == 6 and meta["losses"] == saved["losses"]
-    for name, restored, original in (("params", params, saved["params"]),
-                                     ("opt_state", opt_state, saved["opt_state"])):
+    for name, restored, original in (
+      ("params", params, saved["params"]),
+      ("opt_state", opt_state, saved["opt_state"]),
+    ):
       assert jax.tree.structure(restored) == jax.tree.structure(original), name
       for r, o in zip(jax.tree.leaves(restored), jax.tree.leaves(original)):
         assert r.sharding.mesh.shape == dict(zip(("data", "model"), args.mesh_shape))
@@ -189,8 +232,15 @@ def test_checkpoint_restores_onto_another_mesh_bit_for_bit(run, corpus, mesh, pa
 
 def test_a_run_in_two_parts_on_two_meshes_equals_one_run(run, corpus, tmp_path, capsys):
   lm = run["lm"]
-  common = ["--quick", "--optimizers", "eva", "--corpus", str(corpus),
-            "--checkpoint-dir", str(tmp_path)]
+  common = [
+    "--quick",
+    "--optimizers",
+    "eva",
+    "--corpus",
+    str(corpus),
+    "--checkpoint-dir",
+    str(tmp_path),
+  ]
   first = lm.main(common + ["--mesh", "2x4", "--stop-at", "3"])[0]
   assert first["steps"] == 3
   second = lm.main(common + ["--mesh", "8x1", "--parallelism", "fsdp", "--resume"])[0]
@@ -205,7 +255,7 @@ def test_a_run_in_two_parts_on_two_meshes_equals_one_run(run, corpus, tmp_path, 
 def test_two_processes_give_the_losses_of_one(run, two_processes, corpus):
   finished = two_processes()
   one = run["lm"].main(
-      ["--quick", "--optimizers", "eva,kfac", *ACROSS_PROCESSES, "--corpus", str(corpus)]
+    ["--quick", "--optimizers", "eva,kfac", *ACROSS_PROCESSES, "--corpus", str(corpus)]
   )
   for i, (rc, output, results) in enumerate(finished):
     assert rc == 0, output
@@ -213,7 +263,9 @@ def test_two_processes_give_the_losses_of_one(run, two_processes, corpus):
     assert results["processes"] == 2 and results["devices"] == DEVICES
     # K-FAC: its inverses computed by their owners across both processes.
     for got, want in zip(results["results"], one):
-      np.testing.assert_allclose(got["losses"], want["losses"], rtol=1e-5, err_msg=want["optimizer"])
+      np.testing.assert_allclose(
+        got["losses"], want["losses"], rtol=1e-5, err_msg=want["optimizer"]
+      )
 
 
 def test_flags_are_checked():

@@ -20,7 +20,7 @@ def test_autoencoder_trains_all_seven_optimizers(tmp_path, capsys):
   demo = load_example("autoencoder")
   names = ["SGD", "AdamW", "Eva", "Eva-f", "Eva-s", "K-FAC", "Shampoo"]
   results = demo.main(
-      ["--epochs", "1", "--batch-size", "32", "--data-dir", str(data), "--out", str(out_dir)]
+    ["--epochs", "1", "--batch-size", "32", "--data-dir", str(data), "--out", str(out_dir)]
   )
   out = capsys.readouterr().out
   assert [r.name for r in results] == names
@@ -75,9 +75,18 @@ def test_autoencoder_optimizer_subset_and_flags():
   args = demo.parse_args(["--optimizers", "eva, kfac", "--lr-kfac", "0.01", "--out", "x"])
   assert [s.key for s in args.specs] == ["eva", "kfac"]
   task = demo.Task  # the learning rates resolve: flag, else --lr, else the default
-  fake = task(name="t", init=None, loss_fn=None, eval_fn=None, train_epoch=None,
-              test_batches=None, steps_per_epoch=1, example_batch=None, schedule=None,
-              default_lrs=demo.LEARNING_RATES)
+  fake = task(
+    name="t",
+    init=None,
+    loss_fn=None,
+    eval_fn=None,
+    train_epoch=None,
+    test_batches=None,
+    steps_per_epoch=1,
+    example_batch=None,
+    schedule=None,
+    default_lrs=demo.LEARNING_RATES,
+  )
   assert cli.learning_rate(args, "kfac", fake) == 0.01
   assert cli.learning_rate(args, "eva", fake) == 0.06
   args = demo.parse_args(["--lr", "0.2", "--lr-eva", "0.05"])
@@ -87,16 +96,16 @@ def test_autoencoder_optimizer_subset_and_flags():
 
 
 @pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["--optimizers", "eva,adam"], "--optimizers: unknown"),
-        (["--epochs", "0"], "--epochs must be at least 1"),
-        (["--damping", "-1"], "--damping must be positive"),
-        (["--lr", "0"], "--lr must be positive"),
-        (["--chunk", "0"], "--chunk must be at least 1"),
-        (["--eval-every", "-1"], "--eval-every must be at least 0"),
-        (["--validation-fraction", "1"], "--validation-fraction must lie in [0, 1)"),
-    ],
+  "argv, message",
+  [
+    (["--optimizers", "eva,adam"], "--optimizers: unknown"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--damping", "-1"], "--damping must be positive"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--chunk", "0"], "--chunk must be at least 1"),
+    (["--eval-every", "-1"], "--eval-every must be at least 0"),
+    (["--validation-fraction", "1"], "--validation-fraction must lie in [0, 1)"),
+  ],
 )
 def test_bad_flags_are_refused_naming_the_flag(argv, message, capsys):
   demo = load_example("autoencoder")
@@ -133,8 +142,16 @@ def test_resume_continues_an_interrupted_run_bit_identically(tmp_path, monkeypat
   demo = load_example("autoencoder")
   from examples.harness import training
 
-  argv = ["--epochs", "3", "--batch-size", "32", "--data-dir", str(data),
-          "--optimizers", "eva,kfac"]
+  argv = [
+    "--epochs",
+    "3",
+    "--batch-size",
+    "32",
+    "--data-dir",
+    str(data),
+    "--optimizers",
+    "eva,kfac",
+  ]
   whole = demo.main(argv + ["--out", str(tmp_path / "whole")])
 
   save = training.save_checkpoint
@@ -159,25 +176,52 @@ def test_resume_continues_an_interrupted_run_bit_identically(tmp_path, monkeypat
 
   # A checkpoint made with other settings is refused, naming them.
   with pytest.raises(SystemExit, match="batch_size=32"):
-    demo.main(["--epochs", "3", "--batch-size", "16", "--data-dir", str(data),
-               "--optimizers", "eva", "--out", str(tmp_path / "cut"), "--resume"])
+    demo.main(
+      [
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--data-dir",
+        str(data),
+        "--optimizers",
+        "eva",
+        "--out",
+        str(tmp_path / "cut"),
+        "--resume",
+      ]
+    )
 
 
 def test_resume_fingerprint_holds_every_setting_but_output_and_selection():
   from examples.harness import cli
 
-  args = argparse.Namespace(epochs=3, batch_size=8, depth=20, schedule="step", lr=None,
-                            lr_eva=0.1, out="x", resume=True, checkpoint=False,
-                            no_checkpoint=False, optimizers="eva", data_dir="/d",
-                            reach_window=10)
+  args = argparse.Namespace(
+    epochs=3,
+    batch_size=8,
+    depth=20,
+    schedule="step",
+    lr=None,
+    lr_eva=0.1,
+    out="x",
+    resume=True,
+    checkpoint=False,
+    no_checkpoint=False,
+    optimizers="eva",
+    data_dir="/d",
+    reach_window=10,
+  )
   assert dict(cli.fingerprint(args)) == {
-      "epochs": 3, "batch_size": 8, "depth": 20, "schedule": "step"
+    "epochs": 3,
+    "batch_size": 8,
+    "depth": 20,
+    "schedule": "step",
   }
 
 
 @pytest.mark.parametrize(
-    "flags, saves",
-    [([], False), (["--no-checkpoint"], False), (["--checkpoint"], True), (["--resume"], True)],
+  "flags, saves",
+  [([], False), (["--no-checkpoint"], False), (["--checkpoint"], True), (["--resume"], True)],
 )
 def test_checkpoints_are_saved_only_when_asked(flags, saves):
   from examples.harness import cli

@@ -39,7 +39,6 @@ def linen():
 
 
 class NnxMLP(nnx.Module):
-
   def __init__(self, rngs: nnx.Rngs):
     self.hidden = nnx.Linear(5, 8, rngs=rngs)
     self.out = nnx.Linear(8, 3, rngs=rngs)
@@ -85,12 +84,12 @@ def test_tx_update_without_stats_names_both_routes(linen):
     tx.update(grads, tx.init(params), params)
   message = str(error.value)
   for fix in (
-      "eva_optax.value_and_grad(loss_fn)",
-      "tx.update(grads, opt_state, params, stats=stats)",
-      "eva_optax.nnx_value_and_grad(loss_fn)",
-      "optimizer.update(model, grads, stats=stats)",
-      "optax.MultiSteps inside optax.chain",
-      "eva_optax.TrainState",
+    "eva_optax.value_and_grad(loss_fn)",
+    "tx.update(grads, opt_state, params, stats=stats)",
+    "eva_optax.nnx_value_and_grad(loss_fn)",
+    "optimizer.update(model, grads, stats=stats)",
+    "optax.MultiSteps inside optax.chain",
+    "eva_optax.TrainState",
   ):
     assert fix in message
 
@@ -101,13 +100,17 @@ def test_tx_update_without_stats_names_both_routes(linen):
 
 def test_linen_value_and_grad_on_an_nnx_model_names_nnx_value_and_grad():
   model, loss_fn, x, y = _nnx_problem()
-  with pytest.raises(TypeError, match=r"got an NNX module \(NnxMLP\).*eva_optax\.nnx_value_and_grad"):
+  with pytest.raises(
+    TypeError, match=r"got an NNX module \(NnxMLP\).*eva_optax\.nnx_value_and_grad"
+  ):
     eva_optax.value_and_grad(loss_fn)(model, x, y)
 
 
 def test_nnx_value_and_grad_on_linen_params_names_value_and_grad(linen):
   _, params, loss_fn, _, _, x, y = linen
-  with pytest.raises(TypeError, match=r"must be an nnx.Module; got dict.*eva_optax\.value_and_grad"):
+  with pytest.raises(
+    TypeError, match=r"must be an nnx.Module; got dict.*eva_optax\.value_and_grad"
+  ):
     eva_optax.nnx_value_and_grad(loss_fn)(params, x, y)
 
 
@@ -119,7 +122,9 @@ def test_multisteps_inside_chain_names_multisteps_outermost(linen):
   _, params, _, grads, stats, _, _ = linen
   multi = optax.MultiSteps(eva_optax.eva(0.01), every_k_schedule=2)
   tx = optax.chain(optax.clip_by_global_norm(1.0), multi)
-  with pytest.raises(ValueError, match=r"Here optax\.MultiSteps .*Make MultiSteps the outermost wrapper"):
+  with pytest.raises(
+    ValueError, match=r"Here optax\.MultiSteps .*Make MultiSteps the outermost wrapper"
+  ):
     jax.jit(tx.update)(grads, tx.init(params), params, stats=stats)
   # The fix the message names works: MultiSteps outermost, the chain inside it.
   inner = optax.chain(optax.clip_by_global_norm(1.0), eva_optax.eva(0.01))
@@ -187,7 +192,6 @@ def test_nnx_argnums_gives_the_argnums_0_result():
 
 
 class Upsampler(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     h = nn.relu(nn.Dense(4)(x))  # Dense_0
@@ -222,7 +226,6 @@ def test_linen_pass_through_warns_once_naming_the_modules_and_describe():
 def test_nnx_pass_through_warns_once_naming_the_modules_and_describe():
 
   class NnxUpsampler(nnx.Module):
-
     def __init__(self, rngs):
       self.up = nnx.ConvTranspose(5, 2, (2,), strides=(2,), rngs=rngs)
       self.out = nnx.Linear(2, 3, rngs=rngs)

@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -109,7 +110,9 @@ def _conv_stats(module, x, y, kernel, bias, dy):
   """ā, ḡ of one Conv call, per group (stack axis first) when grouped."""
   window = tuple(module.kernel_size)
   n = len(window)
-  strides = (module.strides,) * n if isinstance(module.strides, int) else tuple(module.strides or (1,) * n)
+  strides = (
+    (module.strides,) * n if isinstance(module.strides, int) else tuple(module.strides or (1,) * n)
+  )
   assert module.input_dilation in (None, 1) and module.kernel_dilation in (None, 1)
   assert x.ndim == n + 2  # one batch axis
   groups = module.feature_group_count
@@ -144,12 +147,17 @@ def _dense_stats(module, x, y, kernel, bias, dy):
     rows = x.reshape(-1, x.shape[-1])
   out_dim = kernel.size // rows.shape[1]
   np.testing.assert_allclose(
-      rows @ kernel.reshape(rows.shape[1], out_dim), (y - bias).reshape(-1, out_dim), rtol=1e-4, atol=1e-5
+    rows @ kernel.reshape(rows.shape[1], out_dim),
+    (y - bias).reshape(-1, out_dim),
+    rtol=1e-4,
+    atol=1e-5,
   )
   return rows.mean(0), dy.reshape(-1, out_dim).mean(0)
 
 
-def linen_reference(loss_fn: Callable, params, *args, has_aux: bool = False, axis_name: str | None = None):
+def linen_reference(
+  loss_fn: Callable, params, *args, has_aux: bool = False, axis_name: str | None = None
+):
   """``(loss, {module path: (ā, ḡ)}, {module path: module type})`` without the library.
 
   ``loss_fn(params, *args)`` is run as written; ``axis_name``: an axis the
@@ -205,7 +213,9 @@ def linen_reference(loss_fn: Callable, params, *args, has_aux: bool = False, axi
     bias = _lookup(params, path + ("bias",))
     bias = 0.0 if bias is None else np.asarray(bias, np.float64)
     x, y, dy = (np.asarray(v, np.float64) for v in (x, y, dy))
-    stats = (_conv_stats if isinstance(module, nn.Conv) else _dense_stats)(module, x, y, kernel, bias, dy)
+    stats = (_conv_stats if isinstance(module, nn.Conv) else _dense_stats)(
+      module, x, y, kernel, bias, dy
+    )
     per_path.setdefault(path, []).append(stats)
     kinds[path] = type(module)
   means = {p: tuple(np.mean(v, 0) for v in zip(*s)) for p, s in per_path.items()}
@@ -217,14 +227,20 @@ def linen_reference(loss_fn: Callable, params, *args, has_aux: bool = False, axi
 
 
 def _entries(stats) -> dict[tuple[str, ...], Any]:
-  leaves = jax.tree_util.tree_flatten_with_path(stats, is_leaf=lambda s: isinstance(s, (LayerStats, PassThrough)))[0]
-  return {tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in keys): v for keys, v in leaves}
+  leaves = jax.tree_util.tree_flatten_with_path(
+    stats, is_leaf=lambda s: isinstance(s, (LayerStats, PassThrough))
+  )[0]
+  return {
+    tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in keys): v for keys, v in leaves
+  }
 
 
 def _close(got, want, what):
   got = np.asarray(got, np.float64)
   assert got.shape == want.shape, what
-  np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL * np.abs(want).max() + FLOOR, err_msg=str(what))
+  np.testing.assert_allclose(
+    got, want, rtol=RTOL, atol=RTOL * np.abs(want).max() + FLOOR, err_msg=str(what)
+  )
 
 
 def assert_statistics(stats, want: dict):
@@ -299,14 +315,18 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = True):
     conv = partial(nn.Conv, use_bias=False)
-    norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, axis_name="batch")
+    norm = partial(
+      nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, axis_name="batch"
+    )
     x = conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="conv_init")(x)
     x = nn.relu(norm(name="bn_init")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
     for i, block_size in enumerate(self.stage_sizes):
       for j in range(block_size):
         strides = (2, 2) if i > 0 and j == 0 else (1, 1)
-        x = ResNetBlock(self.num_filters * 2**i, conv=conv, norm=norm, act=nn.relu, strides=strides)(x)
+        x = ResNetBlock(
+          self.num_filters * 2**i, conv=conv, norm=norm, act=nn.relu, strides=strides
+        )(x)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes)(x)
 
@@ -325,7 +345,7 @@ def test_imagenet_resnet_under_pmap():
 
   def loss_fn(params, batch_stats, images, labels):
     logits, new_state = model.apply(
-        {"params": params, "batch_stats": batch_stats}, images, mutable=["batch_stats"]
+      {"params": params, "batch_stats": batch_stats}, images, mutable=["batch_stats"]
     )
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     return loss, new_state["batch_stats"]
@@ -353,9 +373,14 @@ def test_imagenet_resnet_under_pmap():
   for leaf in jax.tree.leaves(stats):
     np.testing.assert_array_equal(leaf, np.broadcast_to(leaf[0], leaf.shape))
   stats = jax_utils.unreplicate(stats)
-  want_loss, want, kinds = linen_reference(loss_fn, last[0], last[1], images, labels, has_aux=True, axis_name="batch")
+  want_loss, want, kinds = linen_reference(
+    loss_fn, last[0], last[1], images, labels, has_aux=True, axis_name="batch"
+  )
   np.testing.assert_allclose(losses[-1], want_loss, rtol=1e-5)
-  assert sum(k is nn.Conv for k in kinds.values()) == 6 and set(kinds.values()) == {nn.Conv, nn.Dense}
+  assert sum(k is nn.Conv for k in kinds.values()) == 6 and set(kinds.values()) == {
+    nn.Conv,
+    nn.Dense,
+  }
   assert_statistics(stats, want)
   assert_described(last[0], stats, set(want))
 
@@ -376,11 +401,15 @@ class MlpBlock(nn.Module):
     kernel = nn.initializers.xavier_uniform()
     bias = nn.initializers.normal(stddev=1e-2)
     y = nn.Dense(
-        self.mlp_dim, kernel_init=_partitioned(kernel, ("embed", "mlp")), bias_init=_partitioned(bias, ("mlp",))
+      self.mlp_dim,
+      kernel_init=_partitioned(kernel, ("embed", "mlp")),
+      bias_init=_partitioned(bias, ("mlp",)),
     )(x)
     y = nn.gelu(y)
     return nn.Dense(
-        x.shape[-1], kernel_init=_partitioned(kernel, ("mlp", "embed")), bias_init=_partitioned(bias, ("embed",))
+      x.shape[-1],
+      kernel_init=_partitioned(kernel, ("mlp", "embed")),
+      bias_init=_partitioned(bias, ("embed",)),
     )(y)
 
 
@@ -390,13 +419,16 @@ class DecoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask):
-    norm = partial(nn.LayerNorm, scale_init=_partitioned(nn.initializers.ones, ("embed",)),
-                   bias_init=_partitioned(nn.initializers.zeros, ("embed",)))
+    norm = partial(
+      nn.LayerNorm,
+      scale_init=_partitioned(nn.initializers.ones, ("embed",)),
+      bias_init=_partitioned(nn.initializers.zeros, ("embed",)),
+    )
     y = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads,
-        kernel_init=_partitioned(nn.initializers.xavier_uniform(), ("embed", "heads", "kv")),
-        use_bias=False,
-        deterministic=True,
+      num_heads=self.num_heads,
+      kernel_init=_partitioned(nn.initializers.xavier_uniform(), ("embed", "heads", "kv")),
+      use_bias=False,
+      deterministic=True,
     )(norm()(x), mask=mask)
     x = x + y
     return x + MlpBlock(self.mlp_dim)(norm()(x))
@@ -412,18 +444,30 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens):
-    embed = nn.Embed(self.vocab_size, self.emb_dim,
-                     embedding_init=_partitioned(nn.initializers.normal(stddev=1.0), ("vocab", "embed")))
-    pos = self.param("pos_embedding", _partitioned(nn.initializers.normal(stddev=0.02), ("length", "embed")),
-                     (self.max_len, self.emb_dim))
+    embed = nn.Embed(
+      self.vocab_size,
+      self.emb_dim,
+      embedding_init=_partitioned(nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
+    )
+    pos = self.param(
+      "pos_embedding",
+      _partitioned(nn.initializers.normal(stddev=0.02), ("length", "embed")),
+      (self.max_len, self.emb_dim),
+    )
     x = embed(tokens) + pos[None, : tokens.shape[1]]
     mask = nn.make_causal_mask(tokens)
     for i in range(self.num_layers):
       x = DecoderBlock(self.num_heads, self.mlp_dim, name=f"block_{i}")(x, mask)
-    x = nn.LayerNorm(scale_init=_partitioned(nn.initializers.ones, ("embed",)),
-                     bias_init=_partitioned(nn.initializers.zeros, ("embed",)))(x)
-    return nn.Dense(self.vocab_size, kernel_init=_partitioned(nn.initializers.xavier_uniform(), ("embed", "vocab")),
-                    bias_init=_partitioned(nn.initializers.zeros, ("vocab",)), name="logitdense")(x)
+    x = nn.LayerNorm(
+      scale_init=_partitioned(nn.initializers.ones, ("embed",)),
+      bias_init=_partitioned(nn.initializers.zeros, ("embed",)),
+    )(x)
+    return nn.Dense(
+      self.vocab_size,
+      kernel_init=_partitioned(nn.initializers.xavier_uniform(), ("embed", "vocab")),
+      bias_init=_partitioned(nn.initializers.zeros, ("vocab",)),
+      name="logitdense",
+    )(x)
 
 
 def _train_linen(loss_fn, params, tx, args, has_aux=False):
@@ -464,12 +508,14 @@ def test_decoder_transformer_with_bias_free_attention_and_logical_partitioning()
   variables, loss_fn, inputs, targets = _decoder_problem()
   # The metadata is there: every parameter is boxed with its logical axes.
   specs = nn.get_partition_spec(variables)["params"]
-  assert specs["block_0"]["MultiHeadDotProductAttention_0"]["query"]["kernel"] == jax.sharding.PartitionSpec(
-      "embed", "heads", "kv"
-  )
+  assert specs["block_0"]["MultiHeadDotProductAttention_0"]["query"][
+    "kernel"
+  ] == jax.sharding.PartitionSpec("embed", "heads", "kv")
   assert specs["logitdense"]["bias"] == jax.sharding.PartitionSpec("vocab")
   params = nn.unbox(variables["params"])  # as Flax's examples hand params to optax
-  losses, last, stats = _train_linen(loss_fn, params, eva_optax.eva(0.05, momentum=0.9), (inputs, targets))
+  losses, last, stats = _train_linen(
+    loss_fn, params, eva_optax.eva(0.05, momentum=0.9), (inputs, targets)
+  )
   assert_trained(losses)
 
   want_loss, want, kinds = linen_reference(loss_fn, last, inputs, targets)
@@ -486,9 +532,13 @@ def test_decoder_transformer_with_boxed_params():
   ``nn.LogicallyPartitioned`` (optax and ``model.apply`` take them so)."""
   variables, loss_fn, inputs, targets = _decoder_problem()
   params = variables["params"]
-  losses, last, stats = _train_linen(loss_fn, params, eva_optax.eva(0.05, momentum=0.9), (inputs, targets))
+  losses, last, stats = _train_linen(
+    loss_fn, params, eva_optax.eva(0.05, momentum=0.9), (inputs, targets)
+  )
   assert_trained(losses)
-  assert isinstance(last["logitdense"]["kernel"], nn.LogicallyPartitioned)  # still boxed after the steps
+  assert isinstance(
+    last["logitdense"]["kernel"], nn.LogicallyPartitioned
+  )  # still boxed after the steps
   _, want, _ = linen_reference(loss_fn, nn.unbox(last), inputs, targets)
   assert_statistics(stats, want)
   assert_described(last, stats, set(want))
@@ -537,9 +587,13 @@ def test_rnn_lstm():
   ys = jnp.asarray(rng.normal(size=(4, 5, 3)).astype(np.float32))
   params = model.init(jax.random.key(0), xs)["params"]
   mse_of = lambda m: lambda p, xs, ys: jnp.mean((m.apply({"params": p}, xs) - ys) ** 2)
-  np.testing.assert_allclose(mse_of(unrolled)(params, xs, ys), mse_of(model)(params, xs, ys), rtol=1e-6)
+  np.testing.assert_allclose(
+    mse_of(unrolled)(params, xs, ys), mse_of(model)(params, xs, ys), rtol=1e-6
+  )
 
-  losses, last, stats = _train_linen(mse_of(model), params, eva_optax.eva(0.1, momentum=0.9), (xs, ys))
+  losses, last, stats = _train_linen(
+    mse_of(model), params, eva_optax.eva(0.1, momentum=0.9), (xs, ys)
+  )
   assert_trained(losses)
   want_loss, want, _ = linen_reference(mse_of(unrolled), last, xs, ys)
   np.testing.assert_allclose(losses[-1], want_loss, rtol=1e-5)
@@ -589,18 +643,26 @@ def test_mobilenet_block_with_depthwise_convolution():
 
   def loss_fn(params, batch_stats, images, labels):
     logits, new_state = model.apply(
-        {"params": params, "batch_stats": batch_stats}, images, mutable=["batch_stats"]
+      {"params": params, "batch_stats": batch_stats}, images, mutable=["batch_stats"]
     )
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), new_state
 
   params = variables["params"]
   losses, last, stats = _train_linen(
-      loss_fn, params, eva_optax.eva(0.05, momentum=0.9), (variables["batch_stats"], images, labels), has_aux=True
+    loss_fn,
+    params,
+    eva_optax.eva(0.05, momentum=0.9),
+    (variables["batch_stats"], images, labels),
+    has_aux=True,
   )
   assert_trained(losses)
-  want_loss, want, kinds = linen_reference(loss_fn, last, variables["batch_stats"], images, labels, has_aux=True)
+  want_loss, want, kinds = linen_reference(
+    loss_fn, last, variables["batch_stats"], images, labels, has_aux=True
+  )
   np.testing.assert_allclose(losses[-1], want_loss, rtol=1e-5)
-  assert want[("block", "depthwise")][0].shape == (8, 9) and want[("block", "depthwise")][1].shape == (8, 1)
+  assert want[("block", "depthwise")][0].shape == (8, 9) and want[("block", "depthwise")][
+    1
+  ].shape == (8, 1)
   assert len(want) == 5
   assert_statistics(stats, want)
   assert_described(last, stats, set(want))
@@ -613,7 +675,6 @@ D, N, K, H, F, V = 8, 6, 3, 2, 12, 13  # model, query heads, kv heads, head dim,
 
 
 class RMSNorm(nnx.Module):
-
   def __init__(self, dim: int):
     self.scale = nnx.Param(jnp.zeros((dim,)))
 
@@ -622,7 +683,6 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-
   def __init__(self, rngs: nnx.Rngs):
     self.q_einsum = nnx.Einsum("BTD,NDH->BTNH", (N, D, H), rngs=rngs)
     self.kv_einsum = nnx.Einsum("BSD,CKDH->CBSKH", (2, K, D, H), rngs=rngs)
@@ -645,7 +705,6 @@ def _attend(q, k, v):
 
 
 class FeedForward(nnx.Module):
-
   def __init__(self, rngs: nnx.Rngs):
     self.gate = nnx.Linear(D, F, use_bias=False, rngs=rngs)
     self.up = nnx.Linear(D, F, use_bias=False, rngs=rngs)
@@ -656,7 +715,6 @@ class FeedForward(nnx.Module):
 
 
 class GemmaStyle(nnx.Module):
-
   def __init__(self, rngs: nnx.Rngs):
     self.embedder = nnx.Embed(V, D, rngs=rngs)
     self.pre_attention_norm = RMSNorm(D)
@@ -681,11 +739,19 @@ def _gemma_reference(p, tokens, targets):
   def loss(eps):
     inputs = {}
     x = p["embedder"]["embedding"][tokens] * jnp.sqrt(D)
-    h = inputs["attn/q_einsum"] = inputs["attn/kv_einsum"] = norm(x, p["pre_attention_norm"]["scale"])
+    h = inputs["attn/q_einsum"] = inputs["attn/kv_einsum"] = norm(
+      x, p["pre_attention_norm"]["scale"]
+    )
     q = jnp.einsum("BTD,NDH->BTNH", h, p["attn"]["q_einsum"]["kernel"]) + eps["attn/q_einsum"]
-    k, v = jnp.einsum("BSD,CKDH->CBSKH", h, p["attn"]["kv_einsum"]["kernel"]) + eps["attn/kv_einsum"]
+    k, v = (
+      jnp.einsum("BSD,CKDH->CBSKH", h, p["attn"]["kv_einsum"]["kernel"]) + eps["attn/kv_einsum"]
+    )
     enc = inputs["attn/attn_vec_einsum"] = _attend(q * H**-0.5, k, v)
-    x = x + jnp.einsum("BTNH,NHD->BTD", enc, p["attn"]["attn_vec_einsum"]["kernel"]) + eps["attn/attn_vec_einsum"]
+    x = (
+      x
+      + jnp.einsum("BTNH,NHD->BTD", enc, p["attn"]["attn_vec_einsum"]["kernel"])
+      + eps["attn/attn_vec_einsum"]
+    )
     h = inputs["mlp/gate"] = inputs["mlp/up"] = norm(x, p["pre_ffw_norm"]["scale"])
     gate = h @ p["mlp"]["gate"]["kernel"] + eps["mlp/gate"]
     up = h @ p["mlp"]["up"]["kernel"] + eps["mlp/up"]
@@ -695,14 +761,19 @@ def _gemma_reference(p, tokens, targets):
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean(), inputs
 
   eps = {
-      "attn/q_einsum": jnp.zeros((b, t, N, H)), "attn/kv_einsum": jnp.zeros((2, b, t, K, H)),
-      "attn/attn_vec_einsum": jnp.zeros((b, t, D)),
-      "mlp/gate": jnp.zeros((b, t, F)), "mlp/up": jnp.zeros((b, t, F)), "mlp/down": jnp.zeros((b, t, D)),
+    "attn/q_einsum": jnp.zeros((b, t, N, H)),
+    "attn/kv_einsum": jnp.zeros((2, b, t, K, H)),
+    "attn/attn_vec_einsum": jnp.zeros((b, t, D)),
+    "mlp/gate": jnp.zeros((b, t, F)),
+    "mlp/up": jnp.zeros((b, t, F)),
+    "mlp/down": jnp.zeros((b, t, D)),
   }
   (value, inputs), dys = jax.value_and_grad(loss, has_aux=True)(eps)
-  return float(value), {k: np.asarray(v, np.float64) for k, v in inputs.items()}, {
-      k: np.asarray(v, np.float64) for k, v in dys.items()
-  }
+  return (
+    float(value),
+    {k: np.asarray(v, np.float64) for k, v in inputs.items()},
+    {k: np.asarray(v, np.float64) for k, v in dys.items()},
+  )
 
 
 def _gemma_statistics(p, inputs, dys):
@@ -710,25 +781,33 @@ def _gemma_statistics(p, inputs, dys):
   kernel's order; each row set checked against the kernel."""
   rows = lambda a, n: a.reshape(-1, n)
   in_rows = {
-      "attn/q_einsum": rows(inputs["attn/q_einsum"], D),
-      "attn/kv_einsum": rows(inputs["attn/kv_einsum"], D),
-      "attn/attn_vec_einsum": rows(inputs["attn/attn_vec_einsum"], N * H),  # (N, H) as the kernel's NHD
-      "mlp/gate": rows(inputs["mlp/gate"], D),
-      "mlp/up": rows(inputs["mlp/up"], D),
-      "mlp/down": rows(inputs["mlp/down"], F),
+    "attn/q_einsum": rows(inputs["attn/q_einsum"], D),
+    "attn/kv_einsum": rows(inputs["attn/kv_einsum"], D),
+    "attn/attn_vec_einsum": rows(
+      inputs["attn/attn_vec_einsum"], N * H
+    ),  # (N, H) as the kernel's NHD
+    "mlp/gate": rows(inputs["mlp/gate"], D),
+    "mlp/up": rows(inputs["mlp/up"], D),
+    "mlp/down": rows(inputs["mlp/down"], F),
   }
   dy_rows = {
-      "attn/q_einsum": rows(dys["attn/q_einsum"], N * H),  # (N, H) as in NDH
-      "attn/kv_einsum": rows(np.moveaxis(dys["attn/kv_einsum"], 0, 2), 2 * K * H),  # (C, K, H) as in CKDH
-      "attn/attn_vec_einsum": rows(dys["attn/attn_vec_einsum"], D),
-      "mlp/gate": rows(dys["mlp/gate"], F), "mlp/up": rows(dys["mlp/up"], F), "mlp/down": rows(dys["mlp/down"], D),
+    "attn/q_einsum": rows(dys["attn/q_einsum"], N * H),  # (N, H) as in NDH
+    "attn/kv_einsum": rows(
+      np.moveaxis(dys["attn/kv_einsum"], 0, 2), 2 * K * H
+    ),  # (C, K, H) as in CKDH
+    "attn/attn_vec_einsum": rows(dys["attn/attn_vec_einsum"], D),
+    "mlp/gate": rows(dys["mlp/gate"], F),
+    "mlp/up": rows(dys["mlp/up"], F),
+    "mlp/down": rows(dys["mlp/down"], D),
   }
   kernel = lambda path: np.asarray(p[path.split("/")[0]][path.split("/")[1]]["kernel"], np.float64)
   matrices = {  # (in, out), inputs then outputs in kernel order
-      "attn/q_einsum": np.transpose(kernel("attn/q_einsum"), (1, 0, 2)).reshape(D, N * H),
-      "attn/kv_einsum": np.transpose(kernel("attn/kv_einsum"), (2, 0, 1, 3)).reshape(D, 2 * K * H),
-      "attn/attn_vec_einsum": kernel("attn/attn_vec_einsum").reshape(N * H, D),
-      "mlp/gate": kernel("mlp/gate"), "mlp/up": kernel("mlp/up"), "mlp/down": kernel("mlp/down"),
+    "attn/q_einsum": np.transpose(kernel("attn/q_einsum"), (1, 0, 2)).reshape(D, N * H),
+    "attn/kv_einsum": np.transpose(kernel("attn/kv_einsum"), (2, 0, 1, 3)).reshape(D, 2 * K * H),
+    "attn/attn_vec_einsum": kernel("attn/attn_vec_einsum").reshape(N * H, D),
+    "mlp/gate": kernel("mlp/gate"),
+    "mlp/up": kernel("mlp/up"),
+    "mlp/down": kernel("mlp/down"),
   }
   want = {}
   for name, x in in_rows.items():
@@ -779,9 +858,9 @@ def test_gemma_style_nnx_block():
     np.testing.assert_allclose(kernel_grad, grad, rtol=1e-4, atol=1e-6)
   assert_statistics(stats, {p: w[:2] for p, w in want.items()})
   layers = {
-      tuple(str(k) for k in path)
-      for path, module in nnx.iter_modules(model)
-      if isinstance(module, (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum))
+    tuple(str(k) for k in path)
+    for path, module in nnx.iter_modules(model)
+    if isinstance(module, (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum))
   }
   assert layers == set(want)
   assert_described(nnx.state(model, nnx.Param), stats, layers)

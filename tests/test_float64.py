@@ -26,7 +26,6 @@ def x64():
 
 
 class _Net(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     h = nn.tanh(nn.Dense(5, param_dtype=jnp.float64, dtype=jnp.float64, name="hidden")(x))
@@ -44,13 +43,13 @@ def _problem():
 
 
 @pytest.mark.parametrize(
-    "alias, statistics",
-    [
-        (eva_optax.eva, eva_optax.EVA_STATISTICS),
-        (eva_optax.eva_foof, eva_optax.EVA_FOOF_STATISTICS),
-        (eva_optax.kfac, eva_optax.KFAC_STATISTICS),
-        (eva_optax.foof, eva_optax.FOOF_STATISTICS),
-    ],
+  "alias, statistics",
+  [
+    (eva_optax.eva, eva_optax.EVA_STATISTICS),
+    (eva_optax.eva_foof, eva_optax.EVA_FOOF_STATISTICS),
+    (eva_optax.kfac, eva_optax.KFAC_STATISTICS),
+    (eva_optax.foof, eva_optax.FOOF_STATISTICS),
+  ],
 )
 def test_statistics_state_and_update_stay_float64(x64, alias, statistics):
   _, params, loss, _, _ = _problem()
@@ -77,7 +76,9 @@ def test_eva_step_equals_the_float64_formula(x64):
 
   # Independent statistics: layer inputs, and ∂L/∂y by a VJP of each output.
   hidden_in = np.asarray(x)
-  pre = np.asarray(x) @ np.asarray(params["hidden"]["kernel"]) + np.asarray(params["hidden"]["bias"])
+  pre = np.asarray(x) @ np.asarray(params["hidden"]["kernel"]) + np.asarray(
+    params["hidden"]["bias"]
+  )
   out_in = np.tanh(pre)
 
   def loss_of_outputs(z_hidden, z_out):
@@ -116,8 +117,10 @@ def _numpy_forward_backward(p, x, y):
   d_pre = (d_out @ p["out"]["kernel"].T) * (1.0 - h**2)
   inputs = {"hidden": x, "out": h}
   output_grads = {"hidden": d_pre, "out": d_out}
-  grads = {name: {"kernel": inputs[name].T @ output_grads[name], "bias": output_grads[name].sum(0)}
-           for name in inputs}
+  grads = {
+    name: {"kernel": inputs[name].T @ output_grads[name], "bias": output_grads[name].sum(0)}
+    for name in inputs
+  }
   return loss, inputs, output_grads, grads
 
 
@@ -138,7 +141,9 @@ def test_eva_trajectory_equals_a_float64_numpy_reference(x64):
   # for the int32 step count, even with jax_enable_x64).
   lr = lambda count: 0.3 / (1.0 + count)
   gamma, kappa, decay, momentum, wd = 0.03, 0.3, 0.05, 0.9, 1e-3
-  tx = eva_optax.eva(lr, momentum=momentum, weight_decay=wd, damping=gamma, kl_clip=kappa, stat_decay=decay)
+  tx = eva_optax.eva(
+    lr, momentum=momentum, weight_decay=wd, damping=gamma, kl_clip=kappa, stat_decay=decay
+  )
   rng = np.random.default_rng(1)
   batches = [(rng.normal(size=(8, 4)) * 0.5 + 1.0, rng.normal(size=(8, 3))) for _ in range(6)]
 
@@ -181,6 +186,6 @@ def test_eva_trajectory_equals_a_float64_numpy_reference(x64):
         got, want = np.asarray(params[name][leaf]), p[name][leaf]
         assert got.dtype == np.float64
         np.testing.assert_allclose(
-            got, want, rtol=1e-10, atol=1e-10 * np.abs(want).max(), err_msg=f"step {t} {name}/{leaf}"
+          got, want, rtol=1e-10, atol=1e-10 * np.abs(want).max(), err_msg=f"step {t} {name}/{leaf}"
         )
   assert min(nus) < 1.0 and max(nus) == 1.0, nus

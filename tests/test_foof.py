@@ -25,4 +25,6 @@ def test_foof_equals_explicit_solve(bias):
   expected = g_hat @ np.linalg.inv(a_factor + damping * np.eye(6 + bias))
   inverse = linalg.spd_inverse(linalg.add_to_diagonal(jnp.asarray(a_factor, jnp.float32), damping))
   p = foof.foof_precondition(grad, inverse)
-  np.testing.assert_allclose(paper(p, bias), expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+  np.testing.assert_allclose(
+    paper(p, bias), expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max()
+  )

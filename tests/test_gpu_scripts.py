@@ -15,8 +15,9 @@ SCRIPT = ROOT / "benchmarks" / "gpu_quality.sh"
 
 
 def _commands(*flags: str) -> list[list[str]]:
-  out = subprocess.run(["bash", str(SCRIPT), "--print", *flags], cwd=ROOT, check=True,
-                       capture_output=True, text=True).stdout
+  out = subprocess.run(
+    ["bash", str(SCRIPT), "--print", *flags], cwd=ROOT, check=True, capture_output=True, text=True
+  ).stdout
   return [shlex.split(line) for line in out.splitlines() if line.strip()]
 
 

@@ -16,7 +16,9 @@ def test_graft_to_norm_and_zero_direction():
   r = jnp.array([[0.0, 10.0]])
   np.testing.assert_allclose(grafting.graft_to_norm(d, r), [[6.0, 8.0]], rtol=1e-6)
   np.testing.assert_array_equal(grafting.graft_to_norm(jnp.zeros((2, 2)), r), jnp.zeros((2, 2)))
-  assert np.isfinite(np.asarray(jax.grad(lambda x: grafting.graft_to_norm(x, r).sum())(jnp.zeros((1, 2))))).all()
+  assert np.isfinite(
+    np.asarray(jax.grad(lambda x: grafting.graft_to_norm(x, r).sum())(jnp.zeros((1, 2))))
+  ).all()
 
 
 @pytest.mark.parametrize("shape", [(7,), (4, 5), (3, 3, 2, 4)])
@@ -31,9 +33,13 @@ def test_sgd_graft_has_the_gradients_norm_and_the_directions_direction():
   rng = np.random.default_rng(1)
   direction = rng.normal(size=(6, 3))
   grad = 40.0 * rng.normal(size=(6, 3))
-  got = np.asarray(grafting.sgd_graft(jnp.asarray(direction, jnp.float32), jnp.asarray(grad, jnp.float32)))
+  got = np.asarray(
+    grafting.sgd_graft(jnp.asarray(direction, jnp.float32), jnp.asarray(grad, jnp.float32))
+  )
   np.testing.assert_allclose(np.linalg.norm(got), np.linalg.norm(grad), rtol=1e-5)
-  np.testing.assert_allclose(got, direction * np.linalg.norm(grad) / np.linalg.norm(direction), rtol=1e-5)
+  np.testing.assert_allclose(
+    got, direction * np.linalg.norm(grad) / np.linalg.norm(direction), rtol=1e-5
+  )
 
 
 def test_graft_keeps_the_directions_dtype():
@@ -41,4 +47,6 @@ def test_graft_keeps_the_directions_dtype():
   reference = jnp.asarray([[0.0, 10.0]], jnp.float32)  # ‖R‖ = 10, another shape
   got = grafting.graft_to_norm(direction, reference)
   assert got.dtype == jnp.bfloat16 and got.shape == (2, 2)
-  np.testing.assert_allclose(np.asarray(got, np.float32), 2.0 * np.asarray(direction, np.float32), rtol=1e-2)
+  np.testing.assert_allclose(
+    np.asarray(got, np.float32), 2.0 * np.asarray(direction, np.float32), rtol=1e-2
+  )

@@ -23,8 +23,12 @@ def _params_and_grads():
   v, _ = np.linalg.qr(rng.standard_normal((3, 3)))
   kernel_grad = (u * np.array([1.0, 0.1, 0.01])) @ v.T  # (in 4, out 3)
   params = {"Dense_0": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}}
-  grads = {"Dense_0": {"kernel": jnp.asarray(kernel_grad, jnp.float32),
-                       "bias": jnp.asarray([0.5, -2.0, 1e-3], jnp.float32)}}
+  grads = {
+    "Dense_0": {
+      "kernel": jnp.asarray(kernel_grad, jnp.float32),
+      "bias": jnp.asarray([0.5, -2.0, 1e-3], jnp.float32),
+    }
+  }
   return params, grads
 
 
@@ -34,8 +38,9 @@ def test_muon_orthogonalises_kernels_and_gives_other_parameters_adamw():
   updates, _ = tx.update(grads, tx.init(params), params)
   # The bias: AdamW's first step (Nesterov, no decay), as optax.contrib.muon documents.
   adamw = optax.adamw(0.1, weight_decay=0.0, nesterov=True)
-  expected, _ = adamw.update(grads["Dense_0"]["bias"], adamw.init(params["Dense_0"]["bias"]),
-                             params["Dense_0"]["bias"])
+  expected, _ = adamw.update(
+    grads["Dense_0"]["bias"], adamw.init(params["Dense_0"]["bias"]), params["Dense_0"]["bias"]
+  )
   np.testing.assert_allclose(updates["Dense_0"]["bias"], expected, rtol=1e-5)
   # The kernel: Newton-Schulz flattens the singular values (100 apart in the gradient).
   s = np.linalg.svd(np.asarray(updates["Dense_0"]["kernel"]), compute_uv=False)
@@ -141,8 +146,9 @@ def test_plain_modules_get_sgd_and_the_others_eva():
     expected_eva, e = eva_alone.update({"layers_0": grads["layers_0"]}, e, sub, stats=sub_stats)
   for name in ("kernel", "bias"):
     np.testing.assert_allclose(updates["layers_2"][name], expected_plain[name], rtol=1e-6)
-    np.testing.assert_allclose(updates["layers_0"][name], expected_eva["layers_0"][name],
-                               rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(
+      updates["layers_0"][name], expected_eva["layers_0"][name], rtol=1e-5, atol=1e-8
+    )
   # Eva on both layers moves the first one differently (its KL clip sees both).
   both = eva_optax.eva(0.1, momentum=0.9, weight_decay=1e-3)
   b = both.init(params)
@@ -167,20 +173,27 @@ def test_stat_decay_and_scaling_reach_eva_and_are_checked_by_name():
     return update
 
   default = run(eva_optax.eva(0.1, momentum=0.9, weight_decay=5e-4, kl_clip=10.0))
-  for options, kwargs in ((Options(kl_clip=10.0, stat_decay=0.5), {"stat_decay": 0.5}),
-                          (Options(scaling="kl_normalise"), {"scaling": "kl_normalise"})):
+  for options, kwargs in (
+    (Options(kl_clip=10.0, stat_decay=0.5), {"stat_decay": 0.5}),
+    (Options(scaling="kl_normalise"), {"scaling": "kl_normalise"}),
+  ):
     got = run(SPEC_BY_KEY["eva"].build(0.1, options))
-    want = run(eva_optax.eva(0.1, momentum=0.9, weight_decay=5e-4,
-                             kl_clip=options.kl_clip or 0.001, **kwargs))
+    want = run(
+      eva_optax.eva(
+        0.1, momentum=0.9, weight_decay=5e-4, kl_clip=options.kl_clip or 0.001, **kwargs
+      )
+    )
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
     # ... and the knob changes the step (the running averages, or the scaling).
-    assert not np.allclose(got["layers_0"]["kernel"], default["layers_0"]["kernel"],
-                           rtol=1e-4, atol=0)
+    assert not np.allclose(
+      got["layers_0"]["kernel"], default["layers_0"]["kernel"], rtol=1e-4, atol=0
+    )
   with pytest.raises(ValueError, match="stat_decay"):
     SPEC_BY_KEY["eva"].build(0.1, Options(stat_decay=1.0))
   # SGD and AdamW take neither: the options leave them as they are.
-  assert isinstance(SPEC_BY_KEY["sgd"].build(0.1, Options(stat_decay=0.5)),
-                    optax.GradientTransformation)
+  assert isinstance(
+    SPEC_BY_KEY["sgd"].build(0.1, Options(stat_decay=0.5)), optax.GradientTransformation
+  )
 
 
 class _EmbedNormDense(nn.Module):
@@ -200,7 +213,8 @@ def _passthrough_problem():
   ids = jnp.asarray(np.random.default_rng(0).integers(0, 7, size=(8, 3)), jnp.int32)
   params = model.init(jax.random.PRNGKey(0), ids)["params"]
   loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
-      model.apply({"params": p}, ids), ids).mean()
+    model.apply({"params": p}, ids), ids
+  ).mean()
   _, grads, stats = eva_optax.value_and_grad(loss)(params)
   return params, grads, stats
 
@@ -218,7 +232,9 @@ def test_passthrough_labels_are_the_parameters_eva_passes_through():
   assert labels["Dense_0"] == {"kernel": "preconditioned", "bias": "preconditioned"}
   # plain_modules wins over the pass-through label
   assert plain_labels(params, ("LayerNorm_0",), passthrough=True)["LayerNorm_0"] == {
-      "scale": "plain", "bias": "plain"}
+    "scale": "plain",
+    "bias": "plain",
+  }
 
 
 @pytest.mark.parametrize("lr", [0.1, optax.linear_schedule(0.2, 0.0, 10)])
@@ -240,13 +256,14 @@ def test_passthrough_scale_gives_the_passed_through_parameters_sgd_at_that_multi
     expected_sgd, s = sgd.update(grads, s, params)
   for layer in ("Dense_0", "Dense_1"):
     for name in ("kernel", "bias"):
-      np.testing.assert_allclose(updates[layer][name], expected_eva[layer][name],
-                                 rtol=1e-5, atol=1e-8)
-  for layer, name in (("Embed_0", "embedding"), ("LayerNorm_0", "scale"),
-                      ("LayerNorm_0", "bias")):
+      np.testing.assert_allclose(
+        updates[layer][name], expected_eva[layer][name], rtol=1e-5, atol=1e-8
+      )
+  for layer, name in (("Embed_0", "embedding"), ("LayerNorm_0", "scale"), ("LayerNorm_0", "bias")):
     np.testing.assert_allclose(updates[layer][name], expected_sgd[layer][name], rtol=1e-6)
     # and that is 30× what Eva alone gives them
-    np.testing.assert_allclose(updates[layer][name], 30.0 * expected_eva[layer][name],
-                               rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(
+      updates[layer][name], 30.0 * expected_eva[layer][name], rtol=1e-5, atol=1e-8
+    )
   same = SPEC_BY_KEY["eva"].build(0.1, Options(passthrough_scale=1.0))
   assert not isinstance(same.init(params), optax.PartitionState)

@@ -16,7 +16,7 @@ from examples.harness import datasets, protocol, training
 from examples.harness.optimizers import SPEC_BY_KEY, Options
 
 pytestmark = pytest.mark.usefixtures("quick_compiles")
-SQRT10 = 10 ** 0.5
+SQRT10 = 10**0.5
 
 
 def test_learning_rates_are_log_spaced_around_the_centre():
@@ -49,6 +49,7 @@ def _drive(search, score):
 def test_eva_is_tuned_in_learning_rate_then_damping_then_kl_clip():
   p = protocol.Protocol()
   search = protocol.Search(SPEC_BY_KEY["eva"], 0.06, p, higher_is_better=False)
+
   # Best learning rate 0.6 (inside the grid), damping 0.09, kl_clip 0.003.
   def score(point):
     s = abs(math.log(point.lr / 0.6))
@@ -59,9 +60,9 @@ def test_eva_is_tuned_in_learning_rate_then_damping_then_kl_clip():
   # 0.6 is the top of the first grid: one point past it (1.9, worse), then stop.
   assert stages == ["lr"] * 6 + ["damping"] * 2 + ["kl_clip"] * 2
   assert search.grids == {
-      "lr": [0.006, 0.019, 0.06, 0.19, 0.6, 1.9],
-      "damping": [0.01, 0.03, 0.09],
-      "kl_clip": [0.000333, 0.001, 0.003],
+    "lr": [0.006, 0.019, 0.06, 0.19, 0.6, 1.9],
+    "damping": [0.01, 0.03, 0.09],
+    "kl_clip": [0.000333, 0.001, 0.003],
   }
   assert search.chosen() == {"lr": 0.6, "damping": 0.09, "kl_clip": 0.003}
   assert search.best.score == pytest.approx(0.0)
@@ -75,9 +76,12 @@ def test_eva_is_tuned_in_learning_rate_then_damping_then_kl_clip():
 def test_damping_only_for_second_order_and_kl_clip_only_for_eva():
   p = protocol.Protocol()
   flat = lambda point: 1.0 + (point.lr != 0.1)  # 0.1 wins, in the middle of the grid
-  for key, stages in [("sgd", ["lr"] * 5), ("adamw", ["lr"] * 5),
-                      ("kfac", ["lr"] * 5 + ["damping"] * 2),
-                      ("shampoo", ["lr"] * 5 + ["damping"] * 2)]:
+  for key, stages in [
+    ("sgd", ["lr"] * 5),
+    ("adamw", ["lr"] * 5),
+    ("kfac", ["lr"] * 5 + ["damping"] * 2),
+    ("shampoo", ["lr"] * 5 + ["damping"] * 2),
+  ]:
     search = protocol.Search(SPEC_BY_KEY[key], 0.1, p, higher_is_better=False)
     assert _drive(search, flat) == stages, key
     assert search.best.point.lr == 0.1, key
@@ -135,17 +139,17 @@ def regression_task(validation_fraction: float) -> training.Task:
     return loss, (model_state, {})
 
   return training.Task(
-      name="tiny regression",
-      init=lambda key: (model.init(key, jnp.zeros((1, 3)))["params"], {}),
-      loss_fn=loss_fn,
-      eval_fn=lambda params, state, batch: {"loss": loss_fn(params, state, batch)[0]},
-      train_epoch=lambda r: datasets.batches(arrays, 8, rng=r),
-      test_batches=lambda: iter([evaluation]),
-      steps_per_epoch=len(arrays[0]) // 8,
-      example_batch=(arrays[0][:8], arrays[1][:8]),
-      schedule=lambda lr, total: optax.linear_schedule(lr, 0.0, transition_steps=total),
-      default_lrs={"sgd": 0.05, "eva": 0.05},
-      eval_split="validation" if validation_fraction else "test",
+    name="tiny regression",
+    init=lambda key: (model.init(key, jnp.zeros((1, 3)))["params"], {}),
+    loss_fn=loss_fn,
+    eval_fn=lambda params, state, batch: {"loss": loss_fn(params, state, batch)[0]},
+    train_epoch=lambda r: datasets.batches(arrays, 8, rng=r),
+    test_batches=lambda: iter([evaluation]),
+    steps_per_epoch=len(arrays[0]) // 8,
+    example_batch=(arrays[0][:8], arrays[1][:8]),
+    schedule=lambda lr, total: optax.linear_schedule(lr, 0.0, transition_steps=total),
+    default_lrs={"sgd": 0.05, "eva": 0.05},
+    eval_split="validation" if validation_fraction else "test",
   )
 
 
@@ -156,11 +160,13 @@ def test_the_whole_protocol_on_a_tiny_task(tmp_path):
     asked.append(fraction)
     return regression_task(fraction)
 
-  p = protocol.Protocol(seeds=(0, 1), validation_fraction=0.2, tune_fraction=0.5,
-                        budgets=(0.5, 1.0), budget_seeds=(1,))
+  p = protocol.Protocol(
+    seeds=(0, 1), validation_fraction=0.2, tune_fraction=0.5, budgets=(0.5, 1.0), budget_seeds=(1,)
+  )
   specs = [SPEC_BY_KEY["sgd"], SPEC_BY_KEY["eva"]]
-  outcome = protocol.run_protocol(make_task, specs, p, Options(), epochs=2, out=tmp_path,
-                                  title="tiny")
+  outcome = protocol.run_protocol(
+    make_task, specs, p, Options(), epochs=2, out=tmp_path, title="tiny"
+  )
   assert asked == [0.0, 0.2]  # the whole set for the budget, the held-out split to tune
   doc = json.loads((tmp_path / "protocol.json").read_text())
   assert doc["protocol"]["validation_fraction"] == 0.2
@@ -179,8 +185,7 @@ def test_the_whole_protocol_on_a_tiny_task(tmp_path):
 
   # The final rows: the tuned ones (SGD first), then the paper's recipe, one rate of 0.1.
   names = [r["name"] for r in doc["rows"]]
-  assert names == ["SGD", "Eva", "SGD (as published)", "K-FAC (as published)",
-                   "Eva (as published)"]
+  assert names == ["SGD", "Eva", "SGD (as published)", "K-FAC (as published)", "Eva (as published)"]
   assert [r["lr"] for r in doc["rows"][2:]] == [0.1, 0.1, 0.1]
   assert doc["rows"][1]["lr"] == doc["tuning"]["Eva"]["chosen"]["lr"]
   assert len(outcome.runs) == 2 and all(len(results) == 5 for results in outcome.runs)
@@ -208,7 +213,8 @@ def test_the_whole_protocol_on_a_tiny_task(tmp_path):
     if seed["budget"] is not None:
       assert seed["steps"] == round(seed["budget"] * 10), name
   assert budgets["SGD"]["per_seed"][0]["budget"] == 1.0 or (
-      budgets["SGD"]["per_seed"][0]["quality"]["0.5"] <= sgd_final_seed1)
+    budgets["SGD"]["per_seed"][0]["quality"]["0.5"] <= sgd_final_seed1
+  )
   md = (tmp_path / "protocol.md").read_text()
   assert "## Budget to quality" in md
   assert "| train loss (mean of the last 10 step losses) at 50% of the budget | at 100% |" in md
@@ -222,8 +228,15 @@ def test_the_whole_protocol_on_a_tiny_task(tmp_path):
 def test_a_recorded_tuning_gives_the_final_runs_more_seeds_without_tuning_again(tmp_path):
   specs = [SPEC_BY_KEY["sgd"], SPEC_BY_KEY["eva"]]
   settings = dict(validation_fraction=0.2, tune_fraction=0.5, budgets=(1.0,))
-  first = protocol.run_protocol(regression_task, specs, protocol.Protocol(seeds=(0,), **settings),
-                                Options(), epochs=2, out=tmp_path / "a", title="tiny")
+  first = protocol.run_protocol(
+    regression_task,
+    specs,
+    protocol.Protocol(seeds=(0,), **settings),
+    Options(),
+    epochs=2,
+    out=tmp_path / "a",
+    title="tiny",
+  )
   recorded = json.loads((tmp_path / "a" / "protocol.json").read_text())
   asked = []
 
@@ -231,15 +244,23 @@ def test_a_recorded_tuning_gives_the_final_runs_more_seeds_without_tuning_again(
     asked.append(fraction)
     return regression_task(fraction)
 
-  again = protocol.run_protocol(make_task, specs, protocol.Protocol(seeds=(0, 1), **settings),
-                                Options(), epochs=2, out=tmp_path / "b", title="tiny",
-                                recorded=recorded)
+  again = protocol.run_protocol(
+    make_task,
+    specs,
+    protocol.Protocol(seeds=(0, 1), **settings),
+    Options(),
+    epochs=2,
+    out=tmp_path / "b",
+    title="tiny",
+    recorded=recorded,
+  )
   assert asked == [0.0]  # the validation split is never built: nothing is tuned
   for key, search in first.searches.items():
     read = again.searches[key]
     assert read.grids == search.grids and read.stage == "done" and not read.pending()
     assert [(t.stage, t.point, t.score) for t in read.trials] == [
-        (t.stage, t.point, t.score) for t in search.trials]
+      (t.stage, t.point, t.score) for t in search.trials
+    ]
     assert read.chosen() == search.chosen()
   assert [r.point for r in again.rows] == [r.point for r in first.rows]
   # Seed 0's final runs are the first protocol's, step for step; seed 1 is new.
@@ -252,12 +273,20 @@ def test_a_recorded_tuning_gives_the_final_runs_more_seeds_without_tuning_again(
   # A record tuned otherwise, one without an optimizer, or one whose choice is not its
   # best trial, is refused, naming what differs.
   with pytest.raises(ValueError, match="tune_fraction 0.5, this protocol 0.25"):
-    protocol.run_protocol(regression_task, specs, protocol.Protocol(
-        validation_fraction=0.2, budgets=(1.0,)), Options(), epochs=2, out=tmp_path / "c",
-        title="tiny", recorded=recorded)
+    protocol.run_protocol(
+      regression_task,
+      specs,
+      protocol.Protocol(validation_fraction=0.2, budgets=(1.0,)),
+      Options(),
+      epochs=2,
+      out=tmp_path / "c",
+      title="tiny",
+      recorded=recorded,
+    )
   with pytest.raises(ValueError, match="no K-FAC"):
-    protocol.recorded_tuning(recorded, [SPEC_BY_KEY["kfac"]], protocol.Protocol(**settings),
-                             False, 5)
+    protocol.recorded_tuning(
+      recorded, [SPEC_BY_KEY["kfac"]], protocol.Protocol(**settings), False, 5
+    )
   with pytest.raises(ValueError, match="ran 5 steps per point, this budget's 10"):
     protocol.recorded_tuning(recorded, specs, protocol.Protocol(**settings), False, 10)
   recorded["tuning"]["Eva"]["chosen"]["lr"] *= 3
@@ -267,11 +296,19 @@ def test_a_recorded_tuning_gives_the_final_runs_more_seeds_without_tuning_again(
 
 def test_a_recorded_diverged_trial_reads_back_as_scoring_worst():
   # protocol.json stores a diverged trial's score as the string "nan" (training.jsonable).
-  trial = lambda lr, score: {"stage": "lr", "lr": lr, "damping": None, "kl_clip": None,
-                             "extra": [], "score": score}
-  record = {"grids": {"lr": [0.1, 0.316, 1.0]}, "chosen": {"lr": 0.316, "damping": None,
-                                                           "kl_clip": None},
-            "trials": [trial(0.1, 0.5), trial(0.316, 0.4), trial(1.0, "nan")]}
+  trial = lambda lr, score: {
+    "stage": "lr",
+    "lr": lr,
+    "damping": None,
+    "kl_clip": None,
+    "extra": [],
+    "score": score,
+  }
+  record = {
+    "grids": {"lr": [0.1, 0.316, 1.0]},
+    "chosen": {"lr": 0.316, "damping": None, "kl_clip": None},
+    "trials": [trial(0.1, 0.5), trial(0.316, 0.4), trial(1.0, "nan")],
+  }
   search = protocol.Search.recorded(SPEC_BY_KEY["sgd"], record, protocol.Protocol(), False)
   assert math.isnan(search.trials[2].score) and search.best.point.lr == 0.316
 
@@ -292,8 +329,12 @@ def test_the_shortest_budget_is_the_first_to_reach_the_reference():
 def _run(key, final_loss, steps, seconds_per_step):
   """A finished run whose last step loss is ``final_loss`` (the quality for a window of 1)."""
   return training.Result(
-      key, key.upper(), 0.1, steps=steps, step_losses=[1.0] * (steps - 1) + [final_loss],
-      step_times=[seconds_per_step * (i + 1) for i in range(steps)],
+    key,
+    key.upper(),
+    0.1,
+    steps=steps,
+    step_losses=[1.0] * (steps - 1) + [final_loss],
+    step_times=[seconds_per_step * (i + 1) for i in range(steps)],
   )
 
 
@@ -302,15 +343,23 @@ def test_budget_to_quality_by_hand():
   # by_budget[fraction][seed] = [SGD, Eva]; SGD's whole budget: 8 steps of 1 s (seed 0),
   # of 1.25 s (seed 1).
   by_budget = {
-      0.25: [[_run("sgd", 0.6, 2, 1.0), _run("eva", 0.40, 2, 1.25)],
-             [_run("sgd", 0.5, 2, 1.25), _run("eva", 0.24, 2, 1.5)]],
-      0.5: [[_run("sgd", 0.45, 4, 1.0), _run("eva", 0.29, 4, 1.25)],
-            [_run("sgd", 0.4, 4, 1.25), _run("eva", 0.20, 4, 1.5)]],
-      1.0: [[_run("sgd", 0.30, 8, 1.0), _run("eva", 0.20, 8, 1.25)],
-            [_run("sgd", 0.25, 8, 1.25), _run("eva", 0.15, 8, 1.5)]],
+    0.25: [
+      [_run("sgd", 0.6, 2, 1.0), _run("eva", 0.40, 2, 1.25)],
+      [_run("sgd", 0.5, 2, 1.25), _run("eva", 0.24, 2, 1.5)],
+    ],
+    0.5: [
+      [_run("sgd", 0.45, 4, 1.0), _run("eva", 0.29, 4, 1.25)],
+      [_run("sgd", 0.4, 4, 1.25), _run("eva", 0.20, 4, 1.5)],
+    ],
+    1.0: [
+      [_run("sgd", 0.30, 8, 1.0), _run("eva", 0.20, 8, 1.25)],
+      [_run("sgd", 0.25, 8, 1.25), _run("eva", 0.15, 8, 1.5)],
+    ],
   }
-  crossing = {"steps_ratio": {"median": 0.9, "min": 0.9, "max": 0.9, "n": 1},
-              "time_ratio": {"median": 0.95, "min": 0.95, "max": 0.95, "n": 1}}
+  crossing = {
+    "steps_ratio": {"median": 0.9, "min": 0.9, "max": 0.9, "n": 1},
+    "time_ratio": {"median": 0.95, "min": 0.95, "max": 0.95, "n": 1},
+  }
   s = protocol.budget_summary(by_budget, loss, window=1, summary={"EVA": crossing})
   eva, sgd = s["EVA"], s["SGD"]
   # Seed 0: 50% (0.29 <= 0.30), 4 of 8 steps, 5 s of 8 s; seed 1: 25% (0.24 <= 0.25),
@@ -326,8 +375,7 @@ def test_budget_to_quality_by_hand():
   assert sgd["budget"]["median"] == 1.0 and sgd["steps_ratio"]["median"] == 1.0
   assert "crossing_steps_ratio" not in sgd
   table = protocol.budget_table(s, loss, window=1)
-  assert ("| EVA | 0.32 [0.24–0.4] | 0.245 [0.2–0.29] | 0.175 [0.15–0.2] | 38% [25%–50%] "
-          in table)
+  assert "| EVA | 0.32 [0.24–0.4] | 0.245 [0.2–0.29] | 0.175 [0.15–0.2] | 38% [25%–50%] " in table
   assert "| 0.38 [0.25–0.50] | 0.46 [0.30–0.62] | 2/2 | 0.90 | 0.95 |" in table
   # A seed where a budget never reaches SGD's quality counts as not reached.
   by_budget[1.0][1][1] = _run("eva", 0.26, 8, 1.5)

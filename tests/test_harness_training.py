@@ -37,16 +37,16 @@ def tiny_task(steps_per_epoch: int = 4) -> training.Task:
     return {"loss": loss_fn(params, model_state, batch)[0]}
 
   return training.Task(
-      name="tiny regression",
-      init=lambda key: (model.init(key, jnp.zeros((1, 3)))["params"], {}),
-      loss_fn=loss_fn,
-      eval_fn=eval_fn,
-      train_epoch=lambda r: datasets.batches((x, y), BATCH, rng=r),
-      test_batches=lambda: iter([(test_x, test_y)]),
-      steps_per_epoch=steps_per_epoch,
-      example_batch=(x[:BATCH], y[:BATCH]),
-      schedule=lambda lr, total: optax.linear_schedule(lr, 0.0, transition_steps=total),
-      default_lrs={"sgd": 0.05, "eva": 0.05},
+    name="tiny regression",
+    init=lambda key: (model.init(key, jnp.zeros((1, 3)))["params"], {}),
+    loss_fn=loss_fn,
+    eval_fn=eval_fn,
+    train_epoch=lambda r: datasets.batches((x, y), BATCH, rng=r),
+    test_batches=lambda: iter([(test_x, test_y)]),
+    steps_per_epoch=steps_per_epoch,
+    example_batch=(x[:BATCH], y[:BATCH]),
+    schedule=lambda lr, total: optax.linear_schedule(lr, 0.0, transition_steps=total),
+    default_lrs={"sgd": 0.05, "eva": 0.05},
   )
 
 
@@ -69,8 +69,9 @@ def test_interleaved_trainers_equal_each_trained_alone_and_take_turns(task):
   turns = []
   for t in together:
     advance = t.advance
-    t.advance = lambda n, t=t, advance=advance: turns.append((t.result.key, advance(n))) or (
-        turns[-1][1])
+    t.advance = lambda n, t=t, advance=advance: (
+      turns.append((t.result.key, advance(n))) or (turns[-1][1])
+    )
   results = training.interleave(together, chunk=3)
   # 8 steps each, 3 at a time, round-robin: the last turn has the remaining 2.
   assert turns == [("sgd", 3), ("eva", 3), ("sgd", 3), ("eva", 3), ("sgd", 2), ("eva", 2)]
@@ -117,10 +118,14 @@ def test_a_diverging_trainer_stops_at_its_first_non_finite_loss(task):
 
 def _result(key, losses, evals=None, eval_steps=(), eval_times=()):
   return training.Result(
-      key, key.upper(), 0.1, step_losses=list(losses),
-      step_times=[0.5 * (i + 1) for i in range(len(losses))],
-      evals={"accuracy": list(evals)} if evals is not None else {},
-      eval_steps=list(eval_steps), eval_times=list(eval_times),
+    key,
+    key.upper(),
+    0.1,
+    step_losses=list(losses),
+    step_times=[0.5 * (i + 1) for i in range(len(losses))],
+    evals={"accuracy": list(evals)} if evals is not None else {},
+    eval_steps=list(eval_steps),
+    eval_times=list(eval_times),
   )
 
 
@@ -134,14 +139,20 @@ def test_steps_and_seconds_to_a_target_by_hand():
   assert report.final_quality(r, loss, window=3) == pytest.approx(4 / 3)
 
   accuracy = training.Target("test_accuracy", higher_is_better=True)
-  r = _result("eva", [1] * 9, evals=[0.5, 0.7, 0.8], eval_steps=[3, 6, 9],
-              eval_times=[1.0, 2.5, 4.0])
+  r = _result(
+    "eva", [1] * 9, evals=[0.5, 0.7, 0.8], eval_steps=[3, 6, 9], eval_times=[1.0, 2.5, 4.0]
+  )
   assert report.reach(r, accuracy, 0.7) == (6, 2.5)
   assert report.reach(r, accuracy, 0.81) is None
   assert report.final_quality(r, accuracy) == 0.8
 
-  sgd = _result("sgd", [1] * 12, evals=[0.4, 0.6, 0.7, 0.75], eval_steps=[3, 6, 9, 12],
-                eval_times=[2.0, 4.0, 6.0, 8.0])
+  sgd = _result(
+    "sgd",
+    [1] * 12,
+    evals=[0.4, 0.6, 0.7, 0.75],
+    eval_steps=[3, 6, 9, 12],
+    eval_times=[2.0, 4.0, 6.0, 8.0],
+  )
   value = report.set_times_to_target([sgd, r], accuracy, window=10)
   assert value == 0.75
   assert (sgd.steps_to_target, sgd.time_to_target) == (12, 8.0)
@@ -182,8 +193,9 @@ def test_the_report_has_one_final_quality_and_tells_the_splits_by_line_style():
   assert "first reaches SGD's final value, 1 (–: never)" in summary
   assert "out/results.md" in summary
 
-  by_epoch, by_time = report.figures_of([sgd, eva], "t", loss, value, window=2,
-                                        labels={"loss": "MSE"})
+  by_epoch, by_time = report.figures_of(
+    [sgd, eva], "t", loss, value, window=2, labels={"loss": "MSE"}
+  )
   train_ax, test_ax = by_epoch.axes
   assert (train_ax.get_ylabel(), test_ax.get_ylabel()) == ("train MSE", "test MSE")
   assert {l.get_linestyle() for l in train_ax.lines} == {"-"}
@@ -191,14 +203,19 @@ def test_the_report_has_one_final_quality_and_tells_the_splits_by_line_style():
   # One legend entry per optimizer and one per split, not one per optimizer and split.
   # The legend is the figure's, outside the axes.
   assert train_ax.get_legend() is None and len(by_epoch.legends) == 1
-  assert [t.get_text() for t in by_epoch.legends[0].get_texts()] == [
-      "SGD", "EVA", "train", "test"]
+  assert [t.get_text() for t in by_epoch.legends[0].get_texts()] == ["SGD", "EVA", "train", "test"]
   time_ax, steps_ax = by_time.axes
   assert time_ax.get_ylabel() == steps_ax.get_ylabel() == "MSE"
   assert steps_ax.get_xlabel() == "steps" and "wall time" in time_ax.get_xlabel()
   assert [t.get_text() for t in by_time.legends[0].get_texts()] == [
-      "SGD", "EVA", "train (mean of the last 2 steps)", "test", "train (each step)",
-      "SGD's final train loss (mean of the last 2 step losses) = 1", "first reached"]
+    "SGD",
+    "EVA",
+    "train (mean of the last 2 steps)",
+    "test",
+    "train (each step)",
+    "SGD's final train loss (mean of the last 2 step losses) = 1",
+    "first reached",
+  ]
   # Eva's family is drawn thicker than the others.
   sgd_handle, eva_handle = by_time.legends[0].legend_handles[:2]
   assert eva_handle.get_linewidth() > sgd_handle.get_linewidth()

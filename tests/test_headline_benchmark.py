@@ -12,22 +12,38 @@ from examples.harness.training import Result, jsonable
 
 
 def _run(name, key, losses, seconds_per_step, seed):
-  return Result(key, name, 0.1, steps=len(losses), step_losses=list(losses),
-                step_times=[seconds_per_step * (i + 1) for i in range(len(losses))],
-                seed=seed, steps_per_epoch=len(losses), budget_steps=len(losses))
+  return Result(
+    key,
+    name,
+    0.1,
+    steps=len(losses),
+    step_losses=list(losses),
+    step_times=[seconds_per_step * (i + 1) for i in range(len(losses))],
+    seed=seed,
+    steps_per_epoch=len(losses),
+    budget_steps=len(losses),
+  )
 
 
 # Per seed, the final runs; the quality is the last step loss (reach_window 1).
 SEED_RUNS = {
-    # SGD ends at 0.5 (step 4, 4 s); AdamW at 0.2 (step 4, 4 s), passing 0.5 at step 2 (2 s);
-    # Eva reaches 0.5 at step 2 (3 s) and never 0.2; K-FAC reaches 0.5 at step 3 (6 s).
-    0: [("SGD", "sgd", [1.0, 0.8, 0.6, 0.5], 1.0), ("AdamW", "adamw", [0.7, 0.4, 0.3, 0.2], 1.0),
-        ("Eva", "eva", [0.9, 0.5, 0.4, 0.3], 1.5), ("K-FAC", "kfac", [0.8, 0.6, 0.5, 0.4], 2.0),
-        ("Eva (as published)", "eva", [0.9, 0.8, 0.7, 0.6], 1.5)],
-    # SGD ends at 0.4; Eva reaches it at step 1 (2 s) and AdamW's 0.1 at step 4 (8 s, AdamW 4 s).
-    1: [("SGD", "sgd", [1.0, 0.8, 0.6, 0.4], 1.0), ("AdamW", "adamw", [0.7, 0.4, 0.3, 0.1], 1.0),
-        ("Eva", "eva", [0.4, 0.3, 0.2, 0.1], 2.0), ("K-FAC", "kfac", [0.8, 0.6, 0.5, 0.4], 2.0),
-        ("Eva (as published)", "eva", [0.9, 0.8, 0.7, 0.6], 1.5)],
+  # SGD ends at 0.5 (step 4, 4 s); AdamW at 0.2 (step 4, 4 s), passing 0.5 at step 2 (2 s);
+  # Eva reaches 0.5 at step 2 (3 s) and never 0.2; K-FAC reaches 0.5 at step 3 (6 s).
+  0: [
+    ("SGD", "sgd", [1.0, 0.8, 0.6, 0.5], 1.0),
+    ("AdamW", "adamw", [0.7, 0.4, 0.3, 0.2], 1.0),
+    ("Eva", "eva", [0.9, 0.5, 0.4, 0.3], 1.5),
+    ("K-FAC", "kfac", [0.8, 0.6, 0.5, 0.4], 2.0),
+    ("Eva (as published)", "eva", [0.9, 0.8, 0.7, 0.6], 1.5),
+  ],
+  # SGD ends at 0.4; Eva reaches it at step 1 (2 s) and AdamW's 0.1 at step 4 (8 s, AdamW 4 s).
+  1: [
+    ("SGD", "sgd", [1.0, 0.8, 0.6, 0.4], 1.0),
+    ("AdamW", "adamw", [0.7, 0.4, 0.3, 0.1], 1.0),
+    ("Eva", "eva", [0.4, 0.3, 0.2, 0.1], 2.0),
+    ("K-FAC", "kfac", [0.8, 0.6, 0.5, 0.4], 2.0),
+    ("Eva (as published)", "eva", [0.9, 0.8, 0.7, 0.6], 1.5),
+  ],
 }
 
 
@@ -36,22 +52,32 @@ def results_dir(tmp_path):
   root = tmp_path / "protocol" / "autoencoder"
   for seed, runs in SEED_RUNS.items():
     (root / f"seed{seed}").mkdir(parents=True)
-    optimizers = {name: asdict(_run(name, key, losses, dt, seed))
-                  for name, key, losses, dt in runs}
+    optimizers = {name: asdict(_run(name, key, losses, dt, seed)) for name, key, losses, dt in runs}
     (root / f"seed{seed}" / "metrics.json").write_text(
-        json.dumps(jsonable({"optimizers": optimizers})))
+      json.dumps(jsonable({"optimizers": optimizers}))
+    )
   document = {
-      "title": "tiny autoencoder",
-      "protocol": {"seeds": [0, 1]},
-      "settings": {"epochs": 1, "reach_window": 1, "command": "python -m benchmarks.protocol"},
-      "machine": {"cpu": "cpu", "cpu_count": 2, "device": "cpu", "versions": {"jax": "x"}},
-      "target": {"metric": "train_loss", "higher_is_better": False},
-      "tuning": {"SGD": {"chosen": {"lr": 0.5}},
-                 "Eva": {"chosen": {"lr": 0.2, "damping": 0.03, "kl_clip": 0.003}}},
-      "rows": [{"name": n, "key": k, "lr": 0.1, "damping": None, "kl_clip": None}
-               for n, k, _, _ in SEED_RUNS[0]],
-      "budgets": {"Eva": {"budget": {"median": 0.5}, "time_ratio": {
-          "median": 0.6, "min": 0.6, "max": 0.6, "n": 1}, "reached": 1, "seeds": 1}},
+    "title": "tiny autoencoder",
+    "protocol": {"seeds": [0, 1]},
+    "settings": {"epochs": 1, "reach_window": 1, "command": "python -m benchmarks.protocol"},
+    "machine": {"cpu": "cpu", "cpu_count": 2, "device": "cpu", "versions": {"jax": "x"}},
+    "target": {"metric": "train_loss", "higher_is_better": False},
+    "tuning": {
+      "SGD": {"chosen": {"lr": 0.5}},
+      "Eva": {"chosen": {"lr": 0.2, "damping": 0.03, "kl_clip": 0.003}},
+    },
+    "rows": [
+      {"name": n, "key": k, "lr": 0.1, "damping": None, "kl_clip": None}
+      for n, k, _, _ in SEED_RUNS[0]
+    ],
+    "budgets": {
+      "Eva": {
+        "budget": {"median": 0.5},
+        "time_ratio": {"median": 0.6, "min": 0.6, "max": 0.6, "n": 1},
+        "reached": 1,
+        "seeds": 1,
+      }
+    },
   }
   (root / "protocol.json").write_text(json.dumps(document))
   return tmp_path
@@ -68,7 +94,9 @@ def test_ratios_against_sgd_and_adamw_by_hand(results_dir):
   assert sgd["SGD"]["steps_ratio"]["median"] == 1.0 and sgd["Eva"]["reached"] == 2
   # K-FAC reaches 0.5 at step 3 (6 s) in seed 0, 0.4 at its last step (8 s) in seed 1.
   assert sgd["K-FAC"]["reached"] == 2
-  assert sgd["Eva (as published)"]["reached"] == 0 and sgd["Eva (as published)"]["time_ratio"] is None
+  assert (
+    sgd["Eva (as published)"]["reached"] == 0 and sgd["Eva (as published)"]["time_ratio"] is None
+  )
   adamw = headline.against(p, "AdamW")
   # Eva never reaches 0.2 (seed 0); seed 1: 4 of 4 steps, 8 s of 4 s.
   assert adamw["Eva"]["reached"] == 1
@@ -83,8 +111,9 @@ def test_ratios_against_sgd_and_adamw_by_hand(results_dir):
 def test_the_tables_and_the_readme_block(results_dir, tmp_path):
   readme = tmp_path / "README.md"
   readme.write_text("intro\n<!-- headline:start -->\nold\n<!-- headline:end -->\nrest\n")
-  headline.main(["--results", str(results_dir / "protocol"), "--out", str(tmp_path),
-                 "--readme", str(readme)])
+  headline.main(
+    ["--results", str(results_dir / "protocol"), "--out", str(tmp_path), "--readme", str(readme)]
+  )
   text = readme.read_text()
   assert "old" not in text and text.startswith("intro\n") and text.endswith("rest\n")
   row = next(line for line in text.splitlines() if "| tuned (0.2, 0.03, 0.003) |" in line)
@@ -107,5 +136,6 @@ def test_no_results_and_no_markers_are_clear_errors(results_dir, tmp_path):
   plain = tmp_path / "plain.md"
   plain.write_text("no markers here")
   with pytest.raises(SystemExit, match="headline:start"):
-    headline.main(["--results", str(results_dir / "protocol"), "--out", str(tmp_path),
-                   "--readme", str(plain)])
+    headline.main(
+      ["--results", str(results_dir / "protocol"), "--out", str(tmp_path), "--readme", str(plain)]
+    )

@@ -10,17 +10,17 @@ from eva_optax._src.hyper import check_period, check_range, value_at
 
 # (value, bounds, accepted): the bounds of check_range, open or closed at each end.
 RANGE_CASES = [
-    (0.5, dict(low=0.0, high=1.0), True),
-    (1.0, dict(low=0.0, high=1.0), True),  # high is inclusive by default
-    (0.0, dict(low=0.0, high=1.0), False),  # low is exclusive by default
-    (0.0, dict(low=0.0, low_inclusive=True), True),
-    (1.0, dict(low=0.0, high=1.0, high_inclusive=False), False),
-    (-1e-3, dict(low=0.0, low_inclusive=True), False),
-    (1e30, dict(low=0.0), True),
-    (float("nan"), dict(), False),
-    (float("inf"), dict(low=0.0), False),
-    (np.float32(0.3), dict(low=0.0, high=1.0), True),
-    (jnp.asarray(2.0), dict(low=0.0, high=1.0), False),
+  (0.5, dict(low=0.0, high=1.0), True),
+  (1.0, dict(low=0.0, high=1.0), True),  # high is inclusive by default
+  (0.0, dict(low=0.0, high=1.0), False),  # low is exclusive by default
+  (0.0, dict(low=0.0, low_inclusive=True), True),
+  (1.0, dict(low=0.0, high=1.0, high_inclusive=False), False),
+  (-1e-3, dict(low=0.0, low_inclusive=True), False),
+  (1e30, dict(low=0.0), True),
+  (float("nan"), dict(), False),
+  (float("inf"), dict(low=0.0), False),
+  (np.float32(0.3), dict(low=0.0, high=1.0), True),
+  (jnp.asarray(2.0), dict(low=0.0, high=1.0), False),
 ]
 
 
@@ -72,7 +72,9 @@ def test_check_period_refuses_by_name(value):
 
 def test_check_period_traced_passes_unless_it_fixes_shapes():
   jax.make_jaxpr(lambda n: check_period("inverse_every", n) or n)(3)
-  with pytest.raises(ValueError, match=r"block_size fixes array shapes.*static_args=\('block_size',\)"):
+  with pytest.raises(
+    ValueError, match=r"block_size fixes array shapes.*static_args=\('block_size',\)"
+  ):
     jax.make_jaxpr(lambda n: check_period("block_size", n, static=True) or n)(3)
 
 

@@ -29,7 +29,9 @@ def _imports(module: str) -> set[str]:
   return names
 
 
-RULES = sorted(p.stem for p in SRC.glob("*.py") if p.stem != "__init__" and p.stem not in ABOVE_RULES)
+RULES = sorted(
+  p.stem for p in SRC.glob("*.py") if p.stem != "__init__" and p.stem not in ABOVE_RULES
+)
 
 
 def test_every_module_is_classified():

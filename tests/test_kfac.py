@@ -32,14 +32,23 @@ def test_kfac_equals_explicit_damped_factors(bias, damping):
   g_damped = g_factor + np.sqrt(damping) / pi * np.eye(out_dim)
   expected = np.linalg.solve(g_damped, g_hat) @ np.linalg.inv(a_damped)
   a_inv, g_inv = kfac.damped_inverses(
-      jnp.asarray(a_factor, jnp.float32), jnp.asarray(g_factor, jnp.float32), jnp.float32(damping)
+    jnp.asarray(a_factor, jnp.float32), jnp.asarray(g_factor, jnp.float32), jnp.float32(damping)
   )
   p = kfac.kfac_precondition(grad, a_inv, g_inv)
-  np.testing.assert_allclose(paper(p, bias), expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+  np.testing.assert_allclose(
+    paper(p, bias), expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max()
+  )
   np.testing.assert_allclose(float(p.update_dot_grad), np.sum(expected * g_hat), rtol=1e-3)
 
 
-@pytest.mark.parametrize("kwargs, name", [(dict(inverse_every=0), "inverse_every"), (dict(stats_every=1.5), "stats_every"), (dict(damping=0.0), "damping")])
+@pytest.mark.parametrize(
+  "kwargs, name",
+  [
+    (dict(inverse_every=0), "inverse_every"),
+    (dict(stats_every=1.5), "stats_every"),
+    (dict(damping=0.0), "damping"),
+  ],
+)
 def test_bad_arguments_name_the_parameter(kwargs, name):
   with pytest.raises(ValueError, match=name):
     kfac.kfac(0.1, **kwargs)
@@ -63,9 +72,13 @@ def _authors_reference(params, batches, lr, damping, kl_clip, wd, momentum, inve
   import jax.numpy as jnp_
 
   def forward(p, x, e1, e2):
-    y1 = jax.lax.conv_general_dilated(
+    y1 = (
+      jax.lax.conv_general_dilated(
         x, p["Conv_0"]["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-    ) + p["Conv_0"]["bias"] + e1
+      )
+      + p["Conv_0"]["bias"]
+      + e1
+    )
     h = jnp_.maximum(y1, 0.0).reshape(x.shape[0], -1)
     return h @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"] + e2
 
@@ -90,17 +103,26 @@ def _authors_reference(params, batches, lr, damping, kl_clip, wd, momentum, inve
   for step, (x, t) in enumerate(batches):
     x, t = np.asarray(x), np.asarray(t)
     n = x.shape[0]
-    e1 = np.zeros((n, 5, 5, 4)); e2 = np.zeros((n, 3))
+    e1 = np.zeros((n, 5, 5, 4))
+    e2 = np.zeros((n, 3))
     grads, g1, g2 = jax.grad(loss, argnums=(0, 3, 4))(p, x, t, e1, e2)
     grads = jax.tree.map(np.asarray, grads)
     padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    patches = np.stack([
-        np.stack([padded[:, i:i + 3, j:j + 3, :].reshape(n, -1) for j in range(5)], 1)
+    patches = np.stack(
+      [
+        np.stack([padded[:, i : i + 3, j : j + 3, :].reshape(n, -1) for j in range(5)], 1)
         for i in range(5)
-    ], 1)  # (n, 5, 5, 18), HWI order
-    y1 = np.asarray(jax.lax.conv_general_dilated(
-        x, p["Conv_0"]["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )) + p["Conv_0"]["bias"]
+      ],
+      1,
+    )  # (n, 5, 5, 18), HWI order
+    y1 = (
+      np.asarray(
+        jax.lax.conv_general_dilated(
+          x, p["Conv_0"]["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+      )
+      + p["Conv_0"]["bias"]
+    )
     h = np.maximum(y1, 0.0).reshape(n, -1)
     inputs = {"Conv_0": patches.mean(axis=(1, 2)), "Dense_0": h}
     outputs = {"Conv_0": np.asarray(g1).mean(axis=(1, 2)), "Dense_0": np.asarray(g2)}
@@ -115,22 +137,24 @@ def _authors_reference(params, batches, lr, damping, kl_clip, wd, momentum, inve
       for name in names:
         a_f, g_f = running[name]["A"], running[name]["G"]
         pi = np.sqrt((np.trace(a_f) / len(a_f)) / (np.trace(g_f) / len(g_f)))
-        inverses[name] = (block_inverse(a_f, np.sqrt(damping) * pi),
-                          block_inverse(g_f, np.sqrt(damping) / pi))
+        inverses[name] = (
+          block_inverse(a_f, np.sqrt(damping) * pi),
+          block_inverse(g_f, np.sqrt(damping) / pi),
+        )
     vs, vg = {}, 0.0
     for name in names:
       kernel = grads[name]["kernel"].reshape(-1, grads[name]["kernel"].shape[-1])
       full = np.concatenate([kernel, grads[name]["bias"][None]], axis=0)
       v = inverses[name][0] @ full @ inverses[name][1]
       vs[name] = v
-      vg += lr ** 2 * np.sum(v * full)
+      vg += lr**2 * np.sum(v * full)
     nu = min(1.0, np.sqrt(kl_clip / vg)) if vg > 0 else 1.0
     d = {}
     for name in names:
       shape = p[name]["kernel"].shape
       d[name] = {
-          "kernel": nu * vs[name][:-1].reshape(shape) + wd * p[name]["kernel"],
-          "bias": nu * vs[name][-1] + wd * p[name]["bias"],
+        "kernel": nu * vs[name][:-1].reshape(shape) + wd * p[name]["kernel"],
+        "bias": nu * vs[name][-1] + wd * p[name]["bias"],
       }
     buf = d if buf is None else jax.tree.map(lambda b, u: momentum * b + u, buf, d)
     p = jax.tree.map(lambda w, b: w - lr * b, p, buf)
@@ -163,12 +187,17 @@ def test_authors_kfac_equals_their_rule_in_float64():
     params = model.init(jax.random.key(0), jnp.asarray(batches[0][0]))["params"]
     loss_fn = lambda p, x, t: jnp.mean(jnp.sum((model.apply({"params": p}, x) - t) ** 2, axis=-1))
     grad_fn = eva_optax.value_and_grad(
-        loss_fn, statistics=eva_optax.KFAC_STATISTICS, factor_rows="samples"
+      loss_fn, statistics=eva_optax.KFAC_STATISTICS, factor_rows="samples"
     )
     kw = dict(lr=0.1, damping=0.03, kl_clip=0.01, wd=5e-4, momentum=0.9, inverse_every=2, blocks=4)
     tx = eva_optax.kfac(
-        kw["lr"], damping=kw["damping"], kl_clip=kw["kl_clip"], weight_decay=kw["wd"],
-        momentum=kw["momentum"], inverse_every=kw["inverse_every"], diag_blocks=kw["blocks"],
+      kw["lr"],
+      damping=kw["damping"],
+      kl_clip=kw["kl_clip"],
+      weight_decay=kw["wd"],
+      momentum=kw["momentum"],
+      inverse_every=kw["inverse_every"],
+      diag_blocks=kw["blocks"],
     )
     state, p = tx.init(params), params
     for x, t in batches:
@@ -178,7 +207,12 @@ def test_authors_kfac_equals_their_rule_in_float64():
       p = optax.apply_updates(p, updates)
     want = _authors_reference(params, batches, **kw)
     moved = 0.0
-    for path in (("Conv_0", "kernel"), ("Conv_0", "bias"), ("Dense_0", "kernel"), ("Dense_0", "bias")):
+    for path in (
+      ("Conv_0", "kernel"),
+      ("Conv_0", "bias"),
+      ("Dense_0", "kernel"),
+      ("Dense_0", "bias"),
+    ):
       got, ref, start = p[path[0]][path[1]], want[path[0]][path[1]], params[path[0]][path[1]]
       assert got.dtype == jnp.float64
       np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-12)
@@ -204,14 +238,15 @@ def test_diag_blocks_is_static_under_inject_hyperparams():
   import eva_optax
 
   params = {"Dense_0": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
-  stats = {"Dense_0": eva_optax.LayerStats(
-      None, None, 2.0 * jnp.eye(5), jnp.eye(3), kind="Dense")}
+  stats = {"Dense_0": eva_optax.LayerStats(None, None, 2.0 * jnp.eye(5), jnp.eye(3), kind="Dense")}
 
   def step(tx):
     return jax.jit(lambda s: tx.update(params, s, params, stats=stats)[0])(tx.init(params))
 
   step(optax.inject_hyperparams(eva_optax.kfac)(0.1))
-  blocked = step(optax.inject_hyperparams(eva_optax.kfac, static_args=("diag_blocks",))(0.1, diag_blocks=4))
+  blocked = step(
+    optax.inject_hyperparams(eva_optax.kfac, static_args=("diag_blocks",))(0.1, diag_blocks=4)
+  )
   assert np.all(np.isfinite(blocked["Dense_0"]["kernel"]))
   with pytest.raises(ValueError, match="diag_blocks"):
     step(optax.inject_hyperparams(eva_optax.kfac)(0.1, diag_blocks=4))

@@ -12,14 +12,14 @@ from eva_optax._src import kl
 
 
 @pytest.mark.parametrize(
-    "dot, lr, clip, expected",
-    [
-        (4.0, 0.1, 0.001, min(1.0, np.sqrt(0.001 / (0.01 * 4.0)))),
-        (1e-6, 0.1, 0.001, 1.0),  # small updates are not scaled up
-        (0.0, 0.1, 0.001, 1.0),
-        (-1.0, 0.1, 0.001, 1.0),
-        (2.0, 0.0, 0.001, 1.0),
-    ],
+  "dot, lr, clip, expected",
+  [
+    (4.0, 0.1, 0.001, min(1.0, np.sqrt(0.001 / (0.01 * 4.0)))),
+    (1e-6, 0.1, 0.001, 1.0),  # small updates are not scaled up
+    (0.0, 0.1, 0.001, 1.0),
+    (-1.0, 0.1, 0.001, 1.0),
+    (2.0, 0.0, 0.001, 1.0),
+  ],
 )
 def test_kl_clip_factor(dot, lr, clip, expected):
   got = kl.kl_clip_factor(jnp.float32(dot), jnp.float32(lr), jnp.float32(clip))
@@ -44,7 +44,11 @@ def test_kl_clip_factor_equals_the_formula_on_a_grid():
   lrs = np.array([1e-3, 0.1, 2.0])
   clips = np.array([1e-6, 1e-3, 1.0])
   d, l, c = (a.reshape(-1) for a in np.meshgrid(dots, lrs, clips, indexing="ij"))
-  got = np.asarray(kl.kl_clip_factor(jnp.asarray(d, jnp.float32), jnp.asarray(l, jnp.float32), jnp.asarray(c, jnp.float32)))
+  got = np.asarray(
+    kl.kl_clip_factor(
+      jnp.asarray(d, jnp.float32), jnp.asarray(l, jnp.float32), jnp.asarray(c, jnp.float32)
+    )
+  )
   want = np.array([_clip_by_hand(*v) for v in zip(d, l, c)])
   np.testing.assert_allclose(got, want, rtol=1e-5)
   assert np.all(got <= 1.0)
@@ -60,16 +64,18 @@ def test_kl_normalise_factor_equals_one_over_the_root():
 def test_scale_factor_dispatches_by_name():
   dot, lr, clip = jnp.float32(8.0), jnp.float32(0.5), jnp.float32(0.02)
   np.testing.assert_allclose(
-      float(kl.scale_factor("kl_clip", dot, lr, clip)), np.sqrt(0.02 / (0.25 * 8.0)), rtol=1e-6
+    float(kl.scale_factor("kl_clip", dot, lr, clip)), np.sqrt(0.02 / (0.25 * 8.0)), rtol=1e-6
   )
   np.testing.assert_allclose(
-      float(kl.scale_factor("kl_normalise", dot, None, None)), 1.0 / np.sqrt(8.0), rtol=1e-6
+    float(kl.scale_factor("kl_normalise", dot, None, None)), 1.0 / np.sqrt(8.0), rtol=1e-6
   )
   with pytest.raises(ValueError, match="scaling"):
     kl.scale_factor("kl_other", dot, lr, clip)
 
 
-@pytest.mark.parametrize("scaling, ok", [("kl_clip", True), ("kl_normalise", True), ("clip", False), ("", False)])
+@pytest.mark.parametrize(
+  "scaling, ok", [("kl_clip", True), ("kl_normalise", True), ("clip", False), ("", False)]
+)
 def test_check_scaling_accepts_only_the_two_names(scaling, ok):
   if ok:
     kl.check_scaling(scaling)

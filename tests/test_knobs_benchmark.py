@@ -19,9 +19,12 @@ pytestmark = pytest.mark.usefixtures("quick_compiles")
 
 def test_the_variants_change_one_knob_each_around_the_chosen_point():
   task = dataclasses.replace(regression_task(0.0), output_layer="Dense_0")
-  document = {"tuning": {"SGD": {"key": "sgd", "chosen": {"lr": 0.5}},
-                         "Eva": {"key": "eva",
-                                 "chosen": {"lr": 0.2, "damping": 0.03, "kl_clip": 0.004}}}}
+  document = {
+    "tuning": {
+      "SGD": {"key": "sgd", "chosen": {"lr": 0.5}},
+      "Eva": {"key": "eva", "chosen": {"lr": 0.2, "damping": 0.03, "kl_clip": 0.004}},
+    }
+  }
   sgd, eva = knobs.chosen_points(document, task)
   assert sgd == protocol.Point(0.5) and eva == protocol.Point(0.2, 0.03, 0.004)
   variants = knobs.variants(eva, task)
@@ -38,11 +41,20 @@ def test_the_variants_change_one_knob_each_around_the_chosen_point():
   assert [dict(p.extra)["stat_decay"] for p in by_knob["stat_decay"]] == [0.0, 0.5, 0.95]
   # The correction at work: KL normalisation at sqrt(kl_clip)×√10, tiny dampings.
   assert [(p.lr, p.damping, dict(p.extra)["scaling"]) for p in by_knob["correction"]] == [
-      (0.2, 3e-08, "kl_normalise"), (0.2, 3e-06, "kl_normalise")]
+    (0.2, 3e-08, "kl_normalise"),
+    (0.2, 3e-06, "kl_normalise"),
+  ]
   assert "passthrough" not in by_knob  # a Dense layer alone: nothing is passed through
-  with_norm = dataclasses.replace(task, init=lambda key: (
-      {"Dense_0": {"kernel": np.ones((3, 1)), "bias": np.ones(1)},
-       "LayerNorm_0": {"scale": np.ones(1), "bias": np.ones(1)}}, {}))
+  with_norm = dataclasses.replace(
+    task,
+    init=lambda key: (
+      {
+        "Dense_0": {"kernel": np.ones((3, 1)), "bias": np.ones(1)},
+        "LayerNorm_0": {"scale": np.ones(1), "bias": np.ones(1)},
+      },
+      {},
+    ),
+  )
   (passthrough,) = [p for k, _, p in knobs.variants(eva, with_norm) if k == "passthrough"]
   assert dict(passthrough.extra) == {"passthrough_scale": 33.3}  # 1 / damping 0.03
   assert (passthrough.lr, passthrough.damping, passthrough.kl_clip) == (0.2, 0.03, 0.004)
@@ -52,8 +64,12 @@ def test_the_variants_change_one_knob_each_around_the_chosen_point():
   for knob, points in by_knob.items():
     for p in points:
       moved = {f for f in ("lr", "damping", "kl_clip") if getattr(p, f) != getattr(eva, f)}
-      assert moved <= {"scaling": {"lr"}, "kl_clip": {"kl_clip"}, "damping": {"damping"},
-                       "correction": {"lr", "damping"}}.get(knob, set()), knob
+      assert moved <= {
+        "scaling": {"lr"},
+        "kl_clip": {"kl_clip"},
+        "damping": {"damping"},
+        "correction": {"lr", "damping"},
+      }.get(knob, set()), knob
   assert "output layer" not in {k for k, _, _ in knobs.variants(eva, regression_task(0.0))}
   # Without a protocol: the task's rates and Eva's defaults.
   sgd, eva = knobs.chosen_points(None, task)
@@ -67,7 +83,8 @@ def test_variant_rows_run_and_are_tabled():
   _, eva = knobs.chosen_points(None, task)
   variants = knobs.variants(eva, task)
   rows = [protocol.Row("SGD", SPEC_BY_KEY["sgd"], protocol.Point(0.05))] + [
-      protocol.Row(f"Eva: {label}", SPEC_BY_KEY["eva"], p) for _, label, p in variants]
+    protocol.Row(f"Eva: {label}", SPEC_BY_KEY["eva"], p) for _, label, p in variants
+  ]
   runs = protocol.final_runs(task, rows, (0,), 2, Options(), window=1)
   results = {r.name: r for r in runs[0]}
   assert len(results) == len(rows) and all(r.steps == 10 for r in results.values())
@@ -80,6 +97,10 @@ def test_variant_rows_run_and_are_tabled():
   table = knobs.table(summary, variants, "train loss", summary["SGD"]["final"])
   lines = table.splitlines()
   assert lines[2].startswith("| reference | SGD | 0.05 |")
-  assert any(line.startswith("| scaling | Eva: KL normalisation, lr 0.01 = sqrt(kl_clip)/√10"
-                             " | 0.01, 0.03, 0.001 |") for line in lines)
+  assert any(
+    line.startswith(
+      "| scaling | Eva: KL normalisation, lr 0.01 = sqrt(kl_clip)/√10 | 0.01, 0.03, 0.001 |"
+    )
+    for line in lines
+  )
   assert len(lines) == 2 + len(rows)

@@ -13,33 +13,33 @@ from eva_optax._src.statistics import KernelLayout, LayerStats
 
 
 @pytest.mark.parametrize(
-    "kernel_shape, bias_shape, layout",
-    [
-        ((7,), (7,), None),  # rank < 2: not a layer
-        ((), None, None),
-        ((4, 3), None, KernelLayout(0, 1)),  # Dense without bias
-        ((4, 3), (3,), KernelLayout(0, 1)),  # Dense
-        ((3, 3, 2, 8), (8,), KernelLayout(0, 1)),  # Conv
-        ((3, 3, 2, 8), None, KernelLayout(0, 1)),
-        ((5, 2, 3), (2, 3), KernelLayout(0, 2)),  # DenseGeneral, two output axes
-        ((6, 4, 3), (6, 3), KernelLayout(1, 1)),  # a stack of 6 Dense layers
-        ((2, 3, 4, 5, 6), (2, 3, 6), KernelLayout(2, 1)),  # stacked twice
-        ((3, 3, 3), (3, 3), KernelLayout(0, 2)),  # two splits fit: the smallest stack
-        ((4, 3), (5,), KernelLayout(0, 1)),  # no split fits the bias: the default
-    ],
+  "kernel_shape, bias_shape, layout",
+  [
+    ((7,), (7,), None),  # rank < 2: not a layer
+    ((), None, None),
+    ((4, 3), None, KernelLayout(0, 1)),  # Dense without bias
+    ((4, 3), (3,), KernelLayout(0, 1)),  # Dense
+    ((3, 3, 2, 8), (8,), KernelLayout(0, 1)),  # Conv
+    ((3, 3, 2, 8), None, KernelLayout(0, 1)),
+    ((5, 2, 3), (2, 3), KernelLayout(0, 2)),  # DenseGeneral, two output axes
+    ((6, 4, 3), (6, 3), KernelLayout(1, 1)),  # a stack of 6 Dense layers
+    ((2, 3, 4, 5, 6), (2, 3, 6), KernelLayout(2, 1)),  # stacked twice
+    ((3, 3, 3), (3, 3), KernelLayout(0, 2)),  # two splits fit: the smallest stack
+    ((4, 3), (5,), KernelLayout(0, 1)),  # no split fits the bias: the default
+  ],
 )
 def test_infer_layout(kernel_shape, bias_shape, layout):
   assert layers.infer_layout(kernel_shape, bias_shape) == layout
 
 
 @pytest.mark.parametrize(
-    "shape, layout, matrix",
-    [
-        ((4, 3), KernelLayout(0, 1), (4, 3)),
-        ((3, 3, 2, 8), KernelLayout(0, 1), (18, 8)),
-        ((5, 2, 3), KernelLayout(0, 2), (5, 6)),
-        ((2, 3, 3, 4, 5), KernelLayout(1, 1), (2, 36, 5)),
-    ],
+  "shape, layout, matrix",
+  [
+    ((4, 3), KernelLayout(0, 1), (4, 3)),
+    ((3, 3, 2, 8), KernelLayout(0, 1), (18, 8)),
+    ((5, 2, 3), KernelLayout(0, 2), (5, 6)),
+    ((2, 3, 3, 4, 5), KernelLayout(1, 1), (2, 36, 5)),
+  ],
 )
 def test_kernel_matrix_is_the_row_major_reshape(shape, layout, matrix):
   kernel = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
@@ -58,11 +58,11 @@ def test_bias_vector_keeps_the_stack_and_flattens_the_outputs():
 def test_find_layer_slots():
   """Every module owning a kernel of rank ≥ 2; layouts given by path win over the guess."""
   params = {
-      "Dense_0": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)},
-      "LayerNorm_0": {"scale": jnp.zeros(3), "bias": jnp.zeros(3)},
-      "blocks": {"up": {"kernel": jnp.zeros((2, 3, 5))}},  # a stack, no bias: not guessable
-      "Embed_0": {"embedding": jnp.zeros((10, 3))},
-      "vector": {"kernel": jnp.zeros(3)},
+    "Dense_0": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)},
+    "LayerNorm_0": {"scale": jnp.zeros(3), "bias": jnp.zeros(3)},
+    "blocks": {"up": {"kernel": jnp.zeros((2, 3, 5))}},  # a stack, no bias: not guessable
+    "Embed_0": {"embedding": jnp.zeros((10, 3))},
+    "vector": {"kernel": jnp.zeros(3)},
   }
   slots = layers.find_layer_slots(params, layouts={"blocks": {"up": KernelLayout(1, 1)}})
   assert set(slots) == {("Dense_0",), ("blocks", "up")}
@@ -73,10 +73,14 @@ def test_find_layer_slots():
 
 
 def test_check_stats_match_names_the_layer():
-  slot = layers.find_layer_slots({"Dense_0": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}})[("Dense_0",)]
+  slot = layers.find_layer_slots({"Dense_0": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}})[
+    ("Dense_0",)
+  ]
   layers.check_stats_match(slot, LayerStats(jnp.zeros(4), jnp.zeros(3)))
   with pytest.raises(ValueError, match="'Dense_0'.*layouts_of"):
-    layers.check_stats_match(slot, LayerStats(jnp.zeros(4), jnp.zeros(3), layout=KernelLayout(1, 1)))
+    layers.check_stats_match(
+      slot, LayerStats(jnp.zeros(4), jnp.zeros(3), layout=KernelLayout(1, 1))
+    )
   with pytest.raises(ValueError, match=r"'Dense_0': input_mean of shape \(5,\)"):
     layers.check_stats_match(slot, LayerStats(jnp.zeros(5), jnp.zeros(3)))
   with pytest.raises(ValueError, match="'Dense_0'.*has_bias=False"):
@@ -95,14 +99,23 @@ def test_permuted_kernel_and_bias_round_trip_through_the_matrix_view():
   np.testing.assert_array_equal(layers.kernel_from_matrix(matrix, layout, kernel.shape), kernel)
   vector = layers.bias_vector(jnp.asarray(bias), layout, kernel.shape)
   np.testing.assert_array_equal(vector, bias.reshape(15))
-  np.testing.assert_array_equal(layers.bias_from_vector(vector, layout, bias.shape, kernel.shape), bias)
+  np.testing.assert_array_equal(
+    layers.bias_from_vector(vector, layout, bias.shape, kernel.shape), bias
+  )
   # A bias whose entries run in another order than the kernel's (output 'BTHN'):
   other = KernelLayout(0, 2, (1, 0, 2), (2, 0))
   flipped = np.arange(15, dtype=np.float32).reshape(5, 3)  # entries (H, N)
-  np.testing.assert_array_equal(layers.bias_vector(jnp.asarray(flipped), other, kernel.shape), flipped.T.reshape(15))
   np.testing.assert_array_equal(
-      layers.bias_from_vector(layers.bias_vector(jnp.asarray(flipped), other, kernel.shape), other, flipped.shape, kernel.shape),
-      flipped,
+    layers.bias_vector(jnp.asarray(flipped), other, kernel.shape), flipped.T.reshape(15)
+  )
+  np.testing.assert_array_equal(
+    layers.bias_from_vector(
+      layers.bias_vector(jnp.asarray(flipped), other, kernel.shape),
+      other,
+      flipped.shape,
+      kernel.shape,
+    ),
+    flipped,
   )
 
 
@@ -118,7 +131,9 @@ def test_grouped_kernel_round_trips_through_the_matrix_view():
     np.testing.assert_array_equal(matrix[g], kernel[..., 3 * g : 3 * g + 3].reshape(18, 3))
   np.testing.assert_array_equal(layers.kernel_from_matrix(matrix, layout, kernel.shape), kernel)
   bias = np.arange(6, dtype=np.float32)
-  np.testing.assert_array_equal(layers.bias_vector(jnp.asarray(bias), layout, kernel.shape), bias.reshape(2, 3))
+  np.testing.assert_array_equal(
+    layers.bias_vector(jnp.asarray(bias), layout, kernel.shape), bias.reshape(2, 3)
+  )
   with pytest.raises(ValueError, match="does not fit"):
     KernelLayout(1, 1, groups=4).check(kernel.shape, "conv")
 
@@ -156,8 +171,11 @@ def test_readings_of_kernels_the_parameters_leave_open():
   # Bias-free rank 3: DenseGeneral with 1 or 2 outputs, a stack of Dense, the
   # two Einsums contracting axis 1 or axis 2.
   assert layers.readings((4, 3, 5), None, "proj") == (
-      KernelLayout(0, 1), KernelLayout(0, 2), KernelLayout(1, 1),
-      KernelLayout(0, 2, permutation=(1, 0, 2)), KernelLayout(0, 2, permutation=(2, 0, 1)),
+    KernelLayout(0, 1),
+    KernelLayout(0, 2),
+    KernelLayout(1, 1),
+    KernelLayout(0, 2, permutation=(1, 0, 2)),
+    KernelLayout(0, 2, permutation=(2, 0, 1)),
   )
   assert layers.readings((4, 3, 5), None, "query") == (KernelLayout(0, 2),)
   assert layers.readings((4, 3, 5), None, "out") == (KernelLayout(0, 1),)
@@ -165,13 +183,16 @@ def test_readings_of_kernels_the_parameters_leave_open():
   # bias (4, 5): the stack of Dense and the Einsum contracting axis 1.
   assert layers.readings((4, 3, 5), (3, 5)) == (KernelLayout(0, 2),)
   assert layers.readings((4, 3, 5), (4, 5)) == (
-      KernelLayout(1, 1), KernelLayout(0, 2, permutation=(1, 0, 2)),
+    KernelLayout(1, 1),
+    KernelLayout(0, 2, permutation=(1, 0, 2)),
   )
   # A conv kernel with one input channel per group: every group count (and
   # the DenseGeneral reading with outputs (1, 4), the same matrix).
   assert layers.readings((3, 3, 1, 4), (4,)) == (
-      KernelLayout(0, 1), KernelLayout(1, 1, groups=2), KernelLayout(1, 1, groups=4),
-      KernelLayout(0, 2),
+    KernelLayout(0, 1),
+    KernelLayout(1, 1, groups=2),
+    KernelLayout(1, 1, groups=4),
+    KernelLayout(0, 2),
   )
   assert layers.readings((3, 3, 2, 4), (4,)) == (KernelLayout(0, 1),)
   # Bias-free rank 4: a Conv (however small), or depthwise; Flax's attention
@@ -182,15 +203,21 @@ def test_readings_of_kernels_the_parameters_leave_open():
   assert layers.readings((2, 2, 4, 8), None, "out") == (KernelLayout(0, 1), KernelLayout(1, 1))
   # A module named like an Einsum: any one axis contracted, the rest outputs.
   assert layers.readings((2, 3, 4, 5), None, "kv_einsum") == (
-      KernelLayout(0, 1), KernelLayout(0, 3, permutation=(1, 0, 2, 3)),
-      KernelLayout(0, 3, permutation=(2, 0, 1, 3)), KernelLayout(0, 3, permutation=(3, 0, 1, 2)),
-      KernelLayout(0, 3),
+    KernelLayout(0, 1),
+    KernelLayout(0, 3, permutation=(1, 0, 2, 3)),
+    KernelLayout(0, 3, permutation=(2, 0, 1, 3)),
+    KernelLayout(0, 3, permutation=(3, 0, 1, 2)),
+    KernelLayout(0, 3),
   )
 
 
 def test_reserved_readings_keep_the_guess_the_depthwise_and_what_is_at_most_8x():
-  sizes = {KernelLayout(0, 1): 10, KernelLayout(0, 2): 80, KernelLayout(1, 1): 81,
-           KernelLayout(1, 1, groups=9): 1000}
+  sizes = {
+    KernelLayout(0, 1): 10,
+    KernelLayout(0, 2): 80,
+    KernelLayout(1, 1): 81,
+    KernelLayout(1, 1, groups=9): 1000,
+  }
   kept = layers.reserved_readings((3, 3, 1, 9), tuple(sizes), sizes.__getitem__)
   assert kept == (KernelLayout(0, 1), KernelLayout(0, 2), KernelLayout(1, 1, groups=9))
   assert layers.reserved_readings((3, 3, 1, 9), (), sizes.__getitem__) == ()

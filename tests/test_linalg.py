@@ -13,7 +13,9 @@ jax.config.update("jax_default_matmul_precision", "highest")
 def test_spd_inverse_batched():
   rng = np.random.default_rng(3)
   m = np.stack([spd(rng, 5) + 0.1 * np.eye(5) for _ in range(3)])
-  np.testing.assert_allclose(linalg.spd_inverse(jnp.asarray(m, jnp.float32)), np.linalg.inv(m), rtol=1e-3, atol=1e-3)
+  np.testing.assert_allclose(
+    linalg.spd_inverse(jnp.asarray(m, jnp.float32)), np.linalg.inv(m), rtol=1e-3, atol=1e-3
+  )
 
 
 def test_damped_inverse_is_the_inverse_of_m_plus_damping():
@@ -67,6 +69,8 @@ def test_block_diagonal_damped_inverse_inverts_each_diagonal_block():
     start = end
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(
-      linalg.block_diagonal_damped_inverse(jnp.asarray(m), 0.5, 1),
-      np.linalg.inv(m + 0.5 * np.eye(10)), rtol=1e-4, atol=1e-6,
+    linalg.block_diagonal_damped_inverse(jnp.asarray(m), 0.5, 1),
+    np.linalg.inv(m + 0.5 * np.eye(10)),
+    rtol=1e-4,
+    atol=1e-6,
   )

@@ -34,7 +34,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -83,11 +84,11 @@ def _config(module: nn.Module) -> tuple[str, dict] | None:
     if module.feature_group_count != 1:
       return None  # not preconditioned; checked separately
     return "Conv", {
-        "kernel_size": _tuple(module.kernel_size),
-        "strides": module.strides,
-        "padding": module.padding,
-        "input_dilation": module.input_dilation,
-        "kernel_dilation": module.kernel_dilation,
+      "kernel_size": _tuple(module.kernel_size),
+      "strides": module.strides,
+      "padding": module.padding,
+      "input_dilation": module.input_dilation,
+      "kernel_dilation": module.kernel_dilation,
     }
   return None
 
@@ -145,7 +146,7 @@ def _record(loss_fn, params, args, has_aux, ref_loss_fn, ref_params):
     if same_model:
       # The plain gradient from the same pass: the perturbations are zero.
       (value, (records, aux)), (dys, grads) = jax.value_and_grad(
-          perturbed, argnums=(0, 1), has_aux=True
+        perturbed, argnums=(0, 1), has_aux=True
       )(eps, params, args)
       return (value if aux is None else (value, aux)), grads, dys, records
     value, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(params, *args)
@@ -155,9 +156,7 @@ def _record(loss_fn, params, args, has_aux, ref_loss_fn, ref_params):
   value, grads, dys, records = run(params, args)
   assert len(calls) == len(shapes)
   as64 = lambda a: np.asarray(a, np.float64)
-  return value, grads, [
-      (c, *map(as64, r), as64(dy)) for c, r, dy in zip(calls, records, dys)
-  ]
+  return value, grads, [(c, *map(as64, r), as64(dy)) for c, r, dy in zip(calls, records, dys)]
 
 
 class Expected(NamedTuple):
@@ -210,7 +209,7 @@ def _conv_patches(config: dict, images: np.ndarray):
 
   if any(d > 1 for d in in_dil):
     dilated = np.zeros(
-        (batch,) + tuple((s - 1) * d + 1 for s, d in zip(images.shape[1:-1], in_dil)) + (channels,)
+      (batch,) + tuple((s - 1) * d + 1 for s, d in zip(images.shape[1:-1], in_dil)) + (channels,)
     )
     dilated[(slice(None),) + tuple(slice(None, None, d) for d in in_dil)] = images
     images = dilated
@@ -268,10 +267,10 @@ def _call_stats(call: _Call, x, y, kernel, bias, dy) -> Expected:
 
   hat = np.concatenate([rows, np.ones((len(rows), 1))], 1) if call.has_bias else rows
   return Expected(
-      input_mean=a,
-      output_grad_mean=dy_rows.mean(0),
-      input_factor=hat.T @ hat / len(hat),
-      output_grad_factor=samples * dy_rows.T @ dy_rows,
+    input_mean=a,
+    output_grad_mean=dy_rows.mean(0),
+    input_factor=hat.T @ hat / len(hat),
+    output_grad_factor=samples * dy_rows.T @ dy_rows,
   )
 
 
@@ -291,9 +290,7 @@ def reference(loss_fn, params, args, has_aux=False, ref_loss_fn=None, ref_params
   per_path: dict[tuple[str, ...], list[Expected]] = {}
   for call, *record in calls:
     per_path.setdefault(call.path, []).append(_call_stats(call, *record))
-  return value, grads, {
-      p: Expected(*(np.mean(v, 0) for v in zip(*s))) for p, s in per_path.items()
-  }
+  return value, grads, {p: Expected(*(np.mean(v, 0) for v in zip(*s))) for p, s in per_path.items()}
 
 
 # ---------------------------------------------------------------------------
@@ -302,7 +299,7 @@ def reference(loss_fn, params, args, has_aux=False, ref_loss_fn=None, ref_params
 
 def _entries(stats: Any) -> dict[tuple[str, ...], Any]:
   leaves = jax.tree_util.tree_flatten_with_path(
-      stats, is_leaf=lambda s: isinstance(s, (LayerStats, PassThrough))
+    stats, is_leaf=lambda s: isinstance(s, (LayerStats, PassThrough))
   )[0]
   return {tuple(k.key for k in keys): v for keys, v in leaves}
 
@@ -349,7 +346,7 @@ def _check_against(stats, expected, kinds=None, statistics=eva_optax.EVA_STATIST
       assert value.shape == getattr(want, name).shape, (path, name)
       assert value.dtype == jnp.float32, (path, name)
       np.testing.assert_allclose(
-          value, getattr(want, name), rtol=RTOL, atol=ATOL, err_msg=f"{path} {name}"
+        value, getattr(want, name), rtol=RTOL, atol=ATOL, err_msg=f"{path} {name}"
       )
 
 
@@ -406,9 +403,7 @@ class RepeatedNet(nn.Module):
     conv = nn.Conv(4, (3, 3), padding="SAME", name="conv")
     y1 = jnp.tanh(conv(x))
     y2 = jnp.tanh(conv(x[:, ::2, 1::2] * 2.0 - 0.3))  # other size, other values
-    f = jnp.concatenate(
-        [y1.mean(axis=(1, 2)), y2.reshape(y2.shape[0], -1)[:, :4]], axis=-1
-    )
+    f = jnp.concatenate([y1.mean(axis=(1, 2)), y2.reshape(y2.shape[0], -1)[:, :4]], axis=-1)
     dense = nn.Dense(8, name="shared")
     h = jnp.tanh(dense(f))
     h = jnp.tanh(dense(inputs=h[:, ::-1] + 0.5))  # second call by keyword
@@ -438,9 +433,7 @@ class Block(nn.Module):
 class ScanNet(nn.Module):
   @nn.compact
   def __call__(self, x):
-    stack = nn.scan(
-        Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
-    )
+    stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
     x, _ = stack(name="blocks")(x, None)
     return nn.Dense(2, name="head")(x)
 
@@ -488,40 +481,64 @@ def _conv_case(x_shape, features=3, **conv):
 
 
 CASES = {
-    "dense": Case(DenseNet(), (7, 4)),
-    "dense_sequence_no_bias": Case(DenseNet(use_bias=False), (3, 5, 4)),
-    "dense_general_2in_2out": Case(DenseGeneralNet(axis=(-2, -1), features=(2, 3)), (4, 5, 3, 2)),
-    "dense_general_reversed_axis": Case(DenseGeneralNet(axis=(-1, -2), features=(3, 2)), (4, 3, 5)),
-    "dense_general_split_axis": Case(DenseGeneralNet(axis=(1, -1), features=4), (3, 4, 5, 2)),
-    "conv1d_same": _conv_case((4, 9, 3), kernel_size=(3,), padding="SAME"),
-    "conv1d_causal_dilated": _conv_case((3, 10, 2), kernel_size=(3,), padding="CAUSAL", kernel_dilation=2),
-    "conv1d_int_padding_stride": _conv_case((3, 11, 2), kernel_size=(4,), strides=3, padding=1),
-    "conv2d_same_no_bias": _conv_case((3, 6, 5, 2), kernel_size=(3, 3), padding="SAME", use_bias=False),
-    "conv2d_same_stride": _conv_case((3, 7, 6, 2), kernel_size=(3, 2), strides=(2, 3), padding="SAME"),
-    "conv2d_valid_stride_two_batch_dims": _conv_case(
-        (2, 3, 7, 6, 3), kernel_size=(3, 2), strides=(2, 1), padding="VALID"
-    ),
-    "conv2d_explicit_stride": _conv_case((2, 6, 5, 2), kernel_size=(3, 3), strides=2, padding=((1, 2), (0, 1))),
-    "conv2d_circular": _conv_case((3, 5, 6, 2), kernel_size=(3, 4), padding="CIRCULAR"),
-    "conv2d_reflect": _conv_case((2, 5, 6, 2), kernel_size=(3, 3), padding="REFLECT"),
-    "conv2d_kernel_dilation": _conv_case((2, 8, 7, 2), kernel_size=(3, 2), kernel_dilation=(2, 3), padding="SAME"),
-    "conv2d_input_kernel_dilation_stride": _conv_case(
-        (2, 5, 4, 2), kernel_size=(2, 3), strides=(2, 1), input_dilation=(2, 3), kernel_dilation=(1, 2),
-        padding=((2, 1), (0, 2)),
-    ),
-    "conv3d_same_stride": _conv_case((2, 4, 5, 4, 2), kernel_size=(2, 3, 2), strides=(1, 2, 1), padding="SAME"),
-    "conv3d_explicit_dilated": _conv_case(
-        (2, 4, 4, 5, 2), kernel_size=(2, 2, 3), kernel_dilation=(2, 1, 1), padding=((0, 1), (1, 0), (1, 1))
-    ),
-    "repeated_calls": Case(RepeatedNet(), (3, 6, 6, 2)),
-    "remat": Case(
-        RematNet(remat=True), (3, 6, 5, 2), ref_model=RematNet(remat=False),
-        to_ref_params=lambda p: p,
-    ),
-    "scan": Case(
-        ScanNet(), (5, 4), ref_model=UnrolledNet(), to_ref_params=_unroll_params,
-        assemble=_stack_expected,
-    ),
+  "dense": Case(DenseNet(), (7, 4)),
+  "dense_sequence_no_bias": Case(DenseNet(use_bias=False), (3, 5, 4)),
+  "dense_general_2in_2out": Case(DenseGeneralNet(axis=(-2, -1), features=(2, 3)), (4, 5, 3, 2)),
+  "dense_general_reversed_axis": Case(DenseGeneralNet(axis=(-1, -2), features=(3, 2)), (4, 3, 5)),
+  "dense_general_split_axis": Case(DenseGeneralNet(axis=(1, -1), features=4), (3, 4, 5, 2)),
+  "conv1d_same": _conv_case((4, 9, 3), kernel_size=(3,), padding="SAME"),
+  "conv1d_causal_dilated": _conv_case(
+    (3, 10, 2), kernel_size=(3,), padding="CAUSAL", kernel_dilation=2
+  ),
+  "conv1d_int_padding_stride": _conv_case((3, 11, 2), kernel_size=(4,), strides=3, padding=1),
+  "conv2d_same_no_bias": _conv_case(
+    (3, 6, 5, 2), kernel_size=(3, 3), padding="SAME", use_bias=False
+  ),
+  "conv2d_same_stride": _conv_case(
+    (3, 7, 6, 2), kernel_size=(3, 2), strides=(2, 3), padding="SAME"
+  ),
+  "conv2d_valid_stride_two_batch_dims": _conv_case(
+    (2, 3, 7, 6, 3), kernel_size=(3, 2), strides=(2, 1), padding="VALID"
+  ),
+  "conv2d_explicit_stride": _conv_case(
+    (2, 6, 5, 2), kernel_size=(3, 3), strides=2, padding=((1, 2), (0, 1))
+  ),
+  "conv2d_circular": _conv_case((3, 5, 6, 2), kernel_size=(3, 4), padding="CIRCULAR"),
+  "conv2d_reflect": _conv_case((2, 5, 6, 2), kernel_size=(3, 3), padding="REFLECT"),
+  "conv2d_kernel_dilation": _conv_case(
+    (2, 8, 7, 2), kernel_size=(3, 2), kernel_dilation=(2, 3), padding="SAME"
+  ),
+  "conv2d_input_kernel_dilation_stride": _conv_case(
+    (2, 5, 4, 2),
+    kernel_size=(2, 3),
+    strides=(2, 1),
+    input_dilation=(2, 3),
+    kernel_dilation=(1, 2),
+    padding=((2, 1), (0, 2)),
+  ),
+  "conv3d_same_stride": _conv_case(
+    (2, 4, 5, 4, 2), kernel_size=(2, 3, 2), strides=(1, 2, 1), padding="SAME"
+  ),
+  "conv3d_explicit_dilated": _conv_case(
+    (2, 4, 4, 5, 2),
+    kernel_size=(2, 2, 3),
+    kernel_dilation=(2, 1, 1),
+    padding=((0, 1), (1, 0), (1, 1)),
+  ),
+  "repeated_calls": Case(RepeatedNet(), (3, 6, 6, 2)),
+  "remat": Case(
+    RematNet(remat=True),
+    (3, 6, 5, 2),
+    ref_model=RematNet(remat=False),
+    to_ref_params=lambda p: p,
+  ),
+  "scan": Case(
+    ScanNet(),
+    (5, 4),
+    ref_model=UnrolledNet(),
+    to_ref_params=_unroll_params,
+    assemble=_stack_expected,
+  ),
 }
 
 
@@ -551,7 +568,7 @@ def _expected(case: Case, params, x, t):
   loss_fn = _mse_loss(case.model)
   ref_loss_fn = loss_fn if case.ref_model is None else _mse_loss(case.ref_model)
   loss, grads, ref = reference(
-      loss_fn, params, (x, t), ref_loss_fn=ref_loss_fn, ref_params=case.to_ref_params
+    loss_fn, params, (x, t), ref_loss_fn=ref_loss_fn, ref_params=case.to_ref_params
   )
   return loss, grads, case.assemble(ref)
 
@@ -605,18 +622,17 @@ def test_without_jit():
 # K-FAC factors and the choice of statistics.
 
 
-
 FACTOR_CASES = [
-    "dense",  # (batch, features), with and without a submodule
-    "dense_sequence_no_bias",  # (batch, seq, features): rows over seq, N = batch
-    "dense_general_2in_2out",  # axis=(-2, -1), features=(2, 3)
-    "conv1d_causal_dilated",
-    "conv2d_same_stride",  # with a bias
-    "conv2d_same_no_bias",
-    "conv2d_valid_stride_two_batch_dims",  # N = product of the batch axes
-    "conv2d_input_kernel_dilation_stride",
-    "repeated_calls",  # Dense and Conv called twice (one call by keyword)
-    "scan",  # per layer, stack axis first
+  "dense",  # (batch, features), with and without a submodule
+  "dense_sequence_no_bias",  # (batch, seq, features): rows over seq, N = batch
+  "dense_general_2in_2out",  # axis=(-2, -1), features=(2, 3)
+  "conv1d_causal_dilated",
+  "conv2d_same_stride",  # with a bias
+  "conv2d_same_no_bias",
+  "conv2d_valid_stride_two_batch_dims",  # N = product of the batch axes
+  "conv2d_input_kernel_dilation_stride",
+  "repeated_calls",  # Dense and Conv called twice (one call by keyword)
+  "scan",  # per layer, stack axis first
 ]
 
 
@@ -632,14 +648,14 @@ def test_factors_match_reference(name):
 
 
 @pytest.mark.parametrize(
-    "name, statistics",
-    [
-        ("repeated_calls", ("input_mean",)),  # Eva-f: no backward probes
-        ("scan", ("input_mean",)),
-        ("conv2d_same_stride", ("input_factor",)),  # FOOF
-        ("scan", ("output_grad_factor",)),
-        ("repeated_calls", ("output_grad_mean", "input_factor")),
-    ],
+  "name, statistics",
+  [
+    ("repeated_calls", ("input_mean",)),  # Eva-f: no backward probes
+    ("scan", ("input_mean",)),
+    ("conv2d_same_stride", ("input_factor",)),  # FOOF
+    ("scan", ("output_grad_factor",)),
+    ("repeated_calls", ("output_grad_mean", "input_factor")),
+  ],
 )
 def test_statistics_choice(name, statistics):
   """Only the statistics asked for are captured, each equal to the reference
@@ -656,13 +672,13 @@ def test_statistics_choice(name, statistics):
   for path, entry in _layer_stats(stats).items():
     for field in set(statistics) & set(eva_optax.EVA_STATISTICS):
       np.testing.assert_allclose(
-          getattr(entry, field), getattr(default[path], field), rtol=RTOL, atol=ATOL
+        getattr(entry, field), getattr(default[path], field), rtol=RTOL, atol=ATOL
       )
 
 
 @pytest.mark.parametrize(
-    "statistics",
-    [("hessian",), ("input_mean", "input_covariance"), ("input_factor", "output_grad_factors"), ()],
+  "statistics",
+  [("hessian",), ("input_mean", "input_covariance"), ("input_factor", "output_grad_factors"), ()],
 )
 def test_unknown_statistics_raise(statistics):
   loss_fn = _mse_loss(CASES["dense"].model)
@@ -719,25 +735,25 @@ def test_has_aux_with_batch_norm():
   params = _init_params(model, x.shape, 1)
   rng = np.random.default_rng(4)
   batch_stats = {
-      "bn": {
-          "mean": jnp.asarray(rng.normal(size=6).astype(np.float32)),
-          "var": jnp.asarray(rng.uniform(0.5, 2.0, size=6).astype(np.float32)),
-      }
+    "bn": {
+      "mean": jnp.asarray(rng.normal(size=6).astype(np.float32)),
+      "var": jnp.asarray(rng.uniform(0.5, 2.0, size=6).astype(np.float32)),
+    }
   }
 
   def loss_fn(params, batch_stats, x, t):
     y, updates = model.apply(
-        {"params": params, "batch_stats": batch_stats}, x, mutable=["batch_stats"]
+      {"params": params, "batch_stats": batch_stats}, x, mutable=["batch_stats"]
     )
     return jnp.mean((y - t) ** 2), (updates["batch_stats"], y)
 
   (want_loss, want_aux), want_grads, expected = reference(
-      loss_fn, params, (batch_stats, x, t), has_aux=True
+    loss_fn, params, (batch_stats, x, t), has_aux=True
   )
   assert set(expected) == {("dense",), ("out",)}
   # And literally jax.value_and_grad of the same loss.
   (plain_loss, plain_aux), plain_grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
-      params, batch_stats, x, t
+    params, batch_stats, x, t
   )
   np.testing.assert_allclose(plain_loss, want_loss, rtol=RTOL, atol=ATOL)
   _assert_tree_close((plain_aux, plain_grads), (want_aux, want_grads))
@@ -797,8 +813,8 @@ def test_pass_through_layers():
   assert isinstance(grouped, LayerStats) and grouped.kind == "Conv"
   assert grouped.layout.groups == 2
   for path, kind, reason in (
-      (("up",), "ConvTranspose", "not a Dense, DenseGeneral, Conv or Einsum"),
-      (("einsum",), "Einsum", "has an ellipsis"),
+    (("up",), "ConvTranspose", "not a Dense, DenseGeneral, Conv or Einsum"),
+    (("einsum",), "Einsum", "has an ellipsis"),
   ):
     entry = entries[path]
     assert isinstance(entry, PassThrough), path
@@ -836,9 +852,9 @@ def test_factors_gate(name):
       for entry in _layer_stats(stats).values():
         assert not np.any(entry.input_factor) and not np.any(entry.output_grad_factor)
       vectors = jax.tree.map(
-          lambda e: dataclasses.replace(e, input_factor=None, output_grad_factor=None),
-          stats,
-          is_leaf=lambda e: isinstance(e, eva_optax.LayerStats),
+        lambda e: dataclasses.replace(e, input_factor=None, output_grad_factor=None),
+        stats,
+        is_leaf=lambda e: isinstance(e, eva_optax.LayerStats),
       )
       _check_against(vectors, expected, statistics=eva_optax.EVA_STATISTICS)
   assert len(traces) == 1
@@ -865,12 +881,12 @@ def test_factors_gate_skips_the_work():
 
 
 @pytest.mark.parametrize(
-    "statistics, due, match",
-    [
-        (eva_optax.EVA_STATISTICS, False, "none was asked for"),
-        (ALL_STATISTICS, jnp.ones(3, bool), "scalar bool"),
-        (ALL_STATISTICS, 0.5, "scalar bool"),
-    ],
+  "statistics, due, match",
+  [
+    (eva_optax.EVA_STATISTICS, False, "none was asked for"),
+    (ALL_STATISTICS, jnp.ones(3, bool), "scalar bool"),
+    (ALL_STATISTICS, 0.5, "scalar bool"),
+  ],
 )
 def test_factors_gate_bad_values(statistics, due, match):
   name = "dense"
@@ -926,9 +942,9 @@ def test_einsum_statistics_match_independent_ones():
   hq = np.tanh(np.asarray(q))  # (B, T, N, H): per-head input of per_head
   hh = np.tanh(np.asarray(h)).reshape(n, 6)  # (N·E) in kernel order N, E
   want = {
-      "q": (x_rows.mean(0), np.asarray(g_q).reshape(n, 15).mean(0)),
-      "per_head": (hq.reshape(n, 3, 5).mean(0), np.asarray(g_h).reshape(n, 3, 2).mean(0)),
-      "out": (hh.mean(0), np.asarray(g_out).reshape(n, 4).mean(0)),
+    "q": (x_rows.mean(0), np.asarray(g_q).reshape(n, 15).mean(0)),
+    "per_head": (hq.reshape(n, 3, 5).mean(0), np.asarray(g_h).reshape(n, 3, 2).mean(0)),
+    "out": (hh.mean(0), np.asarray(g_out).reshape(n, 4).mean(0)),
   }
   for name, (a, g) in want.items():
     entry = stats[name]
@@ -940,11 +956,14 @@ def test_einsum_statistics_match_independent_ones():
   # K-FAC factors of the stacked layer: per head, A = mean [a,1][a,1]ᵀ, G = N·Σ g gᵀ.
   rows = np.concatenate([hq.reshape(n, 3, 5), np.ones((n, 3, 1))], axis=-1).transpose(1, 0, 2)
   np.testing.assert_allclose(
-      stats["per_head"].input_factor, np.einsum("nri,nrj->nij", rows, rows) / n, rtol=RTOL, atol=ATOL
+    stats["per_head"].input_factor, np.einsum("nri,nrj->nij", rows, rows) / n, rtol=RTOL, atol=ATOL
   )
   gh = np.asarray(g_h).reshape(n, 3, 2).transpose(1, 0, 2)
   np.testing.assert_allclose(
-      stats["per_head"].output_grad_factor, 2 * np.einsum("nro,nrp->nop", gh, gh), rtol=RTOL, atol=1e-9
+    stats["per_head"].output_grad_factor,
+    2 * np.einsum("nro,nrp->nop", gh, gh),
+    rtol=RTOL,
+    atol=1e-9,
   )
 
 
@@ -965,26 +984,33 @@ def test_eva_on_an_einsum_equals_eva_on_the_same_dense_general():
     tx = eva_optax.eva(0.1, layouts=eva_optax.layouts_of(stats))
     updates[name], _ = tx.update(grads, tx.init(params), params, stats=stats)
   np.testing.assert_allclose(
-      jnp.transpose(updates["einsum"]["kernel"], (1, 0, 2)), updates["dense"]["kernel"], rtol=1e-5, atol=1e-8
+    jnp.transpose(updates["einsum"]["kernel"], (1, 0, 2)),
+    updates["dense"]["kernel"],
+    rtol=1e-5,
+    atol=1e-8,
   )
-  np.testing.assert_allclose(updates["einsum"]["bias"], updates["dense"]["bias"], rtol=1e-5, atol=1e-8)
+  np.testing.assert_allclose(
+    updates["einsum"]["bias"], updates["dense"]["bias"], rtol=1e-5, atol=1e-8
+  )
   assert float(jnp.abs(updates["dense"]["kernel"]).max()) > 0
 
 
 @pytest.mark.parametrize(
-    "equation, shape, word",
-    [
-        ("...D,DH->...H", (4, 5), "ellipsis"),
-        ("BTD,DD->BTD", (4, 4), "repeats a label"),
-        ("BTD,DH->BH", (4, 5), "sums an input axis"),
-        ("BTD,DHK->BTH", (4, 5, 2), "sums a kernel axis"),
-    ],
+  "equation, shape, word",
+  [
+    ("...D,DH->...H", (4, 5), "ellipsis"),
+    ("BTD,DD->BTD", (4, 4), "repeats a label"),
+    ("BTD,DH->BH", (4, 5), "sums an input axis"),
+    ("BTD,DHK->BTH", (4, 5, 2), "sums a kernel axis"),
+  ],
 )
 def test_einsum_the_statistics_do_not_describe_is_passed_through(equation, shape, word):
   x = jax.random.normal(jax.random.key(0), (2, 3, 4))
   layer = nn.Einsum(shape, equation, use_bias=False)
   params = layer.init(jax.random.key(1), x)["params"]
-  _, _, stats = eva_optax.value_and_grad(lambda p: jnp.sum(layer.apply({"params": p}, x) ** 2))(params)
+  _, _, stats = eva_optax.value_and_grad(lambda p: jnp.sum(layer.apply({"params": p}, x) ** 2))(
+    params
+  )
   assert isinstance(stats, PassThrough) and stats.kind == "Einsum"
   assert word in stats.reason and "plain gradient" in stats.reason
 
@@ -1010,9 +1036,11 @@ class _SplitIntoGroups(nn.Module):
   def __call__(self, x):
     c = x.shape[-1] // self.groups
     return jnp.concatenate(
-        [nn.Conv(6 // self.groups, (3, 3), padding="SAME", name=f"g{i}")(x[..., i * c : (i + 1) * c])
-         for i in range(self.groups)],
-        axis=-1,
+      [
+        nn.Conv(6 // self.groups, (3, 3), padding="SAME", name=f"g{i}")(x[..., i * c : (i + 1) * c])
+        for i in range(self.groups)
+      ],
+      axis=-1,
     )
 
 
@@ -1026,8 +1054,13 @@ def test_grouped_conv_is_a_stack_of_the_ungrouped_convs_of_its_groups(groups):
   grouped, split = _Grouped(groups), _SplitIntoGroups(groups)
   pg = grouped.init(jax.random.key(2), x)["params"]["conv"]
   per = 6 // groups
-  ps = {f"g{i}": {"kernel": pg["kernel"][..., i * per : (i + 1) * per], "bias": pg["bias"][i * per : (i + 1) * per]}
-        for i in range(groups)}
+  ps = {
+    f"g{i}": {
+      "kernel": pg["kernel"][..., i * per : (i + 1) * per],
+      "bias": pg["bias"][i * per : (i + 1) * per],
+    }
+    for i in range(groups)
+  }
   runs = {}
   for name, model, params in (("grouped", grouped, {"conv": pg}), ("split", split, ps)):
     loss = lambda p: jnp.mean((jnp.tanh(model.apply({"params": p}, x)) - y) ** 2)
@@ -1036,16 +1069,27 @@ def test_grouped_conv_is_a_stack_of_the_ungrouped_convs_of_its_groups(groups):
     updates, _ = tx.update(grads, tx.init(params), params, stats=stats)
     runs[name] = (stats, updates)
   stats, updates = runs["grouped"]
-  assert stats["conv"].layout.groups == groups and stats["conv"].input_mean.shape == (groups, 9 * 6 // groups)
+  assert stats["conv"].layout.groups == groups and stats["conv"].input_mean.shape == (
+    groups,
+    9 * 6 // groups,
+  )
   for i in range(groups):
     want = runs["split"][0][f"g{i}"]
     for field in ALL_STATISTICS:
-      np.testing.assert_allclose(getattr(stats["conv"], field)[i], getattr(want, field), rtol=RTOL, atol=1e-9)
+      np.testing.assert_allclose(
+        getattr(stats["conv"], field)[i], getattr(want, field), rtol=RTOL, atol=1e-9
+      )
     np.testing.assert_allclose(
-        updates["conv"]["kernel"][..., i * per : (i + 1) * per], runs["split"][1][f"g{i}"]["kernel"], rtol=1e-5, atol=1e-9
+      updates["conv"]["kernel"][..., i * per : (i + 1) * per],
+      runs["split"][1][f"g{i}"]["kernel"],
+      rtol=1e-5,
+      atol=1e-9,
     )
     np.testing.assert_allclose(
-        updates["conv"]["bias"][i * per : (i + 1) * per], runs["split"][1][f"g{i}"]["bias"], rtol=1e-5, atol=1e-9
+      updates["conv"]["bias"][i * per : (i + 1) * per],
+      runs["split"][1][f"g{i}"]["bias"],
+      rtol=1e-5,
+      atol=1e-9,
     )
 
 
@@ -1103,9 +1147,9 @@ def test_sample_rows_factors_are_per_sample_means_of_inputs_and_mean_loss_gradie
   head (one row per sample) G is 1/N² of the default's, A the same."""
   model, params, loss, x, t = _seq_problem()
   n = x.shape[0]
-  _, _, stats = eva_optax.value_and_grad(
-      loss, statistics=ALL_STATISTICS, factor_rows="samples"
-  )(params, x, t)
+  _, _, stats = eva_optax.value_and_grad(loss, statistics=ALL_STATISTICS, factor_rows="samples")(
+    params, x, t
+  )
   _, _, rows = eva_optax.value_and_grad(loss, statistics=ALL_STATISTICS)(params, x, t)
 
   def forward(p, e_proj, e_head):
@@ -1114,7 +1158,7 @@ def test_sample_rows_factors_are_per_sample_means_of_inputs_and_mean_loss_gradie
     return jnp.mean((h @ p["head"]["kernel"] + e_head - t) ** 2), h
 
   (g_proj, g_head), h = jax.grad(forward, argnums=(1, 2), has_aux=True)(
-      params, jnp.zeros((n, 5, 4)), jnp.zeros((n, 2))
+    params, jnp.zeros((n, 5, 4)), jnp.zeros((n, 2))
   )
   a = np.concatenate([np.asarray(x).mean(axis=1), np.ones((n, 1))], axis=1)
   g = np.asarray(g_proj).mean(axis=1)
@@ -1125,7 +1169,7 @@ def test_sample_rows_factors_are_per_sample_means_of_inputs_and_mean_loss_gradie
   np.testing.assert_allclose(stats["head"].output_grad_factor, gh.T @ gh / n, rtol=1e-5, atol=1e-12)
   np.testing.assert_allclose(stats["head"].input_factor, rows["head"].input_factor, rtol=1e-6)
   np.testing.assert_allclose(
-      stats["head"].output_grad_factor * n**2, rows["head"].output_grad_factor, rtol=1e-5
+    stats["head"].output_grad_factor * n**2, rows["head"].output_grad_factor, rtol=1e-5
   )
   for name in ("proj", "head"):
     assert stats[name].factor_rows == "samples" and rows[name].factor_rows == "positions"
@@ -1144,7 +1188,7 @@ def test_sample_rows_factors_under_pmap_equal_one_device():
   statistics = ("input_factor", "output_grad_factor")
   one = eva_optax.value_and_grad(loss, statistics=statistics, factor_rows="samples")
   many = eva_optax.value_and_grad(
-      loss, statistics=statistics, factor_rows="samples", axis_name="batch"
+    loss, statistics=statistics, factor_rows="samples", axis_name="batch"
   )
   _, _, want = one(params, x, t)
   shard = lambda a: a.reshape((8, 2) + a.shape[1:])
@@ -1152,5 +1196,5 @@ def test_sample_rows_factors_under_pmap_equal_one_device():
   for name in ("proj", "head"):
     for field in statistics:
       np.testing.assert_allclose(
-          getattr(got[name], field)[3], getattr(want[name], field), rtol=1e-5, atol=1e-12
+        getattr(got[name], field)[3], getattr(want[name], field), rtol=1e-5, atol=1e-12
       )

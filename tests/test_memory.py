@@ -25,7 +25,10 @@ def test_state_bytes_counts_every_leaf(params):
   # momentum buffer: one float32 per parameter
   assert eva_optax.state_bytes(optax.sgd(0.1, momentum=0.9), params) == 4 * n_params
   # Eva adds a count and, per layer, ā (in) and ḡ (out): O(in + out).
-  assert eva_optax.state_bytes(eva_optax.eva(0.1), params) == 4 * n_params + 4 * (100 + 200 + 200 + 30) + 4
+  assert (
+    eva_optax.state_bytes(eva_optax.eva(0.1), params)
+    == 4 * n_params + 4 * (100 + 200 + 200 + 30) + 4
+  )
 
 
 class Autoencoder(nn.Module):
@@ -39,7 +42,9 @@ class Autoencoder(nn.Module):
 @pytest.mark.parametrize("name", ["eva", "eva_foof", "eva_shampoo"])
 def test_vectorized_state_within_one_percent_of_sgd(name):
   """On the paper's autoencoder (2.8 M parameters) the vectors add < 1 %."""
-  params = jax.eval_shape(lambda: Autoencoder().init(jax.random.key(0), jnp.zeros((1, 784))))["params"]
+  params = jax.eval_shape(lambda: Autoencoder().init(jax.random.key(0), jnp.zeros((1, 784))))[
+    "params"
+  ]
   sgd = eva_optax.state_bytes(optax.sgd(0.1, momentum=0.9), params)
   got = eva_optax.state_bytes(getattr(eva_optax, name)(0.1), params)
   assert sgd < got <= 1.01 * sgd

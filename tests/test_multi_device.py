@@ -19,7 +19,7 @@ import eva_optax
 
 DEVICES = 8
 pytestmark = pytest.mark.skipif(
-    jax.device_count() < DEVICES, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8"
+  jax.device_count() < DEVICES, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8"
 )
 
 
@@ -54,25 +54,28 @@ BATCHES = [_data(s) for s in range(STEPS)]
 PARAMS = MODEL.init(jax.random.key(0), BATCHES[0][0][:1])["params"]
 
 OPTIMIZERS = {
-    "eva": (lambda: eva_optax.eva(0.02, weight_decay=1e-3), eva_optax.EVA_STATISTICS),
-    "eva_foof": (lambda: eva_optax.eva_foof(0.02), eva_optax.EVA_FOOF_STATISTICS),
-    "eva_shampoo": (lambda: eva_optax.eva_shampoo(0.02), None),
-    "kfac": (lambda: eva_optax.kfac(0.02, inverse_every=2), eva_optax.KFAC_STATISTICS),
+  "eva": (lambda: eva_optax.eva(0.02, weight_decay=1e-3), eva_optax.EVA_STATISTICS),
+  "eva_foof": (lambda: eva_optax.eva_foof(0.02), eva_optax.EVA_FOOF_STATISTICS),
+  "eva_shampoo": (lambda: eva_optax.eva_shampoo(0.02), None),
+  "kfac": (lambda: eva_optax.kfac(0.02, inverse_every=2), eva_optax.KFAC_STATISTICS),
 }
 
 
 def _grads(statistics, axis_name=None):
   """``(params, x, y) -> (grads, stats)``; grads averaged over ``axis_name``."""
   if statistics is None:
+
     def fn(params, x, y):
       grads = jax.grad(loss_fn)(params, x, y)
       return (grads if axis_name is None else jax.lax.pmean(grads, axis_name)), None
+
     return fn
   grad_fn = eva_optax.value_and_grad(loss_fn, statistics=statistics, axis_name=axis_name)
 
   def fn(params, x, y):
     _, grads, stats = grad_fn(params, x, y)
     return (grads if axis_name is None else jax.lax.pmean(grads, axis_name)), stats
+
   return fn
 
 
@@ -82,6 +85,7 @@ def _step(tx, grads_fn):
     kw = {} if stats is None else {"stats": stats}
     updates, state = tx.update(grads, state, params, **kw)
     return optax.apply_updates(params, updates), state
+
   return step
 
 
@@ -92,7 +96,9 @@ def _single_device(name):
   params, state = PARAMS, tx.init(PARAMS)
   for x, y in BATCHES:
     params, state = step(params, state, x, y)
-  moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(PARAMS)))
+  moved = max(
+    float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(PARAMS))
+  )
   assert 1e-4 < moved < 10.0, moved  # a real, bounded step
   return params
 
@@ -119,7 +125,9 @@ def test_jit_with_sharded_batch_equals_one_device(name):
   step = jax.jit(_step(tx, _grads(statistics)))
   before = jax.tree.map(lambda a: a.sharding, state)
   for x, y in BATCHES:
-    params, state = step(params, state, jax.device_put(x, batch_sharding), jax.device_put(y, batch_sharding))
+    params, state = step(
+      params, state, jax.device_put(x, batch_sharding), jax.device_put(y, batch_sharding)
+    )
   _assert_close(params, _single_device(name))
   # The state keeps its shardings, and the step compiled once.
   after = jax.tree.map(lambda a: a.sharding, state)
@@ -158,12 +166,12 @@ def test_shard_map_with_axis_name_equals_one_device(name):
   # which _grads then averages, as under pmap.
   local = lambda p, x, y: grads_fn(jax.lax.pcast(p, "data", to="varying"), x, y)
   step = jax.jit(
-      jax.shard_map(
-          _step(tx, local),
-          mesh=mesh,
-          in_specs=(P(), P(), P("data"), P("data")),
-          out_specs=(P(), P()),
-      )
+    jax.shard_map(
+      _step(tx, local),
+      mesh=mesh,
+      in_specs=(P(), P(), P("data"), P("data")),
+      out_specs=(P(), P()),
+    )
   )
   params, state = PARAMS, tx.init(PARAMS)
   for x, y in BATCHES:
@@ -192,8 +200,8 @@ def test_per_shard_statistics_would_differ(name):
   want = _single_device(name)
   got = jax.tree.map(lambda a: a[0], params)
   worst = max(
-      float(np.abs(np.asarray(g) - np.asarray(w)).max() / np.abs(np.asarray(w)).max())
-      for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want))
+    float(np.abs(np.asarray(g) - np.asarray(w)).max() / np.abs(np.asarray(w)).max())
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want))
   )
   assert worst > 1e-3
 
@@ -217,7 +225,9 @@ def test_fsdp_sharded_params_keep_state_shardings(name):
   params = jax.device_put(PARAMS, param_shardings)
   assert any(not s.is_fully_replicated for s in jax.tree.leaves(param_shardings))
   # init on abstract parameters: the state's shapes, then its shardings from jit.
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), PARAMS, param_shardings)
+  abstract = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), PARAMS, param_shardings
+  )
   shapes = jax.eval_shape(tx.init, abstract)
   state = tx.init(params)
   assert jax.tree.structure(shapes) == jax.tree.structure(state)
@@ -232,10 +242,14 @@ def test_fsdp_sharded_params_keep_state_shardings(name):
   step = jax.jit(_step(tx, _grads(statistics)), out_shardings=(param_shardings, before))
   batch_sharding = NamedSharding(mesh, P("data"))
   for x, y in BATCHES:
-    params, state = step(params, state, jax.device_put(x, batch_sharding), jax.device_put(y, batch_sharding))
+    params, state = step(
+      params, state, jax.device_put(x, batch_sharding), jax.device_put(y, batch_sharding)
+    )
   after = jax.tree.map(lambda a: a.sharding, state)
   assert jax.tree.all(jax.tree.map(lambda a, b: a.is_equivalent_to(b, 1), before, after))
-  assert jax.tree.all(jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim), params, param_shardings))
+  assert jax.tree.all(
+    jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim), params, param_shardings)
+  )
   assert step._cache_size() == 1
   _assert_close(params, _single_device(name))
 

@@ -40,7 +40,6 @@ pytestmark = pytest.mark.usefixtures("quick_compiles")
 
 
 class NnxNet(nnx.Module):
-
   def __init__(self, rngs: nnx.Rngs):
     self.conv1 = nnx.Conv(2, 4, (3, 3), strides=2, padding="SAME", rngs=rngs)
     self.conv2 = nnx.Conv(4, 4, (2, 2), padding="VALID", use_bias=False, rngs=rngs)
@@ -57,7 +56,6 @@ class NnxNet(nnx.Module):
 
 
 class LinenNet(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     h = nn.relu(nn.Conv(4, (3, 3), strides=2, padding="SAME", name="conv1")(x))
@@ -107,38 +105,38 @@ def assert_stats_equal(nnx_stats, linen_stats, fields):
 def test_model_is_the_linen_model(problem):
   model, params, xs, targets = problem
   np.testing.assert_allclose(
-      nnx_loss(model, xs[0], targets[0]), linen_loss(params, xs[0], targets[0]), rtol=1e-6
+    nnx_loss(model, xs[0], targets[0]), linen_loss(params, xs[0], targets[0]), rtol=1e-6
   )
 
 
 @pytest.mark.parametrize(
-    "statistics",
-    [eva_optax.EVA_STATISTICS, STATISTICS],
-    ids=["eva", "eva+kfac_factors"],
+  "statistics",
+  [eva_optax.EVA_STATISTICS, STATISTICS],
+  ids=["eva", "eva+kfac_factors"],
 )
 def test_statistics_equal_the_linen_capture(problem, statistics):
   """ā, ḡ (and the K-FAC factors A, G) of every layer; loss and gradients too."""
   model, params, xs, targets = problem
   loss, grads, stats = eva_optax.nnx_value_and_grad(nnx_loss, statistics=statistics)(
-      model, xs[0], targets[0]
+    model, xs[0], targets[0]
   )
-  ref_loss, ref_grads, ref_stats = eva_optax.value_and_grad(
-      linen_loss, statistics=statistics
-  )(params, xs[0], targets[0])
+  ref_loss, ref_grads, ref_stats = eva_optax.value_and_grad(linen_loss, statistics=statistics)(
+    params, xs[0], targets[0]
+  )
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
   jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL, atol=1e-7),
-      nnx.to_pure_dict(grads),
-      ref_grads,
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL, atol=1e-7),
+    nnx.to_pure_dict(grads),
+    ref_grads,
   )
   assert_stats_equal(stats, ref_stats, statistics)
   kinds = {path: e.kind for path, e in layer_entries(stats).items()}
   assert kinds == {
-      ("conv1",): "Conv",
-      ("conv2",): "Conv",
-      ("general_in",): "LinearGeneral",
-      ("linear",): "Linear",
-      ("general_out",): "LinearGeneral",
+    ("conv1",): "Conv",
+    ("conv2",): "Conv",
+    ("general_in",): "LinearGeneral",
+    ("linear",): "Linear",
+    ("general_out",): "LinearGeneral",
   }
 
 
@@ -146,10 +144,10 @@ def test_kfac_factors_gated_like_the_linen_capture(problem):
   """``factors_due=False``: A and G are zeros (not computed), ā and ḡ are not."""
   model, params, xs, targets = problem
   _, _, stats = eva_optax.nnx_value_and_grad(nnx_loss, statistics=STATISTICS)(
-      model, xs[0], targets[0], factors_due=jnp.asarray(False)
+    model, xs[0], targets[0], factors_due=jnp.asarray(False)
   )
   _, _, ref = eva_optax.value_and_grad(linen_loss, statistics=STATISTICS)(
-      params, xs[0], targets[0], factors_due=jnp.asarray(False)
+    params, xs[0], targets[0], factors_due=jnp.asarray(False)
   )
   assert_stats_equal(stats, ref, STATISTICS)
   for entry in layer_entries(stats).values():
@@ -163,7 +161,6 @@ def test_gradients_and_state_updates_as_nnx_value_and_grad():
   model; ``has_aux``; the model has no probe left afterwards."""
 
   class Net(nnx.Module):
-
     def __init__(self, rngs):
       self.linear = nnx.Linear(3, 4, rngs=rngs)
       self.norm = nnx.BatchNorm(4, rngs=rngs)
@@ -225,9 +222,9 @@ def test_eva_steps_equal_the_linen_steps(problem):
     params, opt_state, ref_loss = linen_step(params, opt_state, x, target)
     np.testing.assert_allclose(loss, ref_loss, rtol=RTOL)
   jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL, atol=1e-6),
-      nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-      params,
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL, atol=1e-6),
+    nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+    params,
   )
   # The Eva state sized every layer (not only the momentum).
   eva_state = nnx.as_pure(optimizer.opt_state)[0]
@@ -245,7 +242,6 @@ def test_unsupported_modules_are_pass_through():
   loss does not call are ``PassThrough``; Eva then passes them through."""
 
   class Net(nnx.Module):
-
     def __init__(self, rngs):
       self.conv = nnx.Conv(2, 4, (3, 3), rngs=rngs)
       self.grouped = nnx.Conv(4, 4, (1, 1), feature_group_count=2, rngs=rngs)
@@ -270,10 +266,10 @@ def test_unsupported_modules_are_pass_through():
   assert isinstance(entries[("einsum",)], LayerStats) and entries[("einsum",)].kind == "Einsum"
   assert isinstance(entries[("grouped",)], LayerStats) and entries[("grouped",)].layout.groups == 2
   expected = {
-      "transpose": ("ConvTranspose", "not a Linear, LinearGeneral, Conv or Einsum"),
-      "diagonal": ("Einsum", "repeats a label"),
-      "batched": ("LinearGeneral", "batch_axis"),
-      "unused": ("Linear", "not called"),
+    "transpose": ("ConvTranspose", "not a Linear, LinearGeneral, Conv or Einsum"),
+    "diagonal": ("Einsum", "repeats a label"),
+    "batched": ("LinearGeneral", "batch_axis"),
+    "unused": ("Linear", "not called"),
   }
   for name, (kind, reason) in expected.items():
     entry = entries[(name,)]
@@ -298,7 +294,6 @@ def test_unsupported_modules_are_pass_through():
 
 
 class Block(nnx.Module):
-
   def __init__(self, rngs):
     self.linear = nnx.Linear(4, 4, rngs=rngs)
 
@@ -312,7 +307,6 @@ def test_scanned_stack_equals_the_unrolled_layers():
   of the same layers called one after the other; a layer under ``nnx.remat``."""
 
   class Stack(nnx.Module):
-
     def __init__(self, rngs):
       @nnx.split_rngs(splits=3)
       @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -330,7 +324,6 @@ def test_scanned_stack_equals_the_unrolled_layers():
       return nnx.remat(lambda head, h: head(h))(self.head, body(x, self.blocks))
 
   class Unrolled(nnx.Module):
-
     def __init__(self, stack):
       kernel, bias = stack.blocks.linear.kernel[...], stack.blocks.linear.bias[...]
       self.blocks = nnx.List([Block(nnx.Rngs(0)) for _ in range(3)])
@@ -356,11 +349,11 @@ def test_scanned_stack_equals_the_unrolled_layers():
   for i in range(3):
     for field in STATISTICS:
       np.testing.assert_allclose(
-          getattr(stacked, field)[i],
-          getattr(ref["blocks"][str(i)]["linear"], field),
-          rtol=RTOL,
-          atol=1e-7,
-          err_msg=f"layer {i} {field}",
+        getattr(stacked, field)[i],
+        getattr(ref["blocks"][str(i)]["linear"], field),
+        rtol=RTOL,
+        atol=1e-7,
+        err_msg=f"layer {i} {field}",
       )
 
 
@@ -371,7 +364,9 @@ def test_axis_name_gives_the_global_batch_statistics():
   if len(devices) < 4:
     pytest.skip("needs 4 devices")
   mesh = jax.sharding.Mesh(np.array(devices), ("data",))
-  model = nnx.Sequential(nnx.Linear(3, 5, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(5, 2, rngs=nnx.Rngs(1)))
+  model = nnx.Sequential(
+    nnx.Linear(3, 5, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(5, 2, rngs=nnx.Rngs(1))
+  )
   x = jax.random.normal(jax.random.key(0), (16, 3))
   loss_fn = lambda model, x: jnp.mean(model(x) ** 2)
   _, _, ref = eva_optax.nnx_value_and_grad(loss_fn, statistics=STATISTICS)(model, x)
@@ -383,9 +378,9 @@ def test_axis_name_gives_the_global_batch_statistics():
     return stats
 
   P = jax.sharding.PartitionSpec
-  stats = jax.jit(
-      jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data")), out_specs=P())
-  )(state, x)
+  stats = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data")), out_specs=P()))(
+    state, x
+  )
   assert_stats_equal(stats, ref, STATISTICS)
 
 
@@ -426,7 +421,6 @@ def test_subclass_overriding_call_is_passed_through_by_name():
   Linear's ``__call__`` is captured."""
 
   class Scaled(nnx.Linear):
-
     def __call__(self, x):
       return 2.0 * super().__call__(x)
 
@@ -434,7 +428,6 @@ def test_subclass_overriding_call_is_passed_through_by_name():
     pass
 
   class Model(nnx.Module):
-
     def __init__(self, rngs):
       self.scaled = Scaled(3, 4, rngs=rngs)
       self.plain = Plain(4, 2, rngs=rngs)
@@ -458,7 +451,6 @@ def test_einsum_statistics_equal_the_linen_capture():
   give the statistics and layouts of the same nn.Einsum layers."""
 
   class Model(nnx.Module):
-
     def __init__(self, rngs):
       self.q = nnx.Einsum("BTD,NDH->BTNH", (3, 4, 5), (3, 5), rngs=rngs)
       self.o = nnx.Einsum("BTNH,NHD->BTD", (3, 5, 4), None, rngs=rngs)
@@ -467,7 +459,6 @@ def test_einsum_statistics_equal_the_linen_capture():
       return self.o(jnp.tanh(self.q(x)))
 
   class Linen(nn.Module):
-
     @nn.compact
     def __call__(self, x):
       q = nn.Einsum((3, 4, 5), "BTD,NDH->BTNH", name="q")(x)
@@ -477,13 +468,18 @@ def test_einsum_statistics_equal_the_linen_capture():
   x = jax.random.normal(jax.random.key(0), (2, 6, 4))
   y = jax.random.normal(jax.random.key(1), (2, 6, 4))
   _, _, stats = eva_optax.nnx_value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
-  params = {"q": {"kernel": model.q.kernel[...], "bias": model.q.bias[...]}, "o": {"kernel": model.o.kernel[...]}}
+  params = {
+    "q": {"kernel": model.q.kernel[...], "bias": model.q.bias[...]},
+    "o": {"kernel": model.o.kernel[...]},
+  }
   linen_loss = lambda p: jnp.mean((Linen().apply({"params": p}, x) - y) ** 2)
   _, _, want = eva_optax.value_and_grad(linen_loss)(params)
   for name in ("q", "o"):
     assert stats[name].kind == "Einsum" and stats[name].layout == want[name].layout
     np.testing.assert_allclose(stats[name].input_mean, want[name].input_mean, rtol=RTOL, atol=1e-7)
-    np.testing.assert_allclose(stats[name].output_grad_mean, want[name].output_grad_mean, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(
+      stats[name].output_grad_mean, want[name].output_grad_mean, rtol=1e-5, atol=1e-9
+    )
 
 
 def test_grouped_conv_statistics_equal_the_linen_capture():
@@ -491,8 +487,12 @@ def test_grouped_conv_statistics_equal_the_linen_capture():
   per-group statistics and the layout of the same nn.Conv."""
   x = jax.random.normal(jax.random.key(0), (3, 5, 5, 4))
   for groups in (2, 4):
-    layer = nnx.Conv(4, 6 if groups == 2 else 4, (3, 3), feature_group_count=groups, rngs=nnx.Rngs(0))
-    _, _, stats = eva_optax.nnx_value_and_grad(lambda m: jnp.mean(jnp.tanh(m(x)) ** 2), statistics=STATISTICS)(layer)
+    layer = nnx.Conv(
+      4, 6 if groups == 2 else 4, (3, 3), feature_group_count=groups, rngs=nnx.Rngs(0)
+    )
+    _, _, stats = eva_optax.nnx_value_and_grad(
+      lambda m: jnp.mean(jnp.tanh(m(x)) ** 2), statistics=STATISTICS
+    )(layer)
     linen = nn.Conv(layer.out_features, (3, 3), feature_group_count=groups)
     params = {"kernel": layer.kernel[...], "bias": layer.bias[...]}
     loss = lambda p: jnp.mean(jnp.tanh(linen.apply({"params": p}, x)) ** 2)
@@ -510,13 +510,14 @@ def test_sample_rows_factors_equal_the_linen_capture():
   linear = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
   statistics = ("input_factor", "output_grad_factor")
   _, _, got = eva_optax.nnx_value_and_grad(
-      lambda m: jnp.mean((jnp.tanh(m(x)) - t) ** 2), statistics=statistics, factor_rows="samples"
+    lambda m: jnp.mean((jnp.tanh(m(x)) - t) ** 2), statistics=statistics, factor_rows="samples"
   )(linear)
   dense = nn.Dense(2)
   params = {"kernel": linear.kernel[...], "bias": linear.bias[...]}
   _, _, want = eva_optax.value_and_grad(
-      lambda p: jnp.mean((jnp.tanh(dense.apply({"params": p}, x)) - t) ** 2),
-      statistics=statistics, factor_rows="samples",
+    lambda p: jnp.mean((jnp.tanh(dense.apply({"params": p}, x)) - t) ** 2),
+    statistics=statistics,
+    factor_rows="samples",
   )(params)
   assert got.factor_rows == "samples"
   for field in statistics:

@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
 CELL_TIMEOUT_S = 180
 RESULT = re.compile(
-    r"^(?P<name>\S+)\s+final training loss (?P<loss>\S+)\s+test accuracy (?P<acc>\S+)",
-    re.MULTILINE,
+  r"^(?P<name>\S+)\s+final training loss (?P<loss>\S+)\s+test accuracy (?P<acc>\S+)",
+  re.MULTILINE,
 )
 
 
@@ -42,11 +42,11 @@ def _has_real_data() -> bool:
 
 def _stdout(nb: nbformat.NotebookNode) -> str:
   return "".join(
-      out.get("text", "")
-      for cell in nb.cells
-      if cell.cell_type == "code"
-      for out in cell.outputs
-      if out.output_type == "stream" and out.name == "stdout"
+    out.get("text", "")
+    for cell in nb.cells
+    if cell.cell_type == "code"
+    for out in cell.outputs
+    if out.output_type == "stream" and out.name == "stdout"
   )
 
 
@@ -62,18 +62,23 @@ def test_quickstart_notebook_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
   # A kernel on this interpreter, whatever kernelspecs the user has installed.
   spec_dir = tmp_path / "jupyter" / "kernels" / "eva-optax-test"
   spec_dir.mkdir(parents=True)
-  (spec_dir / "kernel.json").write_text(json.dumps({
-      "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-      "display_name": "eva_optax test",
-      "language": "python",
-  }))
+  (spec_dir / "kernel.json").write_text(
+    json.dumps(
+      {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "eva_optax test",
+        "language": "python",
+      }
+    )
+  )
   monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
   monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
   monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
   # The suite's eight fake CPU devices (conftest) are not what a notebook user has.
   xla_flags = " ".join(
-      f for f in os.environ.get("XLA_FLAGS", "").split()
-      if not f.startswith("--xla_force_host_platform_device_count")
+    f
+    for f in os.environ.get("XLA_FLAGS", "").split()
+    if not f.startswith("--xla_force_host_platform_device_count")
   )
   monkeypatch.setenv("XLA_FLAGS", xla_flags)
 
@@ -88,10 +93,10 @@ def test_quickstart_notebook_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
   nb = nbformat.read(NOTEBOOK, as_version=4)
   client = NotebookClient(
-      nb,
-      timeout=CELL_TIMEOUT_S,
-      kernel_name="eva-optax-test",
-      resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+    nb,
+    timeout=CELL_TIMEOUT_S,
+    kernel_name="eva-optax-test",
+    resources={"metadata": {"path": str(NOTEBOOK.parent)}},
   )
   start = time.perf_counter()
   client.execute()  # raises CellExecutionError on the first failing cell
@@ -108,8 +113,11 @@ def test_quickstart_notebook_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
       assert loss < 1.0 and acc > 0.6, (name, loss, acc)
   assert "preconditioned" in out  # eva_optax.describe was shown
   images = [
-      o for c in nb.cells if c.cell_type == "code" for o in c.outputs
-      if "image/png" in o.get("data", {})
+    o
+    for c in nb.cells
+    if c.cell_type == "code"
+    for o in c.outputs
+    if "image/png" in o.get("data", {})
   ]
   assert len(images) == 2  # the SGD/Eva plot, then with Eva-s added
   print(f"notebook ran in {elapsed:.1f} s; {results}")

@@ -23,7 +23,7 @@ from eva_optax._src.once_per_mesh import cost, once_per_mesh, owners
 from examples.harness import compiled_ops
 
 needs_8 = pytest.mark.skipif(
-    jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8"
+  jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8"
 )
 
 
@@ -47,17 +47,17 @@ def _spd(rng, n):
 def _layers():
   rng = np.random.default_rng(0)
   return [
-      {"a": _spd(rng, 16), "g": _spd(rng, 8)},
-      {"a": _spd(rng, 32), "g": _spd(rng, 24)},
-      {"a": _spd(rng, 24), "g": _spd(rng, 4)},
+    {"a": _spd(rng, 16), "g": _spd(rng, 8)},
+    {"a": _spd(rng, 32), "g": _spd(rng, 24)},
+    {"a": _spd(rng, 24), "g": _spd(rng, 4)},
   ]
 
 
 def _inverses(layer, gamma):
   return {
-      "a_inv": damped_inverse(layer["a"], gamma),
-      "g_inv": damped_inverse(layer["g"], gamma),
-      "trace": jnp.trace(jnp.cos(layer["a"])),  # a mark of the work in the compiled HLO
+    "a_inv": damped_inverse(layer["a"], gamma),
+    "g_inv": damped_inverse(layer["g"], gamma),
+    "trace": jnp.trace(jnp.cos(layer["a"])),  # a mark of the work in the compiled HLO
   }
 
 
@@ -82,14 +82,16 @@ def test_one_function_per_layer():
 def test_on_a_mesh_each_layer_once_with_two_collectives():
   mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
   specs = [
-      {"a": P(("model", "data")), "g": P("data")},
-      {"a": P(), "g": P(("data", "model"))},
-      {"a": P("model"), "g": P()},
+    {"a": P(("model", "data")), "g": P("data")},
+    {"a": P(), "g": P(("data", "model"))},
+    {"a": P("model"), "g": P()},
   ]
-  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+  shardings = jax.tree.map(
+    lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P)
+  )
   layers = jax.device_put(_layers(), shardings)
   out_shardings = [
-      {"a_inv": s["a"], "g_inv": s["g"], "trace": NamedSharding(mesh, P())} for s in shardings
+    {"a_inv": s["a"], "g_inv": s["g"], "trace": NamedSharding(mesh, P())} for s in shardings
   ]
   fn = jax.jit(lambda ls, g: once_per_mesh(_inverses, ls, (g,)), out_shardings=out_shardings)
   gamma = jnp.float32(0.1)
@@ -100,7 +102,7 @@ def test_on_a_mesh_each_layer_once_with_two_collectives():
       # The owner's result, zeros added from every other device (a second device's
       # result would double it); to rounding, the programs being compiled apart.
       np.testing.assert_allclose(
-          np.asarray(result[name]), np.asarray(want[name]), rtol=1e-6, atol=1e-7, err_msg=name
+        np.asarray(result[name]), np.asarray(want[name]), rtol=1e-6, atol=1e-7, err_msg=name
       )
     assert result["a_inv"].sharding.spec == spec["a"]
     assert result["g_inv"].sharding.spec == spec["g"]

@@ -10,16 +10,16 @@ from eva_optax._src import paths
 
 def test_flatten_with_paths_then_nest_is_the_tree():
   tree = {
-      "Dense_0": {"kernel": np.ones((3, 2)), "bias": np.zeros(2)},
-      "blocks": {"0": {"attn": {"query": {"kernel": np.full((2, 2), 3.0)}}}},
-      "scale": np.float32(0.5),
+    "Dense_0": {"kernel": np.ones((3, 2)), "bias": np.zeros(2)},
+    "blocks": {"0": {"attn": {"query": {"kernel": np.full((2, 2), 3.0)}}}},
+    "scale": np.float32(0.5),
   }
   flat = paths.flatten_with_paths(tree)
   assert [p for p, _ in flat] == [
-      ("Dense_0", "bias"),
-      ("Dense_0", "kernel"),
-      ("blocks", "0", "attn", "query", "kernel"),
-      ("scale",),
+    ("Dense_0", "bias"),
+    ("Dense_0", "kernel"),
+    ("blocks", "0", "attn", "query", "kernel"),
+    ("scale",),
   ]
   back = paths.nest(dict(flat))
   assert jax.tree.structure(back) == jax.tree.structure(tree)
@@ -34,9 +34,9 @@ def test_nest_of_the_empty_path_is_the_leaf():
 
 def test_path_of_names_every_key_kind():
   keys = (
-      jax.tree_util.DictKey("blocks"),
-      jax.tree_util.SequenceKey(2),
-      jax.tree_util.GetAttrKey("attn"),
+    jax.tree_util.DictKey("blocks"),
+    jax.tree_util.SequenceKey(2),
+    jax.tree_util.GetAttrKey("attn"),
   )
   assert paths.path_of(keys) == ("blocks", "2", "attn")
   assert paths.path_str(("blocks", "2", "attn")) == "blocks/2/attn"

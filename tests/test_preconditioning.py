@@ -22,7 +22,12 @@ import eva_optax
 from eva_optax._src import preconditioning
 from eva_optax._src.preconditioning import LayerGradient, Preconditioned
 from eva_optax._src.statistics import (
-    EVA_STATISTICS, KernelLayout, LayerStats, PassThrough, WithBiasRow, together,
+  EVA_STATISTICS,
+  KernelLayout,
+  LayerStats,
+  PassThrough,
+  WithBiasRow,
+  together,
 )
 
 # The submodules (the package exports functions of the same names).
@@ -57,9 +62,9 @@ def problem():
 
 
 OPTIMIZERS = {
-    "eva_foof": (eva_foof.eva_foof, eva_foof.scale_by_eva_foof, eva_foof.STATISTICS),
-    "foof": (foof.foof, foof.scale_by_foof, foof.STATISTICS),
-    "kfac": (kfac.kfac, kfac.scale_by_kfac, kfac.STATISTICS),
+  "eva_foof": (eva_foof.eva_foof, eva_foof.scale_by_eva_foof, eva_foof.STATISTICS),
+  "foof": (foof.foof, foof.scale_by_foof, foof.STATISTICS),
+  "kfac": (kfac.kfac, kfac.scale_by_kfac, kfac.STATISTICS),
 }
 
 
@@ -91,9 +96,11 @@ def test_alias_equals_preconditioner_then_sgd(problem, name):
     kw["inverse_every"] = 2
   a, _ = _train(problem, alias(0.05, momentum=0.9, weight_decay=1e-3, **kw), statistics)
   b, _ = _train(
-      problem,
-      optax.chain(scale_by(0.05, **kw), optax.add_decayed_weights(1e-3), optax.sgd(0.05, momentum=0.9)),
-      statistics,
+    problem,
+    optax.chain(
+      scale_by(0.05, **kw), optax.add_decayed_weights(1e-3), optax.sgd(0.05, momentum=0.9)
+    ),
+    statistics,
   )
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7), a, b)
   # Something moved, and the pass-through LayerNorm got plain SGD.
@@ -106,7 +113,7 @@ def test_inverses_refresh_exactly_every_n_steps(problem, name):
   _, states = _train(problem, alias(0.05, inverse_every=3), statistics, steps=7)
   caches = [s[0].cache for s in states]  # state of the preconditioner in the chain
   same = lambda i, j: all(
-      np.array_equal(u, v) for u, v in zip(jax.tree.leaves(caches[i]), jax.tree.leaves(caches[j]))
+    np.array_equal(u, v) for u, v in zip(jax.tree.leaves(caches[i]), jax.tree.leaves(caches[j]))
   )
   # Refreshed after updates 0, 3, 6; fixed in between.
   assert same(0, 1) and same(1, 2)
@@ -124,12 +131,21 @@ def test_inverses_refresh_exactly_every_n_steps(problem, name):
     pi = np.sqrt((np.trace(factor) / len(factor)) / (np.trace(g) / len(g)))
     damping = np.sqrt(0.03) * pi
     want_g = np.linalg.inv(g + np.sqrt(0.03) / pi * np.eye(len(g)))
-    np.testing.assert_allclose(s3.cache["output_grad_inverse"]["Dense_0"], want_g, rtol=2e-3, atol=1e-5 * np.abs(want_g).max())
-  np.testing.assert_allclose(inverse @ (factor + damping * np.eye(len(factor))), np.eye(len(factor)), atol=2e-3)
+    np.testing.assert_allclose(
+      s3.cache["output_grad_inverse"]["Dense_0"],
+      want_g,
+      rtol=2e-3,
+      atol=1e-5 * np.abs(want_g).max(),
+    )
+  np.testing.assert_allclose(
+    inverse @ (factor + damping * np.eye(len(factor))), np.eye(len(factor)), atol=2e-3
+  )
 
 
 def test_kfac_stats_every_updates_factors_on_schedule(problem):
-  _, states = _train(problem, kfac.kfac(0.05, stats_every=2, inverse_every=2), kfac.STATISTICS, steps=5)
+  _, states = _train(
+    problem, kfac.kfac(0.05, stats_every=2, inverse_every=2), kfac.STATISTICS, steps=5
+  )
   factors = [np.asarray(s[0].input_factor["Dense_0"]) for s in states]
   assert not np.array_equal(factors[0], 0 * factors[0])
   assert np.array_equal(factors[0], factors[1])
@@ -141,7 +157,9 @@ def test_kfac_stats_every_updates_factors_on_schedule(problem):
 def test_missing_statistics_is_a_clear_error(problem, name):
   alias, _, statistics = OPTIMIZERS[name]
   params, loss_fn, xs, ys = problem
-  _, grads, stats = eva_optax.value_and_grad(loss_fn, statistics=("output_grad_mean",))(params, xs[0], ys[0])
+  _, grads, stats = eva_optax.value_and_grad(loss_fn, statistics=("output_grad_mean",))(
+    params, xs[0], ys[0]
+  )
   tx = alias(0.1)
   with pytest.raises(ValueError, match="statistics="):
     tx.update(grads, tx.init(params), params, stats=stats)
@@ -151,7 +169,9 @@ def test_missing_statistics_is_a_clear_error(problem, name):
 def test_inject_hyperparams(problem, name):
   alias, _, statistics = OPTIMIZERS[name]
   a, _ = _train(problem, alias(0.05, damping=0.1), statistics, steps=2)
-  b, _ = _train(problem, optax.inject_hyperparams(alias)(learning_rate=0.05, damping=0.1), statistics, steps=2)
+  b, _ = _train(
+    problem, optax.inject_hyperparams(alias)(learning_rate=0.05, damping=0.1), statistics, steps=2
+  )
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7), a, b)
 
 
@@ -169,7 +189,9 @@ def test_gated_capture_equals_ungated(problem, name, every):
     def step(p, s, x, y):
       kw = dict(factors_due=eva_optax.factors_due(s)) if gated else {}
       _, grads, stats = grad_fn(p, x, y, **kw)
-      factor = jax.tree.leaves(stats, is_leaf=lambda e: isinstance(e, eva_optax.LayerStats))[0].input_factor
+      factor = jax.tree.leaves(stats, is_leaf=lambda e: isinstance(e, eva_optax.LayerStats))[
+        0
+      ].input_factor
       updates, s = tx.update(grads, s, p, stats=stats)
       return optax.apply_updates(p, updates), s, jnp.any(factor != 0)
 
@@ -191,8 +213,8 @@ def test_factors_due_reads_the_state_through_wrappers(problem):
   and says ``due`` exactly before the updates that average the factors."""
   params, loss_fn, xs, ys = problem
   tx = optax.chain(
-      optax.identity(),
-      optax.inject_hyperparams(kfac.kfac)(learning_rate=0.1, stats_every=4, inverse_every=1),
+    optax.identity(),
+    optax.inject_hyperparams(kfac.kfac)(learning_rate=0.1, stats_every=4, inverse_every=1),
   )
   grad_fn = eva_optax.value_and_grad(loss_fn, statistics=eva_optax.KFAC_STATISTICS)
   state, due = tx.init(params), []
@@ -212,8 +234,8 @@ def test_stats_that_match_no_layer_are_an_error(problem):
   _, grads, stats = eva_optax.value_and_grad(loss_fn)(params, xs[0], ys[0])
   tx = eva_optax.eva(0.1)
   for wrapped_grads, wrapped_params, bad_stats in [
-      (grads, params, {}),
-      ({"model": grads}, {"model": params}, stats),
+    (grads, params, {}),
+    ({"model": grads}, {"model": params}, stats),
   ]:
     state = tx.init(wrapped_params)
     with pytest.raises(ValueError, match="no statistics for the layer parameters at .*Dense_0"):
@@ -235,8 +257,11 @@ def _double(grad, stats, gamma):
 def test_each_layer_applies_the_rule_to_every_layer_and_sums_the_dots():
   rng = np.random.default_rng(0)
   grads = [
-      LayerGradient(jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), jnp.asarray(rng.normal(size=3), jnp.float32)),
-      LayerGradient(jnp.asarray(rng.normal(size=(2, 5, 2)), jnp.float32), None),
+    LayerGradient(
+      jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+      jnp.asarray(rng.normal(size=3), jnp.float32),
+    ),
+    LayerGradient(jnp.asarray(rng.normal(size=(2, 5, 2)), jnp.float32), None),
   ]
   stats = [{"scale": jnp.float32(2.0)}, {"scale": jnp.float32(-1.0)}]
   group = preconditioning.each_layer(_double)(grads, stats, jnp.float32(0.5))
@@ -249,17 +274,22 @@ def test_each_layer_applies_the_rule_to_every_layer_and_sums_the_dots():
     total += float(one.update_dot_grad)
   np.testing.assert_array_equal(group.bias[0], _double(grads[0], stats[0], 0.5).bias)
   np.testing.assert_allclose(float(group.update_dot_grad), total, rtol=1e-6)
-  np.testing.assert_allclose(total, 4.0 * float(jnp.sum(grads[0].kernel**2) + jnp.sum(grads[0].bias**2)) - 2.0 * float(jnp.sum(grads[1].kernel**2)), rtol=1e-5)
+  np.testing.assert_allclose(
+    total,
+    4.0 * float(jnp.sum(grads[0].kernel ** 2) + jnp.sum(grads[0].bias ** 2))
+    - 2.0 * float(jnp.sum(grads[1].kernel ** 2)),
+    rtol=1e-5,
+  )
 
 
 def test_apply_layerwise_preconditions_the_named_layers_scales_them_and_passes_the_rest():
   rng = np.random.default_rng(1)
   normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
   updates = {
-      "conv": {"kernel": normal(3, 3, 2, 4), "bias": normal(4)},
-      "dense": {"kernel": normal(6, 2)},
-      "LayerNorm_0": {"scale": normal(6), "bias": normal(6)},
-      "other": {"kernel": normal(2, 2), "bias": normal(2)},  # a layer, not preconditioned
+    "conv": {"kernel": normal(3, 3, 2, 4), "bias": normal(4)},
+    "dense": {"kernel": normal(6, 2)},
+    "LayerNorm_0": {"scale": normal(6), "bias": normal(6)},
+    "other": {"kernel": normal(2, 2), "bias": normal(2)},  # a layer, not preconditioned
   }
   slots = preconditioning.find_layer_slots(updates)
   layers = {("conv",): {"scale": 2.0}, ("dense",): {"scale": 3.0}}
@@ -269,12 +299,14 @@ def test_apply_layerwise_preconditions_the_named_layers_scales_them_and_passes_t
     seen.extend((g.kernel.shape, None if g.bias is None else g.bias.shape) for g in grads)
     return preconditioning.each_layer(_double)(grads, stats, 1.0)
 
-  out = preconditioning.apply_layerwise(updates, slots, layers, group_rule, lambda total: 1.0 / total)
+  out = preconditioning.apply_layerwise(
+    updates, slots, layers, group_rule, lambda total: 1.0 / total
+  )
   # The rule sees the matrices (in, out), in the order of ``layers``.
   assert seen == [((18, 4), (4,)), ((6, 2), None)]
   total = sum(
-      s * float(jnp.sum(updates[name]["kernel"] ** 2) + jnp.sum(updates[name].get("bias", 0.0) ** 2))
-      for name, s in (("conv", 2.0), ("dense", 3.0))
+    s * float(jnp.sum(updates[name]["kernel"] ** 2) + jnp.sum(updates[name].get("bias", 0.0) ** 2))
+    for name, s in (("conv", 2.0), ("dense", 3.0))
   )
   for name, s in (("conv", 2.0), ("dense", 3.0)):
     for leaf in updates[name]:
@@ -286,9 +318,14 @@ def test_apply_layerwise_preconditions_the_named_layers_scales_them_and_passes_t
 
 
 def _averages_setup():
-  params = {"Dense_0": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)}, "norm": {"scale": jnp.zeros(2)}}
+  params = {
+    "Dense_0": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)},
+    "norm": {"scale": jnp.zeros(2)},
+  }
   slots = preconditioning.find_layer_slots(params)
-  averages = preconditioning.zero_statistics(slots, ("input_mean", "output_grad_mean", "input_factor"))
+  averages = preconditioning.zero_statistics(
+    slots, ("input_mean", "output_grad_mean", "input_factor")
+  )
   return slots, averages
 
 
@@ -297,7 +334,9 @@ def test_update_averages_first_takes_the_statistics_then_averages_them():
   first = LayerStats(jnp.asarray([1.0, 2.0, 3.0]), jnp.asarray([4.0, 5.0]), 2.0 * jnp.eye(4))
   second = LayerStats(jnp.asarray([3.0, 2.0, 1.0]), jnp.asarray([0.0, 1.0]), 4.0 * jnp.eye(4))
   stats = {"Dense_0": first, "norm": PassThrough("LayerNorm", "no kernel")}
-  per_layer, averages = preconditioning.update_averages(slots, stats, averages, 0.25, jnp.int32(0), "test")
+  per_layer, averages = preconditioning.update_averages(
+    slots, stats, averages, 0.25, jnp.int32(0), "test"
+  )
   assert set(per_layer) == {("Dense_0",)}
   np.testing.assert_array_equal(per_layer[("Dense_0",)]["input_mean"], first.input_mean)
   # A of a layer with a bias: kept as its kernel rows and its bias row.
@@ -305,7 +344,7 @@ def test_update_averages_first_takes_the_statistics_then_averages_them():
   assert isinstance(stored, WithBiasRow) and stored.rows.shape == (3, 4)
   np.testing.assert_array_equal(stored.matrix(), first.input_factor)
   per_layer, averages = preconditioning.update_averages(
-      slots, {"Dense_0": second}, averages, 0.25, jnp.int32(1), "test"
+    slots, {"Dense_0": second}, averages, 0.25, jnp.int32(1), "test"
   )
   for name in ("input_mean", "output_grad_mean", "input_factor"):
     want = 0.25 * getattr(first, name) + 0.75 * getattr(second, name)
@@ -318,23 +357,33 @@ def test_update_averages_keeps_what_is_not_finite_and_factors_not_computed():
   zeros (gated off by factors_due) or has an Inf keeps the old factor."""
   slots, averages = _averages_setup()
   old = LayerStats(jnp.asarray([1.0, 2.0, 3.0]), jnp.asarray([4.0, 5.0]), 2.0 * jnp.eye(4))
-  _, averages = preconditioning.update_averages(slots, {"Dense_0": old}, averages, 0.5, jnp.int32(0), "test")
+  _, averages = preconditioning.update_averages(
+    slots, {"Dense_0": old}, averages, 0.5, jnp.int32(0), "test"
+  )
   for factor in (jnp.zeros((4, 4)), jnp.eye(4).at[0, 1].set(jnp.inf)):
     bad = LayerStats(jnp.asarray([jnp.nan, 4.0, 5.0]), jnp.asarray([jnp.inf, 1.0]), factor)
-    per_layer, after = preconditioning.update_averages(slots, {"Dense_0": bad}, averages, 0.5, jnp.int32(1), "test")
+    per_layer, after = preconditioning.update_averages(
+      slots, {"Dense_0": bad}, averages, 0.5, jnp.int32(1), "test"
+    )
     np.testing.assert_allclose(after["input_mean"]["Dense_0"], [1.0, 3.0, 4.0])
     np.testing.assert_allclose(after["output_grad_mean"]["Dense_0"], [4.0, 3.0])
     np.testing.assert_array_equal(together(after["input_factor"]["Dense_0"]), old.input_factor)
-    np.testing.assert_array_equal(together(per_layer[("Dense_0",)]["input_factor"]), old.input_factor)
+    np.testing.assert_array_equal(
+      together(per_layer[("Dense_0",)]["input_factor"]), old.input_factor
+    )
 
 
 def test_update_averages_names_what_is_missing():
   slots, averages = _averages_setup()
-  with pytest.raises(ValueError, match=r"needs the statistics .*\['input_factor'\] were not captured"):
+  with pytest.raises(
+    ValueError, match=r"needs the statistics .*\['input_factor'\] were not captured"
+  ):
     preconditioning.update_averages(
-        slots, {"Dense_0": LayerStats(jnp.ones(3), jnp.ones(2))}, averages, 0.5, jnp.int32(0), "test"
+      slots, {"Dense_0": LayerStats(jnp.ones(3), jnp.ones(2))}, averages, 0.5, jnp.int32(0), "test"
     )
-  with pytest.raises(ValueError, match=r"test: no statistics for the layer parameters at \['Dense_0'\]"):
+  with pytest.raises(
+    ValueError, match=r"test: no statistics for the layer parameters at \['Dense_0'\]"
+  ):
     preconditioning.update_averages(slots, {}, averages, 0.5, jnp.int32(0), "test")
 
 
@@ -358,10 +407,10 @@ class OpenLayouts(nn.Module):
 
 
 OPEN_LAYOUTS = {
-    "eva": (eva.eva, EVA_STATISTICS),
-    "eva_foof": (eva_foof.eva_foof, eva_foof.STATISTICS),
-    "foof": (foof.foof, foof.STATISTICS),
-    "kfac": (kfac.kfac, kfac.STATISTICS),
+  "eva": (eva.eva, EVA_STATISTICS),
+  "eva_foof": (eva_foof.eva_foof, eva_foof.STATISTICS),
+  "foof": (foof.foof, foof.STATISTICS),
+  "kfac": (kfac.kfac, kfac.STATISTICS),
 }
 
 
@@ -429,22 +478,28 @@ def test_room_is_exact_where_the_parameters_fix_the_layout_and_flat_where_not():
   (4, 3, 5) has several (in 4·3 out 5; in 4 out 3·5; stack 4, in 3, out 5; and
   the Einsum readings contracting 3 or 5): each statistic gets a flat buffer as
   long as its largest reading; fit reads its head, put writes it, tail zero."""
-  slots = preconditioning.find_layer_slots({
+  slots = preconditioning.find_layer_slots(
+    {
       "dense": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)},
       "open": {"kernel": jnp.zeros((4, 3, 5))},
-  })
+    }
+  )
   assert preconditioning.room(slots[("dense",)], EVA_STATISTICS) == {
-      "input_mean": (4,), "output_grad_mean": (3,)
+    "input_mean": (4,),
+    "output_grad_mean": (3,),
   }
   # ā: 12, 4, 4·3, 3, 5 → 12; ḡ: 5, 15, 4·5, 4·5, 3·4 → 20.
   assert preconditioning.room(slots[("open",)], EVA_STATISTICS) == {
-      "input_mean": (12,), "output_grad_mean": (20,)
+    "input_mean": (12,),
+    "output_grad_mean": (20,),
   }
   open_slot = slots[("open",)]
   assert preconditioning.has_room(open_slot, KernelLayout(0, 2), EVA_STATISTICS)
   assert preconditioning.has_room(open_slot, KernelLayout(1, 1), EVA_STATISTICS)
   # Contracting 3 and 5 (ā of 15) is not a reading of Flax's layers.
-  assert not preconditioning.has_room(open_slot, KernelLayout(0, 1, permutation=(1, 2, 0)), EVA_STATISTICS)
+  assert not preconditioning.has_room(
+    open_slot, KernelLayout(0, 1, permutation=(1, 2, 0)), EVA_STATISTICS
+  )
   value = jnp.arange(1.0, 16.0).reshape(3, 5)
   new = preconditioning.put(jnp.ones(20), value)
   np.testing.assert_array_equal(new, np.r_[np.arange(1.0, 16.0), np.zeros(5)])

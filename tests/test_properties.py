@@ -5,7 +5,6 @@ import importlib
 
 import hypothesis
 import hypothesis.strategies as st
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -19,8 +18,12 @@ eva_shampoo = importlib.import_module("eva_optax._src.eva_shampoo")
 
 SETTINGS = hypothesis.settings(deadline=None, max_examples=30)
 layer = dict(
-    in_dim=st.integers(1, 6), out_dim=st.integers(1, 5), bias=st.booleans(),
-    damping=st.floats(1e-3, 1.0), log_scale=st.floats(-3.0, 3.0), seed=st.integers(0, 2**16),
+  in_dim=st.integers(1, 6),
+  out_dim=st.integers(1, 5),
+  bias=st.booleans(),
+  damping=st.floats(1e-3, 1.0),
+  log_scale=st.floats(-3.0, 3.0),
+  seed=st.integers(0, 2**16),
 )
 
 
@@ -43,7 +46,9 @@ def test_eva_property(in_dim, out_dim, bias, damping, log_scale, seed):
   a_hat = np.concatenate([a, [1.0]]) if bias else a
   matrix = np.kron(np.outer(a_hat, a_hat), np.outer(g, g)) + damping * np.eye(a_hat.size * out_dim)
   want = np.linalg.solve(matrix, g_hat.T.reshape(-1)).reshape(a_hat.size, out_dim).T
-  p = eva.sherman_morrison(grad, jnp.asarray(a, jnp.float32), jnp.asarray(g, jnp.float32), jnp.float32(damping))
+  p = eva.sherman_morrison(
+    grad, jnp.asarray(a, jnp.float32), jnp.asarray(g, jnp.float32), jnp.float32(damping)
+  )
   # The rule returns γ·(…)⁻¹ vec Ĝ (the 1/γ goes to the KL scaling).
   _close(paper(p, bias), damping * want, scale=np.abs(g_hat).max())
 
@@ -60,7 +65,7 @@ def test_kfac_property(in_dim, out_dim, bias, damping, log_scale, seed):
   g_damped = g_factor + np.sqrt(damping) / pi * np.eye(out_dim)
   want = np.linalg.solve(g_damped, g_hat) @ np.linalg.inv(a_damped)
   a_inv, g_inv = kfac.damped_inverses(
-      jnp.asarray(a_factor, jnp.float32), jnp.asarray(g_factor, jnp.float32), jnp.float32(damping)
+    jnp.asarray(a_factor, jnp.float32), jnp.asarray(g_factor, jnp.float32), jnp.float32(damping)
   )
   _close(paper(kfac.kfac_precondition(grad, a_inv, g_inv), bias), want)
 
@@ -85,14 +90,17 @@ def _eva_shampoo_case(shape, damping, log_scale, seed):
   for s in vectors[1:]:
     u = np.multiply.outer(u, s)
   got = eva_shampoo.sherman_morrison_tensor(
-      jnp.asarray(g, jnp.float32), [jnp.asarray(s, jnp.float32) for s in vectors], jnp.float32(damping)
+    jnp.asarray(g, jnp.float32),
+    [jnp.asarray(s, jnp.float32) for s in vectors],
+    jnp.float32(damping),
   )
   return g, u.reshape(-1), np.asarray(got, np.float64).reshape(-1)
 
 
 shampoo_case = dict(
-    shape=st.lists(st.integers(1, 5), min_size=2, max_size=3),
-    damping=st.floats(1e-3, 1.0), seed=st.integers(0, 2**16),
+  shape=st.lists(st.integers(1, 5), min_size=2, max_size=3),
+  damping=st.floats(1e-3, 1.0),
+  seed=st.integers(0, 2**16),
 )
 
 

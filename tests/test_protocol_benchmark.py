@@ -35,19 +35,50 @@ def test_a_recorded_tuning_is_handed_on_only_for_the_same_workload(tmp_path, cal
   protocol.main(quick + ["--out", str(tmp_path / "a")])
   assert calls[0]["recorded"] is None
   recorded = tmp_path / "a" / "protocol.json"
-  protocol.main(quick + ["--seeds", "0,1", "--tuning-from", str(recorded),
-                         "--out", str(tmp_path / "b")])
+  protocol.main(
+    quick + ["--seeds", "0,1", "--tuning-from", str(recorded), "--out", str(tmp_path / "b")]
+  )
   assert calls[1]["recorded"] == json.loads(recorded.read_text())
   assert calls[1]["settings"]["tuning_from"] == str(recorded)
   # Other optimizers and seeds are the protocol's to check; another workload is refused.
-  protocol.main(["--quick", "--optimizers", "sgd,eva", "--tuning-from", str(recorded),
-                 "--out", str(tmp_path / "c")])
+  protocol.main(
+    [
+      "--quick",
+      "--optimizers",
+      "sgd,eva",
+      "--tuning-from",
+      str(recorded),
+      "--out",
+      str(tmp_path / "c"),
+    ]
+  )
   with pytest.raises(SystemExit, match="tuned with train_limit = 2000, this run has 1000"):
-    protocol.main(quick + ["--tuning-from", str(recorded), "--out", str(tmp_path / "d"),
-                           "--", "--train-limit", "1000"])
+    protocol.main(
+      quick
+      + [
+        "--tuning-from",
+        str(recorded),
+        "--out",
+        str(tmp_path / "d"),
+        "--",
+        "--train-limit",
+        "1000",
+      ]
+    )
   with pytest.raises(SystemExit, match="tuned with batch_size = 1000, this run has 128"):
-    protocol.main(["--quick", "--workload", "classifier", "--optimizers", "sgd",
-                   "--tuning-from", str(recorded), "--out", str(tmp_path / "d")])
+    protocol.main(
+      [
+        "--quick",
+        "--workload",
+        "classifier",
+        "--optimizers",
+        "sgd",
+        "--tuning-from",
+        str(recorded),
+        "--out",
+        str(tmp_path / "d"),
+      ]
+    )
   with pytest.raises(SystemExit, match="cannot read it"):
     protocol.main(quick + ["--tuning-from", str(tmp_path / "none.json")])
   (tmp_path / "other.json").write_text("{}")

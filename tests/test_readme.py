@@ -38,11 +38,11 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 #: The pages whose python blocks run, in the order they run (README.md first).
 PAGES = [
-    README,
-    ROOT / "docs" / "optimizers.md",       # K-FAC, Eva-s, the chain (the Linen quickstart's names)
-    ROOT / "docs" / "layers.md",           # layouts (K-FAC's grad_fn from optimizers.md)
-    ROOT / "docs" / "multi_device.md",     # pmap (the tx of layers.md), the sharded decoder
-    ROOT / "docs" / "getting_started.md",  # NNX: its given model and loss_fn come last
+  README,
+  ROOT / "docs" / "optimizers.md",  # K-FAC, Eva-s, the chain (the Linen quickstart's names)
+  ROOT / "docs" / "layers.md",  # layouts (K-FAC's grad_fn from optimizers.md)
+  ROOT / "docs" / "multi_device.md",  # pmap (the tx of layers.md), the sharded decoder
+  ROOT / "docs" / "getting_started.md",  # NNX: its given model and loss_fn come last
 ]
 NOT_RUN = "# not run:"
 
@@ -73,7 +73,6 @@ def _nnx_model(ns):
   from flax import nnx
 
   class MLP(nnx.Module):
-
     def __init__(self, rngs):
       self.hidden = nnx.Linear(784, 256, rngs=rngs)
       self.out = nnx.Linear(256, 10, rngs=rngs)
@@ -89,11 +88,15 @@ def _nnx_model(ns):
 
 #: Names a block uses that its page takes as given: {piece of the block: (setup, why)}.
 GIVEN = {
-    "eva_optax.kfac(": (lambda ns: ns.update(zip("xy", _batch())), "a batch x, y: the user's data"),
-    "eva_optax.scale_by_eva(learning_rate=lr)": (lambda ns: ns.update(lr=0.1), "lr: the prose's learning rate"),
-    "nnx.Optimizer(model, tx, wrt=nnx.Param)": (
-        _nnx_model, "an NNX model and loss_fn(model, x, y), as the section's prose describes them"
-    ),
+  "eva_optax.kfac(": (lambda ns: ns.update(zip("xy", _batch())), "a batch x, y: the user's data"),
+  "eva_optax.scale_by_eva(learning_rate=lr)": (
+    lambda ns: ns.update(lr=0.1),
+    "lr: the prose's learning rate",
+  ),
+  "nnx.Optimizer(model, tx, wrt=nnx.Param)": (
+    _nnx_model,
+    "an NNX model and loss_fn(model, x, y), as the section's prose describes them",
+  ),
 }
 
 
@@ -162,9 +165,13 @@ def _check_pmap(ns):
   every replica equal (statistics and gradients of the global batch)."""
   devices = jax.local_device_count()
   params, tx, x, y = ns["params"], ns["tx"], ns["x"], ns["y"]
-  replicate = lambda tree: jax.tree.map(lambda a: jnp.broadcast_to(a, (devices,) + jnp.shape(a)), tree)
+  replicate = lambda tree: jax.tree.map(
+    lambda a: jnp.broadcast_to(a, (devices,) + jnp.shape(a)), tree
+  )
   shard = lambda a: a.reshape((devices, -1) + a.shape[1:])
-  new, _ = jax.pmap(ns["step"], axis_name="data")(replicate(params), replicate(tx.init(params)), shard(x), shard(y))
+  new, _ = jax.pmap(ns["step"], axis_name="data")(
+    replicate(params), replicate(tx.init(params)), shard(x), shard(y)
+  )
   moved = 0.0
   for old, leaf in zip(jax.tree.leaves(params), jax.tree.leaves(new)):
     np.testing.assert_array_equal(leaf, np.broadcast_to(leaf[0], leaf.shape))
@@ -174,7 +181,9 @@ def _check_pmap(ns):
 
 def _check_nnx(ns):
   """Three nnx.Optimizer steps lower the loss on one batch."""
-  losses = [float(ns["train_step"](ns["model"], ns["optimizer"], ns["x"], ns["y"])) for _ in range(3)]
+  losses = [
+    float(ns["train_step"](ns["model"], ns["optimizer"], ns["x"], ns["y"])) for _ in range(3)
+  ]
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
 
 
@@ -190,19 +199,21 @@ def _check_sharded(ns):
 
 
 CHECKS = {
-    "eva_optax.state_shardings(tx, params)": _check_sharded,
-    "def train_step(params, opt_state, x, y)": _check_quickstart,
-    "eva_optax.kfac(": _check_finite_step,
-    "eva_optax.scale_by_eva(learning_rate=lr)": _check_chain,
-    "layouts=eva_optax.layouts_of(stats)": _check_layouts,
-    'value_and_grad(loss_fn, axis_name="data")': _check_pmap,
-    "nnx.Optimizer(model, tx, wrt=nnx.Param)": _check_nnx,
+  "eva_optax.state_shardings(tx, params)": _check_sharded,
+  "def train_step(params, opt_state, x, y)": _check_quickstart,
+  "eva_optax.kfac(": _check_finite_step,
+  "eva_optax.scale_by_eva(learning_rate=lr)": _check_chain,
+  "layouts=eva_optax.layouts_of(stats)": _check_layouts,
+  'value_and_grad(loss_fn, axis_name="data")': _check_pmap,
+  "nnx.Optimizer(model, tx, wrt=nnx.Param)": _check_nnx,
 }
 
 
 def _matching(blocks, key):
   found = [i for i, (_, code) in enumerate(blocks) if key in code]
-  assert len(found) == 1, f"{key!r} must be in exactly one python block of the pages, found {len(found)}"
+  assert len(found) == 1, (
+    f"{key!r} must be in exactly one python block of the pages, found {len(found)}"
+  )
   return found[0]
 
 
@@ -211,7 +222,9 @@ def _page_blocks() -> list[tuple[str, int, str]]:
   found = []
   for page in PAGES:
     name = page.relative_to(ROOT).as_posix()
-    found += [(name, line, code) for line, code in python_blocks(page.read_text(encoding="utf-8"), name)]
+    found += [
+      (name, line, code) for line, code in python_blocks(page.read_text(encoding="utf-8"), name)
+    ]
   return found
 
 

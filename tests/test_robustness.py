@@ -6,44 +6,43 @@ statistics that do not fit the parameters or are not finite never corrupt the st
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import eva_optax
 from models import TwoLayerMLP
 
 ALIASES = {
-    "eva": eva_optax.eva,
-    "eva_foof": eva_optax.eva_foof,
-    "eva_shampoo": eva_optax.eva_shampoo,
-    "kfac": eva_optax.kfac,
-    "foof": eva_optax.foof,
-    "shampoo": eva_optax.shampoo,
+  "eva": eva_optax.eva,
+  "eva_foof": eva_optax.eva_foof,
+  "eva_shampoo": eva_optax.eva_shampoo,
+  "kfac": eva_optax.kfac,
+  "foof": eva_optax.foof,
+  "shampoo": eva_optax.shampoo,
 }
 STATISTICS = {
-    "eva": eva_optax.EVA_STATISTICS,
-    "eva_foof": eva_optax.EVA_FOOF_STATISTICS,
-    "eva_shampoo": None,
-    "kfac": eva_optax.KFAC_STATISTICS,
-    "foof": eva_optax.FOOF_STATISTICS,
-    "shampoo": None,
+  "eva": eva_optax.EVA_STATISTICS,
+  "eva_foof": eva_optax.EVA_FOOF_STATISTICS,
+  "eva_shampoo": None,
+  "kfac": eva_optax.KFAC_STATISTICS,
+  "foof": eva_optax.FOOF_STATISTICS,
+  "shampoo": None,
 }
 
 BAD = [
-    ("damping", 0.0, "damping"),
-    ("damping", -1e-3, "damping"),
-    ("momentum", 1.0, "momentum"),
-    ("momentum", -0.1, "momentum"),
-    ("stat_decay", 1.5, "stat_decay"),
-    ("stat_decay", -0.1, "stat_decay"),
-    ("weight_decay", -1.0, "weight_decay"),
-    ("learning_rate", "fast", "learning_rate"),
-    ("learning_rate", float("nan"), "learning_rate"),
+  ("damping", 0.0, "damping"),
+  ("damping", -1e-3, "damping"),
+  ("momentum", 1.0, "momentum"),
+  ("momentum", -0.1, "momentum"),
+  ("stat_decay", 1.5, "stat_decay"),
+  ("stat_decay", -0.1, "stat_decay"),
+  ("weight_decay", -1.0, "weight_decay"),
+  ("learning_rate", "fast", "learning_rate"),
+  ("learning_rate", float("nan"), "learning_rate"),
 ]
 PERIODS = {
-    "kfac": ("inverse_every", "stats_every"),
-    "foof": ("inverse_every", "stats_every"),
-    "shampoo": ("inverse_every", "block_size"),
+  "kfac": ("inverse_every", "stats_every"),
+  "foof": ("inverse_every", "stats_every"),
+  "shampoo": ("inverse_every", "block_size"),
 }
 
 
@@ -89,7 +88,11 @@ def _step(name, model, params, x, y, tx=None):
 
 
 def _finite(tree):
-  return all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.inexact))
+  return all(
+    bool(jnp.all(jnp.isfinite(leaf)))
+    for leaf in jax.tree.leaves(tree)
+    if jnp.issubdtype(leaf.dtype, jnp.inexact)
+  )
 
 
 @pytest.mark.parametrize("name", sorted(ALIASES))
@@ -141,7 +144,9 @@ def test_low_precision_params(name, dtype):
     scale = float(jnp.abs(r).max()) + 1e-12
     assert float(jnp.abs(u.astype(jnp.float32) - r).max()) < 0.1 * scale
   if STATISTICS[name] is not None:
-    loss_fn = lambda p: jnp.mean((TwoLayerMLP(dtype=dtype).apply({"params": p}, x.astype(dtype)).astype(jnp.float32) - y) ** 2)
+    loss_fn = lambda p: jnp.mean(
+      (TwoLayerMLP(dtype=dtype).apply({"params": p}, x.astype(dtype)).astype(jnp.float32) - y) ** 2
+    )
     _, _, stats = eva_optax.value_and_grad(loss_fn, statistics=STATISTICS[name])(low)
     for leaf in jax.tree.leaves(stats):
       assert leaf.dtype == jnp.float32
@@ -175,9 +180,7 @@ def test_non_finite_statistics_never_enter_the_averages(name):
   _, state = tx.update(grads, state, params, stats=stats)
   # Statistics of a step that overflowed: NaN in one layer's vectors, Inf in the other's.
   poison = {"Dense_0": jnp.nan, "Dense_1": jnp.inf}
-  bad_stats = {
-      k: jax.tree.map(lambda a: a * poison[k], v) for k, v in stats.items()
-  }
+  bad_stats = {k: jax.tree.map(lambda a: a * poison[k], v) for k, v in stats.items()}
   assert not _finite(bad_stats)
   _, after = tx.update(grads, state, params, stats=bad_stats)
   for field in STATISTICS[name]:

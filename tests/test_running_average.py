@@ -14,7 +14,7 @@ def test_running_average_first_update_takes_new_value():
   old, new = jnp.array([5.0, -5.0]), jnp.array([1.0, 2.0])
   np.testing.assert_allclose(update_running_average(old, new, 0.3, jnp.int32(0)), new)
   np.testing.assert_allclose(
-      update_running_average(old, new, 0.3, jnp.int32(1)), 0.3 * old + 0.7 * new, rtol=1e-6
+    update_running_average(old, new, 0.3, jnp.int32(1)), 0.3 * old + 0.7 * new, rtol=1e-6
   )
 
 
@@ -26,7 +26,9 @@ def test_steps_equal_the_recursion_by_hand(stat_decay):
   average = jnp.zeros((3, 2), jnp.float32)
   want = None
   for count, x in enumerate(xs):
-    average = update_running_average(average, jnp.asarray(x, jnp.float32), stat_decay, jnp.int32(count))
+    average = update_running_average(
+      average, jnp.asarray(x, jnp.float32), stat_decay, jnp.int32(count)
+    )
     want = x if count == 0 else stat_decay * want + (1.0 - stat_decay) * x
     np.testing.assert_allclose(average, want, rtol=1e-5, atol=1e-6)
 

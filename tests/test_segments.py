@@ -14,9 +14,9 @@ def test_segments_dots_equal_per_layer_dots():
   xs = [rng.normal(size=s + (n,)).astype(np.float32) for s, n in zip(stacks, (5, 4, 3, 7))]
   ys = [rng.normal(size=x.shape).astype(np.float32) for x in xs]
   same, cross, partial = segments.dots(
-      [(jnp.asarray(x), jnp.asarray(x)) for x in xs],
-      [(jnp.asarray(x), jnp.asarray(y)) for x, y in zip(xs, ys)],
-      [None, (jnp.asarray(xs[1]), jnp.asarray(ys[1])), None, None],
+    [(jnp.asarray(x), jnp.asarray(x)) for x in xs],
+    [(jnp.asarray(x), jnp.asarray(y)) for x, y in zip(xs, ys)],
+    [None, (jnp.asarray(xs[1]), jnp.asarray(ys[1])), None, None],
   )
   assert same.shape == cross.shape == (segments.size,) == (1 + 3 + 4 + 1,)
   for l, (x, y) in enumerate(zip(xs, ys)):
@@ -38,7 +38,9 @@ def test_pack_indicator_and_of_address_each_layers_slots():
   np.testing.assert_array_equal(packed, np.arange(1.0, 10.0))
   for l, v in enumerate(per_layer):
     np.testing.assert_array_equal(segments.of(packed, l), v)
-  np.testing.assert_array_equal(segments.indicator([True, False, True]), [1, 1, 0, 1, 1, 1, 1, 1, 1])
+  np.testing.assert_array_equal(
+    segments.indicator([True, False, True]), [1, 1, 0, 1, 1, 1, 1, 1, 1]
+  )
 
 
 def test_dots_of_no_pairs_are_zeros():

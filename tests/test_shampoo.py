@@ -11,12 +11,12 @@ import optax
 import pytest
 
 from eva_optax._src.shampoo import (
-    BlockLayout,
-    ScaleByShampooState,
-    block_layout,
-    merge_small_dims,
-    scale_by_shampoo,
-    shampoo,
+  BlockLayout,
+  ScaleByShampooState,
+  block_layout,
+  merge_small_dims,
+  scale_by_shampoo,
+  shampoo,
 )
 
 
@@ -95,13 +95,15 @@ def test_block_layout_of_a_tall_kernel():
 
 
 @pytest.mark.parametrize(
-    "shape, block_size, stat_decay",
-    [((12, 10), 16, 1.0), ((12, 10), 16, 0.5), ((6, 5, 4), 8, 1.0)],
+  "shape, block_size, stat_decay",
+  [((12, 10), 16, 1.0), ((12, 10), 16, 0.5), ((6, 5, 4), 8, 1.0)],
 )
 def test_roots_and_update_equal_numpy_eigendecomposition(shape, block_size, stat_decay):
   damping = 1e-3
   grads = _grads(shape, steps=3)
-  tx = scale_by_shampoo(block_size=block_size, damping=damping, stat_decay=stat_decay, inverse_every=1)
+  tx = scale_by_shampoo(
+    block_size=block_size, damping=damping, stat_decay=stat_decay, inverse_every=1
+  )
   updates, states = _run_single(tx, grads)
   state = states[-1]
   k = len(shape)
@@ -205,13 +207,15 @@ def test_roots_refresh_exactly_every_n_steps_with_one_compilation():
 def _params_and_grads(steps=3, seed=5):
   rng = np.random.default_rng(seed)
   params = {
-      "dense": {"kernel": jnp.asarray(rng.normal(size=(12, 10)), jnp.float32),
-                "bias": jnp.asarray(rng.normal(size=(10,)), jnp.float32)},
-      "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)},
+    "dense": {
+      "kernel": jnp.asarray(rng.normal(size=(12, 10)), jnp.float32),
+      "bias": jnp.asarray(rng.normal(size=(10,)), jnp.float32),
+    },
+    "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)},
   }
   grads = [
-      jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
-      for _ in range(steps)
+    jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+    for _ in range(steps)
   ]
   return params, grads
 
@@ -230,11 +234,11 @@ def test_alias_with_nesterov_equals_chain():
   kw = dict(block_size=16, damping=1e-4, inverse_every=2)
   alias, state = _run(shampoo(lr, weight_decay=wd, **kw))
   chained, _ = _run(
-      optax.chain(
-          scale_by_shampoo(**kw),
-          optax.add_decayed_weights(wd),
-          optax.sgd(lr, momentum=0.9, nesterov=True),
-      )
+    optax.chain(
+      scale_by_shampoo(**kw),
+      optax.add_decayed_weights(wd),
+      optax.sgd(lr, momentum=0.9, nesterov=True),
+    )
   )
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), alias, chained)
   assert isinstance(state[0], ScaleByShampooState)
@@ -254,18 +258,18 @@ def test_inject_hyperparams_needs_static_block_size():
 
 
 @pytest.mark.parametrize(
-    "kwargs, name",
-    [
-        (dict(block_size=0), "block_size"),
-        (dict(block_size=2.5), "block_size"),
-        (dict(block_size=True), "block_size"),
-        (dict(inverse_every=0), "inverse_every"),
-        (dict(damping=0.0), "damping"),
-        (dict(damping=float("nan")), "damping"),
-        (dict(stat_decay=1.5), "stat_decay"),
-        (dict(momentum=-0.1), "momentum"),
-        (dict(weight_decay=-1.0), "weight_decay"),
-    ],
+  "kwargs, name",
+  [
+    (dict(block_size=0), "block_size"),
+    (dict(block_size=2.5), "block_size"),
+    (dict(block_size=True), "block_size"),
+    (dict(inverse_every=0), "inverse_every"),
+    (dict(damping=0.0), "damping"),
+    (dict(damping=float("nan")), "damping"),
+    (dict(stat_decay=1.5), "stat_decay"),
+    (dict(momentum=-0.1), "momentum"),
+    (dict(weight_decay=-1.0), "weight_decay"),
+  ],
 )
 def test_bad_hyperparameters_name_the_parameter(kwargs, name):
   with pytest.raises(ValueError, match=name):
@@ -295,9 +299,11 @@ print("done")
 
 def test_many_batched_roots_and_inverses_in_one_program_finish():
   result = subprocess.run(
-      [sys.executable, "-c", _AUTOENCODER_STEP],
-      capture_output=True, text=True, timeout=120,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    [sys.executable, "-c", _AUTOENCODER_STEP],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
   )
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip() == "done"

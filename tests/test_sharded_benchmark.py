@@ -103,8 +103,10 @@ def test_statistics_and_projection(sharded):
   assert part["ms"] == pytest.approx(1e3 * (30e-6 + 2 * 63 / 64 * 1752 / 25e9))
   assert sharded.class_time("all-gather@model", 1, 1e6, 64, a)["group"] == a.model_axis
   classes = {"all-reduce@data": {"count": 0}, "all-reduce@data+model": {"count": 1}}
-  breakdown = {"scalars_per_layer": 6.0,
-               "rows": [{"mesh_shape": [2, 4], "vocab": 64, "classes": classes}]}
+  breakdown = {
+    "scalars_per_layer": 6.0,
+    "rows": [{"mesh_shape": [2, 4], "vocab": 64, "classes": classes}],
+  }
   p = sharded.projection(breakdown, [])
   n64 = p["meshes"][0]
   assert n64["accelerators"] == 64 and n64["mesh"].startswith("data 16")

@@ -19,11 +19,11 @@ import pytest
 from sharded_setup import DEVICES, model, setup, step_fn, tokens
 
 pytestmark = [
-    pytest.mark.skipif(
-        jax.device_count() < DEVICES,
-        reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8",
-    ),
-    pytest.mark.usefixtures("quick_compiles"),
+  pytest.mark.skipif(
+    jax.device_count() < DEVICES,
+    reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8",
+  ),
+  pytest.mark.usefixtures("quick_compiles"),
 ]
 
 
@@ -36,7 +36,7 @@ def _run(compiled, steps=3):
   return params
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _one_device(name: str, layers: int = 1):
   decoder = model(layers, small=True)
   tx, step = step_fn(decoder, name)
@@ -50,9 +50,9 @@ def _one_device(name: str, layers: int = 1):
 
 
 @pytest.mark.parametrize(
-    "parallelism, name, matrices",
-    [(p, n, "split") for p in ("tp", "fsdp") for n in ("eva", "eva_foof", "kfac", "foof", "shampoo")]
-    + [("tp", "kfac", "whole"), ("tp", "shampoo", "whole")],
+  "parallelism, name, matrices",
+  [(p, n, "split") for p in ("tp", "fsdp") for n in ("eva", "eva_foof", "kfac", "foof", "shampoo")]
+  + [("tp", "kfac", "whole"), ("tp", "shampoo", "whole")],
 )
 def test_sharded_steps_equal_one_device(parallelism, name, matrices):
   got = _run(setup(parallelism, 1, name, small=True, matrices=matrices))
@@ -62,18 +62,18 @@ def test_sharded_steps_equal_one_device(parallelism, name, matrices):
     relative = np.linalg.norm(g - w) / np.linalg.norm(w)
     assert relative <= 1e-5, relative
   moved = max(
-      float(np.abs(np.asarray(g) - np.asarray(w)).max())
-      for g, w in zip(
-          jax.tree.leaves(got),
-          jax.tree.leaves(setup(parallelism, 1, name, small=True, matrices=matrices)["params"]),
-      )
+    float(np.abs(np.asarray(g) - np.asarray(w)).max())
+    for g, w in zip(
+      jax.tree.leaves(got),
+      jax.tree.leaves(setup(parallelism, 1, name, small=True, matrices=matrices)["params"]),
+    )
   )
   assert moved > 1e-3  # the steps did something
 
 
-
-
-@pytest.mark.parametrize("parallelism, name", [("tp", "eva"), ("fsdp", "eva"), ("fsdp", "eva_foof")])
+@pytest.mark.parametrize(
+  "parallelism, name", [("tp", "eva"), ("fsdp", "eva"), ("fsdp", "eva_foof")]
+)
 def test_plain_jit_compiles_the_step_as_often_as_sgds(parallelism, name):
   """``tx.init`` on the sharded params, then ``jax.jit(step)`` with no shardings: the
   state comes out of a step exactly where init put it, so Eva's step compiles no more
@@ -87,7 +87,9 @@ def test_plain_jit_compiles_the_step_as_often_as_sgds(parallelism, name):
     step = jax.jit(compiled["step"])
     with jax.set_mesh(compiled["mesh"]):
       for s in range(3):
-        new_params, new_state = step(params, state, jax.device_put(tokens(s + 1, small=True), compiled["batch"]))
+        new_params, new_state = step(
+          params, state, jax.device_put(tokens(s + 1, small=True), compiled["batch"])
+        )
         if s == 0:
           before = jax.tree.map(lambda x: x.sharding, state[0])
           after = jax.tree.map(lambda x: x.sharding, new_state[0])

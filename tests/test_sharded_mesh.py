@@ -27,7 +27,7 @@ from examples.harness import compiled_ops
 from sharded_setup import DEVICES, LARGE, model as _model, setup as _setup, tokens as _tokens
 
 pytestmark = pytest.mark.skipif(
-    jax.device_count() < DEVICES, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8"
+  jax.device_count() < DEVICES, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8"
 )
 
 
@@ -36,12 +36,14 @@ def _collectives(parallelism, layers, name):
 
 
 def _extra(parallelism, layers, name) -> int:
-  return len(_collectives(parallelism, layers, name)) - len(_collectives(parallelism, layers, "sgd"))
+  return len(_collectives(parallelism, layers, name)) - len(
+    _collectives(parallelism, layers, "sgd")
+  )
 
 
 @pytest.mark.parametrize(
-    "parallelism, name",
-    [("tp", "eva"), ("tp", "eva_foof"), ("fsdp", "eva"), ("fsdp", "eva_foof"), ("model", "eva")],
+  "parallelism, name",
+  [("tp", "eva"), ("tp", "eva_foof"), ("fsdp", "eva"), ("fsdp", "eva_foof"), ("model", "eva")],
 )
 def test_eva_adds_a_few_collectives_to_sgds_at_any_depth(parallelism, name):
   shallow, deep = _extra(parallelism, 1, name), _extra(parallelism, 2, name)
@@ -94,8 +96,10 @@ def test_eva_statistics_follow_the_kernel(parallelism):
   axes = lambda e: () if e is None else tuple(e) if isinstance(e, tuple) else (e,)
   mesh = setup["mesh"]
   for field, kernel, dim in [
-      ("input_mean", up, 0), ("output_grad_mean", up, 1),
-      ("input_mean", down, 0), ("output_grad_mean", down, 1),
+    ("input_mean", up, 0),
+    ("output_grad_mean", up, 1),
+    ("input_mean", down, 0),
+    ("output_grad_mean", down, 1),
   ]:
     module = "up" if kernel is up else "down"
     got = axes(getattr(state, field)["block0"][module].sharding.spec[0])
@@ -106,9 +110,11 @@ def test_eva_statistics_follow_the_kernel(parallelism):
   sharded_axis = {"tp": "model", "fsdp": "data"}[parallelism]
   assert sharded_axis in jax.tree.leaves([_spec(up), _spec(down)])
   # And the compiled step keeps them there (out_shardings = in_shardings, no re-sharding).
-  _, after = setup["jitted"](setup["params"], setup["state"], jax.device_put(_tokens(1), setup["batch"]))
+  _, after = setup["jitted"](
+    setup["params"], setup["state"], jax.device_put(_tokens(1), setup["batch"])
+  )
   same = jax.tree.map(
-      lambda x, s: x.sharding.is_equivalent_to(s, x.ndim), after, setup["state_shardings"]
+    lambda x, s: x.sharding.is_equivalent_to(s, x.ndim), after, setup["state_shardings"]
   )
   assert jax.tree.all(same)
 
@@ -134,9 +140,14 @@ def test_eva_state_on_no_more_devices_than_the_params(parallelism, name):
 
 
 @pytest.mark.parametrize(
-    "parallelism, name, decomposition",
-    [("tp", "kfac", "cholesky"), ("fsdp", "kfac", "cholesky"), ("tp", "foof", "cholesky"),
-     ("tp", "shampoo", "eigh"), ("fsdp", "shampoo", "eigh")],
+  "parallelism, name, decomposition",
+  [
+    ("tp", "kfac", "cholesky"),
+    ("fsdp", "kfac", "cholesky"),
+    ("tp", "foof", "cholesky"),
+    ("tp", "shampoo", "eigh"),
+    ("fsdp", "shampoo", "eigh"),
+  ],
 )
 def test_matrix_states_split_over_the_devices(parallelism, name, decomposition):
   """K-FAC's and FOOF's factors and inverses, Shampoo's statistics and roots: rows split
@@ -150,8 +161,9 @@ def test_matrix_states_split_over_the_devices(parallelism, name, decomposition):
   # Every decomposition of the step runs inside once_per_mesh's op, in the branch
   # that only the layer's owner takes (test_once_per_mesh.py).
   ops = [
-      m for m in re.findall(r'op_name="([^"]*)"', setup["compiled"].as_text())
-      if f"jit({decomposition})" in m
+    m
+    for m in re.findall(r'op_name="([^"]*)"', setup["compiled"].as_text())
+    if f"jit({decomposition})" in m
   ]
   assert ops and all(m.startswith("tmp_xla_computation/cond/branch_1_fun/") for m in ops)
 
@@ -168,24 +180,28 @@ def test_matrices_whole_trade_memory_for_collectives(name):
   assert count(whole) < count(split)
 
 
-@pytest.mark.parametrize(
-    "name", ["eva", "eva_foof", "eva_shampoo", "kfac", "foof", "shampoo"]
-)
+@pytest.mark.parametrize("name", ["eva", "eva_foof", "eva_shampoo", "kfac", "foof", "shampoo"])
 def test_optax_tree_map_params_works_on_every_state(name):
   tx = getattr(eva_optax, name)(0.1)
   params = nn.unbox(_model(1).init(jax.random.key(0), _tokens(0)[:, :-1])["params"])
   state = jax.eval_shape(tx.init, params)
   specs = optax.tree_map_params(
-      tx, lambda _, spec: spec, state, jax.tree.map(lambda _: P("x"), params),
-      transform_non_params=lambda _: P(),
+    tx,
+    lambda _, spec: spec,
+    state,
+    jax.tree.map(lambda _: P("x"), params),
+    transform_non_params=lambda _: P(),
   )
   # A prefix of the state: every state leaf has its spec.
   jax.tree.map(lambda spec, _: spec, specs, state, is_leaf=lambda x: isinstance(x, P))
   # Trees shaped like the params (momentum) get the params' specs.
   with_momentum = optax.chain(tx, optax.trace(0.9))
   specs = optax.tree_map_params(
-      with_momentum, lambda _, spec: spec, jax.eval_shape(with_momentum.init, params),
-      jax.tree.map(lambda _: P("x"), params), transform_non_params=lambda _: P(),
+    with_momentum,
+    lambda _, spec: spec,
+    jax.eval_shape(with_momentum.init, params),
+    jax.tree.map(lambda _: P("x"), params),
+    transform_non_params=lambda _: P(),
   )
   assert P("x") in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
 
@@ -197,8 +213,8 @@ def test_maxtext_recipe_eval_shape_on_boxed_params():
   tx = eva_optax.eva(0.1)
   specs = nn.get_partition_spec(jax.eval_shape(tx.init, boxed))
   assert jax.tree.structure(specs, is_leaf=lambda x: isinstance(x, P)) == jax.tree.structure(
-      jax.tree.map(lambda _: P(), jax.eval_shape(tx.init, nn.unbox(boxed))),
-      is_leaf=lambda x: isinstance(x, P),
+    jax.tree.map(lambda _: P(), jax.eval_shape(tx.init, nn.unbox(boxed))),
+    is_leaf=lambda x: isinstance(x, P),
   )
 
 
@@ -217,7 +233,8 @@ def test_state_shardings_for_optax_optimizers(make):
   state = jax.jit(tx.init, out_shardings=shardings)(compiled["params"])
   kernel = compiled["param_shardings"]["block0"]["up"]["kernel"]
   found = [
-      leaf.sharding for leaf in jax.tree.leaves(state)
-      if leaf.shape == compiled["params"]["block0"]["up"]["kernel"].shape
+    leaf.sharding
+    for leaf in jax.tree.leaves(state)
+    if leaf.shape == compiled["params"]["block0"]["up"]["kernel"].shape
   ]
   assert found and all(s.is_equivalent_to(kernel, 2) for s in found)

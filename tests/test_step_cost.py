@@ -72,14 +72,14 @@ def _per_layer(model_cls, x, tx, statistics, shallow=4, deep=12):
 # grouped rules and the convolution-free conv ā). The bounds leave a little room for
 # XLA's fusion decisions to move.
 @pytest.mark.parametrize(
-    "model_cls, x, bound",
-    [(_MLP, jnp.ones((8, 16)), 6.5), (_CNN, jnp.ones((4, 8, 8, 8)), 7.5)],
-    ids=["dense", "conv"],
+  "model_cls, x, bound",
+  [(_MLP, jnp.ones((8, 16)), 6.5), (_CNN, jnp.ones((4, 8, 8, 8)), 7.5)],
+  ids=["dense", "conv"],
 )
 @pytest.mark.parametrize(
-    "make, statistics",
-    [(eva_optax.eva, eva_optax.EVA_STATISTICS), (eva_optax.eva_foof, eva_optax.EVA_FOOF_STATISTICS)],
-    ids=["eva", "eva_foof"],
+  "make, statistics",
+  [(eva_optax.eva, eva_optax.EVA_STATISTICS), (eva_optax.eva_foof, eva_optax.EVA_FOOF_STATISTICS)],
+  ids=["eva", "eva_foof"],
 )
 def test_extra_operations_per_layer_stay_few(model_cls, x, bound, make, statistics):
   sgd, sgd_small, sgd_large = _per_layer(model_cls, x, optax.sgd(0.1, momentum=0.9), None)

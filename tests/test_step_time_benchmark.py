@@ -57,15 +57,26 @@ ENTRY %main.9 (x.1: f32[8,4]) -> (f32[8,3], f32[]) {
 
 def test_count_ops_reads_tuple_shapes_and_inlines_command_buffers():
   assert compiled_ops.count_ops(HLO) == {
-      "fusion": 2, "custom-call": 2, "copy-start": 1, "copy-done": 1, "all-reduce": 1,
+    "fusion": 2,
+    "custom-call": 2,
+    "copy-start": 1,
+    "copy-done": 1,
+    "all-reduce": 1,
   }
   assert compiled_ops.total_ops(HLO) == 7
   assert compiled_ops.count_kinds(HLO) == {
-      "fusion": 1, "dot": 2, "convolution": 1, "copy": 2, "other": 1,
+    "fusion": 1,
+    "dot": 2,
+    "convolution": 1,
+    "copy": 2,
+    "other": 1,
   }
   # The entry's own instructions, as written (the call not inlined, nothing left out).
   assert compiled_ops.entry_opcodes(HLO)[:4] == [
-      "parameter", "constant", "call", "get-tuple-element"
+    "parameter",
+    "constant",
+    "call",
+    "get-tuple-element",
   ]
 
 
@@ -82,7 +93,7 @@ def test_count_ops_of_a_jitted_function_with_one_dot():
 
 def test_ops_only_autoencoder_per_layer_column(step_time, capsys):
   results = step_time.main(
-      ["--ops-only", "--workloads", "autoencoder", "--optimizers", "sgd,eva", "--no-save"]
+    ["--ops-only", "--workloads", "autoencoder", "--optimizers", "sgd,eva", "--no-save"]
   )
   r = results["autoencoder"]
   assert r["timed"] is False
@@ -104,10 +115,17 @@ def test_ops_only_autoencoder_per_layer_column(step_time, capsys):
 
 
 def test_tiny_realistic_workloads_build_trace_and_compile(step_time):
-  results = step_time.main([
-      "--ops-only", "--tiny", "--workloads", "resnet18,gpt-bf16", "--optimizers", "sgd,eva",
+  results = step_time.main(
+    [
+      "--ops-only",
+      "--tiny",
+      "--workloads",
+      "resnet18,gpt-bf16",
+      "--optimizers",
+      "sgd,eva",
       "--no-save",
-  ])
+    ]
+  )
   # ResNet-18: stem, 8 blocks x 2 convolutions, 3 projection shortcuts, the head.
   assert results["resnet18"]["layers"]["captured"] == 1 + 16 + 3 + 1
   assert results["resnet18"]["variants"]["sgd"]["ops"]["by_kind"]["convolution"] > 0
@@ -119,12 +137,29 @@ def test_tiny_realistic_workloads_build_trace_and_compile(step_time):
 
 def test_every_registry_key_is_an_optimizer_with_its_period(step_time):
   assert step_time.ALL_OPTIMIZERS == (
-      "sgd", "adamw", "eva", "eva-f", "eva-s", "kfac", "kfac-authors", "foof", "shampoo", "muon"
+    "sgd",
+    "adamw",
+    "eva",
+    "eva-f",
+    "eva-s",
+    "kfac",
+    "kfac-authors",
+    "foof",
+    "shampoo",
+    "muon",
   )
   periods = {k: step_time.period_of(step_time.SPEC_BY_KEY[k]) for k in step_time.ALL_OPTIMIZERS}
   assert periods == {
-      "sgd": 1, "adamw": 1, "eva": 1, "eva-f": 1, "eva-s": 1, "kfac": 10, "kfac-authors": 10,
-      "foof": 10, "shampoo": 10, "muon": 1,
+    "sgd": 1,
+    "adamw": 1,
+    "eva": 1,
+    "eva-f": 1,
+    "eva-s": 1,
+    "kfac": 10,
+    "kfac-authors": 10,
+    "foof": 10,
+    "shampoo": 10,
+    "muon": 1,
   }
   args = step_time.parse_args(["--optimizers", "eva,eva_foof,eva_shampoo", "--no-save"])
   assert args.optimizer_names == ["sgd", "eva", "eva-f", "eva-s"]  # the former keys still work
@@ -133,14 +168,24 @@ def test_every_registry_key_is_an_optimizer_with_its_period(step_time):
 
 def test_merge_prefers_timed_variants_and_keeps_registry_order(step_time):
   ops = lambda n: {"total": n, "layers": 2}
-  untimed = {"results": {"w": {
-      "timed": False, "errors": {"kfac": "boom"},
-      "variants": {"eva": {"ops": ops(12)}, "sgd": {"ops": ops(10)}},
-  }}}
-  timed = {"results": {"w": {
-      "timed": True, "errors": {},
-      "variants": {"sgd": {"ops": ops(10), "median_ms": 1.0}, "adamw": {"ops": ops(11)}},
-  }}}
+  untimed = {
+    "results": {
+      "w": {
+        "timed": False,
+        "errors": {"kfac": "boom"},
+        "variants": {"eva": {"ops": ops(12)}, "sgd": {"ops": ops(10)}},
+      }
+    }
+  }
+  timed = {
+    "results": {
+      "w": {
+        "timed": True,
+        "errors": {},
+        "variants": {"sgd": {"ops": ops(10), "median_ms": 1.0}, "adamw": {"ops": ops(11)}},
+      }
+    }
+  }
   merged = step_time.merge_results([untimed, timed])["w"]
   assert list(merged["variants"]) == ["sgd", "adamw", "eva"]
   assert merged["variants"]["sgd"]["median_ms"] == 1.0

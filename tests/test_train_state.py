@@ -24,15 +24,21 @@ def test_train_state_forwards_stats():
   updates, opt_state = tx.update(grads, tx.init(params), params, stats=stats)
   want = optax.apply_updates(params, updates)
   assert int(state.step) == 1
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8), state.params, want)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8), state.params, want
+  )
   assert not np.allclose(state.params["Dense_0"]["kernel"], params["Dense_0"]["kernel"])
   # Gradient-only optimizers: no stats.
-  plain = eva_optax.TrainState.create(apply_fn=model.apply, params=params, tx=eva_optax.eva_shampoo(0.1))
+  plain = eva_optax.TrainState.create(
+    apply_fn=model.apply, params=params, tx=eva_optax.eva_shampoo(0.1)
+  )
   plain = plain.apply_gradients(grads=grads)
   assert int(plain.step) == 1
   # An optimizer that needs stats says so when they are missing.
   with pytest.raises(ValueError, match="stats"):
-    eva_optax.TrainState.create(apply_fn=model.apply, params=params, tx=tx).apply_gradients(grads=grads)
+    eva_optax.TrainState.create(apply_fn=model.apply, params=params, tx=tx).apply_gradients(
+      grads=grads
+    )
 
 
 def test_apply_gradients_without_stats_is_flaxs_step():

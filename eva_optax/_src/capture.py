@@ -42,23 +42,24 @@ import math
 import operator
 import sys
 import warnings
-from typing import Any, Callable, NamedTuple, Union
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from eva_optax._src.statistics import (
-    FACTORS,
-    INPUT_FACTOR,
-    INPUT_MEAN,
-    OUTPUT_GRAD_FACTOR,
-    OUTPUT_GRAD_MEAN,
-    KernelLayout,
-    LayerStats,
-    PassThrough,
-    statistic_dtype,
-    statistic_shapes,
+  FACTORS,
+  INPUT_FACTOR,
+  INPUT_MEAN,
+  OUTPUT_GRAD_FACTOR,
+  OUTPUT_GRAD_MEAN,
+  KernelLayout,
+  LayerStats,
+  PassThrough,
+  statistic_dtype,
+  statistic_shapes,
 )
 
 INPUT_PROBE = "eva_input_probe"
@@ -100,7 +101,7 @@ class ConvGeometry(NamedTuple):
 
   kernel_size: tuple[int, ...]
   strides: tuple[int, ...]
-  padding: Union[str, tuple[tuple[int, int], ...]]
+  padding: str | tuple[tuple[int, int], ...]
   input_dilation: tuple[int, ...]
   kernel_dilation: tuple[int, ...]
   groups: int = 1  # feature_group_count: each group of channels its own layer
@@ -140,7 +141,7 @@ class EinsumGeometry(NamedTuple):
     return tuple(self.kernel.index(c) for c in self.output if c in self.kernel)
 
 
-Geometry = Union[DenseGeometry, ConvGeometry, EinsumGeometry]
+Geometry = DenseGeometry | ConvGeometry | EinsumGeometry
 
 
 def einsum_geometry(equation: str) -> EinsumGeometry | str:
@@ -196,13 +197,13 @@ class Layer(NamedTuple):
 
 
 def layer_record(
-    kind: str,
-    geometry: Geometry,
-    kernel_shape: tuple[int, ...],
-    kernel_ndim: int,
-    output_ndim: int,
-    has_bias: bool,
-    kernel_dtype: Any = jnp.float32,
+  kind: str,
+  geometry: Geometry,
+  kernel_shape: tuple[int, ...],
+  kernel_ndim: int,
+  output_ndim: int,
+  has_bias: bool,
+  kernel_dtype: Any = jnp.float32,
 ) -> Layer:
   """The :class:`Layer` of a kernel of shape ``kernel_shape``, whose unstacked
   rank is ``kernel_ndim`` (the leading extra axes are a stack of layers); its
@@ -214,9 +215,10 @@ def layer_record(
     perm = tuple(range(scan)) + tuple(scan + a for a in geometry.permutation())
     bias_axes = tuple(range(scan)) + tuple(scan + a for a in geometry.bias_axes())
     layout = KernelLayout(
-        scan + len(geometry.stack), len(geometry.outputs),
-        None if perm == tuple(range(len(perm))) else perm,
-        None if perm == tuple(range(len(perm))) else bias_axes,
+      scan + len(geometry.stack),
+      len(geometry.outputs),
+      None if perm == tuple(range(len(perm))) else perm,
+      None if perm == tuple(range(len(perm))) else bias_axes,
     )
   elif isinstance(geometry, ConvGeometry) and geometry.groups > 1:
     layout = KernelLayout(scan + 1, 1, groups=geometry.groups)
@@ -227,7 +229,7 @@ def layer_record(
   return Layer(kind, geometry, layout, stack, in_dim, out_dim, has_bias, dtype)
 
 
-def canonical_padding(padding: Any, rank: int) -> Union[str, tuple[tuple[int, int], ...]]:
+def canonical_padding(padding: Any, rank: int) -> str | tuple[tuple[int, int], ...]:
   """Flax's padding argument (a string, an int, ints or pairs per axis) as
   a string or a ``(low, high)`` pair per spatial axis."""
   if isinstance(padding, str):
@@ -281,14 +283,14 @@ def convolve(geometry: ConvGeometry, images: jax.Array, kernel: jax.Array) -> ja
   spec = (0, n + 1) + tuple(range(1, n + 1))
   numbers = jax.lax.ConvDimensionNumbers(spec, (n + 1, n) + tuple(range(n)), spec)
   return jax.lax.conv_general_dilated(
-      images,
-      kernel,
-      geometry.strides,
-      padding if isinstance(padding, str) else list(padding),
-      lhs_dilation=geometry.input_dilation,
-      rhs_dilation=geometry.kernel_dilation,
-      dimension_numbers=numbers,
-      precision=_HIGHEST,
+    images,
+    kernel,
+    geometry.strides,
+    padding if isinstance(padding, str) else list(padding),
+    lhs_dilation=geometry.input_dilation,
+    rhs_dilation=geometry.kernel_dilation,
+    dimension_numbers=numbers,
+    precision=_HIGHEST,
   )
 
 
@@ -322,14 +324,12 @@ def input_rows(geometry: Geometry, x: jax.Array, dtype: Any = jnp.float32) -> ja
   images = _images(geometry, x, dtype)
   channels = images.shape[-1]
   in_dim = math.prod(geometry.kernel_size) * channels
-  identity = jnp.eye(in_dim, dtype=dtype).reshape(
-      geometry.kernel_size + (channels, in_dim)
-  )
+  identity = jnp.eye(in_dim, dtype=dtype).reshape(geometry.kernel_size + (channels, in_dim))
   return _by_group(geometry, convolve(geometry, images, identity).reshape(-1, in_dim))
 
 
 def _einsum_rows(
-    geometry: EinsumGeometry, z: jax.Array, labels: str, features: str, dtype: Any
+  geometry: EinsumGeometry, z: jax.Array, labels: str, features: str, dtype: Any
 ) -> jax.Array:
   """``z`` (axes ``labels``) as ``stack + (rows, features)``: the equation's
   stack axes first, every other axis a row (the sample axis, the input's first
@@ -365,12 +365,12 @@ def input_mean(geometry: Geometry, x: jax.Array, dtype: Any = jnp.float32) -> ja
     # ā = M · vec(mean image): one product, M constant (built at trace time).
     flat = mean_image.reshape(-1, mean_image.shape[-1])
     return _by_group(
-        geometry, jnp.dot(jnp.asarray(selection, dtype), flat, precision=_HIGHEST).reshape(-1)
+      geometry, jnp.dot(jnp.asarray(selection, dtype), flat, precision=_HIGHEST).reshape(-1)
     )
   mean_image = mean_image[None]
   # Per device under shard_map (else its gradient would be summed over devices).
   kernel = varying_like(
-      jnp.zeros(geometry.kernel_size + (mean_image.shape[-1], 1), dtype), mean_image
+    jnp.zeros(geometry.kernel_size + (mean_image.shape[-1], 1), dtype), mean_image
   )
   out, vjp = jax.vjp(lambda k: convolve(geometry, mean_image, k), kernel)
   (patch_mean,) = vjp(varying_like(jnp.full(out.shape, 1.0 / out.size, out.dtype), out))
@@ -388,7 +388,9 @@ def patch_selection(geometry: ConvGeometry, spatial: tuple[int, ...]) -> np.ndar
   entries): :func:`input_mean` then differentiates the convolution instead.
   """
   kernel_size, strides, dilation = (
-      geometry.kernel_size, geometry.strides, geometry.kernel_dilation
+    geometry.kernel_size,
+    geometry.strides,
+    geometry.kernel_dilation,
   )
   if geometry.input_dilation != (1,) * len(kernel_size):
     return None
@@ -460,8 +462,12 @@ def batch_size(geometry: Geometry, x: jax.Array) -> int:
 
 
 def output_grad_factor(
-    cotangent: jax.Array, out_dim: int, batch: int, dtype: Any = jnp.float32,
-    geometry: Geometry | None = None, per_sample: bool = False,
+  cotangent: jax.Array,
+  out_dim: int,
+  batch: int,
+  dtype: Any = jnp.float32,
+  geometry: Geometry | None = None,
+  per_sample: bool = False,
 ) -> jax.Array:
   """G = N · Σ_rows (∂L/∂y)(∂L/∂y)ᵀ, with N samples and L the mean loss.
 
@@ -508,8 +514,8 @@ def tap_input(x: jax.Array, probe: dict, statistics: Callable) -> jax.Array:
     values = statistics(x, probe.get(FACTORS_DUE))
     values[FACTORS_DUE] = jnp.zeros([], jnp.float32)
     return x, {
-        k: varying_like(jnp.broadcast_to(values[k].astype(v.dtype), v.shape), v)
-        for k, v in probe.items()
+      k: varying_like(jnp.broadcast_to(values[k].astype(v.dtype), v.shape), v)
+      for k, v in probe.items()
     }
 
   def bwd(values, cotangent):
@@ -520,7 +526,7 @@ def tap_input(x: jax.Array, probe: dict, statistics: Callable) -> jax.Array:
 
 
 def tap_output(
-    y: jax.Array, probe: jax.Array, factor: Callable, due: jax.Array | None
+  y: jax.Array, probe: jax.Array, factor: Callable, due: jax.Array | None
 ) -> jax.Array:
   """Identity on ``y`` whose VJP gives ``probe`` the cotangent ``factor(∂L/∂y)``.
 
@@ -545,9 +551,9 @@ def tap_output(
 
   def bwd(due, cotangent):
     return (
-        cotangent,
-        varying_like(gated(cotangent, due), probe),
-        varying_like(jnp.zeros_like(due), due),
+      cotangent,
+      varying_like(gated(cotangent, due), probe),
+      varying_like(jnp.zeros_like(due), due),
     )
 
   tap.defvjp(fwd, bwd)
@@ -605,12 +611,12 @@ def output_probe_term(layer: Layer, probe: jax.Array, y: jax.Array) -> jax.Array
 
 
 def probed_call(
-    layer: Layer,
-    statistics: tuple[str, ...],
-    probes: dict[str, Any],
-    call: Callable[..., jax.Array],
-    args: tuple,
-    kwargs: dict,
+  layer: Layer,
+  statistics: tuple[str, ...],
+  probes: dict[str, Any],
+  call: Callable[..., jax.Array],
+  args: tuple,
+  kwargs: dict,
 ) -> jax.Array:
   """One call of a captured layer with its probes: ``call(*args, **kwargs)``.
 
@@ -627,7 +633,7 @@ def probed_call(
       values[INPUT_MEAN] = input_mean(layer.geometry, x, layer.dtype)
     if INPUT_FACTOR in statistics:
       values[INPUT_FACTOR] = when_due(
-          due, lambda: input_factor(layer, x), input_probe[INPUT_FACTOR]
+        due, lambda: input_factor(layer, x), input_probe[INPUT_FACTOR]
       )
     return values
 
@@ -640,12 +646,12 @@ def probed_call(
     y = y + output_probe_term(layer, probes[OUTPUT_PROBE], y).astype(y.dtype)
   if OUTPUT_GRAD_FACTOR in statistics:
     y = tap_output(
-        y,
-        probes[OUTPUT_FACTOR_PROBE],
-        lambda ct: output_grad_factor(
-            ct, layer.out_dim, batch, layer.dtype, layer.geometry, per_sample
-        ),
-        input_probe.get(FACTORS_DUE),
+      y,
+      probes[OUTPUT_FACTOR_PROBE],
+      lambda ct: output_grad_factor(
+        ct, layer.out_dim, batch, layer.dtype, layer.geometry, per_sample
+      ),
+      input_probe.get(FACTORS_DUE),
     )
   return y
 
@@ -654,9 +660,7 @@ def probed_call(
 # Probes in, statistics out.
 
 
-def zero_probes(
-    layer: Layer, statistics: tuple[str, ...], due: jax.Array | None
-) -> dict[str, Any]:
+def zero_probes(layer: Layer, statistics: tuple[str, ...], due: jax.Array | None) -> dict[str, Any]:
   """Zero probes of one layer for the requested statistics (and the factors' gate)."""
   shapes = statistic_shapes(layer.stack_shape, layer.in_dim, layer.out_dim, layer.has_bias)
   zeros = lambda name: jnp.zeros(shapes[name], layer.dtype)
@@ -680,14 +684,14 @@ def layer_stats(layer: Layer, probe_grads: dict[str, Any]) -> LayerStats:
   calls = jnp.maximum(inputs[CALLS], 1.0)
   per_call = lambda v, n: None if v is None else v / calls.reshape(calls.shape + (1,) * n)
   return LayerStats(
-      input_mean=per_call(inputs.get(INPUT_MEAN), 1),
-      output_grad_mean=per_call(probe_grads.get(OUTPUT_PROBE), 1),
-      input_factor=per_call(inputs.get(INPUT_FACTOR), 2),
-      output_grad_factor=per_call(probe_grads.get(OUTPUT_FACTOR_PROBE), 2),
-      kind=layer.kind,
-      layout=layer.layout,
-      has_bias=layer.has_bias,
-      factor_rows=layer.factor_rows,
+    input_mean=per_call(inputs.get(INPUT_MEAN), 1),
+    output_grad_mean=per_call(probe_grads.get(OUTPUT_PROBE), 1),
+    input_factor=per_call(inputs.get(INPUT_FACTOR), 2),
+    output_grad_factor=per_call(probe_grads.get(OUTPUT_FACTOR_PROBE), 2),
+    kind=layer.kind,
+    layout=layer.layout,
+    has_bias=layer.has_bias,
+    factor_rows=layer.factor_rows,
   )
 
 
@@ -706,7 +710,7 @@ def per_device(probes: Any, axis_name: Any) -> Any:
 
 
 def global_statistics(
-    probe_grads: dict, axis_name: Any, layers: dict[Any, Layer] | None = None
+  probe_grads: dict, axis_name: Any, layers: dict[Any, Layer] | None = None
 ) -> dict:
   """The probes' gradients of the global batch from those of each device's shard.
 
@@ -743,14 +747,14 @@ def factors_gate(factors_due: Any, statistics: tuple[str, ...]) -> jax.Array | N
     return None
   if not any(name in statistics for name in FACTORS):
     raise ValueError(
-        f"{FACTORS_DUE} gates the factors {FACTORS}, but none was asked for:"
-        f" statistics={statistics!r}"
+      f"{FACTORS_DUE} gates the factors {FACTORS}, but none was asked for:"
+      f" statistics={statistics!r}"
     )
   due = jnp.asarray(factors_due)
   if due.shape != () or not (due.dtype == jnp.bool_ or jnp.issubdtype(due.dtype, jnp.integer)):
     raise ValueError(
-        f"{FACTORS_DUE} must be a scalar bool (e.g. eva_optax.factors_due(opt_state)),"
-        f" got {factors_due!r}"
+      f"{FACTORS_DUE} must be a scalar bool (e.g. eva_optax.factors_due(opt_state)),"
+      f" got {factors_due!r}"
     )
   return due.astype(jnp.bool_)
 
@@ -772,9 +776,9 @@ def check_argnums(argnums: Any, front_end: str) -> int:
   """``argnums`` as a non-negative int: the position of the differentiated argument."""
   if isinstance(argnums, bool):  # has_aux given where argnums now stands
     raise TypeError(
-        f"{front_end}: argnums={argnums!r} is a bool; the signature is"
-        f" {front_end}(loss_fn, argnums=0, has_aux=False, ...), as for"
-        " jax.value_and_grad: pass has_aux by name"
+      f"{front_end}: argnums={argnums!r} is a bool; the signature is"
+      f" {front_end}(loss_fn, argnums=0, has_aux=False, ...), as for"
+      " jax.value_and_grad: pass has_aux by name"
     )
   try:
     index = operator.index(argnums)
@@ -782,10 +786,10 @@ def check_argnums(argnums: Any, front_end: str) -> int:
     index = -1
   if index < 0:
     raise TypeError(
-        f"{front_end}: argnums must be a non-negative int, the position of the"
-        f" argument holding the parameters; got {argnums!r}. Other arguments are"
-        " not differentiated: close over them, or differentiate them with"
-        " jax.grad around the loss"
+      f"{front_end}: argnums must be a non-negative int, the position of the"
+      f" argument holding the parameters; got {argnums!r}. Other arguments are"
+      " not differentiated: close over them, or differentiate them with"
+      " jax.grad around the loss"
     )
   return index
 
@@ -794,10 +798,10 @@ def move_to_front(args: tuple, argnums: int, front_end: str) -> tuple[Any, tuple
   """``(args[argnums], the other args)``, checking that there are enough."""
   if len(args) <= argnums:
     raise TypeError(
-        f"{front_end} differentiates the positional argument argnums={argnums}, but"
-        f" grad_fn got {len(args)} positional argument(s)"
+      f"{front_end} differentiates the positional argument argnums={argnums}, but"
+      f" grad_fn got {len(args)} positional argument(s)"
     )
-  return args[argnums], args[:argnums] + args[argnums + 1:]
+  return args[argnums], args[:argnums] + args[argnums + 1 :]
 
 
 def put_back(first: Any, rest: tuple, argnums: int) -> tuple:
@@ -841,19 +845,19 @@ def warn_pass_through(skipped: dict[Any, PassThrough], warned: set, front_end: s
     return
   warned.add(key)
   names = ", ".join(
-      f"{'/'.join(path) or 'the model itself'} ({entry.kind})"
-      for path, entry in sorted(skipped.items(), key=lambda kv: kv[0])
+    f"{'/'.join(path) or 'the model itself'} ({entry.kind})"
+    for path, entry in sorted(skipped.items(), key=lambda kv: kv[0])
   )
   one = len(skipped) == 1
   warnings.warn(
-      f"{front_end}: {len(skipped)} module{'' if one else 's'} owning a kernel"
-      f" cannot be preconditioned and {'is' if one else 'are'} passed through:"
-      f" {names}. {'Its' if one else 'Their'} parameters get the plain gradient,"
-      " a step at the plain learning rate, while the preconditioned layers move at"
-      " about learning_rate / damping under Eva. eva_optax.describe(params, stats)"
-      " gives the full account: every parameter, its rule, and why each module is"
-      " passed through. Silence this with warnings.filterwarnings('ignore',"
-      " category=eva_optax.PassThroughWarning).",
-      PassThroughWarning,
-      stacklevel=_user_stacklevel(),
+    f"{front_end}: {len(skipped)} module{'' if one else 's'} owning a kernel"
+    f" cannot be preconditioned and {'is' if one else 'are'} passed through:"
+    f" {names}. {'Its' if one else 'Their'} parameters get the plain gradient,"
+    " a step at the plain learning rate, while the preconditioned layers move at"
+    " about learning_rate / damping under Eva. eva_optax.describe(params, stats)"
+    " gives the full account: every parameter, its rule, and why each module is"
+    " passed through. Silence this with warnings.filterwarnings('ignore',"
+    " category=eva_optax.PassThroughWarning).",
+    PassThroughWarning,
+    stacklevel=_user_stacklevel(),
   )

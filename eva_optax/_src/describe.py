@@ -29,7 +29,9 @@ class Description(list):
   def __str__(self) -> str:
     header = ParameterRule("parameter", (), "rule", "detail")
     rows = [header] + list(self)
-    cells = [(r.parameter, "shape" if r is header else str(tuple(r.shape)), r.rule, r.detail) for r in rows]
+    cells = [
+      (r.parameter, "shape" if r is header else str(tuple(r.shape)), r.rule, r.detail) for r in rows
+    ]
     widths = [max(len(c[i]) for c in cells) for i in range(3)]
     lines = []
     for i, c in enumerate(cells):
@@ -65,18 +67,18 @@ def _negligible_correction(entry: LayerStats, damping: float, negligible: float)
     return None
   small = "ḡ" if float(np.max(g2)) <= float(np.max(a2)) else "ā"
   return (
-      f"; {small} ≈ 0 (‖ā‖²‖ḡ‖² = {float(np.max(s)):.1e}, γ = {damping:g}): Eva's"
-      " correction vanishes here, the update is the gradient / γ times the KL factor"
+    f"; {small} ≈ 0 (‖ā‖²‖ḡ‖² = {float(np.max(s)):.1e}, γ = {damping:g}): Eva's"
+    " correction vanishes here, the update is the gradient / γ times the KL factor"
   )
 
 
 def describe(
-    params: Any,
-    stats: Any,
-    *,
-    layouts: Any = None,
-    damping: float = 0.03,
-    negligible: float = 1e-3,
+  params: Any,
+  stats: Any,
+  *,
+  layouts: Any = None,
+  damping: float = 0.03,
+  negligible: float = 1e-3,
 ) -> Description:
   """Which parameters a layer-wise preconditioner treats, and how.
 
@@ -125,15 +127,15 @@ def describe(
             detail += "; layout from the capture (the parameters allow several)"
           else:
             detail += (
-                "; the optimizer state has no room for this layout (the"
-                " parameters suggest another): give the optimizer"
-                " layouts=eva_optax.layouts_of(stats)"
+              "; the optimizer state has no room for this layout (the"
+              " parameters suggest another): give the optimizer"
+              " layouts=eva_optax.layouts_of(stats)"
             )
     else:
       rule, detail = (
-          "pass-through",
-          "no statistics captured for this kernel (its module was not called"
-          " through the capture, or is not a Dense/DenseGeneral/Conv/Einsum)",
+        "pass-through",
+        "no statistics captured for this kernel (its module was not called"
+        " through the capture, or is not a Dense/DenseGeneral/Conv/Einsum)",
       )
     rows.append(ParameterRule(path_str(path), shape, rule, detail))
   return rows

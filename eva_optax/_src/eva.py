@@ -25,7 +25,8 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,10 +36,10 @@ from eva_optax._src import kl
 from eva_optax._src.alias import with_sgd
 from eva_optax._src.statistics import EVA_STATISTICS
 from eva_optax._src.preconditioning import (
-    LayerGradient,
-    Preconditioned,
-    layerwise_transformation,
-    scale_preconditioned,
+  LayerGradient,
+  Preconditioned,
+  layerwise_transformation,
+  scale_preconditioned,
 )
 from eva_optax._src.segments import Segments, two_sums
 from eva_optax._src.sharded_sums import packed_sums, stack_labels
@@ -48,10 +49,10 @@ STATISTICS = EVA_STATISTICS
 
 
 def sherman_morrison(
-    grad: LayerGradient,
-    input_mean: jax.Array,
-    output_grad_mean: jax.Array,
-    damping: jax.Array,
+  grad: LayerGradient,
+  input_mean: jax.Array,
+  output_grad_mean: jax.Array,
+  damping: jax.Array,
 ) -> Preconditioned:
   """Ĝ − s/(‖ā‖²‖ḡ‖² + γ) · ḡāᵀ for one layer (or a stack of layers), and ⟨·, Ĝ⟩.
 
@@ -74,10 +75,10 @@ def sherman_morrison(
 
 
 def sherman_morrison_layers(
-    grads: Sequence[LayerGradient],
-    input_means: Sequence[jax.Array],
-    output_grad_means: Sequence[jax.Array],
-    damping: jax.Array,
+  grads: Sequence[LayerGradient],
+  input_means: Sequence[jax.Array],
+  output_grad_means: Sequence[jax.Array],
+  damping: jax.Array,
 ) -> Preconditioned:
   """:func:`sherman_morrison` for many layers at once, with few operations.
 
@@ -101,13 +102,16 @@ def sherman_morrison_layers(
   b_or_0 = [z if b is None else b for b, z in zip(biases, zero)]
   stacks = [stack_labels(k) for k in kernels]
   terms = (
-      [(f"{t}io,{t}i,{t}o->{t}", (k, x, y)) for t, k, x, y in zip(stacks, kernels, a, g)]
-      + [(f"{t}io,{t}io->{t}", (k, k)) for t, k in zip(stacks, kernels)]
-      + [(f"{t}i,{t}i->{t}", (x, x)) for t, x in zip(stacks, a)]
-      + [(f"{t}o,{t}o->{t}", (y, y)) for t, y in zip(stacks, g)]
-      # A layer without a bias: zeros for both (ḡ would be gathered for nothing).
-      + [(f"{t}o,{t}o->{t}", (b, y) if h else (b, b)) for t, b, y, h in zip(stacks, b_or_0, g, with_bias)]
-      + [(f"{t}o,{t}o->{t}", (b, b)) for t, b in zip(stacks, b_or_0)]
+    [(f"{t}io,{t}i,{t}o->{t}", (k, x, y)) for t, k, x, y in zip(stacks, kernels, a, g)]
+    + [(f"{t}io,{t}io->{t}", (k, k)) for t, k in zip(stacks, kernels)]
+    + [(f"{t}i,{t}i->{t}", (x, x)) for t, x in zip(stacks, a)]
+    + [(f"{t}o,{t}o->{t}", (y, y)) for t, y in zip(stacks, g)]
+    # A layer without a bias: zeros for both (ḡ would be gathered for nothing).
+    + [
+      (f"{t}o,{t}o->{t}", (b, y) if h else (b, b))
+      for t, b, y, h in zip(stacks, b_or_0, g, with_bias)
+    ]
+    + [(f"{t}o,{t}o->{t}", (b, b)) for t, b in zip(stacks, b_or_0)]
   )
 
   def fused(*ops):
@@ -115,29 +119,29 @@ def sherman_morrison_layers(
     ks, xs, ys = ops[0 : 3 * n : 3], ops[1 : 3 * n : 3], ops[2 : 3 * n : 3]
     bs = [ops[-2 * n + 2 * l] if with_bias[l] else None for l in range(n)]
     dots = segments.dots(
-        [(x, x) for x in xs],
-        [(y, y) for y in ys],
-        [None if b is None else (b, y) for b, y in zip(bs, ys)],
-        [None if b is None else (b, b) for b in bs],
+      [(x, x) for x in xs],
+      [(y, y) for y in ys],
+      [None if b is None else (b, y) for b, y in zip(bs, ys)],
+      [None if b is None else (b, b) for b in bs],
     )
     # Per layer, one pass over the gradient matrix: āᵀ∇W ḡ and ‖∇W‖².
     sums = [
-        two_sums(k * x[..., :, None] * y[..., None, :], k * k, (k.ndim - 2, k.ndim - 1))
-        for k, x, y in zip(ks, xs, ys)
+      two_sums(k * x[..., :, None] * y[..., None, :], k * k, (k.ndim - 2, k.ndim - 1))
+      for k, x, y in zip(ks, xs, ys)
     ]
     return jnp.concatenate(
-        [segments.pack([q for q, _ in sums]), segments.pack([m for _, m in sums]), *dots]
+      [segments.pack([q for q, _ in sums]), segments.pack([m for _, m in sums]), *dots]
     )
 
   size = segments.size
   # ā and ḡ come back whole (replicated) for the elementwise correction: in the state
   # they may be sharded beyond their kernel (over every device).
   packed, *vectors = packed_sums(
-      terms, fused, returns=[(l, j) for l in range(len(kernels)) for j in (1, 2)]
+    terms, fused, returns=[(l, j) for l in range(len(kernels)) for j in (1, 2)]
   )
   a, g = list(vectors[0::2]), list(vectors[1::2])
   kernel_dot, kernel_sq, a_sq, g_sq, bias_dot, bias_sq = (
-      packed[j * size : (j + 1) * size] for j in range(6)
+    packed[j * size : (j + 1) * size] for j in range(6)
   )
   s = kernel_dot + bias_dot
   grad_sq = kernel_sq + bias_sq
@@ -167,13 +171,13 @@ class ScaleByEvaState(NamedTuple):
 
 
 def scale_by_eva(
-    learning_rate: optax.ScalarOrSchedule | None = None,
-    *,
-    damping: optax.ScalarOrSchedule = 0.03,
-    kl_clip: optax.ScalarOrSchedule = 0.001,
-    stat_decay: float | jax.Array = 0.05,
-    scaling: str = kl.KL_CLIP,
-    layouts: Any = None,
+  learning_rate: optax.ScalarOrSchedule | None = None,
+  *,
+  damping: optax.ScalarOrSchedule = 0.03,
+  kl_clip: optax.ScalarOrSchedule = 0.001,
+  stat_decay: float | jax.Array = 0.05,
+  scaling: str = kl.KL_CLIP,
+  layouts: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Eva's preconditioner (no learning rate, no sign), as in front of SGD.
 
@@ -213,40 +217,41 @@ def scale_by_eva(
     Zhang, Shi, Li. Eva: Practical Second-order Optimization with
     Kronecker-vectorized Approximation. ICLR 2023.
   """
+
   def precondition(grads, layer_stats, gamma):
     p = sherman_morrison_layers(
-        grads,
-        [s["input_mean"] for s in layer_stats],
-        [s["output_grad_mean"] for s in layer_stats],
-        gamma,
+      grads,
+      [s["input_mean"] for s in layer_stats],
+      [s["output_grad_mean"] for s in layer_stats],
+      gamma,
     )
     return p if scaling == kl.KL_NORMALISE else scale_preconditioned(p, 1.0 / gamma)
 
   return layerwise_transformation(
-      who="scale_by_eva",
-      state_cls=ScaleByEvaState,
-      statistics=STATISTICS,
-      precondition_layers=precondition,
-      learning_rate=learning_rate,
-      damping=damping,
-      kl_clip=kl_clip,
-      stat_decay=stat_decay,
-      scaling=scaling,
-      layouts=layouts,
+    who="scale_by_eva",
+    state_cls=ScaleByEvaState,
+    statistics=STATISTICS,
+    precondition_layers=precondition,
+    learning_rate=learning_rate,
+    damping=damping,
+    kl_clip=kl_clip,
+    stat_decay=stat_decay,
+    scaling=scaling,
+    layouts=layouts,
   )
 
 
 def eva(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    momentum: float | jax.Array | None = 0.9,
-    nesterov: bool = False,
-    weight_decay: float | jax.Array = 0.0,
-    damping: optax.ScalarOrSchedule = 0.03,
-    kl_clip: optax.ScalarOrSchedule = 0.001,
-    stat_decay: float | jax.Array = 0.05,
-    scaling: str = kl.KL_CLIP,
-    layouts: Any = None,
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  momentum: float | jax.Array | None = 0.9,
+  nesterov: bool = False,
+  weight_decay: float | jax.Array = 0.0,
+  damping: optax.ScalarOrSchedule = 0.03,
+  kl_clip: optax.ScalarOrSchedule = 0.001,
+  stat_decay: float | jax.Array = 0.05,
+  scaling: str = kl.KL_CLIP,
+  layouts: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Eva in front of SGD: precondition → weight decay → momentum → learning rate.
 
@@ -277,16 +282,16 @@ def eva(
     Kronecker-vectorized Approximation. ICLR 2023.
   """
   return with_sgd(
-      scale_by_eva(
-          learning_rate,
-          damping=damping,
-          kl_clip=kl_clip,
-          stat_decay=stat_decay,
-          scaling=scaling,
-          layouts=layouts,
-      ),
+    scale_by_eva(
       learning_rate,
-      momentum=momentum,
-      nesterov=nesterov,
-      weight_decay=weight_decay,
+      damping=damping,
+      kl_clip=kl_clip,
+      stat_decay=stat_decay,
+      scaling=scaling,
+      layouts=layouts,
+    ),
+    learning_rate,
+    momentum=momentum,
+    nesterov=nesterov,
+    weight_decay=weight_decay,
   )

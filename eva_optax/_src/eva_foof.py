@@ -23,7 +23,8 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +34,10 @@ from eva_optax._src import kl
 from eva_optax._src.alias import with_sgd
 from eva_optax._src.statistics import INPUT_MEAN
 from eva_optax._src.preconditioning import (
-    LayerGradient,
-    Preconditioned,
-    layerwise_transformation,
-    scale_preconditioned,
+  LayerGradient,
+  Preconditioned,
+  layerwise_transformation,
+  scale_preconditioned,
 )
 from eva_optax._src.segments import Segments, two_sums
 from eva_optax._src.sharded_sums import packed_sums, stack_labels
@@ -46,7 +47,7 @@ STATISTICS = (INPUT_MEAN,)
 
 
 def foof_vector_projection(
-    grad: LayerGradient, input_mean: jax.Array, damping: jax.Array
+  grad: LayerGradient, input_mean: jax.Array, damping: jax.Array
 ) -> Preconditioned:
   """Ĝ − (Ĝā)āᵀ/(‖ā‖² + γ) for one layer (or a stack), and its ⟨·, Ĝ⟩.
 
@@ -61,7 +62,7 @@ def foof_vector_projection(
 
 
 def foof_vector_projection_layers(
-    grads: Sequence[LayerGradient], input_means: Sequence[jax.Array], damping: jax.Array
+  grads: Sequence[LayerGradient], input_means: Sequence[jax.Array], damping: jax.Array
 ) -> Preconditioned:
   """:func:`foof_vector_projection` for many layers at once, with few operations.
 
@@ -83,10 +84,10 @@ def foof_vector_projection_layers(
   n = len(kernels)
   vectors = [k.shape[:-2] + k.shape[-1:] for k in kernels]  # stack + (out,)
   terms = (
-      [(f"{t}io,{t}i->{t}o", (k, x)) for t, k, x in zip(stacks, kernels, a)]
-      + [(f"{t}io,{t}io->{t}o", (k, k)) for t, k in zip(stacks, kernels)]
-      + [(f"{t}i,{t}i->{t}", (x, x)) for t, x in zip(stacks, a)]
-      + [(f"{t}o->{t}o", (b,)) for t, b in zip(stacks, biases) if b is not None]
+    [(f"{t}io,{t}i->{t}o", (k, x)) for t, k, x in zip(stacks, kernels, a)]
+    + [(f"{t}io,{t}io->{t}o", (k, k)) for t, k in zip(stacks, kernels)]
+    + [(f"{t}i,{t}i->{t}", (x, x)) for t, x in zip(stacks, a)]
+    + [(f"{t}o->{t}o", (b,)) for t, b in zip(stacks, biases) if b is not None]
   )
 
   def fused(*ops):
@@ -96,28 +97,30 @@ def foof_vector_projection_layers(
     (a_sq,) = segments.dots([(x, x) for x in xs])
     flat = lambda vs: [jnp.reshape(v, -1) for v in vs]
     return jnp.concatenate(
-        flat([p for p, _ in sums]) + flat([c for _, c in sums]) + [a_sq] + flat(ops[6 * n :])
+      flat([p for p, _ in sums]) + flat([c for _, c in sums]) + [a_sq] + flat(ops[6 * n :])
     )
 
   def finish(packed, damping):
     """The packed sums → every layer's coefficients (Ĝā)/(‖ā‖² + γ), then ⟨V, Ĝ⟩."""
     pieces, offset = [], 0
-    for size in [math.prod(v) for v in vectors] * 2 + [segments.size] + [
-        math.prod(v) for v, b in zip(vectors, with_bias) if b
-    ]:
+    for size in (
+      [math.prod(v) for v in vectors] * 2
+      + [segments.size]
+      + [math.prod(v) for v, b in zip(vectors, with_bias) if b]
+    ):
       pieces.append(packed[offset : offset + size])
       offset += size
     it = iter(pieces[2 * n + 1 :])
     bias = [next(it).reshape(v) if b else None for v, b in zip(vectors, with_bias)]
     projected = [  # Ĝ ā, the bias matched by a 1
-        p.reshape(v) + (0 if b is None else b) for p, v, b in zip(pieces[:n], vectors, bias)
+      p.reshape(v) + (0 if b is None else b) for p, v, b in zip(pieces[:n], vectors, bias)
     ]
     column_sq = [c.reshape(v) for c, v in zip(pieces[n : 2 * n], vectors)]
     a_sq = pieces[2 * n]
     projected_sq, grad_sq, bias_sq = segments.dots(
-        [(p, p) for p in projected],
-        [(c, jnp.ones_like(c)) for c in column_sq],
-        [None if b is None else (b, b) for b in bias],
+      [(p, p) for p in projected],
+      [(c, jnp.ones_like(c)) for c in column_sq],
+      [None if b is None else (b, b) for b in bias],
     )
     has_bias = segments.indicator(with_bias)
     scale = 1.0 / (a_sq + has_bias + damping)
@@ -127,7 +130,7 @@ def foof_vector_projection_layers(
     return (*coef, dot)
 
   (*coefs, dot), *a = packed_sums(
-      terms, fused, finish, (jnp.asarray(damping),), returns=[(l, 1) for l in range(n)]
+    terms, fused, finish, (jnp.asarray(damping),), returns=[(l, 1) for l in range(n)]
   )
   kernel = tuple(k - x[..., :, None] * c[..., None, :] for k, x, c in zip(kernels, a, coefs))
   bias = tuple(None if b is None else b - c for b, c in zip(biases, coefs))
@@ -142,13 +145,13 @@ class ScaleByEvaFoofState(NamedTuple):
 
 
 def scale_by_eva_foof(
-    learning_rate: optax.ScalarOrSchedule | None = None,
-    *,
-    damping: optax.ScalarOrSchedule = 0.03,
-    kl_clip: optax.ScalarOrSchedule = 0.001,
-    stat_decay: float | jax.Array = 0.05,
-    scaling: str = kl.KL_NORMALISE,
-    layouts: Any = None,
+  learning_rate: optax.ScalarOrSchedule | None = None,
+  *,
+  damping: optax.ScalarOrSchedule = 0.03,
+  kl_clip: optax.ScalarOrSchedule = 0.001,
+  stat_decay: float | jax.Array = 0.05,
+  scaling: str = kl.KL_NORMALISE,
+  layouts: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Eva-f's preconditioner: V = Ĝ − (Ĝā)āᵀ/(‖ā‖² + γ), normalised across layers.
 
@@ -175,30 +178,30 @@ def scale_by_eva_foof(
     return p if scaling == kl.KL_NORMALISE else scale_preconditioned(p, 1.0 / gamma)
 
   return layerwise_transformation(
-      who="scale_by_eva_foof",
-      state_cls=ScaleByEvaFoofState,
-      statistics=STATISTICS,
-      precondition_layers=precondition,
-      learning_rate=learning_rate,
-      damping=damping,
-      kl_clip=kl_clip,
-      stat_decay=stat_decay,
-      scaling=scaling,
-      layouts=layouts,
+    who="scale_by_eva_foof",
+    state_cls=ScaleByEvaFoofState,
+    statistics=STATISTICS,
+    precondition_layers=precondition,
+    learning_rate=learning_rate,
+    damping=damping,
+    kl_clip=kl_clip,
+    stat_decay=stat_decay,
+    scaling=scaling,
+    layouts=layouts,
   )
 
 
 def eva_foof(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    momentum: float | jax.Array | None = 0.9,
-    nesterov: bool = False,
-    weight_decay: float | jax.Array = 0.0,
-    damping: optax.ScalarOrSchedule = 0.03,
-    kl_clip: optax.ScalarOrSchedule = 0.001,
-    stat_decay: float | jax.Array = 0.05,
-    scaling: str = kl.KL_NORMALISE,
-    layouts: Any = None,
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  momentum: float | jax.Array | None = 0.9,
+  nesterov: bool = False,
+  weight_decay: float | jax.Array = 0.0,
+  damping: optax.ScalarOrSchedule = 0.03,
+  kl_clip: optax.ScalarOrSchedule = 0.001,
+  stat_decay: float | jax.Array = 0.05,
+  scaling: str = kl.KL_NORMALISE,
+  layouts: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Eva-f in front of SGD: precondition → weight decay → momentum → learning rate.
 
@@ -210,16 +213,16 @@ def eva_foof(
     Second-order Optimization. arXiv:2308.02123.
   """
   return with_sgd(
-      scale_by_eva_foof(
-          learning_rate,
-          damping=damping,
-          kl_clip=kl_clip,
-          stat_decay=stat_decay,
-          scaling=scaling,
-          layouts=layouts,
-      ),
+    scale_by_eva_foof(
       learning_rate,
-      momentum=momentum,
-      nesterov=nesterov,
-      weight_decay=weight_decay,
+      damping=damping,
+      kl_clip=kl_clip,
+      stat_decay=stat_decay,
+      scaling=scaling,
+      layouts=layouts,
+    ),
+    learning_rate,
+    momentum=momentum,
+    nesterov=nesterov,
+    weight_decay=weight_decay,
   )

@@ -33,7 +33,8 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -53,11 +54,11 @@ def dimension_means(grad: jax.Array) -> tuple[jax.Array, ...]:
 
 
 def sherman_morrison_tensor(
-    grad: jax.Array,
-    vectors: Sequence[jax.Array],
-    damping: jax.Array,
-    *,
-    relative_damping: bool = False,
+  grad: jax.Array,
+  vectors: Sequence[jax.Array],
+  damping: jax.Array,
+  *,
+  relative_damping: bool = False,
 ) -> jax.Array:
   """Ĝ = G − ⟨G, u⟩ / (γ + μ) · u with u = s_1 ⊗ … ⊗ s_k and μ = Π‖s_i‖².
 
@@ -117,10 +118,10 @@ def _is_preconditioned(x) -> bool:
 
 
 def scale_by_eva_shampoo(
-    *,
-    damping: optax.ScalarOrSchedule = 0.03,
-    stat_decay: optax.ScalarOrSchedule = 1.0,
-    relative_damping: bool = False,
+  *,
+  damping: optax.ScalarOrSchedule = 0.03,
+  stat_decay: optax.ScalarOrSchedule = 1.0,
+  relative_damping: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Eva-s's preconditioner with SGD grafting (no learning rate, no sign).
 
@@ -176,11 +177,11 @@ def scale_by_eva_shampoo(
     if is_placeholder(params):  # optax.tree_map_params: no field is shaped like params
       return ScaleByEvaShampooState(jnp.zeros([], jnp.int32), not_params_shaped())
     return replicate_on_params_mesh(
-        params,
-        ScaleByEvaShampooState(
-            count=jnp.zeros([], jnp.int32),
-            dimension_means=jax.tree.map(vectors, params),
-        ),
+      params,
+      ScaleByEvaShampooState(
+        count=jnp.zeros([], jnp.int32),
+        dimension_means=jax.tree.map(vectors, params),
+      ),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -199,16 +200,15 @@ def scale_by_eva_shampoo(
         new_vectors.append(optax.MaskedNode())
         continue
       vectors = tuple(
-          (decay * s + weight * m).astype(s.dtype)
-          for s, m in zip(vectors, dimension_means(g))
+        (decay * s + weight * m).astype(s.dtype) for s, m in zip(vectors, dimension_means(g))
       )
       direction = sherman_morrison_tensor(g, vectors, gamma, relative_damping=relative_damping)
       new_updates.append(sgd_graft(direction, g).astype(g.dtype))
       new_vectors.append(vectors)
 
     new_state = ScaleByEvaShampooState(
-        count=optax.safe_increment(count),
-        dimension_means=treedef.unflatten(new_vectors),
+      count=optax.safe_increment(count),
+      dimension_means=treedef.unflatten(new_vectors),
     )
     return treedef.unflatten(new_updates), new_state
 
@@ -216,14 +216,14 @@ def scale_by_eva_shampoo(
 
 
 def eva_shampoo(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    momentum: float | jax.Array | None = 0.9,
-    nesterov: bool = True,
-    weight_decay: float | jax.Array = 0.0,
-    damping: optax.ScalarOrSchedule = 0.03,
-    stat_decay: optax.ScalarOrSchedule = 1.0,
-    relative_damping: bool = False,
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  momentum: float | jax.Array | None = 0.9,
+  nesterov: bool = True,
+  weight_decay: float | jax.Array = 0.0,
+  damping: optax.ScalarOrSchedule = 0.03,
+  stat_decay: optax.ScalarOrSchedule = 1.0,
+  relative_damping: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Eva-s in front of SGD: precondition and graft → weight decay → momentum → lr.
 
@@ -250,11 +250,9 @@ def eva_shampoo(
     Second-order Optimization. arXiv:2308.02123.
   """
   return with_sgd(
-      scale_by_eva_shampoo(
-          damping=damping, stat_decay=stat_decay, relative_damping=relative_damping
-      ),
-      learning_rate,
-      momentum=momentum,
-      nesterov=nesterov,
-      weight_decay=weight_decay,
+    scale_by_eva_shampoo(damping=damping, stat_decay=stat_decay, relative_damping=relative_damping),
+    learning_rate,
+    momentum=momentum,
+    nesterov=nesterov,
+    weight_decay=weight_decay,
   )

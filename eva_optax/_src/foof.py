@@ -28,10 +28,10 @@ from eva_optax._src.hyper import check_period
 from eva_optax._src.statistics import INPUT_FACTOR
 from eva_optax._src.linalg import damped_inverse, split_bias_row, with_bias_row
 from eva_optax._src.preconditioning import (
-    FactorGate,
-    LayerGradient,
-    Preconditioned,
-    layerwise_transformation,
+  FactorGate,
+  LayerGradient,
+  Preconditioned,
+  layerwise_transformation,
 )
 
 #: What :func:`eva_optax.value_and_grad` must capture for FOOF.
@@ -67,15 +67,15 @@ class ScaleByFoofState(NamedTuple):
 
 
 def scale_by_foof(
-    learning_rate: optax.ScalarOrSchedule | None = None,
-    *,
-    damping: optax.ScalarOrSchedule = 0.03,
-    kl_clip: optax.ScalarOrSchedule = 0.001,
-    stat_decay: float | jax.Array = 0.05,
-    stats_every: int = 1,
-    inverse_every: int = 50,
-    scaling: str = kl.KL_CLIP,
-    layouts: Any = None,
+  learning_rate: optax.ScalarOrSchedule | None = None,
+  *,
+  damping: optax.ScalarOrSchedule = 0.03,
+  kl_clip: optax.ScalarOrSchedule = 0.001,
+  stat_decay: float | jax.Array = 0.05,
+  stats_every: int = 1,
+  inverse_every: int = 50,
+  scaling: str = kl.KL_CLIP,
+  layouts: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """FOOF's preconditioner: V = Ĝ (A + γI)⁻¹, inverse every ``inverse_every`` steps.
 
@@ -103,53 +103,53 @@ def scale_by_foof(
     return {"input_inverse": damped_inverse(averages["input_factor"], gamma)}
 
   return layerwise_transformation(
-      who="scale_by_foof",
-      state_cls=ScaleByFoofState,
-      statistics=STATISTICS,
-      precondition=lambda grad, s, gamma: foof_precondition(grad, s["input_inverse"]),
-      learning_rate=learning_rate,
-      damping=damping,
-      kl_clip=kl_clip,
-      stat_decay=stat_decay,
-      scaling=scaling,
-      layouts=layouts,
-      refresh=refresh,
-      refresh_every=inverse_every,
-      stats_every=stats_every,
+    who="scale_by_foof",
+    state_cls=ScaleByFoofState,
+    statistics=STATISTICS,
+    precondition=lambda grad, s, gamma: foof_precondition(grad, s["input_inverse"]),
+    learning_rate=learning_rate,
+    damping=damping,
+    kl_clip=kl_clip,
+    stat_decay=stat_decay,
+    scaling=scaling,
+    layouts=layouts,
+    refresh=refresh,
+    refresh_every=inverse_every,
+    stats_every=stats_every,
   )
 
 
 def foof(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    momentum: float | jax.Array | None = 0.9,
-    nesterov: bool = False,
-    weight_decay: float | jax.Array = 0.0,
-    damping: optax.ScalarOrSchedule = 0.03,
-    kl_clip: optax.ScalarOrSchedule = 0.001,
-    stat_decay: float | jax.Array = 0.05,
-    stats_every: int = 1,
-    inverse_every: int = 50,
-    scaling: str = kl.KL_CLIP,
-    layouts: Any = None,
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  momentum: float | jax.Array | None = 0.9,
+  nesterov: bool = False,
+  weight_decay: float | jax.Array = 0.0,
+  damping: optax.ScalarOrSchedule = 0.03,
+  kl_clip: optax.ScalarOrSchedule = 0.001,
+  stat_decay: float | jax.Array = 0.05,
+  stats_every: int = 1,
+  inverse_every: int = 50,
+  scaling: str = kl.KL_CLIP,
+  layouts: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """FOOF in front of SGD: precondition → weight decay → momentum → learning rate.
 
   See :func:`scale_by_foof`. Capture with ``statistics=('input_factor',)``.
   """
   return with_sgd(
-      scale_by_foof(
-          learning_rate,
-          damping=damping,
-          kl_clip=kl_clip,
-          stat_decay=stat_decay,
-          stats_every=stats_every,
-          inverse_every=inverse_every,
-          scaling=scaling,
-          layouts=layouts,
-      ),
+    scale_by_foof(
       learning_rate,
-      momentum=momentum,
-      nesterov=nesterov,
-      weight_decay=weight_decay,
+      damping=damping,
+      kl_clip=kl_clip,
+      stat_decay=stat_decay,
+      stats_every=stats_every,
+      inverse_every=inverse_every,
+      scaling=scaling,
+      layouts=layouts,
+    ),
+    learning_rate,
+    momentum=momentum,
+    nesterov=nesterov,
+    weight_decay=weight_decay,
   )

@@ -16,7 +16,9 @@ import numpy as np
 import optax
 
 
-def value_at(hyper: optax.ScalarOrSchedule, count: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+def value_at(
+  hyper: optax.ScalarOrSchedule, count: jax.Array, dtype: Any = jnp.float32
+) -> jax.Array:
   """The value of ``hyper`` at step ``count`` (a schedule is called, else kept),
   in ``dtype`` (float32, or float64 for the rules of float64 layers)."""
   if callable(hyper):
@@ -25,13 +27,13 @@ def value_at(hyper: optax.ScalarOrSchedule, count: jax.Array, dtype: Any = jnp.f
 
 
 def check_range(
-    name: str,
-    hyper: optax.ScalarOrSchedule | None,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_inclusive: bool = False,
-    high_inclusive: bool = True,
+  name: str,
+  hyper: optax.ScalarOrSchedule | None,
+  *,
+  low: float | None = None,
+  high: float | None = None,
+  low_inclusive: bool = False,
+  high_inclusive: bool = True,
 ) -> None:
   """Raises ``ValueError`` naming ``name`` when a concrete ``hyper`` is out of range.
 
@@ -57,9 +59,7 @@ def check_range(
   if bad:
     lo = "" if low is None else ("[" if low_inclusive else "(") + f"{low}"
     hi = "" if high is None else f"{high}" + ("]" if high_inclusive else ")")
-    raise ValueError(
-        f"{name} must be finite and in {lo or '(-inf'}, {hi or 'inf)'}; got {value}"
-    )
+    raise ValueError(f"{name} must be finite and in {lo or '(-inf'}, {hi or 'inf)'}; got {value}")
 
 
 def check_period(name: str, value: Any, *, static: bool = False) -> None:
@@ -73,15 +73,15 @@ def check_period(name: str, value: Any, *, static: bool = False) -> None:
   if isinstance(value, jax.core.Tracer):
     if static:
       raise ValueError(
-          f"{name} fixes array shapes and must be a Python int, not a traced value;"
-          f" with optax.inject_hyperparams pass static_args=('{name}',)"
+        f"{name} fixes array shapes and must be a Python int, not a traced value;"
+        f" with optax.inject_hyperparams pass static_args=('{name}',)"
       )
     return
   array = np.asarray(value)
   if (
-      isinstance(value, bool)
-      or array.shape != ()
-      or not np.issubdtype(array.dtype, np.integer)
-      or array < 1
+    isinstance(value, bool)
+    or array.shape != ()
+    or not np.issubdtype(array.dtype, np.integer)
+    or array < 1
   ):
     raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")

@@ -46,16 +46,16 @@ from eva_optax._src.alias import with_sgd
 from eva_optax._src.hyper import check_period
 from eva_optax._src.statistics import INPUT_FACTOR, OUTPUT_GRAD_FACTOR
 from eva_optax._src.linalg import (
-    block_diagonal_damped_inverse,
-    mean_trace,
-    split_bias_row,
-    with_bias_row,
+  block_diagonal_damped_inverse,
+  mean_trace,
+  split_bias_row,
+  with_bias_row,
 )
 from eva_optax._src.preconditioning import (
-    FactorGate,
-    LayerGradient,
-    Preconditioned,
-    layerwise_transformation,
+  FactorGate,
+  LayerGradient,
+  Preconditioned,
+  layerwise_transformation,
 )
 
 #: What :func:`eva_optax.value_and_grad` must capture for K-FAC.
@@ -63,8 +63,10 @@ STATISTICS = (INPUT_FACTOR, OUTPUT_GRAD_FACTOR)
 
 
 def damped_inverses(
-    input_factor: jax.Array, output_grad_factor: jax.Array, damping: jax.Array,
-    diag_blocks: int = 1,
+  input_factor: jax.Array,
+  output_grad_factor: jax.Array,
+  damping: jax.Array,
+  diag_blocks: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
   """(A + √γπ I)⁻¹ and (G + √γ/π I)⁻¹ with π = sqrt((tr A/dim A)/(tr G/dim G)),
   each of the block-diagonal part in ``diag_blocks`` blocks when > 1."""
@@ -73,13 +75,13 @@ def damped_inverses(
   pi = jnp.where(ok, jnp.sqrt(jnp.where(ok, trace_a / jnp.where(ok, trace_g, 1.0), 1.0)), 1.0)
   root = jnp.sqrt(damping)
   return (
-      block_diagonal_damped_inverse(input_factor, root * pi, diag_blocks),
-      block_diagonal_damped_inverse(output_grad_factor, root / pi, diag_blocks),
+    block_diagonal_damped_inverse(input_factor, root * pi, diag_blocks),
+    block_diagonal_damped_inverse(output_grad_factor, root / pi, diag_blocks),
   )
 
 
 def kfac_precondition(
-    grad: LayerGradient, input_inverse: jax.Array, output_grad_inverse: jax.Array
+  grad: LayerGradient, input_inverse: jax.Array, output_grad_inverse: jax.Array
 ) -> Preconditioned:
   """G⁻¹ Ĝ A⁻¹ (paper orientation) for one layer, and ⟨V, Ĝ⟩."""
   full = with_bias_row(grad.kernel, grad.bias)  # stack + (in[+1], out)
@@ -114,16 +116,16 @@ class ScaleByKfacState(NamedTuple):
 
 
 def scale_by_kfac(
-    learning_rate: optax.ScalarOrSchedule | None = None,
-    *,
-    damping: optax.ScalarOrSchedule = 0.03,
-    kl_clip: optax.ScalarOrSchedule = 0.001,
-    stat_decay: float | jax.Array = 0.05,
-    stats_every: int = 1,
-    inverse_every: int = 10,
-    scaling: str = kl.KL_CLIP,
-    layouts: Any = None,
-    diag_blocks: int | None = None,
+  learning_rate: optax.ScalarOrSchedule | None = None,
+  *,
+  damping: optax.ScalarOrSchedule = 0.03,
+  kl_clip: optax.ScalarOrSchedule = 0.001,
+  stat_decay: float | jax.Array = 0.05,
+  stats_every: int = 1,
+  inverse_every: int = 10,
+  scaling: str = kl.KL_CLIP,
+  layouts: Any = None,
+  diag_blocks: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """K-FAC's preconditioner with π-adjusted damping and periodic inverses.
 
@@ -157,43 +159,43 @@ def scale_by_kfac(
 
   def refresh(averages, gamma):
     a_inv, g_inv = damped_inverses(
-        averages["input_factor"], averages["output_grad_factor"], gamma, blocks
+      averages["input_factor"], averages["output_grad_factor"], gamma, blocks
     )
     return {"input_inverse": a_inv, "output_grad_inverse": g_inv}
 
   return layerwise_transformation(
-      who="scale_by_kfac",
-      state_cls=ScaleByKfacState,
-      statistics=STATISTICS,
-      precondition=lambda grad, s, gamma: kfac_precondition(
-          grad, s["input_inverse"], s["output_grad_inverse"]
-      ),
-      learning_rate=learning_rate,
-      damping=damping,
-      kl_clip=kl_clip,
-      stat_decay=stat_decay,
-      scaling=scaling,
-      layouts=layouts,
-      refresh=refresh,
-      refresh_every=inverse_every,
-      stats_every=stats_every,
+    who="scale_by_kfac",
+    state_cls=ScaleByKfacState,
+    statistics=STATISTICS,
+    precondition=lambda grad, s, gamma: kfac_precondition(
+      grad, s["input_inverse"], s["output_grad_inverse"]
+    ),
+    learning_rate=learning_rate,
+    damping=damping,
+    kl_clip=kl_clip,
+    stat_decay=stat_decay,
+    scaling=scaling,
+    layouts=layouts,
+    refresh=refresh,
+    refresh_every=inverse_every,
+    stats_every=stats_every,
   )
 
 
 def kfac(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    momentum: float | jax.Array | None = 0.9,
-    nesterov: bool = False,
-    weight_decay: float | jax.Array = 0.0,
-    damping: optax.ScalarOrSchedule = 0.03,
-    kl_clip: optax.ScalarOrSchedule = 0.001,
-    stat_decay: float | jax.Array = 0.05,
-    stats_every: int = 1,
-    inverse_every: int = 10,
-    scaling: str = kl.KL_CLIP,
-    layouts: Any = None,
-    diag_blocks: int | None = None,
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  momentum: float | jax.Array | None = 0.9,
+  nesterov: bool = False,
+  weight_decay: float | jax.Array = 0.0,
+  damping: optax.ScalarOrSchedule = 0.03,
+  kl_clip: optax.ScalarOrSchedule = 0.001,
+  stat_decay: float | jax.Array = 0.05,
+  stats_every: int = 1,
+  inverse_every: int = 10,
+  scaling: str = kl.KL_CLIP,
+  layouts: Any = None,
+  diag_blocks: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """K-FAC in front of SGD: precondition → weight decay → momentum → learning rate.
 
@@ -222,19 +224,19 @@ def kfac(
   takes the whole batch, the same for batches of ≤ 16.)
   """
   return with_sgd(
-      scale_by_kfac(
-          learning_rate,
-          damping=damping,
-          kl_clip=kl_clip,
-          stat_decay=stat_decay,
-          stats_every=stats_every,
-          inverse_every=inverse_every,
-          scaling=scaling,
-          layouts=layouts,
-          diag_blocks=diag_blocks,
-      ),
+    scale_by_kfac(
       learning_rate,
-      momentum=momentum,
-      nesterov=nesterov,
-      weight_decay=weight_decay,
+      damping=damping,
+      kl_clip=kl_clip,
+      stat_decay=stat_decay,
+      stats_every=stats_every,
+      inverse_every=inverse_every,
+      scaling=scaling,
+      layouts=layouts,
+      diag_blocks=diag_blocks,
+    ),
+    learning_rate,
+    momentum=momentum,
+    nesterov=nesterov,
+    weight_decay=weight_decay,
   )

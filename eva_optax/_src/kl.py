@@ -24,7 +24,7 @@ SCALINGS = (KL_CLIP, KL_NORMALISE)
 
 
 def kl_clip_factor(
-    update_dot_grad: jax.Array, learning_rate: jax.Array, kl_clip: jax.Array
+  update_dot_grad: jax.Array, learning_rate: jax.Array, kl_clip: jax.Array
 ) -> jax.Array:
   """ν = min(1, sqrt(κ / (η² Σ⟨V, Ĝ⟩))), and 1 when the sum is not positive."""
   # The square root comes last: XLA then computes ν once instead of copying the
@@ -40,10 +40,10 @@ def kl_normalise_factor(update_dot_grad: jax.Array) -> jax.Array:
 
 
 def scale_factor(
-    scaling: str,
-    update_dot_grad: jax.Array,
-    learning_rate: jax.Array | None,
-    kl_clip: jax.Array | None,
+  scaling: str,
+  update_dot_grad: jax.Array,
+  learning_rate: jax.Array | None,
+  kl_clip: jax.Array | None,
 ) -> jax.Array:
   """The factor ν of the chosen ``scaling`` ('kl_clip' or 'kl_normalise')."""
   if scaling == KL_CLIP:

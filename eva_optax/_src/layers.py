@@ -18,11 +18,11 @@ import jax.numpy as jnp
 
 from eva_optax._src.paths import BIAS, KERNEL, Path, flatten_with_paths, path_str
 from eva_optax._src.statistics import (
-    KernelLayout,
-    LayerStats,
-    PassThrough,
-    statistic_dtype,
-    statistic_shapes,
+  KernelLayout,
+  LayerStats,
+  PassThrough,
+  statistic_dtype,
+  statistic_shapes,
 )
 
 
@@ -34,9 +34,9 @@ ATTENTION_OUTPUT_PROJECTION = "out"
 
 
 def infer_layout(
-    kernel_shape: tuple[int, ...],
-    bias_shape: tuple[int, ...] | None,
-    name: str | None = None,
+  kernel_shape: tuple[int, ...],
+  bias_shape: tuple[int, ...] | None,
+  name: str | None = None,
 ) -> KernelLayout | None:
   """The layout of a kernel judged from its shape, its bias's shape and its name.
 
@@ -59,19 +59,17 @@ def infer_layout(
     output_ndim = len(bias_shape) - stack_ndim
     if len(kernel_shape) - stack_ndim - output_ndim < 1:
       continue
-    if (
-        tuple(kernel_shape[:stack_ndim]) == tuple(bias_shape[:stack_ndim])
-        and tuple(kernel_shape[len(kernel_shape) - output_ndim :])
-        == tuple(bias_shape[stack_ndim:])
-    ):
+    if tuple(kernel_shape[:stack_ndim]) == tuple(bias_shape[:stack_ndim]) and tuple(
+      kernel_shape[len(kernel_shape) - output_ndim :]
+    ) == tuple(bias_shape[stack_ndim:]):
       return KernelLayout(stack_ndim, output_ndim)
   return KernelLayout(0, 1)
 
 
 def readings(
-    kernel_shape: tuple[int, ...],
-    bias_shape: tuple[int, ...] | None,
-    name: str | None = None,
+  kernel_shape: tuple[int, ...],
+  bias_shape: tuple[int, ...] | None,
+  name: str | None = None,
 ) -> tuple[KernelLayout, ...]:
   """The layouts a Flax layer with this kernel and bias can have; the guess first.
 
@@ -101,8 +99,9 @@ def readings(
   out: list[KernelLayout] = [guess]
   if rank >= 3 and kernel_shape[-2] == 1 and guess.stack_ndim == 0 and guess.output_ndim == 1:
     out += [
-        KernelLayout(1, 1, groups=g) for g in range(2, kernel_shape[-1] + 1)
-        if kernel_shape[-1] % g == 0
+      KernelLayout(1, 1, groups=g)
+      for g in range(2, kernel_shape[-1] + 1)
+      if kernel_shape[-1] % g == 0
     ]
   if bias_shape:
     family = _stacked_and_einsum_readings(kernel_shape) if rank >= 3 else []
@@ -117,8 +116,8 @@ def readings(
   if not bias_shape and rank >= 4 and name and "einsum" in name.lower():
     # An Einsum by name (Linen's Einsum_0, Gemma's kv_einsum): one contracted axis.
     out += [
-        KernelLayout(0, rank - 1, permutation=(i,) + tuple(a for a in range(rank) if a != i))
-        for i in range(1, rank)
+      KernelLayout(0, rank - 1, permutation=(i,) + tuple(a for a in range(rank) if a != i))
+      for i in range(1, rank)
     ] + [KernelLayout(0, rank - 1)]
   unique: list[KernelLayout] = []
   for layout in out:
@@ -134,17 +133,17 @@ def _stacked_and_einsum_readings(kernel_shape: tuple[int, ...]) -> list[KernelLa
   family = [KernelLayout(stack, outputs) for stack in (0, 1) for outputs in range(1, rank - stack)]
   if rank == 3:
     family += [
-        KernelLayout(0, 2, permutation=(i,) + tuple(a for a in range(3) if a != i))
-        for i in range(1, 3)
+      KernelLayout(0, 2, permutation=(i,) + tuple(a for a in range(3) if a != i))
+      for i in range(1, 3)
     ]
   return family
 
 
 def reserved_readings(
-    kernel_shape: tuple[int, ...],
-    layouts: tuple[KernelLayout, ...],
-    size: Any,
-    factor: float = 8.0,
+  kernel_shape: tuple[int, ...],
+  layouts: tuple[KernelLayout, ...],
+  size: Any,
+  factor: float = 8.0,
 ) -> tuple[KernelLayout, ...]:
   """The readings an optimizer's state makes room for: the guess (first) and
   every other whose state takes at most ``factor`` times the guess's
@@ -154,10 +153,7 @@ def reserved_readings(
   if not layouts:
     return ()
   limit = factor * size(layouts[0])
-  return tuple(
-      l for i, l in enumerate(layouts)
-      if i == 0 or l.groups > 1 or size(l) <= limit
-  )
+  return tuple(l for i, l in enumerate(layouts) if i == 0 or l.groups > 1 or size(l) <= limit)
 
 
 class LayerSlot(NamedTuple):
@@ -180,7 +176,7 @@ def _layouts_by_path(layouts: Any) -> dict[Path, KernelLayout]:
   if layouts is None:
     return given
   for path, entry in flatten_with_paths(
-      layouts, is_leaf=lambda x: isinstance(x, (KernelLayout, LayerStats, PassThrough))
+    layouts, is_leaf=lambda x: isinstance(x, (KernelLayout, LayerStats, PassThrough))
   ):
     if isinstance(entry, LayerStats):
       given[path] = entry.layout
@@ -190,7 +186,7 @@ def _layouts_by_path(layouts: Any) -> dict[Path, KernelLayout]:
 
 
 def find_layer_slots(
-    params: Any, layouts: Any = None, captured: Any = None
+  params: Any, layouts: Any = None, captured: Any = None
 ) -> dict[Path, LayerSlot]:
   """Every module of ``params`` that owns a ``kernel`` of rank ≥ 2.
 
@@ -229,22 +225,22 @@ def check_stats_match(slot: LayerSlot, entry: LayerStats) -> None:
   where = f"layer {path_str(slot.path)!r}"
   if entry.layout != slot.layout:
     raise ValueError(
-        f"{where}: the captured layout {entry.layout} differs from the layout"
-        f" {slot.layout} given to the optimizer (layouts=): give it"
-        " layouts=eva_optax.layouts_of(stats), or no layouts at all"
+      f"{where}: the captured layout {entry.layout} differs from the layout"
+      f" {slot.layout} given to the optimizer (layouts=): give it"
+      " layouts=eva_optax.layouts_of(stats), or no layouts at all"
     )
   wanted = statistic_shapes(*slot.layout.dims(slot.kernel_shape), slot.has_bias)
   for name, shape in wanted.items():
     value = getattr(entry, name)
     if value is not None and tuple(value.shape) != shape:
       raise ValueError(
-          f"{where}: {name} of shape {tuple(value.shape)} does not fit the kernel"
-          f" {slot.kernel_shape} (expected {shape})"
+        f"{where}: {name} of shape {tuple(value.shape)} does not fit the kernel"
+        f" {slot.kernel_shape} (expected {shape})"
       )
   if entry.has_bias != slot.has_bias:
     raise ValueError(
-        f"{where}: the capture says has_bias={entry.has_bias} but the parameters"
-        f" say has_bias={slot.has_bias}"
+      f"{where}: the capture says has_bias={entry.has_bias} but the parameters"
+      f" say has_bias={slot.has_bias}"
     )
 
 
@@ -260,7 +256,7 @@ def kernel_matrix(kernel: jax.Array, layout: KernelLayout) -> jax.Array:
 
 
 def kernel_from_matrix(
-    matrix: jax.Array, layout: KernelLayout, kernel_shape: tuple[int, ...]
+  matrix: jax.Array, layout: KernelLayout, kernel_shape: tuple[int, ...]
 ) -> jax.Array:
   """The inverse of :func:`kernel_matrix`: a ``stack + (in, out)`` matrix as a kernel."""
   if layout.groups > 1:
@@ -282,7 +278,7 @@ def _bias_order(layout: KernelLayout, kernel_ndim: int) -> tuple[tuple[int, ...]
 
 
 def bias_vector(
-    bias: jax.Array, layout: KernelLayout, kernel_shape: tuple[int, ...] | None = None
+  bias: jax.Array, layout: KernelLayout, kernel_shape: tuple[int, ...] | None = None
 ) -> jax.Array:
   """The bias as ``stack + (out,)`` (``kernel_shape`` needed with a permutation)."""
   if layout.groups > 1:  # (…, out) → (…, groups, out/groups)
@@ -296,10 +292,10 @@ def bias_vector(
 
 
 def bias_from_vector(
-    vector: jax.Array,
-    layout: KernelLayout,
-    bias_shape: tuple[int, ...],
-    kernel_shape: tuple[int, ...] | None = None,
+  vector: jax.Array,
+  layout: KernelLayout,
+  bias_shape: tuple[int, ...],
+  kernel_shape: tuple[int, ...] | None = None,
 ) -> jax.Array:
   """The inverse of :func:`bias_vector`."""
   if layout.permutation is None:

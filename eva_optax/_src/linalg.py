@@ -10,7 +10,8 @@ batched call.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -32,9 +33,9 @@ def per_matrix(fn: Callable[[jax.Array], Any], matrices: jax.Array) -> Any:
     return jax.tree.map(lambda x: x.reshape(batch + x.shape[1:]), tree)
 
   return jax.lax.platform_dependent(
-      flat,
-      cpu=lambda m: restore(jax.lax.map(fn, m)),
-      default=lambda m: restore(fn(m)),
+    flat,
+    cpu=lambda m: restore(jax.lax.map(fn, m)),
+    default=lambda m: restore(fn(m)),
   )
 
 
@@ -74,7 +75,9 @@ def damped_inverse(matrix: jax.Array, damping: jax.Array) -> jax.Array:
   """
   matrix = matrix.astype(jnp.promote_types(matrix.dtype, jnp.float32))
   floor = RELATIVE_DAMPING_FLOOR * mean_trace(matrix)
-  return spd_inverse(add_to_diagonal(matrix, jnp.maximum(jnp.asarray(damping, matrix.dtype), floor)))
+  return spd_inverse(
+    add_to_diagonal(matrix, jnp.maximum(jnp.asarray(damping, matrix.dtype), floor))
+  )
 
 
 def block_sizes(n: int, blocks: int) -> list[int]:
@@ -85,9 +88,7 @@ def block_sizes(n: int, blocks: int) -> list[int]:
   return [each + 1] * extra + [each] * (sections - extra)
 
 
-def block_diagonal_damped_inverse(
-    matrix: jax.Array, damping: jax.Array, blocks: int
-) -> jax.Array:
+def block_diagonal_damped_inverse(matrix: jax.Array, damping: jax.Array, blocks: int) -> jax.Array:
   """The inverse of the block-diagonal part of ``M + λI``: :func:`damped_inverse`
   of each of ``blocks`` diagonal blocks (:func:`block_sizes`), zeros elsewhere.
 

@@ -23,7 +23,8 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
 
 import flax
 import flax.linen as nn
@@ -67,12 +68,9 @@ def _skip_reason(module: nn.Module, kind: str, geometry: Any) -> str | None:
   """Why a supported layer kind is still passed through, or ``None``."""
   if isinstance(geometry, str):
     return f"{geometry}: its parameters get the plain gradient"
-  if kind == "DenseGeneral" and tuple(
-      nn.linear._canonicalize_tuple(module.batch_dims)
-  ):
+  if kind == "DenseGeneral" and tuple(nn.linear._canonicalize_tuple(module.batch_dims)):
     return (
-        "DenseGeneral with batch_dims is not preconditioned: its parameters get"
-        " the plain gradient"
+      "DenseGeneral with batch_dims is not preconditioned: its parameters get the plain gradient"
     )
   return None
 
@@ -105,12 +103,12 @@ def _geometry(module: nn.Module, kind: str, args: tuple = (), kwargs: dict | Non
   kernel_size = (ks,) if isinstance(ks, int) else tuple(ks)
   n = len(kernel_size)
   return ConvGeometry(
-      kernel_size,
-      capture.per_axis(module.strides, n),
-      capture.canonical_padding(module.padding, n),
-      capture.per_axis(module.input_dilation, n),
-      capture.per_axis(module.kernel_dilation, n),
-      module.feature_group_count,
+    kernel_size,
+    capture.per_axis(module.strides, n),
+    capture.canonical_padding(module.padding, n),
+    capture.per_axis(module.input_dilation, n),
+    capture.per_axis(module.kernel_dilation, n),
+    module.feature_group_count,
   )
 
 
@@ -133,15 +131,24 @@ def _discovery_interceptor(seen: dict[Path, _Seen]):
     has_bias = module.has_variable("params", BIAS)
     if kind is None:
       note = _Seen(
-          type(module).__name__, kernel_ndim, 1, has_bias, None,
-          f"not a {_SUPPORTED} layer: its parameters get the plain gradient",
+        type(module).__name__,
+        kernel_ndim,
+        1,
+        has_bias,
+        None,
+        f"not a {_SUPPORTED} layer: its parameters get the plain gradient",
       )
     else:
       geometry = _geometry(module, kind, args, kwargs)
       reason = _skip_reason(module, kind, geometry)
       note = _Seen(
-          kind, kernel_ndim, _output_ndim(module, kind), has_bias,
-          None if reason else geometry, reason, jnp.result_type(kernel),
+        kind,
+        kernel_ndim,
+        _output_ndim(module, kind),
+        has_bias,
+        None if reason else geometry,
+        reason,
+        jnp.result_type(kernel),
       )
     seen.setdefault(tuple(module.scope.path), note)
     return out
@@ -153,16 +160,19 @@ def _capture_interceptor(layers: dict[Path, Layer], statistics: tuple[str, ...])
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
     if (
-        context.method_name != "__call__"
-        or module.scope is None
-        or not module.has_variable("params", capture.INPUT_PROBE)
+      context.method_name != "__call__"
+      or module.scope is None
+      or not module.has_variable("params", capture.INPUT_PROBE)
     ):
       return next_fun(*args, **kwargs)
     layer = layers.get(tuple(module.scope.path))
     if layer is None:
       return next_fun(*args, **kwargs)
-    probes = {name: module.get_variable("params", name) for name in PROBES
-              if module.has_variable("params", name)}
+    probes = {
+      name: module.get_variable("params", name)
+      for name in PROBES
+      if module.has_variable("params", name)
+    }
     return capture.probed_call(layer, statistics, probes, next_fun, args, kwargs)
 
   return interceptor
@@ -198,15 +208,15 @@ def _check_params(params: Any, argnums: int) -> None:
   which = "its first argument" if argnums == 0 else f"the argument argnums={argnums}"
   if isinstance(params, nnx.Module):
     raise TypeError(
-        f"eva_optax.value_and_grad is the Linen capture: {which} must be the"
-        f" 'params' collection (a dict), and it got an NNX module"
-        f" ({type(params).__name__}). For NNX models use"
-        " eva_optax.nnx_value_and_grad(loss_fn), with loss_fn(model, ...), and"
-        " pass its stats on: optimizer.update(model, grads, stats=stats)"
+      f"eva_optax.value_and_grad is the Linen capture: {which} must be the"
+      f" 'params' collection (a dict), and it got an NNX module"
+      f" ({type(params).__name__}). For NNX models use"
+      " eva_optax.nnx_value_and_grad(loss_fn), with loss_fn(model, ...), and"
+      " pass its stats on: optimizer.update(model, grads, stats=stats)"
     )
   raise TypeError(
-      f"eva_optax.value_and_grad differentiates {which}, which must be the"
-      f" 'params' collection (a dict); got {type(params).__name__}"
+    f"eva_optax.value_and_grad differentiates {which}, which must be the"
+    f" 'params' collection (a dict); got {type(params).__name__}"
   )
 
 
@@ -219,18 +229,18 @@ def _check_not_whole_variables(seen: dict[Path, _Seen], leaves: dict[Path, Any])
   if direct or not nested:
     return
   raise ValueError(
-      "eva_optax.value_and_grad differentiates the 'params' collection itself, and"
-      " got the whole variables dict ({'params': ...} at its top): the model's"
-      f" layers ({', '.join(sorted('/'.join(p) for p in nested))}) have their"
-      " kernels under 'params' there, so none would get statistics. Pass"
-      " variables['params'] and rebuild the dict in the loss:"
-      " loss_fn(params, batch) calling model.apply({'params': params,"
-      " **other_collections}, x), grad_fn(variables['params'], batch)"
+    "eva_optax.value_and_grad differentiates the 'params' collection itself, and"
+    " got the whole variables dict ({'params': ...} at its top): the model's"
+    f" layers ({', '.join(sorted('/'.join(p) for p in nested))}) have their"
+    " kernels under 'params' there, so none would get statistics. Pass"
+    " variables['params'] and rebuild the dict in the loss:"
+    " loss_fn(params, batch) calling model.apply({'params': params,"
+    " **other_collections}, x), grad_fn(variables['params'], batch)"
   )
 
 
 def _discover(
-    loss_fn: Callable, params: Any, args: tuple, kwargs: dict, argnums: int = 0
+  loss_fn: Callable, params: Any, args: tuple, kwargs: dict, argnums: int = 0
 ) -> tuple[dict[Path, Layer], dict[Path, PassThrough]]:
   """The layers the loss calls, from an abstract pass (no computation)."""
   _check_params(params, argnums)
@@ -249,20 +259,25 @@ def _discover(
       skipped[path] = PassThrough(s.kind, s.skip_reason)
       continue
     layers[path] = capture.layer_record(
-        s.kind, s.geometry, tuple(jnp.shape(full)), s.kernel_ndim, s.output_ndim, s.has_bias,
-        jnp.result_type(full),
+      s.kind,
+      s.geometry,
+      tuple(jnp.shape(full)),
+      s.kernel_ndim,
+      s.output_ndim,
+      s.has_bias,
+      jnp.result_type(full),
     )
   return layers, skipped
 
 
 def value_and_grad(
-    loss_fn: Callable[..., Any],
-    argnums: int = 0,
-    has_aux: bool = False,
-    *,
-    statistics: Sequence[str] = EVA_STATISTICS,
-    axis_name: Any = None,
-    factor_rows: str = "positions",
+  loss_fn: Callable[..., Any],
+  argnums: int = 0,
+  has_aux: bool = False,
+  *,
+  statistics: Sequence[str] = EVA_STATISTICS,
+  axis_name: Any = None,
+  factor_rows: str = "positions",
 ) -> Callable[..., tuple[Any, Any, Any]]:
   """Like :func:`jax.value_and_grad`, also returning per-layer curvature statistics.
 
@@ -341,8 +356,8 @@ def value_and_grad(
     capture.warn_pass_through(skipped, warned, front_end)
     layers = {p: l._replace(factor_rows=factor_rows) for p, l in layers.items()}
     probes = capture.per_device(
-        {path: capture.zero_probes(layer, statistics, due) for path, layer in layers.items()},
-        axis_name,
+      {path: capture.zero_probes(layer, statistics, due) for path, layer in layers.items()},
+      axis_name,
     )
 
     def wrapped(params, probes):
@@ -350,9 +365,9 @@ def value_and_grad(
         out = call(_inject(params, probes), *args, **kwargs)
       return capture.loss_and_aux(out, has_aux)
 
-    (loss, aux), (grads, probe_grads) = jax.value_and_grad(
-        wrapped, argnums=(0, 1), has_aux=True
-    )(params, probes)
+    (loss, aux), (grads, probe_grads) = jax.value_and_grad(wrapped, argnums=(0, 1), has_aux=True)(
+      params, probes
+    )
 
     probe_grads = capture.global_statistics(probe_grads, axis_name, layers)
     entries: dict[Path, Any] = dict(skipped)

@@ -16,4 +16,6 @@ def state_bytes(tx: optax.GradientTransformation, params: Any) -> int:
   ``params`` may hold arrays or ``jax.ShapeDtypeStruct`` leaves.
   """
   state = jax.eval_shape(tx.init, params)
-  return int(sum(np.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(state)))
+  return int(
+    sum(np.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(state))
+  )

@@ -47,7 +47,8 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Mapping
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
 
 import jax.numpy as jnp
 from flax import nnx
@@ -107,30 +108,29 @@ def _geometry(module: nnx.Module, cls: type) -> Any:
   kernel_size = tuple(module.kernel_size)
   n = len(kernel_size)
   return ConvGeometry(
-      kernel_size,
-      capture.per_axis(module.strides, n),
-      capture.canonical_padding(module.padding, n),
-      capture.per_axis(module.input_dilation, n),
-      capture.per_axis(module.kernel_dilation, n),
-      module.feature_group_count,
+    kernel_size,
+    capture.per_axis(module.strides, n),
+    capture.canonical_padding(module.padding, n),
+    capture.per_axis(module.input_dilation, n),
+    capture.per_axis(module.kernel_dilation, n),
+    module.feature_group_count,
   )
 
 
 def _skip_reason(
-    module: nnx.Module, cls: type | None, kernel: nnx.Variable, geometry: Any
+  module: nnx.Module, cls: type | None, kernel: nnx.Variable, geometry: Any
 ) -> str | None:
   """Why a kernel-owning module is passed through, or ``None``."""
   if cls is None:
     return f"not a {_SUPPORTED} layer: its parameters get the plain gradient"
   if type(module).__call__ is not cls.__call__:
     return (
-        f"{type(module).__name__} overrides {cls.__name__}.__call__, so what it"
-        " computes is not known to be x·W + b: its parameters get the plain gradient"
+      f"{type(module).__name__} overrides {cls.__name__}.__call__, so what it"
+      " computes is not known to be x·W + b: its parameters get the plain gradient"
     )
   if cls is nnx.LinearGeneral and module.batch_axis:
     return (
-        "LinearGeneral with batch_axis is not preconditioned: its parameters get"
-        " the plain gradient"
+      "LinearGeneral with batch_axis is not preconditioned: its parameters get the plain gradient"
     )
   if isinstance(geometry, str):  # an Einsum equation the statistics do not describe
     return f"{geometry}: its parameters get the plain gradient"
@@ -140,7 +140,7 @@ def _skip_reason(
 
 
 def _find_layers(
-    model: nnx.Module,
+  model: nnx.Module,
 ) -> tuple[dict[Path, tuple[nnx.Module, Layer]], dict[Path, PassThrough]]:
   """Every module of ``model`` owning an ``nnx.Param`` kernel, by module path."""
   layers: dict[Path, tuple[nnx.Module, Layer]] = {}
@@ -161,10 +161,18 @@ def _find_layers(
       continue
     output_ndim = len(module.out_features) if cls is nnx.LinearGeneral else 1
     has_bias = isinstance(getattr(module, "bias", None), nnx.Param)
-    layers[path] = (module, capture.layer_record(
-        name, geometry, tuple(jnp.shape(kernel[...])),
-        _kernel_ndim(module, cls), output_ndim, has_bias, jnp.result_type(kernel[...]),
-    ))
+    layers[path] = (
+      module,
+      capture.layer_record(
+        name,
+        geometry,
+        tuple(jnp.shape(kernel[...])),
+        _kernel_ndim(module, cls),
+        output_ndim,
+        has_bias,
+        jnp.result_type(kernel[...]),
+      ),
+    )
   return layers, skipped
 
 
@@ -206,9 +214,9 @@ def _attach(module: nnx.Module, path: Path, layer: Layer, statistics, probes) ->
 def _probes_of(module: nnx.Module) -> tuple[_Tag, dict[str, Any]] | None:
   """The tag and the probe dict of a module holding probes, else ``None``."""
   tags = [
-      (v.get_metadata()["eva_probe"], v[...])
-      for k, v in vars(module).items()
-      if k.startswith(_PREFIX) and isinstance(v, _Probe)
+    (v.get_metadata()["eva_probe"], v[...])
+    for k, v in vars(module).items()
+    if k.startswith(_PREFIX) and isinstance(v, _Probe)
   ]
   if not tags:
     return None
@@ -281,13 +289,13 @@ def _probed(layers: dict[Path, tuple[nnx.Module, Layer]], statistics, due, axis_
 
 
 def nnx_value_and_grad(
-    loss_fn: Callable[..., Any],
-    argnums: int = 0,
-    has_aux: bool = False,
-    *,
-    statistics: Sequence[str] = EVA_STATISTICS,
-    axis_name: Any = None,
-    factor_rows: str = "positions",
+  loss_fn: Callable[..., Any],
+  argnums: int = 0,
+  has_aux: bool = False,
+  *,
+  statistics: Sequence[str] = EVA_STATISTICS,
+  axis_name: Any = None,
+  factor_rows: str = "positions",
 ) -> Callable[..., tuple[Any, Any, Any]]:
   """Like :func:`flax.nnx.value_and_grad`, also returning per-layer statistics.
 
@@ -347,11 +355,11 @@ def nnx_value_and_grad(
     return capture.loss_and_aux(out, has_aux)
 
   value_and_grad = nnx.value_and_grad(
-      wrapped,
-      argnums=nnx.DiffState(0, nnx.Any(nnx.Param, _Probe)),
-      has_aux=True,
-      graph=True,
-      graph_updates=True,
+    wrapped,
+    argnums=nnx.DiffState(0, nnx.Any(nnx.Param, _Probe)),
+    has_aux=True,
+    graph=True,
+    graph_updates=True,
   )
 
   def grad_fn(*args: Any, **kwargs: Any):
@@ -359,13 +367,14 @@ def nnx_value_and_grad(
     if not isinstance(model, nnx.Module):
       which = "its first argument" if argnums == 0 else f"the argument argnums={argnums}"
       linen = (
-          " For Flax Linen, whose parameters are a dict, use"
-          " eva_optax.value_and_grad(loss_fn) with loss_fn(params, ...)"
-          if isinstance(model, Mapping) else ""
+        " For Flax Linen, whose parameters are a dict, use"
+        " eva_optax.value_and_grad(loss_fn) with loss_fn(params, ...)"
+        if isinstance(model, Mapping)
+        else ""
       )
       raise TypeError(
-          f"eva_optax.nnx_value_and_grad differentiates {which}, which"
-          f" must be an nnx.Module; got {type(model).__name__}.{linen}"
+        f"eva_optax.nnx_value_and_grad differentiates {which}, which"
+        f" must be an nnx.Module; got {type(model).__name__}.{linen}"
       )
     due = capture.factors_gate(kwargs.pop(FACTORS_DUE, True), statistics)
     layers, skipped = _find_layers(model)
@@ -378,15 +387,15 @@ def nnx_value_and_grad(
     probe_state, grads = nnx.split_state(grads, _Probe, ...)
     probe_grads = {p: g for p, g in _probe_grads(probe_state).items() if p in called}
     probe_grads = capture.global_statistics(
-        probe_grads, axis_name, {p: l for p, (_, l) in layers.items()}
+      probe_grads, axis_name, {p: l for p, (_, l) in layers.items()}
     )
     entries: dict[Path, Any] = dict(skipped)
     for path, (_, layer) in layers.items():
       if path not in called:
         entries[path] = PassThrough(
-            layer.kind,
-            f"not called by loss_fn through {layer.kind}.__call__ (no statistics):"
-            " its parameters get the plain gradient",
+          layer.kind,
+          f"not called by loss_fn through {layer.kind}.__call__ (no statistics):"
+          " its parameters get the plain gradient",
         )
         continue
       entries[path] = capture.layer_stats(layer, probe_grads[path])

@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -58,9 +59,9 @@ def owners(costs: Sequence[float], devices: int) -> list[int]:
 
 def cost(leaves: Sequence[Any]) -> float:
   """The work of a function of these matrices: Σ n³ over their trailing square axes."""
-  return float(sum(
-      math.prod(x.shape[:-2]) * x.shape[-1] ** 3 if x.ndim >= 2 else x.size for x in leaves
-  ))
+  return float(
+    sum(math.prod(x.shape[:-2]) * x.shape[-1] ** 3 if x.ndim >= 2 else x.size for x in leaves)
+  )
 
 
 class _Body(NamedTuple):
@@ -91,7 +92,7 @@ def _split(body: _Body, operands: Sequence[Any]) -> tuple[list[Any], list[Any]]:
 def _run_all(body: _Body, operands: Sequence[Any]) -> tuple[jax.Array, ...]:
   trees, extras = _split(body, operands)
   return tuple(
-      leaf for fn, tree in zip(body.fns, trees) for leaf in jax.tree.leaves(fn(tree, *extras))
+    leaf for fn, tree in zip(body.fns, trees) for leaf in jax.tree.leaves(fn(tree, *extras))
   )
 
 
@@ -129,9 +130,7 @@ def _placement(body: _Body, mesh, arg_shapes, result_shape):
 
 def _partition(body: _Body, mesh, arg_shapes, result_shape):
   mesh_shape = dict(mesh.shape)
-  args, arg_shardings, results, result_shardings = _placement(
-      body, mesh, arg_shapes, result_shape
-  )
+  args, arg_shardings, results, result_shardings = _placement(body, mesh, arg_shapes, result_shape)
   active = [a for a in mesh.axis_names if mesh_shape[a] > 1]
   devices = math.prod(mesh_shape[a] for a in active)
   costs, start = [], 0
@@ -178,17 +177,17 @@ def _rule(body: _Body, mesh, arg_shapes, result_shape) -> str:
 
 
 _op.def_partition(
-    partition=_partition,
-    infer_sharding_from_operands=_infer,
-    sharding_rule=_rule,
-    decode_shardings=False,  # any sharding the partitioner chose, named by mesh axes or not
+  partition=_partition,
+  infer_sharding_from_operands=_infer,
+  sharding_rule=_rule,
+  decode_shardings=False,  # any sharding the partitioner chose, named by mesh axes or not
 )
 
 
 def once_per_mesh(
-    fn: Callable[..., Any] | Sequence[Callable[..., Any]],
-    layers: Sequence[Any],
-    extras: Sequence[jax.Array] = (),
+  fn: Callable[..., Any] | Sequence[Callable[..., Any]],
+  layers: Sequence[Any],
+  extras: Sequence[jax.Array] = (),
 ) -> list[Any]:
   """``[fn(layer, *extras) for layer in layers]``, each computed on one device.
 
@@ -213,11 +212,11 @@ def once_per_mesh(
     raise ValueError(f"once_per_mesh: {len(fns)} functions for {len(layers)} layers")
   results = [jax.eval_shape(lambda t, f=f: f(t, *extras), layer) for f, layer in zip(fns, layers)]
   body = _Body(
-      fns,
-      tuple(treedef for _, treedef in flat),
-      tuple(len(leaves) for leaves, _ in flat),
-      tuple(jax.tree.structure(r) for r in results),
-      len(extras),
+    fns,
+    tuple(treedef for _, treedef in flat),
+    tuple(len(leaves) for leaves, _ in flat),
+    tuple(jax.tree.structure(r) for r in results),
+    len(extras),
   )
   out = _op(body, *[x for leaves, _ in flat for x in leaves], *extras)
   trees, start = [], 0

@@ -30,9 +30,7 @@ def path_of(keys: tuple[Any, ...]) -> Path:
   """Names of the keys; the ``.value`` attribute of a Flax NNX variable is dropped,
   so an ``nnx.State`` of variables has the paths of the plain arrays."""
   return tuple(
-      key_name(k)
-      for k in keys
-      if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value")
+    key_name(k) for k in keys if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value")
   )
 
 

@@ -10,7 +10,8 @@ preconditioned layers only, and passes every other parameter through unchanged.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,43 +22,43 @@ from jax.sharding import PartitionSpec
 from eva_optax._src import kl
 from eva_optax._src.hyper import check_period, check_range, value_at
 from eva_optax._src.layers import (
-    LayerSlot,
-    bias_from_vector,
-    bias_vector,
-    check_stats_match,
-    find_layer_slots,
-    kernel_from_matrix,
-    kernel_matrix,
-    reserved_readings,
+  LayerSlot,
+  bias_from_vector,
+  bias_vector,
+  check_stats_match,
+  find_layer_slots,
+  kernel_from_matrix,
+  kernel_matrix,
+  reserved_readings,
 )
 from eva_optax._src.paths import BIAS, KERNEL, Path, flatten_with_paths, nest, path_of, path_str
 from eva_optax._src.statistics import (
-    FACTORS,
-    INPUT_MEAN,
-    OUTPUT_GRAD_MEAN,
-    STATISTICS,
-    KernelLayout,
-    LayerStats,
-    WithBiasRow,
-    apart,
-    is_with_bias_row,
-    keeps_bias_row_apart,
-    layer_entries,
-    statistic_shapes,
-    stored_shape,
-    together,
+  FACTORS,
+  INPUT_MEAN,
+  OUTPUT_GRAD_MEAN,
+  STATISTICS,
+  KernelLayout,
+  LayerStats,
+  WithBiasRow,
+  apart,
+  is_with_bias_row,
+  keeps_bias_row_apart,
+  layer_entries,
+  statistic_shapes,
+  stored_shape,
+  together,
 )
 from eva_optax._src.running_average import update_running_average
 from eva_optax._src.missing_stats import missing_stats_message
 from eva_optax._src.once_per_mesh import once_per_mesh
 from eva_optax._src.sharded_sums import wall, whole
 from eva_optax._src.sharding import (
-    is_placeholder,
-    not_params_shaped,
-    params_mesh,
-    place,
-    spec_of,
-    statistic_spec,
+  is_placeholder,
+  not_params_shaped,
+  params_mesh,
+  place,
+  spec_of,
+  statistic_spec,
 )
 
 
@@ -105,7 +106,7 @@ def scale_preconditioned(p: Preconditioned, factor: jax.Array) -> Preconditioned
 
 LayerRule = Callable[[LayerGradient, dict[str, jax.Array], jax.Array], Preconditioned]
 GroupRule = Callable[
-    [Sequence[LayerGradient], Sequence[dict[str, jax.Array]], jax.Array], Preconditioned
+  [Sequence[LayerGradient], Sequence[dict[str, jax.Array]], jax.Array], Preconditioned
 ]
 
 
@@ -115,9 +116,9 @@ def each_layer(rule: LayerRule) -> GroupRule:
   def group(grads, stats, gamma):
     results = [rule(g, s, gamma) for g, s in zip(grads, stats)]
     return Preconditioned(
-        tuple(r.kernel for r in results),
-        tuple(r.bias for r in results),
-        sum(r.update_dot_grad for r in results),
+      tuple(r.kernel for r in results),
+      tuple(r.bias for r in results),
+      sum(r.update_dot_grad for r in results),
     )
 
   return group
@@ -131,7 +132,7 @@ def require_stats(stats: Any, name: str) -> None:
 
 
 def layout_statistics(
-    slot: LayerSlot, layout: KernelLayout, statistics: Sequence[str]
+  slot: LayerSlot, layout: KernelLayout, statistics: Sequence[str]
 ) -> dict[str, tuple[int, ...]]:
   """The shapes of ``statistics`` for the layer of ``slot`` read with ``layout``."""
   shapes = statistic_shapes(*layout.dims(slot.kernel_shape), slot.has_bias)
@@ -139,9 +140,9 @@ def layout_statistics(
 
 
 def room(
-    slot: LayerSlot,
-    statistics: Sequence[str],
-    shapes: Callable[[KernelLayout], dict[str, tuple[int, ...]]] | None = None,
+  slot: LayerSlot,
+  statistics: Sequence[str],
+  shapes: Callable[[KernelLayout], dict[str, tuple[int, ...]]] | None = None,
 ) -> dict[str, tuple[int, ...]]:
   """The shape of each of a layer's state entries, fixed at ``init``.
 
@@ -154,13 +155,13 @@ def room(
   """
   shapes = shapes or (lambda layout: layout_statistics(slot, layout, statistics))
   size = lambda layout: sum(
-      math.prod(s) for s in layout_statistics(slot, layout, statistics).values()
+    math.prod(s) for s in layout_statistics(slot, layout, statistics).values()
   )
   layouts = reserved_readings(slot.kernel_shape, slot.readings, size) or (slot.layout,)
   options = [shapes(layout) for layout in layouts]
   return {
-      n: shape if all(o[n] == shape for o in options) else (max(math.prod(o[n]) for o in options),)
-      for n, shape in options[0].items()
+    n: shape if all(o[n] == shape for o in options) else (max(math.prod(o[n]) for o in options),)
+    for n, shape in options[0].items()
   }
 
 
@@ -169,8 +170,8 @@ def has_room(slot: LayerSlot, layout: KernelLayout, statistics: Sequence[str]) -
   held = room(slot, statistics)
   wanted = layout_statistics(slot, layout, statistics)
   return all(
-      held[n] == shape or (len(held[n]) == 1 and held[n][0] >= math.prod(shape))
-      for n, shape in wanted.items()
+    held[n] == shape or (len(held[n]) == 1 and held[n][0] >= math.prod(shape))
+    for n, shape in wanted.items()
   )
 
 
@@ -188,8 +189,8 @@ def zero_statistics(slots: dict[Path, LayerSlot], statistics: Sequence[str]) -> 
   :func:`room`: ``{name: tree keyed by module path}``."""
   flat = {p: room(s, statistics) for p, s in slots.items()}
   return {
-      n: nest({p: stored_zeros(slots[p], shapes[n], slots[p].dtype) for p, shapes in flat.items()})
-      for n in statistics
+    n: nest({p: stored_zeros(slots[p], shapes[n], slots[p].dtype) for p, shapes in flat.items()})
+    for n in statistics
   }
 
 
@@ -209,11 +210,11 @@ def fit(stored: Any, shape: tuple[int, ...], where: str) -> Any:
   n = math.prod(shape)
   if stored.ndim != 1 or stored.shape[0] < n:
     raise ValueError(
-        f"{where}: the captured layout needs a state entry of shape {shape}, but"
-        f" the optimizer state holds {tuple(stored.shape)} (room for the layouts"
-        " Flax's layers give these parameters): pass"
-        " layouts=eva_optax.layouts_of(stats) to the optimizer, or re-create its"
-        " state with tx.init for these parameters"
+      f"{where}: the captured layout needs a state entry of shape {shape}, but"
+      f" the optimizer state holds {tuple(stored.shape)} (room for the layouts"
+      " Flax's layers give these parameters): pass"
+      " layouts=eva_optax.layouts_of(stats) to the optimizer, or re-create its"
+      " state with tx.init for these parameters"
     )
   return stored[:n].reshape(shape)
 
@@ -231,13 +232,13 @@ def put(stored: Any, value: Any) -> Any:
 
 
 def update_averages(
-    slots: dict[Path, LayerSlot],
-    stats: Any,
-    averages: dict[str, Any],
-    stat_decay: jax.Array,
-    count: jax.Array,
-    who: str,
-    update_paths: set[Path] | None = None,
+  slots: dict[Path, LayerSlot],
+  stats: Any,
+  averages: dict[str, Any],
+  stat_decay: jax.Array,
+  count: jax.Array,
+  who: str,
+  update_paths: set[Path] | None = None,
 ) -> tuple[dict[Path, dict[str, jax.Array]], dict[str, Any]]:
   """Running averages of the statistics named in ``averages``, for every layer.
 
@@ -266,27 +267,28 @@ def update_averages(
   missing = [path_str(p) for p in slots if p not in entries]
   if missing:
     raise ValueError(
-        f"{who}: no statistics for the layer parameters at {missing} (the stats"
-        f" hold {[path_str(p) for p in entries] or 'nothing'}). Pass the stats of"
-        " eva_optax.value_and_grad for the same params tree as the updates (the"
-        " same nesting, no prefix), from a forward pass that calls these layers."
+      f"{who}: no statistics for the layer parameters at {missing} (the stats"
+      f" hold {[path_str(p) for p in entries] or 'nothing'}). Pass the stats of"
+      " eva_optax.value_and_grad for the same params tree as the updates (the"
+      " same nesting, no prefix), from a forward pass that calls these layers."
     )
   if update_paths is not None:
     orphans = [
-        path_str(p)
-        for p, e in entries.items()
-        if isinstance(e, LayerStats) and not any(u[: len(p)] == p for u in update_paths)
+      path_str(p)
+      for p, e in entries.items()
+      if isinstance(e, LayerStats) and not any(u[: len(p)] == p for u in update_paths)
     ]
     if orphans:
       raise ValueError(
-          f"{who}: statistics for {orphans}, but the updates have no parameters"
-          " there: the stats come from another model or another nesting of the params"
+        f"{who}: statistics for {orphans}, but the updates have no parameters"
+        " there: the stats come from another model or another nesting of the params"
       )
   # The captured values, all at once through a wall for sharding propagation
   # (sharded_sums.wall): the state's split must not reach back into the capture.
   names = {
-      path: [n for n in averages if getattr(entries[path], n, None) is not None]
-      for path in slots if isinstance(entries.get(path), LayerStats)
+    path: [n for n in averages if getattr(entries[path], n, None) is not None]
+    for path in slots
+    if isinstance(entries.get(path), LayerStats)
   }
   walled = iter(wall([getattr(entries[p], n) for p, ns in names.items() for n in ns]))
   captured = {p: {n: next(walled) for n in ns} for p, ns in names.items()}
@@ -298,9 +300,9 @@ def update_averages(
     missing = [name for name in averages if getattr(entry, name) is None]
     if missing:
       raise ValueError(
-          f"{who} needs the statistics {tuple(averages)}, but {missing} were not"
-          " captured: create the gradient function with"
-          f" eva_optax.value_and_grad(loss_fn, statistics={tuple(averages)})"
+        f"{who} needs the statistics {tuple(averages)}, but {missing} were not"
+        " captured: create the gradient function with"
+        f" eva_optax.value_and_grad(loss_fn, statistics={tuple(averages)})"
       )
     averaged[path] = {}
     for name in averages:
@@ -309,7 +311,7 @@ def update_averages(
       # Kept apart (a WithBiasRow): averaged part by part, each where it lives.
       parts = apart(value) if isinstance(previous, WithBiasRow) else value
       average = jax.tree.map(
-          lambda old, new: update_running_average(old, new, stat_decay, count), previous, parts
+        lambda old, new: update_running_average(old, new, stat_decay, count), previous, parts
       )
       if name in FACTORS:
         # A factor the capture was told not to compute is exactly zero: it
@@ -326,11 +328,11 @@ def update_averages(
 
 
 def apply_layerwise(
-    updates: Any,
-    slots: dict[Path, LayerSlot],
-    layers: dict[Path, Any],
-    precondition: GroupRule,
-    scale: Callable[[jax.Array], jax.Array],
+  updates: Any,
+  slots: dict[Path, LayerSlot],
+  layers: dict[Path, Any],
+  precondition: GroupRule,
+  scale: Callable[[jax.Array], jax.Array],
 ) -> Any:
   """Preconditions the layers named in ``layers``, scales them, passes the rest.
 
@@ -354,10 +356,12 @@ def apply_layerwise(
     slot = slots[path]
     k = new[index[path + (KERNEL,)]]
     b = new[index[path + (BIAS,)]] if slot.has_bias else None
-    grads.append(LayerGradient(
+    grads.append(
+      LayerGradient(
         kernel_matrix(k.astype(slot.dtype), slot.layout),
         None if b is None else bias_vector(b.astype(slot.dtype), slot.layout, slot.kernel_shape),
-    ))
+      )
+    )
   result = precondition(grads, list(layers.values()))
   nu = scale(result.update_dot_grad)
   for path, kernel, bias in zip(layers, result.kernel, result.bias):
@@ -366,23 +370,23 @@ def apply_layerwise(
     new[ki] = kernel_from_matrix(nu * kernel, slot.layout, new[ki].shape).astype(new[ki].dtype)
     if bias is not None:
       bi = index[path + (BIAS,)]
-      new[bi] = bias_from_vector(
-          nu * bias, slot.layout, new[bi].shape, slot.kernel_shape
-      ).astype(new[bi].dtype)
+      new[bi] = bias_from_vector(nu * bias, slot.layout, new[bi].shape, slot.kernel_shape).astype(
+        new[bi].dtype
+      )
   return jax.tree_util.tree_unflatten(treedef, new)
 
 
 def kl_scale(
-    scaling: str,
-    learning_rate: jax.Array | None,
-    kl_clip: jax.Array | None,
+  scaling: str,
+  learning_rate: jax.Array | None,
+  kl_clip: jax.Array | None,
 ) -> Callable[[jax.Array], jax.Array]:
   """The ``scale`` argument of :func:`apply_layerwise` for KL clip / normalisation."""
   return lambda total: kl.scale_factor(scaling, total, learning_rate, kl_clip)
 
 
 def check_layerwise_hyperparameters(
-    who: str, learning_rate, damping, kl_clip, stat_decay, scaling: str
+  who: str, learning_rate, damping, kl_clip, stat_decay, scaling: str
 ) -> None:
   """The argument checks every layer-wise preconditioner shares."""
   kl.check_scaling(scaling)
@@ -391,9 +395,7 @@ def check_layerwise_hyperparameters(
   check_range("learning_rate", learning_rate, low=0.0, low_inclusive=True)
   check_range("damping", damping, low=0.0)
   check_range("kl_clip", kl_clip, low=0.0)
-  check_range(
-      "stat_decay", stat_decay, low=0.0, high=1.0, low_inclusive=True, high_inclusive=False
-  )
+  check_range("stat_decay", stat_decay, low=0.0, high=1.0, low_inclusive=True, high_inclusive=False)
 
 
 #: The state classes of every layer-wise transformation built here.
@@ -432,29 +434,40 @@ def layerwise_state_specs(state: Any, params: Any, split_matrices: bool = True) 
     stack = slot.layout.dims(slot.kernel_shape)[0]
     if isinstance(stored, WithBiasRow):  # the rows split, the bias row with the stack
       rows = statistic_spec(
-          kernel_specs[path], len(slot.kernel_shape), slot.layout, name, matrix_mesh,
-          stored.rows.shape[len(stack)],
+        kernel_specs[path],
+        len(slot.kernel_shape),
+        slot.layout,
+        name,
+        matrix_mesh,
+        stored.rows.shape[len(stack)],
       )
-      return WithBiasRow(rows, statistic_spec(
-          kernel_specs[path], len(slot.kernel_shape), slot.layout, name
-      ))
+      return WithBiasRow(
+        rows, statistic_spec(kernel_specs[path], len(slot.kernel_shape), slot.layout, name)
+      )
     shapes = statistic_shapes(*slot.layout.dims(slot.kernel_shape), slot.has_bias)
     vector = name in (INPUT_MEAN, OUTPUT_GRAD_MEAN)
     rows = len(stack) if not vector else len(stored.shape) - 1
     spec = statistic_spec(
-        kernel_specs[path], len(slot.kernel_shape), slot.layout, name,
-        mesh_shape if vector else matrix_mesh,
-        stored.shape[rows] if len(stored.shape) > rows else None,
+      kernel_specs[path],
+      len(slot.kernel_shape),
+      slot.layout,
+      name,
+      mesh_shape if vector else matrix_mesh,
+      stored.shape[rows] if len(stored.shape) > rows else None,
     )
     if name in STATISTICS:
       return spec if tuple(stored.shape) == shapes[name] else replicated
-    return spec if tuple(stored.shape[: len(stack)]) == stack and len(stored.shape) > len(stack) else replicated
+    return (
+      spec
+      if tuple(stored.shape[: len(stack)]) == stack and len(stored.shape) > len(stack)
+      else replicated
+    )
 
   def field_specs(field: str, value: Any) -> Any:
     if field == "cache":  # {name: tree keyed by path}
       return {
-          n: nest({p: entry_spec(p, n, v) for p, v in flatten_entries(tree)})
-          for n, tree in value.items()
+        n: nest({p: entry_spec(p, n, v) for p, v in flatten_entries(tree)})
+        for n, tree in value.items()
       }
     if field in STATISTICS:
       return nest({p: entry_spec(p, field, v) for p, v in flatten_entries(value)})
@@ -471,21 +484,21 @@ def _by_layer(trees: dict[str, Any]) -> dict[Path, dict[str, Any]]:
 
 
 def layerwise_transformation(
-    *,
-    who: str,
-    state_cls: type,
-    statistics: tuple[str, ...],
-    precondition: LayerRule | None = None,
-    precondition_layers: GroupRule | None = None,
-    learning_rate: optax.ScalarOrSchedule | None,
-    damping: optax.ScalarOrSchedule,
-    kl_clip: optax.ScalarOrSchedule,
-    stat_decay: float | jax.Array,
-    scaling: str,
-    layouts: Any,
-    refresh: Callable[[dict[str, jax.Array], jax.Array], dict[str, jax.Array]] | None = None,
-    refresh_every: int = 1,
-    stats_every: int = 1,
+  *,
+  who: str,
+  state_cls: type,
+  statistics: tuple[str, ...],
+  precondition: LayerRule | None = None,
+  precondition_layers: GroupRule | None = None,
+  learning_rate: optax.ScalarOrSchedule | None,
+  damping: optax.ScalarOrSchedule,
+  kl_clip: optax.ScalarOrSchedule,
+  stat_decay: float | jax.Array,
+  scaling: str,
+  layouts: Any,
+  refresh: Callable[[dict[str, jax.Array], jax.Array], dict[str, jax.Array]] | None = None,
+  refresh_every: int = 1,
+  stats_every: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
   """A layer-wise preconditioner from its rule, with everything else shared.
 
@@ -514,7 +527,6 @@ def layerwise_transformation(
   gated = any(name in FACTORS for name in statistics)
   LAYERWISE_STATES.add(state_cls)
 
-
   def by_name(per_layer: dict[Path, dict[str, Any]]) -> dict[str, Any]:
     """``{path: {name: array}}`` → ``{name: tree keyed by path}``."""
     names = next(iter(per_layer.values())).keys() if per_layer else ()
@@ -522,8 +534,8 @@ def layerwise_transformation(
 
   def cache_shapes_of(slot: LayerSlot, layout: KernelLayout) -> dict[str, Any]:
     zeros = {
-        n: jax.ShapeDtypeStruct(s, slot.dtype)
-        for n, s in layout_statistics(slot, layout, statistics).items()
+      n: jax.ShapeDtypeStruct(s, slot.dtype)
+      for n, s in layout_statistics(slot, layout, statistics).items()
     }
     return jax.eval_shape(lambda a: refresh(a, jnp.asarray(1.0, slot.dtype)), zeros)
 
@@ -548,7 +560,7 @@ def layerwise_transformation(
       for p, s in slots.items():
         dtypes = {n: v.dtype for n, v in cache_shapes_of(s, s.layout).items()}
         shapes = room(
-            s, statistics, lambda l, s=s: {n: v.shape for n, v in cache_shapes_of(s, l).items()}
+          s, statistics, lambda l, s=s: {n: v.shape for n, v in cache_shapes_of(s, l).items()}
         )
         cache[p] = {n: stored_zeros(s, shape, dtypes[n]) for n, shape in shapes.items()}
       fields["cache"] = by_name(cache)
@@ -565,18 +577,16 @@ def layerwise_transformation(
     gamma = value_at(damping, count, dtype)
     old = {name: getattr(state, name) for name in statistics}
     update_paths = {
-        p for p, _ in flatten_with_paths(updates, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+      p for p, _ in flatten_with_paths(updates, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
     }
-    averaged, averages = update_averages(
-        slots, stats, old, stat_decay, count, who, update_paths
-    )
+    averaged, averages = update_averages(slots, stats, old, stat_decay, count, who, update_paths)
     if isinstance(stats_every, jax.core.Tracer) or int(stats_every) != 1:
       take = count % stats_every == 0
       averages = jax.tree.map(lambda n, o: jnp.where(take, n, o), averages, old)
       current = _by_layer(averages)
       averaged = {
-          p: {n: fit(current[p][n], stored_shape(v), who) for n, v in averaged[p].items()}
-          for p in averaged
+        p: {n: fit(current[p][n], stored_shape(v), who) for n, v in averaged[p].items()}
+        for p in averaged
       }
     next_count = optax.safe_increment(count)
     fields = dict(count=next_count, **averages)
@@ -586,15 +596,15 @@ def layerwise_transformation(
       stored = _by_layer(state.cache)
       whole_of = lambda v: {n: together(x) for n, x in v.items()}
       fresh_shapes = {
-          p: jax.eval_shape(lambda v, g: refresh(whole_of(v), g), v, gamma)
-          for p, v in averaged.items()
+        p: jax.eval_shape(lambda v, g: refresh(whole_of(v), g), v, gamma)
+        for p, v in averaged.items()
       }
 
       def in_stored_form(p):
         """The refresh of layer ``p``, in the form of its stored cache."""
         return lambda v, g: {
-            n: apart(c) if isinstance(stored[p][n], WithBiasRow) else c
-            for n, c in refresh(whole_of(v), g).items()
+          n: apart(c) if isinstance(stored[p][n], WithBiasRow) else c
+          for n, c in refresh(whole_of(v), g).items()
         }
 
       def refreshed():
@@ -602,7 +612,7 @@ def layerwise_transformation(
         # factors are split.
         new = dict(stored)
         fresh = once_per_mesh(
-            [in_stored_form(p) for p in averaged], list(averaged.values()), (gamma,)
+          [in_stored_form(p) for p in averaged], list(averaged.values()), (gamma,)
         )
         for p, cache in zip(averaged, fresh):
           new[p] = {n: put(stored[p][n], c) for n, c in cache.items()}
@@ -616,28 +626,26 @@ def layerwise_transformation(
         return cache, jax.tree.unflatten(treedef, whole(leaves))
 
       cache, whole_cache = jax.lax.cond(
-          count % refresh_every == 0,
-          lambda: with_whole(refreshed()),
-          lambda: with_whole(state.cache),
+        count % refresh_every == 0,
+        lambda: with_whole(refreshed()),
+        lambda: with_whole(state.cache),
       )
       fields["cache"] = cache
       cached = _by_layer(whole_cache)
       averaged = {
-          p: {
-              **averaged[p],
-              **{n: fit(together(cached[p][n]), c.shape, who) for n, c in fresh_shapes[p].items()},
-          }
-          for p in averaged
+        p: {
+          **averaged[p],
+          **{n: fit(together(cached[p][n]), c.shape, who) for n, c in fresh_shapes[p].items()},
+        }
+        for p in averaged
       }
     if scaling == kl.KL_CLIP:
       scale = kl_scale(
-          scaling, value_at(learning_rate, count, dtype), value_at(kl_clip, count, dtype)
+        scaling, value_at(learning_rate, count, dtype), value_at(kl_clip, count, dtype)
       )
     else:
       scale = kl_scale(scaling, None, None)
-    updates = apply_layerwise(
-        updates, slots, averaged, lambda g, s: group_rule(g, s, gamma), scale
-    )
+    updates = apply_layerwise(updates, slots, averaged, lambda g, s: group_rule(g, s, gamma), scale)
     return updates, state_cls(**fields)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -657,13 +665,14 @@ def factors_due(opt_state: Any) -> jax.Array:
     ValueError: when ``opt_state`` holds no state with factor statistics.
   """
   gates = [
-      g for g in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, FactorGate))
-      if isinstance(g, FactorGate)
+    g
+    for g in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, FactorGate))
+    if isinstance(g, FactorGate)
   ]
   if not gates:
     raise ValueError(
-        "factors_due: opt_state holds no optimizer that averages factors"
-        " (scale_by_kfac / scale_by_foof, or their aliases)"
+      "factors_due: opt_state holds no optimizer that averages factors"
+      " (scale_by_kfac / scale_by_foof, or their aliases)"
     )
   out = gates[0].due
   for gate in gates[1:]:
@@ -672,22 +681,22 @@ def factors_due(opt_state: Any) -> jax.Array:
 
 
 __all__ = [
-    "FactorGate",
-    "factors_due",
-    "LayerGradient",
-    "Preconditioned",
-    "apply_layerwise",
-    "find_layer_slots",
-    "fit",
-    "has_room",
-    "layout_statistics",
-    "put",
-    "room",
-    "check_layerwise_hyperparameters",
-    "kl_scale",
-    "layerwise_transformation",
-    "require_stats",
-    "scale_preconditioned",
-    "update_averages",
-    "zero_statistics",
+  "FactorGate",
+  "factors_due",
+  "LayerGradient",
+  "Preconditioned",
+  "apply_layerwise",
+  "find_layer_slots",
+  "fit",
+  "has_room",
+  "layout_statistics",
+  "put",
+  "room",
+  "check_layerwise_hyperparameters",
+  "kl_scale",
+  "layerwise_transformation",
+  "require_stats",
+  "scale_preconditioned",
+  "update_averages",
+  "zero_statistics",
 ]

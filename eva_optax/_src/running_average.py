@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 
 def update_running_average(
-    average: jax.Array, new: jax.Array, stat_decay: float | jax.Array, count: jax.Array
+  average: jax.Array, new: jax.Array, stat_decay: float | jax.Array, count: jax.Array
 ) -> jax.Array:
   """One running-average step; at ``count == 0`` the average becomes ``new``."""
   new = new.astype(average.dtype)

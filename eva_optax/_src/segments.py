@@ -14,7 +14,7 @@ A "layer" here may be a stack of layers (``nn.scan``): a vector of shape
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,9 +41,7 @@ class Segments:
   def __len__(self) -> int:
     return len(self.stacks)
 
-  def dots(
-      self, *groups: Sequence[tuple[jax.Array, jax.Array] | None]
-  ) -> list[jax.Array]:
+  def dots(self, *groups: Sequence[tuple[jax.Array, jax.Array] | None]) -> list[jax.Array]:
     """Per-slot dot products ``x · y`` over the last axis, for several groups at once.
 
     Args:
@@ -77,10 +75,10 @@ class Segments:
       return [jnp.zeros((self.size,), jnp.float32) for _ in groups]
     dtype = jnp.result_type(*xs, *ys)
     dots = jax.ops.segment_sum(
-        jnp.concatenate(xs).astype(dtype) * jnp.concatenate(ys).astype(dtype),
-        jnp.concatenate(ids),
-        num_segments=len(groups) * self.size,
-        indices_are_sorted=True,
+      jnp.concatenate(xs).astype(dtype) * jnp.concatenate(ys).astype(dtype),
+      jnp.concatenate(ids),
+      num_segments=len(groups) * self.size,
+      indices_are_sorted=True,
     )
     return [dots[g * self.size : (g + 1) * self.size] for g in range(len(groups))]
 
@@ -92,8 +90,8 @@ class Segments:
     """A per-layer flag on every slot of its layer: a constant ``(self.size,)`` array
     (built from literals, so that it may appear inside a ``custom_partitioning`` op)."""
     return jnp.concatenate(
-        [jnp.full((int(n),), float(f), jnp.float32) for f, n in zip(flags, np.diff(self.offsets))]
-        or [jnp.zeros((0,), jnp.float32)]
+      [jnp.full((int(n),), float(f), jnp.float32) for f, n in zip(flags, np.diff(self.offsets))]
+      or [jnp.zeros((0,), jnp.float32)]
     )
 
   def of(self, packed: jax.Array, layer: int) -> jax.Array:
@@ -103,13 +101,13 @@ class Segments:
 
 
 def two_sums(
-    first: jax.Array, second: jax.Array, axes: tuple[int, ...]
+  first: jax.Array, second: jax.Array, axes: tuple[int, ...]
 ) -> tuple[jax.Array, jax.Array]:
   """``first.sum(axes)`` and ``second.sum(axes)`` as one reduction (one pass, one kernel)."""
   zero = jnp.zeros((), jnp.result_type(first, second))
   return jax.lax.reduce(
-      (first.astype(zero.dtype), second.astype(zero.dtype)),
-      (zero, zero),
-      lambda x, y: (x[0] + y[0], x[1] + y[1]),
-      axes,
+    (first.astype(zero.dtype), second.astype(zero.dtype)),
+    (zero, zero),
+    lambda x, y: (x[0] + y[0], x[1] + y[1]),
+    axes,
   )

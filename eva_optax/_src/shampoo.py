@@ -62,7 +62,8 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -146,7 +147,9 @@ def to_blocks(x: jax.Array, layout: BlockLayout) -> jax.Array:
   """``x`` as a batch of blocks, ``(num_blocks,) + block_shape`` (last blocks zero-padded)."""
   k = layout.rank
   x = x.reshape(layout.merged_shape)
-  padding = [(0, n * b - d) for d, b, n in zip(layout.merged_shape, layout.block_shape, layout.grid)]
+  padding = [
+    (0, n * b - d) for d, b, n in zip(layout.merged_shape, layout.block_shape, layout.grid)
+  ]
   if any(p for _, p in padding):
     x = jnp.pad(x, padding)
   x = x.reshape([s for n, b in zip(layout.grid, layout.block_shape) for s in (n, b)])
@@ -185,7 +188,7 @@ def inverse_root(statistic: jax.Array, damping: jax.Array, exponent: int) -> jax
   eigenvalues, eigenvectors = per_matrix(jnp.linalg.eigh, statistic.astype(jnp.float32))
   scale = (jnp.maximum(eigenvalues, 0.0) + damping) ** (-1.0 / exponent)
   return jnp.matmul(
-      eigenvectors * scale[..., None, :], jnp.swapaxes(eigenvectors, -1, -2), precision=_HIGHEST
+    eigenvectors * scale[..., None, :], jnp.swapaxes(eigenvectors, -1, -2), precision=_HIGHEST
   )
 
 
@@ -242,7 +245,7 @@ def block_matrix_spec(shape: Sequence[int], mesh_shape: dict[str, int]) -> Any:
 
 
 def shampoo_state_specs(
-    state: ScaleByShampooState, params: Any, split_matrices: bool = True
+  state: ScaleByShampooState, params: Any, split_matrices: bool = True
 ) -> ScaleByShampooState:
   """The ``PartitionSpec`` of every leaf of a Shampoo state on the parameters' mesh
   (:func:`block_matrix_spec`; whole on every device unless ``split_matrices``;
@@ -251,17 +254,17 @@ def shampoo_state_specs(
   mesh_shape = dict(mesh.shape) if mesh is not None and split_matrices else {}
   masked = lambda x: isinstance(x, optax.MaskedNode)
   specs = lambda tree: jax.tree.map(
-      lambda x: x if masked(x) else block_matrix_spec(x.shape, mesh_shape), tree, is_leaf=masked
+    lambda x: x if masked(x) else block_matrix_spec(x.shape, mesh_shape), tree, is_leaf=masked
   )
   return ScaleByShampooState(PartitionSpec(), specs(state.statistics), specs(state.inverse_roots))
 
 
 def scale_by_shampoo(
-    *,
-    block_size: int = 128,
-    damping: optax.ScalarOrSchedule = 1e-6,
-    stat_decay: optax.ScalarOrSchedule = 1.0,
-    inverse_every: int | jax.Array = 10,
+  *,
+  block_size: int = 128,
+  damping: optax.ScalarOrSchedule = 1e-6,
+  stat_decay: optax.ScalarOrSchedule = 1.0,
+  inverse_every: int | jax.Array = 10,
 ) -> optax.GradientTransformationExtraArgs:
   """Blocked Shampoo's preconditioner with SGD grafting (no learning rate, no sign).
 
@@ -315,16 +318,16 @@ def scale_by_shampoo(
       if layout is None:
         return optax.MaskedNode()
       return tuple(
-          jnp.broadcast_to(jnp.eye(b, dtype=jnp.float32), (layout.num_blocks, b, b))
-          for b in layout.block_shape
+        jnp.broadcast_to(jnp.eye(b, dtype=jnp.float32), (layout.num_blocks, b, b))
+        for b in layout.block_shape
       )
 
     if is_placeholder(params):  # optax.tree_map_params: no field is shaped like params
       return ScaleByShampooState(jnp.zeros([], jnp.int32), not_params_shaped(), not_params_shaped())
     state = ScaleByShampooState(
-        count=jnp.zeros([], jnp.int32),
-        statistics=jax.tree.map(statistics, params),
-        inverse_roots=jax.tree.map(identities, params),
+      count=jnp.zeros([], jnp.int32),
+      statistics=jax.tree.map(statistics, params),
+      inverse_roots=jax.tree.map(identities, params),
     )
     return place(params, state, shampoo_state_specs(state, params))
 
@@ -348,10 +351,7 @@ def scale_by_shampoo(
       b = to_blocks(g.astype(jnp.promote_types(g.dtype, jnp.float32)), layout)
       blocks.append(b)
       new_stats.append(
-          tuple(
-              (decay * s + weight * n).astype(s.dtype)
-              for s, n in zip(stats, block_statistics(b))
-          )
+        tuple((decay * s + weight * n).astype(s.dtype) for s, n in zip(stats, block_statistics(b)))
       )
 
     preconditioned = [i for i, layout in enumerate(layouts) if layout is not None]
@@ -360,12 +360,12 @@ def scale_by_shampoo(
       # Each parameter's roots on one device of a mesh, where its statistics are split.
       gamma = value_at(damping, count)
       roots = once_per_mesh(
-          [
-              lambda s, g, k=layouts[i].rank: tuple(inverse_root(l, g, 2 * k) for l in s)
-              for i in preconditioned
-          ],
-          [stats_list[i] for i in preconditioned],
-          (jnp.asarray(gamma, jnp.float32),),
+        [
+          lambda s, g, k=layouts[i].rank: tuple(inverse_root(l, g, 2 * k) for l in s)
+          for i in preconditioned
+        ],
+        [stats_list[i] for i in preconditioned],
+        (jnp.asarray(gamma, jnp.float32),),
       )
       out = list(stats_list)
       for i, r in zip(preconditioned, roots):
@@ -377,15 +377,14 @@ def scale_by_shampoo(
       them in one all-gather (in each branch: a refresh step gathers only the new)."""
       gathered = iter(whole([root for i in preconditioned for root in roots[i]]))
       return roots, [
-          r if layouts[i] is None else tuple(next(gathered) for _ in r)
-          for i, r in enumerate(roots)
+        r if layouts[i] is None else tuple(next(gathered) for _ in r) for i, r in enumerate(roots)
       ]
 
     new_roots, whole_roots = jax.lax.cond(
-        count % inverse_every == 0,
-        lambda s: with_whole(refresh(s)),
-        lambda _: with_whole(old_roots),
-        new_stats,
+      count % inverse_every == 0,
+      lambda s: with_whole(refresh(s)),
+      lambda _: with_whole(old_roots),
+      new_stats,
     )
 
     new_updates = []
@@ -397,9 +396,9 @@ def scale_by_shampoo(
       new_updates.append(sgd_graft(direction, g).astype(g.dtype))
 
     new_state = ScaleByShampooState(
-        count=optax.safe_increment(count),
-        statistics=treedef.unflatten(new_stats),
-        inverse_roots=treedef.unflatten(new_roots),
+      count=optax.safe_increment(count),
+      statistics=treedef.unflatten(new_stats),
+      inverse_roots=treedef.unflatten(new_roots),
     )
     return treedef.unflatten(new_updates), new_state
 
@@ -407,15 +406,15 @@ def scale_by_shampoo(
 
 
 def shampoo(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    momentum: float | jax.Array | None = 0.9,
-    nesterov: bool = True,
-    weight_decay: float | jax.Array = 0.0,
-    block_size: int = 128,
-    damping: optax.ScalarOrSchedule = 1e-6,
-    inverse_every: int | jax.Array = 10,
-    stat_decay: optax.ScalarOrSchedule = 1.0,
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  momentum: float | jax.Array | None = 0.9,
+  nesterov: bool = True,
+  weight_decay: float | jax.Array = 0.0,
+  block_size: int = 128,
+  damping: optax.ScalarOrSchedule = 1e-6,
+  inverse_every: int | jax.Array = 10,
+  stat_decay: optax.ScalarOrSchedule = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
   """Shampoo in front of SGD: precondition and graft → weight decay → momentum → lr.
 
@@ -440,14 +439,14 @@ def shampoo(
     Optimization. ICML 2018.
   """
   return with_sgd(
-      scale_by_shampoo(
-          block_size=block_size,
-          damping=damping,
-          stat_decay=stat_decay,
-          inverse_every=inverse_every,
-      ),
-      learning_rate,
-      momentum=momentum,
-      nesterov=nesterov,
-      weight_decay=weight_decay,
+    scale_by_shampoo(
+      block_size=block_size,
+      damping=damping,
+      stat_decay=stat_decay,
+      inverse_every=inverse_every,
+    ),
+    learning_rate,
+    momentum=momentum,
+    nesterov=nesterov,
+    weight_decay=weight_decay,
   )

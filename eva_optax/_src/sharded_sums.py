@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -145,15 +146,18 @@ def _partitioned(equations, indices, shapes, body, mesh, arg_shapes, result_shap
   n = len(arg_shapes) - body.extras
   actual = [spec_axes(s.sharding.spec, len(s.shape)) for s in arg_shapes[:n]]
   for u, arg in enumerate(arg_shapes[:n]):
-    if any(size % math.prod(mesh_shape[a] for a in axes) for size, axes in zip(arg.shape, actual[u])):
+    if any(
+      size % math.prod(mesh_shape[a] for a in axes) for size, axes in zip(arg.shape, actual[u])
+    ):
       # Split unevenly (the partitioner pads the last block): taken replicated, so
       # that no padding enters a sum. Correct, at the cost of gathering it.
       actual[u] = ((),) * len(arg.shape)
   whole = _whole(equations, indices, actual) | set(body.returns)  # returned: whole too
   labels_of = _label_axes(equations, indices, actual, whole)
-  arg_shardings = tuple(
-      NamedSharding(mesh, PartitionSpec(*[spec_entry(a) for a in spec])) for spec in actual
-  ) + (NamedSharding(mesh, PartitionSpec()),) * body.extras  # the finish's: replicated
+  arg_shardings = (
+    tuple(NamedSharding(mesh, PartitionSpec(*[spec_entry(a) for a in spec])) for spec in actual)
+    + (NamedSharding(mesh, PartitionSpec()),) * body.extras
+  )  # the finish's: replicated
   active = tuple(a for a, size in mesh_shape.items() if size > 1)
 
   def lower(*operands):
@@ -169,14 +173,17 @@ def _partitioned(equations, indices, shapes, body, mesh, arg_shapes, result_shap
     for equation, term, labels, shape in zip(equations, indices, labels_of, shapes):
       inputs, output = _parse(equation)
       local_operands = [
-          _local_block(full.get(u, operands[u]), [labels.get(c, ()) for c in operand], mesh_shape)
-          if u in whole else operands[u]
-          for operand, u in zip(inputs, term)
+        _local_block(full.get(u, operands[u]), [labels.get(c, ()) for c in operand], mesh_shape)
+        if u in whole
+        else operands[u]
+        for operand, u in zip(inputs, term)
       ]
       local = jnp.einsum(equation, *local_operands, precision=jax.lax.Precision.HIGHEST)
       local = local.astype(body.dtype)
       if local.shape != tuple(shape):
-        starts = [_local_offset(size, labels.get(c, ()), mesh_shape) for c, size in zip(output, shape)]
+        starts = [
+          _local_offset(size, labels.get(c, ()), mesh_shape) for c, size in zip(output, shape)
+        ]
         local = jax.lax.dynamic_update_slice(jnp.zeros(shape, body.dtype), local, starts)
       used = {a for c in set("".join(inputs)) for a in labels.get(c, ())}
       for axis in active:
@@ -241,9 +248,9 @@ def _packed(equations, indices, shapes, body, *operands):
 
 
 _packed.def_partition(
-    partition=_partitioned,
-    infer_sharding_from_operands=_replicated,
-    sharding_rule=_rule,
+  partition=_partitioned,
+  infer_sharding_from_operands=_replicated,
+  sharding_rule=_rule,
 )
 
 
@@ -253,11 +260,11 @@ def stack_labels(kernel: jax.Array) -> str:
 
 
 def packed_sums(
-    terms: Sequence[tuple[str, Sequence[jax.Array]]],
-    fused: Callable[..., jax.Array] | None = None,
-    finish: Callable[..., jax.Array] | None = None,
-    extras: Sequence[jax.Array] = (),
-    returns: Sequence[tuple[int, int]] = (),
+  terms: Sequence[tuple[str, Sequence[jax.Array]]],
+  fused: Callable[..., jax.Array] | None = None,
+  finish: Callable[..., jax.Array] | None = None,
+  extras: Sequence[jax.Array] = (),
+  returns: Sequence[tuple[int, int]] = (),
 ) -> Any:
   """Every term's ``einsum(equation, *operands)``, flattened and packed, in one op.
 
@@ -299,15 +306,13 @@ def packed_sums(
       term.append(position[id(x)])
     indices.append(tuple(term))
   indices = tuple(indices)
-  shapes = tuple(
-      jax.eval_shape(lambda *o, e=e: jnp.einsum(e, *o), *ops).shape for e, ops in terms
-  )
+  shapes = tuple(jax.eval_shape(lambda *o, e=e: jnp.einsum(e, *o), *ops).shape for e, ops in terms)
 
   def default(*ops):
     out, k = [], 0
     for e, term in zip(equations, indices):
       out.append(
-          jnp.einsum(e, *ops[k : k + len(term)], precision=jax.lax.Precision.HIGHEST).reshape(-1)
+        jnp.einsum(e, *ops[k : k + len(term)], precision=jax.lax.Precision.HIGHEST).reshape(-1)
       )
       k += len(term)
     return jnp.concatenate(out)
@@ -341,7 +346,7 @@ def _wall_op(*arrays):
 
 
 _wall_op.def_partition(
-    partition=_wall_partition, infer_sharding_from_operands=_wall_infer, sharding_rule=_wall_rule
+  partition=_wall_partition, infer_sharding_from_operands=_wall_infer, sharding_rule=_wall_rule
 )
 
 
@@ -399,7 +404,9 @@ def blocks_of(sharding: Any, shape: Sequence[int], mesh) -> Blocks | None:
   return Blocks(block, tuple(starts), tuple((row, start) for start, row in distinct.items()))
 
 
-def gather_blocks(operands: Sequence[jax.Array], blocks: Sequence[Blocks | None], active) -> list[jax.Array]:
+def gather_blocks(
+  operands: Sequence[jax.Array], blocks: Sequence[Blocks | None], active
+) -> list[jax.Array]:
   """Inside a partitioned op: every operand whole, all in one all-gather over
   ``active`` (the mesh axes of more than one device, in mesh order)."""
   out = list(operands)
@@ -412,18 +419,20 @@ def gather_blocks(operands: Sequence[jax.Array], blocks: Sequence[Blocks | None]
   for u in split:
     b = blocks[u]
     size = math.prod(b.block)
-    whole_shape = tuple(
-        max(start[d] for start in b.rows) + b.block[d] for d in range(len(b.block))
-    )
+    whole_shape = tuple(max(start[d] for start in b.rows) + b.block[d] for d in range(len(b.block)))
     x = jnp.zeros(whole_shape, out[u].dtype)
     for row, start in b.distinct:
-      x = jax.lax.dynamic_update_slice(x, every[row, offset : offset + size].reshape(b.block), start)
+      x = jax.lax.dynamic_update_slice(
+        x, every[row, offset : offset + size].reshape(b.block), start
+      )
     out[u] = x
     offset += size
   return out
 
 
-def scatter_blocks(values: Sequence[jax.Array], blocks: Sequence[Blocks | None], active) -> list[jax.Array]:
+def scatter_blocks(
+  values: Sequence[jax.Array], blocks: Sequence[Blocks | None], active
+) -> list[jax.Array]:
   """Inside a partitioned op: the sum over the devices of each value, every device
   getting its block of it (whole where ``blocks`` is ``None``), in one reduce-scatter."""
   parts = []
@@ -439,12 +448,14 @@ def scatter_blocks(values: Sequence[jax.Array], blocks: Sequence[Blocks | None],
     summed = jax.lax.psum([v.astype(dtype) for v in values], tuple(active))
     return [s.astype(v.dtype) for s, v in zip(summed, values)]
   parts = [
-      jnp.broadcast_to(v.reshape(1, -1), (n, v.size)) if p is None else p
-      for v, p in zip(values, parts)
+    jnp.broadcast_to(v.reshape(1, -1), (n, v.size)) if p is None else p
+    for v, p in zip(values, parts)
   ]
   mine = jax.lax.psum_scatter(
-      jnp.concatenate([p.astype(dtype) for p in parts], axis=1), tuple(active),
-      scatter_dimension=0, tiled=False,
+    jnp.concatenate([p.astype(dtype) for p in parts], axis=1),
+    tuple(active),
+    scatter_dimension=0,
+    tiled=False,
   )
   out, offset = [], 0
   for value, part, b in zip(values, parts, blocks):
@@ -462,8 +473,8 @@ def _whole_partition(mesh, arg_shapes, result_shape):
   # Each operand as it comes (whatever the partitioner made of it), unless split
   # unevenly: that one taken whole.
   arg_shardings = tuple(
-      a.sharding if b is not None or a.sharding.is_fully_replicated else replicated
-      for a, b in zip(arg_shapes, blocks)
+    a.sharding if b is not None or a.sharding.is_fully_replicated else replicated
+    for a, b in zip(arg_shapes, blocks)
   )
   lower = lambda *arrays: tuple(gather_blocks(arrays, blocks, active))
   return mesh, lower, _replicated_like(mesh, tuple(arg_shapes)), arg_shardings
@@ -475,12 +486,12 @@ def _whole_op(*arrays):
 
 
 _whole_op.def_partition(
-    partition=_whole_partition,
-    infer_sharding_from_operands=lambda mesh, arg_shapes, result_shape: _replicated_like(
-        mesh, tuple(arg_shapes)
-    ),
-    sharding_rule=_wall_rule,
-    decode_shardings=False,  # any sharding the partitioner chose, named by mesh axes or not
+  partition=_whole_partition,
+  infer_sharding_from_operands=lambda mesh, arg_shapes, result_shape: _replicated_like(
+    mesh, tuple(arg_shapes)
+  ),
+  sharding_rule=_wall_rule,
+  decode_shardings=False,  # any sharding the partitioner chose, named by mesh axes or not
 )
 
 

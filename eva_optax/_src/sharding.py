@@ -17,7 +17,8 @@ caller's shardings, which :func:`eva_optax.state_shardings` gives.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
@@ -57,12 +58,12 @@ def merged(entries: Sequence[Any]) -> Any:
 
 
 def statistic_spec(
-    kernel_spec: PartitionSpec | None,
-    kernel_ndim: int,
-    layout: KernelLayout,
-    name: str,
-    mesh_shape: dict[str, int] | None = None,
-    length: int | None = None,
+  kernel_spec: PartitionSpec | None,
+  kernel_ndim: int,
+  layout: KernelLayout,
+  name: str,
+  mesh_shape: dict[str, int] | None = None,
+  length: int | None = None,
 ) -> PartitionSpec:
   """Where a layer's statistic ``name`` lives, from its kernel's ``PartitionSpec``.
 
@@ -128,7 +129,7 @@ def place(params: Any, state: Any, specs: Any = None) -> Any:
   if specs is None:
     return jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
   shardings = jax.tree.map(
-      lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
   )
   return jax.device_put(state, shardings)
 

@@ -66,26 +66,26 @@ def state_shardings(tx: Any, params: Any, shardings: Any = None, *, matrices: st
   split = matrices == SPLIT
   if shardings is not None:
     params = jax.tree.map(
-        lambda p, s: jax.ShapeDtypeStruct(jax.numpy.shape(p), jax.numpy.result_type(p), sharding=s),
-        params,
-        shardings,
+      lambda p, s: jax.ShapeDtypeStruct(jax.numpy.shape(p), jax.numpy.result_type(p), sharding=s),
+      params,
+      shardings,
     )
   mesh = params_mesh(params)
   if mesh is None:
     raise ValueError(
-        "state_shardings needs the parameters' shardings: pass params placed with"
-        " NamedShardings, or shardings= (a tree of NamedSharding like params)"
+      "state_shardings needs the parameters' shardings: pass params placed with"
+      " NamedShardings, or shardings= (a tree of NamedSharding like params)"
     )
   replicated = NamedSharding(mesh, PartitionSpec())
   abstract = jax.eval_shape(tx.init, params)
   masked = lambda x: isinstance(x, optax.MaskedNode)
   marked = optax.tree_map_params(
-      tx,
-      lambda s, p: s if masked(s) else p.sharding,
-      abstract,
-      params,
-      transform_non_params=lambda v: v,
-      is_leaf=masked,  # optax.masked leaves a MaskedNode where a parameter is left out
+    tx,
+    lambda s, p: s if masked(s) else p.sharding,
+    abstract,
+    params,
+    transform_non_params=lambda v: v,
+    is_leaf=masked,  # optax.masked leaves a MaskedNode where a parameter is left out
   )
 
   own_specs = lambda x: is_layerwise_state(x) or isinstance(x, ScaleByShampooState)
@@ -93,16 +93,17 @@ def state_shardings(tx: Any, params: Any, shardings: Any = None, *, matrices: st
   def sharding_of(node: Any) -> Any:
     if own_specs(node):
       specs = (
-          layerwise_state_specs(node, params, split) if is_layerwise_state(node)
-          else shampoo_state_specs(node, params, split)
+        layerwise_state_specs(node, params, split)
+        if is_layerwise_state(node)
+        else shampoo_state_specs(node, params, split)
       )
       return jax.tree.map(
-          lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+        lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
       )
     if isinstance(node, NamedSharding):
       return node
     return replicated
 
   return jax.tree.map(
-      sharding_of, marked, is_leaf=lambda x: own_specs(x) or isinstance(x, NamedSharding)
+    sharding_of, marked, is_leaf=lambda x: own_specs(x) or isinstance(x, NamedSharding)
   )

@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +64,7 @@ def check_factor_rows(factor_rows: Any) -> str:
 
 
 def statistic_shapes(
-    stack: tuple[int, ...], in_dim: int, out_dim: int, has_bias: bool
+  stack: tuple[int, ...], in_dim: int, out_dim: int, has_bias: bool
 ) -> dict[str, tuple[int, ...]]:
   """The shape of every statistic of a layer: ``{name: shape}``.
 
@@ -71,10 +72,10 @@ def statistic_shapes(
   """
   n_in = in_dim + (1 if has_bias else 0)
   return {
-      INPUT_MEAN: stack + (in_dim,),
-      OUTPUT_GRAD_MEAN: stack + (out_dim,),
-      INPUT_FACTOR: stack + (n_in, n_in),
-      OUTPUT_GRAD_FACTOR: stack + (out_dim, out_dim),
+    INPUT_MEAN: stack + (in_dim,),
+    OUTPUT_GRAD_MEAN: stack + (out_dim,),
+    INPUT_FACTOR: stack + (n_in, n_in),
+    OUTPUT_GRAD_FACTOR: stack + (out_dim, out_dim),
   }
 
 
@@ -105,7 +106,7 @@ def is_with_bias_row(x: Any) -> bool:
 
 
 def keeps_bias_row_apart(
-    stack: tuple[int, ...], in_dim: int, has_bias: bool, shape: tuple[int, ...]
+  stack: tuple[int, ...], in_dim: int, has_bias: bool, shape: tuple[int, ...]
 ) -> bool:
   """Whether a per-layer entry of ``shape`` is stored as a :class:`WithBiasRow`:
   a square matrix of side ``in + 1`` of a layer with a bias."""
@@ -143,9 +144,7 @@ def requested(statistics: Sequence[str]) -> tuple[str, ...]:
   """``statistics`` as a tuple, checked: a non-empty subset of :data:`STATISTICS`."""
   statistics = tuple(statistics)
   if not statistics or set(statistics) - set(STATISTICS):
-    raise ValueError(
-        f"statistics must be a non-empty subset of {STATISTICS}; got {statistics!r}"
-    )
+    raise ValueError(f"statistics must be a non-empty subset of {STATISTICS}; got {statistics!r}")
   return statistics
 
 
@@ -194,15 +193,15 @@ class KernelLayout(NamedTuple):
   def check(self, kernel_shape: tuple[int, ...], where: str) -> None:
     n_in = len(self.ordered(kernel_shape)) - self.stack_ndim - self.output_ndim
     bad_permutation = self.permutation is not None and sorted(self.permutation) != list(
-        range(len(kernel_shape))
+      range(len(kernel_shape))
     )
     bad_groups = self.groups > 1 and (
-        self.stack_ndim < 1 or self.output_ndim != 1 or kernel_shape[-1] % self.groups
+      self.stack_ndim < 1 or self.output_ndim != 1 or kernel_shape[-1] % self.groups
     )
     if self.stack_ndim < 0 or self.output_ndim < 1 or n_in < 1 or bad_permutation or bad_groups:
       raise ValueError(
-          f"{where}: layout {self} does not fit a kernel of shape {kernel_shape}"
-          " (it needs at least one input and one output axis)"
+        f"{where}: layout {self} does not fit a kernel of shape {kernel_shape}"
+        " (it needs at least one input and one output axis)"
       )
 
 
@@ -232,9 +231,7 @@ class LayerStats:
   input_factor: jax.Array | None = None
   output_grad_factor: jax.Array | None = None
   kind: str = dataclasses.field(metadata=dict(static=True), default="Dense")
-  layout: KernelLayout = dataclasses.field(
-      metadata=dict(static=True), default=KernelLayout()
-  )
+  layout: KernelLayout = dataclasses.field(metadata=dict(static=True), default=KernelLayout())
   has_bias: bool = dataclasses.field(metadata=dict(static=True), default=True)
   factor_rows: str = dataclasses.field(metadata=dict(static=True), default="positions")
 
@@ -267,6 +264,4 @@ def layouts_of(stats: Any) -> dict[str, Any]:
       _, _, stats = jax.eval_shape(grad_fn, params, batch)
       tx = eva_optax.eva(0.01, layouts=eva_optax.layouts_of(stats))
   """
-  return nest(
-      {p: e.layout for p, e in layer_entries(stats).items() if isinstance(e, LayerStats)}
-  )
+  return nest({p: e.layout for p, e in layer_entries(stats).items() if isinstance(e, LayerStats)})

@@ -23,7 +23,7 @@ from flax.training import train_state
 class TrainState(train_state.TrainState):
   """:class:`flax.training.train_state.TrainState` with ``apply_gradients(grads=, stats=)``."""
 
-  def apply_gradients(self, *, grads: Any, stats: Any = None, **kwargs: Any) -> "TrainState":
+  def apply_gradients(self, *, grads: Any, stats: Any = None, **kwargs: Any) -> TrainState:
     """One step: ``tx.update(grads, opt_state, params, stats=stats)``, then apply.
 
     Args:
@@ -39,8 +39,8 @@ class TrainState(train_state.TrainState):
     extra = {} if stats is None else {"stats": stats}
     updates, opt_state = self.tx.update(grads, self.opt_state, self.params, **extra)
     return self.replace(
-        step=self.step + 1,
-        params=optax.apply_updates(self.params, updates),
-        opt_state=opt_state,
-        **kwargs,
+      step=self.step + 1,
+      params=optax.apply_updates(self.params, updates),
+      opt_state=opt_state,
+      **kwargs,
     )

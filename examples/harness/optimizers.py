@@ -40,212 +40,230 @@ import eva_optax
 
 @dataclass(frozen=True)
 class Options:
-    """Hyperparameters shared by every optimizer of a run (``None``: the optimizer's default)."""
+  """Hyperparameters shared by every optimizer of a run (``None``: the optimizer's default)."""
 
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    damping: float | None = None
-    kl_clip: float | None = None
-    stat_decay: float | None = None
-    scaling: str | None = None  # Eva's "kl_clip" or "kl_normalise"
-    # Top-level modules left unpreconditioned (e.g. a language model's output layer): their
-    # parameters get SGD with the same momentum and weight decay, through optax.partition.
-    plain_modules: tuple[str, ...] = ()
-    # The learning rate of the parameters outside a layer (those whose module has no
-    # ``kernel``: embeddings, norm scales and offsets), which Eva and its family pass
-    # through, as a multiple of η; other than 1 they get SGD at that rate (momentum and
-    # weight decay as above), through optax.partition.
-    passthrough_scale: float = 1.0
+  momentum: float = 0.9
+  weight_decay: float = 5e-4
+  damping: float | None = None
+  kl_clip: float | None = None
+  stat_decay: float | None = None
+  scaling: str | None = None  # Eva's "kl_clip" or "kl_normalise"
+  # Top-level modules left unpreconditioned (e.g. a language model's output layer): their
+  # parameters get SGD with the same momentum and weight decay, through optax.partition.
+  plain_modules: tuple[str, ...] = ()
+  # The learning rate of the parameters outside a layer (those whose module has no
+  # ``kernel``: embeddings, norm scales and offsets), which Eva and its family pass
+  # through, as a multiple of η; other than 1 they get SGD at that rate (momentum and
+  # weight decay as above), through optax.partition.
+  passthrough_scale: float = 1.0
 
 
 @dataclass(frozen=True)
 class Spec:
-    """One optimizer: its ``--optimizers`` key, display name, constructor and capture."""
+  """One optimizer: its ``--optimizers`` key, display name, constructor and capture."""
 
-    key: str
-    name: str
-    factory: Callable[..., optax.GradientTransformation]
-    capture: str  # "plain" | "objective" | "stats" | "gated"
-    statistics: Any = None
-    extra: tuple[tuple[str, Any], ...] = ()  # fixed keyword arguments of ``factory``
-    capture_options: tuple[tuple[str, Any], ...] = ()  # of eva_optax.value_and_grad
+  key: str
+  name: str
+  factory: Callable[..., optax.GradientTransformation]
+  capture: str  # "plain" | "objective" | "stats" | "gated"
+  statistics: Any = None
+  extra: tuple[tuple[str, Any], ...] = ()  # fixed keyword arguments of ``factory``
+  capture_options: tuple[tuple[str, Any], ...] = ()  # of eva_optax.value_and_grad
 
-    def accepts(self, argument: str) -> bool:
-        """Whether the constructor takes ``argument`` (e.g. ``damping``, ``kl_clip``)."""
-        return argument in inspect.signature(self.factory).parameters
+  def accepts(self, argument: str) -> bool:
+    """Whether the constructor takes ``argument`` (e.g. ``damping``, ``kl_clip``)."""
+    return argument in inspect.signature(self.factory).parameters
 
-    def build(
-        self, learning_rate: optax.ScalarOrSchedule, options: Options, **kwargs: Any
-    ) -> optax.GradientTransformation:
-        """The transformation, with ``options`` applied where the optimizer has them.
+  def build(
+    self, learning_rate: optax.ScalarOrSchedule, options: Options, **kwargs: Any
+  ) -> optax.GradientTransformation:
+    """The transformation, with ``options`` applied where the optimizer has them.
 
-        ``kwargs`` go to the eva_optax constructor (e.g. ``layouts=``).
-        """
-        if self.key == "sgd":
-            return optax.chain(
-                optax.add_decayed_weights(options.weight_decay),
-                optax.sgd(learning_rate, momentum=options.momentum),
-            )
-        if self.key == "adamw":
-            return optax.adamw(learning_rate, weight_decay=options.weight_decay)
-        kwargs = {**dict(self.extra), **kwargs}
-        kwargs.update(momentum=options.momentum, weight_decay=options.weight_decay)
-        for name in ("damping", "kl_clip", "stat_decay", "scaling"):
-            value = getattr(options, name)
-            if value is not None and self.accepts(name):
-                kwargs[name] = value
-        tx = self.factory(learning_rate, **kwargs)
-        if not options.plain_modules and options.passthrough_scale == 1.0:
-            return tx
-        sgd = SPEC_BY_KEY["sgd"]
-        transforms = {"preconditioned": tx}
-        if options.plain_modules:
-            transforms["plain"] = sgd.build(learning_rate, options)
-        if options.passthrough_scale != 1.0:
-            transforms["passthrough"] = sgd.build(
-                _scaled_rate(learning_rate, options.passthrough_scale), options)
-        return optax.partition(transforms, lambda params: plain_labels(
-            params, options.plain_modules, options.passthrough_scale != 1.0))
+    ``kwargs`` go to the eva_optax constructor (e.g. ``layouts=``).
+    """
+    if self.key == "sgd":
+      return optax.chain(
+        optax.add_decayed_weights(options.weight_decay),
+        optax.sgd(learning_rate, momentum=options.momentum),
+      )
+    if self.key == "adamw":
+      return optax.adamw(learning_rate, weight_decay=options.weight_decay)
+    kwargs = {**dict(self.extra), **kwargs}
+    kwargs.update(momentum=options.momentum, weight_decay=options.weight_decay)
+    for name in ("damping", "kl_clip", "stat_decay", "scaling"):
+      value = getattr(options, name)
+      if value is not None and self.accepts(name):
+        kwargs[name] = value
+    tx = self.factory(learning_rate, **kwargs)
+    if not options.plain_modules and options.passthrough_scale == 1.0:
+      return tx
+    sgd = SPEC_BY_KEY["sgd"]
+    transforms = {"preconditioned": tx}
+    if options.plain_modules:
+      transforms["plain"] = sgd.build(learning_rate, options)
+    if options.passthrough_scale != 1.0:
+      transforms["passthrough"] = sgd.build(
+        _scaled_rate(learning_rate, options.passthrough_scale), options
+      )
+    return optax.partition(
+      transforms,
+      lambda params: plain_labels(params, options.plain_modules, options.passthrough_scale != 1.0),
+    )
 
 
 def plain_labels(params: Any, modules: tuple[str, ...], passthrough: bool = False) -> Any:
-    """``"plain"`` for every parameter under a top-level module of ``modules``; with
-    ``passthrough``, ``"passthrough"`` for every other parameter outside a layer (its
-    module has no ``kernel``); else ``"preconditioned"``. A name that is not a top-level
-    module is a ``ValueError``."""
-    missing = set(modules) - set(params)
-    if missing:
-        raise ValueError(f"plain_modules: no top-level module {sorted(missing)}; the model "
-                         f"has {sorted(params)}")
+  """``"plain"`` for every parameter under a top-level module of ``modules``; with
+  ``passthrough``, ``"passthrough"`` for every other parameter outside a layer (its
+  module has no ``kernel``); else ``"preconditioned"``. A name that is not a top-level
+  module is a ``ValueError``."""
+  missing = set(modules) - set(params)
+  if missing:
+    raise ValueError(
+      f"plain_modules: no top-level module {sorted(missing)}; the model has {sorted(params)}"
+    )
 
-    def in_layer(node: Mapping) -> bool:
-        return "kernel" in node and not isinstance(node["kernel"], Mapping)
+  def in_layer(node: Mapping) -> bool:
+    return "kernel" in node and not isinstance(node["kernel"], Mapping)
 
-    def label(node: Any, plain: bool, inside: bool) -> Any:
-        if isinstance(node, Mapping):
-            return {k: label(v, plain, in_layer(node)) for k, v in node.items()}
-        if plain:
-            return "plain"
-        return "preconditioned" if inside or not passthrough else "passthrough"
+  def label(node: Any, plain: bool, inside: bool) -> Any:
+    if isinstance(node, Mapping):
+      return {k: label(v, plain, in_layer(node)) for k, v in node.items()}
+    if plain:
+      return "plain"
+    return "preconditioned" if inside or not passthrough else "passthrough"
 
-    return {name: label(sub, name in modules, in_layer(params)) for name, sub in params.items()}
+  return {name: label(sub, name in modules, in_layer(params)) for name, sub in params.items()}
 
 
 def has_passthrough(params: Any) -> bool:
-    """Whether ``params`` has parameters outside a layer (see :func:`plain_labels`)."""
-    return "passthrough" in jax.tree.leaves(plain_labels(params, (), passthrough=True))
+  """Whether ``params`` has parameters outside a layer (see :func:`plain_labels`)."""
+  return "passthrough" in jax.tree.leaves(plain_labels(params, (), passthrough=True))
 
 
 def _scaled_rate(learning_rate: optax.ScalarOrSchedule, factor: float) -> optax.ScalarOrSchedule:
-    if callable(learning_rate):
-        return lambda count: factor * learning_rate(count)
-    return factor * learning_rate
+  if callable(learning_rate):
+    return lambda count: factor * learning_rate(count)
+  return factor * learning_rate
 
 
 def _layout_at(layouts: Any, module: tuple[str, ...]) -> eva_optax.KernelLayout | None:
-    node = layouts
-    for name in module:
-        if not hasattr(node, "get"):
-            return None
-        node = node.get(name)
-    return node if isinstance(node, eva_optax.KernelLayout) else None
+  node = layouts
+  for name in module:
+    if not hasattr(node, "get"):
+      return None
+    node = node.get(name)
+  return node if isinstance(node, eva_optax.KernelLayout) else None
 
 
 def muon_dimension_numbers(params: Any, layouts: Any = None) -> Any:
-    """Muon's view of every layer kernel as a matrix: ``stack + inputs + outputs`` axes.
+  """Muon's view of every layer kernel as a matrix: ``stack + inputs + outputs`` axes.
 
-    A ``kernel`` of rank ≥ 2 gets ``MuonDimensionNumbers(inputs, outputs)`` (its stack
-    axes, for layers stacked by ``nn.scan``, are Muon's batch axes: one matrix per
-    layer); every other parameter (biases, norms, embeddings) gets ``None``, i.e. Muon's
-    AdamW. The axes come from ``layouts`` (:func:`eva_optax.layouts_of` of a capture, keyed
-    by module path) where it names the layer, else the kernel is read as Dense or HWIO
-    convolution: every axis but the last is an input.
-    """
+  A ``kernel`` of rank ≥ 2 gets ``MuonDimensionNumbers(inputs, outputs)`` (its stack
+  axes, for layers stacked by ``nn.scan``, are Muon's batch axes: one matrix per
+  layer); every other parameter (biases, norms, embeddings) gets ``None``, i.e. Muon's
+  AdamW. The axes come from ``layouts`` (:func:`eva_optax.layouts_of` of a capture, keyed
+  by module path) where it names the layer, else the kernel is read as Dense or HWIO
+  convolution: every axis but the last is an input.
+  """
 
-    def numbers(path: tuple[Any, ...], leaf: Any) -> MuonDimensionNumbers | None:
-        names = tuple(str(getattr(k, "key", k)) for k in path)
-        if not names or names[-1] != "kernel" or jnp.ndim(leaf) < 2:
-            return None
-        layout = _layout_at(layouts, names[:-1]) or eva_optax.KernelLayout()
-        rank = jnp.ndim(leaf)
-        return MuonDimensionNumbers(
-            reduction_axis=tuple(range(layout.stack_ndim, rank - layout.output_ndim)),
-            output_axis=tuple(range(rank - layout.output_ndim, rank)),
-        )
+  def numbers(path: tuple[Any, ...], leaf: Any) -> MuonDimensionNumbers | None:
+    names = tuple(str(getattr(k, "key", k)) for k in path)
+    if not names or names[-1] != "kernel" or jnp.ndim(leaf) < 2:
+      return None
+    layout = _layout_at(layouts, names[:-1]) or eva_optax.KernelLayout()
+    rank = jnp.ndim(leaf)
+    return MuonDimensionNumbers(
+      reduction_axis=tuple(range(layout.stack_ndim, rank - layout.output_ndim)),
+      output_axis=tuple(range(rank - layout.output_ndim, rank)),
+    )
 
-    return jax.tree_util.tree_map_with_path(numbers, params)
+  return jax.tree_util.tree_map_with_path(numbers, params)
 
 
 def muon(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    momentum: float = 0.95,
-    weight_decay: float = 0.0,
-    layouts: Any = None,
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  momentum: float = 0.95,
+  weight_decay: float = 0.0,
+  layouts: Any = None,
 ) -> optax.GradientTransformation:
-    """``optax.contrib.muon`` on every layer kernel (:func:`muon_dimension_numbers`).
+  """``optax.contrib.muon`` on every layer kernel (:func:`muon_dimension_numbers`).
 
-    ``momentum`` is Muon's ``beta`` (Nesterov), ``weight_decay`` its decoupled decay of
-    the kernels; the other parameters go to Muon's AdamW with the same learning rate and
-    no decay, as in ``optax.contrib.muon``.
-    """
-    return optax.contrib.muon(
-        learning_rate, beta=momentum, weight_decay=weight_decay,
-        muon_weight_dimension_numbers=lambda params: muon_dimension_numbers(params, layouts),
-    )
+  ``momentum`` is Muon's ``beta`` (Nesterov), ``weight_decay`` its decoupled decay of
+  the kernels; the other parameters go to Muon's AdamW with the same learning rate and
+  no decay, as in ``optax.contrib.muon``.
+  """
+  return optax.contrib.muon(
+    learning_rate,
+    beta=momentum,
+    weight_decay=weight_decay,
+    muon_weight_dimension_numbers=lambda params: muon_dimension_numbers(params, layouts),
+  )
 
 
 def sophia(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    momentum: float = 0.965,
-    weight_decay: float = 0.0,
-    update_interval: int = 10,
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  momentum: float = 0.965,
+  weight_decay: float = 0.0,
+  update_interval: int = 10,
 ) -> optax.GradientTransformationExtraArgs:
-    """``optax.contrib.sophia`` (Sophia-H): momentum over the Hessian diagonal's running
-    average, clipped elementwise, the diagonal estimated (Hutchinson) every
-    ``update_interval`` steps from ``obj_fn``, which ``update`` must be given.
+  """``optax.contrib.sophia`` (Sophia-H): momentum over the Hessian diagonal's running
+  average, clipped elementwise, the diagonal estimated (Hutchinson) every
+  ``update_interval`` steps from ``obj_fn``, which ``update`` must be given.
 
-    ``momentum`` is Sophia's ``b1``, ``weight_decay`` its decoupled decay (× lr, as AdamW);
-    the rest are optax's defaults (``b2`` 0.99, ``gamma`` 0.01, clip threshold 1).
-    """
-    return optax.contrib.sophia(
-        learning_rate, b1=momentum, weight_decay=weight_decay, update_interval=update_interval
-    )
+  ``momentum`` is Sophia's ``b1``, ``weight_decay`` its decoupled decay (× lr, as AdamW);
+  the rest are optax's defaults (``b2`` 0.99, ``gamma`` 0.01, clip threshold 1).
+  """
+  return optax.contrib.sophia(
+    learning_rate, b1=momentum, weight_decay=weight_decay, update_interval=update_interval
+  )
 
 
 SPECS: tuple[Spec, ...] = (
-    Spec("sgd", "SGD", optax.sgd, "plain"),
-    Spec("adamw", "AdamW", optax.adamw, "plain"),
-    Spec("eva", "Eva", eva_optax.eva, "stats", eva_optax.EVA_STATISTICS),
-    Spec("eva-f", "Eva-f", eva_optax.eva_foof, "stats", eva_optax.EVA_FOOF_STATISTICS),
-    Spec("eva-s", "Eva-s", eva_optax.eva_shampoo, "plain"),
-    Spec(
-        "kfac", "K-FAC", eva_optax.kfac, "gated", eva_optax.KFAC_STATISTICS,
-        extra=(("stats_every", 10), ("inverse_every", 10)),
-    ),
-    Spec(  # the paper's K-FAC baseline: their factors, 4-block inverses, their KL clip
-        "kfac-authors", "K-FAC (authors')", eva_optax.kfac, "gated", eva_optax.KFAC_STATISTICS,
-        extra=(("inverse_every", 10), ("diag_blocks", 4), ("kl_clip", 0.01)),
-        capture_options=(("factor_rows", "samples"),),
-    ),
-    Spec(
-        "foof", "FOOF", eva_optax.foof, "gated", eva_optax.FOOF_STATISTICS,
-        extra=(("stats_every", 10), ("inverse_every", 10)),
-    ),
-    Spec("shampoo", "Shampoo", eva_optax.shampoo, "plain"),
-    Spec("muon", "Muon", muon, "plain", ("input_mean",)),
-    Spec("sophia", "Sophia", sophia, "objective"),
+  Spec("sgd", "SGD", optax.sgd, "plain"),
+  Spec("adamw", "AdamW", optax.adamw, "plain"),
+  Spec("eva", "Eva", eva_optax.eva, "stats", eva_optax.EVA_STATISTICS),
+  Spec("eva-f", "Eva-f", eva_optax.eva_foof, "stats", eva_optax.EVA_FOOF_STATISTICS),
+  Spec("eva-s", "Eva-s", eva_optax.eva_shampoo, "plain"),
+  Spec(
+    "kfac",
+    "K-FAC",
+    eva_optax.kfac,
+    "gated",
+    eva_optax.KFAC_STATISTICS,
+    extra=(("stats_every", 10), ("inverse_every", 10)),
+  ),
+  Spec(  # the paper's K-FAC baseline: their factors, 4-block inverses, their KL clip
+    "kfac-authors",
+    "K-FAC (authors')",
+    eva_optax.kfac,
+    "gated",
+    eva_optax.KFAC_STATISTICS,
+    extra=(("inverse_every", 10), ("diag_blocks", 4), ("kl_clip", 0.01)),
+    capture_options=(("factor_rows", "samples"),),
+  ),
+  Spec(
+    "foof",
+    "FOOF",
+    eva_optax.foof,
+    "gated",
+    eva_optax.FOOF_STATISTICS,
+    extra=(("stats_every", 10), ("inverse_every", 10)),
+  ),
+  Spec("shampoo", "Shampoo", eva_optax.shampoo, "plain"),
+  Spec("muon", "Muon", muon, "plain", ("input_mean",)),
+  Spec("sophia", "Sophia", sophia, "objective"),
 )
 SPEC_BY_KEY: dict[str, Spec] = {s.key: s for s in SPECS}
 
 
 def parse_keys(text: str) -> list[Spec]:
-    """``"sgd,eva"`` → the specs, in that order; ``ValueError`` naming unknown keys."""
-    wanted = [w.strip().lower() for w in text.split(",") if w.strip()]
-    unknown = [w for w in wanted if w not in SPEC_BY_KEY]
-    if unknown or not wanted:
-        raise ValueError(
-            f"--optimizers: unknown {unknown or text!r}; choose from {','.join(SPEC_BY_KEY)}"
-        )
-    return [SPEC_BY_KEY[w] for w in dict.fromkeys(wanted)]
+  """``"sgd,eva"`` → the specs, in that order; ``ValueError`` naming unknown keys."""
+  wanted = [w.strip().lower() for w in text.split(",") if w.strip()]
+  unknown = [w for w in wanted if w not in SPEC_BY_KEY]
+  if unknown or not wanted:
+    raise ValueError(
+      f"--optimizers: unknown {unknown or text!r}; choose from {','.join(SPEC_BY_KEY)}"
+    )
+  return [SPEC_BY_KEY[w] for w in dict.fromkeys(wanted)]
