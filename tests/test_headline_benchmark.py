@@ -116,14 +116,36 @@ def test_the_tables_and_the_readme_block(results_dir, tmp_path):
   )
   text = readme.read_text()
   assert "old" not in text and text.startswith("intro\n") and text.endswith("rest\n")
-  row = next(line for line in text.splitlines() if "| tuned (0.2, 0.03, 0.003) |" in line)
-  assert "| 0.38 [0.25–0.50] | 0.62 [0.50–0.75] | 50% (0.60× SGD's time) |" in row
-  assert row.endswith("| 1.00 (1 of 2) | 2.00 (1 of 2) |")
-  assert ", 2 seeds |" in row
-  # The published row: its lr and the constructor's defaults; never reaches SGD's quality.
-  published = next(line for line in text.splitlines() if "as published (0.1, 0.03, 0.001)" in line)
-  assert "| not reached (0 of 2) | not reached (0 of 2) | – |" in published
-  assert "train loss (mean of the last 1 step losses): 0.45 [0.4–0.5]" in row
+  lines = text.splitlines()
+  # One table per workload: a column per Eva variant, a row per measure.
+  assert "| | Eva tuned (0.2, 0.03, 0.003) | Eva as published (0.1, 0.03, 0.001) |" in lines
+
+  def row(label):
+    return next(line for line in lines if line.startswith(f"| {label} |"))
+
+  assert row("steps to SGD's final, / SGD's") == (
+    "| steps to SGD's final, / SGD's | 0.38 [0.25–0.50] | not reached (0 of 2) |"
+  )
+  assert row("time to SGD's final, / SGD's").startswith(
+    "| time to SGD's final, / SGD's | 0.62 [0.50–0.75] |"
+  )
+  assert row("shortest whole schedule that gets there") == (
+    "| shortest whole schedule that gets there | 50% (0.60× SGD's time) | – |"
+  )
+  assert (
+    row("time to SGD's final, / K-FAC's")
+    == "| time to SGD's final, / K-FAC's | 0.38 [0.25–0.50] | – |"
+  )
+  assert row("steps to AdamW's final, / AdamW's") == (
+    "| steps to AdamW's final, / AdamW's | 1.00 (1 of 2) | not reached (0 of 2) |"
+  )
+  assert row("time to AdamW's final, / AdamW's").startswith(
+    "| time to AdamW's final, / AdamW's | 2.00 (1 of 2) |"
+  )
+  assert (
+    "**Fashion-MNIST autoencoder** (1 epoch, 4 steps, 2 seeds); SGD's final quality, "
+    "train loss (mean of the last 1 step losses): 0.45 [0.4–0.5]." in lines
+  )
   md = (tmp_path / "headline.md").read_text()
   assert "| Eva | 0.2, 0.03, 0.003 | 0.2 [0.1–0.3] |" in md
   summary = json.loads((tmp_path / "headline.json").read_text())
