@@ -1,6 +1,7 @@
 """The library's layers, read from its import statements: the optimizer rules
 and their shared pieces never import a capture module or Flax, and the capture's
-core imports no Flax either (the Linen and NNX front-ends do)."""
+core imports no Flax either (the Linen and NNX front-ends do). Flax's naming
+conventions live with the front-ends: no module below them names Flax's modules."""
 
 from __future__ import annotations
 
@@ -11,8 +12,12 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "eva_optax" / "_src"
 CAPTURE = {"capture", "linen_capture", "nnx_capture"}
-# Modules above the rules: the capture and what reads both trees.
-ABOVE_RULES = CAPTURE | {"describe", "train_state"}
+# The Flax side: the front-ends and Flax's naming conventions for layouts.
+FLAX_SIDE = {"linen_capture", "nnx_capture", "flax_layouts"}
+# Modules above the rules: the capture, Flax's conventions and what reads both trees.
+ABOVE_RULES = CAPTURE | FLAX_SIDE | {"describe", "train_state"}
+# The names Flax gives the modules whose kernels' layouts their shapes leave open.
+FLAX_MODULE_NAMES = {"query", "key", "value", "out", "einsum"}
 
 
 def _imports(module: str) -> set[str]:
@@ -54,3 +59,29 @@ def test_capture_core_imports_no_flax():
 def test_front_ends_do_not_borrow_each_others_names():
   assert "eva_optax._src.linen_capture" not in _imports("nnx_capture")
   assert "eva_optax._src.nnx_capture" not in _imports("linen_capture")
+
+
+def _string_constants(module: str) -> set[str]:
+  tree = ast.parse((SRC / f"{module}.py").read_text())
+  return {
+    node.value
+    for node in ast.walk(tree)
+    if isinstance(node, ast.Constant) and isinstance(node.value, str)
+  }
+
+
+BELOW_FLAX_SIDE = sorted(
+  p.stem for p in SRC.glob("*.py") if p.stem != "__init__" and p.stem not in FLAX_SIDE
+)
+
+
+@pytest.mark.parametrize("module", BELOW_FLAX_SIDE)
+def test_no_module_below_the_front_ends_names_flax_modules(module):
+  found = {c for c in _string_constants(module) if c.lower() in FLAX_MODULE_NAMES}
+  if module == "paths":  # JAX's key-path attributes (.key, NNX's .value), not module names
+    found -= {"key", "value"}
+  assert not found, f"{module}.py names Flax modules {found}: that belongs in flax_layouts.py"
+
+
+def test_the_checker_sees_flax_names():
+  assert {"query", "out", "einsum"} <= _string_constants("flax_layouts")

@@ -221,3 +221,32 @@ def test_reserved_readings_keep_the_guess_the_depthwise_and_what_is_at_most_8x()
   kept = layers.reserved_readings((3, 3, 1, 9), tuple(sizes), sizes.__getitem__)
   assert kept == (KernelLayout(0, 1), KernelLayout(0, 2), KernelLayout(1, 1, groups=9))
   assert layers.reserved_readings((3, 3, 1, 9), (), sizes.__getitem__) == ()
+
+
+def test_layers_read_names_only_through_the_naming_convention():
+  # Without a convention every kernel is read by its shape alone: layers.py knows no
+  # framework's module names (Flax's are in flax_layouts, set when eva_optax is imported).
+  from eva_optax._src import flax_layouts
+
+  cases = [
+    ((8, 2, 4), "query"),
+    ((2, 2, 4, 8), "key"),
+    ((2, 4, 8), "out"),
+    ((1, 2, 4, 8), "out"),
+    ((2, 3, 4, 5), "kv_einsum"),
+  ]
+  with_flax = {c: layers.readings(c[0], None, c[1]) for c in cases}
+  previous = layers.set_naming_convention(None)
+  try:
+    assert previous is flax_layouts.flax_names
+    for shape, name in cases:
+      assert layers.readings(shape, None, name) == layers.readings(shape, None, "Dense_0")
+      assert layers.infer_layout(shape, None, name) == KernelLayout(0, 1)
+  finally:
+    layers.set_naming_convention(previous)
+  # ...and with Flax's, the names change what is read.
+  assert with_flax[(8, 2, 4), "query"] == (KernelLayout(0, 2),)
+  assert with_flax[(2, 2, 4, 8), "key"] == (KernelLayout(1, 2),)
+  assert KernelLayout(1, 1) in with_flax[(1, 2, 4, 8), "out"]
+  assert len(with_flax[(2, 3, 4, 5), "kv_einsum"]) > len(layers.readings((2, 3, 4, 5), None, "x"))
+  assert with_flax[(2, 4, 8), "out"] == (KernelLayout(0, 1),)

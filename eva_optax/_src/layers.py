@@ -11,6 +11,7 @@ that matrix, matched by a trailing 1 appended to the mean input ā.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -26,11 +27,51 @@ from eva_optax._src.statistics import (
 )
 
 
-#: Flax's attention projections (``nn.MultiHeadDotProductAttention``,
-#: ``nnx.MultiHeadAttention``): a kernel (features, heads, head_dim) with two
-#: output axes; their output projection ``out`` contracts (heads, head_dim).
-ATTENTION_INPUT_PROJECTIONS = ("query", "key", "value")
-ATTENTION_OUTPUT_PROJECTION = "out"
+class NameReading(NamedTuple):
+  """What a module's name says of its bias-free kernel's layout, beyond its shape.
+
+  Attributes:
+    guess: the layout to take first, in place of the shape's guess (``None``: the
+      shape's).
+    more: further readings, after the shape's.
+    closed: the name rules out the shape's other readings of a rank-3 kernel (the
+      DenseGeneral splits and Einsums of :func:`readings`).
+  """
+
+  guess: KernelLayout | None = None
+  more: tuple[KernelLayout, ...] = ()
+  closed: bool = False
+
+
+#: ``(kernel_shape, module_name) -> NameReading | None``: a framework's naming
+#: conventions, for the kernels whose shape alone does not fix their layout.
+NamingConvention = Callable[[tuple[int, ...], str], "NameReading | None"]
+
+_naming_convention: NamingConvention | None = None
+
+
+def set_naming_convention(convention: NamingConvention | None) -> NamingConvention | None:
+  """The one hook through which a front-end's module names reach ``init``; returns the
+  previous convention.
+
+  ``tx.init(params)`` sees only the parameters. Their shapes fix most layouts; where they
+  do not, the framework's names for its modules say more (Flax's attention projections,
+  its Einsum modules). This module knows no framework: the Flax front-ends set Flax's
+  conventions here when ``eva_optax`` is imported (``eva_optax._src.flax_layouts``).
+  ``None`` reads every kernel by its shape alone.
+  """
+  global _naming_convention
+  previous, _naming_convention = _naming_convention, convention
+  return previous
+
+
+def _named(
+  kernel_shape: tuple[int, ...], bias_shape: tuple[int, ...] | None, name: str | None
+) -> NameReading | None:
+  """The naming convention's reading of a bias-free kernel, or ``None``."""
+  if bias_shape or not name or _naming_convention is None:
+    return None
+  return _naming_convention(tuple(kernel_shape), name)
 
 
 def infer_layout(
@@ -40,11 +81,10 @@ def infer_layout(
 ) -> KernelLayout | None:
   """The layout of a kernel judged from its shape, its bias's shape and its name.
 
-  Without a bias: no stack and one output axis (Dense, Conv, the attention
-  output projection), except a rank-3 kernel named ``query``, ``key`` or
-  ``value`` (Flax's attention projections, ``(features, heads, head_dim)``):
-  two output axes. With a bias
-  (``stack + outputs``), the one split that matches both shapes; the smallest
+  Without a bias: no stack and one output axis (Dense, Conv), unless the naming
+  convention (:func:`set_naming_convention`) reads the module's name otherwise
+  (Flax's attention projections ``query``/``key``/``value``: two output axes). With
+  a bias (``stack + outputs``), the one split that matches both shapes; the smallest
   stack when several match. ``None`` for parameters of rank < 2. The capture
   records the true layout of every layer, and the optimizers check it against
   this guess, so a wrong guess is an error, never a silent approximation.
@@ -52,8 +92,9 @@ def infer_layout(
   if len(kernel_shape) < 2:
     return None
   if bias_shape is None or len(bias_shape) == 0:
-    if len(kernel_shape) in (3, 4) and name in ATTENTION_INPUT_PROJECTIONS:
-      return KernelLayout(len(kernel_shape) - 3, 2)  # rank 4: under nn.scan
+    named = _named(kernel_shape, bias_shape, name)
+    if named is not None and named.guess is not None:
+      return named.guess
     return KernelLayout(0, 1)
   for stack_ndim in range(len(bias_shape)):
     output_ndim = len(bias_shape) - stack_ndim
@@ -71,7 +112,7 @@ def readings(
   bias_shape: tuple[int, ...] | None,
   name: str | None = None,
 ) -> tuple[KernelLayout, ...]:
-  """The layouts a Flax layer with this kernel and bias can have; the guess first.
+  """The layouts a layer with this kernel and bias can have; the guess first.
 
   The parameters fix the layout of a kernel of rank 2, and without a bias of
   rank ≥ 4 (a Conv: window and input channels, then output channels), up to
@@ -80,13 +121,10 @@ def readings(
   rank 3 can also be a DenseGeneral with two output axes, a stack of Dense
   layers (``nn.scan``, ``nnx.vmap``) or an Einsum that contracts its axis 1
   or 2 ('BTD,NDH->BTNH'); with a bias, any rank ≥ 3, only the readings
-  whose stack and output axes hold as many entries as the bias. Flax's
-  attention projections are read one way (bias-free ``query``/``key``/
-  ``value`` kernels: two output axes, after one stack axis at rank 4; ``out``
-  of rank 3: two input axes), except a bias-free ``out`` kernel of rank 4: a
-  Conv, or attention's output under ``nn.scan``. A bias-free kernel of rank
-  ≥ 4 of a module named like an Einsum (``Einsum_0``, ``kv_einsum``) can
-  contract any one of its axes ('BSD,CKDH->CBSKH').
+  whose stack and output axes hold as many entries as the bias. The naming
+  convention (:func:`set_naming_convention`) may replace the guess of a
+  bias-free kernel, rule out the rank-3 family or add readings (Flax's:
+  ``eva_optax._src.flax_layouts``).
 
   Optimizers reserve room in their state for these readings
   (:func:`reserved_readings`), so that the capture's layout is taken at the
@@ -95,6 +133,7 @@ def readings(
   guess = infer_layout(kernel_shape, bias_shape, name)
   if guess is None:
     return ()
+  named = _named(kernel_shape, bias_shape, name)
   rank = len(kernel_shape)
   out: list[KernelLayout] = [guess]
   if rank >= 3 and kernel_shape[-2] == 1 and guess.stack_ndim == 0 and guess.output_ndim == 1:
@@ -107,18 +146,10 @@ def readings(
     family = _stacked_and_einsum_readings(kernel_shape) if rank >= 3 else []
     spans = lambda l: math.prod(l.dims(kernel_shape)[0]) * l.dims(kernel_shape)[2]
     out += [l for l in family if spans(l) == math.prod(bias_shape)]
-  elif name in ATTENTION_INPUT_PROJECTIONS or (rank == 3 and name == ATTENTION_OUTPUT_PROJECTION):
-    pass  # Flax's attention: the guess is the layout
-  elif rank == 3:
+  elif rank == 3 and not (named is not None and named.closed):
     out += _stacked_and_einsum_readings(kernel_shape)
-  elif rank == 4 and name == ATTENTION_OUTPUT_PROJECTION:
-    out.append(KernelLayout(1, 1))  # the out projection of attention under nn.scan
-  if not bias_shape and rank >= 4 and name and "einsum" in name.lower():
-    # An Einsum by name (Linen's Einsum_0, Gemma's kv_einsum): one contracted axis.
-    out += [
-      KernelLayout(0, rank - 1, permutation=(i,) + tuple(a for a in range(rank) if a != i))
-      for i in range(1, rank)
-    ] + [KernelLayout(0, rank - 1)]
+  if named is not None:
+    out += named.more
   unique: list[KernelLayout] = []
   for layout in out:
     if layout not in unique:

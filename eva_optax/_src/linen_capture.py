@@ -33,6 +33,7 @@ from flax import nnx
 import jax.numpy as jnp
 
 from eva_optax._src import capture
+from eva_optax._src import flax_layouts  # noqa: F401 (Flax's names reach init)
 from eva_optax._src.capture import FACTORS_DUE, PROBES, ConvGeometry, DenseGeometry, Layer
 from eva_optax._src.paths import BIAS, KERNEL, Path, flatten_with_paths, nest
 from eva_optax._src.statistics import EVA_STATISTICS, PassThrough, check_factor_rows, requested

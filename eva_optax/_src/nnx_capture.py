@@ -54,6 +54,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from eva_optax._src import capture
+from eva_optax._src import flax_layouts  # noqa: F401 (Flax's names reach init)
 from eva_optax._src.capture import FACTORS_DUE, ConvGeometry, DenseGeometry, Layer
 from eva_optax._src.paths import KERNEL, Path, nest
 from eva_optax._src.statistics import EVA_STATISTICS, PassThrough, check_factor_rows, requested
