@@ -114,7 +114,7 @@ docs: install
 # single-threaded, so 2 cores run two modules side by side.
 test: REQUIRE_DATA := 0
 test: install data lint
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 # ruff: the linter and the formatter (2-space indents, 100 columns) over the whole repository;
 # `$(PY) -m ruff format .` rewrites what the check rejects.
