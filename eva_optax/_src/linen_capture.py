@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from eva_optax._src import capture
 from eva_optax._src import flax_layouts  # noqa: F401 (Flax's names reach init)
 from eva_optax._src.capture import FACTORS_DUE, PROBES, ConvGeometry, DenseGeometry, Layer
-from eva_optax._src.paths import BIAS, KERNEL, Path, flatten_with_paths, nest
+from eva_optax._src.paths import BIAS, KERNEL, Path, flatten_with_paths
 from eva_optax._src.statistics import EVA_STATISTICS, PassThrough, check_factor_rows, requested
 
 _SUPPORTED = "Dense, DenseGeneral, Conv or Einsum"
@@ -370,11 +370,7 @@ def value_and_grad(
       params, probes
     )
 
-    probe_grads = capture.global_statistics(probe_grads, axis_name, layers)
-    entries: dict[Path, Any] = dict(skipped)
-    for path, layer_grads in probe_grads.items():
-      entries[path] = capture.layer_stats(layers[path], layer_grads)
     value = (loss, aux) if has_aux else loss
-    return value, grads, nest(entries)
+    return value, grads, capture.stats_tree(probe_grads, layers, skipped, axis_name)
 
   return grad_fn

@@ -56,7 +56,7 @@ from flax import nnx
 from eva_optax._src import capture
 from eva_optax._src import flax_layouts  # noqa: F401 (Flax's names reach init)
 from eva_optax._src.capture import FACTORS_DUE, ConvGeometry, DenseGeometry, Layer
-from eva_optax._src.paths import KERNEL, Path, nest
+from eva_optax._src.paths import KERNEL, Path
 from eva_optax._src.statistics import EVA_STATISTICS, PassThrough, check_factor_rows, requested
 
 _KINDS = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum)
@@ -387,21 +387,9 @@ def nnx_value_and_grad(
 
     probe_state, grads = nnx.split_state(grads, _Probe, ...)
     probe_grads = {p: g for p, g in _probe_grads(probe_state).items() if p in called}
-    probe_grads = capture.global_statistics(
-      probe_grads, axis_name, {p: l for p, (_, l) in layers.items()}
-    )
-    entries: dict[Path, Any] = dict(skipped)
-    for path, (_, layer) in layers.items():
-      if path not in called:
-        entries[path] = PassThrough(
-          layer.kind,
-          f"not called by loss_fn through {layer.kind}.__call__ (no statistics):"
-          " its parameters get the plain gradient",
-        )
-        continue
-      entries[path] = capture.layer_stats(layer, probe_grads[path])
+    layers = {p: layer for p, (_, layer) in layers.items()}
     value = (loss, aux) if has_aux else loss
-    return value, grads, nest(entries)
+    return value, grads, capture.stats_tree(probe_grads, layers, skipped, axis_name)
 
   return grad_fn
 
