@@ -262,3 +262,67 @@ def test_relative_damping_is_the_formula_with_damping_times_mu():
   got = sherman_morrison_tensor(g, vectors, jnp.float32(0.03), relative_damping=True)
   want = sherman_morrison_tensor(g, vectors, jnp.float32(0.03 * mu))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# float64, against Eva-s as the authors' code runs it (shampoo/vshampoo.py of
+# lzhangbv/eva): PyTorch's dimension order, their momentum.
+
+
+@pytest.fixture()
+def x64():
+  before = jax.config.read("jax_enable_x64")
+  jax.config.update("jax_enable_x64", True)
+  yield
+  jax.config.update("jax_enable_x64", before)
+
+
+def _np_authors_eva_s(w, grads, lr, mu, wd, damping):
+  """Their step in float64 NumPy on a tensor in PyTorch's order: vectors summed
+  from the per-axis means, G contracted with v_i v_iᵀ one axis at a time,
+  Ĝ = G − that / (γ + Π‖v_i‖²), grafted to ‖G‖ (+1e-16), + λW (once), then
+  buf ← μ·buf + d twice, W ← W − η·buf. Rank ≤ 1: d = G + λW."""
+  buf, vectors = np.zeros_like(w), [np.zeros(d) for d in w.shape]
+  for g in grads:
+    if g.ndim <= 1:
+      d = g + wd * w
+    else:
+      axes = range(g.ndim)
+      vectors = [v + g.mean(axis=tuple(j for j in axes if j != i)) for i, v in enumerate(vectors)]
+      p, mu_s = g, 1.0
+      for v in vectors:
+        p = np.tensordot(p, np.outer(v, v), ([0], [0]))
+        mu_s *= np.dot(v, v)
+      direction = g - p / (damping + mu_s)
+      d = direction * np.linalg.norm(g) / (np.linalg.norm(direction) + 1e-16) + wd * w
+    buf = mu * buf + d
+    buf = mu * buf + d
+    w = w - lr * buf
+  return w
+
+
+def test_authors_momentum_equals_their_eva_s_in_float64(x64):
+  # Gradients of 0.05 keep Π‖v_i‖² near γ for the 4 steps, so that γ read in
+  # float32 (0.03 → 0.029999999329) would show at 1e-9.
+  lr, mu, wd, damping = 0.1, 0.9, 0.05, 0.03
+  rng = np.random.default_rng(11)
+  shapes = {"conv": (3, 3, 2, 4), "dense": (6, 5), "bias": (5,)}
+  params = {k: rng.normal(size=s) for k, s in shapes.items()}
+  grads = [{k: 0.05 * rng.normal(size=s) + 0.02 for k, s in shapes.items()} for _ in range(4)]
+  torch = lambda x: (
+    x if x.ndim < 2 else np.transpose(x, (x.ndim - 1, x.ndim - 2, *range(x.ndim - 2)))
+  )
+  back = lambda x: x if x.ndim < 2 else np.transpose(x, (*range(2, x.ndim), 1, 0))
+  want = {
+    k: back(_np_authors_eva_s(torch(params[k]), [torch(g[k]) for g in grads], lr, mu, wd, damping))
+    for k in shapes
+  }
+  tx = eva_shampoo(lr, momentum=mu, nesterov="authors", weight_decay=wd, damping=damping)
+  p = jax.tree.map(jnp.asarray, params)
+  state, update = tx.init(p), jax.jit(tx.update)
+  for g in grads:
+    u, state = update(jax.tree.map(jnp.asarray, g), state, p)
+    p = optax.apply_updates(p, u)
+  assert all(v.dtype == jnp.float64 for v in jax.tree.leaves(state[0].dimension_means))
+  for k in shapes:
+    np.testing.assert_allclose(p[k], want[k], rtol=1e-11, atol=1e-13, err_msg=k)

@@ -88,3 +88,18 @@ def test_value_at_a_number_and_a_schedule():
     np.testing.assert_allclose(float(got), want, atol=1e-7)
   decay = optax.exponential_decay(0.1, 1, 0.5)
   np.testing.assert_allclose(float(value_at(decay, jnp.int32(3))), 0.1 * 0.5**3, rtol=1e-6)
+
+
+def test_value_at_in_float64_keeps_the_decimal():
+  # Shampoo and Eva-s read γ and β in the parameters' dtype: 0.03 in float32
+  # is 0.029999999329…, 2e-8 off, the whole of Eva-s's former float64 error.
+  before = jax.config.read("jax_enable_x64")
+  jax.config.update("jax_enable_x64", True)
+  try:
+    got = value_at(0.03, jnp.int32(0), jnp.float64)
+    assert got.dtype == jnp.float64 and float(got) == 0.03
+    got = value_at(lambda count: 0.03 * (count + 1), jnp.int32(1), jnp.float64)
+    assert got.dtype == jnp.float64 and float(got) == 0.06
+  finally:
+    jax.config.update("jax_enable_x64", before)
+  assert float(value_at(0.03, jnp.int32(0))) != 0.03

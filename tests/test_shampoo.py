@@ -222,9 +222,9 @@ def _params_and_grads(steps=3, seed=5):
 
 def _run(tx, steps=3):
   params, grads = _params_and_grads(steps)
-  state = tx.init(params)
+  state, update = tx.init(params), jax.jit(tx.update)  # one compile, not one per op and step
   for g in grads:
-    updates, state = tx.update(g, state, params)
+    updates, state = update(g, state, params)
     params = optax.apply_updates(params, updates)
   return params, state
 
@@ -307,3 +307,164 @@ def test_many_batched_roots_and_inverses_in_one_program_finish():
   )
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip() == "done"
+
+
+# ---------------------------------------------------------------------------
+# float64, and Shampoo as the authors' code runs it (shampoo/shampoo.py of
+# lzhangbv/eva): PyTorch's dimension order, their momentum, their weight decay.
+
+
+@pytest.fixture()
+def x64():
+  """float64 on, and fewer XLA passes for these small programs compiled once."""
+  flags = ("jax_enable_x64", "jax_disable_most_optimizations")
+  before = [jax.config.read(f) for f in flags]
+  for f in flags:
+    jax.config.update(f, True)
+  yield
+  for f, value in zip(flags, before):
+    jax.config.update(f, value)
+
+
+def test_float64_statistics_roots_and_damping_stay_float64(x64):
+  # Eigenvalues from 1e-6 to 1: a float32 eigh (or ε = 0.03 read in float32)
+  # would leave errors of 1e-7 to 1e-3 in P; float64 leaves ~1e-13.
+  rng = np.random.default_rng(1)
+  q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+  grad = (q * np.logspace(-3, 0, 6)) @ rng.normal(size=(6, 5))
+  damping = 0.03
+  tx = scale_by_shampoo(damping=damping, inverse_every=1, block_size=6)
+  state = tx.init(jnp.zeros((6, 5), jnp.float64))
+  update, state = jax.jit(tx.update)(jnp.asarray(grad), state)
+  roots = state.inverse_roots
+  assert update.dtype == jnp.float64
+  assert all(x.dtype == jnp.float64 for x in state.statistics + roots)
+  stats = [_np_statistic(grad, i) for i in range(2)]
+  for root, stat in zip(roots, stats):
+    np.testing.assert_allclose(root[0], _np_root(stat, damping, 4), rtol=1e-12, atol=1e-12)
+  want = _graft(_np_precondition(grad, [_np_root(s, damping, 4) for s in stats]), grad)
+  np.testing.assert_allclose(update, want, rtol=1e-11, atol=1e-13)
+
+
+def _torch_order(x):
+  """A Flax kernel (…, I, O) in PyTorch's order (O, I, …); other arrays as they are."""
+  return x if x.ndim < 2 else np.transpose(x, (x.ndim - 1, x.ndim - 2, *range(x.ndim - 2)))
+
+
+def _from_torch_order(x):
+  return x if x.ndim < 2 else np.transpose(x, (*range(2, x.ndim), 1, 0))
+
+
+class _AuthorsShampoo:
+  """The authors' Shampoo step in float64 NumPy, on a tensor in PyTorch's order:
+  merge small dims, split every dimension into blocks of ``block_size`` (the last
+  shorter), L_i += G_(i) G_(i)ᵀ per block, roots every step (ε absolute, eigh),
+  G contracted with P_1 … P_k one axis at a time, grafted to ‖G‖, λW added to the
+  grafted direction (and a second time where nothing is preconditioned: both of
+  their directions are then the gradient tensor), buf ← μ·buf + d twice, W ← W − η·buf."""
+
+  def __init__(self, w, lr, mu, wd, damping, block_size):
+    self.w, self.lr, self.mu, self.wd, self.eps = w, lr, mu, wd, damping
+    self.merged = list(merge_small_dims(w.shape, block_size))
+    self.buf = np.zeros_like(w)
+    k = len(self.merged)
+    self.splits = [list(range(block_size, d, block_size)) for d in self.merged]
+    self.stats = None if k < 2 else {}
+
+  def _blocks(self, g):
+    blocks = {(): g}
+    for axis, cuts in enumerate(self.splits):
+      blocks = {
+        key + (j,): part
+        for key, b in blocks.items()
+        for j, part in enumerate(np.split(b, cuts, axis=axis))
+      }
+    return blocks
+
+  def step(self, g):
+    if self.stats is None:
+      d = g + self.wd * self.w + self.wd * self.w
+    else:
+      blocks = self._blocks(g.reshape(self.merged))
+      out = {}
+      for key, b in blocks.items():
+        stats = self.stats.setdefault(key, [0.0] * b.ndim)
+        for i in range(b.ndim):
+          other = [j for j in range(b.ndim) if j != i]
+          stats[i] = stats[i] + np.tensordot(b, b, (other, other))
+        p = b
+        for i in range(b.ndim):  # contracts axis 0 and appends the result last
+          p = np.tensordot(p, _np_root(stats[i], self.eps, 2 * b.ndim), ([0], [0]))
+        out[key] = p
+      for axis in reversed(range(len(self.merged))):
+        groups = {}
+        for key in sorted(out):
+          groups.setdefault(key[:axis], []).append(out[key])
+        out = {key: np.concatenate(parts, axis=axis) for key, parts in groups.items()}
+      direction = out[()].reshape(g.shape)
+      d = direction * np.linalg.norm(g) / np.linalg.norm(direction) + self.wd * self.w
+    self.buf = self.mu * self.buf + d
+    self.buf = self.mu * self.buf + d
+    self.w = self.w - self.lr * self.buf
+
+
+def _authors_problem(steps=4):
+  rng = np.random.default_rng(7)
+  shapes = {
+    "conv": {"kernel": (3, 3, 3, 8), "bias": (8,)},  # OIHW [72, 3] with block 80; HWIO (27, 8)
+    "dense": {"kernel": (100, 6), "bias": (6,)},  # (6, 100): blocks 6×80 and 6×20
+    "small": {"kernel": (4, 5)},  # merged (20,): not preconditioned
+  }
+  params = jax.tree.map(
+    lambda s: rng.normal(size=s), shapes, is_leaf=lambda x: isinstance(x, tuple)
+  )
+  grads = [jax.tree.map(lambda p: rng.normal(size=p.shape), params) for _ in range(steps)]
+  return params, grads
+
+
+def test_authors_options_equal_their_shampoo_in_float64(x64):
+  lr, mu, wd, eps, block = 0.1, 0.9, 0.05, 1e-3, 80
+  params, grads = _authors_problem()
+  leaves, treedef = jax.tree.flatten(params)
+  refs = [_AuthorsShampoo(_torch_order(w), lr, mu, wd, eps, block) for w in leaves]
+  for g in grads:
+    for ref, x in zip(refs, treedef.flatten_up_to(g)):
+      ref.step(_torch_order(x))
+  want = treedef.unflatten([_from_torch_order(r.w) for r in refs])
+
+  def run(params, grads, **options):
+    tx = shampoo(
+      lr,
+      momentum=mu,
+      weight_decay=wd,
+      damping=eps,
+      block_size=block,
+      inverse_every=1,
+      **(
+        {"nesterov": "authors", "dim_order": "torch", "decay_unpreconditioned_twice": True}
+        | options
+      ),
+    )
+    p = jax.tree.map(jnp.asarray, params)
+    state, update = tx.init(p), jax.jit(tx.update)
+    for g in grads:
+      u, state = update(jax.tree.map(jnp.asarray, g), state, p)
+      p = optax.apply_updates(p, u)
+    return p, state
+
+  got, state = run(params, grads)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), got, want)
+  # The options where they matter: the conv's grouping (OIHW [72, 3], not HWIO
+  # (27, 8)), the dense kernel's blocks, and λW twice on the small kernel.
+  assert [s.shape for s in state[0][0].statistics["conv"]["kernel"]] == [(1, 72, 72), (1, 3, 3)]
+  assert [s.shape for s in state[0][0].statistics["dense"]["kernel"]] == [(2, 6, 6), (2, 80, 80)]
+  stored = shampoo(lr, block_size=block, dim_order="stored").init(params)
+  assert [s.shape for s in stored[0].statistics["conv"]["kernel"]] == [(1, 27, 27), (1, 8, 8)]
+  small = {"small": params["small"]}
+  once, _ = run(small, [{"small": g["small"]} for g in grads], decay_unpreconditioned_twice=False)
+  assert np.abs(once["small"]["kernel"] - want["small"]["kernel"]).max() > 1e-2
+
+
+def test_bad_dim_order_is_refused():
+  with pytest.raises(ValueError, match="dim_order"):
+    shampoo(0.1, dim_order="oihw")

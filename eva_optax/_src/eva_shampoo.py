@@ -21,8 +21,16 @@ plain gradient transformation for every parameter of rank ≥ 2 (Dense kernels,
 HWIO conv kernels, stacked kernels, any tensor); parameters of rank ≤ 1 pass
 through unchanged. Its state is O(Σ d_i) per parameter.
 
+The vectors, γ and β are float32 or wider: float64 for float64 parameters
+(with ``jax_enable_x64``).
+
 The alias :func:`eva_shampoo` follows the authors' order: d = graft(Ĝ) + λW;
-Nesterov momentum; W ← W − η·(μ_m·buf + d).
+Nesterov momentum; W ← W − η·(μ_m·buf + d). The authors' code
+(``shampoo/vshampoo.py`` of lzhangbv/eva) runs another momentum under the name
+Nesterov, buf ← μ_m²·buf + (1+μ_m)·d, W ← W − η·buf: ``nesterov='authors'``
+(:mod:`eva_optax._src.alias`). Their code keeps PyTorch's dimension order
+(OIHW); Eva-s's update does not depend on the order of the dimensions (the
+vectors are per axis and u is their outer product), so nothing is needed for it.
 
 References:
   Zhang, Shi, Li. Eva: A General Vectorized Approximation Framework for
@@ -40,14 +48,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from eva_optax._src.alias import with_sgd
+from eva_optax._src.alias import Nesterov, with_sgd
 from eva_optax._src.hyper import check_range, value_at
 from eva_optax._src.grafting import sgd_graft
 from eva_optax._src.sharding import is_placeholder, not_params_shaped, replicate_on_params_mesh
 
 
 def dimension_means(grad: jax.Array) -> tuple[jax.Array, ...]:
-  """``mean_{axes ≠ i}(G)`` for every axis i of ``grad``, in float32."""
+  """``mean_{axes ≠ i}(G)`` for every axis i of ``grad``, in float32 or wider."""
   g = grad.astype(jnp.promote_types(grad.dtype, jnp.float32))
   axes = range(g.ndim)
   return tuple(jnp.mean(g, axis=tuple(j for j in axes if j != i)) for i in axes)
@@ -187,10 +195,6 @@ def scale_by_eva_shampoo(
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     count = state.count
-    gamma = value_at(damping, count)
-    decay = value_at(stat_decay, count)
-    weight = jnp.where(decay == 1.0, 1.0, 1.0 - decay)
-
     grads, treedef = jax.tree.flatten(updates)
     old_vectors = treedef.flatten_up_to(state.dimension_means)
     new_updates, new_vectors = [], []
@@ -199,6 +203,11 @@ def scale_by_eva_shampoo(
         new_updates.append(g)
         new_vectors.append(optax.MaskedNode())
         continue
+      # γ and β in the vectors' dtype (float64 for float64 parameters).
+      dtype = jnp.promote_types(g.dtype, jnp.float32)
+      gamma = value_at(damping, count, dtype)
+      decay = value_at(stat_decay, count, dtype)
+      weight = jnp.where(decay == 1.0, jnp.ones_like(decay), 1.0 - decay)
       vectors = tuple(
         (decay * s + weight * m).astype(s.dtype) for s, m in zip(vectors, dimension_means(g))
       )
@@ -219,7 +228,7 @@ def eva_shampoo(
   learning_rate: optax.ScalarOrSchedule,
   *,
   momentum: float | jax.Array | None = 0.9,
-  nesterov: bool = True,
+  nesterov: Nesterov = True,
   weight_decay: float | jax.Array = 0.0,
   damping: optax.ScalarOrSchedule = 0.03,
   stat_decay: optax.ScalarOrSchedule = 1.0,
@@ -235,7 +244,10 @@ def eva_shampoo(
   Args:
     learning_rate: η, float or optax schedule.
     momentum: momentum coefficient (``None`` for none). Default 0.9.
-    nesterov: Nesterov momentum. Default True (the authors' runs).
+    nesterov: ``True``, textbook Nesterov (default); ``False``, heavy ball;
+      ``'authors'``, what the authors' runs did under the name Nesterov:
+      buf ← μ²·buf + (1+μ)·d, W ← W − η·buf (``shampoo/vshampoo.py``; see
+      :mod:`eva_optax._src.alias`).
     weight_decay: λ ≥ 0, added after preconditioning and grafting. Default 0.
     damping, stat_decay, relative_damping: see :func:`scale_by_eva_shampoo`.
 

@@ -33,9 +33,12 @@ with ``best_effort_shape_interpretation``):
 * **Grafting** is per tensor (over all its blocks), the reference's layer-wise
   SGD grafting: Shampoo fixes the direction, SGD the step length.
 
-The roots are computed with ``jnp.linalg.eigh`` in float32 (one matrix at a
-time on the CPU backend, see :func:`eva_optax.linalg.per_matrix`), eigenvalues
-clipped at 0 before ε is added, inside ``jax.lax.cond`` on the step count, so
+The statistics and the roots are float32 or wider: float64 for float64
+parameters (with ``jax_enable_x64``), float32 for float32, bfloat16 and
+float16 ones; ε and β are read in that dtype too. The roots are computed with
+``jnp.linalg.eigh`` in the statistics' dtype (one matrix at a time on the CPU
+backend, see :func:`eva_optax.linalg.per_matrix`), eigenvalues clipped at 0
+before ε is added, inside ``jax.lax.cond`` on the step count, so
 one compiled step serves refresh and non-refresh steps alike. The roots start
 as identities and are first computed at step 0, from the first gradient's
 statistics (the reference refreshes at its 1-indexed steps N, 2N, … and runs
@@ -46,8 +49,22 @@ by the largest eigenvalue (ε·λ_max with ε = 1e-12, below float32 resolution)
 the default 1e-6 here is a floor that matters only for directions the
 gradients have (almost) never visited; raise it with the gradient scale.
 
+**Dimension order.** Merging depends on the order of the dimensions. A Flax
+kernel is stored inputs first (HWIO for a convolution), a PyTorch one outputs
+first (OIHW), and the authors' code merges the PyTorch order: a 3×3
+convolution 3 → 8 is (27, 8) here and [72, 3] there (8·3·3 and 3).
+``dim_order='torch'`` merges and blocks each kernel in the PyTorch order (the
+update is returned in the stored order). For a 2-D kernel both orders give the
+same update (D = P_out G P_in either way); for a convolution they differ.
+
 The alias :func:`shampoo` is the authors' recipe: d = graft(D) + λW, Nesterov
-momentum, learning rate.
+momentum, learning rate. Their code (``shampoo/shampoo.py`` of lzhangbv/eva,
+the weight decay step) adds λW twice to the parameters it does not
+precondition (biases and other merged-rank-≤ 1 parameters: their Shampoo and
+grafting directions are then the gradient tensor itself, and each adds λW to
+it in place); ``decay_unpreconditioned_twice=True`` does the same. Its
+``nesterov=True`` is not textbook Nesterov: ``nesterov='authors'``
+(:mod:`eva_optax._src.alias`).
 
 References:
   Gupta, Koren, Singer. Shampoo: Preconditioned Stochastic Tensor
@@ -62,7 +79,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 from collections.abc import Sequence
 
 import jax
@@ -70,7 +87,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec
 
-from eva_optax._src.alias import with_sgd
+from eva_optax._src.alias import Nesterov, with_sgd
 from eva_optax._src.hyper import check_period, check_range, value_at
 from eva_optax._src.grafting import sgd_graft
 from eva_optax._src.linalg import per_matrix
@@ -126,6 +143,18 @@ class BlockLayout(NamedTuple):
   @property
   def rank(self) -> int:
     return len(self.merged_shape)
+
+
+def dim_permutation(ndim: int, dim_order: str = "stored") -> tuple[int, ...]:
+  """The axes of a rank-``ndim`` parameter in the order Shampoo merges them.
+
+  ``'stored'``: as stored. ``'torch'``: PyTorch's order of a Flax kernel of
+  rank ≥ 2, outputs, inputs, then the other axes: (…, I, O) → (O, I, …), i.e.
+  HWIO → OIHW and (in, out) → (out, in). Rank ≤ 1 parameters keep their order.
+  """
+  if dim_order == "torch" and ndim >= 2:
+    return (ndim - 1, ndim - 2) + tuple(range(ndim - 2))
+  return tuple(range(ndim))
 
 
 def block_layout(shape: Sequence[int], block_size: int) -> BlockLayout | None:
@@ -184,8 +213,11 @@ def block_statistics(blocks: jax.Array) -> tuple[jax.Array, ...]:
 
 
 def inverse_root(statistic: jax.Array, damping: jax.Array, exponent: int) -> jax.Array:
-  """(L + εI)^(−1/exponent) by ``eigh`` in float32, eigenvalues clipped at 0 first."""
-  eigenvalues, eigenvectors = per_matrix(jnp.linalg.eigh, statistic.astype(jnp.float32))
+  """(L + εI)^(−1/exponent) by ``eigh`` in L's dtype (float32 or wider: float64
+  for float64 statistics), eigenvalues clipped at 0 first."""
+  statistic = statistic.astype(jnp.promote_types(statistic.dtype, jnp.float32))
+  eigenvalues, eigenvectors = per_matrix(jnp.linalg.eigh, statistic)
+  damping = jnp.asarray(damping).astype(statistic.dtype)
   scale = (jnp.maximum(eigenvalues, 0.0) + damping) ** (-1.0 / exponent)
   return jnp.matmul(
     eigenvectors * scale[..., None, :], jnp.swapaxes(eigenvectors, -1, -2), precision=_HIGHEST
@@ -213,9 +245,10 @@ class ScaleByShampooState(NamedTuple):
   Attributes:
     count: number of updates so far (int32).
     statistics: per parameter, a tuple over its merged dimensions of L_i with
-      shape ``(num_blocks, b_i, b_i)`` (float32 or wider), or ``optax.MaskedNode()`` for
-      parameters that pass through. Fixed at ``init``.
-    inverse_roots: P_i (float32), the same structure and shapes; identities at ``init``,
+      shape ``(num_blocks, b_i, b_i)`` (float32 or wider: the parameter's dtype
+      when that is wider), or ``optax.MaskedNode()`` for parameters that pass
+      through. Fixed at ``init``.
+    inverse_roots: P_i, the same structure, shapes and dtypes; identities at ``init``,
       refreshed at steps 0, N, 2N, …, each parameter's on one device of a mesh
       (:func:`~eva_optax._src.once_per_mesh.once_per_mesh`).
 
@@ -265,6 +298,7 @@ def scale_by_shampoo(
   damping: optax.ScalarOrSchedule = 1e-6,
   stat_decay: optax.ScalarOrSchedule = 1.0,
   inverse_every: int | jax.Array = 10,
+  dim_order: Literal["stored", "torch"] = "stored",
 ) -> optax.GradientTransformationExtraArgs:
   """Blocked Shampoo's preconditioner with SGD grafting (no learning rate, no sign).
 
@@ -285,6 +319,13 @@ def scale_by_shampoo(
     stat_decay: β ∈ [0, 1], weight of the old statistics. Default 1.0: sums
       over all steps, as Shampoo and the authors' runs do.
     inverse_every: N ≥ 1, steps between root refreshes. Default 10.
+    dim_order: the order in which a parameter's dimensions are merged and
+      blocked (:func:`dim_permutation`): ``'stored'`` (default), or
+      ``'torch'``, PyTorch's order of a kernel (HWIO → OIHW, (in, out) →
+      (out, in)), as the authors' code merges it.
+
+  Statistics, roots, ε and β are in the parameter's dtype when it is wider
+  than float32 (float64), else float32.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` needs no
@@ -301,9 +342,15 @@ def scale_by_shampoo(
   check_period("inverse_every", inverse_every)
   check_range("damping", damping, low=0.0)
   check_range("stat_decay", stat_decay, low=0.0, high=1.0, low_inclusive=True)
+  if dim_order not in ("stored", "torch"):
+    raise ValueError(f"dim_order must be 'stored' or 'torch', got {dim_order!r}")
+
+  def order_of(x) -> tuple[int, ...]:
+    return dim_permutation(x.ndim, dim_order)
 
   def layout_of(x) -> BlockLayout | None:
-    return block_layout(x.shape, operator.index(block_size))
+    shape = tuple(x.shape[i] for i in order_of(x))
+    return block_layout(shape, operator.index(block_size))
 
   def init_fn(params):
     def statistics(p):
@@ -317,8 +364,9 @@ def scale_by_shampoo(
       layout = layout_of(p)
       if layout is None:
         return optax.MaskedNode()
+      dtype = jnp.promote_types(p.dtype, jnp.float32)
       return tuple(
-        jnp.broadcast_to(jnp.eye(b, dtype=jnp.float32), (layout.num_blocks, b, b))
+        jnp.broadcast_to(jnp.eye(b, dtype=dtype), (layout.num_blocks, b, b))
         for b in layout.block_shape
       )
 
@@ -334,9 +382,6 @@ def scale_by_shampoo(
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     count = state.count
-    decay = value_at(stat_decay, count)
-    weight = jnp.where(decay == 1.0, 1.0, 1.0 - decay)
-
     grads, treedef = jax.tree.flatten(updates)
     layouts = [layout_of(g) for g in grads]
     old_stats = treedef.flatten_up_to(state.statistics)
@@ -348,24 +393,29 @@ def scale_by_shampoo(
         blocks.append(None)
         new_stats.append(optax.MaskedNode())
         continue
-      b = to_blocks(g.astype(jnp.promote_types(g.dtype, jnp.float32)), layout)
+      dtype = jnp.promote_types(g.dtype, jnp.float32)
+      decay = value_at(stat_decay, count, dtype)  # β in the statistics' dtype
+      weight = jnp.where(decay == 1.0, jnp.ones_like(decay), 1.0 - decay)
+      b = to_blocks(jnp.transpose(g.astype(dtype), order_of(g)), layout)
       blocks.append(b)
       new_stats.append(
         tuple((decay * s + weight * n).astype(s.dtype) for s, n in zip(stats, block_statistics(b)))
       )
 
     preconditioned = [i for i, layout in enumerate(layouts) if layout is not None]
+    # ε in the widest statistics' dtype; each root reads it in its own.
+    widest = jnp.result_type(jnp.float32, *(grads[i].dtype for i in preconditioned))
 
     def refresh(stats_list):
       # Each parameter's roots on one device of a mesh, where its statistics are split.
-      gamma = value_at(damping, count)
+      gamma = value_at(damping, count, widest)
       roots = once_per_mesh(
         [
           lambda s, g, k=layouts[i].rank: tuple(inverse_root(l, g, 2 * k) for l in s)
           for i in preconditioned
         ],
         [stats_list[i] for i in preconditioned],
-        (jnp.asarray(gamma, jnp.float32),),
+        (gamma,),
       )
       out = list(stats_list)
       for i, r in zip(preconditioned, roots):
@@ -392,7 +442,11 @@ def scale_by_shampoo(
       if layout is None:
         new_updates.append(g)
         continue
-      direction = from_blocks(precondition_blocks(b, roots), layout, g.shape)
+      order = order_of(g)
+      direction = from_blocks(
+        precondition_blocks(b, roots), layout, tuple(g.shape[i] for i in order)
+      )
+      direction = jnp.transpose(direction, tuple(order.index(i) for i in range(g.ndim)))
       new_updates.append(sgd_graft(direction, g).astype(g.dtype))
 
     new_state = ScaleByShampooState(
@@ -409,12 +463,14 @@ def shampoo(
   learning_rate: optax.ScalarOrSchedule,
   *,
   momentum: float | jax.Array | None = 0.9,
-  nesterov: bool = True,
+  nesterov: Nesterov = True,
   weight_decay: float | jax.Array = 0.0,
   block_size: int = 128,
   damping: optax.ScalarOrSchedule = 1e-6,
   inverse_every: int | jax.Array = 10,
   stat_decay: optax.ScalarOrSchedule = 1.0,
+  dim_order: Literal["stored", "torch"] = "stored",
+  decay_unpreconditioned_twice: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Shampoo in front of SGD: precondition and graft → weight decay → momentum → lr.
 
@@ -423,13 +479,22 @@ def shampoo(
   the recipe the Eva papers compare against (blocks of 128, roots every N
   steps, SGD grafting, Nesterov momentum).
 
+  The authors' Shampoo exactly (``shampoo/shampoo.py`` of lzhangbv/eva):
+  ``nesterov='authors'`` (buf ← μ²·buf + (1+μ)·d, W ← W − η·buf: their
+  "Nesterov"), ``dim_order='torch'`` and ``decay_unpreconditioned_twice=True``;
+  their ε is relative (ε·λ_max), see the module docstring.
+
   Args:
     learning_rate: η, float or optax schedule.
     momentum: momentum coefficient (``None`` for none). Default 0.9.
-    nesterov: Nesterov momentum. Default True.
+    nesterov: ``True``, textbook Nesterov (default); ``False``, heavy ball;
+      ``'authors'``, the authors' form above (:mod:`eva_optax._src.alias`).
     weight_decay: λ ≥ 0, added after preconditioning and grafting. Default 0.
-    block_size, damping, inverse_every, stat_decay: see
+    block_size, damping, inverse_every, stat_decay, dim_order: see
       :func:`scale_by_shampoo`.
+    decay_unpreconditioned_twice: add λW twice to the parameters Shampoo
+      does not precondition (merged rank ≤ 1: biases, norm scales, small
+      kernels), d = G + 2λW there, as the authors' code does. Default False.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -438,13 +503,29 @@ def shampoo(
     Gupta, Koren, Singer. Shampoo: Preconditioned Stochastic Tensor
     Optimization. ICML 2018.
   """
+  preconditioner = scale_by_shampoo(
+    block_size=block_size,
+    damping=damping,
+    stat_decay=stat_decay,
+    inverse_every=inverse_every,
+    dim_order=dim_order,
+  )
+  if decay_unpreconditioned_twice:
+    check_range("weight_decay", weight_decay, low=0.0, low_inclusive=True)
+    check_period("block_size", block_size, static=True)
+
+    def unpreconditioned(params):
+      def passes(p):
+        shape = tuple(p.shape[i] for i in dim_permutation(p.ndim, dim_order))
+        return block_layout(shape, operator.index(block_size)) is None
+
+      return jax.tree.map(passes, params)
+
+    preconditioner = optax.chain(
+      preconditioner, optax.add_decayed_weights(weight_decay, mask=unpreconditioned)
+    )
   return with_sgd(
-    scale_by_shampoo(
-      block_size=block_size,
-      damping=damping,
-      stat_decay=stat_decay,
-      inverse_every=inverse_every,
-    ),
+    preconditioner,
     learning_rate,
     momentum=momentum,
     nesterov=nesterov,
