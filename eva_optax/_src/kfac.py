@@ -35,10 +35,12 @@ References:
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from eva_optax._src import kl
@@ -62,22 +64,79 @@ from eva_optax._src.preconditioning import (
 STATISTICS = (INPUT_FACTOR, OUTPUT_GRAD_FACTOR)
 
 
+def pi_dampings(
+  input_factor: jax.Array, output_grad_factor: jax.Array, damping: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """√γ·π and √γ/π with π = sqrt((tr A/dim A)/(tr G/dim G)) (1 where a trace is
+  not positive), per matrix of a batch."""
+  trace_a, trace_g = mean_trace(input_factor), mean_trace(output_grad_factor)
+  ok = (trace_a > 0) & (trace_g > 0)
+  pi = jnp.where(ok, jnp.sqrt(jnp.where(ok, trace_a / jnp.where(ok, trace_g, 1.0), 1.0)), 1.0)
+  root = jnp.sqrt(damping)
+  return root * pi, root / pi
+
+
+def authors_input_order(input_shape: tuple[int, ...], has_bias: bool) -> tuple[int, ...]:
+  """The stored rows of A in the authors' order: the last input axis first.
+
+  A layer's input features are stored in its kernel's order, for a Conv's HWIO
+  kernel (kh, kw, C) (index (h·kw + w)·C + c), with the bias row last. The
+  authors' K-FAC orders a Conv2d's patches (C, kh, kw) (their
+  ``kfac/utils.py`` ``_extract_patches``, the order of PyTorch's OIHW kernel
+  flattened), bias last. Entry ``j`` of the result is the stored index of the
+  authors' feature ``j``. For one input axis (Dense) it is the identity.
+  """
+  n = math.prod(input_shape)
+  axes = len(input_shape)
+  stored = np.arange(n).reshape(input_shape)
+  order = stored.transpose((axes - 1,) + tuple(range(axes - 1))).reshape(-1)
+  return tuple(order.tolist()) + ((n,) if has_bias else ())
+
+
+def _reorder_axis(x: jax.Array, axis: int, input_shape: tuple[int, ...], back: bool) -> jax.Array:
+  """Axis ``axis`` of ``x`` (the inputs, then maybe a bias entry) from the stored
+  order to the authors' (the last input axis first), or ``back``."""
+  n, k = math.prod(input_shape), len(input_shape)
+  head, tail = jnp.split(x, [n], axis=axis)
+  shape = (input_shape[-1],) + input_shape[:-1] if back else input_shape
+  head = head.reshape(x.shape[:axis] + shape + x.shape[axis + 1 :])
+  src, dst = (axis, axis + k - 1) if back else (axis + k - 1, axis)
+  head = jnp.moveaxis(head, src, dst).reshape(x.shape[:axis] + (n,) + x.shape[axis + 1 :])
+  return jnp.concatenate([head, tail], axis=axis)
+
+
+def in_authors_order(
+  matrix: jax.Array, input_shape: tuple[int, ...], back: bool = False
+) -> jax.Array:
+  """P M Pᵀ (``back``: Pᵀ M P) for a factor A over ``input_shape`` inputs
+  (then a bias row, which stays last): P takes the stored order of the inputs
+  to :func:`authors_input_order`'s. A transpose, no gather."""
+  if len(input_shape) <= 1:
+    return matrix
+  rows = _reorder_axis(matrix, matrix.ndim - 2, input_shape, back)
+  return _reorder_axis(rows, matrix.ndim - 1, input_shape, back)
+
+
 def damped_inverses(
   input_factor: jax.Array,
   output_grad_factor: jax.Array,
   damping: jax.Array,
   diag_blocks: int = 1,
+  input_shape: tuple[int, ...] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """(A + √γπ I)⁻¹ and (G + √γ/π I)⁻¹ with π = sqrt((tr A/dim A)/(tr G/dim G)),
-  each of the block-diagonal part in ``diag_blocks`` blocks when > 1."""
-  trace_a, trace_g = mean_trace(input_factor), mean_trace(output_grad_factor)
-  ok = (trace_a > 0) & (trace_g > 0)
-  pi = jnp.where(ok, jnp.sqrt(jnp.where(ok, trace_a / jnp.where(ok, trace_g, 1.0), 1.0)), 1.0)
-  root = jnp.sqrt(damping)
-  return (
-    block_diagonal_damped_inverse(input_factor, root * pi, diag_blocks),
-    block_diagonal_damped_inverse(output_grad_factor, root / pi, diag_blocks),
-  )
+  each of the block-diagonal part in ``diag_blocks`` blocks when > 1; given the
+  layer's ``input_shape``, A's blocks are contiguous in the authors' order
+  (:func:`in_authors_order`): Pᵀ B(P A Pᵀ + √γπ I)⁻¹ P, B the block-diagonal
+  part."""
+  damping_a, damping_g = pi_dampings(input_factor, output_grad_factor, damping)
+  if diag_blocks > 1 and input_shape is not None:
+    reordered = in_authors_order(input_factor, input_shape)
+    a_inv = block_diagonal_damped_inverse(reordered, damping_a, diag_blocks)
+    a_inv = in_authors_order(a_inv, input_shape, back=True)
+  else:
+    a_inv = block_diagonal_damped_inverse(input_factor, damping_a, diag_blocks)
+  return a_inv, block_diagonal_damped_inverse(output_grad_factor, damping_g, diag_blocks)
 
 
 def kfac_precondition(
@@ -126,6 +185,7 @@ def scale_by_kfac(
   scaling: str = kl.KL_CLIP,
   layouts: Any = None,
   diag_blocks: int | None = None,
+  damp_stored_factors: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """K-FAC's preconditioner with π-adjusted damping and periodic inverses.
 
@@ -143,9 +203,30 @@ def scale_by_kfac(
     scaling: ``'kl_clip'`` (default) or ``'kl_normalise'``.
     layouts: see :func:`eva_optax.scale_by_eva`.
     diag_blocks: invert only the block-diagonal part of each damped factor,
-      in this many blocks (the authors' K-FAC uses 4). Default ``None``: the
+      in k = this many contiguous diagonal blocks, as the authors' K-FAC does
+      (``kfac/kfac.py``, ``_invert_diag_blocks``; 4 at the commit of their
+      table 1). A side n splits into min(k, n) blocks, the first n mod k of
+      them one longer (⌈n/k⌉, then ⌊n/k⌋); the bias row of A is the last
+      row of the last block. A convolution's A is cut in the authors' order
+      of its inputs, (C, kh, kw) for the stored (kh, kw, C)
+      (:func:`authors_input_order`), and the inverse is put back in the
+      stored order (the factors are stored as before); other layers' A (a
+      DenseGeneral's several input axes flattened, as a PyTorch Linear sees
+      them) and every G are cut in the stored order. Default ``None``: the
       whole factor. It fixes shapes: under ``optax.inject_hyperparams`` pass
       ``static_args=('diag_blocks',)``.
+    damp_stored_factors: the authors' in-place damping (their ``kfac.py``,
+      ``_invert_diag_blocks`` adds the damping to a view of the stored
+      factor): at every inverse refresh, after the inverses, the stored
+      running averages become A + √γπ·I and G + √γ/π·I (π of the factors
+      before this addition). The damping then stays in the averages: the
+      next factor update is A ← β(A + √γπ·I) + (1 − β)A_new (β =
+      ``stat_decay``), so A carries Σ_k β^(m_k) √γπ_k of past refreshes
+      (m_k: factor updates since refresh k) on its diagonal, which weighs in
+      π and in the later inverses; the inverses of a refresh are those of
+      the factors before its own addition, as without the option. Only the
+      stored running averages differ. ``kfac-authors`` in the examples'
+      harness turns it on. Default ``False``.
 
   References:
     Martens, Grosse. Optimizing Neural Networks with Kronecker-factored
@@ -157,11 +238,26 @@ def scale_by_kfac(
     check_period("diag_blocks", diag_blocks, static=True)
   blocks = 1 if diag_blocks is None else int(diag_blocks)
 
-  def refresh(averages, gamma):
-    a_inv, g_inv = damped_inverses(
-      averages["input_factor"], averages["output_grad_factor"], gamma, blocks
+  def refresh_for(slot, kind):
+    inputs = None
+    if kind == "Conv" and blocks > 1:
+      layout = slot.layout
+      shape = layout.ordered(slot.kernel_shape)
+      inputs = tuple(shape[layout.stack_ndim : len(shape) - layout.output_ndim])
+
+    def refresh(averages, gamma):
+      a_inv, g_inv = damped_inverses(
+        averages["input_factor"], averages["output_grad_factor"], gamma, blocks, inputs
+      )
+      return {"input_inverse": a_inv, "output_grad_inverse": g_inv}
+
+    return refresh
+
+  def shift(averages, gamma):
+    damping_a, damping_g = pi_dampings(
+      averages["input_factor"], averages["output_grad_factor"], gamma
     )
-    return {"input_inverse": a_inv, "output_grad_inverse": g_inv}
+    return {"input_factor": damping_a, "output_grad_factor": damping_g}
 
   return layerwise_transformation(
     who="scale_by_kfac",
@@ -176,9 +272,10 @@ def scale_by_kfac(
     stat_decay=stat_decay,
     scaling=scaling,
     layouts=layouts,
-    refresh=refresh,
+    refresh_for=refresh_for,
     refresh_every=inverse_every,
     stats_every=stats_every,
+    shift_after_refresh=shift if damp_stored_factors else None,
   )
 
 
@@ -196,6 +293,7 @@ def kfac(
   scaling: str = kl.KL_CLIP,
   layouts: Any = None,
   diag_blocks: int | None = None,
+  damp_stored_factors: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """K-FAC in front of SGD: precondition → weight decay → momentum → learning rate.
 
@@ -214,11 +312,16 @@ def kfac(
   on other factors and inverses: A and G from one row per sample (the mean over
   its positions; G of the mean loss's gradients, N² smaller than the per-sample
   G for N samples, so that π-damping weighs far more), the block-diagonal part
-  of each factor inverted in 4 blocks, KL clip 0.01 in their CIFAR script::
+  of each factor inverted in 4 blocks (in their (C, kh, kw) order of a conv's
+  inputs), the damping added to the stored factors in place, and their CIFAR
+  script's (``batch-cifar10.sh``) factors and inverses every 10 steps with KL
+  clip 0.001::
 
       grad_fn = eva_optax.value_and_grad(
           loss_fn, statistics=eva_optax.KFAC_STATISTICS, factor_rows="samples")
-      tx = eva_optax.kfac(0.1, diag_blocks=4, kl_clip=0.01, weight_decay=5e-4)
+      tx = eva_optax.kfac(0.1, diag_blocks=4, kl_clip=0.001, stats_every=10,
+                          inverse_every=10, damp_stored_factors=True,
+                          weight_decay=5e-4)
 
   (They take the factors from the first 16 samples of each batch; this library
   takes the whole batch, the same for batches of ≤ 16.)
@@ -234,6 +337,7 @@ def kfac(
       scaling=scaling,
       layouts=layouts,
       diag_blocks=diag_blocks,
+      damp_stored_factors=damp_stored_factors,
     ),
     learning_rate,
     momentum=momentum,

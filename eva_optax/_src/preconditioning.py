@@ -50,6 +50,7 @@ from eva_optax._src.statistics import (
 )
 from eva_optax._src.running_average import update_running_average
 from eva_optax._src.missing_stats import missing_stats_message
+from eva_optax._src.linalg import add_to_diagonal
 from eva_optax._src.once_per_mesh import once_per_mesh
 from eva_optax._src.sharded_sums import wall, whole
 from eva_optax._src.sharding import (
@@ -499,6 +500,9 @@ def layerwise_transformation(
   refresh: Callable[[dict[str, jax.Array], jax.Array], dict[str, jax.Array]] | None = None,
   refresh_every: int = 1,
   stats_every: int = 1,
+  refresh_for: Callable[[LayerSlot, str | None], Callable[..., dict[str, jax.Array]]] | None = None,
+  shift_after_refresh: Callable[[dict[str, jax.Array], jax.Array], dict[str, jax.Array]]
+  | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """A layer-wise preconditioner from its rule, with everything else shared.
 
@@ -517,7 +521,17 @@ def layerwise_transformation(
   ``state_cls`` is a NamedTuple with the fields ``count``, one per statistic
   name, ``cache`` when ``refresh`` is given, and ``gate`` (a
   :class:`FactorGate`) when a statistic is a factor A or G.
+
+  ``refresh_for(slot, kind)``, instead of ``refresh``, gives each layer its
+  own refresh (one that depends on the layer's kernel shape, layout and kind,
+  ``LayerStats.kind``; ``None`` where only shapes are asked for).
+  ``shift_after_refresh(averages, damping)`` (optional, with a refresh) gives
+  per statistic a scalar (per stack entry) added to the diagonal of the stored
+  average at every refresh step, after the refresh: the authors' K-FAC damps
+  its stored factors in place (:func:`eva_optax.scale_by_kfac`).
   """
+  if refresh_for is None and refresh is not None:
+    refresh_for = lambda slot, kind: refresh  # noqa: E731
   if (precondition is None) == (precondition_layers is None):
     raise TypeError("give exactly one of precondition and precondition_layers")
   group_rule = precondition_layers or each_layer(precondition)
@@ -537,7 +551,8 @@ def layerwise_transformation(
       n: jax.ShapeDtypeStruct(s, slot.dtype)
       for n, s in layout_statistics(slot, layout, statistics).items()
     }
-    return jax.eval_shape(lambda a: refresh(a, jnp.asarray(1.0, slot.dtype)), zeros)
+    fn = refresh_for(slot._replace(layout=layout), None)
+    return jax.eval_shape(lambda a: fn(a, jnp.asarray(1.0, slot.dtype)), zeros)
 
   def init_fn(params):
     if is_placeholder(params):
@@ -547,7 +562,7 @@ def layerwise_transformation(
       fields = dict(count=jnp.zeros([], jnp.int32), **{n: marker() for n in statistics})
       if gated:
         fields["gate"] = FactorGate(jnp.ones([], jnp.bool_))
-      if refresh is not None:
+      if refresh_for is not None:
         fields["cache"] = marker()
       return state_cls(**fields)
     slots = find_layer_slots(params, layouts)
@@ -555,7 +570,7 @@ def layerwise_transformation(
     fields = dict(count=jnp.zeros([], jnp.int32), **averages)
     if gated:
       fields["gate"] = FactorGate(jnp.ones([], jnp.bool_))  # count 0 averages
-    if refresh is not None:
+    if refresh_for is not None:
       cache = {}
       for p, s in slots.items():
         dtypes = {n: v.dtype for n, v in cache_shapes_of(s, s.layout).items()}
@@ -592,11 +607,15 @@ def layerwise_transformation(
     fields = dict(count=next_count, **averages)
     if gated:
       fields["gate"] = FactorGate(next_count % stats_every == 0)
-    if refresh is not None:
+    if refresh_for is not None:
       stored = _by_layer(state.cache)
+      entries = layer_entries(stats)
+      refresh_of = {
+        p: refresh_for(slots[p], getattr(entries.get(p), "kind", None)) for p in averaged
+      }
       whole_of = lambda v: {n: together(x) for n, x in v.items()}
       fresh_shapes = {
-        p: jax.eval_shape(lambda v, g: refresh(whole_of(v), g), v, gamma)
+        p: jax.eval_shape(lambda v, g, p=p: refresh_of[p](whole_of(v), g), v, gamma)
         for p, v in averaged.items()
       }
 
@@ -604,7 +623,7 @@ def layerwise_transformation(
         """The refresh of layer ``p``, in the form of its stored cache."""
         return lambda v, g: {
           n: apart(c) if isinstance(stored[p][n], WithBiasRow) else c
-          for n, c in refresh(whole_of(v), g).items()
+          for n, c in refresh_of[p](whole_of(v), g).items()
         }
 
       def refreshed():
@@ -631,6 +650,16 @@ def layerwise_transformation(
         lambda: with_whole(state.cache),
       )
       fields["cache"] = cache
+      if shift_after_refresh is not None:
+        due = count % refresh_every == 0
+        current = _by_layer({n: fields[n] for n in statistics})
+        for p, v in averaged.items():
+          shifts = shift_after_refresh(whole_of(v), gamma)
+          for n, shift in shifts.items():
+            matrix = together(fit(current[p][n], stored_shape(v[n]), who))
+            shift = jnp.where(due, shift, 0).astype(matrix.dtype)
+            current[p][n] = put(current[p][n], add_to_diagonal(matrix, shift))
+        fields.update(by_name(current))
       cached = _by_layer(whole_cache)
       averaged = {
         p: {
