@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from eva_optax._src import kl
-from eva_optax._src.alias import with_sgd
+from eva_optax._src.alias import Nesterov, with_sgd
 from eva_optax._src.statistics import EVA_STATISTICS
 from eva_optax._src.preconditioning import (
   LayerGradient,
@@ -245,7 +245,7 @@ def eva(
   learning_rate: optax.ScalarOrSchedule,
   *,
   momentum: float | jax.Array | None = 0.9,
-  nesterov: bool = False,
+  nesterov: Nesterov = False,
   weight_decay: float | jax.Array = 0.0,
   damping: optax.ScalarOrSchedule = 0.03,
   kl_clip: optax.ScalarOrSchedule = 0.001,
@@ -263,7 +263,8 @@ def eva(
   Args:
     learning_rate: η, float or optax schedule.
     momentum: μ (``None`` for none). Default 0.9.
-    nesterov: Nesterov momentum. Default False.
+    nesterov: ``True``, Nesterov momentum; ``False`` (default), heavy ball;
+      ``'authors'``, the authors' double update (see :func:`eva_optax.shampoo`).
     weight_decay: λ ≥ 0, added after preconditioning. Default 0.
     damping, kl_clip, stat_decay, scaling, layouts: see :func:`scale_by_eva`.
 

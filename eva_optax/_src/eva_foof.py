@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from eva_optax._src import kl
-from eva_optax._src.alias import with_sgd
+from eva_optax._src.alias import Nesterov, with_sgd
 from eva_optax._src.statistics import INPUT_MEAN
 from eva_optax._src.preconditioning import (
   LayerGradient,
@@ -195,7 +195,7 @@ def eva_foof(
   learning_rate: optax.ScalarOrSchedule,
   *,
   momentum: float | jax.Array | None = 0.9,
-  nesterov: bool = False,
+  nesterov: Nesterov = False,
   weight_decay: float | jax.Array = 0.0,
   damping: optax.ScalarOrSchedule = 0.03,
   kl_clip: optax.ScalarOrSchedule = 0.001,

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from eva_optax._src import kl
-from eva_optax._src.alias import with_sgd
+from eva_optax._src.alias import Nesterov, with_sgd
 from eva_optax._src.hyper import check_period
 from eva_optax._src.statistics import INPUT_FACTOR
 from eva_optax._src.linalg import damped_inverse, split_bias_row, with_bias_row
@@ -123,7 +123,7 @@ def foof(
   learning_rate: optax.ScalarOrSchedule,
   *,
   momentum: float | jax.Array | None = 0.9,
-  nesterov: bool = False,
+  nesterov: Nesterov = False,
   weight_decay: float | jax.Array = 0.0,
   damping: optax.ScalarOrSchedule = 0.03,
   kl_clip: optax.ScalarOrSchedule = 0.001,

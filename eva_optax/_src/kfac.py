@@ -44,7 +44,7 @@ import numpy as np
 import optax
 
 from eva_optax._src import kl
-from eva_optax._src.alias import with_sgd
+from eva_optax._src.alias import Nesterov, with_sgd
 from eva_optax._src.hyper import check_period
 from eva_optax._src.statistics import INPUT_FACTOR, OUTPUT_GRAD_FACTOR
 from eva_optax._src.linalg import (
@@ -283,7 +283,7 @@ def kfac(
   learning_rate: optax.ScalarOrSchedule,
   *,
   momentum: float | jax.Array | None = 0.9,
-  nesterov: bool = False,
+  nesterov: Nesterov = False,
   weight_decay: float | jax.Array = 0.0,
   damping: optax.ScalarOrSchedule = 0.03,
   kl_clip: optax.ScalarOrSchedule = 0.001,
