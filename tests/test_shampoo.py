@@ -361,10 +361,12 @@ class _AuthorsShampoo:
   shorter), L_i += G_(i) G_(i)ᵀ per block, roots every step (ε absolute, eigh),
   G contracted with P_1 … P_k one axis at a time, grafted to ‖G‖, λW added to the
   grafted direction (and a second time where nothing is preconditioned: both of
-  their directions are then the gradient tensor), buf ← μ·buf + d twice, W ← W − η·buf."""
+  their directions are then the gradient tensor), buf ← μ·buf + d twice, W ← W − η·buf.
+  With ``ridge``, their ridge (``ComputePower`` of their matrix_functions.py): L_i = εI
+  at the start, L_i += ε·λ_max(L_i)·I in place at every root, P_i = L_i^(−1/(2k))."""
 
-  def __init__(self, w, lr, mu, wd, damping, block_size):
-    self.w, self.lr, self.mu, self.wd, self.eps = w, lr, mu, wd, damping
+  def __init__(self, w, lr, mu, wd, damping, block_size, ridge=False):
+    self.w, self.lr, self.mu, self.wd, self.eps, self.ridge = w, lr, mu, wd, damping, ridge
     self.merged = list(merge_small_dims(w.shape, block_size))
     self.buf = np.zeros_like(w)
     k = len(self.merged)
@@ -388,13 +390,21 @@ class _AuthorsShampoo:
       blocks = self._blocks(g.reshape(self.merged))
       out = {}
       for key, b in blocks.items():
-        stats = self.stats.setdefault(key, [0.0] * b.ndim)
+        start = [self.eps * np.eye(n) if self.ridge else 0.0 for n in b.shape]
+        stats = self.stats.setdefault(key, start)
         for i in range(b.ndim):
           other = [j for j in range(b.ndim) if j != i]
           stats[i] = stats[i] + np.tensordot(b, b, (other, other))
+        roots = []
+        for i, n in enumerate(b.shape):
+          if self.ridge:
+            stats[i] = stats[i] + self.eps * np.linalg.eigvalsh(stats[i])[-1] * np.eye(n)
+            roots.append(_np_root(stats[i], 0.0, 2 * b.ndim))
+          else:
+            roots.append(_np_root(stats[i], self.eps, 2 * b.ndim))
         p = b
-        for i in range(b.ndim):  # contracts axis 0 and appends the result last
-          p = np.tensordot(p, _np_root(stats[i], self.eps, 2 * b.ndim), ([0], [0]))
+        for root in roots:  # contracts axis 0 and appends the result last
+          p = np.tensordot(p, root, ([0], [0]))
         out[key] = p
       for axis in reversed(range(len(self.merged))):
         groups = {}
@@ -426,11 +436,16 @@ def test_authors_options_equal_their_shampoo_in_float64(x64):
   lr, mu, wd, eps, block = 0.1, 0.9, 0.05, 1e-3, 80
   params, grads = _authors_problem()
   leaves, treedef = jax.tree.flatten(params)
-  refs = [_AuthorsShampoo(_torch_order(w), lr, mu, wd, eps, block) for w in leaves]
-  for g in grads:
-    for ref, x in zip(refs, treedef.flatten_up_to(g)):
-      ref.step(_torch_order(x))
-  want = treedef.unflatten([_from_torch_order(r.w) for r in refs])
+
+  def reference(ridge):
+    refs = [_AuthorsShampoo(_torch_order(w), lr, mu, wd, eps, block, ridge) for w in leaves]
+    for g in grads:
+      for ref, x in zip(refs, treedef.flatten_up_to(g)):
+        ref.step(_torch_order(x))
+    return refs, treedef.unflatten([_from_torch_order(r.w) for r in refs])
+
+  refs, want = reference(ridge=True)
+  _, want_absolute = reference(ridge=False)
 
   def run(params, grads, **options):
     tx = shampoo(
@@ -441,7 +456,12 @@ def test_authors_options_equal_their_shampoo_in_float64(x64):
       block_size=block,
       inverse_every=1,
       **(
-        {"nesterov": "authors", "dim_order": "torch", "decay_unpreconditioned_twice": True}
+        {
+          "nesterov": "authors",
+          "dim_order": "torch",
+          "decay_unpreconditioned_twice": True,
+          "ridge": "authors",
+        }
         | options
       ),
     )
@@ -452,19 +472,58 @@ def test_authors_options_equal_their_shampoo_in_float64(x64):
       p = optax.apply_updates(p, u)
     return p, state
 
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
   got, state = run(params, grads)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), got, want)
+  jax.tree.map(close, got, want)
+  # The ridge stays in the stored statistics (their in-place add), which start at εI.
+  dense = next(r for r, w in zip(refs, leaves) if w is params["dense"]["kernel"]).stats
+  for i, stat in enumerate(state[0][0].statistics["dense"]["kernel"]):
+    for j in range(2):  # the second block: 20 of its padded 80 rows
+      n = len(dense[(0, j)][i])
+      close(stat[j][:n, :n], dense[(0, j)][i])
   # The options where they matter: the conv's grouping (OIHW [72, 3], not HWIO
   # (27, 8)), the dense kernel's blocks, and λW twice on the small kernel.
   assert [s.shape for s in state[0][0].statistics["conv"]["kernel"]] == [(1, 72, 72), (1, 3, 3)]
   assert [s.shape for s in state[0][0].statistics["dense"]["kernel"]] == [(2, 6, 6), (2, 80, 80)]
   stored = shampoo(lr, block_size=block, dim_order="stored").init(params)
   assert [s.shape for s in stored[0].statistics["conv"]["kernel"]] == [(1, 27, 27), (1, 8, 8)]
-  small = {"small": params["small"]}
-  once, _ = run(small, [{"small": g["small"]} for g in grads], decay_unpreconditioned_twice=False)
-  assert np.abs(once["small"]["kernel"] - want["small"]["kernel"]).max() > 1e-2
+  # Without the options (in one run): λW once on the small kernel; ε absolute (the
+  # default), the dense kernel follows the reference with ε absolute, not theirs.
+  part = lambda tree: {k: tree[k] for k in ("small", "dense")}
+  off, _ = run(
+    part(params),
+    [part(g) for g in grads],
+    decay_unpreconditioned_twice=False,
+    ridge="absolute",
+  )
+  assert np.abs(off["small"]["kernel"] - want["small"]["kernel"]).max() > 1e-2
+  close(off["dense"]["kernel"], want_absolute["dense"]["kernel"])
+  assert np.abs(off["dense"]["kernel"] - want["dense"]["kernel"]).max() > 1e-2
 
 
-def test_bad_dim_order_is_refused():
+def test_authors_ridge_changes_the_statistics_at_refresh_steps_only(x64):
+  # ridge='authors', roots every 2nd step: L = εI + Σ GGᵀ, plus ε·λ_max(L)·I at
+  # steps 0 and 2 (not 1), and P = L^(−1/4) of the refreshed L.
+  eps, rng = 1e-2, np.random.default_rng(3)
+  grads = rng.normal(size=(3, 6, 5))
+  tx = scale_by_shampoo(damping=eps, inverse_every=2, block_size=6, ridge="authors")
+  state = tx.init(jnp.zeros((6, 5), jnp.float64))
+  update = jax.jit(tx.update)
+  want = [eps * np.eye(6), eps * np.eye(5)]
+  for step, g in enumerate(grads):
+    _, state = update(jnp.asarray(g), state)
+    want = [w + _np_statistic(g, i) for i, w in enumerate(want)]
+    if step % 2 == 0:
+      want = [w + eps * np.linalg.eigvalsh(w)[-1] * np.eye(len(w)) for w in want]
+      roots = [_np_root(w, 0.0, 4) for w in want]
+    for got, w in zip(state.statistics, want):
+      np.testing.assert_allclose(got[0], w, rtol=1e-12)
+  for got, root in zip(state.inverse_roots, roots):
+    np.testing.assert_allclose(got[0], root, rtol=1e-10)
+
+
+def test_bad_dim_order_and_ridge_are_refused():
   with pytest.raises(ValueError, match="dim_order"):
     shampoo(0.1, dim_order="oihw")
+  with pytest.raises(ValueError, match="ridge"):
+    shampoo(0.1, ridge="relative")

@@ -261,12 +261,19 @@ SPECS: tuple[Spec, ...] = (
     eva_optax.FOOF_STATISTICS,
     extra=(("stats_every", 10), ("inverse_every", 10)),
   ),
-  Spec(  # the authors' Shampoo (shampoo.py): their momentum, OIHW grouping, λW twice on biases
+  Spec(  # the authors' Shampoo (shampoo.py): their momentum, OIHW grouping, λW twice on biases,
+    # their ridge ε·λ_max·I added into the statistics (ε = 1e-12, statistics from εI)
     "shampoo",
     "Shampoo",
     eva_optax.shampoo,
     "plain",
-    extra=(("nesterov", "authors"), ("dim_order", "torch"), ("decay_unpreconditioned_twice", True)),
+    extra=(
+      ("nesterov", "authors"),
+      ("dim_order", "torch"),
+      ("decay_unpreconditioned_twice", True),
+      ("ridge", "authors"),
+      ("damping", 1e-12),
+    ),
   ),
   Spec("muon", "Muon", muon, "plain", ("input_mean",)),
   Spec("sophia", "Sophia", sophia, "objective"),
