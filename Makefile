@@ -7,7 +7,8 @@
 #   make lint      only the ruff check and format check
 #   make docs      build the documentation site into docs/_build/html (warnings are errors)
 #   make demo      Fashion-MNIST autoencoder: SGD, AdamW, Eva, Eva-f, Eva-s, K-FAC, Shampoo (results/demo)
-#   make bench     step time and state memory of every optimizer, Eva/SGD over 1-8 devices, the
+#   make bench     the tests marked slow (kept out of make test for its time), step time and
+#                  state memory of every optimizer, Eva/SGD over 1-8 devices, the
 #                  tuning protocol (every optimizer tuned alike, several seeds, budget to
 #                  quality) on the autoencoder, the character LM and the ResNet classifier,
 #                  Eva's knobs on the first two, and the headline table of docs/results.md from them
@@ -124,6 +125,7 @@ lint: install
 
 bench: REQUIRE_DATA := 0
 bench: install data corpus
+	$(PY) -m pytest -q -n 2 --dist loadfile -m slow
 	$(PY) -m benchmarks.step_time
 	$(PY) -m benchmarks.multi_device
 	$(PY) -m benchmarks.sharded

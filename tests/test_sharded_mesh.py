@@ -41,9 +41,16 @@ def _extra(parallelism, layers, name) -> int:
   )
 
 
+# Eva-f's counts and the 1-D model mesh run in `make bench` (`pytest -m slow`), for suite time.
 @pytest.mark.parametrize(
   "parallelism, name",
-  [("tp", "eva"), ("tp", "eva_foof"), ("fsdp", "eva"), ("fsdp", "eva_foof"), ("model", "eva")],
+  [
+    ("tp", "eva"),
+    ("fsdp", "eva"),
+    pytest.param("tp", "eva_foof", marks=pytest.mark.slow),
+    pytest.param("fsdp", "eva_foof", marks=pytest.mark.slow),
+    pytest.param("model", "eva", marks=pytest.mark.slow),
+  ],
 )
 def test_eva_adds_a_few_collectives_to_sgds_at_any_depth(parallelism, name):
   shallow, deep = _extra(parallelism, 1, name), _extra(parallelism, 2, name)
