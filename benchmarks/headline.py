@@ -13,7 +13,7 @@ workload and optimizer, medians over seeds with the spread [min–max]:
 - Eva's time to SGD's quality over K-FAC's and Shampoo's (the paper's comparisons).
 
 "Final quality" has one definition per workload, printed in the table header
-(:func:`examples.harness.report.quality_definition`): the mean of the last 10 step losses
+(:func:`examples.harness.targets.quality_definition`): the mean of the last 10 step losses
 for a training-loss target, the last evaluation for a test metric. A run that never
 reaches a reference counts as "not reached": its medians are over the seeds that did and
 the tables say how many.
@@ -39,9 +39,10 @@ from typing import Any
 
 from benchmarks import readme
 from benchmarks.convergence import WORKLOADS
-from examples.harness import report
+from examples.harness import targets
 from examples.harness.optimizers import SPEC_BY_KEY
-from examples.harness.protocol import default_of, ratios_to, spread, stats
+from examples.harness.protocol_search import default_of
+from examples.harness.protocol_summary import ratios_to, spread, stats
 from examples.harness.training import Result, Target, from_json, jsonable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +67,7 @@ class Protocol:
 
   @property
   def definition(self) -> str:
-    return report.quality_definition(self.target, self.window)
+    return targets.quality_definition(self.target, self.window)
 
   def names(self) -> list[str]:
     return [r.name for r in self.runs[0]]
@@ -98,9 +99,9 @@ def time_over(p: Protocol, name: str, other: str) -> dict[str, float] | None:
     by_name = {r.name: r for r in results}
     if name not in by_name or other not in by_name:
       return None
-    value = report.final_quality(by_name["SGD"], p.target, p.window)
-    mine = report.reach(by_name[name], p.target, value, p.window)
-    them = report.reach(by_name[other], p.target, value, p.window)
+    value = targets.final_quality(by_name["SGD"], p.target, p.window)
+    mine = targets.reach(by_name[name], p.target, value, p.window)
+    them = targets.reach(by_name[other], p.target, value, p.window)
     ratios.append(mine[1] / them[1] if mine and them and them[1] else None)
   return stats(ratios)
 
@@ -130,7 +131,7 @@ def _budget(p: Protocol, name: str) -> str:
 def _final(p: Protocol, name: str) -> dict[str, float] | None:
   return stats(
     [
-      report.final_quality(next(r for r in results if r.name == name), p.target, p.window)
+      targets.final_quality(next(r for r in results if r.name == name), p.target, p.window)
       for results in p.runs
     ]
   )

@@ -53,17 +53,11 @@ from typing import Any
 import jax
 
 from benchmarks.convergence import WORKLOADS, load_example
-from examples.harness import report
+from examples.harness import report, targets
 from examples.harness.optimizers import SPEC_BY_KEY, Options, has_passthrough
-from examples.harness.protocol import (
-  Point,
-  Row,
-  default_of,
-  final_runs,
-  significant,
-  spread,
-  summarise,
-)
+from examples.harness.protocol import Row, final_runs
+from examples.harness.protocol_search import Point, default_of, significant
+from examples.harness.protocol_summary import spread, summarise
 from examples.harness.training import Task, jsonable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -267,11 +261,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     window=window,
   )
   summary = summarise(runs, task.target, window)
-  what = report.quality_definition(task.target, window)
+  what = targets.quality_definition(task.target, window)
   command = "python -m benchmarks.knobs " + " ".join(argv if argv is not None else sys.argv[1:])
   settings = {k: v for k, v in vars(example_args).items() if k != "specs"}
   for seed, results in zip(args.seeds, runs):
-    value = report.set_times_to_target(results, task.target, window)
+    value = targets.set_times_to_target(results, task.target, window)
     report.write_all(
       results,
       args.out / f"seed{seed}",

@@ -52,8 +52,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import argparse
 import importlib
 import json
-import math
-import re
 import statistics
 import subprocess
 import sys
@@ -63,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.records import save_report
+from examples.harness import compiled_ops
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -80,32 +79,11 @@ def _load_example() -> Any:
   return importlib.import_module("examples.multi_device")
 
 
-def _cost(compiled: Any) -> dict[str, float]:
-  """XLA's static cost estimate of a compiled step (per device program)."""
-  try:
-    analysis = compiled.cost_analysis()
-  except Exception:  # not every backend provides one
-    return {}
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else {}
-  return {
-    "gflop": float(analysis.get("flops", 0.0)) / 1e9,
-    "mb_accessed": float(analysis.get("bytes accessed", 0.0)) / 1e6,
-  }
-
-
 def _collectives(compiled: Any) -> dict[str, int]:
-  """Number of all-reduce instructions in the compiled step and the elements they carry."""
-  count = elements = 0
-  for line in compiled.as_text().splitlines():
-    match = re.match(
-      r"\s*(?:ROOT )?%all-reduce(?:-start)?[.\d]* = (.*?) all-reduce(?:-start)?\(", line
-    )
-    if match:
-      count += 1
-      for dims in re.findall(r"[a-z]+\d*\[([\d,]*)\]", match.group(1)):
-        elements += math.prod(int(d) for d in dims.split(",") if d)
-  return {"all_reduces": count, "all_reduced_elements": elements}
+  """Number of all-reduce instructions in the compiled step and the elements they carry
+  (``examples.harness.compiled_ops.collectives``)."""
+  found = [c for c in compiled_ops.collectives(compiled) if c.kind == "all-reduce"]
+  return {"all_reduces": len(found), "all_reduced_elements": sum(c.elements for c in found)}
 
 
 def _reply(message: dict[str, Any]) -> None:
@@ -145,7 +123,7 @@ def worker(devices: int, batch_size: int, warmup: int, seed: int) -> None:
       example.make_train_step(kind, tx, mesh).lower(params, opt_state, images, labels).compile()
     )
     info["compile_s"][name] = time.perf_counter() - t0
-    info["cost"][name] = _cost(step)
+    info["cost"][name] = compiled_ops.xla_cost(step)
     info["collectives"][name] = _collectives(step)
     for _ in range(1 + warmup):
       params, opt_state, loss = step(params, opt_state, images, labels)

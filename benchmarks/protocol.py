@@ -38,7 +38,8 @@ from typing import Any
 
 from benchmarks.convergence import WORKLOADS, load_example
 from examples.harness.optimizers import Options
-from examples.harness.protocol import Outcome, Protocol, RecordMismatch, run_protocol
+from examples.harness.protocol import Outcome, Protocol, run_protocol
+from examples.harness.protocol_search import RecordMismatch
 from examples.harness.training import Task, jsonable
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.convergence import WORKLOADS, load_example
-from examples.harness import report
+from examples.harness import report, targets
 from examples.harness.training import Result, jsonable
 
 ROOT = Path(__file__).resolve().parent
@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     points.append((setting, example.main(flags)[0]))
 
   target = example.make_task(example.parse_args(common)).target
-  value = report.set_times_to_target([sgd] + [r for _, r in points], target, task_window)
+  value = targets.set_times_to_target([sgd] + [r for _, r in points], target, task_window)
   sgd_steps = sgd.steps_to_target
   rows = []
   for setting, r in points:

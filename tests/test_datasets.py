@@ -13,19 +13,20 @@ import pytest
 
 from data_files import cifar_batch, idx_bytes, write_cifar_tar, write_file, write_split
 from examples.harness import datasets
+from examples.harness.datasets import check
 
 
 @pytest.fixture
 def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
   """No env var, empty system and cache dirs, and a download that always fails."""
   monkeypatch.delenv(datasets.ENV_VAR, raising=False)
-  monkeypatch.setattr(datasets, "SYSTEM_DIR", tmp_path / "system")
-  monkeypatch.setattr(datasets, "cache_dir", lambda: tmp_path / "cache")
+  monkeypatch.setattr(datasets.fashion_mnist_files, "SYSTEM_DIR", tmp_path / "system")
+  monkeypatch.setattr(datasets.fashion_mnist_files, "cache_dir", lambda: tmp_path / "cache")
 
   def no_network(*args: object, **kwargs: object) -> None:
     raise OSError("network disabled in tests")
 
-  monkeypatch.setattr(datasets, "_download", no_network)
+  monkeypatch.setattr(datasets.fashion_mnist_files, "_download", no_network)
   return tmp_path
 
 
@@ -66,7 +67,7 @@ def test_download_fills_cache(isolated: Path, monkeypatch: pytest.MonkeyPatch) -
     directory.mkdir(parents=True, exist_ok=True)
     write_split(directory, split, 3, compress=True)
 
-  monkeypatch.setattr(datasets, "_download", fake_download)
+  monkeypatch.setattr(datasets.fashion_mnist_files, "_download", fake_download)
   images, _ = datasets.fashion_mnist("test")
   assert calls == [isolated / "cache"] and images.shape == (3, 28, 28)
 
@@ -84,13 +85,13 @@ def test_missing_everywhere(isolated: Path) -> None:
 
 
 def test_check_cli(isolated: Path, capsys: pytest.CaptureFixture[str]) -> None:
-  assert datasets._main(["--check"]) == 1
+  assert check.main(["--check"]) == 1
   assert "dataset-fashion-mnist" in capsys.readouterr().err
   d = isolated / "data"
   d.mkdir()
   write_split(d, "train", 2, compress=True)
   write_split(d, "test", 2, compress=False)
-  assert datasets._main(["--check", "--data-dir", str(d)]) == 0
+  assert check.main(["--check", "--data-dir", str(d)]) == 0
   assert str(d) in capsys.readouterr().out
 
 
@@ -210,7 +211,7 @@ def _expected_nhwc(data: np.ndarray) -> np.ndarray:
 def cifar_isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
   """No CIFAR-10 env var and an empty cache directory."""
   monkeypatch.delenv(datasets.CIFAR10_ENV_VAR, raising=False)
-  monkeypatch.setattr(datasets, "cifar10_cache_dir", lambda: tmp_path / "cache")
+  monkeypatch.setattr(datasets.cifar10_files, "cifar10_cache_dir", lambda: tmp_path / "cache")
   return tmp_path
 
 
@@ -345,10 +346,10 @@ def test_cifar10_malformed_batches(cifar_isolated: Path) -> None:
 
 
 def test_check_cli_cifar10(cifar_isolated: Path, capsys: pytest.CaptureFixture[str]) -> None:
-  assert datasets._main(["--check-cifar10"]) == 1
+  assert check.main(["--check-cifar10"]) == 1
   assert "cifar-10-python.tar.gz" in capsys.readouterr().err
   _write_cifar_dir(cifar_isolated / "d", cifar_batches())
-  assert datasets._main(["--check-cifar10", "--data-dir", str(cifar_isolated / "d")]) == 0
+  assert check.main(["--check-cifar10", "--data-dir", str(cifar_isolated / "d")]) == 0
   out = capsys.readouterr().out
   assert f"CIFAR-10 train: {cifar_isolated / 'd'}" in out and "CIFAR-10 test" in out
 
@@ -362,7 +363,7 @@ def test_check_cli_cifar10(cifar_isolated: Path, capsys: pytest.CaptureFixture[s
 def corpus_isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
   """No corpus env var and a missing default fortunes directory."""
   monkeypatch.delenv(datasets.CORPUS_ENV_VAR, raising=False)
-  monkeypatch.setattr(datasets, "FORTUNES_DIR", tmp_path / "no-fortunes")
+  monkeypatch.setattr(datasets.text, "FORTUNES_DIR", tmp_path / "no-fortunes")
   return tmp_path
 
 
@@ -396,7 +397,7 @@ def test_text_corpus_sources(corpus_isolated: Path, monkeypatch: pytest.MonkeyPa
   (fortunes / "x").write_text("from fortunes\n")
   env.write_text("from env\n")
   arg.write_text("from arg\n")
-  monkeypatch.setattr(datasets, "FORTUNES_DIR", fortunes)
+  monkeypatch.setattr(datasets.text, "FORTUNES_DIR", fortunes)
   text, description = datasets.text_corpus()
   assert text == "from fortunes\n" and description.startswith(f"fortunes {fortunes} (1 file)")
   monkeypatch.setenv(datasets.CORPUS_ENV_VAR, str(env))
@@ -530,9 +531,9 @@ def test_sequence_batches_exact_fit_and_errors() -> None:
 
 
 def test_check_cli_corpus(corpus_isolated: Path, capsys: pytest.CaptureFixture[str]) -> None:
-  assert datasets._main(["--check-corpus"]) == 1
+  assert check.main(["--check-corpus"]) == 1
   assert "apt-get install fortunes" in capsys.readouterr().err
   path = corpus_isolated / "c.txt"
   path.write_text("abc\n")
-  assert datasets._main(["--check-corpus", "--corpus", str(path)]) == 0
+  assert check.main(["--check-corpus", "--corpus", str(path)]) == 0
   assert f"Text corpus: {path}, 4 characters" in capsys.readouterr().out

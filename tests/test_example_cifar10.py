@@ -18,7 +18,7 @@ from examples.harness import datasets
 def no_cifar_elsewhere(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
   """No CIFAR-10 env var and an empty cache: only --data-dir can provide the data."""
   monkeypatch.delenv(datasets.CIFAR10_ENV_VAR, raising=False)
-  monkeypatch.setattr(datasets, "cifar10_cache_dir", lambda: tmp_path / "cache")
+  monkeypatch.setattr(datasets.cifar10_files, "cifar10_cache_dir", lambda: tmp_path / "cache")
   return tmp_path
 
 

@@ -12,7 +12,15 @@ import numpy as np
 import optax
 import pytest
 
-from examples.harness import datasets, protocol, training
+from examples.harness import (
+  datasets,
+  protocol,
+  protocol_search,
+  protocol_summary,
+  protocol_tables,
+  targets,
+  training,
+)
 from examples.harness.optimizers import SPEC_BY_KEY, Options
 
 pytestmark = pytest.mark.usefixtures("quick_compiles")
@@ -20,16 +28,16 @@ SQRT10 = 10**0.5
 
 
 def test_learning_rates_are_log_spaced_around_the_centre():
-  assert protocol.lr_grid(0.1) == [0.01, 0.0316, 0.1, 0.316, 1.0]
-  assert protocol.lr_grid(0.06, points=6) == [0.006, 0.019, 0.06, 0.19, 0.6, 1.9]
-  grid = protocol.lr_grid(0.003, points=7)
+  assert protocol_search.lr_grid(0.1) == [0.01, 0.0316, 0.1, 0.316, 1.0]
+  assert protocol_search.lr_grid(0.06, points=6) == [0.006, 0.019, 0.06, 0.19, 0.6, 1.9]
+  grid = protocol_search.lr_grid(0.003, points=7)
   assert len(grid) == 7 and grid[3] == 0.003
   assert all(b / a == pytest.approx(SQRT10, rel=2e-3) for a, b in zip(grid, grid[1:]))
   # Past an edge, the same grid continues (not the rounded edge times the step).
-  assert protocol.lr_beyond(0.06, protocol.lr_grid(0.06), SQRT10, upwards=True) == 1.9
-  assert protocol.lr_beyond(0.06, [1.9, 0.6], SQRT10, upwards=True) == 6.0
-  assert protocol.lr_beyond(0.06, [0.006, 0.06], SQRT10, upwards=False) == 0.0019
-  assert protocol.scaled(0.03, (1 / 3, 1, 3)) == [0.01, 0.03, 0.09]
+  assert protocol_search.lr_beyond(0.06, protocol_search.lr_grid(0.06), SQRT10, upwards=True) == 1.9
+  assert protocol_search.lr_beyond(0.06, [1.9, 0.6], SQRT10, upwards=True) == 6.0
+  assert protocol_search.lr_beyond(0.06, [0.006, 0.06], SQRT10, upwards=False) == 0.0019
+  assert protocol_search.scaled(0.03, (1 / 3, 1, 3)) == [0.01, 0.03, 0.09]
   with pytest.raises(ValueError, match="at least 5"):
     protocol.Protocol(lr_points=4)
   with pytest.raises(ValueError, match="validation_fraction"):
@@ -191,9 +199,8 @@ def test_the_whole_protocol_on_a_tiny_task(tmp_path):
   assert len(outcome.runs) == 2 and all(len(results) == 5 for results in outcome.runs)
   for seed, results in zip((0, 1), outcome.runs):
     assert all(r.seed == seed and r.steps == 10 for r in results)
-  from examples.harness import report
 
-  sgd_final_seed1 = report.final_quality(outcome.runs[1][0], training.Target(), 10)
+  sgd_final_seed1 = targets.final_quality(outcome.runs[1][0], training.Target(), 10)
   sgd = doc["summary"]["SGD"]
   assert sgd["steps_ratio"]["median"] == 1.0 and sgd["seeds"] == 2
   if doc["rows"][0]["lr"] != 0.1:  # tuned SGD and SGD as published are separate runs
@@ -205,10 +212,12 @@ def test_the_whole_protocol_on_a_tiny_task(tmp_path):
   for i, (name, row) in enumerate(budgets.items()):
     (seed,) = row["per_seed"]
     quality = {float(b): q for b, q in seed["quality"].items()}
-    assert seed["budget"] == protocol.shortest_budget(quality, seed["reference"], False), name
+    assert seed["budget"] == protocol_summary.shortest_budget(quality, seed["reference"], False), (
+      name
+    )
     assert seed["reference"] == pytest.approx(sgd_final_seed1)
     # The whole budget is the final run of seed 1, not a new one.
-    whole = report.final_quality(outcome.runs[1][i], training.Target(), 10)
+    whole = targets.final_quality(outcome.runs[1][i], training.Target(), 10)
     assert quality[1.0] == pytest.approx(whole), name
     if seed["budget"] is not None:
       assert seed["steps"] == round(seed["budget"] * 10), name
@@ -315,11 +324,11 @@ def test_a_recorded_diverged_trial_reads_back_as_scoring_worst():
 
 def test_the_shortest_budget_is_the_first_to_reach_the_reference():
   quality = {0.25: 0.5, 0.5: 0.3, 0.75: 0.2, 1.0: 0.1}
-  assert protocol.shortest_budget(quality, 0.3, higher_is_better=False) == 0.5
-  assert protocol.shortest_budget(quality, 0.05, higher_is_better=False) is None
-  assert protocol.shortest_budget(quality, 0.3, higher_is_better=True) == 0.25
-  assert protocol.shortest_budget({0.5: float("nan"), 1.0: 0.8}, 0.8, True) == 1.0
-  assert protocol.shortest_budget(quality, float("nan"), False) is None
+  assert protocol_summary.shortest_budget(quality, 0.3, higher_is_better=False) == 0.5
+  assert protocol_summary.shortest_budget(quality, 0.05, higher_is_better=False) is None
+  assert protocol_summary.shortest_budget(quality, 0.3, higher_is_better=True) == 0.25
+  assert protocol_summary.shortest_budget({0.5: float("nan"), 1.0: 0.8}, 0.8, True) == 1.0
+  assert protocol_summary.shortest_budget(quality, float("nan"), False) is None
   with pytest.raises(ValueError, match="budgets"):
     protocol.Protocol(budgets=(0.5, 0.25, 1.0))
   with pytest.raises(ValueError, match="budget_seeds"):
@@ -374,7 +383,7 @@ def test_budget_to_quality_by_hand():
   # SGD reaches its own whole-budget quality only with the whole budget.
   assert sgd["budget"]["median"] == 1.0 and sgd["steps_ratio"]["median"] == 1.0
   assert "crossing_steps_ratio" not in sgd
-  table = protocol.budget_table(s, loss, window=1)
+  table = protocol_tables.budget_table(s, loss, window=1)
   assert "| EVA | 0.32 [0.24–0.4] | 0.245 [0.2–0.29] | 0.175 [0.15–0.2] | 38% [25%–50%] " in table
   assert "| 0.38 [0.25–0.50] | 0.46 [0.30–0.62] | 2/2 | 0.90 | 0.95 |" in table
   # A seed where a budget never reaches SGD's quality counts as not reached.

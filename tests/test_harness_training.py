@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from examples.harness import datasets, report, training
+from examples.harness import datasets, plots, report, targets, training
 from examples.harness.optimizers import SPEC_BY_KEY, Options
 
 pytestmark = pytest.mark.usefixtures("quick_compiles")
@@ -133,18 +133,18 @@ def test_steps_and_seconds_to_a_target_by_hand():
   loss = training.Target("train_loss")
   # Trailing means of 2: 3.5, 2.5, 1.5, 1.0 -> at or below 2.0 first at step 4.
   r = _result("eva", [4, 3, 2, 1, 1])
-  assert report.reach(r, loss, 2.0, window=2) == (4, 2.0)
-  assert report.reach(r, loss, 0.5, window=2) is None
-  assert report.final_quality(r, loss, window=2) == 1.0
-  assert report.final_quality(r, loss, window=3) == pytest.approx(4 / 3)
+  assert targets.reach(r, loss, 2.0, window=2) == (4, 2.0)
+  assert targets.reach(r, loss, 0.5, window=2) is None
+  assert targets.final_quality(r, loss, window=2) == 1.0
+  assert targets.final_quality(r, loss, window=3) == pytest.approx(4 / 3)
 
   accuracy = training.Target("test_accuracy", higher_is_better=True)
   r = _result(
     "eva", [1] * 9, evals=[0.5, 0.7, 0.8], eval_steps=[3, 6, 9], eval_times=[1.0, 2.5, 4.0]
   )
-  assert report.reach(r, accuracy, 0.7) == (6, 2.5)
-  assert report.reach(r, accuracy, 0.81) is None
-  assert report.final_quality(r, accuracy) == 0.8
+  assert targets.reach(r, accuracy, 0.7) == (6, 2.5)
+  assert targets.reach(r, accuracy, 0.81) is None
+  assert targets.final_quality(r, accuracy) == 0.8
 
   sgd = _result(
     "sgd",
@@ -153,7 +153,7 @@ def test_steps_and_seconds_to_a_target_by_hand():
     eval_steps=[3, 6, 9, 12],
     eval_times=[2.0, 4.0, 6.0, 8.0],
   )
-  value = report.set_times_to_target([sgd, r], accuracy, window=10)
+  value = targets.set_times_to_target([sgd, r], accuracy, window=10)
   assert value == 0.75
   assert (sgd.steps_to_target, sgd.time_to_target) == (12, 8.0)
   assert (r.steps_to_target, r.time_to_target) == (9, 4.0)
@@ -173,7 +173,7 @@ def test_the_report_has_one_final_quality_and_tells_the_splits_by_line_style():
   loss = training.Target("train_loss")
   sgd = _loss_run("sgd", [4, 3, 2, 1, 1], [3.0, 1.5])
   eva = _loss_run("eva", [3, 2, 1, 0.5, 0.5], [2.0, 1.0])
-  value = report.set_times_to_target([sgd, eva], loss, window=2)
+  value = targets.set_times_to_target([sgd, eva], loss, window=2)
   assert value == 1.0  # SGD's mean of its last 2 step losses, not its epoch mean (2.2)
   assert (eva.steps_to_target, sgd.steps_to_target) == (4, 5)  # means 0.75 and 1.0
   table = report.markdown_table([sgd, eva], loss, value, window=2)
@@ -193,7 +193,7 @@ def test_the_report_has_one_final_quality_and_tells_the_splits_by_line_style():
   assert "first reaches SGD's final value, 1 (–: never)" in summary
   assert "out/results.md" in summary
 
-  by_epoch, by_time = report.figures_of(
+  by_epoch, by_time = plots.figures_of(
     [sgd, eva], "t", loss, value, window=2, labels={"loss": "MSE"}
   )
   train_ax, test_ax = by_epoch.axes
@@ -230,7 +230,7 @@ def test_the_report_has_one_final_quality_and_tells_the_splits_by_line_style():
   plt.close(by_time)
   # Thirteen runs (the protocol's tuned and "as published" rows): thirteen colours.
   many = [_loss_run(f"opt{i}", [4, 3, 2, 1, 1], [3.0, 1.5]) for i in range(13)]
-  by_epoch, by_time = report.figures_of(many, "t", loss, value, window=2)
+  by_epoch, by_time = plots.figures_of(many, "t", loss, value, window=2)
   handles = by_epoch.legends[0].legend_handles[:13]
   assert len({tuple(plt.matplotlib.colors.to_rgba(h.get_color())) for h in handles}) == 13
   plt.close(by_epoch)

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from benchmarks import protocol
-from examples.harness.protocol import RecordMismatch
+from examples.harness.protocol_search import RecordMismatch
 
 
 @pytest.fixture

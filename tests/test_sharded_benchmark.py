@@ -8,6 +8,7 @@ import math
 import jax
 import pytest
 
+from benchmarks import sharded_analysis, sharded_config, sharded_worker
 from examples.harness import compiled_ops
 
 DEVICES = 8
@@ -78,50 +79,50 @@ def test_replica_group_formats():
 
 
 def test_axes_and_splits(sharded):
-  assert sharded._axes([0, 4], (2, 4)) == "data"
-  assert sharded._axes([0, 1, 2, 3], (2, 4)) == "model"
-  assert sharded._axes(list(range(8)), (2, 4)) == "data+model"
+  assert sharded_worker._axes([0, 4], (2, 4)) == "data"
+  assert sharded_worker._axes([0, 1, 2, 3], (2, 4)) == "model"
+  assert sharded_worker._axes(list(range(8)), (2, 4)) == "data+model"
   jobs, large, _ = sharded.plan_jobs(sharded.parse_args(["--large-devices", "64"]))
-  parts = sharded.split(jobs, 2)
+  parts = sharded_config.split(jobs, 2)
   assert sorted(map(id, sum(parts, []))) == sorted(map(id, jobs))
-  assert all(j.mesh.shape == (2, 4) or j.model == sharded.ModelConfig() for j in jobs)
+  assert all(j.mesh.shape == (2, 4) or j.model == sharded_config.ModelConfig() for j in jobs)
   assert {j.mesh.shape for j in large[64]} >= {(64, 1), (8, 8), (16, 4)}
 
 
-def test_statistics_and_projection(sharded):
-  small = sharded.ModelConfig()
+def test_statistics_and_projection():
+  small = sharded_config.ModelConfig()
   # d_model 64, 8 heads, MLP 256, vocabulary 64, on one device: (in + out) of q, k, v, out
   # (64 + 64 each), up and down (64 + 256), the head (64 + 64)
-  assert sharded.statistics_floats(small, 1, 1) == 4 * 128 + 2 * 320 + 128
-  replicated, shard = sharded.statistics_parts(small, 1, 4)
+  assert sharded_analysis.statistics_floats(small, 1, 1) == 4 * 128 + 2 * 320 + 128
+  replicated, shard = sharded_analysis.statistics_parts(small, 1, 4)
   assert (replicated, shard) == (7 * 64, 4 * 16 + 2 * 64 + 16)
-  assert sharded.ring_factor("all-reduce", 8) == pytest.approx(1.75)
-  assert sharded.ring_factor("all-gather", 4) == pytest.approx(0.75)
-  a = sharded.Assumptions()
-  part = sharded.class_time("all-reduce@data+model", 1, 1752, 64, a)
+  assert sharded_analysis.ring_factor("all-reduce", 8) == pytest.approx(1.75)
+  assert sharded_analysis.ring_factor("all-gather", 4) == pytest.approx(0.75)
+  a = sharded_analysis.Assumptions()
+  part = sharded_analysis.class_time("all-reduce@data+model", 1, 1752, 64, a)
   assert part["group"] == 64 and part["link"] == a.inter.name
   assert part["ms"] == pytest.approx(1e3 * (30e-6 + 2 * 63 / 64 * 1752 / 25e9))
-  assert sharded.class_time("all-gather@model", 1, 1e6, 64, a)["group"] == a.model_axis
+  assert sharded_analysis.class_time("all-gather@model", 1, 1e6, 64, a)["group"] == a.model_axis
   classes = {"all-reduce@data": {"count": 0}, "all-reduce@data+model": {"count": 1}}
   breakdown = {
     "scalars_per_layer": 6.0,
     "rows": [{"mesh_shape": [2, 4], "vocab": 64, "classes": classes}],
   }
-  p = sharded.projection(breakdown, [])
+  p = sharded_analysis.projection(breakdown, [])
   n64 = p["meshes"][0]
   assert n64["accelerators"] == 64 and n64["mesh"].startswith("data 16")
   (scaled,) = n64["estimates"]
   parts = {q["class"]: q for q in scaled["parts"]}
   assert set(parts) == {"all-reduce@data", "all-reduce@data+model"}
   # +0: inside SGD's all-reduce, bandwidth only (16 data shards across hosts)
-  stats = 4 * sharded.statistics_floats(a.model, a.depth, a.model_axis)
+  stats = 4 * sharded_analysis.statistics_floats(a.model, a.depth, a.model_axis)
   assert parts["all-reduce@data"]["ms"] == pytest.approx(1e3 * 2 * 15 / 16 * stats / 25e9)
   assert scaled["extra_ms"] == pytest.approx(sum(q["ms"] for q in scaled["parts"]))
   classes["all-gather@data+model"] = {"count": 2}
-  (scaled,) = sharded.projection(breakdown, [])["meshes"][0]["estimates"]
-  (gathers,) = [q for q in scaled["parts"] if q["class"] == sharded.GATHERS]
+  (scaled,) = sharded_analysis.projection(breakdown, [])["meshes"][0]["estimates"]
+  (gathers,) = [q for q in scaled["parts"] if q["class"] == sharded_analysis.GATHERS]
   assert gathers["extra_collectives"] == 2
-  assert gathers["bytes"] == 4 * sharded.statistics_floats(a.model, a.depth, 1)
+  assert gathers["bytes"] == 4 * sharded_analysis.statistics_floats(a.model, a.depth, 1)
   # GPT-2 small: 6 x 12 x 768^2 x 2 + 768 x 50304 matmul weights → ~0.85 GFLOP per token
-  assert 0.8e9 < sharded.model_flops_per_token(a.model, a.depth) < 0.9e9
+  assert 0.8e9 < sharded_analysis.model_flops_per_token(a.model, a.depth) < 0.9e9
   assert math.isclose(n64["sgd_ms"] * 4, p["meshes"][1]["sgd_ms"] * 16)

@@ -148,7 +148,10 @@ def test_every_registry_key_is_an_optimizer_with_its_period(step_time):
     "shampoo",
     "muon",
   )
-  periods = {k: step_time.period_of(step_time.SPEC_BY_KEY[k]) for k in step_time.ALL_OPTIMIZERS}
+  from benchmarks.step_time_measure import period_of
+  from examples.harness.optimizers import SPEC_BY_KEY
+
+  periods = {k: period_of(SPEC_BY_KEY[k]) for k in step_time.ALL_OPTIMIZERS}
   assert periods == {
     "sgd": 1,
     "adamw": 1,

@@ -6,12 +6,17 @@ which parses the common flags, builds the optimizers of :mod:`examples.harness.o
 trains each one from the same initial parameters on the same batches
 (:class:`examples.harness.training.Trainer`, interleaved, with a tqdm bar, orbax
 checkpoints with ``--checkpoint`` and ``--resume``) and writes the report of
-:mod:`examples.harness.report` (markdown table, ``metrics.json``, ``metrics.csv``, PNG
-plots). The data loaders (Fashion-MNIST, CIFAR-10,
-a text corpus) are :mod:`examples.harness.datasets`. :mod:`examples.harness.protocol` is the
-tuning protocol applied alike to every optimizer (grids on a held-out validation split,
-then the chosen values on several seeds, next to the paper's recipe), run by
-``python -m benchmarks.protocol``.
+:mod:`examples.harness.report` (markdown table, ``metrics.json``, ``metrics.csv``; the PNG
+plots of :mod:`examples.harness.plots`), with the final quality and time to target of
+:mod:`examples.harness.targets`. The data loaders (Fashion-MNIST, CIFAR-10,
+a text corpus) are the package :mod:`examples.harness.datasets`.
+:mod:`examples.harness.protocol` is the tuning protocol applied alike to every optimizer
+(the search of :mod:`~examples.harness.protocol_search` on a held-out validation split, then
+the chosen values on several seeds, next to the paper's recipe; its statistics, tables and
+record in :mod:`~examples.harness.protocol_summary`, :mod:`~examples.harness.protocol_tables`
+and :mod:`~examples.harness.protocol_records`), run by ``python -m benchmarks.protocol``.
+:mod:`examples.harness.compiled_ops` reads compiled programs (operations, collectives,
+XLA's cost) and :mod:`examples.harness.traces` profiler traces, for the benchmarks.
 
 The package is imported as ``examples.harness`` everywhere: the examples and benchmarks run
 as modules from the repository root (``python -m examples.classifier``), the tests get the

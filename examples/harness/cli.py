@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from . import datasets, report
+from . import datasets, report, targets
 from .optimizers import SPECS, Options, parse_keys
 from .training import Result, RunConfig, Task, Trainer, interleave
 
@@ -246,7 +246,7 @@ def run(task: Task, args: argparse.Namespace, title: str | None = None) -> list[
     for spec in args.specs
   ]
   results = interleave(trainers, args.chunk)
-  value = report.set_times_to_target(results, task.target, args.reach_window)
+  value = targets.set_times_to_target(results, task.target, args.reach_window)
   settings = {k: v for k, v in vars(args).items() if k != "specs"}
   _, paths = report.write_all(
     results,

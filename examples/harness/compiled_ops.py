@@ -168,6 +168,33 @@ def count_kinds(compiled: Any) -> collections.Counter:
   return counts
 
 
+def op_summary(compiled: Any) -> dict[str, Any]:
+  """The top-level operations of a compiled step: ``total``, ``by_opcode`` (most common
+  first, :func:`count_ops`) and ``by_kind`` (:func:`count_kinds`)."""
+  by_opcode = count_ops(compiled)
+  return {
+    "total": sum(by_opcode.values()),
+    "by_opcode": dict(by_opcode.most_common()),
+    "by_kind": dict(count_kinds(compiled)),
+  }
+
+
+def xla_cost(compiled: Any) -> dict[str, float]:
+  """XLA's static cost estimate of a compiled step (of one device's program; nothing is
+  timed): ``gflop`` (``flops`` / 10^9) and ``mb_accessed`` (``bytes accessed`` / 10^6) of
+  ``compiled.cost_analysis()``; ``{}`` where the backend provides none."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # not every backend provides one
+    return {}
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  return {
+    "gflop": float(analysis.get("flops", 0.0)) / 1e9,
+    "mb_accessed": float(analysis.get("bytes accessed", 0.0)) / 1e6,
+  }
+
+
 #: The opcodes of collectives (an async pair ``*-start``/``*-done`` counts once, as its start).
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 

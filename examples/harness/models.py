@@ -7,6 +7,8 @@
   ``ResNet(blocks_per_stage=3)`` is ResNet-20; the default 2 blocks per stage is the small
   network of the Fashion-MNIST classifier. :func:`resnet` builds ResNet-``depth`` (6n+2) of
   a given stem width.
+- :class:`PlainCNN`: three 3×3 convolutions without BatchNorm, global average pooling and a
+  Dense head (the step-time benchmark's ``cnn``).
 - :class:`CharTransformer`: a pre-LayerNorm decoder-only transformer for character-level
   language modelling; the blocks are stacked with ``nn.scan`` (one compiled block, kernels
   with a leading layer axis) and the attention projections are ``nn.DenseGeneral``
@@ -125,6 +127,18 @@ def resnet(depth: int, width: int = 16, dtype: Any = None) -> ResNet:
     raise ValueError(f"--width must be at least 1, got {width}")
   stages = ((width, 1), (2 * width, 2), (4 * width, 2))
   return ResNet(stages=stages, blocks_per_stage=blocks, dtype=dtype)
+
+
+class PlainCNN(nn.Module):
+  """Three 3x3 convolutions (32 channels, bias, ReLU) without BatchNorm, global average
+  pooling, Dense 10: a conv net whose ḡ is not zeroed by a normalisation (the step-time
+  benchmark's ``cnn``)."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for _ in range(3):
+      x = nn.relu(nn.Conv(32, (3, 3))(x))
+    return nn.Dense(10)(jnp.mean(x, axis=(1, 2)))
 
 
 class CausalSelfAttention(nn.Module):

@@ -1,0 +1,168 @@
+"""The tuning protocol's record: ``protocol.md`` and ``protocol.json`` written (:func:`write`),
+and a recorded tuning read back for more seeds (:func:`recorded_tuning`, which refuses one
+tuned with other settings).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .protocol_search import Protocol, RecordMismatch, Search, validation_target
+from .protocol_tables import budget_table, final_table, tuning_tables
+
+from . import report, targets
+from .optimizers import Spec
+from .training import Task, jsonable
+
+if TYPE_CHECKING:  # annotations only: the protocol module imports this one
+  from .protocol import Outcome
+
+
+# The settings of part 1: a recorded tuning stands for this protocol's only where they agree.
+TUNING_FIELDS = (
+  "lr_points",
+  "lr_step",
+  "max_extensions",
+  "damping_factors",
+  "kl_clip_factors",
+  "kl_clip_for",
+  "tune_fraction",
+  "validation_fraction",
+  "tune_seed",
+)
+
+
+def recorded_tuning(
+  document: dict[str, Any],
+  specs: Sequence[Spec],
+  protocol: Protocol,
+  higher_is_better: bool,
+  steps: int,
+) -> dict[str, Search]:
+  """Part 1 as an earlier run recorded it (``document``: its ``protocol.json``), so that
+  the final runs can take other seeds without tuning again. Raises RecordMismatch, naming
+  what differs, when the record was tuned with other settings (:data:`TUNING_FIELDS`,
+  the steps of a tuning run) or lacks an optimizer of ``specs``."""
+  recorded = document["protocol"]
+  for name in TUNING_FIELDS:
+    mine = jsonable(getattr(protocol, name))
+    if recorded.get(name) != mine:
+      raise RecordMismatch(
+        f"the recorded tuning has {name} {recorded.get(name)}, this protocol {mine}"
+      )
+  by_key = {t["key"]: t for t in document["tuning"].values()}
+  searches = {}
+  for spec in specs:
+    if spec.key not in by_key:
+      raise RecordMismatch(
+        f"the recorded tuning has no {spec.name} (it has {', '.join(sorted(by_key))})"
+      )
+    if by_key[spec.key]["steps"] != steps:
+      raise RecordMismatch(
+        f"the recorded tuning ran {by_key[spec.key]['steps']} steps "
+        f"per point, this budget's {steps}"
+      )
+    searches[spec.key] = Search.recorded(spec, by_key[spec.key], protocol, higher_is_better)
+  return searches
+
+
+def write(
+  outcome: Outcome,
+  task: Task,
+  protocol: Protocol,
+  out: Path,
+  *,
+  title: str,
+  epochs: int,
+  window: int,
+  tune_steps: int,
+  settings: dict[str, Any],
+) -> Path:
+  """``protocol.md`` and ``protocol.json`` into ``out``, the per-seed reports below it."""
+  out.mkdir(parents=True, exist_ok=True)
+  target = task.target
+  for seed, results in zip(protocol.seeds, outcome.runs):
+    value = targets.set_times_to_target(results, target, window)
+    report.write_all(
+      results,
+      out / f"seed{seed}",
+      f"{title}, seed {seed}",
+      target,
+      value,
+      {**settings, "seed": seed},
+      window=window,
+      labels=task.metric_labels,
+    )
+  scored_by = validation_target(target)
+  info = report.machine_info()
+  md = [
+    f"# {title}: the tuning protocol\n",
+    f"Tuning on {protocol.validation_fraction:.0%} of the training set held out, "
+    f"{protocol.tune_fraction:.0%} of the budget, seed {protocol.tune_seed}"
+    + (
+      f" (as recorded in `{settings['tuning_from']}`, not run again)"
+      if settings.get("tuning_from")
+      else ""
+    )
+    + "; then "
+    f"{epochs} epoch{'s' * (epochs != 1)} ({epochs * task.steps_per_epoch} steps) on the "
+    "whole training set, "
+    f"seeds {', '.join(map(str, protocol.seeds))}, interleaved.\n",
+    "## Tuning\n",
+    tuning_tables(outcome.searches, scored_by, tune_steps),
+    "## Full budget\n",
+    f"Medians over seeds [min–max]. SGD's final quality: its "
+    f"{targets.quality_definition(target, window)} in the same seed.\n",
+    final_table(outcome.summary, outcome.rows, target, window, outcome.sgd_value),
+  ]
+  if outcome.budgets:
+    seeds = ", ".join(map(str, protocol.seeds_for_budgets))
+    md += [
+      "## Budget to quality\n",
+      "A whole schedule over each fraction of the budget, the tuned values, seeds "
+      f"{seeds}; medians over seeds [min–max]. The shortest budget is the smallest whose "
+      "final quality reaches SGD's at the whole budget in the same seed; the crossing "
+      "is the first step of the whole-budget run at that quality.\n",
+      budget_table(outcome.budgets, target, window),
+    ]
+  md.append(
+    f"Machine: {info['cpu']} ({info['cpu_count']} CPUs), device {info['device']}; "
+    + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+    + ".\n"
+  )
+  (out / "protocol.md").write_text("\n".join(md))
+  document = {
+    "title": title,
+    "protocol": asdict(protocol),
+    "settings": settings,
+    "machine": info,
+    "target": {
+      **asdict(target),
+      "definition": targets.quality_definition(target, window),
+      "sgd_final": outcome.sgd_value,
+    },
+    "tuning": {
+      s.spec.name: {
+        "key": key,
+        "grids": s.grids,
+        "chosen": s.chosen(),
+        "score": s.best.score,
+        "scored_by": asdict(scored_by),
+        "steps": tune_steps,
+        "trials": [{"stage": t.stage, **asdict(t.point), "score": t.score} for t in s.trials],
+      }
+      for key, s in outcome.searches.items()
+    },
+    "rows": [
+      {"name": r.name, "key": r.spec.key, "variant": r.variant, **asdict(r.point)}
+      for r in outcome.rows
+    ],
+    "summary": outcome.summary,
+    "budgets": outcome.budgets,
+  }
+  (out / "protocol.json").write_text(json.dumps(jsonable(document), indent=1) + "\n")
+  return out / "protocol.md"
