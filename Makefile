@@ -105,7 +105,7 @@ corpus:
 demo: install data
 	$(PY) -m examples.autoencoder
 
-# Sphinx + MyST (the notebook is rendered as committed, not executed); tests/test_docs.py
+# Sphinx + MyST (the notebook is rendered as committed, not executed); tests/harness/test_docs.py
 # builds the same into a temporary folder.
 docs: install
 	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html

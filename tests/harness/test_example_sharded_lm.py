@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from example_helpers import load_example
 from examples.harness import datasets, sharded
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEVICES = 8
 TIMEOUT_S = 180
 SENTENCES = (

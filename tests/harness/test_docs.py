@@ -26,7 +26,7 @@ import pytest
 
 import eva_optax
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
 BUILD_TIMEOUT_S = 300

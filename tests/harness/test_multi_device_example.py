@@ -18,7 +18,7 @@ import pytest
 
 from data_files import write_split
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 120
 TRAIN_SIZE, TEST_SIZE, BATCH_SIZE = 64, 32, 32
 

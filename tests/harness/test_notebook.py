@@ -26,7 +26,7 @@ from nbclient import NotebookClient
 from examples.harness import datasets
 from data_files import write_split
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
 CELL_TIMEOUT_S = 180
 BEST = re.compile(

@@ -34,7 +34,7 @@ import pytest
 
 import eva_optax
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 #: The pages whose python blocks run, in the order they run (README.md first).
 PAGES = [

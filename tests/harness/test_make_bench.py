@@ -14,7 +14,7 @@ import pytest
 
 from benchmarks.convergence import WORKLOADS, load_example
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _bench_commands() -> list[list[str]]:

@@ -12,7 +12,7 @@ import pytest
 from benchmarks import knobs
 from examples.harness import protocol
 from examples.harness.optimizers import SPEC_BY_KEY, Options
-from tests.test_harness_protocol import regression_task
+from tests.harness.test_harness_protocol import regression_task
 
 pytestmark = pytest.mark.usefixtures("quick_compiles")
 

@@ -1,6 +1,6 @@
 """benchmarks/protocol.py's command line: a recorded tuning (--tuning-from) is checked
 against the workload and handed to the protocol (whose reading of it
-tests/test_harness_protocol.py runs)."""
+tests/harness/test_harness_protocol.py runs)."""
 
 from __future__ import annotations
 
