@@ -644,22 +644,28 @@ def layerwise_transformation(
         leaves, treedef = jax.tree.flatten(cache)
         return cache, jax.tree.unflatten(treedef, whole(leaves))
 
+      due = count % refresh_every == 0
       cache, whole_cache = jax.lax.cond(
-        count % refresh_every == 0,
+        due,
         lambda: with_whole(refreshed()),
         lambda: with_whole(state.cache),
       )
       fields["cache"] = cache
       if shift_after_refresh is not None:
-        due = count % refresh_every == 0
-        current = _by_layer({n: fields[n] for n in statistics})
-        for p, v in averaged.items():
-          shifts = shift_after_refresh(whole_of(v), gamma)
-          for n, shift in shifts.items():
-            matrix = together(fit(current[p][n], stored_shape(v[n]), who))
-            shift = jnp.where(due, shift, 0).astype(matrix.dtype)
-            current[p][n] = put(current[p][n], add_to_diagonal(matrix, shift))
-        fields.update(by_name(current))
+
+        def shifted(averages):
+          # On refresh steps only: each layer's stored averages plus its shift on
+          # the diagonal.
+          current = _by_layer(averages)
+          for p, v in averaged.items():
+            for n, shift in shift_after_refresh(whole_of(v), gamma).items():
+              matrix = together(fit(current[p][n], stored_shape(v[n]), who))
+              shift = shift.astype(matrix.dtype)
+              current[p][n] = put(current[p][n], add_to_diagonal(matrix, shift))
+          return by_name(current)
+
+        stored_averages = {n: fields[n] for n in statistics}
+        fields.update(jax.lax.cond(due, shifted, lambda a: a, stored_averages))
       cached = _by_layer(whole_cache)
       averaged = {
         p: {

@@ -98,7 +98,7 @@ from __future__ import annotations
 import math
 import operator
 from typing import Any, Literal, NamedTuple
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -230,16 +230,27 @@ def block_statistics(blocks: jax.Array) -> tuple[jax.Array, ...]:
   return tuple(stats)
 
 
-def inverse_root(statistic: jax.Array, damping: jax.Array, exponent: int) -> jax.Array:
-  """(L + εI)^(−1/exponent) by ``eigh`` in L's dtype (float32 or wider: float64
-  for float64 statistics), eigenvalues clipped at 0 first."""
+def _eigen_root(
+  statistic: jax.Array, exponent: int, ridge_of: Callable[[jax.Array], jax.Array]
+) -> tuple[jax.Array, jax.Array]:
+  """(L + rI)^(−1/exponent) by one ``eigh`` in L's dtype (float32 or wider: float64
+  for float64 statistics), eigenvalues clipped at 0 first, with r = ``ridge_of(λ)``
+  per matrix (λ: L's eigenvalues, ascending); and r."""
   statistic = statistic.astype(jnp.promote_types(statistic.dtype, jnp.float32))
   eigenvalues, eigenvectors = per_matrix(jnp.linalg.eigh, statistic)
-  damping = jnp.asarray(damping).astype(statistic.dtype)
-  scale = (jnp.maximum(eigenvalues, 0.0) + damping) ** (-1.0 / exponent)
-  return jnp.matmul(
+  ridge = ridge_of(eigenvalues).astype(statistic.dtype)
+  scale = (jnp.maximum(eigenvalues, 0.0) + ridge[..., None]) ** (-1.0 / exponent)
+  root = jnp.matmul(
     eigenvectors * scale[..., None, :], jnp.swapaxes(eigenvectors, -1, -2), precision=_HIGHEST
   )
+  return root, ridge
+
+
+def inverse_root(statistic: jax.Array, damping: jax.Array, exponent: int) -> jax.Array:
+  """(L + εI)^(−1/exponent), ε absolute (:func:`_eigen_root`)."""
+  return _eigen_root(
+    statistic, exponent, lambda e: jnp.broadcast_to(jnp.asarray(damping, e.dtype), e.shape[:-1])
+  )[0]
 
 
 def authors_inverse_root(
@@ -248,17 +259,10 @@ def authors_inverse_root(
   """The authors' ridge: (L + rI)^(−1/exponent) with r = ε·λ_max(L) per matrix,
   and r (shape ``statistic.shape[:-2]``), which the caller adds to the stored L.
 
-  One ``eigh`` in L's dtype (float32 or wider): λ_max is its largest
-  eigenvalue, and the eigenvalues of L + rI are those of L (clipped at 0) plus r.
+  λ_max is the largest eigenvalue of the same ``eigh`` (:func:`_eigen_root`); the
+  eigenvalues of L + rI are those of L (clipped at 0) plus r.
   """
-  statistic = statistic.astype(jnp.promote_types(statistic.dtype, jnp.float32))
-  eigenvalues, eigenvectors = per_matrix(jnp.linalg.eigh, statistic)
-  ridge = jnp.asarray(epsilon).astype(statistic.dtype) * eigenvalues[..., -1]
-  scale = (jnp.maximum(eigenvalues, 0.0) + ridge[..., None]) ** (-1.0 / exponent)
-  root = jnp.matmul(
-    eigenvectors * scale[..., None, :], jnp.swapaxes(eigenvectors, -1, -2), precision=_HIGHEST
-  )
-  return root, ridge
+  return _eigen_root(statistic, exponent, lambda e: jnp.asarray(epsilon, e.dtype) * e[..., -1])
 
 
 def precondition_blocks(blocks: jax.Array, roots: Sequence[jax.Array]) -> jax.Array:
