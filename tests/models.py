@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from eva_optax._src.preconditioning import LayerGradient
+from eva_optax._src.layerwise_rule import LayerGradient
 
 # ---------------------------------------------------------------------------
 # Flax models.

@@ -19,8 +19,8 @@ import pytest
 
 import eva_optax
 from eva_optax._src.eva import sherman_morrison, sherman_morrison_layers
-from eva_optax._src import preconditioning
-from eva_optax._src.preconditioning import LayerGradient
+from eva_optax._src import state_entries
+from eva_optax._src.layerwise_rule import LayerGradient
 from eva_optax._src.statistics import KernelLayout
 from models import layer_group
 
@@ -515,7 +515,7 @@ def test_layouts_the_parameters_leave_open_are_taken_from_the_capture():
       for key in path:
         flat, exact = flat[key], exact[key]
       np.testing.assert_allclose(
-        preconditioning.fit(flat, exact.shape, name), exact, rtol=1e-5, atol=1e-8
+        state_entries.read_entry(flat, exact.shape, name), exact, rtol=1e-5, atol=1e-8
       )
   _, grads, stats = grad_fn(params)
   # Each stacked layer is preconditioned with its own statistics.

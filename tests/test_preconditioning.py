@@ -19,8 +19,9 @@ import optax
 import pytest
 
 import eva_optax
-from eva_optax._src import preconditioning
-from eva_optax._src.preconditioning import LayerGradient, Preconditioned
+from eva_optax._src import layer_averages, layerwise_rule, preconditioning, state_entries
+from eva_optax._src.layerwise_rule import LayerGradient, Preconditioned
+from eva_optax._src.layers import find_layer_slots
 from eva_optax._src.statistics import (
   EVA_STATISTICS,
   KernelLayout,
@@ -123,7 +124,7 @@ def test_inverses_refresh_exactly_every_n_steps(problem, name):
   # The refresh uses the running factors of that step.
   s3 = states[3][0]
   factor = np.asarray(s3.input_factor["Dense_0"], np.float64)
-  inverse = np.asarray(s3.cache["input_inverse"]["Dense_0"], np.float64)
+  inverse = np.asarray(s3.cache.input_inverse["Dense_0"], np.float64)
   if name == "foof":
     damping = 0.03
   else:  # K-FAC's π-split damping: √γ·π on A, π² = (tr A/dim A)/(tr G/dim G)
@@ -132,7 +133,7 @@ def test_inverses_refresh_exactly_every_n_steps(problem, name):
     damping = np.sqrt(0.03) * pi
     want_g = np.linalg.inv(g + np.sqrt(0.03) / pi * np.eye(len(g)))
     np.testing.assert_allclose(
-      s3.cache["output_grad_inverse"]["Dense_0"],
+      s3.cache.output_grad_inverse["Dense_0"],
       want_g,
       rtol=2e-3,
       atol=1e-5 * np.abs(want_g).max(),
@@ -264,7 +265,7 @@ def test_each_layer_applies_the_rule_to_every_layer_and_sums_the_dots():
     LayerGradient(jnp.asarray(rng.normal(size=(2, 5, 2)), jnp.float32), None),
   ]
   stats = [{"scale": jnp.float32(2.0)}, {"scale": jnp.float32(-1.0)}]
-  group = preconditioning.each_layer(_double)(grads, stats, jnp.float32(0.5))
+  group = layerwise_rule.each_layer(_double)(grads, stats, jnp.float32(0.5))
   assert isinstance(group.kernel, tuple) and len(group.kernel) == 2
   assert group.bias[1] is None
   total = 0.0
@@ -291,13 +292,13 @@ def test_apply_layerwise_preconditions_the_named_layers_scales_them_and_passes_t
     "LayerNorm_0": {"scale": normal(6), "bias": normal(6)},
     "other": {"kernel": normal(2, 2), "bias": normal(2)},  # a layer, not preconditioned
   }
-  slots = preconditioning.find_layer_slots(updates)
+  slots = find_layer_slots(updates)
   layers = {("conv",): {"scale": 2.0}, ("dense",): {"scale": 3.0}}
   seen = []
 
   def group_rule(grads, stats):
     seen.extend((g.kernel.shape, None if g.bias is None else g.bias.shape) for g in grads)
-    return preconditioning.each_layer(_double)(grads, stats, 1.0)
+    return layerwise_rule.each_layer(_double)(grads, stats, 1.0)
 
   out = preconditioning.apply_layerwise(
     updates, slots, layers, group_rule, lambda total: 1.0 / total
@@ -322,11 +323,10 @@ def _averages_setup():
     "Dense_0": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)},
     "norm": {"scale": jnp.zeros(2)},
   }
-  slots = preconditioning.find_layer_slots(params)
-  averages = preconditioning.zero_statistics(
-    slots, ("input_mean", "output_grad_mean", "input_factor")
-  )
-  return slots, averages
+  slots = find_layer_slots(params)
+  trees = state_entries.zero_averages(slots, ("input_mean", "output_grad_mean", "input_factor"))
+  # As an update reads the state: {statistic: {module path: entry}}.
+  return slots, {n: state_entries.flatten_entries(t) for n, t in trees.items()}
 
 
 def test_update_averages_first_takes_the_statistics_then_averages_them():
@@ -334,22 +334,33 @@ def test_update_averages_first_takes_the_statistics_then_averages_them():
   first = LayerStats(jnp.asarray([1.0, 2.0, 3.0]), jnp.asarray([4.0, 5.0]), 2.0 * jnp.eye(4))
   second = LayerStats(jnp.asarray([3.0, 2.0, 1.0]), jnp.asarray([0.0, 1.0]), 4.0 * jnp.eye(4))
   stats = {"Dense_0": first, "norm": PassThrough("LayerNorm", "no kernel")}
-  per_layer, averages = preconditioning.update_averages(
+  per_layer, averages = layer_averages.update_averages(
     slots, stats, averages, 0.25, jnp.int32(0), "test"
   )
-  assert set(per_layer) == {("Dense_0",)}
-  np.testing.assert_array_equal(per_layer[("Dense_0",)]["input_mean"], first.input_mean)
+  assert all(set(v) == {("Dense_0",)} for v in per_layer.values())
+  np.testing.assert_array_equal(per_layer["input_mean"][("Dense_0",)], first.input_mean)
   # A of a layer with a bias: kept as its kernel rows and its bias row.
-  stored = averages["input_factor"]["Dense_0"]
+  stored = averages["input_factor"][("Dense_0",)]
   assert isinstance(stored, WithBiasRow) and stored.rows.shape == (3, 4)
   np.testing.assert_array_equal(stored.matrix(), first.input_factor)
-  per_layer, averages = preconditioning.update_averages(
+  per_layer, averages = layer_averages.update_averages(
     slots, {"Dense_0": second}, averages, 0.25, jnp.int32(1), "test"
   )
   for name in ("input_mean", "output_grad_mean", "input_factor"):
     want = 0.25 * getattr(first, name) + 0.75 * getattr(second, name)
-    np.testing.assert_allclose(together(per_layer[("Dense_0",)][name]), want, rtol=1e-6)
-    np.testing.assert_allclose(together(averages[name]["Dense_0"]), want, rtol=1e-6)
+    np.testing.assert_allclose(together(per_layer[name][("Dense_0",)]), want, rtol=1e-6)
+    np.testing.assert_allclose(together(averages[name][("Dense_0",)]), want, rtol=1e-6)
+  # A step that is not due (stats_every) keeps every average as it was.
+  kept, unchanged = layer_averages.update_averages(
+    slots, {"Dense_0": first}, averages, 0.25, jnp.int32(2), "test", due=jnp.bool_(False)
+  )
+  for name in ("input_mean", "output_grad_mean", "input_factor"):
+    np.testing.assert_array_equal(
+      together(kept[name][("Dense_0",)]), together(averages[name][("Dense_0",)])
+    )
+    np.testing.assert_array_equal(
+      together(unchanged[name][("Dense_0",)]), together(averages[name][("Dense_0",)])
+    )
 
 
 def test_update_averages_keeps_what_is_not_finite_and_factors_not_computed():
@@ -357,19 +368,19 @@ def test_update_averages_keeps_what_is_not_finite_and_factors_not_computed():
   zeros (gated off by factors_due) or has an Inf keeps the old factor."""
   slots, averages = _averages_setup()
   old = LayerStats(jnp.asarray([1.0, 2.0, 3.0]), jnp.asarray([4.0, 5.0]), 2.0 * jnp.eye(4))
-  _, averages = preconditioning.update_averages(
+  _, averages = layer_averages.update_averages(
     slots, {"Dense_0": old}, averages, 0.5, jnp.int32(0), "test"
   )
   for factor in (jnp.zeros((4, 4)), jnp.eye(4).at[0, 1].set(jnp.inf)):
     bad = LayerStats(jnp.asarray([jnp.nan, 4.0, 5.0]), jnp.asarray([jnp.inf, 1.0]), factor)
-    per_layer, after = preconditioning.update_averages(
+    per_layer, after = layer_averages.update_averages(
       slots, {"Dense_0": bad}, averages, 0.5, jnp.int32(1), "test"
     )
-    np.testing.assert_allclose(after["input_mean"]["Dense_0"], [1.0, 3.0, 4.0])
-    np.testing.assert_allclose(after["output_grad_mean"]["Dense_0"], [4.0, 3.0])
-    np.testing.assert_array_equal(together(after["input_factor"]["Dense_0"]), old.input_factor)
+    np.testing.assert_allclose(after["input_mean"][("Dense_0",)], [1.0, 3.0, 4.0])
+    np.testing.assert_allclose(after["output_grad_mean"][("Dense_0",)], [4.0, 3.0])
+    np.testing.assert_array_equal(together(after["input_factor"][("Dense_0",)]), old.input_factor)
     np.testing.assert_array_equal(
-      together(per_layer[("Dense_0",)]["input_factor"]), old.input_factor
+      together(per_layer["input_factor"][("Dense_0",)]), old.input_factor
     )
 
 
@@ -378,13 +389,13 @@ def test_update_averages_names_what_is_missing():
   with pytest.raises(
     ValueError, match=r"needs the statistics .*\['input_factor'\] were not captured"
   ):
-    preconditioning.update_averages(
+    layer_averages.update_averages(
       slots, {"Dense_0": LayerStats(jnp.ones(3), jnp.ones(2))}, averages, 0.5, jnp.int32(0), "test"
     )
   with pytest.raises(
     ValueError, match=r"test: no statistics for the layer parameters at \['Dense_0'\]"
   ):
-    preconditioning.update_averages(slots, {}, averages, 0.5, jnp.int32(0), "test")
+    layer_averages.update_averages(slots, {}, averages, 0.5, jnp.int32(0), "test")
 
 
 # ---------------------------------------------------------------------------
@@ -478,31 +489,31 @@ def test_room_is_exact_where_the_parameters_fix_the_layout_and_flat_where_not():
   (4, 3, 5) has several (in 4·3 out 5; in 4 out 3·5; stack 4, in 3, out 5; and
   the Einsum readings contracting 3 or 5): each statistic gets a flat buffer as
   long as its largest reading; fit reads its head, put writes it, tail zero."""
-  slots = preconditioning.find_layer_slots(
+  slots = find_layer_slots(
     {
       "dense": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)},
       "open": {"kernel": jnp.zeros((4, 3, 5))},
     }
   )
-  assert preconditioning.room(slots[("dense",)], EVA_STATISTICS) == {
+  assert state_entries.entry_shapes(slots[("dense",)], EVA_STATISTICS) == {
     "input_mean": (4,),
     "output_grad_mean": (3,),
   }
   # ā: 12, 4, 4·3, 3, 5 → 12; ḡ: 5, 15, 4·5, 4·5, 3·4 → 20.
-  assert preconditioning.room(slots[("open",)], EVA_STATISTICS) == {
+  assert state_entries.entry_shapes(slots[("open",)], EVA_STATISTICS) == {
     "input_mean": (12,),
     "output_grad_mean": (20,),
   }
   open_slot = slots[("open",)]
-  assert preconditioning.has_room(open_slot, KernelLayout(0, 2), EVA_STATISTICS)
-  assert preconditioning.has_room(open_slot, KernelLayout(1, 1), EVA_STATISTICS)
+  assert state_entries.holds_layout(open_slot, KernelLayout(0, 2), EVA_STATISTICS)
+  assert state_entries.holds_layout(open_slot, KernelLayout(1, 1), EVA_STATISTICS)
   # Contracting 3 and 5 (ā of 15) is not a reading of Flax's layers.
-  assert not preconditioning.has_room(
+  assert not state_entries.holds_layout(
     open_slot, KernelLayout(0, 1, permutation=(1, 2, 0)), EVA_STATISTICS
   )
   value = jnp.arange(1.0, 16.0).reshape(3, 5)
-  new = preconditioning.put(jnp.ones(20), value)
+  new = state_entries.write_entry(jnp.ones(20), value)
   np.testing.assert_array_equal(new, np.r_[np.arange(1.0, 16.0), np.zeros(5)])
-  np.testing.assert_array_equal(preconditioning.fit(new, (3, 5), "open"), value)
+  np.testing.assert_array_equal(state_entries.read_entry(new, (3, 5), "open"), value)
   with pytest.raises(ValueError, match="layouts=eva_optax.layouts_of"):
-    preconditioning.fit(new, (3, 7), "open")
+    state_entries.read_entry(new, (3, 7), "open")

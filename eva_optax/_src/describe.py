@@ -10,7 +10,7 @@ import numpy as np
 
 from eva_optax._src.layers import find_layer_slots
 from eva_optax._src.paths import BIAS, KERNEL, flatten_with_paths, path_str
-from eva_optax._src.preconditioning import has_room
+from eva_optax._src.state_entries import holds_layout
 from eva_optax._src.statistics import EVA_STATISTICS, LayerStats, PassThrough, layer_entries
 
 
@@ -123,7 +123,7 @@ def describe(
       if name == KERNEL:
         detail += _negligible_correction(entry, damping, negligible) or ""
         if slot is not None and slot.layout != entry.layout:
-          if slot.readings and has_room(slot, entry.layout, EVA_STATISTICS):
+          if slot.readings and holds_layout(slot, entry.layout, EVA_STATISTICS):
             detail += "; layout from the capture (the parameters allow several)"
           else:
             detail += (

@@ -35,12 +35,13 @@ import optax
 from eva_optax._src import kl
 from eva_optax._src.alias import Nesterov, with_sgd
 from eva_optax._src.statistics import EVA_STATISTICS
-from eva_optax._src.preconditioning import (
+from eva_optax._src.layerwise_rule import (
   LayerGradient,
+  LayerwiseRule,
   Preconditioned,
-  layerwise_transformation,
   scale_preconditioned,
 )
+from eva_optax._src.preconditioning import LayerwiseOptions, layerwise_transformation
 from eva_optax._src.segments import Segments, two_sums
 from eva_optax._src.sharded_sums import packed_sums, stack_labels
 
@@ -218,26 +219,18 @@ def scale_by_eva(
     Kronecker-vectorized Approximation. ICLR 2023.
   """
 
-  def precondition(grads, layer_stats, gamma):
+  def precondition(grads, layers, gamma):
     p = sherman_morrison_layers(
       grads,
-      [s["input_mean"] for s in layer_stats],
-      [s["output_grad_mean"] for s in layer_stats],
+      [c.stats.input_mean for c in layers],
+      [c.stats.output_grad_mean for c in layers],
       gamma,
     )
     return p if scaling == kl.KL_NORMALISE else scale_preconditioned(p, 1.0 / gamma)
 
   return layerwise_transformation(
-    who="scale_by_eva",
-    state_cls=ScaleByEvaState,
-    statistics=STATISTICS,
-    precondition_layers=precondition,
-    learning_rate=learning_rate,
-    damping=damping,
-    kl_clip=kl_clip,
-    stat_decay=stat_decay,
-    scaling=scaling,
-    layouts=layouts,
+    LayerwiseRule("scale_by_eva", STATISTICS, precondition, ScaleByEvaState),
+    LayerwiseOptions(learning_rate, damping, kl_clip, stat_decay, scaling, layouts),
   )
 
 

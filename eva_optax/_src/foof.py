@@ -27,10 +27,17 @@ from eva_optax._src.alias import Nesterov, with_sgd
 from eva_optax._src.hyper import check_period
 from eva_optax._src.statistics import INPUT_FACTOR
 from eva_optax._src.linalg import damped_inverse, split_bias_row, with_bias_row
+from eva_optax._src.layerwise_rule import (
+  LayerCurvature,
+  LayerGradient,
+  LayerwiseRule,
+  Preconditioned,
+  Refresh,
+  each_layer,
+)
 from eva_optax._src.preconditioning import (
   FactorGate,
-  LayerGradient,
-  Preconditioned,
+  LayerwiseOptions,
   layerwise_transformation,
 )
 
@@ -46,6 +53,28 @@ def foof_precondition(grad: LayerGradient, input_inverse: jax.Array) -> Precondi
   return Preconditioned(kernel, bias, jnp.sum(v * full))
 
 
+class FoofInverse(NamedTuple):
+  """FOOF's cache of one layer (in the state: a tree keyed by module path).
+
+  Attributes:
+    input_inverse: (A + γI)⁻¹, ``stack + (in[+1], in[+1])``.
+  """
+
+  input_inverse: Any
+
+
+def foof_inverse(averages, gamma: jax.Array, slot=None) -> FoofInverse:
+  """FOOF's refresh of one layer: (A + γI)⁻¹ of its running A."""
+  del slot
+  return FoofInverse(damped_inverse(averages.input_factor, gamma))
+
+
+def foof_layer(grad: LayerGradient, layer: LayerCurvature, gamma: jax.Array) -> Preconditioned:
+  """FOOF's rule for one layer: Ĝ (A + γI)⁻¹ with the cached inverse."""
+  del gamma  # in the cached inverse
+  return foof_precondition(grad, layer.cache.input_inverse)
+
+
 class ScaleByFoofState(NamedTuple):
   """State of :func:`scale_by_foof`.
 
@@ -54,8 +83,8 @@ class ScaleByFoofState(NamedTuple):
     input_factor: running A per layer, keyed by module path (for a layer
       with a bias, a :class:`~eva_optax._src.statistics.WithBiasRow`: see
       :class:`eva_optax.ScaleByKfacState`).
-    cache: ``{'input_inverse': (A + γI)⁻¹ per layer}``, kept like A,
-      refreshed every ``inverse_every`` steps, each on one device of a mesh.
+    cache: a :class:`FoofInverse` whose field is a tree keyed by module
+      path: (A + γI)⁻¹ per layer, kept like A, refreshed every ``inverse_every`` steps, each on one device of a mesh.
     gate: whether the next update averages the factor, read by
       :func:`eva_optax.factors_due`.
   """
@@ -99,23 +128,15 @@ def scale_by_foof(
 
   check_period("inverse_every", inverse_every)
 
-  def refresh(averages, gamma):
-    return {"input_inverse": damped_inverse(averages["input_factor"], gamma)}
-
   return layerwise_transformation(
-    who="scale_by_foof",
-    state_cls=ScaleByFoofState,
-    statistics=STATISTICS,
-    precondition=lambda grad, s, gamma: foof_precondition(grad, s["input_inverse"]),
-    learning_rate=learning_rate,
-    damping=damping,
-    kl_clip=kl_clip,
-    stat_decay=stat_decay,
-    scaling=scaling,
-    layouts=layouts,
-    refresh=refresh,
-    refresh_every=inverse_every,
-    stats_every=stats_every,
+    LayerwiseRule(
+      "scale_by_foof",
+      STATISTICS,
+      each_layer(foof_layer),
+      ScaleByFoofState,
+      Refresh(inverse_every, foof_inverse),
+    ),
+    LayerwiseOptions(learning_rate, damping, kl_clip, stat_decay, scaling, layouts, stats_every),
   )
 
 

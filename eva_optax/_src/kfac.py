@@ -35,6 +35,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -46,17 +47,25 @@ import optax
 from eva_optax._src import kl
 from eva_optax._src.alias import Nesterov, with_sgd
 from eva_optax._src.hyper import check_period
-from eva_optax._src.statistics import INPUT_FACTOR, OUTPUT_GRAD_FACTOR
+from eva_optax._src.layers import LayerSlot
+from eva_optax._src.statistics import INPUT_FACTOR, OUTPUT_GRAD_FACTOR, LayerStats
 from eva_optax._src.linalg import (
   block_diagonal_damped_inverse,
   mean_trace,
   split_bias_row,
   with_bias_row,
 )
+from eva_optax._src.layerwise_rule import (
+  LayerCurvature,
+  LayerGradient,
+  LayerwiseRule,
+  Preconditioned,
+  Refresh,
+  each_layer,
+)
 from eva_optax._src.preconditioning import (
   FactorGate,
-  LayerGradient,
-  Preconditioned,
+  LayerwiseOptions,
   layerwise_transformation,
 )
 
@@ -149,6 +158,45 @@ def kfac_precondition(
   return Preconditioned(kernel, bias, jnp.sum(v * full))
 
 
+class KfacInverses(NamedTuple):
+  """K-FAC's cache of one layer (in the state: a tree per field keyed by module path).
+
+  Attributes:
+    input_inverse: (A + √γπ·I)⁻¹ (or of its diagonal blocks), ``stack + (in[+1], in[+1])``.
+    output_grad_inverse: (G + √γ/π·I)⁻¹, ``stack + (out, out)``.
+  """
+
+  input_inverse: Any
+  output_grad_inverse: Any
+
+
+def kfac_layer(grad: LayerGradient, layer: LayerCurvature, gamma: jax.Array) -> Preconditioned:
+  """K-FAC's rule for one layer: G⁻¹ Ĝ A⁻¹ with the cached damped inverses."""
+  del gamma  # in the cached inverses
+  return kfac_precondition(grad, layer.cache.input_inverse, layer.cache.output_grad_inverse)
+
+
+def kfac_inverses(
+  averages: LayerStats, gamma: jax.Array, slot: LayerSlot, diag_blocks: int = 1
+) -> KfacInverses:
+  """K-FAC's refresh of one layer: the π-damped inverses of its running A and G
+  (:func:`damped_inverses`); with ``diag_blocks > 1``, a convolution's A is cut
+  in the authors' order of its inputs."""
+  inputs = None
+  if averages.kind == "Conv" and diag_blocks > 1:
+    layout = slot.layout
+    shape = layout.ordered(slot.kernel_shape)
+    inputs = tuple(shape[layout.stack_ndim : len(shape) - layout.output_ndim])
+  return KfacInverses(
+    *damped_inverses(averages.input_factor, averages.output_grad_factor, gamma, diag_blocks, inputs)
+  )
+
+
+def stored_factor_damping(averages: LayerStats, gamma: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The authors' in-place damping: √γπ on A's diagonal, √γ/π on G's."""
+  return pi_dampings(averages.input_factor, averages.output_grad_factor, gamma)
+
+
 class ScaleByKfacState(NamedTuple):
   """State of :func:`scale_by_kfac`.
 
@@ -159,8 +207,8 @@ class ScaleByKfacState(NamedTuple):
       kernel rows and its bias row, ``.matrix()`` for A), so that on a mesh
       its rows split evenly over the devices.
     output_grad_factor: running G per layer.
-    cache: ``{'input_inverse', 'output_grad_inverse'}``: the damped inverses
-      per layer (kept like the factors), refreshed every ``inverse_every``
+    cache: a :class:`KfacInverses` whose fields are trees keyed by module
+      path: the damped inverses per layer (kept like the factors), refreshed every ``inverse_every``
       steps, each on one device of a mesh
       (:func:`~eva_optax._src.once_per_mesh.once_per_mesh`).
     gate: whether the next update averages the factors, read by
@@ -238,44 +286,14 @@ def scale_by_kfac(
     check_period("diag_blocks", diag_blocks, static=True)
   blocks = 1 if diag_blocks is None else int(diag_blocks)
 
-  def refresh_for(slot, kind):
-    inputs = None
-    if kind == "Conv" and blocks > 1:
-      layout = slot.layout
-      shape = layout.ordered(slot.kernel_shape)
-      inputs = tuple(shape[layout.stack_ndim : len(shape) - layout.output_ndim])
-
-    def refresh(averages, gamma):
-      a_inv, g_inv = damped_inverses(
-        averages["input_factor"], averages["output_grad_factor"], gamma, blocks, inputs
-      )
-      return {"input_inverse": a_inv, "output_grad_inverse": g_inv}
-
-    return refresh
-
-  def shift(averages, gamma):
-    damping_a, damping_g = pi_dampings(
-      averages["input_factor"], averages["output_grad_factor"], gamma
-    )
-    return {"input_factor": damping_a, "output_grad_factor": damping_g}
-
+  refresh = Refresh(
+    inverse_every,
+    functools.partial(kfac_inverses, diag_blocks=blocks),
+    stored_factor_damping if damp_stored_factors else None,
+  )
   return layerwise_transformation(
-    who="scale_by_kfac",
-    state_cls=ScaleByKfacState,
-    statistics=STATISTICS,
-    precondition=lambda grad, s, gamma: kfac_precondition(
-      grad, s["input_inverse"], s["output_grad_inverse"]
-    ),
-    learning_rate=learning_rate,
-    damping=damping,
-    kl_clip=kl_clip,
-    stat_decay=stat_decay,
-    scaling=scaling,
-    layouts=layouts,
-    refresh_for=refresh_for,
-    refresh_every=inverse_every,
-    stats_every=stats_every,
-    shift_after_refresh=shift if damp_stored_factors else None,
+    LayerwiseRule("scale_by_kfac", STATISTICS, each_layer(kfac_layer), ScaleByKfacState, refresh),
+    LayerwiseOptions(learning_rate, damping, kl_clip, stat_decay, scaling, layouts, stats_every),
   )
 
 

@@ -23,17 +23,17 @@ import jax
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from eva_optax._src.preconditioning import is_layerwise_state, layerwise_state_specs
+from eva_optax._src.layerwise_specs import is_layerwise_state, layerwise_state_specs
 from eva_optax._src.shampoo import ScaleByShampooState, shampoo_state_specs
 from eva_optax._src.sharding import params_mesh
 
 
 #: ``state_shardings(..., matrices=)``: K-FAC's, FOOF's and Shampoo's matrices
 #: split over the devices, or whole on every one.
-SPLIT, WHOLE = "split", "whole"
+_SPLIT, _WHOLE = "split", "whole"
 
 
-def state_shardings(tx: Any, params: Any, shardings: Any = None, *, matrices: str = SPLIT) -> Any:
+def state_shardings(tx: Any, params: Any, shardings: Any = None, *, matrices: str = _SPLIT) -> Any:
   """The ``NamedSharding`` of every leaf of ``tx.init(params)``.
 
   Args:
@@ -61,9 +61,9 @@ def state_shardings(tx: Any, params: Any, shardings: Any = None, *, matrices: st
       state_sharding = eva_optax.state_shardings(tx, params, param_sharding)
       opt_state = jax.jit(tx.init, out_shardings=state_sharding)(params)
   """
-  if matrices not in (SPLIT, WHOLE):
-    raise ValueError(f"state_shardings: matrices={matrices!r}, expected {SPLIT!r} or {WHOLE!r}")
-  split = matrices == SPLIT
+  if matrices not in (_SPLIT, _WHOLE):
+    raise ValueError(f"state_shardings: matrices={matrices!r}, expected {_SPLIT!r} or {_WHOLE!r}")
+  split = matrices == _SPLIT
   if shardings is not None:
     params = jax.tree.map(
       lambda p, s: jax.ShapeDtypeStruct(jax.numpy.shape(p), jax.numpy.result_type(p), sharding=s),
