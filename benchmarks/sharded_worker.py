@@ -102,14 +102,12 @@ def build_step(
       jax.tree.map(lambda x: x.value, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)),
       param_sharding,
     )
-    grad_fn = None
     kwargs = {}
-    if spec.statistics is not None:
-      grad_fn = eva_optax.value_and_grad(
+    if spec.statistics is not None and spec.accepts("layouts"):
+      abstract_capture = eva_optax.value_and_grad(
         loss_fn, statistics=spec.statistics, **dict(spec.capture_options)
       )
-      if spec.accepts("layouts"):
-        kwargs["layouts"] = eva_optax.layouts_of(jax.eval_shape(grad_fn, params, tokens)[2])
+      kwargs["layouts"] = eva_optax.layouts_of(jax.eval_shape(abstract_capture, params, tokens)[2])
     tx = spec.build(LEARNING_RATE, optimizers.Options(), **kwargs)
     state_sharding = eva_optax.state_shardings(tx, params)
     state = jax.tree.map(
@@ -118,12 +116,15 @@ def build_step(
       state_sharding,
     )
 
-  gated = spec.capture == "gated"
-  plain = spec.capture == "plain"
+  # What the step captures is read from the optimizer's state (none: a plain gradient).
+  statistics = eva_optax.statistics_needed(state)
+  gated = eva_optax.has_factor_gate(state)
+  if statistics:
+    grad_fn = eva_optax.value_and_grad(loss_fn, statistics=statistics, **dict(spec.capture_options))
 
   def step(params: Any, state: Any, tokens: jax.Array) -> tuple[Any, Any, jax.Array]:
     with nn.logical_axis_rules(rules):
-      if plain:
+      if not statistics:
         loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
         updates, state = tx.update(grads, state, params)
       else:

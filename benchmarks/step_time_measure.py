@@ -170,7 +170,7 @@ class Variant:
   tx: optax.GradientTransformation
   extra: tuple = ()
   period: int = 1
-  capture: str = "plain"
+  captures: bool = False  # its step captures statistics (its layers: the captured ones)
 
 
 def build_runners(
@@ -204,7 +204,8 @@ def build_runners(
         raise
       errors[name] = f"{type(e).__name__}: {e}"
       continue
-    variants.append(Variant(name, step, tx, (), period_of(spec), spec.capture))
+    captures = bool(eva_optax.statistics_needed(jax.eval_shape(tx.init, params)))
+    variants.append(Variant(name, step, tx, (), period_of(spec), captures))
     if name == "sgd" and breakdown:
       eva = build_tx(SPEC_BY_KEY["eva"], w, layouts)
       if execute:
@@ -214,14 +215,14 @@ def build_runners(
         captured = stats
       variants += [
         Variant("sgd-again", training.make_step(spec, tx, w.loss_fn), tx),
-        Variant("sgd+capture", make_sgd_capture_step(w, tx), tx, (), 1, "stats"),
+        Variant("sgd+capture", make_sgd_capture_step(w, tx), tx, (), 1, True),
         Variant(
           "sgd-grad+eva-update",
           make_eva_update_step(w, eva),
           eva,
           (captured,),
           1,
-          "stats",
+          True,
         ),
       ]
   runners = []
@@ -249,7 +250,7 @@ def build_runners(
         period=v.period,
         state_bytes=nbytes,
       )
-      runner.ops["layers"] = layers["matrices" if v.capture == "plain" else "captured"]
+      runner.ops["layers"] = layers["captured" if v.captures else "matrices"]
       if execute:
         t0 = time.perf_counter()
         jax.block_until_ready(runner.run(w.batch, 1))

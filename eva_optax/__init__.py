@@ -25,14 +25,16 @@ from eva_optax._src.eva_foof import STATISTICS as EVA_FOOF_STATISTICS
 from eva_optax._src.eva_foof import ScaleByEvaFoofState, eva_foof, scale_by_eva_foof
 from eva_optax._src.eva_shampoo import ScaleByEvaShampooState, eva_shampoo, scale_by_eva_shampoo
 from eva_optax._src.foof import STATISTICS as FOOF_STATISTICS
-from eva_optax._src.foof import ScaleByFoofState, foof, scale_by_foof
+from eva_optax._src.foof import FoofInverse, ScaleByFoofState, foof, scale_by_foof
 from eva_optax._src.grafting import graft_to_norm, sgd_graft
 from eva_optax._src.kfac import STATISTICS as KFAC_STATISTICS
-from eva_optax._src.kfac import ScaleByKfacState, kfac, scale_by_kfac
+from eva_optax._src.kfac import KfacInverses, ScaleByKfacState, kfac, scale_by_kfac
 from eva_optax._src.kl import kl_clip_factor, kl_normalise_factor
+from eva_optax._src.labels import layer_labels
 from eva_optax._src.memory import state_bytes
 from eva_optax._src.nnx_capture import nnx_value_and_grad
 from eva_optax._src.preconditioning import FactorGate, factors_due
+from eva_optax._src.state_needs import has_factor_gate, statistics_needed
 from eva_optax._src.state_sharding import state_shardings
 from eva_optax._src.statistics import KernelLayout, LayerStats, PassThrough, layouts_of
 from eva_optax._src.shampoo import ScaleByShampooState, scale_by_shampoo, shampoo
@@ -54,6 +56,8 @@ __all__ = [
   "ScaleByEvaShampooState",
   "ScaleByEvaState",
   "ScaleByFoofState",
+  "FoofInverse",
+  "KfacInverses",
   "ScaleByKfacState",
   "ScaleByShampooState",
   "TrainState",
@@ -64,9 +68,11 @@ __all__ = [
   "factors_due",
   "foof",
   "graft_to_norm",
+  "has_factor_gate",
   "kfac",
   "kl_clip_factor",
   "kl_normalise_factor",
+  "layer_labels",
   "layouts_of",
   "nnx_value_and_grad",
   "scale_by_eva",
@@ -78,6 +84,7 @@ __all__ = [
   "sgd_graft",
   "state_bytes",
   "state_shardings",
+  "statistics_needed",
   "shampoo",
   "sherman_morrison",
   "value_and_grad",

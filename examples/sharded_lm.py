@@ -461,19 +461,21 @@ def make_step(
   """``(params, opt_state, tokens) -> (params, opt_state, loss)``, jitted on the mesh."""
   param_sharding, state_sharding, batch_sharding = shardings
   replicated = NamedSharding(batch_sharding.mesh, P())
-  grad_fn = (
-    eva_optax.value_and_grad(loss_fn, statistics=spec.statistics)
-    if spec.capture in ("stats", "gated")
-    else None
-  )
 
   def step(params: Params, opt_state: Any, tokens: jax.Array) -> tuple[Params, Any, jax.Array]:
-    if grad_fn is None:
+    # What the capture computes is read from the optimizer's state (none: a plain gradient).
+    statistics = eva_optax.statistics_needed(opt_state)
+    if not statistics:
       loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
       updates, opt_state = tx.update(grads, opt_state, params)
     else:
       # K-FAC: A and G only on the steps whose update averages them.
-      gate = {"factors_due": eva_optax.factors_due(opt_state)} if spec.capture == "gated" else {}
+      gate = {}
+      if eva_optax.has_factor_gate(opt_state):
+        gate["factors_due"] = eva_optax.factors_due(opt_state)
+      grad_fn = eva_optax.value_and_grad(
+        loss_fn, statistics=statistics, **dict(spec.capture_options)
+      )
       loss, grads, stats = grad_fn(params, tokens, **gate)
       updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
     return optax.apply_updates(params, updates), opt_state, loss

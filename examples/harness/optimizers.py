@@ -2,16 +2,15 @@
 
 Every optimizer gets the same learning-rate schedule shape, momentum 0.9 wherever it
 has momentum, and L2 weight decay added to the gradient (``weight_decay`` × params),
-except AdamW and Muon whose decay is decoupled. ``capture`` says how a step gets its
-gradients:
-
-- ``"plain"``: ``jax.value_and_grad`` (SGD, AdamW, Eva-s, Shampoo, Muon);
-- ``"objective"``: the same, and ``update`` also gets ``obj_fn``, the loss of this batch as
-  a function of the parameters, for the Hessian-vector products of Sophia's estimate of the
-  Hessian diagonal (Sophia);
-- ``"stats"``: ``eva_optax.value_and_grad(..., statistics=spec.statistics)`` (Eva, Eva-f);
-- ``"gated"``: the same, with ``factors_due=eva_optax.factors_due(opt_state)`` so that the
-  Kronecker factors are only computed on the steps that use them (K-FAC, FOOF).
+except AdamW and Muon whose decay is decoupled. How a step gets its gradients is read from
+the optimizer's state, not from its entry here (:func:`examples.harness.training.make_step`):
+``eva_optax.statistics_needed`` names the statistics its layer-wise parts average (Eva,
+Eva-f, K-FAC, FOOF: ``eva_optax.value_and_grad(..., statistics=...)``; none: a plain
+``jax.value_and_grad``), ``eva_optax.has_factor_gate`` says whether to pass
+``factors_due=eva_optax.factors_due(opt_state)`` so that the Kronecker factors are only
+computed on the steps that use them (K-FAC, FOOF), and every ``update`` gets ``obj_fn``, the
+loss of this batch as a function of the parameters, which Sophia's Hessian-vector products
+need and every other optimizer ignores.
 
 ``kfac-authors`` is K-FAC as the paper's authors ran it, with their CIFAR script's settings
 (factors from one row per sample, ``factor_rows='samples'``; factors and inverses every 10
@@ -19,7 +18,7 @@ steps; block-diagonal inverses in 4 blocks cut in their (C, kh, kw) order; the d
 to the stored factors in place, ``damp_stored_factors=True``; KL clip 0.001), beside the
 textbook ``kfac``.
 
-``statistics`` is also what the abstract capture pass that finds every layer's
+``statistics`` is what the abstract capture pass that finds every layer's
 :class:`eva_optax.KernelLayout` records (``layouts=``, for the optimizers that take it):
 Muon takes no statistics but names the cheapest, ``('input_mean',)``, so that it sees
 DenseGeneral and convolution kernels as the matrices Eva sees.
@@ -28,7 +27,7 @@ DenseGeneral and convolution kernels as the matrices Eva sees.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,8 +52,8 @@ class Options:
   # Top-level modules left unpreconditioned (e.g. a language model's output layer): their
   # parameters get SGD with the same momentum and weight decay, through optax.partition.
   plain_modules: tuple[str, ...] = ()
-  # The learning rate of the parameters outside a layer (those whose module has no
-  # ``kernel``: embeddings, norm scales and offsets), which Eva and its family pass
+  # The learning rate of the parameters outside a layer (``eva_optax.layer_labels``'
+  # "outside": embeddings, norm scales and offsets), which Eva and its family pass
   # through, as a multiple of η; other than 1 they get SGD at that rate (momentum and
   # weight decay as above), through optax.partition.
   passthrough_scale: float = 1.0
@@ -62,13 +61,12 @@ class Options:
 
 @dataclass(frozen=True)
 class Spec:
-  """One optimizer: its ``--optimizers`` key, display name, constructor and capture."""
+  """One optimizer: its ``--optimizers`` key, display name and constructor."""
 
   key: str
   name: str
   factory: Callable[..., optax.GradientTransformation]
-  capture: str  # "plain" | "objective" | "stats" | "gated"
-  statistics: Any = None
+  statistics: Any = None  # what the abstract capture pass for ``layouts=`` records
   extra: tuple[tuple[str, Any], ...] = ()  # fixed keyword arguments of ``factory``
   capture_options: tuple[tuple[str, Any], ...] = ()  # of eva_optax.value_and_grad
 
@@ -115,31 +113,26 @@ class Spec:
 
 def plain_labels(params: Any, modules: tuple[str, ...], passthrough: bool = False) -> Any:
   """``"plain"`` for every parameter under a top-level module of ``modules``; with
-  ``passthrough``, ``"passthrough"`` for every other parameter outside a layer (its
-  module has no ``kernel``); else ``"preconditioned"``. A name that is not a top-level
-  module is a ``ValueError``."""
+  ``passthrough``, ``"passthrough"`` for every other parameter outside a layer
+  (``eva_optax.layer_labels``' ``"outside"``: what Eva and its family return unchanged);
+  else ``"preconditioned"``. A name that is not a top-level module is a ``ValueError``."""
   missing = set(modules) - set(params)
   if missing:
     raise ValueError(
       f"plain_modules: no top-level module {sorted(missing)}; the model has {sorted(params)}"
     )
 
-  def in_layer(node: Mapping) -> bool:
-    return "kernel" in node and not isinstance(node["kernel"], Mapping)
-
-  def label(node: Any, plain: bool, inside: bool) -> Any:
-    if isinstance(node, Mapping):
-      return {k: label(v, plain, in_layer(node)) for k, v in node.items()}
-    if plain:
+  def label(path: tuple[Any, ...], library: str) -> str:
+    if getattr(path[0], "key", None) in modules:
       return "plain"
-    return "preconditioned" if inside or not passthrough else "passthrough"
+    return "passthrough" if passthrough and library == "outside" else "preconditioned"
 
-  return {name: label(sub, name in modules, in_layer(params)) for name, sub in params.items()}
+  return jax.tree_util.tree_map_with_path(label, eva_optax.layer_labels(params))
 
 
 def has_passthrough(params: Any) -> bool:
-  """Whether ``params`` has parameters outside a layer (see :func:`plain_labels`)."""
-  return "passthrough" in jax.tree.leaves(plain_labels(params, (), passthrough=True))
+  """Whether ``params`` has parameters outside a layer (``eva_optax.layer_labels``)."""
+  return "outside" in jax.tree.leaves(eva_optax.layer_labels(params))
 
 
 def _scaled_rate(learning_rate: optax.ScalarOrSchedule, factor: float) -> optax.ScalarOrSchedule:
@@ -223,18 +216,17 @@ def sophia(
 
 
 SPECS: tuple[Spec, ...] = (
-  Spec("sgd", "SGD", optax.sgd, "plain"),
-  Spec("adamw", "AdamW", optax.adamw, "plain"),
-  Spec("eva", "Eva", eva_optax.eva, "stats", eva_optax.EVA_STATISTICS),
-  Spec("eva-f", "Eva-f", eva_optax.eva_foof, "stats", eva_optax.EVA_FOOF_STATISTICS),
+  Spec("sgd", "SGD", optax.sgd),
+  Spec("adamw", "AdamW", optax.adamw),
+  Spec("eva", "Eva", eva_optax.eva, eva_optax.EVA_STATISTICS),
+  Spec("eva-f", "Eva-f", eva_optax.eva_foof, eva_optax.EVA_FOOF_STATISTICS),
   Spec(  # the authors' momentum (vshampoo.py): buf ← μ²·buf + (1+μ)·d, W ← W − η·buf
-    "eva-s", "Eva-s", eva_optax.eva_shampoo, "plain", extra=(("nesterov", "authors"),)
+    "eva-s", "Eva-s", eva_optax.eva_shampoo, extra=(("nesterov", "authors"),)
   ),
   Spec(
     "kfac",
     "K-FAC",
     eva_optax.kfac,
-    "gated",
     eva_optax.KFAC_STATISTICS,
     extra=(("stats_every", 10), ("inverse_every", 10)),
   ),
@@ -242,7 +234,6 @@ SPECS: tuple[Spec, ...] = (
     "kfac-authors",
     "K-FAC (authors')",
     eva_optax.kfac,
-    "gated",
     eva_optax.KFAC_STATISTICS,
     extra=(
       ("stats_every", 10),
@@ -257,7 +248,6 @@ SPECS: tuple[Spec, ...] = (
     "foof",
     "FOOF",
     eva_optax.foof,
-    "gated",
     eva_optax.FOOF_STATISTICS,
     extra=(("stats_every", 10), ("inverse_every", 10)),
   ),
@@ -266,7 +256,6 @@ SPECS: tuple[Spec, ...] = (
     "shampoo",
     "Shampoo",
     eva_optax.shampoo,
-    "plain",
     extra=(
       ("nesterov", "authors"),
       ("dim_order", "torch"),
@@ -275,8 +264,8 @@ SPECS: tuple[Spec, ...] = (
       ("damping", 1e-12),
     ),
   ),
-  Spec("muon", "Muon", muon, "plain", ("input_mean",)),
-  Spec("sophia", "Sophia", sophia, "objective"),
+  Spec("muon", "Muon", muon, ("input_mean",)),
+  Spec("sophia", "Sophia", sophia),
 )
 SPEC_BY_KEY: dict[str, Spec] = {s.key: s for s in SPECS}
 

@@ -130,36 +130,50 @@ def _copy(tree: Any) -> Any:
   return jax.tree.map(jnp.copy, tree)
 
 
-def _grad_fn(spec: Spec, loss_fn: LossFn) -> Callable[..., Any]:
+def _grad_fn(
+  spec: Spec, loss_fn: LossFn, statistics: tuple[str, ...] | None = None
+) -> Callable[..., Any]:
+  """The capture of ``statistics`` (default ``spec.statistics``), with ``spec``'s options."""
   return eva_optax.value_and_grad(
-    loss_fn, has_aux=True, statistics=spec.statistics, **dict(spec.capture_options)
+    loss_fn,
+    has_aux=True,
+    statistics=spec.statistics if statistics is None else statistics,
+    **dict(spec.capture_options),
   )
 
 
 def make_step(spec: Spec, tx: optax.GradientTransformation, loss_fn: LossFn) -> Callable[..., Any]:
   """``(params, model_state, opt_state, batch) -> (params, model_state, opt_state, loss,
-  metrics)``, jitted, with the first three arguments donated."""
-  if spec.capture in ("plain", "objective"):
-    objective = spec.capture == "objective"
+  metrics)``, jitted, with the first three arguments donated.
 
-    def step(params, model_state, opt_state, batch):
+  What the gradient call captures is read from the optimizer's state when the step is
+  traced: the statistics its layer-wise parts average (``eva_optax.statistics_needed``;
+  none: ``jax.value_and_grad``), gated by ``eva_optax.factors_due`` where the state holds
+  a ``FactorGate`` (K-FAC, FOOF), with ``spec.capture_options``. Every update also gets
+  ``obj_fn``, the loss of this batch (model state fixed) as a function of the
+  parameters, for Sophia's Hessian-vector products; the other optimizers ignore it.
+  """
+  tx = optax.with_extra_args_support(tx)
+  grad_fns: dict[tuple[str, ...], Callable[..., Any]] = {}
+
+  def step(params, model_state, opt_state, batch):
+    extra = {"obj_fn": lambda p: loss_fn(p, model_state, batch)[0]}
+    statistics = eva_optax.statistics_needed(opt_state)
+    if statistics:
+      if statistics not in grad_fns:
+        grad_fns[statistics] = _grad_fn(spec, loss_fn, statistics)
+      gate = {}
+      if eva_optax.has_factor_gate(opt_state):
+        gate["factors_due"] = eva_optax.factors_due(opt_state)
+      (loss, (new_state, metrics)), grads, extra["stats"] = grad_fns[statistics](
+        params, model_state, batch, **gate
+      )
+    else:
       (loss, (new_state, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, model_state, batch
       )
-      # Sophia's Hessian-vector products: the loss of this batch, model state fixed.
-      kwargs = {"obj_fn": lambda p: loss_fn(p, model_state, batch)[0]} if objective else {}
-      updates, opt_state = tx.update(grads, opt_state, params, **kwargs)
-      return optax.apply_updates(params, updates), new_state, opt_state, loss, metrics
-
-  else:
-    grad_fn = _grad_fn(spec, loss_fn)
-    gated = spec.capture == "gated"
-
-    def step(params, model_state, opt_state, batch):
-      kwargs = {"factors_due": eva_optax.factors_due(opt_state)} if gated else {}
-      (loss, (model_state, metrics)), grads, stats = grad_fn(params, model_state, batch, **kwargs)
-      updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
-      return optax.apply_updates(params, updates), model_state, opt_state, loss, metrics
+    updates, opt_state = tx.update(grads, opt_state, params, **extra)
+    return optax.apply_updates(params, updates), new_state, opt_state, loss, metrics
 
   return jax.jit(step, donate_argnums=(0, 1, 2))
 

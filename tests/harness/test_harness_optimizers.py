@@ -3,6 +3,8 @@ Sophia (its Hessian estimate fed by the step's ``obj_fn``), numbers checked by h
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -69,7 +71,6 @@ def test_sophia_gets_the_batch_loss_from_the_step_and_estimates_the_hessian():
 
   params = model.init(jax.random.PRNGKey(0), x[:1])["params"]
   spec = SPEC_BY_KEY["sophia"]
-  assert spec.capture == "objective"
   tx = spec.build(0.01, Options(momentum=0.9, weight_decay=0.0))
   with pytest.raises(ValueError, match="obj_fn"):  # Sophia cannot run without it
     tx.update(params, tx.init(params), params)
@@ -91,6 +92,65 @@ def test_sophia_gets_the_batch_loss_from_the_step_and_estimates_the_hessian():
   assert float(loss) < first
 
 
+EVA, KFAC = ("input_mean", "output_grad_mean"), ("input_factor", "output_grad_factor")
+# key -> (the statistics its step captures, whether gated by factors_due); None: jax's gradient.
+CAPTURES = {
+  "sgd": (None, False),
+  "adamw": (None, False),
+  "eva": (EVA, False),
+  "eva-f": (("input_mean",), False),
+  "eva-s": (None, False),
+  "kfac": (KFAC, True),
+  "kfac-authors": (KFAC, True),
+  "foof": (("input_factor",), True),
+  "shampoo": (None, False),
+  "muon": (None, False),  # its statistics are for layouts= only
+  "sophia": (None, False),
+}
+
+
+@pytest.mark.parametrize("passthrough_scale", [1.0, 2.0], ids=["alone", "in_a_partition"])
+def test_the_step_captures_what_the_optimizer_state_asks_for(monkeypatch, passthrough_scale):
+  """``make_step`` reads the capture from the optimizer's state (also inside the
+  partition that ``passthrough_scale`` builds): the statistics its layer-wise parts
+  average, ``factors_due`` where it holds a FactorGate, jax's gradient where it needs
+  none; every update takes ``obj_fn`` (lowering would raise where one did not)."""
+  assert set(CAPTURES) == set(SPEC_BY_KEY)
+  model = nn.Dense(2)
+  x, y = jnp.ones((4, 3)), jnp.zeros((4, 2))
+  params = model.init(jax.random.key(0), x)["params"]
+
+  def loss_fn(params, model_state, batch):
+    inputs, targets = batch
+    return jnp.mean((model.apply({"params": params}, inputs) - targets) ** 2), (model_state, {})
+
+  calls = []
+  capture = training._grad_fn
+
+  def spy(spec, loss_fn, statistics=None):
+    grad_fn = capture(spec, loss_fn, statistics)
+
+    def recorded(*args, **kwargs):
+      calls.append((spec.key, statistics, tuple(kwargs)))
+      return grad_fn(*args, **kwargs)
+
+    return recorded
+
+  monkeypatch.setattr(training, "_grad_fn", spy)
+  options = Options(passthrough_scale=passthrough_scale)
+  for key in CAPTURES:
+    spec = SPEC_BY_KEY[key]
+    tx = spec.build(0.1, options)
+    if key not in ("sgd", "adamw") and passthrough_scale != 1.0:
+      assert set(tx.init(params).inner_states) == {"preconditioned", "passthrough"}
+    training.make_step(spec, tx, loss_fn).lower(params, {}, tx.init(params), (x, y))
+  assert calls == [
+    (key, statistics, ("factors_due",) if gated else ())
+    for key, (statistics, gated) in CAPTURES.items()
+    if statistics is not None
+  ]
+
+
 def test_authors_kfac_spec_captures_per_sample_factors_and_inverts_in_blocks():
   """'kfac-authors' is K-FAC on factor_rows='samples' statistics with 4-block
   inverses; 'kfac' keeps the textbook factors, so their first steps differ."""
@@ -110,6 +170,7 @@ def test_authors_kfac_spec_captures_per_sample_factors_and_inverts_in_blocks():
   assert not np.allclose(updates["kfac"]["kernel"], updates["kfac-authors"]["kernel"], rtol=1e-2)
 
 
+@functools.cache
 def _two_layer_problem(seed=2):
   model = nn.Sequential([nn.Dense(5), nn.tanh, nn.Dense(3)])
   rng = np.random.default_rng(seed)
@@ -119,7 +180,7 @@ def _two_layer_problem(seed=2):
   loss = lambda p: jnp.mean((model.apply({"params": p}, x) - y) ** 2)
   import eva_optax
 
-  _, grads, stats = eva_optax.value_and_grad(loss)(params)
+  _, grads, stats = jax.jit(eva_optax.value_and_grad(loss))(params)
   return params, grads, stats
 
 
@@ -206,6 +267,7 @@ class _EmbedNormDense(nn.Module):
     return nn.Dense(7)(h)
 
 
+@functools.cache
 def _passthrough_problem():
   import eva_optax
 
@@ -215,7 +277,7 @@ def _passthrough_problem():
   loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
     model.apply({"params": p}, ids), ids
   ).mean()
-  _, grads, stats = eva_optax.value_and_grad(loss)(params)
+  _, grads, stats = jax.jit(eva_optax.value_and_grad(loss))(params)
   return params, grads, stats
 
 
