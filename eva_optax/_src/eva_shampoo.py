@@ -54,7 +54,7 @@ from eva_optax._src.grafting import sgd_graft
 from eva_optax._src.sharding import is_placeholder, not_params_shaped, replicate_on_params_mesh
 
 
-def dimension_means(grad: jax.Array) -> tuple[jax.Array, ...]:
+def _dimension_means(grad: jax.Array) -> tuple[jax.Array, ...]:
   """``mean_{axes ≠ i}(G)`` for every axis i of ``grad``, in float32 or wider."""
   g = grad.astype(jnp.promote_types(grad.dtype, jnp.float32))
   axes = range(g.ndim)
@@ -209,7 +209,7 @@ def scale_by_eva_shampoo(
       decay = value_at(stat_decay, count, dtype)
       weight = jnp.where(decay == 1.0, jnp.ones_like(decay), 1.0 - decay)
       vectors = tuple(
-        (decay * s + weight * m).astype(s.dtype) for s, m in zip(vectors, dimension_means(g))
+        (decay * s + weight * m).astype(s.dtype) for s, m in zip(vectors, _dimension_means(g))
       )
       direction = sherman_morrison_tensor(g, vectors, gamma, relative_damping=relative_damping)
       new_updates.append(sgd_graft(direction, g).astype(g.dtype))

@@ -23,19 +23,19 @@ from __future__ import annotations
 from eva_optax._src.layers import NameReading, set_naming_convention
 from eva_optax._src.statistics import KernelLayout
 
-ATTENTION_INPUT_PROJECTIONS = ("query", "key", "value")
-ATTENTION_OUTPUT_PROJECTION = "out"
+_ATTENTION_INPUT_PROJECTIONS = ("query", "key", "value")
+_ATTENTION_OUTPUT_PROJECTION = "out"
 
 
 def flax_names(kernel_shape: tuple[int, ...], name: str) -> NameReading | None:
   """What Flax's name ``name`` says of a bias-free kernel of shape ``kernel_shape``."""
   rank = len(kernel_shape)
-  if name in ATTENTION_INPUT_PROJECTIONS:
+  if name in _ATTENTION_INPUT_PROJECTIONS:
     guess = KernelLayout(rank - 3, 2) if rank in (3, 4) else None
     return NameReading(guess=guess, closed=True)
-  if name == ATTENTION_OUTPUT_PROJECTION and rank == 3:
+  if name == _ATTENTION_OUTPUT_PROJECTION and rank == 3:
     return NameReading(closed=True)
-  if name == ATTENTION_OUTPUT_PROJECTION and rank == 4:
+  if name == _ATTENTION_OUTPUT_PROJECTION and rank == 4:
     return NameReading(more=(KernelLayout(1, 1),))
   if rank >= 4 and "einsum" in name.lower():
     contract_one = tuple(

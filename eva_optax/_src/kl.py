@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 KL_CLIP = "kl_clip"
 KL_NORMALISE = "kl_normalise"
-SCALINGS = (KL_CLIP, KL_NORMALISE)
+_SCALINGS = (KL_CLIP, KL_NORMALISE)
 
 
 def kl_clip_factor(
@@ -50,9 +50,9 @@ def scale_factor(
     return kl_clip_factor(update_dot_grad, learning_rate, kl_clip)
   if scaling == KL_NORMALISE:
     return kl_normalise_factor(update_dot_grad)
-  raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
+  raise ValueError(f"scaling must be one of {_SCALINGS}, got {scaling!r}")
 
 
 def check_scaling(scaling: str) -> None:
-  if scaling not in SCALINGS:
-    raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
+  if scaling not in _SCALINGS:
+    raise ValueError(f"scaling must be one of {_SCALINGS}, got {scaling!r}")

@@ -63,7 +63,7 @@ def add_to_diagonal(matrix: jax.Array, value: jax.Array) -> jax.Array:
 
 #: The smallest damping relative to tr(M)/dim(M) that :func:`damped_inverse`
 #: applies: below it, M + λI is singular in float32 and Cholesky gives NaN.
-RELATIVE_DAMPING_FLOOR = 1e-6
+_RELATIVE_DAMPING_FLOOR = 1e-6
 
 
 def damped_inverse(matrix: jax.Array, damping: jax.Array) -> jax.Array:
@@ -74,7 +74,7 @@ def damped_inverse(matrix: jax.Array, damping: jax.Array) -> jax.Array:
   result is finite instead of NaN, and otherwise it is exactly (M + λI)⁻¹.
   """
   matrix = matrix.astype(jnp.promote_types(matrix.dtype, jnp.float32))
-  floor = RELATIVE_DAMPING_FLOOR * mean_trace(matrix)
+  floor = _RELATIVE_DAMPING_FLOOR * mean_trace(matrix)
   return spd_inverse(
     add_to_diagonal(matrix, jnp.maximum(jnp.asarray(damping, matrix.dtype), floor))
   )

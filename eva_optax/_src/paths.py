@@ -18,7 +18,7 @@ KERNEL = "kernel"
 BIAS = "bias"
 
 
-def key_name(key: Any) -> str:
+def _key_name(key: Any) -> str:
   """The readable name of one ``jax.tree_util`` path key."""
   for attr in ("key", "name", "idx"):
     if hasattr(key, attr):
@@ -30,7 +30,9 @@ def path_of(keys: tuple[Any, ...]) -> Path:
   """Names of the keys; the ``.value`` attribute of a Flax NNX variable is dropped,
   so an ``nnx.State`` of variables has the paths of the plain arrays."""
   return tuple(
-    key_name(k) for k in keys if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value")
+    _key_name(k)
+    for k in keys
+    if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value")
   )
 
 

@@ -163,7 +163,7 @@ class BlockLayout(NamedTuple):
     return len(self.merged_shape)
 
 
-def dim_permutation(ndim: int, dim_order: str = "stored") -> tuple[int, ...]:
+def _dim_permutation(ndim: int, dim_order: str = "stored") -> tuple[int, ...]:
   """The axes of a rank-``ndim`` parameter in the order Shampoo merges them.
 
   ``'stored'``: as stored. ``'torch'``: PyTorch's order of a Flax kernel of
@@ -190,7 +190,7 @@ def block_layout(shape: Sequence[int], block_size: int) -> BlockLayout | None:
   return BlockLayout(merged, block, grid)
 
 
-def to_blocks(x: jax.Array, layout: BlockLayout) -> jax.Array:
+def _to_blocks(x: jax.Array, layout: BlockLayout) -> jax.Array:
   """``x`` as a batch of blocks, ``(num_blocks,) + block_shape`` (last blocks zero-padded)."""
   k = layout.rank
   x = x.reshape(layout.merged_shape)
@@ -204,8 +204,8 @@ def to_blocks(x: jax.Array, layout: BlockLayout) -> jax.Array:
   return x.reshape((layout.num_blocks,) + layout.block_shape)
 
 
-def from_blocks(blocks: jax.Array, layout: BlockLayout, shape: Sequence[int]) -> jax.Array:
-  """Inverse of :func:`to_blocks`: drops the padding and restores ``shape``."""
+def _from_blocks(blocks: jax.Array, layout: BlockLayout, shape: Sequence[int]) -> jax.Array:
+  """Inverse of :func:`_to_blocks`: drops the padding and restores ``shape``."""
   k = layout.rank
   x = blocks.reshape(layout.grid + layout.block_shape)
   x = x.transpose([j for i in range(k) for j in (i, k + i)])
@@ -218,7 +218,7 @@ def from_blocks(blocks: jax.Array, layout: BlockLayout, shape: Sequence[int]) ->
 # Statistics, roots and preconditioning of a batch of blocks.
 
 
-def block_statistics(blocks: jax.Array) -> tuple[jax.Array, ...]:
+def _block_statistics(blocks: jax.Array) -> tuple[jax.Array, ...]:
   """G_(i) G_(i)ᵀ for every block and dimension i: shapes ``(num_blocks, b_i, b_i)``."""
   k = blocks.ndim - 1
   axes = list(range(k + 1))  # 0: the block index
@@ -246,14 +246,14 @@ def _eigen_root(
   return root, ridge
 
 
-def inverse_root(statistic: jax.Array, damping: jax.Array, exponent: int) -> jax.Array:
+def _inverse_root(statistic: jax.Array, damping: jax.Array, exponent: int) -> jax.Array:
   """(L + εI)^(−1/exponent), ε absolute (:func:`_eigen_root`)."""
   return _eigen_root(
     statistic, exponent, lambda e: jnp.broadcast_to(jnp.asarray(damping, e.dtype), e.shape[:-1])
   )[0]
 
 
-def authors_inverse_root(
+def _authors_inverse_root(
   statistic: jax.Array, epsilon: jax.Array, exponent: int
 ) -> tuple[jax.Array, jax.Array]:
   """The authors' ridge: (L + rI)^(−1/exponent) with r = ε·λ_max(L) per matrix,
@@ -265,7 +265,7 @@ def authors_inverse_root(
   return _eigen_root(statistic, exponent, lambda e: jnp.asarray(epsilon, e.dtype) * e[..., -1])
 
 
-def precondition_blocks(blocks: jax.Array, roots: Sequence[jax.Array]) -> jax.Array:
+def _precondition_blocks(blocks: jax.Array, roots: Sequence[jax.Array]) -> jax.Array:
   """G ×_1 P_1 ×_2 … ×_k P_k for every block (P_i symmetric)."""
   k = blocks.ndim - 1
   axes = list(range(k + 1))
@@ -303,7 +303,7 @@ class ScaleByShampooState(NamedTuple):
   inverse_roots: Any
 
 
-def block_matrix_spec(shape: Sequence[int], mesh_shape: dict[str, int]) -> Any:
+def _block_matrix_spec(shape: Sequence[int], mesh_shape: dict[str, int]) -> Any:
   """Where a ``(num_blocks, b, b)`` statistic or root lives on a mesh: its rows
   split over the mesh axes (in mesh order) as far as ``b`` divides; else its
   blocks, as far as their number divides; else whole on every device."""
@@ -323,13 +323,13 @@ def shampoo_state_specs(
   state: ScaleByShampooState, params: Any, split_matrices: bool = True
 ) -> ScaleByShampooState:
   """The ``PartitionSpec`` of every leaf of a Shampoo state on the parameters' mesh
-  (:func:`block_matrix_spec`; whole on every device unless ``split_matrices``;
+  (:func:`_block_matrix_spec`; whole on every device unless ``split_matrices``;
   the count replicated)."""
   mesh = params_mesh(params)
   mesh_shape = dict(mesh.shape) if mesh is not None and split_matrices else {}
   masked = lambda x: isinstance(x, optax.MaskedNode)
   specs = lambda tree: jax.tree.map(
-    lambda x: x if masked(x) else block_matrix_spec(x.shape, mesh_shape), tree, is_leaf=masked
+    lambda x: x if masked(x) else _block_matrix_spec(x.shape, mesh_shape), tree, is_leaf=masked
   )
   return ScaleByShampooState(PartitionSpec(), specs(state.statistics), specs(state.inverse_roots))
 
@@ -363,7 +363,7 @@ def scale_by_shampoo(
       over all steps, as Shampoo and the authors' runs do.
     inverse_every: N ≥ 1, steps between root refreshes. Default 10.
     dim_order: the order in which a parameter's dimensions are merged and
-      blocked (:func:`dim_permutation`): ``'stored'`` (default), or
+      blocked (:func:`_dim_permutation`): ``'stored'`` (default), or
       ``'torch'``, PyTorch's order of a kernel (HWIO → OIHW, (in, out) →
       (out, in)), as the authors' code merges it.
     ridge: how ε enters the roots. ``'absolute'`` (default): P_i =
@@ -398,7 +398,7 @@ def scale_by_shampoo(
   authors_ridge = ridge == "authors"
 
   def order_of(x) -> tuple[int, ...]:
-    return dim_permutation(x.ndim, dim_order)
+    return _dim_permutation(x.ndim, dim_order)
 
   def layout_of(x) -> BlockLayout | None:
     shape = tuple(x.shape[i] for i in order_of(x))
@@ -454,10 +454,10 @@ def scale_by_shampoo(
       dtype = jnp.promote_types(g.dtype, jnp.float32)
       decay = value_at(stat_decay, count, dtype)  # β in the statistics' dtype
       weight = jnp.where(decay == 1.0, jnp.ones_like(decay), 1.0 - decay)
-      b = to_blocks(jnp.transpose(g.astype(dtype), order_of(g)), layout)
+      b = _to_blocks(jnp.transpose(g.astype(dtype), order_of(g)), layout)
       blocks.append(b)
       new_stats.append(
-        tuple((decay * s + weight * n).astype(s.dtype) for s, n in zip(stats, block_statistics(b)))
+        tuple((decay * s + weight * n).astype(s.dtype) for s, n in zip(stats, _block_statistics(b)))
       )
 
     preconditioned = [i for i, layout in enumerate(layouts) if layout is not None]
@@ -471,7 +471,7 @@ def scale_by_shampoo(
         results = once_per_mesh(
           [
             lambda s, g, k=layouts[i].rank: tuple(
-              zip(*(authors_inverse_root(l, g, 2 * k) for l in s))
+              zip(*(_authors_inverse_root(l, g, 2 * k) for l in s))
             )
             for i in preconditioned
           ],
@@ -488,7 +488,7 @@ def scale_by_shampoo(
         return roots, stats
       roots = once_per_mesh(
         [
-          lambda s, g, k=layouts[i].rank: tuple(inverse_root(l, g, 2 * k) for l in s)
+          lambda s, g, k=layouts[i].rank: tuple(_inverse_root(l, g, 2 * k) for l in s)
           for i in preconditioned
         ],
         [stats_list[i] for i in preconditioned],
@@ -533,8 +533,8 @@ def scale_by_shampoo(
         new_updates.append(g)
         continue
       order = order_of(g)
-      direction = from_blocks(
-        precondition_blocks(b, roots), layout, tuple(g.shape[i] for i in order)
+      direction = _from_blocks(
+        _precondition_blocks(b, roots), layout, tuple(g.shape[i] for i in order)
       )
       direction = jnp.transpose(direction, tuple(order.index(i) for i in range(g.ndim)))
       new_updates.append(sgd_graft(direction, g).astype(g.dtype))
@@ -609,7 +609,7 @@ def shampoo(
 
     def unpreconditioned(params):
       def passes(p):
-        shape = tuple(p.shape[i] for i in dim_permutation(p.ndim, dim_order))
+        shape = tuple(p.shape[i] for i in _dim_permutation(p.ndim, dim_order))
         return block_layout(shape, operator.index(block_size)) is None
 
       return jax.tree.map(passes, params)

@@ -49,11 +49,11 @@ def _axes(entry: Any) -> tuple[str, ...]:
   return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
 
 
-def spec_entry(axes: tuple[str, ...]) -> Any:
+def _spec_entry(axes: tuple[str, ...]) -> Any:
   return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
 
 
-def spec_axes(spec: Any, ndim: int) -> tuple:
+def _spec_axes(spec: Any, ndim: int) -> tuple:
   return tuple(_axes(e) for e in tuple(spec)) + ((),) * (ndim - len(tuple(spec)))
 
 
@@ -114,7 +114,7 @@ def _local_block(x: jax.Array, spec: Sequence[tuple[str, ...]], mesh_shape: dict
   return jax.lax.dynamic_slice(x, starts, sizes)
 
 
-def regroup(part: jax.Array, spec, order: list[str], mesh_shape: dict[str, int]) -> jax.Array:
+def _regroup(part: jax.Array, spec, order: list[str], mesh_shape: dict[str, int]) -> jax.Array:
   """Gathered blocks ``(devices,) + block`` (devices over ``order``) as the whole array."""
   block = part.shape[1:]
   part = part.reshape(tuple(mesh_shape[a] for a in order) + block)
@@ -137,14 +137,14 @@ def _gather_whole(operands, members, actual, mesh) -> dict[int, jax.Array]:
     size = operands[u].size
     part = every[:, offset : offset + size].reshape((-1,) + operands[u].shape)
     offset += size
-    out[u] = regroup(part, actual[u], order, mesh_shape)
+    out[u] = _regroup(part, actual[u], order, mesh_shape)
   return out
 
 
 def _partitioned(equations, indices, shapes, body, mesh, arg_shapes, result_shape):
   mesh_shape = dict(mesh.shape)
   n = len(arg_shapes) - body.extras
-  actual = [spec_axes(s.sharding.spec, len(s.shape)) for s in arg_shapes[:n]]
+  actual = [_spec_axes(s.sharding.spec, len(s.shape)) for s in arg_shapes[:n]]
   for u, arg in enumerate(arg_shapes[:n]):
     if any(
       size % math.prod(mesh_shape[a] for a in axes) for size, axes in zip(arg.shape, actual[u])
@@ -155,7 +155,7 @@ def _partitioned(equations, indices, shapes, body, mesh, arg_shapes, result_shap
   whole = _whole(equations, indices, actual) | set(body.returns)  # returned: whole too
   labels_of = _label_axes(equations, indices, actual, whole)
   arg_shardings = (
-    tuple(NamedSharding(mesh, PartitionSpec(*[spec_entry(a) for a in spec])) for spec in actual)
+    tuple(NamedSharding(mesh, PartitionSpec(*[_spec_entry(a) for a in spec])) for spec in actual)
     + (NamedSharding(mesh, PartitionSpec()),) * body.extras
   )  # the finish's: replicated
   active = tuple(a for a, size in mesh_shape.items() if size > 1)

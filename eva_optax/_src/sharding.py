@@ -49,7 +49,7 @@ def spec_of(leaf: Any) -> PartitionSpec | None:
   return sharding.spec if isinstance(sharding, NamedSharding) else None
 
 
-def merged(entries: Sequence[Any]) -> Any:
+def _merged(entries: Sequence[Any]) -> Any:
   """The spec entry of axes merged into one (row-major): the first axis's entry when
   the others are unsharded (its blocks stay contiguous), else ``None``."""
   if not entries:
@@ -94,12 +94,12 @@ def statistic_spec(
   outputs = ordered[kernel_ndim - layout.output_ndim :]
   vector = name in (INPUT_MEAN, OUTPUT_GRAD_MEAN)
   if vector:
-    entry = merged(inputs if name == INPUT_MEAN else outputs)
+    entry = _merged(inputs if name == INPUT_MEAN else outputs)
   elif not (mesh_shape and length):
     return PartitionSpec(*stack)
   else:
     side = inputs if name.startswith("input") else outputs if name.startswith("output") else []
-    entry = merged(side)
+    entry = _merged(side)
     if length % math.prod(mesh_shape.get(a, 1) for a in _axes(entry)):
       entry = None
   if mesh_shape and length:

@@ -54,12 +54,12 @@ FACTORS = (INPUT_FACTOR, OUTPUT_GRAD_FACTOR)
 #: every sample, KFC's Ω ⊗ Γ; the default) or ``'samples'`` (one row per sample,
 #: the mean over its positions, G from the gradient of the mean loss: the
 #: authors' K-FAC).
-FACTOR_ROWS = ("positions", "samples")
+_FACTOR_ROWS = ("positions", "samples")
 
 
 def check_factor_rows(factor_rows: Any) -> str:
-  if factor_rows not in FACTOR_ROWS:
-    raise ValueError(f"factor_rows must be one of {FACTOR_ROWS}; got {factor_rows!r}")
+  if factor_rows not in _FACTOR_ROWS:
+    raise ValueError(f"factor_rows must be one of {_FACTOR_ROWS}; got {factor_rows!r}")
   return factor_rows
 
 
@@ -223,7 +223,7 @@ class LayerStats:
     kind: ``'Dense'``, ``'DenseGeneral'`` or ``'Conv'`` (static).
     layout: the :class:`KernelLayout` of the layer's kernel (static).
     has_bias: whether the layer has a bias (static).
-    factor_rows: what a row of A and G was (:data:`FACTOR_ROWS`, static).
+    factor_rows: what a row of A and G was (``'positions'`` or ``'samples'``, static).
   """
 
   input_mean: jax.Array | None
@@ -245,13 +245,13 @@ class PassThrough:
   reason: str = dataclasses.field(metadata=dict(static=True))
 
 
-def is_layer_entry(x: Any) -> bool:
+def _is_layer_entry(x: Any) -> bool:
   return isinstance(x, (LayerStats, PassThrough))
 
 
 def layer_entries(stats: Any) -> dict[Path, LayerStats | PassThrough]:
   """The captured entries of a stats tree, by module path."""
-  return dict(flatten_with_paths(stats, is_leaf=is_layer_entry))
+  return dict(flatten_with_paths(stats, is_leaf=_is_layer_entry))
 
 
 def layouts_of(stats: Any) -> dict[str, Any]:

@@ -115,7 +115,7 @@ class Layer(NamedTuple):
     out_dim: the feature size (the product of the output axes).
     has_bias: whether the layer has a bias.
     dtype: the statistics' dtype (:func:`~eva_optax._src.statistics.statistic_dtype`).
-    factor_rows: what a row of the factors A and G is (:data:`FACTOR_ROWS`):
+    factor_rows: what a row of the factors A and G is:
       ``'positions'``, every position of every sample; ``'samples'``, one row
       per sample, the mean over its positions.
   """
