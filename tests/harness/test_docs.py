@@ -173,3 +173,12 @@ def test_the_notebook_derives_evas_rate_from_sgds():
   # Eva's candidates are the rule's rate and a factor 3 either side of it.
   assert re.findall(r"eva_optax\.eva\(\s*(\w+)", code) == ["lr"]
   assert re.findall(r"around\(([A-Z_]+)\)", code) == ["SGD_LR", "ADAMW_LR", "EVA_LR", "SGD_LR"]
+
+
+def test_architecture_names_every_library_module():
+  """ARCHITECTURE.md's table places every module of ``eva_optax/_src`` in a layer."""
+  text = (ROOT / "ARCHITECTURE.md").read_text(encoding="utf-8")
+  modules = sorted(p for p in (ROOT / "eva_optax" / "_src").rglob("*.py") if p.stem != "__init__")
+  assert len(modules) > 30
+  missing = [p.relative_to(ROOT).as_posix() for p in modules if f"`{p.name}`" not in text]
+  assert missing == []
