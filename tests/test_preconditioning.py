@@ -10,6 +10,7 @@ error. Then the pieces alone: a one-layer rule applied to a group
 """
 
 import importlib
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -517,3 +518,24 @@ def test_room_is_exact_where_the_parameters_fix_the_layout_and_flat_where_not():
   np.testing.assert_array_equal(state_entries.read_entry(new, (3, 5), "open"), value)
   with pytest.raises(ValueError, match="layouts=eva_optax.layouts_of"):
     state_entries.read_entry(new, (3, 7), "open")
+
+
+def test_a_rule_whose_state_class_lacks_a_field_is_a_clear_error():
+  """The skeleton builds the state positionally: a class without the gate of a
+  factor statistic (or with fields in another order) is refused when the
+  transformation is made, naming the fields it needs."""
+
+  class NoGate(NamedTuple):
+    count: Any
+    input_factor: Any
+
+  rule = layerwise_rule.LayerwiseRule(
+    "scale_by_test", ("input_factor",), lambda g, c, gamma: None, NoGate
+  )
+  options = preconditioning.LayerwiseOptions(None, 0.03, 0.001, 0.05, "kl_normalise")
+  with pytest.raises(TypeError, match=r"\('count', 'input_factor', 'gate'\)"):
+    preconditioning.layerwise_transformation(rule, options)
+  fine = rule._replace(
+    statistics=("input_mean",), state=NamedTuple("S", [("count", Any), ("input_mean", Any)])
+  )
+  assert preconditioning.layerwise_transformation(fine, options).init({}).count == 0
