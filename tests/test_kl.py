@@ -1,9 +1,10 @@
 """The global KL scaling (``eva_optax._src.kl``) against its formulas.
 
 KL clip: ν = min(1, sqrt(κ / (η² Σ⟨V, Ĝ⟩))); KL normalisation:
-ν = 1 / sqrt(Σ⟨V, Ĝ⟩); both ν = 1 when the sum is not positive.
+ν = 1 / sqrt(Σ⟨V, Ĝ⟩); both ν = 1 when the sum is not positive; 'none': ν = 1.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -74,11 +75,48 @@ def test_scale_factor_dispatches_by_name():
 
 
 @pytest.mark.parametrize(
-  "scaling, ok", [("kl_clip", True), ("kl_normalise", True), ("clip", False), ("", False)]
+  "scaling, ok",
+  [("kl_clip", True), ("kl_normalise", True), ("none", True), ("clip", False), ("", False)],
 )
-def test_check_scaling_accepts_only_the_two_names(scaling, ok):
+def test_check_scaling_accepts_only_the_three_names(scaling, ok):
   if ok:
     kl.check_scaling(scaling)
   else:
     with pytest.raises(ValueError, match="scaling must be one of"):
       kl.check_scaling(scaling)
+
+
+def test_no_scaling_leaves_the_projection_unscaled_for_an_optimizer_behind_it():
+  """``scaling='none'``: ν = 1 and V the projection without 1/γ (Eva-f's
+  Ĝ − (Ĝā)āᵀ/(‖ā‖² + γ), by hand), the form to put in front of Adam."""
+  import flax.linen as nn
+
+  import eva_optax
+
+  np.testing.assert_array_equal(kl.scale_factor("none", jnp.float32(8.0), None, None), 1.0)
+  kl.check_scaling("none")
+  model = nn.Dense(3, use_bias=False)
+  x = jnp.asarray(np.random.default_rng(0).normal(1.0, 1.0, (8, 4)), jnp.float32)
+  y = jnp.ones((8, 3))
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  loss_fn = lambda p, x, y: jnp.mean(jnp.square(model.apply({"params": p}, x) - y))
+  _, grads, stats = eva_optax.value_and_grad(loss_fn, statistics=("input_mean",))(params, x, y)
+  gamma = 0.5
+  tx = eva_optax.scale_by_eva_foof(damping=gamma, scaling="none")
+  got, _ = tx.update(grads, tx.init(params), params, stats=stats)
+  g, a = np.asarray(grads["kernel"], np.float64), np.asarray(x, np.float64).mean(0)
+  want = g - np.outer(a, a @ g) / (a @ a + gamma)
+  np.testing.assert_allclose(got["kernel"], want, rtol=1e-5, atol=1e-7)
+  assert np.abs(want - g).max() > 0.1 * np.abs(g).max()  # the correction is not negligible
+  # kl_normalise is the same V divided by sqrt(Σ⟨V, Ĝ⟩).
+  normalised = eva_optax.scale_by_eva_foof(damping=gamma, scaling="kl_normalise")
+  n, _ = normalised.update(grads, normalised.init(params), params, stats=stats)
+  np.testing.assert_allclose(n["kernel"] * np.sqrt(np.vdot(want, g)), want, rtol=1e-5, atol=1e-7)
+  # Eva: the clip form V/γ with ν = 1 (a clip never reached), times γ.
+  full = eva_optax.value_and_grad(loss_fn)
+  _, grads, stats = full(params, x, y)
+  none = eva_optax.scale_by_eva(damping=gamma, scaling="none")
+  clip = eva_optax.scale_by_eva(1.0, damping=gamma, kl_clip=1e12)
+  u_none, _ = none.update(grads, none.init(params), params, stats=stats)
+  u_clip, _ = clip.update(grads, clip.init(params), params, stats=stats)
+  np.testing.assert_allclose(u_none["kernel"], gamma * u_clip["kernel"], rtol=1e-5, atol=1e-8)

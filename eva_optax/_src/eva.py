@@ -198,8 +198,10 @@ def scale_by_eva(
     stat_decay: weight of the **old** running averages of ā and ḡ, in [0, 1);
       the first update takes the new statistics. Default 0.05 (the authors'
       code keeps weight 0.95 on the new value).
-    scaling: ``'kl_clip'`` (ICLR 2023, default) or ``'kl_normalise'`` (the
-      extension: V without 1/γ, divided by sqrt(Σ⟨V, Ĝ⟩)).
+    scaling: ``'kl_clip'`` (ICLR 2023, default), ``'kl_normalise'`` (the
+      extension: V without 1/γ, divided by sqrt(Σ⟨V, Ĝ⟩)) or ``'none'`` (V
+      without 1/γ, unscaled: in front of Adam, which sets the scale itself,
+      ``optax.chain(scale_by_eva(scaling='none'), optax.adamw(lr))``).
     layouts: how kernels split into stack/input/output axes (optional; see
       :func:`eva_optax.layouts_of`). Default: each layer's layout is the one
       the capture records. Where the parameters allow several (bias-free
@@ -226,7 +228,7 @@ def scale_by_eva(
       [c.stats.output_grad_mean for c in layers],
       gamma,
     )
-    return p if scaling == kl.KL_NORMALISE else scale_preconditioned(p, 1.0 / gamma)
+    return p if scaling != kl.KL_CLIP else scale_preconditioned(p, 1.0 / gamma)
 
   return layerwise_transformation(
     LayerwiseRule("scale_by_eva", STATISTICS, precondition, ScaleByEvaState),

@@ -161,8 +161,10 @@ def scale_by_eva_foof(
     damping: γ > 0, float or schedule. Default 0.03.
     kl_clip: κ > 0, used only with ``scaling='kl_clip'``. Default 0.001.
     stat_decay: weight of the old running average of ā. Default 0.05.
-    scaling: ``'kl_normalise'`` (default, the extension's form) or
-      ``'kl_clip'`` (V/γ, then the KL clip, as Eva's ICLR form).
+    scaling: ``'kl_normalise'`` (default, the extension's form),
+      ``'kl_clip'`` (V/γ, then the KL clip, as Eva's ICLR form) or ``'none'``
+      (V unscaled, in front of Adam: ``optax.chain(scale_by_eva_foof(
+      scaling='none'), optax.adamw(lr))``).
     layouts: see :func:`eva_optax.scale_by_eva`.
 
   Returns:
@@ -176,7 +178,7 @@ def scale_by_eva_foof(
 
   def precondition(grads, layers, gamma):
     p = foof_vector_projection_layers(grads, [c.stats.input_mean for c in layers], gamma)
-    return p if scaling == kl.KL_NORMALISE else scale_preconditioned(p, 1.0 / gamma)
+    return p if scaling != kl.KL_CLIP else scale_preconditioned(p, 1.0 / gamma)
 
   return layerwise_transformation(
     LayerwiseRule("scale_by_eva_foof", STATISTICS, precondition, ScaleByEvaFoofState),

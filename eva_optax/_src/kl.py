@@ -11,6 +11,10 @@ Both act on all preconditioned layers together through the sum
 * KL normalisation (the extension, arXiv 2308.02123):
 
       ν = 1 / sqrt(Σ ⟨V, Ĝ⟩),   ν = 1 when the sum is ≤ 0.
+* None (``'none'``): ν = 1, for a preconditioner in front of an optimizer that sets the
+  step's scale itself, coordinate by coordinate (``optax.adam``/``adamw``): there a global
+  ν would mostly cancel in m/sqrt(v), and act only through ε and by reweighting the
+  moments' history step by step (a per-step normalisation of the gradient, not curvature).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import jax.numpy as jnp
 
 KL_CLIP = "kl_clip"
 KL_NORMALISE = "kl_normalise"
-_SCALINGS = (KL_CLIP, KL_NORMALISE)
+NO_SCALING = "none"
+_SCALINGS = (KL_CLIP, KL_NORMALISE, NO_SCALING)
 
 
 def kl_clip_factor(
@@ -45,11 +50,13 @@ def scale_factor(
   learning_rate: jax.Array | None,
   kl_clip: jax.Array | None,
 ) -> jax.Array:
-  """The factor ν of the chosen ``scaling`` ('kl_clip' or 'kl_normalise')."""
+  """The factor ν of the chosen ``scaling`` ('kl_clip', 'kl_normalise' or 'none': 1)."""
   if scaling == KL_CLIP:
     return kl_clip_factor(update_dot_grad, learning_rate, kl_clip)
   if scaling == KL_NORMALISE:
     return kl_normalise_factor(update_dot_grad)
+  if scaling == NO_SCALING:
+    return jnp.ones_like(update_dot_grad)
   raise ValueError(f"scaling must be one of {_SCALINGS}, got {scaling!r}")
 
 

@@ -215,6 +215,42 @@ def sophia(
   )
 
 
+def _in_front_of_adamw(scale_by: Callable[..., optax.GradientTransformation]) -> Callable:
+  """``optax.chain(scale_by(damping, stat_decay, scaling='none'), optax.adamw(...))``: Eva's
+  (or Eva-f's) preconditioned gradient V, unscaled (Adam's per-coordinate scale would
+  cancel a global ν but for ε and the moments' history, :mod:`eva_optax._src.kl`), as
+  AdamW's gradient; AdamW as the ``adamw`` entry (b1 = ``momentum``, 0.9 by default,
+  decoupled ``weight_decay``). Its grid centres on AdamW's rate
+  (:func:`examples.harness.protocol_search.centre_key`)."""
+
+  def factory(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    damping: optax.ScalarOrSchedule = 0.03,
+    stat_decay: float = 0.05,
+    scaling: str = "none",
+    layouts: Any = None,
+  ) -> optax.GradientTransformationExtraArgs:
+    return optax.chain(
+      scale_by(
+        learning_rate if scaling == "kl_clip" else None,
+        damping=damping,
+        stat_decay=stat_decay,
+        scaling=scaling,
+        layouts=layouts,
+      ),
+      optax.adamw(learning_rate, b1=momentum, weight_decay=weight_decay),
+    )
+
+  return factory
+
+
+eva_adamw = _in_front_of_adamw(eva_optax.scale_by_eva)
+eva_foof_adamw = _in_front_of_adamw(eva_optax.scale_by_eva_foof)
+
+
 SPECS: tuple[Spec, ...] = (
   Spec("sgd", "SGD", optax.sgd),
   Spec("adamw", "AdamW", optax.adamw),
@@ -264,6 +300,8 @@ SPECS: tuple[Spec, ...] = (
       ("damping", 1e-12),
     ),
   ),
+  Spec("eva+adamw", "Eva+AdamW", eva_adamw, eva_optax.EVA_STATISTICS),
+  Spec("eva-f+adamw", "Eva-f+AdamW", eva_foof_adamw, eva_optax.EVA_FOOF_STATISTICS),
   Spec("muon", "Muon", muon, ("input_mean",)),
   Spec("sophia", "Sophia", sophia),
 )

@@ -11,7 +11,13 @@
    b. damping, for the optimizers that take one (Eva, Eva-f, Eva-s, K-FAC, FOOF, Shampoo):
       ``damping_factors`` × its default, at the chosen learning rate;
    c. KL clip, for Eva (``kl_clip_for``): ``kl_clip_factors`` × its default, at the chosen
-      learning rate and damping.
+      learning rate and damping;
+   d. the confirmation, after each of a, b and c: the ``confirm_top`` (2) best points of
+      that grid by their short-budget score (the choice so far among them) run again over
+      the whole budget, on the same validation split and seed, and the best there is the
+      stage's choice (a point already run so is not run again; ``confirm_top`` 0: the
+      short-budget best, as before the stage existed). A short budget can favour a rate
+      that a whole schedule does not (SGD's 0.316 against 0.1 on the character LM).
 
    A point's score is the validation value of the task's target metric at the end of its
    run (the validation loss where the target is the training loss). A diverged run scores
@@ -34,8 +40,9 @@ the mean of the last ``window`` step losses for a training-loss target, the last
 for a test metric. :func:`run_protocol` runs all three and writes ``protocol.md`` and
 ``protocol.json``, grids and chosen values included; ``benchmarks/protocol.py`` is its
 command line. Given an earlier run's ``protocol.json`` (``recorded``), it reads part 1
-from it (:func:`recorded_tuning`, which refuses a record tuned with other settings) and
-runs parts 2 and 3 only: more seeds without tuning again.
+from it (:func:`recorded_tuning`, which refuses a record tuned with other settings; a record
+with the confirmation gives its confirmed choice, one without it its short-budget choice,
+and protocol.md says which) and runs parts 2 and 3 only: more seeds without tuning again.
 """
 
 from __future__ import annotations
@@ -130,6 +137,7 @@ class Outcome:
   summary: dict[str, Any]
   sgd_value: dict[str, float] | None
   budgets: dict[str, Any] = field(default_factory=dict)  # budget_summary's; {}: not run
+  recorded: bool = False  # the tuning read from an earlier run's record, not run
 
 
 def run_protocol(
@@ -159,7 +167,12 @@ def run_protocol(
     searches = tune(make_task, specs, protocol, base, budget_steps, chunk)
   else:
     searches = recorded_tuning(
-      recorded, specs, protocol, validation_target(task.target).higher_is_better, tune_steps
+      recorded,
+      specs,
+      protocol,
+      validation_target(task.target).higher_is_better,
+      tune_steps,
+      budget_steps,
     )
   rows = rows_of(searches, task)
   runs = final_runs(
@@ -167,7 +180,7 @@ def run_protocol(
   )
   summary = summarise(runs, task.target, window)
   sgd_value = summary[rows[0].name]["final"] if rows[0].spec.key == "sgd" else None
-  outcome = Outcome(searches, rows, runs, summary, sgd_value)
+  outcome = Outcome(searches, rows, runs, summary, sgd_value, recorded=recorded is not None)
   if any(b < 1 for b in protocol.budgets):
     tuned = [row for row in rows if row.variant == "tuned"]
     seeds = protocol.seeds_for_budgets

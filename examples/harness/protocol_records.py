@@ -42,11 +42,18 @@ def recorded_tuning(
   protocol: Protocol,
   higher_is_better: bool,
   steps: int,
+  budget_steps: int | None = None,
 ) -> dict[str, Search]:
   """Part 1 as an earlier run recorded it (``document``: its ``protocol.json``), so that
   the final runs can take other seeds without tuning again. Raises RecordMismatch, naming
   what differs, when the record was tuned with other settings (:data:`TUNING_FIELDS`,
-  the steps of a tuning run) or lacks an optimizer of ``specs``."""
+  the steps of a tuning run, ``budget_steps`` those of a confirmation run) or lacks an
+  optimizer of ``specs``.
+
+  The confirmation stage is read as recorded, whatever this protocol's ``confirm_top``: a
+  record with it gives its confirmed choice (nothing is rerun), one without it (written
+  before the stage existed, or with ``confirm_top`` 0) its short-budget choice, as
+  before; :func:`confirmation_note` says which."""
   recorded = document["protocol"]
   for name in TUNING_FIELDS:
     mine = jsonable(getattr(protocol, name))
@@ -66,8 +73,38 @@ def recorded_tuning(
         f"the recorded tuning ran {by_key[spec.key]['steps']} steps "
         f"per point, this budget's {steps}"
       )
+    confirming = [t for t in by_key[spec.key]["trials"] if t.get("confirmation")]
+    if budget_steps is not None and any(t["steps"] != budget_steps for t in confirming):
+      raise RecordMismatch(
+        f"the recorded confirmation of {spec.name} ran "
+        f"{sorted({t['steps'] for t in confirming})} steps, this budget's {budget_steps}"
+      )
     searches[spec.key] = Search.recorded(spec, by_key[spec.key], protocol, higher_is_better)
   return searches
+
+
+def confirmation_note(searches: dict[str, Search], recorded: bool) -> str:
+  """One sentence on the confirmation stage of ``searches`` (for protocol.md)."""
+  confirmed = [s.spec.name for s in searches.values() if s.confirmations()]
+  if not confirmed:
+    return (
+      "The recorded tuning had no confirmation stage: each choice is the short-budget best."
+      if recorded
+      else "No confirmation stage (confirm_top 0, or the short budget is the whole one)."
+    )
+  top = sorted({s.confirm_top for s in searches.values() if s.confirmations()})
+  return (
+    f"After each grid, its {' or '.join(map(str, top))} best points by the short-budget "
+    "score ran again over the whole budget on the validation split, and the best there "
+    "was chosen (the confirmation"
+    + (", as recorded, not run again" if recorded else "")
+    + ")."
+    + (
+      f" Without it: {', '.join(sorted(set(searches) - set(confirmed)))}."
+      if len(confirmed) < len(searches)
+      else ""
+    )
+  )
 
 
 def write(
@@ -113,6 +150,7 @@ def write(
     "whole training set, "
     f"seeds {', '.join(map(str, protocol.seeds))}, interleaved.\n",
     "## Tuning\n",
+    confirmation_note(outcome.searches, outcome.recorded) + "\n",
     tuning_tables(outcome.searches, scored_by, tune_steps),
     "## Full budget\n",
     f"Medians over seeds [min–max]. SGD's final quality: its "
@@ -152,8 +190,21 @@ def write(
         "chosen": s.chosen(),
         "score": s.best.score,
         "scored_by": asdict(scored_by),
+        "score_steps": s.best.steps,
         "steps": tune_steps,
-        "trials": [{"stage": t.stage, **asdict(t.point), "score": t.score} for t in s.trials],
+        "confirm_top": s.confirm_top,
+        "confirmation": s.confirmations(),
+        "runs": s.runs(),
+        "trials": [
+          {
+            "stage": t.stage,
+            **asdict(t.point),
+            "score": t.score,
+            "steps": t.steps,
+            "confirmation": t.confirmation,
+          }
+          for t in s.trials
+        ],
       }
       for key, s in outcome.searches.items()
     },

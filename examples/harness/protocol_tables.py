@@ -21,30 +21,64 @@ def _g(v: float | None) -> str:
   return "–" if v is None else f"{v:g}"
 
 
+def _confirmation_cell(search: Search) -> str:
+  """Each confirmed stage: the short-budget choice → the confirmed one, or "kept"."""
+  cells = []
+  for stage, c in search.confirmations().items():
+    default = None if stage == "lr" else default_of(search.spec, stage)
+    short, chosen = (
+      c[k][stage] if c[k][stage] is not None else default for k in ("short_choice", "chosen")
+    )
+    if c["changed"]:
+      cells.append(f"{stage} {_g(short)} → {_g(chosen)}")
+    else:
+      cells.append(f"{stage} {_g(chosen)} kept")
+  return "; ".join(cells) or "–"
+
+
 def tuning_tables(searches: dict[str, Search], scored_by: Target, steps: int) -> str:
-  """The grids, the chosen values and every trial's validation score."""
+  """The grids, the chosen values, the confirmation, the tuning runs' count and steps, and
+  every trial's validation score."""
   metric = scored_by.metric.partition("_")[2]
+  runs = [s.runs() for s in searches.values()]
+  confirm_steps = {t.steps for s in searches.values() for t in s.trials if t.confirmation}
   lines = [
     f"Scored by the validation {metric} ({'higher' if scored_by.higher_is_better else 'lower'}"
-    f" is better) after a whole schedule of {steps} steps.\n",
+    f" is better) after a whole schedule of {steps} steps"
+    + (
+      f", the confirmation's of {', '.join(map(str, sorted(confirm_steps)))} steps"
+      if confirm_steps
+      else ""
+    )
+    + f". Tuning runs: {sum(r['count'] for r in runs)}, {sum(r['steps'] for r in runs)} steps "
+    f"in all, the confirmation's {sum(r['confirmation_count'] for r in runs)} runs and "
+    f"{sum(r['confirmation_steps'] for r in runs)} steps among them.\n",
     "| optimizer | lr grid | damping grid | kl_clip grid | chosen lr | chosen damping "
-    f"| chosen kl_clip | validation {metric} |",
-    "|---|---|---|---|---|---|---|---|",
+    f"| chosen kl_clip | validation {metric} | confirmation (short → whole budget) "
+    "| tuning runs (steps) |",
+    "|---|---|---|---|---|---|---|---|---|---|",
   ]
-  for s in searches.values():
+  for s, r in zip(searches.values(), runs):
     c = s.chosen()
     grid = lambda k: ", ".join(f"{v:g}" for v in s.grids[k]) if k in s.grids else "–"
     lines.append(
       f"| {s.spec.name} | {grid('lr')} | {grid('damping')} | {grid('kl_clip')} "
       f"| {_g(c['lr'])} | {_g(c['damping'])} | {_g(c['kl_clip'])} "
-      f"| {s.best.score:.5g} |"
+      f"| {s.best.score:.5g} | {_confirmation_cell(s)} | {r['count']} ({r['steps']}) |"
     )
-  lines += ["", f"| optimizer | stage | setting | validation {metric} |", "|---|---|---|---|"]
+  lines += [
+    "",
+    f"| optimizer | stage | setting | steps | validation {metric} |",
+    "|---|---|---|---|---|",
+  ]
   for s in searches.values():
     best = s.best
     for t in s.trials:
       mark = " (chosen)" if t is best else ""
-      lines.append(f"| {s.spec.name} | {t.stage} | {t.point.label()}{mark} | {t.score:.5g} |")
+      stage = f"{t.stage}, confirmation" if t.confirmation else t.stage
+      lines.append(
+        f"| {s.spec.name} | {stage} | {t.point.label()}{mark} | {_g(t.steps)} | {t.score:.5g} |"
+      )
   return "\n".join(lines) + "\n"
 
 

@@ -104,6 +104,8 @@ CAPTURES = {
   "kfac-authors": (KFAC, True),
   "foof": (("input_factor",), True),
   "shampoo": (None, False),
+  "eva+adamw": (EVA, False),  # inside optax.chain, in front of AdamW
+  "eva-f+adamw": (("input_mean",), False),
   "muon": (None, False),  # its statistics are for layouts= only
   "sophia": (None, False),
 }

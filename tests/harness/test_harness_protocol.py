@@ -15,6 +15,7 @@ import pytest
 from examples.harness import (
   datasets,
   protocol,
+  protocol_records,
   protocol_search,
   protocol_summary,
   protocol_tables,
@@ -44,18 +45,20 @@ def test_learning_rates_are_log_spaced_around_the_centre():
     protocol.Protocol(validation_fraction=0.0)
 
 
-def _drive(search, score):
-  """Run ``search`` to the end with ``score(point)``; the stages of the points, in order."""
+def _drive(search, score, whole=None):
+  """Run ``search`` to the end with ``score(point)`` (``whole(point)`` for a confirmation,
+  5 and 20 steps); the stages of the points, in order ("<stage>+" for a confirmation)."""
   stages = []
   while points := search.pending():
     for p in points:
-      stages.append(search.stage)
-      search.record(p, score(p))
+      confirming = search.confirming
+      stages.append(search.stage + "+" * confirming)
+      search.record(p, (whole if confirming else score)(p), 20 if confirming else 5)
   return stages
 
 
 def test_eva_is_tuned_in_learning_rate_then_damping_then_kl_clip():
-  p = protocol.Protocol()
+  p = protocol.Protocol(confirm_top=0)  # the search as before the confirmation stage
   search = protocol.Search(SPEC_BY_KEY["eva"], 0.06, p, higher_is_better=False)
 
   # Best learning rate 0.6 (inside the grid), damping 0.09, kl_clip 0.003.
@@ -82,7 +85,7 @@ def test_eva_is_tuned_in_learning_rate_then_damping_then_kl_clip():
 
 
 def test_damping_only_for_second_order_and_kl_clip_only_for_eva():
-  p = protocol.Protocol()
+  p = protocol.Protocol(confirm_top=0)
   flat = lambda point: 1.0 + (point.lr != 0.1)  # 0.1 wins, in the middle of the grid
   for key, stages in [
     ("sgd", ["lr"] * 5),
@@ -96,10 +99,74 @@ def test_damping_only_for_second_order_and_kl_clip_only_for_eva():
   shampoo = protocol.Search(SPEC_BY_KEY["shampoo"], 0.1, p, higher_is_better=False)
   _drive(shampoo, flat)
   assert shampoo.grids["damping"] == [3.33e-07, 1e-06, 3e-06]  # around its own default
+  # With the confirmation, the two best of each grid rerun over the whole budget; Eva in
+  # front of AdamW: lr and damping (around Eva's 0.03), its grid centred on AdamW's rate.
+  stages = ["lr"] * 5 + ["lr+"] * 2 + ["damping"] * 2 + ["damping+"]
+  for key in ("kfac", "eva-f+adamw", "eva+adamw"):
+    confirmed = protocol.Search(SPEC_BY_KEY[key], 0.1, protocol.Protocol(), False)
+    assert _drive(confirmed, flat, flat) == stages, key
+  assert confirmed.grids["damping"] == [0.01, 0.03, 0.09]
+  centre = protocol_search.centre_key
+  assert centre(SPEC_BY_KEY["eva-f+adamw"], {"adamw": 1e-3, "eva-f": 0.1}) == "adamw"
+  assert centre(SPEC_BY_KEY["eva+adamw"], {"eva+adamw": 3e-3, "adamw": 1e-3}) == "eva+adamw"
+  assert centre(SPEC_BY_KEY["eva"], {}) == "eva"
+
+
+def test_the_confirmation_reruns_the_two_best_of_each_grid_over_the_whole_budget():
+  search = protocol.Search(SPEC_BY_KEY["eva"], 0.06, protocol.Protocol(), higher_is_better=False)
+  # Short runs prefer lr 0.6, damping 0.09, kl_clip 0.003; whole runs lr 0.19, damping
+  # 0.03 (the default), kl_clip 0.003.
+  log = lambda v, best: abs(math.log(v / best))
+  short = lambda p: log(p.lr, 0.6) + log(p.damping or 0.03, 0.09) + log(p.kl_clip or 1e-3, 3e-3)
+  whole = lambda p: log(p.lr, 0.19) + log(p.damping or 0.03, 0.03) + log(p.kl_clip or 1e-3, 3e-3)
+  stages = _drive(search, short, whole)
+  # lr: 0.6 then 0.19 (1.9 is a hair farther) confirmed; damping: 0.09 and the choice so
+  # far (lr 0.19, already run over the whole budget, not again); kl_clip: 0.003 likewise.
+  assert stages == ["lr"] * 6 + ["lr+"] * 2 + ["damping"] * 2 + ["damping+"] + ["kl_clip"] * 2 + [
+    "kl_clip+"
+  ]
+  confirmed = [t.point for t in search.trials if t.confirmation]
+  assert confirmed == [
+    protocol.Point(0.6),
+    protocol.Point(0.19),
+    protocol.Point(0.19, 0.09),
+    protocol.Point(0.19, None, 0.003),
+  ]
+  assert search.chosen() == {"lr": 0.19, "damping": 0.03, "kl_clip": 0.003}
+  assert search.best.confirmation and search.best.score == pytest.approx(0.0)
+  # The damping and KL clip grids centre on the confirmed rate, not the short-budget one.
+  assert {t.point.lr for t in search.trials if t.stage != "lr"} == {0.19}
+  c = search.confirmations()
+  assert c["lr"]["short_choice"]["lr"] == 0.6 and c["lr"]["chosen"]["lr"] == 0.19
+  assert c["lr"]["changed"] and c["damping"]["changed"] and not c["kl_clip"]["changed"]
+  assert (
+    c["damping"]["short_choice"]["damping"] == 0.09 and c["damping"]["chosen"]["damping"] is None
+  )
+  assert [q["run_in"] for q in c["damping"]["points"]] == ["damping", "lr"]
+  assert [q["steps"] for q in c["lr"]["points"]] == [20, 20]
+  assert search.runs() == {
+    "count": 14,
+    "steps": 10 * 5 + 4 * 20,
+    "confirmation_count": 4,
+    "confirmation_steps": 80,
+  }
+  assert protocol_tables._confirmation_cell(search) == (
+    "lr 0.6 → 0.19; damping 0.09 → 0.03; kl_clip 0.003 kept"
+  )
+  # A diverged point is never confirmed; with confirm_top 0 the short-budget best stands.
+  sgd = protocol.Search(SPEC_BY_KEY["sgd"], 0.1, protocol.Protocol(), False)
+  scores = {0.01: 0.5, 0.0316: float("nan"), 0.1: 0.4, 0.316: 0.3, 1.0: float("nan")}
+  assert _drive(sgd, lambda p: scores[p.lr], lambda p: -p.lr) == ["lr"] * 5 + ["lr+"] * 2
+  assert [t.point.lr for t in sgd.trials if t.confirmation] == [0.316, 0.1]
+  assert sgd.best.point.lr == 0.316
+  off = protocol.Search(SPEC_BY_KEY["eva"], 0.06, protocol.Protocol(confirm_top=0), False)
+  assert len(_drive(off, short, whole)) == 10 and off.chosen()["lr"] == 0.6
+  with pytest.raises(ValueError, match="confirm_top"):
+    protocol.Protocol(confirm_top=-1)
 
 
 def test_an_edge_grows_at_most_max_extensions_times_and_divergence_scores_worst():
-  p = protocol.Protocol(max_extensions=2)
+  p = protocol.Protocol(max_extensions=2, confirm_top=0)
   # Higher is better and grows with the rate: the top edge wins every time.
   search = protocol.Search(SPEC_BY_KEY["sgd"], 0.1, p, higher_is_better=True)
   assert _drive(search, lambda point: point.lr) == ["lr"] * 7
@@ -161,7 +228,10 @@ def regression_task(validation_fraction: float) -> training.Task:
   )
 
 
-def test_the_whole_protocol_on_a_tiny_task(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_protocol(quick_compiles, tmp_path_factory):
+  """The whole protocol on the tiny task, SGD and Eva, run once for the tests below: its
+  outcome, its folder and the validation fractions it asked the task for."""
   asked = []
 
   def make_task(fraction):
@@ -171,11 +241,14 @@ def test_the_whole_protocol_on_a_tiny_task(tmp_path):
   p = protocol.Protocol(
     seeds=(0, 1), validation_fraction=0.2, tune_fraction=0.5, budgets=(0.5, 1.0), budget_seeds=(1,)
   )
+  out = tmp_path_factory.mktemp("tiny")
   specs = [SPEC_BY_KEY["sgd"], SPEC_BY_KEY["eva"]]
-  outcome = protocol.run_protocol(
-    make_task, specs, p, Options(), epochs=2, out=tmp_path, title="tiny"
-  )
-  assert asked == [0.0, 0.2]  # the whole set for the budget, the held-out split to tune
+  outcome = protocol.run_protocol(make_task, specs, p, Options(), epochs=2, out=out, title="tiny")
+  return outcome, out, asked
+
+
+def test_the_whole_protocol_on_a_tiny_task(tiny_protocol):
+  outcome, tmp_path, asked = tiny_protocol
   doc = json.loads((tmp_path / "protocol.json").read_text())
   assert doc["protocol"]["validation_fraction"] == 0.2
 
@@ -183,11 +256,29 @@ def test_the_whole_protocol_on_a_tiny_task(tmp_path):
     tuning = doc["tuning"][name]
     assert tuning["steps"] == 5  # half of 2 epochs of 5 steps
     assert len(tuning["grids"]["lr"]) >= 5
-    lr_trials = [t for t in tuning["trials"] if t["stage"] == "lr"]
+    short = [t for t in tuning["trials"] if not t["confirmation"]]
+    whole = [t for t in tuning["trials"] if t["confirmation"]]
+    assert {t["steps"] for t in short} == {5} and {t["steps"] for t in whole} == {10}
+    lr_trials = [t for t in short if t["stage"] == "lr"]
     assert sorted(t["lr"] for t in lr_trials) == tuning["grids"]["lr"]
-    best = min(tuning["trials"], key=lambda t: t["score"])  # lower loss is better
-    assert tuning["score"] == best["score"]
-    assert tuning["chosen"]["lr"] == best["lr"] == outcome.searches[key].best.point.lr
+    # The lr confirmation: the two best short lr trials, rerun over the whole budget.
+    two = sorted(lr_trials, key=lambda t: t["score"])[:2]  # lower loss is better
+    assert [t["lr"] for t in whole if t["stage"] == "lr"] == [t["lr"] for t in two]
+    lr_whole = min((t for t in whole if t["stage"] == "lr"), key=lambda t: t["score"])
+    confirmation = tuning["confirmation"]["lr"]
+    assert confirmation["chosen"]["lr"] == lr_whole["lr"]
+    assert confirmation["changed"] == (lr_whole["lr"] != two[0]["lr"])
+    assert [q["short_score"] for q in confirmation["points"]] == [t["score"] for t in two]
+    # The chosen trial is a whole-budget one, and its score is the recorded one.
+    best = outcome.searches[key].best
+    assert best.confirmation and tuning["score"] == best.score and tuning["score_steps"] == 10
+    assert tuning["chosen"]["lr"] == best.point.lr and tuning["confirm_top"] == 2
+    assert tuning["runs"] == {
+      "count": len(tuning["trials"]),
+      "steps": 5 * len(short) + 10 * len(whole),
+      "confirmation_count": len(whole),
+      "confirmation_steps": 10 * len(whole),
+    }
   assert set(doc["tuning"]["Eva"]["grids"]) == {"lr", "damping", "kl_clip"}
   assert set(doc["tuning"]["SGD"]["grids"]) == {"lr"}
 
@@ -229,24 +320,20 @@ def test_the_whole_protocol_on_a_tiny_task(tmp_path):
   assert "| train loss (mean of the last 10 step losses) at 50% of the budget | at 100% |" in md
   assert "| SGD | 0.005, 0.0158, 0.05, 0.158, 0.5" in md
   assert "(chosen)" in md and "| Eva (as published) | 0.1 | 0.03 | 0.001 |" in md
+  assert "ran again over the whole budget on the validation split" in md
+  assert "| SGD | lr, confirmation | lr " in md and "the confirmation's of 10 steps" in md
   assert "final train loss (mean of the last 10 step losses)" in md
   for seed in (0, 1):
     assert (tmp_path / f"seed{seed}" / "results.md").is_file()
 
 
-def test_a_recorded_tuning_gives_the_final_runs_more_seeds_without_tuning_again(tmp_path):
+def test_a_recorded_tuning_gives_the_final_runs_more_seeds_without_tuning_again(
+  tiny_protocol, tmp_path
+):
   specs = [SPEC_BY_KEY["sgd"], SPEC_BY_KEY["eva"]]
   settings = dict(validation_fraction=0.2, tune_fraction=0.5, budgets=(1.0,))
-  first = protocol.run_protocol(
-    regression_task,
-    specs,
-    protocol.Protocol(seeds=(0,), **settings),
-    Options(),
-    epochs=2,
-    out=tmp_path / "a",
-    title="tiny",
-  )
-  recorded = json.loads((tmp_path / "a" / "protocol.json").read_text())
+  first, first_out, _ = tiny_protocol
+  recorded = json.loads((first_out / "protocol.json").read_text())
   asked = []
 
   def make_task(fraction):
@@ -256,7 +343,7 @@ def test_a_recorded_tuning_gives_the_final_runs_more_seeds_without_tuning_again(
   again = protocol.run_protocol(
     make_task,
     specs,
-    protocol.Protocol(seeds=(0, 1), **settings),
+    protocol.Protocol(seeds=(0, 2), **settings),
     Options(),
     epochs=2,
     out=tmp_path / "b",
@@ -272,10 +359,12 @@ def test_a_recorded_tuning_gives_the_final_runs_more_seeds_without_tuning_again(
     ]
     assert read.chosen() == search.chosen()
   assert [r.point for r in again.rows] == [r.point for r in first.rows]
-  # Seed 0's final runs are the first protocol's, step for step; seed 1 is new.
+  # Seed 0's final runs are the first protocol's, step for step; seed 2 is new.
   for a, b in zip(first.runs[0], again.runs[0]):
     np.testing.assert_allclose(b.step_losses, a.step_losses, rtol=1e-6)
-  assert len(again.runs) == 2 and all(r.seed == 1 for r in again.runs[1])
+  assert len(again.runs) == 2 and all(r.seed == 2 for r in again.runs[1])
+  md = (tmp_path / "b" / "protocol.md").read_text()
+  assert "(the confirmation, as recorded, not run again)" in md
   written = json.loads((tmp_path / "b" / "protocol.json").read_text())
   assert written["tuning"] == recorded["tuning"]
 
@@ -298,6 +387,28 @@ def test_a_recorded_tuning_gives_the_final_runs_more_seeds_without_tuning_again(
     )
   with pytest.raises(ValueError, match="ran 5 steps per point, this budget's 10"):
     protocol.recorded_tuning(recorded, specs, protocol.Protocol(**settings), False, 10)
+  with pytest.raises(ValueError, match=r"confirmation of SGD ran \[10\] steps, this budget's 20"):
+    protocol.recorded_tuning(recorded, specs, protocol.Protocol(**settings), False, 5, 20)
+  # A record from before the confirmation stage (no confirmation trials, no confirm_top nor
+  # steps per trial) still reads, as its short-budget choice, and says it had none.
+  old = json.loads(json.dumps(recorded))
+  for tuning in old["tuning"].values():
+    for k in ("confirm_top", "confirmation", "runs", "score_steps"):
+      del tuning[k]
+    tuning["trials"] = [
+      {k: v for k, v in t.items() if k not in ("steps", "confirmation")}
+      for t in tuning["trials"]
+      if not t["confirmation"]
+    ]
+    tuning["chosen"]["lr"] = min(tuning["trials"], key=lambda t: t["score"])["lr"]
+  del old["protocol"]["confirm_top"]
+  read = protocol.recorded_tuning(old, specs, protocol.Protocol(**settings), False, 5, 10)
+  for search in read.values():
+    assert search.confirm_top == 0 and not search.confirmations()
+    assert not search.best.confirmation and search.runs()["confirmation_count"] == 0
+    assert search.runs()["steps"] == 5 * len(search.trials)
+  note = protocol_records.confirmation_note(read, recorded=True)
+  assert note.startswith("The recorded tuning had no confirmation stage")
   recorded["tuning"]["Eva"]["chosen"]["lr"] *= 3
   with pytest.raises(ValueError, match="Eva: the recorded choice"):
     protocol.recorded_tuning(recorded, specs, protocol.Protocol(**settings), False, 5)
