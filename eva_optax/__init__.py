@@ -18,7 +18,7 @@ name in ``<module>.STATISTICS``, e.g.
 
 from eva_optax._src.capture import PassThroughWarning
 from eva_optax._src.linen_capture import value_and_grad
-from eva_optax._src.describe import describe
+from eva_optax._src.describe import describe, negligible_fraction
 from eva_optax._src.eva import STATISTICS as EVA_STATISTICS
 from eva_optax._src.eva import ScaleByEvaState, eva, scale_by_eva, sherman_morrison
 from eva_optax._src.eva_foof import STATISTICS as EVA_FOOF_STATISTICS
@@ -74,6 +74,7 @@ __all__ = [
   "kl_normalise_factor",
   "layer_labels",
   "layouts_of",
+  "negligible_fraction",
   "nnx_value_and_grad",
   "scale_by_eva",
   "scale_by_eva_foof",

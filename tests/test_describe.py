@@ -1,6 +1,10 @@
 """``eva_optax.describe``: one row per parameter, preconditioned or passed through, and why."""
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
 
 import eva_optax
 from eva_optax._src.statistics import KernelLayout, LayerStats, PassThrough
@@ -107,3 +111,127 @@ def test_layer_whose_layout_the_parameters_leave_open_says_where_it_comes_from()
   assert "layouts=eva_optax.layouts_of(stats)" in grouped.detail
   for row in eva_optax.describe(params, stats, layouts=eva_optax.layouts_of(stats)):
     assert "layouts=" not in row.detail and "from the capture" not in row.detail
+
+
+def _two_layer_run(tx, batches):
+  """``small`` (3 → 4, no bias) fed inputs of size 1e-4, then ``big`` (4 → 2, bias), MSE;
+  ``tx`` updated once per batch. Returns the parameters and the state."""
+  import flax.linen as nn
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(2, name="big")(nn.Dense(4, use_bias=False, name="small")(x))
+
+  net = Net()
+  params = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))["params"]
+  loss_fn = lambda p, x, y: jnp.mean(jnp.square(net.apply({"params": p}, x) - y))
+  grad_fn = eva_optax.value_and_grad(
+    loss_fn, statistics=eva_optax.statistics_needed(tx.init(params))
+  )
+  state = tx.init(params)
+
+  @jax.jit
+  def step(state, x, y):
+    _, grads, stats = grad_fn(params, x, y)
+    return tx.update(grads, state, params, stats=stats)[1]
+
+  for x, y in batches:
+    state = step(state, x, y)
+  return params, state
+
+
+def _numpy_means(params, batches, decay):
+  """ā and ḡ (the batch mean of g, the gradient of the mean loss) of both layers by hand
+  (float64), averaged as the rules do:
+  m ← decay·m + (1 − decay)·new, the first batch taken as it is."""
+  w1 = np.asarray(params["small"]["kernel"], np.float64)
+  w2 = np.asarray(params["big"]["kernel"], np.float64)
+  b2 = np.asarray(params["big"]["bias"], np.float64)
+  running = None
+  for x, y in batches:
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    h = x @ w1
+    d_out = 2 * (h @ w2 + b2 - y) / y.size  # g: ∂ mean((out − y)²) / ∂out, per sample
+    new = {
+      "small": (x.mean(0), (d_out @ w2.T).mean(0)),
+      "big": (h.mean(0), d_out.mean(0)),
+    }
+    running = (
+      new
+      if running is None
+      else {k: tuple(decay * m + (1 - decay) * n for m, n in zip(running[k], new[k])) for k in new}
+    )
+  return running
+
+
+@pytest.mark.usefixtures("quick_compiles")
+def test_negligible_fraction_from_the_running_averages_matches_numpy():
+  """Two batches averaged with stat_decay 0.5. ``small``: ‖ā‖² ~ 1e-8, no bias, so Eva's
+  s = ‖ā‖²‖ḡ‖² and Eva-f's ‖ā‖² are ≪ γ: negligible; ``big`` has a bias, â = [ā, 1]:
+  ρ ≈ ‖ḡ‖²/(‖ḡ‖² + γ) for Eva, ≥ 1/(1 + γ) for Eva-f: not negligible. ρ of each layer
+  equals the numpy value; 1 of 2 layers and 12 of 22 parameters are negligible."""
+  rng = np.random.default_rng(0)
+  batches = [
+    (
+      jnp.asarray(1e-4 * (rng.standard_normal((8, 3)) + 1.0), jnp.float32),
+      jnp.asarray(rng.standard_normal((8, 2)) + 1.0, jnp.float32),
+    )
+    for _ in range(2)
+  ]
+  gamma = 0.03
+  for tx, rule in (
+    (eva_optax.scale_by_eva(1.0, stat_decay=0.5, damping=gamma), "eva"),
+    (optax.chain(eva_optax.scale_by_eva_foof(stat_decay=0.5), optax.adamw(1e-3)), "eva-f"),
+  ):
+    params, state = _two_layer_run(tx, batches)
+    means = _numpy_means(params, batches, 0.5)
+    found = eva_optax.negligible_fraction(params, state, damping=gamma)
+    assert found.rules == (rule,)
+    for name, bias in (("small", 0.0), ("big", 1.0)):
+      a, g = means[name]
+      s = (a @ a + bias) * (g @ g if rule == "eva" else 1.0)
+      np.testing.assert_allclose(found.ratios[name], s / (s + gamma), rtol=1e-4)
+    assert found.ratios["small"] < 1e-5 and found.ratios["big"] > 0.5
+    assert (found.layers, found.negligible_layers) == (2, 1)
+    assert (found.parameters, found.negligible_parameters) == (3 * 4 + 4 * 2 + 2, 12)
+    assert found.of_layers == 0.5 and found.of_parameters == 12 / 22
+
+
+def test_negligible_fraction_counts_each_layer_of_a_stack_and_reads_flat_buffers():
+  """A stack of 2 bias-free layers (3 → 5): the state keeps ā and ḡ in flat buffers
+  (the shapes leave the layout open), so ``layouts=`` is needed to read them; the first
+  layer's ḡ of 1e-4 gives s = 3·5e-8 ≪ γ, the second's ḡ of 1 does not: 1 of 2 layers,
+  15 of 30 parameters. The damping schedule is read at the last update's step. Optimizers
+  without a rank-one correction give ``None``."""
+  params = {"blocks": {"up": {"kernel": jnp.zeros((2, 3, 5))}}}
+  layouts = {"blocks": {"up": KernelLayout(1, 1)}}
+  a = np.ones((2, 3))
+  g = np.stack([1e-4 * np.ones(5), np.ones(5)])
+  stored = lambda v: {"blocks": {"up": jnp.asarray(v.reshape(-1))}}
+  state = eva_optax.scale_by_eva(1.0).init(params)
+  assert state.input_mean["blocks"]["up"].shape == (6,)  # flat: the layout is open
+  state = state._replace(count=jnp.asarray(3), input_mean=stored(a), output_grad_mean=stored(g))
+  with pytest.raises(ValueError, match="layout open.*flat buffer.*layouts="):
+    eva_optax.negligible_fraction(params, state)
+  found = eva_optax.negligible_fraction(params, state, layouts=layouts)
+  np.testing.assert_allclose(found.ratios["blocks/up"], [1.5e-7 / (1.5e-7 + 0.03), 15 / 15.03])
+  assert (found.layers, found.negligible_layers, found.parameters) == (2, 1, 30)
+  assert found.negligible_parameters == 15
+  # γ at step count − 1 = 2: huge there (every layer negligible), tiny elsewhere.
+  schedule = lambda step: 1e9 if step == 2 else 1e-30
+  assert (
+    eva_optax.negligible_fraction(params, state, layouts=layouts, damping=schedule).of_layers == 1
+  )
+  kfac = eva_optax.kfac(0.1).init({"up": {"kernel": jnp.zeros((3, 5))}})
+  assert eva_optax.negligible_fraction({"up": {"kernel": jnp.zeros((3, 5))}}, kfac) is None
+
+
+def test_describe_counts_the_bias_in_the_rank_one_direction():
+  """Eva's ‖â‖² = ‖ā‖² + 1 with a bias: ā = 0 and ḡ of size 1 leave s = ‖ḡ‖² = 3, not 0,
+  so describe does not flag the layer; without the bias it does (ā ≈ 0)."""
+  params = {"Dense_0": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}}
+  for has_bias, flagged in ((True, False), (False, True)):
+    stats = {"Dense_0": LayerStats(jnp.zeros(4), jnp.ones(3), kind="Dense", has_bias=has_bias)}
+    row = next(r for r in eva_optax.describe(params, stats) if r.parameter == "Dense_0/kernel")
+    assert ("ā ≈ 0" in row.detail) is flagged

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from .curvature import curvature_table
 from .plots import plot
 from .targets import final_quality, format_value, quality_definition
 
@@ -226,19 +227,24 @@ def write_all(
   window: int = 10,
   labels: dict[str, str] | None = None,
 ) -> tuple[str, list[Path]]:
-  """Write ``results.md``, ``metrics.json``, ``metrics.csv`` and the plots into ``out``
+  """Write ``results.md``, ``metrics.json``, ``metrics.csv``, the plots and, where an
+  optimizer of Eva's family ran, ``curvature.md`` (:func:`curvature_table`) into ``out``
   (``window``: the target's, for a training-loss target; ``labels``: the metrics' names
   for the y axes)."""
   out.mkdir(parents=True, exist_ok=True)
   table = markdown_table(results, target, target_value, window)
   info = machine_info()
+  curvature = curvature_table(results)
   md = (
     f"# {title}\n\n{table}\n"
-    f"Machine: {info['cpu']} ({info['cpu_count']} CPUs), device {info['device']}; "
+    + ("Does the curvature act (Eva's family)? See curvature.md.\n\n" if curvature else "")
+    + f"Machine: {info['cpu']} ({info['cpu_count']} CPUs), device {info['device']}; "
     + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
     + ".\n"
   )
   (out / "results.md").write_text(md)
+  if curvature:
+    (out / "curvature.md").write_text(f"# {title}: does the curvature act?\n\n{curvature}")
   metrics = {
     "title": title,
     "config": config,
@@ -253,5 +259,6 @@ def write_all(
   (out / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=1) + "\n")
   write_csv(results, out / "metrics.csv")
   paths = [out / "results.md", out / "metrics.json", out / "metrics.csv"]
+  paths += [out / "curvature.md"] if curvature else []
   paths += plot(results, out, title, target, target_value, window=window, labels=labels)
   return table, paths

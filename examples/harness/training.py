@@ -17,7 +17,10 @@ epoch the parameters, the model state, the optimizer state, the batch-order
 generator and the metrics so far are saved with orbax (``<out>/checkpoints/<optimizer>``,
 the latest epoch kept); ``resume=True`` continues an interrupted run from there, with the
 same batches and the same result as an uninterrupted one. Timing counts training steps
-only: compilation, evaluation and checkpointing are left out of the clock.
+only: compilation, evaluation and checkpointing are left out of the clock, and so is the
+record of where Eva's (Eva-f's) rank-one correction is negligible, taken from the
+optimizer state after step 1 and at 25, 50 and 100 % of the budget
+(:mod:`examples.harness.curvature`, ``Result.curvature``).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from tqdm import tqdm
 
 import eva_optax
 
+from . import curvature
 from .optimizers import Options, Spec
 
 Params = Any
@@ -107,6 +111,9 @@ class Result:
   seed: int = 0
   steps_per_epoch: int = 0
   budget_steps: int = 0  # the steps the schedule spans
+  # Where Eva's (Eva-f's) rank-one correction is negligible, after step 1 and at 25, 50 and
+  # 100 % of the budget (:mod:`examples.harness.curvature`); {} where not applicable.
+  curvature: dict[str, Any] = field(default_factory=dict)
 
   @property
   def epochs_done(self) -> int:
@@ -178,6 +185,15 @@ def make_step(spec: Spec, tx: optax.GradientTransformation, loss_fn: LossFn) -> 
   return jax.jit(step, donate_argnums=(0, 1, 2))
 
 
+def captured_layouts(spec: Spec, task: Task, params: Params, model_state: Any) -> Any:
+  """Every layer's :class:`eva_optax.KernelLayout` from an abstract capture pass
+  (``jax.eval_shape``) of ``spec.statistics``; ``None`` for a spec that captures none."""
+  if spec.statistics is None:
+    return None
+  abstract = jax.eval_shape(_grad_fn(spec, task.loss_fn), params, model_state, task.example_batch)
+  return eva_optax.layouts_of(abstract[2])
+
+
 def build_optimizer(
   spec: Spec,
   lr: float,
@@ -186,17 +202,17 @@ def build_optimizer(
   options: Options,
   params: Params,
   model_state: Any,
+  layouts: Any = None,
 ) -> optax.GradientTransformation:
   """``spec``'s transformation on ``task``'s schedule; ``layouts=`` where it takes them.
 
-  The layouts come from an abstract capture pass (``jax.eval_shape``), so layers whose
-  kernel layout cannot be guessed from shapes (scanned blocks, ``DenseGeneral``) are
-  preconditioned correctly.
+  The layouts come from an abstract capture pass (:func:`captured_layouts`, unless given),
+  so layers whose kernel layout cannot be guessed from shapes (scanned blocks,
+  ``DenseGeneral``) are preconditioned correctly.
   """
   kwargs = {}
   if spec.statistics is not None and spec.accepts("layouts"):
-    abstract = jax.eval_shape(_grad_fn(spec, task.loss_fn), params, model_state, task.example_batch)
-    kwargs["layouts"] = eva_optax.layouts_of(abstract[2])
+    kwargs["layouts"] = layouts or captured_layouts(spec, task, params, model_state)
   return spec.build(task.schedule(lr, total_steps), options, **kwargs)
 
 
@@ -316,7 +332,12 @@ class Trainer:
     if self.total_steps < 1:
       raise ValueError(f"{task.name}: a budget of {self.total_steps} steps")
     self.params, self.model_state = _copy(params), _copy(model_state)
-    tx = build_optimizer(spec, lr, self.total_steps, task, options, self.params, self.model_state)
+    self._layouts = captured_layouts(spec, task, self.params, self.model_state)
+    tx = build_optimizer(
+      spec, lr, self.total_steps, task, options, self.params, self.model_state, self._layouts
+    )
+    self._damping = curvature.damping_of(spec, options)
+    self._curvature_steps = set(curvature.checkpoint_steps(self.total_steps))
     self.opt_state = tx.init(self.params)
     self.result = Result(
       spec.key,
@@ -414,6 +435,10 @@ class Trainer:
       if not np.isfinite(loss):
         r.diverged = True
         print(f"{r.name}: training diverged at step {r.steps} (loss {loss})")
+      elif r.steps in self._curvature_steps:  # host-side, off the clock
+        curvature.record(
+          r.curvature, r.steps, self.params, self.opt_state, self._layouts, self._damping
+        )
       if r.diverged or len(self._losses) == self._epoch_length():
         self._end_epoch()
       elif self.config.eval_every and r.steps % self.config.eval_every == 0:

@@ -3,6 +3,7 @@ steps and seconds to a target, on a tiny regression task the test builds itself.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -12,7 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from examples.harness import datasets, plots, report, targets, training
+import eva_optax
+from examples.harness import curvature, datasets, plots, report, targets, training
 from examples.harness.optimizers import SPEC_BY_KEY, Options
 
 pytestmark = pytest.mark.usefixtures("quick_compiles")
@@ -81,6 +83,58 @@ def test_interleaved_trainers_equal_each_trained_alone_and_take_turns(task):
   # Same batches, other optimizers: the first losses agree, the later ones do not.
   assert results[0].step_losses[0] == results[1].step_losses[0]
   assert results[0].step_losses[-1] != results[1].step_losses[-1]
+  # Eva's correction, recorded after step 1 and at 25/50/100 % of the 8 steps; SGD has none.
+  assert results[0].curvature == {} and alone[1].result.curvature == results[1].curvature
+  first = results[1].curvature["largest_ratio"][0]
+  assert first == pytest.approx(_first_batch_ratio(task, 0.03), rel=1e-5)  # float32 capture
+
+
+def _first_batch_ratio(task, gamma):
+  """Eva's ρ = s/(s + γ), s = (‖ā‖² + 1)‖ḡ‖² (the bias's 1), of the tiny task's Dense(1)
+  after step 1, by hand: ā the first batch's mean input, ḡ the mean over the batch of the
+  gradient of the mean squared error w.r.t. the output, at the initial parameters."""
+  params, _ = task.init(jax.random.PRNGKey(0))
+  x, y = (np.asarray(v, np.float64) for v in next(iter(task.train_epoch(np.random.default_rng(0)))))
+  out = x @ np.asarray(params["kernel"], np.float64) + np.asarray(params["bias"], np.float64)
+  a, g = x.mean(0), (2 * (out - y) / y.size).mean(0)
+  s = (a @ a + 1) * (g @ g)
+  return s / (s + gamma)
+
+
+def test_the_trainer_records_where_the_rank_one_correction_is_negligible(task):
+  """Into ``Result.curvature``: after steps 1, 2, 4, 8 of 8, the fraction of layers and
+  parameters where ρ < 1e-3, with γ from the options: 1e6 makes Eva's correction
+  negligible everywhere (ρ ≈ s/γ); Eva-f's ρ ≥ 1/(1 + γ) on a layer with a bias, never.
+  The report's table has a row for each and says SGD has no such correction."""
+  params, state = task.init(jax.random.PRNGKey(0))
+  config = training.RunConfig(epochs=2)
+  runs = [
+    training.Trainer(task, SPEC_BY_KEY[key], 0.05, options, params, state, config)
+    for key, options in (("eva", Options(damping=1e6)), ("eva-f", Options()))
+  ]
+  big_gamma, foof = training.interleave(runs, chunk=8)
+  assert big_gamma.curvature["steps"] == foof.curvature["steps"] == [1, 2, 4, 8]
+  assert big_gamma.curvature["of_layers"] == big_gamma.curvature["of_parameters"] == [1.0] * 4
+  assert big_gamma.curvature["largest_ratio"][0] == pytest.approx(
+    _first_batch_ratio(task, 1e6), rel=1e-5
+  )
+  assert (big_gamma.curvature["layers"], big_gamma.curvature["parameters"]) == (1, 4)
+  assert foof.curvature["rules"] == ["eva-f"] and foof.curvature["of_layers"] == [0.0] * 4
+  assert min(foof.curvature["largest_ratio"]) >= 1 / 1.03
+  # The last value is the library's on the trainer's final state.
+  final = eva_optax.negligible_fraction(runs[1].params, runs[1].opt_state, damping=0.03)
+  assert foof.curvature["largest_ratio"][-1] == pytest.approx(
+    float(final.ratios[""])
+  )  # one Dense: path ()
+  table = curvature.curvature_table([_result("sgd", [1.0]), big_gamma, foof]).splitlines()
+  assert "| Eva | 0.05 | 1 (4) | 1 / 2 / 4 / 8 | 1.00 / 1.00 / 1.00 / 1.00 |" in table[4]
+  assert table[5].startswith("| Eva-f | 0.05 | 1 (4) | 1 / 2 / 4 / 8 | 0.00 / 0.00 /")
+  assert table[-1] == "Not applicable (no rank-one correction): SGD."
+  # Seeds share a row: medians [min–max] where they differ.
+  other = dict(foof.curvature, of_layers=[0.0, 0.001, 0.5, 0.999])
+  seeds = [foof, dataclasses.replace(foof, curvature=other)]
+  row = curvature.curvature_table(seeds).splitlines()[4]
+  assert "| 0.00 / <0.01 [0.00–<0.01] / 0.25 [0.00–0.50] / 0.50 [0.00–>0.99] |" in row
 
 
 def test_evaluation_every_n_steps_and_at_every_epoch_end(task):
