@@ -58,7 +58,7 @@ under ``tp`` (2x4) Eva's step has 14 all-reduces and 2 all-gathers, AdamW's 13 a
 under ``fsdp`` (8x1) 33 all-gathers and 2 all-reduces, AdamW's 32 and 1 (Eva adds the
 packed all-reduce of its per-layer sums and the all-gather of its split statistics).
 
-Checkpoints (orbax, ``examples.harness.training.save_checkpoint``): with
+Checkpoints (orbax, ``examples.harness.records.save_checkpoint``): with
 ``--checkpoint-dir DIR`` the parameters, the optimizer state and the step are saved at
 the end (or after step ``--stop-at``) in ``DIR/<optimizer>``; ``--resume`` restores them
 with this run's shardings, whatever the mesh and parallelism of the saving run, and
@@ -116,7 +116,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import eva_optax
 from examples.char_lm import LEARNING_RATES, TEST_FRACTION, eval_windows, warmup_cosine
-from examples.harness import compiled_ops, datasets, sharded, training
+from examples.harness import compiled_ops, datasets, records, sharded
 from examples.harness.optimizers import SPEC_BY_KEY, Options, Spec
 
 FALLBACK_CORPUS = Path(__file__).resolve().parents[1] / "README.md"
@@ -494,7 +494,7 @@ def make_step(
 def save(directory: Path, step: int, params: Params, opt_state: Any, meta: dict[str, Any]) -> None:
   """Save params, optimizer state and ``step`` (orbax; every process calls it)."""
   arrays = {"params": params, "opt_state": opt_state, "step": np.int32(step)}
-  training.save_checkpoint(directory, step, arrays, {**meta, "step": step})
+  records.save_checkpoint(directory, step, arrays, {**meta, "step": step})
 
 
 def restore(
@@ -511,7 +511,7 @@ def restore(
     "opt_state": abstract_like(opt_state, state_sharding),
     "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P())),
   }
-  found = training.restore_checkpoint(directory, like)
+  found = records.restore_checkpoint(directory, like)
   if found is None:
     return None
   arrays, meta = found

@@ -4,8 +4,9 @@ Every example (``examples/*.py``) describes its task -- a model, a loss, data --
 :class:`examples.harness.training.Task` and hands it to :func:`examples.harness.cli.run`,
 which parses the common flags, builds the optimizers of :mod:`examples.harness.optimizers`,
 trains each one from the same initial parameters on the same batches
-(:class:`examples.harness.training.Trainer`, interleaved, with a tqdm bar, orbax
-checkpoints with ``--checkpoint`` and ``--resume``) and writes the report of
+(:class:`examples.harness.training.Trainer`, interleaved, with a tqdm bar, the orbax
+checkpoints of :mod:`examples.harness.records` with ``--checkpoint`` and ``--resume``,
+and where Eva's correction acts, :mod:`examples.harness.curvature`) and writes the report of
 :mod:`examples.harness.report` (markdown table, ``metrics.json``, ``metrics.csv``; the PNG
 plots of :mod:`examples.harness.plots`), with the final quality and time to target of
 :mod:`examples.harness.targets`. The data loaders (Fashion-MNIST, CIFAR-10,

@@ -16,7 +16,8 @@ from .protocol_tables import budget_table, final_table, tuning_tables
 
 from . import report, targets
 from .optimizers import Spec
-from .training import Task, jsonable
+from .records import jsonable
+from .training import Task
 
 if TYPE_CHECKING:  # annotations only: the protocol module imports this one
   from .protocol import Outcome

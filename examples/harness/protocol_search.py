@@ -18,7 +18,8 @@ import jax
 
 from . import targets
 from .optimizers import Options, Spec
-from .training import RunConfig, Target, Task, Trainer, from_json, interleave
+from .records import from_json
+from .training import RunConfig, Target, Task, Trainer, interleave
 
 
 @dataclass(frozen=True)

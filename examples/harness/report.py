@@ -26,7 +26,8 @@ from .curvature import curvature_table
 from .plots import plot
 from .targets import final_quality, format_value, quality_definition
 
-from .training import Result, Target, jsonable
+from .records import jsonable
+from .training import Result, Target
 
 
 def markdown_table(

@@ -41,6 +41,7 @@ from tqdm import tqdm
 import eva_optax
 
 from . import curvature
+from .records import from_json, jsonable, restore_checkpoint, save_checkpoint
 from .optimizers import Options, Spec
 
 Params = Any
@@ -234,50 +235,6 @@ def evaluate(task: Task, params: Params, model_state: Any) -> dict[str, float]:
   if count == 0:
     raise ValueError(f"{task.name}: the test set is empty")
   return {k: v / count for k, v in totals.items()}
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _manager(directory: Path) -> Any:
-  import orbax.checkpoint as ocp
-
-  return ocp.CheckpointManager(
-    directory.absolute(),
-    options=ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False),
-  )
-
-
-def save_checkpoint(
-  directory: Path, epoch: int, arrays: dict[str, Any], meta: dict[str, Any]
-) -> None:
-  """Save ``arrays`` (params, model state, optimizer state) and JSON ``meta`` at ``epoch``."""
-  import orbax.checkpoint as ocp
-
-  with _manager(directory) as mgr:
-    mgr.save(
-      epoch,
-      args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)),
-    )
-
-
-def restore_checkpoint(
-  directory: Path, like: dict[str, Any]
-) -> tuple[dict[str, Any], dict[str, Any]] | None:
-  """The latest ``(arrays, meta)`` saved in ``directory`` (shaped like ``like``), or None."""
-  import orbax.checkpoint as ocp
-
-  if not directory.exists():
-    return None
-  with _manager(directory) as mgr:
-    epoch = mgr.latest_step()
-    if epoch is None:
-      return None
-    restored = mgr.restore(
-      epoch,
-      args=ocp.args.Composite(arrays=ocp.args.StandardRestore(like), meta=ocp.args.JsonRestore()),
-    )
-  return restored["arrays"], restored["meta"]
 
 
 # ----------------------------------------------------------------------------- training
@@ -523,29 +480,3 @@ def train(
   """Train ``spec`` alone on ``task`` for the budget of ``config``, from ``params``."""
   trainer = Trainer(task, spec, lr, options, params, model_state, config)
   return interleave([trainer], chunk=max(1, trainer.remaining))[0]
-
-
-def jsonable(x: Any) -> Any:
-  """Tuples as lists and non-finite floats as strings, as JSON gives them back."""
-  if isinstance(x, float) and not np.isfinite(x):
-    return str(x)
-  if isinstance(x, dict):
-    return {str(k): jsonable(v) for k, v in x.items()}
-  if isinstance(x, list | tuple):
-    return [jsonable(v) for v in x]
-  if isinstance(x, Path):
-    return str(x)
-  if isinstance(x, np.generic):
-    return x.item()
-  return x
-
-
-def from_json(x: Any) -> Any:
-  """Inverse of :func:`jsonable` for the floats: ``"nan"``/``"inf"`` back to floats."""
-  if isinstance(x, str) and x in ("nan", "inf", "-inf"):
-    return float(x)
-  if isinstance(x, dict):
-    return {k: from_json(v) for k, v in x.items()}
-  if isinstance(x, list):
-    return [from_json(v) for v in x]
-  return x

@@ -154,7 +154,7 @@ def test_resume_continues_an_interrupted_run_bit_identically(tmp_path, monkeypat
   ]
   whole = demo.main(argv + ["--out", str(tmp_path / "whole")])
 
-  save = training.save_checkpoint
+  save = training.save_checkpoint  # as the Trainer imports it
   saves = []
 
   def interrupted(*args, **kwargs):  # the run stops after the second epoch's checkpoint

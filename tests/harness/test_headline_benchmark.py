@@ -8,7 +8,8 @@ from dataclasses import asdict
 import pytest
 
 from benchmarks import headline
-from examples.harness.training import Result, jsonable
+from examples.harness.records import jsonable
+from examples.harness.training import Result
 
 
 def _run(name, key, losses, seconds_per_step, seed):

@@ -146,6 +146,8 @@ def test_every_registry_key_is_an_optimizer_with_its_period(step_time):
     "kfac-authors",
     "foof",
     "shampoo",
+    "eva+adamw",
+    "eva-f+adamw",
     "muon",
   )
   from benchmarks.step_time_measure import period_of
@@ -162,6 +164,8 @@ def test_every_registry_key_is_an_optimizer_with_its_period(step_time):
     "kfac-authors": 10,
     "foof": 10,
     "shampoo": 10,
+    "eva+adamw": 1,
+    "eva-f+adamw": 1,
     "muon": 1,
   }
   args = step_time.parse_args(["--optimizers", "eva,eva_foof,eva_shampoo", "--no-save"])
