@@ -16,6 +16,8 @@ The example's ``--damping`` and ``--kl-clip`` are not used: the protocol sets th
 ``--tuning-from`` reads the tuning (grids, trials, chosen values) from an earlier run's
 ``protocol.json`` instead of running it again, to give the final runs more seeds; the
 workload's flags and the tuning settings must be the ones it was tuned with.
+``--tune-only`` runs and records the tuning alone, so that a long protocol splits into
+its tuning and its final runs (``--tuning-from`` that record).
 
 Usage::
 
@@ -25,6 +27,7 @@ Usage::
     python -m benchmarks.protocol --quick --out /tmp/protocol                # smoke test
     python -m benchmarks.protocol --workload classifier --seeds 0,1 \\
         --tuning-from benchmarks/results/protocol/classifier/protocol.json
+    python -m benchmarks.protocol --workload char_lm --tune-only --out /tmp/char_lm_tuning
 """
 
 from __future__ import annotations
@@ -102,6 +105,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     metavar="PROTOCOL_JSON",
     help="read the tuning from an earlier run's protocol.json instead of "
     "running it (same workload flags and tuning settings)",
+  )
+  p.add_argument(
+    "--tune-only",
+    action="store_true",
+    help="run and record the tuning only (protocol.json), for a later --tuning-from",
   )
   p.add_argument("--out", default=None)
   p.add_argument("extra", nargs="*", help="more flags for the example (after --)")
@@ -196,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> Outcome:
       window=example_args.reach_window,
       settings=settings,
       recorded=recorded,
+      tune_only=args.tune_only,
     )
   except RecordMismatch as e:
     if recorded is None:

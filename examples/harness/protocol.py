@@ -154,12 +154,14 @@ def run_protocol(
   window: int = 10,
   settings: dict[str, Any] | None = None,
   recorded: dict[str, Any] | None = None,
+  tune_only: bool = False,
 ) -> Outcome:
   """The three parts of the protocol (the third when ``protocol.budgets`` holds a
   fraction below 1); writes ``protocol.md``, ``protocol.json`` and, per seed, the example's
   report of the final runs (``seed<n>/``) into ``out``. With ``recorded`` (an earlier
   run's ``protocol.json``), part 1 is read from it (:func:`recorded_tuning`) instead of
-  run."""
+  run. With ``tune_only``, part 1 alone: its record is a ``protocol.json`` that a later
+  run's ``recorded`` takes, so that a long protocol can be split across sessions."""
   task = make_task(0.0)
   budget_steps = epochs * task.steps_per_epoch
   tune_steps = protocol.tune_steps(budget_steps)
@@ -174,6 +176,20 @@ def run_protocol(
       tune_steps,
       budget_steps,
     )
+  if tune_only:
+    outcome = Outcome(searches, [], [], {}, None, recorded=recorded is not None)
+    write(
+      outcome,
+      task,
+      protocol,
+      out,
+      title=title,
+      epochs=epochs,
+      window=window,
+      tune_steps=tune_steps,
+      settings=settings or {},
+    )
+    return outcome
   rows = rows_of(searches, task)
   runs = final_runs(
     task, rows, protocol.seeds, epochs, base, eval_every=eval_every, chunk=chunk, window=window

@@ -153,11 +153,19 @@ def write(
     "## Tuning\n",
     confirmation_note(outcome.searches, outcome.recorded) + "\n",
     tuning_tables(outcome.searches, scored_by, tune_steps),
-    "## Full budget\n",
-    f"Medians over seeds [min–max]. SGD's final quality: its "
-    f"{targets.quality_definition(target, window)} in the same seed.\n",
-    final_table(outcome.summary, outcome.rows, target, window, outcome.sgd_value),
   ]
+  if outcome.rows:
+    md += [
+      "## Full budget\n",
+      f"Medians over seeds [min–max]. SGD's final quality: its "
+      f"{targets.quality_definition(target, window)} in the same seed.\n",
+      final_table(outcome.summary, outcome.rows, target, window, outcome.sgd_value),
+    ]
+  else:
+    md.append(
+      "The tuning alone (`--tune-only`): the final runs take it from this record "
+      "(`--tuning-from` this `protocol.json`).\n"
+    )
   if outcome.budgets:
     seeds = ", ".join(map(str, protocol.seeds_for_budgets))
     md += [

@@ -414,6 +414,36 @@ def test_a_recorded_tuning_gives_the_final_runs_more_seeds_without_tuning_again(
     protocol.recorded_tuning(recorded, specs, protocol.Protocol(**settings), False, 5)
 
 
+def test_the_tuning_alone_is_a_record_the_final_runs_take_later(tiny_protocol, tmp_path):
+  """tune_only (benchmarks.protocol --tune-only) writes part 1 only: a protocol.json
+  whose tuning a later run reads as its own, and no final runs."""
+  specs = [SPEC_BY_KEY["sgd"], SPEC_BY_KEY["eva"]]
+  settings = dict(validation_fraction=0.2, tune_fraction=0.5, budgets=(1.0,))
+  first, first_out, _ = tiny_protocol
+  recorded = json.loads((first_out / "protocol.json").read_text())
+  alone = protocol.run_protocol(
+    regression_task,
+    specs,
+    protocol.Protocol(seeds=(0,), **settings),
+    Options(),
+    epochs=2,
+    out=tmp_path / "tuning",
+    title="tiny",
+    recorded=recorded,
+    tune_only=True,
+  )
+  assert alone.rows == [] and alone.runs == [] and alone.summary == {}
+  written = json.loads((tmp_path / "tuning" / "protocol.json").read_text())
+  assert written["tuning"] == recorded["tuning"] and written["rows"] == []
+  assert not list((tmp_path / "tuning").glob("seed*"))
+  md = (tmp_path / "tuning" / "protocol.md").read_text()
+  assert "The tuning alone (`--tune-only`)" in md and "## Full budget" not in md
+  read = protocol.recorded_tuning(written, specs, protocol.Protocol(**settings), False, 5, 10)
+  assert {k: s.chosen() for k, s in read.items()} == {
+    k: s.chosen() for k, s in first.searches.items()
+  }
+
+
 def test_a_recorded_diverged_trial_reads_back_as_scoring_worst():
   # protocol.json stores a diverged trial's score as the string "nan" (training.jsonable).
   trial = lambda lr, score: {

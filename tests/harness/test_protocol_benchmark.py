@@ -33,13 +33,15 @@ def calls(monkeypatch):
 def test_a_recorded_tuning_is_handed_on_only_for_the_same_workload(tmp_path, calls):
   quick = ["--quick", "--optimizers", "sgd"]
   protocol.main(quick + ["--out", str(tmp_path / "a")])
-  assert calls[0]["recorded"] is None
+  assert calls[0]["recorded"] is None and calls[0]["tune_only"] is False
   recorded = tmp_path / "a" / "protocol.json"
   protocol.main(
     quick + ["--seeds", "0,1", "--tuning-from", str(recorded), "--out", str(tmp_path / "b")]
   )
   assert calls[1]["recorded"] == json.loads(recorded.read_text())
   assert calls[1]["settings"]["tuning_from"] == str(recorded)
+  protocol.main(quick + ["--tune-only", "--out", str(tmp_path / "t")])
+  assert calls.pop()["tune_only"] is True
   # Other optimizers and seeds are the protocol's to check; another workload is refused.
   protocol.main(
     [
