@@ -89,6 +89,7 @@ LEARNING_RATES = {
   "adamw": 1e-3,
   "eva": 0.06,
   "eva-f": 0.6,
+  "eva-kln": 0.6,  # normalised like Eva-f's update: SGD's rate (not checked)
   "eva-s": 0.6,
   "kfac": 0.06,
   "kfac-authors": 0.06,

@@ -124,8 +124,14 @@ LEARNING_RATES = {
   "sgd": 0.1,
   "adamw": 3e-3,
   "eva": 0.01,
+  # Not checked: centres of the tuning protocol's grids. Eva-f and Eva with KL
+  # normalisation take normalised steps, at SGD's rate as on the autoencoder.
+  "eva-f": 0.1,
+  "eva-kln": 0.1,
   "eva-s": 0.03,
   "kfac": 0.03,
+  "foof": 0.03,
+  "shampoo": 0.1,
   "kfac-authors": 0.03,
   "muon": 0.02,
   "sophia": 3e-3,  # not checked: the centres of the tuning protocol's grids

@@ -124,6 +124,7 @@ LEARNING_RATES = {
   "adamw": 1e-2,
   "eva": 3e-3,
   "eva-f": 0.3,
+  "eva-kln": 0.3,  # normalised like Eva-f's update (not checked)
   "eva-s": 0.1,
   "kfac": 0.03,
   "kfac-authors": 0.03,

@@ -256,6 +256,13 @@ SPECS: tuple[Spec, ...] = (
   Spec("adamw", "AdamW", optax.adamw),
   Spec("eva", "Eva", eva_optax.eva, eva_optax.EVA_STATISTICS),
   Spec("eva-f", "Eva-f", eva_optax.eva_foof, eva_optax.EVA_FOOF_STATISTICS),
+  Spec(  # the extension's scaling: V without 1/γ, normalised by sqrt(Σ⟨V, Ĝ⟩), no KL clip
+    "eva-kln",
+    "Eva (KL norm.)",
+    eva_optax.eva,
+    eva_optax.EVA_STATISTICS,
+    extra=(("scaling", "kl_normalise"),),
+  ),
   Spec(  # the authors' momentum (vshampoo.py): buf ← μ²·buf + (1+μ)·d, W ← W − η·buf
     "eva-s", "Eva-s", eva_optax.eva_shampoo, extra=(("nesterov", "authors"),)
   ),

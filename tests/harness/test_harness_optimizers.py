@@ -99,6 +99,7 @@ CAPTURES = {
   "adamw": (None, False),
   "eva": (EVA, False),
   "eva-f": (("input_mean",), False),
+  "eva-kln": (EVA, False),
   "eva-s": (None, False),
   "kfac": (KFAC, True),
   "kfac-authors": (KFAC, True),
