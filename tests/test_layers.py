@@ -164,45 +164,51 @@ def test_bias_free_attention_projections_are_guessed_right():
   assert stats["query"].layout == KernelLayout(0, 2)
 
 
-def test_readings_of_kernels_the_parameters_leave_open():
+def test_possible_layouts_of_kernels_the_parameters_leave_open():
   """The guess first, then the other layouts Flax's layers give such a kernel."""
-  assert layers.readings((4, 3), (3,)) == (KernelLayout(0, 1),)
-  assert layers.readings((4, 3), None) == (KernelLayout(0, 1),)
+  assert layers.possible_layouts((4, 3), (3,)) == (KernelLayout(0, 1),)
+  assert layers.possible_layouts((4, 3), None) == (KernelLayout(0, 1),)
   # Bias-free rank 3: DenseGeneral with 1 or 2 outputs, a stack of Dense, the
   # two Einsums contracting axis 1 or axis 2.
-  assert layers.readings((4, 3, 5), None, "proj") == (
+  assert layers.possible_layouts((4, 3, 5), None, "proj") == (
     KernelLayout(0, 1),
     KernelLayout(0, 2),
     KernelLayout(1, 1),
     KernelLayout(0, 2, permutation=(1, 0, 2)),
     KernelLayout(0, 2, permutation=(2, 0, 1)),
   )
-  assert layers.readings((4, 3, 5), None, "query") == (KernelLayout(0, 2),)
-  assert layers.readings((4, 3, 5), None, "out") == (KernelLayout(0, 1),)
+  assert layers.possible_layouts((4, 3, 5), None, "query") == (KernelLayout(0, 2),)
+  assert layers.possible_layouts((4, 3, 5), None, "out") == (KernelLayout(0, 1),)
   # With a bias (3, 5): in 4, out 3·5, the only reading of 15 outputs; with a
   # bias (4, 5): the stack of Dense and the Einsum contracting axis 1.
-  assert layers.readings((4, 3, 5), (3, 5)) == (KernelLayout(0, 2),)
-  assert layers.readings((4, 3, 5), (4, 5)) == (
+  assert layers.possible_layouts((4, 3, 5), (3, 5)) == (KernelLayout(0, 2),)
+  assert layers.possible_layouts((4, 3, 5), (4, 5)) == (
     KernelLayout(1, 1),
     KernelLayout(0, 2, permutation=(1, 0, 2)),
   )
   # A conv kernel with one input channel per group: every group count (and
   # the DenseGeneral reading with outputs (1, 4), the same matrix).
-  assert layers.readings((3, 3, 1, 4), (4,)) == (
+  assert layers.possible_layouts((3, 3, 1, 4), (4,)) == (
     KernelLayout(0, 1),
     KernelLayout(1, 1, groups=2),
     KernelLayout(1, 1, groups=4),
     KernelLayout(0, 2),
   )
-  assert layers.readings((3, 3, 2, 4), (4,)) == (KernelLayout(0, 1),)
+  assert layers.possible_layouts((3, 3, 2, 4), (4,)) == (KernelLayout(0, 1),)
   # Bias-free rank 4: a Conv (however small), or depthwise; Flax's attention
   # under nn.scan (query: stack, in, two outputs; out: a Conv or stack, in 2·… out).
-  assert layers.readings((3, 3, 2, 4), None) == (KernelLayout(0, 1),)
-  assert layers.readings((3, 3, 1, 2), None) == (KernelLayout(0, 1), KernelLayout(1, 1, groups=2))
-  assert layers.readings((2, 8, 2, 4), None, "query") == (KernelLayout(1, 2),)
-  assert layers.readings((2, 2, 4, 8), None, "out") == (KernelLayout(0, 1), KernelLayout(1, 1))
+  assert layers.possible_layouts((3, 3, 2, 4), None) == (KernelLayout(0, 1),)
+  assert layers.possible_layouts((3, 3, 1, 2), None) == (
+    KernelLayout(0, 1),
+    KernelLayout(1, 1, groups=2),
+  )
+  assert layers.possible_layouts((2, 8, 2, 4), None, "query") == (KernelLayout(1, 2),)
+  assert layers.possible_layouts((2, 2, 4, 8), None, "out") == (
+    KernelLayout(0, 1),
+    KernelLayout(1, 1),
+  )
   # A module named like an Einsum: any one axis contracted, the rest outputs.
-  assert layers.readings((2, 3, 4, 5), None, "kv_einsum") == (
+  assert layers.possible_layouts((2, 3, 4, 5), None, "kv_einsum") == (
     KernelLayout(0, 1),
     KernelLayout(0, 3, permutation=(1, 0, 2, 3)),
     KernelLayout(0, 3, permutation=(2, 0, 1, 3)),
@@ -211,16 +217,16 @@ def test_readings_of_kernels_the_parameters_leave_open():
   )
 
 
-def test_reserved_readings_keep_the_guess_the_depthwise_and_what_is_at_most_8x():
+def test_reserved_layouts_keep_the_guess_the_depthwise_and_what_is_at_most_8x():
   sizes = {
     KernelLayout(0, 1): 10,
     KernelLayout(0, 2): 80,
     KernelLayout(1, 1): 81,
     KernelLayout(1, 1, groups=9): 1000,
   }
-  kept = layers.reserved_readings((3, 3, 1, 9), tuple(sizes), sizes.__getitem__)
+  kept = layers.reserved_layouts((3, 3, 1, 9), tuple(sizes), sizes.__getitem__)
   assert kept == (KernelLayout(0, 1), KernelLayout(0, 2), KernelLayout(1, 1, groups=9))
-  assert layers.reserved_readings((3, 3, 1, 9), (), sizes.__getitem__) == ()
+  assert layers.reserved_layouts((3, 3, 1, 9), (), sizes.__getitem__) == ()
 
 
 def test_layers_read_names_only_through_the_naming_convention():
@@ -235,12 +241,14 @@ def test_layers_read_names_only_through_the_naming_convention():
     ((1, 2, 4, 8), "out"),
     ((2, 3, 4, 5), "kv_einsum"),
   ]
-  with_flax = {c: layers.readings(c[0], None, c[1]) for c in cases}
+  with_flax = {c: layers.possible_layouts(c[0], None, c[1]) for c in cases}
   previous = layers.set_naming_convention(None)
   try:
     assert previous is flax_layouts.flax_names
     for shape, name in cases:
-      assert layers.readings(shape, None, name) == layers.readings(shape, None, "Dense_0")
+      assert layers.possible_layouts(shape, None, name) == layers.possible_layouts(
+        shape, None, "Dense_0"
+      )
       assert layers.infer_layout(shape, None, name) == KernelLayout(0, 1)
   finally:
     layers.set_naming_convention(previous)
@@ -248,5 +256,7 @@ def test_layers_read_names_only_through_the_naming_convention():
   assert with_flax[(8, 2, 4), "query"] == (KernelLayout(0, 2),)
   assert with_flax[(2, 2, 4, 8), "key"] == (KernelLayout(1, 2),)
   assert KernelLayout(1, 1) in with_flax[(1, 2, 4, 8), "out"]
-  assert len(with_flax[(2, 3, 4, 5), "kv_einsum"]) > len(layers.readings((2, 3, 4, 5), None, "x"))
+  assert len(with_flax[(2, 3, 4, 5), "kv_einsum"]) > len(
+    layers.possible_layouts((2, 3, 4, 5), None, "x")
+  )
   assert with_flax[(2, 4, 8), "out"] == (KernelLayout(0, 1),)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eva_optax._src.segments import Segments, two_sums
+from eva_optax._src.segments import Segments, sums_in_one_pass
 
 
 def test_segments_dots_equal_per_layer_dots():
@@ -53,6 +53,6 @@ def test_dots_of_no_pairs_are_zeros():
 def test_two_sums_equal_the_two_sums(axes):
   rng = np.random.default_rng(3)
   first, second = rng.normal(size=(3, 4, 5)), rng.normal(size=(3, 4, 5))
-  a, b = two_sums(jnp.asarray(first, jnp.float32), jnp.asarray(second, jnp.float32), axes)
+  a, b = sums_in_one_pass(jnp.asarray(first, jnp.float32), jnp.asarray(second, jnp.float32), axes)
   np.testing.assert_allclose(a, first.sum(axes), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(b, second.sum(axes), rtol=1e-5, atol=1e-5)

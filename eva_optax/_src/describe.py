@@ -170,7 +170,7 @@ def describe(
       if name == KERNEL:
         detail += _negligible_correction(entry, damping, negligible) or ""
         if slot is not None and slot.layout != entry.layout:
-          if slot.readings and holds_layout(slot, entry.layout, EVA_STATISTICS):
+          if slot.possible_layouts and holds_layout(slot, entry.layout, EVA_STATISTICS):
             detail += "; layout from the capture (the parameters allow several)"
           else:
             detail += (
@@ -284,7 +284,7 @@ def negligible_fraction(
       if slot is None:
         raise ValueError(f"{where}: no layer of params at this path (other parameters?)")
       shapes = layout_statistics(slot, slot.layout, names)
-      if layouts is None and len(slot.readings) > 1:
+      if layouts is None and len(slot.possible_layouts) > 1:
         raise ValueError(
           f"{where}: the parameters leave this layer's layout open (the state keeps"
           f" its averages as a flat buffer of {stored_shape(stored)}): pass layouts="

@@ -42,7 +42,7 @@ from eva_optax._src.layerwise_rule import (
   scale_preconditioned,
 )
 from eva_optax._src.preconditioning import LayerwiseOptions, layerwise_transformation
-from eva_optax._src.segments import Segments, two_sums
+from eva_optax._src.segments import Segments, sums_in_one_pass
 from eva_optax._src.sharded_sums import packed_sums, stack_labels
 
 #: What :func:`eva_optax.value_and_grad` must capture for Eva (its default).
@@ -127,7 +127,7 @@ def sherman_morrison_layers(
     )
     # Per layer, one pass over the gradient matrix: āᵀ∇W ḡ and ‖∇W‖².
     sums = [
-      two_sums(k * x[..., :, None] * y[..., None, :], k * k, (k.ndim - 2, k.ndim - 1))
+      sums_in_one_pass(k * x[..., :, None] * y[..., None, :], k * k, (k.ndim - 2, k.ndim - 1))
       for k, x, y in zip(ks, xs, ys)
     ]
     return jnp.concatenate(

@@ -40,7 +40,7 @@ from eva_optax._src.layerwise_rule import (
   scale_preconditioned,
 )
 from eva_optax._src.preconditioning import LayerwiseOptions, layerwise_transformation
-from eva_optax._src.segments import Segments, two_sums
+from eva_optax._src.segments import Segments, sums_in_one_pass
 from eva_optax._src.sharded_sums import packed_sums, stack_labels
 
 #: What :func:`eva_optax.value_and_grad` must capture for Eva-f.
@@ -94,7 +94,7 @@ def foof_vector_projection_layers(
   def fused(*ops):
     ks, xs = ops[0 : 2 * n : 2], ops[1 : 2 * n : 2]
     # Per layer, one pass over the gradient matrix: ∇W ā and its column norms.
-    sums = [two_sums(k * x[..., :, None], k * k, (k.ndim - 2,)) for k, x in zip(ks, xs)]
+    sums = [sums_in_one_pass(k * x[..., :, None], k * k, (k.ndim - 2,)) for k, x in zip(ks, xs)]
     (a_sq,) = segments.dots([(x, x) for x in xs])
     flat = lambda vs: [jnp.reshape(v, -1) for v in vs]
     return jnp.concatenate(

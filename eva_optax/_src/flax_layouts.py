@@ -1,7 +1,7 @@
 """Flax's naming conventions for kernel layouts, given to the optimizers' ``init``.
 
 ``tx.init(params)`` sees only the parameters, and their shapes fix most layouts
-(:func:`eva_optax._src.layers.readings`). Where they do not, the names Flax gives its
+(:func:`eva_optax._src.layers.possible_layouts`). Where they do not, the names Flax gives its
 modules say more; this module tells :mod:`eva_optax._src.layers` so through its one hook,
 :func:`~eva_optax._src.layers.set_naming_convention`, when the front-ends are imported
 (``import eva_optax`` does). The capture still records every layer's true layout and the

@@ -35,7 +35,7 @@ class NameReading(NamedTuple):
       shape's).
     more: further readings, after the shape's.
     closed: the name rules out the shape's other readings of a rank-3 kernel (the
-      DenseGeneral splits and Einsums of :func:`readings`).
+      DenseGeneral splits and Einsums of :func:`possible_layouts`).
   """
 
   guess: KernelLayout | None = None
@@ -107,7 +107,7 @@ def infer_layout(
   return KernelLayout(0, 1)
 
 
-def readings(
+def possible_layouts(
   kernel_shape: tuple[int, ...],
   bias_shape: tuple[int, ...] | None,
   name: str | None = None,
@@ -127,7 +127,7 @@ def readings(
   ``eva_optax._src.flax_layouts``).
 
   Optimizers reserve room in their state for these readings
-  (:func:`reserved_readings`), so that the capture's layout is taken at the
+  (:func:`reserved_layouts`), so that the capture's layout is taken at the
   first update without a ``layouts=`` step.
   """
   guess = infer_layout(kernel_shape, bias_shape, name)
@@ -143,11 +143,11 @@ def readings(
       if kernel_shape[-1] % g == 0
     ]
   if bias_shape:
-    family = _stacked_and_einsum_readings(kernel_shape) if rank >= 3 else []
+    family = _stacked_and_einsum_layouts(kernel_shape) if rank >= 3 else []
     spans = lambda l: math.prod(l.dims(kernel_shape)[0]) * l.dims(kernel_shape)[2]
     out += [l for l in family if spans(l) == math.prod(bias_shape)]
   elif rank == 3 and not (named is not None and named.closed):
-    out += _stacked_and_einsum_readings(kernel_shape)
+    out += _stacked_and_einsum_layouts(kernel_shape)
   if named is not None:
     out += named.more
   unique: list[KernelLayout] = []
@@ -157,7 +157,7 @@ def readings(
   return tuple(unique)
 
 
-def _stacked_and_einsum_readings(kernel_shape: tuple[int, ...]) -> list[KernelLayout]:
+def _stacked_and_einsum_layouts(kernel_shape: tuple[int, ...]) -> list[KernelLayout]:
   """DenseGeneral splits (outputs at the end, at most one stack axis) and, for
   rank 3, the Einsums contracting axis 1 or 2."""
   rank = len(kernel_shape)
@@ -170,7 +170,7 @@ def _stacked_and_einsum_readings(kernel_shape: tuple[int, ...]) -> list[KernelLa
   return family
 
 
-def reserved_readings(
+def reserved_layouts(
   kernel_shape: tuple[int, ...],
   layouts: tuple[KernelLayout, ...],
   size: Any,
@@ -190,7 +190,7 @@ def reserved_readings(
 class LayerSlot(NamedTuple):
   """A layer of the parameter tree: its module path, kernel and bias leaves.
 
-  ``readings``: the layouts its parameters allow (:func:`readings`, the guess
+  ``possible_layouts``: the layouts its parameters allow (:func:`possible_layouts`, the guess
   first), or ``()`` when ``layout`` was given (by ``layouts=``) or captured.
   """
 
@@ -199,7 +199,7 @@ class LayerSlot(NamedTuple):
   kernel_shape: tuple[int, ...]
   has_bias: bool
   dtype: Any = jnp.float32  # of its statistics and of the preconditioning
-  readings: tuple[KernelLayout, ...] = ()
+  possible_layouts: tuple[KernelLayout, ...] = ()
 
 
 def _layouts_by_path(layouts: Any) -> dict[Path, KernelLayout]:
@@ -225,7 +225,7 @@ def find_layer_slots(
   a callable ``params -> layouts``, or a nested dict or stats tree giving a
   :class:`KernelLayout` or :class:`LayerStats` per module path); the one the
   ``captured`` statistics record; else guessed from the parameters
-  (:func:`infer_layout`, with the other :func:`readings` kept on the slot).
+  (:func:`infer_layout`, with the other :func:`possible_layouts` kept on the slot).
   """
   if callable(layouts):
     layouts = layouts(params)
@@ -243,7 +243,7 @@ def find_layer_slots(
     layout = given.get(module) or recorded.get(module)
     options: tuple[KernelLayout, ...] = ()
     if layout is None:
-      options = readings(kernel_shape, bias_shape, module[-1] if module else None)
+      options = possible_layouts(kernel_shape, bias_shape, module[-1] if module else None)
       layout = options[0]
     layout.check(kernel_shape, f"layer {path_str(module)!r}")
     dtype = statistic_dtype(jnp.result_type(leaf))

@@ -100,7 +100,7 @@ class Segments:
     return packed[lo:hi].reshape(self.stacks[layer])
 
 
-def two_sums(
+def sums_in_one_pass(
   first: jax.Array, second: jax.Array, axes: tuple[int, ...]
 ) -> tuple[jax.Array, jax.Array]:
   """``first.sum(axes)`` and ``second.sum(axes)`` as one reduction (one pass, one kernel)."""

@@ -4,7 +4,7 @@
 (a running average, a cached inverse) has its exact shape. Where they allow
 several layouts (a bias-free DenseGeneral or Einsum kernel, a stacked layer, a
 depthwise convolution), the entry is a flat buffer long enough for each of them
-(:func:`~eva_optax._src.layers.reserved_readings`), and an update reads and
+(:func:`~eva_optax._src.layers.reserved_layouts`), and an update reads and
 writes its head (:func:`read_entry`, :func:`write_entry`) once the capture says
 the layout. A square matrix over â = [a, 1] is kept as a
 :class:`~eva_optax._src.statistics.WithBiasRow`, so that its rows split evenly
@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from eva_optax._src.layers import LayerSlot, reserved_readings
+from eva_optax._src.layers import LayerSlot, reserved_layouts
 from eva_optax._src.paths import Path, flatten_with_paths, nest
 from eva_optax._src.statistics import (
   KernelLayout,
@@ -50,7 +50,7 @@ def entry_shapes(
 
   ``shapes(layout)``: the optimizer's entries for a layer of that layout
   (default: its ``statistics``). When every reading the state makes room for
-  (:func:`~eva_optax._src.layers.reserved_readings`, judged by the size of
+  (:func:`~eva_optax._src.layers.reserved_layouts`, judged by the size of
   ``statistics``) gives an entry the same shape, that shape; otherwise a flat
   buffer as long as its largest reading.
   """
@@ -58,7 +58,7 @@ def entry_shapes(
   size = lambda layout: sum(
     math.prod(s) for s in layout_statistics(slot, layout, statistics).values()
   )
-  layouts = reserved_readings(slot.kernel_shape, slot.readings, size) or (slot.layout,)
+  layouts = reserved_layouts(slot.kernel_shape, slot.possible_layouts, size) or (slot.layout,)
   options = [shapes(layout) for layout in layouts]
   return {
     n: shape if all(o[n] == shape for o in options) else (max(math.prod(o[n]) for o in options),)
