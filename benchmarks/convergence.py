@@ -58,7 +58,8 @@ from typing import Any
 
 from benchmarks import readme
 from examples.harness import report
-from examples.harness.training import Result, jsonable
+from examples.harness.records import jsonable
+from examples.harness.training import Result
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -43,7 +43,8 @@ from examples.harness import targets
 from examples.harness.optimizers import SPEC_BY_KEY
 from examples.harness.protocol_search import default_of
 from examples.harness.protocol_summary import ratios_to, spread, stats
-from examples.harness.training import Result, Target, from_json, jsonable
+from examples.harness.records import from_json, jsonable
+from examples.harness.training import Result, Target
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKLOAD_ORDER = ("autoencoder", "classifier", "char_lm")

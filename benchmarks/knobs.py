@@ -58,7 +58,8 @@ from examples.harness.optimizers import SPEC_BY_KEY, Options, has_passthrough
 from examples.harness.protocol import Row, final_runs
 from examples.harness.protocol_search import Point, default_of, significant
 from examples.harness.protocol_summary import spread, summarise
-from examples.harness.training import Task, jsonable
+from examples.harness.records import jsonable
+from examples.harness.training import Task
 
 ROOT = Path(__file__).resolve().parents[1]
 EVA = SPEC_BY_KEY["eva"]

@@ -43,7 +43,8 @@ from benchmarks.convergence import WORKLOADS, load_example
 from examples.harness.optimizers import Options
 from examples.harness.protocol import Outcome, Protocol, run_protocol
 from examples.harness.protocol_search import RecordMismatch
-from examples.harness.training import Task, jsonable
+from examples.harness.records import jsonable
+from examples.harness.training import Task
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -27,7 +27,8 @@ from typing import Any
 
 from benchmarks.convergence import WORKLOADS, load_example
 from examples.harness import report, targets
-from examples.harness.training import Result, jsonable
+from examples.harness.records import jsonable
+from examples.harness.training import Result
 
 ROOT = Path(__file__).resolve().parent
 
