@@ -241,9 +241,9 @@ def _zero_cache(rule: LayerwiseRule, slots: Mapping[Path, LayerSlot]) -> Any:
 
 
 def _state(rule: LayerwiseRule, count, averages: Mapping[str, Any], cache, gate) -> Any:
-  cache = (cache,) if rule.refresh is not None else ()
-  gate = (gate,) if any(n in FACTORS for n in rule.statistics) else ()
-  return rule.state(count, *[averages[n] for n in rule.statistics], *cache, *gate)
+  """``rule.state`` of these values, each in its field (:func:`_state_fields`)."""
+  values = {"count": count, **averages, "cache": cache, "gate": gate}
+  return rule.state(*[values[f] for f in _state_fields(rule)])
 
 
 def _every_step(every: int | jax.Array) -> bool:

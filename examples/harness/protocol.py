@@ -177,26 +177,43 @@ def run_protocol(
       budget_steps,
     )
   if tune_only:
-    outcome = Outcome(searches, [], [], {}, None, recorded=recorded is not None)
-    write(
-      outcome,
-      task,
-      protocol,
-      out,
-      title=title,
-      epochs=epochs,
-      window=window,
-      tune_steps=tune_steps,
-      settings=settings or {},
-    )
-    return outcome
+    outcome = Outcome(searches, [], [], {}, None)
+  else:
+    outcome = _final_part(task, searches, protocol, base, epochs, eval_every, chunk, window)
+  outcome.recorded = recorded is not None
+  write(
+    outcome,
+    task,
+    protocol,
+    out,
+    title=title,
+    epochs=epochs,
+    window=window,
+    tune_steps=tune_steps,
+    settings=settings or {},
+  )
+  return outcome
+
+
+def _final_part(
+  task: Task,
+  searches: dict[str, Search],
+  protocol: Protocol,
+  base: Options,
+  epochs: int,
+  eval_every: int,
+  chunk: int,
+  window: int,
+) -> Outcome:
+  """Parts 2 and 3: the tuned and published rows over the whole budget on every seed,
+  then, with a budget below 1, the tuned rows over shorter whole schedules."""
   rows = rows_of(searches, task)
   runs = final_runs(
     task, rows, protocol.seeds, epochs, base, eval_every=eval_every, chunk=chunk, window=window
   )
   summary = summarise(runs, task.target, window)
   sgd_value = summary[rows[0].name]["final"] if rows[0].spec.key == "sgd" else None
-  outcome = Outcome(searches, rows, runs, summary, sgd_value, recorded=recorded is not None)
+  outcome = Outcome(searches, rows, runs, summary, sgd_value)
   if any(b < 1 for b in protocol.budgets):
     tuned = [row for row in rows if row.variant == "tuned"]
     seeds = protocol.seeds_for_budgets
@@ -212,15 +229,4 @@ def run_protocol(
     outcome.budgets = budget_summary(
       by_budget, task.target, window, summary={row.name: summary[row.name] for row in tuned}
     )
-  write(
-    outcome,
-    task,
-    protocol,
-    out,
-    title=title,
-    epochs=epochs,
-    window=window,
-    tune_steps=tune_steps,
-    settings=settings or {},
-  )
   return outcome
