@@ -17,7 +17,9 @@ The example's ``--damping`` and ``--kl-clip`` are not used: the protocol sets th
 ``protocol.json`` instead of running it again, to give the final runs more seeds; the
 workload's flags and the tuning settings must be the ones it was tuned with.
 ``--tune-only`` runs and records the tuning alone, so that a long protocol splits into
-its tuning and its final runs (``--tuning-from`` that record).
+its tuning and its final runs (``--tuning-from`` that record). ``--tuning-from`` takes
+several records, comma-separated, each tuning other optimizers with the same settings: a
+long tuning splits into groups of optimizers, run side by side or in different sessions.
 
 Usage::
 
@@ -28,6 +30,8 @@ Usage::
     python -m benchmarks.protocol --workload classifier --seeds 0,1 \\
         --tuning-from benchmarks/results/protocol/classifier/protocol.json
     python -m benchmarks.protocol --workload char_lm --tune-only --out /tmp/char_lm_tuning
+    python -m benchmarks.protocol --workload char_lm --optimizers sgd,eva \\
+        --tuning-from /tmp/tuned_sgd/protocol.json,/tmp/tuned_eva/protocol.json
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from typing import Any
 from benchmarks.convergence import WORKLOADS, load_example
 from examples.harness.optimizers import Options
 from examples.harness.protocol import Outcome, Protocol, run_protocol
+from examples.harness.protocol_records import merged_records
 from examples.harness.protocol_search import RecordMismatch
 from examples.harness.records import jsonable
 from examples.harness.training import Task
@@ -103,9 +108,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument(
     "--tuning-from",
     default=None,
-    metavar="PROTOCOL_JSON",
+    metavar="PROTOCOL_JSON[,...]",
     help="read the tuning from an earlier run's protocol.json instead of "
-    "running it (same workload flags and tuning settings)",
+    "running it (same workload flags and tuning settings); several, comma-separated, "
+    "each tuning other optimizers, are merged",
   )
   p.add_argument(
     "--tune-only",
@@ -189,7 +195,11 @@ def main(argv: Sequence[str] | None = None) -> Outcome:
   settings["command"] = "python -m benchmarks.protocol " + " ".join(argv or sys.argv[1:])
   recorded = None
   if args.tuning_from:
-    recorded = read_recorded(Path(args.tuning_from), settings)
+    documents = [read_recorded(Path(p), settings) for p in args.tuning_from.split(",")]
+    try:
+      recorded = merged_records(documents)
+    except RecordMismatch as e:
+      raise SystemExit(f"--tuning-from {args.tuning_from}: {e}") from None
     settings["tuning_from"] = args.tuning_from
   try:
     outcome = run_protocol(

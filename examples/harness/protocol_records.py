@@ -1,6 +1,6 @@
 """The tuning protocol's record: ``protocol.md`` and ``protocol.json`` written (:func:`write`),
 and a recorded tuning read back for more seeds (:func:`recorded_tuning`, which refuses one
-tuned with other settings).
+tuned with other settings), from one record or several (:func:`merged_records`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from .protocol_search import Protocol, RecordMismatch, Search, validation_target
 from .protocol_tables import budget_table, final_table, tuning_tables
 
 from . import report, targets
+from .curvature import curvature_table
 from .optimizers import Spec
 from .records import jsonable
 from .training import Task
@@ -82,6 +83,26 @@ def recorded_tuning(
       )
     searches[spec.key] = Search.recorded(spec, by_key[spec.key], protocol, higher_is_better)
   return searches
+
+
+def merged_records(documents: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """One record of the tunings of several ``protocol.json`` documents, each optimizer's
+  from the one record that tuned it, so that a long tuning splits into groups of
+  optimizers (run side by side or in different sessions). Raises RecordMismatch where the
+  records were tuned with other settings of part 1 (:data:`TUNING_FIELDS`) or two of them
+  tuned the same optimizer."""
+  first, *others = documents
+  tuning = dict(first["tuning"])
+  for document in others:
+    for name in TUNING_FIELDS:
+      theirs, mine = document["protocol"].get(name), first["protocol"].get(name)
+      if theirs != mine:
+        raise RecordMismatch(f"the recorded tunings differ in {name}: {mine} and {theirs}")
+    for optimizer, record in document["tuning"].items():
+      if optimizer in tuning:
+        raise RecordMismatch(f"two of the recorded tunings tuned {optimizer}")
+      tuning[optimizer] = record
+  return {**first, "tuning": tuning}
 
 
 def confirmation_note(searches: dict[str, Search], recorded: bool) -> str:
@@ -161,6 +182,9 @@ def write(
       f"{targets.quality_definition(target, window)} in the same seed.\n",
       final_table(outcome.summary, outcome.rows, target, window, outcome.sgd_value),
     ]
+    curvature = curvature_table([r for results in outcome.runs for r in results])
+    if curvature:
+      md += ["## Does the curvature act?\n", "Over the final runs, every seed.\n", curvature]
   else:
     md.append(
       "The tuning alone (`--tune-only`): the final runs take it from this record "

@@ -323,6 +323,12 @@ def test_the_whole_protocol_on_a_tiny_task(tiny_protocol):
   assert "ran again over the whole budget on the validation split" in md
   assert "| SGD | lr, confirmation | lr " in md and "the confirmation's of 10 steps" in md
   assert "final train loss (mean of the last 10 step losses)" in md
+  # The curvature over the final runs: Eva's rows (both seeds), the others not applicable.
+  curvature = md.split("## Does the curvature act?")[1]
+  eva_lr = doc["tuning"]["Eva"]["chosen"]["lr"]
+  assert f"| Eva | {eva_lr:g} | 1 (4) | 1 / 3 / 5 / 10 |" in curvature
+  assert "| Eva (as published) | 0.1 | 1 (4) | 1 / 3 / 5 / 10 |" in curvature
+  assert "Not applicable (no rank-one correction): SGD, SGD (as published), K-FAC" in curvature
   for seed in (0, 1):
     assert (tmp_path / f"seed{seed}" / "results.md").is_file()
 

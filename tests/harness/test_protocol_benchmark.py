@@ -102,3 +102,39 @@ def test_a_recorded_tuning_that_does_not_fit_exits_naming_it(tmp_path, monkeypat
     protocol.main(["--quick", "--tuning-from", str(document), "--out", str(tmp_path / "x")])
   with pytest.raises(ValueError, match="no AdamW"):  # without --tuning-from: not rewritten
     protocol.main(["--quick", "--out", str(tmp_path / "x")])
+
+
+def test_several_recorded_tunings_are_merged_by_optimizer(tmp_path, calls):
+  quick = ["--quick", "--optimizers", "sgd"]
+  protocol.main(quick + ["--tune-only", "--out", str(tmp_path / "a")])
+  protocol.main(quick + ["--tune-only", "--out", str(tmp_path / "b")])
+  a, b = (tmp_path / name / "protocol.json" for name in "ab")
+  with pytest.raises(SystemExit, match="two of the recorded tunings tuned SGD"):
+    protocol.main(quick + ["--tuning-from", f"{a},{b}", "--out", str(tmp_path / "x")])
+  document = json.loads(b.read_text())
+  document["tuning"] = {"Eva": {"key": "eva", "chosen": {"lr": 0.1}}}
+  b.write_text(json.dumps(document))
+  protocol.main(
+    [
+      "--quick",
+      "--optimizers",
+      "sgd,eva",
+      "--tuning-from",
+      f"{a},{b}",
+      "--out",
+      str(tmp_path / "c"),
+    ]
+  )
+  merged = calls[-1]["recorded"]
+  assert merged["tuning"] == {"SGD": {"key": "sgd"}, "Eva": document["tuning"]["Eva"]}
+  assert calls[-1]["settings"]["tuning_from"] == f"{a},{b}"
+  document["protocol"] = {"tune_fraction": 0.5}
+  b.write_text(json.dumps(document))
+  with pytest.raises(SystemExit, match="differ in tune_fraction: None and 0.5"):
+    protocol.main(quick + ["--tuning-from", f"{a},{b}", "--out", str(tmp_path / "y")])
+  # Each record is checked against this run's workload, as one is.
+  document["settings"] = {**document["settings"], "train_limit": 1000}
+  b.write_text(json.dumps(document))
+  with pytest.raises(SystemExit, match=f"--tuning-from {b}: it was tuned with train_limit"):
+    protocol.main(quick + ["--tuning-from", f"{a},{b}", "--out", str(tmp_path / "z")])
+  assert len(calls) == 3
