@@ -147,6 +147,10 @@ def test_the_tables_and_the_readme_block(results_dir, tmp_path):
     "**Fashion-MNIST autoencoder** (1 epoch, 4 steps, 2 seeds); SGD's final quality, "
     "train loss (mean of the last 1 step losses): 0.45 [0.4–0.5]." in lines
   )
+  # Below it, one row per tuned member: time to SGD's and AdamW's final, final quality.
+  assert "| SGD | 1.00 | not reached (0 of 2) | 0.45 [0.4–0.5] |" in lines
+  assert "| Eva | 0.62 [0.50–0.75] | 2.00 (1 of 2) | 0.2 [0.1–0.3] |" in lines
+  assert not any(line.startswith("| Eva (as published) | 0.") for line in lines)
   md = (tmp_path / "headline.md").read_text()
   assert "| Eva | 0.2, 0.03, 0.003 | 0.2 [0.1–0.3] |" in md
   summary = json.loads((tmp_path / "headline.json").read_text())
