@@ -20,6 +20,9 @@ workload's flags and the tuning settings must be the ones it was tuned with.
 its tuning and its final runs (``--tuning-from`` that record). ``--tuning-from`` takes
 several records, comma-separated, each tuning other optimizers with the same settings: a
 long tuning splits into groups of optimizers, run side by side or in different sessions.
+``--tune-only --per-optimizer`` writes one record per optimizer (``<out>/<key>/``) and
+skips those already written, so that a tuning stopped midway resumes where it stopped;
+``--tuning-from <out>`` reads every record of that folder.
 
 Usage::
 
@@ -32,6 +35,9 @@ Usage::
     python -m benchmarks.protocol --workload char_lm --tune-only --out /tmp/char_lm_tuning
     python -m benchmarks.protocol --workload char_lm --optimizers sgd,eva \\
         --tuning-from /tmp/tuned_sgd/protocol.json,/tmp/tuned_eva/protocol.json
+    python -m benchmarks.protocol --workload classifier --tune-only --per-optimizer \\
+        --out /tmp/classifier_tuning          # again after a stop: resumes
+    python -m benchmarks.protocol --workload classifier --tuning-from /tmp/classifier_tuning
 """
 
 from __future__ import annotations
@@ -118,6 +124,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     action="store_true",
     help="run and record the tuning only (protocol.json), for a later --tuning-from",
   )
+  p.add_argument(
+    "--per-optimizer",
+    action="store_true",
+    help="with --tune-only: one record per optimizer (OUT/<key>/protocol.json), skipping "
+    "those already recorded, so that a long tuning resumes where it stopped; "
+    "--tuning-from OUT reads them all",
+  )
   p.add_argument("--out", default=None)
   p.add_argument("extra", nargs="*", help="more flags for the example (after --)")
   args = p.parse_args(argv)
@@ -136,6 +149,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   for name in ("tune_fraction", "validation_fraction", "lr_points"):
     if getattr(args, name) is not None:
       settings[name] = getattr(args, name)
+  if args.per_optimizer and not args.tune_only:
+    p.error("--per-optimizer records tunings: it needs --tune-only")
   try:
     args.protocol = Protocol(**settings)
   except ValueError as e:
@@ -176,7 +191,23 @@ def read_recorded(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
   return document
 
 
-def main(argv: Sequence[str] | None = None) -> Outcome:
+def record_paths(text: str) -> list[Path]:
+  """The records ``--tuning-from`` names: comma-separated ``protocol.json`` files, or
+  folders of per-optimizer records (``--per-optimizer``'s ``<key>/protocol.json``)."""
+  paths = []
+  for part in text.split(","):
+    path = Path(part)
+    if path.is_dir():
+      found = sorted(path.glob("*/protocol.json"))
+      if not found:
+        raise SystemExit(f"--tuning-from {path}: a folder without <optimizer>/protocol.json")
+      paths += found
+    else:
+      paths.append(path)
+  return paths
+
+
+def main(argv: Sequence[str] | None = None) -> Outcome | None:
   args = parse_args(argv)
   w = WORKLOADS[args.workload]
   example = load_example(w.name)
@@ -195,34 +226,47 @@ def main(argv: Sequence[str] | None = None) -> Outcome:
   settings["command"] = "python -m benchmarks.protocol " + " ".join(argv or sys.argv[1:])
   recorded = None
   if args.tuning_from:
-    documents = [read_recorded(Path(p), settings) for p in args.tuning_from.split(",")]
+    documents = [read_recorded(path, settings) for path in record_paths(args.tuning_from)]
     try:
       recorded = merged_records(documents)
     except RecordMismatch as e:
       raise SystemExit(f"--tuning-from {args.tuning_from}: {e}") from None
     settings["tuning_from"] = args.tuning_from
-  try:
-    outcome = run_protocol(
-      make_task,
-      example_args.specs,
-      args.protocol,
-      base,
-      example_args.epochs,
-      args.out,
-      title=w.subject,
-      eval_every=example_args.eval_every,
-      chunk=example_args.chunk,
-      window=example_args.reach_window,
-      settings=settings,
-      recorded=recorded,
-      tune_only=args.tune_only,
-    )
-  except RecordMismatch as e:
-    if recorded is None:
-      raise
-    raise SystemExit(f"--tuning-from {args.tuning_from}: {e}") from None
-  print("\n" + (args.out / "protocol.md").read_text())
-  print(f"wrote {args.out / 'protocol.md'}, {args.out / 'protocol.json'}")
+
+  def run(specs: Sequence[Any], out: Path) -> Outcome:
+    try:
+      outcome = run_protocol(
+        make_task,
+        specs,
+        args.protocol,
+        base,
+        example_args.epochs,
+        out,
+        title=w.subject,
+        eval_every=example_args.eval_every,
+        chunk=example_args.chunk,
+        window=example_args.reach_window,
+        settings=settings,
+        recorded=recorded,
+        tune_only=args.tune_only,
+      )
+    except RecordMismatch as e:
+      if recorded is None:
+        raise
+      raise SystemExit(f"--tuning-from {args.tuning_from}: {e}") from None
+    print("\n" + (out / "protocol.md").read_text())
+    print(f"wrote {out / 'protocol.md'}, {out / 'protocol.json'}")
+    return outcome
+
+  if not args.per_optimizer:
+    return run(example_args.specs, args.out)
+  outcome = None
+  for spec in example_args.specs:
+    out = args.out / spec.key
+    if (out / "protocol.json").is_file():
+      print(f"{spec.name}: tuned already ({out / 'protocol.json'}), not run again")
+    else:
+      outcome = run([spec], out)
   return outcome
 
 

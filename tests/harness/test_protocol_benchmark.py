@@ -15,14 +15,15 @@ from examples.harness.protocol_search import RecordMismatch
 @pytest.fixture
 def calls(monkeypatch):
   """protocol.main's calls of run_protocol, recorded instead of run; each writes a
-  protocol.json holding its settings and a one-trial SGD tuning."""
+  protocol.json holding its settings and a trial-less tuning of each optimizer."""
   seen = []
 
   def run_protocol(make_task, specs, settings_of_protocol, base, epochs, out, **kw):
     seen.append(kw)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "protocol.md").write_text("# tiny\n")
-    document = {"settings": kw["settings"], "protocol": {}, "tuning": {"SGD": {"key": "sgd"}}}
+    tuning = {spec.name: {"key": spec.key} for spec in specs}
+    document = {"settings": kw["settings"], "protocol": {}, "tuning": tuning}
     (out / "protocol.json").write_text(json.dumps(document))
     return seen
 
@@ -138,3 +139,24 @@ def test_several_recorded_tunings_are_merged_by_optimizer(tmp_path, calls):
   with pytest.raises(SystemExit, match=f"--tuning-from {b}: it was tuned with train_limit"):
     protocol.main(quick + ["--tuning-from", f"{a},{b}", "--out", str(tmp_path / "z")])
   assert len(calls) == 3
+
+
+def test_a_tuning_per_optimizer_resumes_and_reads_back_as_one(tmp_path, calls):
+  flags = ["--quick", "--optimizers", "sgd,eva", "--tune-only", "--per-optimizer"]
+  out = tmp_path / "t"
+  protocol.main(flags + ["--out", str(out)])
+  assert [c["tune_only"] for c in calls] == [True, True]
+  assert sorted(p.parent.name for p in out.glob("*/protocol.json")) == ["eva", "sgd"]
+  (out / "eva" / "protocol.json").unlink()  # stopped during Eva's tuning: Eva alone again
+  protocol.main(flags + ["--out", str(out)])
+  assert len(calls) == 3 and json.loads((out / "eva" / "protocol.json").read_text())["tuning"] == {
+    "Eva": {"key": "eva"}
+  }
+  protocol.main(
+    ["--quick", "--optimizers", "sgd,eva", "--tuning-from", str(out), "--out", str(tmp_path / "f")]
+  )
+  assert calls[-1]["recorded"]["tuning"] == {"Eva": {"key": "eva"}, "SGD": {"key": "sgd"}}
+  with pytest.raises(SystemExit, match="without <optimizer>/protocol.json"):
+    protocol.main(["--quick", "--tuning-from", str(tmp_path / "f"), "--out", str(tmp_path / "g")])
+  with pytest.raises(SystemExit):  # a record per optimizer is a tuning's
+    protocol.parse_args(["--quick", "--per-optimizer"])
