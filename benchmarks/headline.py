@@ -10,7 +10,9 @@ workload and optimizer, medians over seeds with the spread [min–max]:
   steps and seconds to it;
 - **the shortest whole schedule** (25, 50, 75 or 100 % of the budget) whose final quality
   reaches SGD's whole-budget quality, and its time as a ratio to SGD's whole budget;
-- Eva's time to SGD's quality over K-FAC's and Shampoo's (the paper's comparisons).
+- Eva's time to SGD's quality over K-FAC's and Shampoo's (the paper's comparisons);
+- in ``headline.md``, where Eva's rank-one correction is negligible over the final runs
+  (:func:`examples.harness.curvature.curvature_table`, from each run's record).
 
 "Final quality" has one definition per workload, printed in the table header
 (:func:`examples.harness.targets.quality_definition`): the mean of the last 10 step losses
@@ -40,6 +42,7 @@ from typing import Any
 from benchmarks import readme
 from benchmarks.convergence import WORKLOADS
 from examples.harness import targets
+from examples.harness.curvature import curvature_table
 from examples.harness.optimizers import SPEC_BY_KEY
 from examples.harness.protocol_search import default_of
 from examples.harness.protocol_summary import ratios_to, spread, stats
@@ -305,6 +308,8 @@ def render(protocols: Sequence[Protocol]) -> tuple[str, str]:
       f"trial and the per-seed plots: `benchmarks/results/protocol/{p.workload}/`.\n",
       optimizer_table(p),
     ]
+    curvature = curvature_table([r for results in p.runs for r in results])
+    md += [curvature] if curvature else []
   return block, "\n".join(md)
 
 
