@@ -22,7 +22,9 @@ several records, comma-separated, each tuning other optimizers with the same set
 long tuning splits into groups of optimizers, run side by side or in different sessions.
 ``--tune-only --per-optimizer`` writes one record per optimizer (``<out>/<key>/``) and
 skips those already written, so that a tuning stopped midway resumes where it stopped;
-``--tuning-from <out>`` reads every record of that folder.
+``--tuning-from <out>`` reads every record of that folder. The final runs are kept per
+seed and budget as they finish (``<out>/runs/``); ``--resume`` reads back those of a
+stopped run of the same command instead of running them again.
 
 Usage::
 
@@ -130,6 +132,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     help="with --tune-only: one record per optimizer (OUT/<key>/protocol.json), skipping "
     "those already recorded, so that a long tuning resumes where it stopped; "
     "--tuning-from OUT reads them all",
+  )
+  p.add_argument(
+    "--resume",
+    action="store_true",
+    help="read back the final runs that a stopped run of the same command finished "
+    "(OUT/runs/, kept per seed and budget) instead of running them again",
   )
   p.add_argument("--out", default=None)
   p.add_argument("extra", nargs="*", help="more flags for the example (after --)")
@@ -249,6 +257,7 @@ def main(argv: Sequence[str] | None = None) -> Outcome | None:
         settings=settings,
         recorded=recorded,
         tune_only=args.tune_only,
+        resume=args.resume,
       )
     except RecordMismatch as e:
       if recorded is None:

@@ -47,8 +47,9 @@ and protocol.md says which) and runs parts 2 and 3 only: more seeds without tuni
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,7 @@ from .protocol_summary import budget_summary, summarise
 
 from . import targets
 from .optimizers import SPEC_BY_KEY, Options, Spec
+from .records import from_json, jsonable
 from .training import Result, RunConfig, Task, Trainer, interleave
 
 # The Eva paper's CIFAR recipe: one learning rate for SGD, K-FAC and Eva.
@@ -88,6 +90,40 @@ def rows_of(searches: dict[str, Search], task: Task) -> list[Row]:
   ]
 
 
+@dataclass(frozen=True)
+class RunStore:
+  """The final runs finished so far, one JSON file per seed and budget in ``directory``,
+  so that a protocol stopped midway resumes (``resume``) with the groups it finished.
+  A group is read back only where its key -- the rows (names, optimizers, values), the
+  seed, the steps and ``settings`` (the workload's) -- is the one it was written with."""
+
+  directory: Path
+  settings: dict[str, Any]
+  resume: bool = False
+
+  def _path(self, seed: int, steps: int) -> Path:
+    return self.directory / f"seed{seed}-steps{steps}.json"
+
+  def _key(self, rows: Sequence[Row], seed: int, steps: int) -> Any:
+    described = [[r.name, r.spec.key, r.variant, asdict(r.point)] for r in rows]
+    return jsonable({"rows": described, "seed": seed, "steps": steps, "settings": self.settings})
+
+  def load(self, rows: Sequence[Row], seed: int, steps: int) -> list[Result] | None:
+    """The group's results as written, or None (not written, other key, or no ``resume``)."""
+    path = self._path(seed, steps)
+    if not self.resume or not path.is_file():
+      return None
+    written = json.loads(path.read_text())
+    if written["key"] != self._key(rows, seed, steps):
+      return None
+    return [Result(**from_json(r)) for r in written["results"]]
+
+  def save(self, rows: Sequence[Row], seed: int, steps: int, results: list[Result]) -> None:
+    self.directory.mkdir(parents=True, exist_ok=True)
+    document = {"key": self._key(rows, seed, steps), "results": [asdict(r) for r in results]}
+    self._path(seed, steps).write_text(json.dumps(jsonable(document)))
+
+
 def final_runs(
   task: Task,
   rows: Sequence[Row],
@@ -99,12 +135,20 @@ def final_runs(
   chunk: int = 10,
   window: int = 10,
   fraction: float = 1.0,
+  store: RunStore | None = None,
 ) -> list[list[Result]]:
   """Every row on ``task`` once per seed, interleaved, a whole schedule over ``fraction``
-  of ``epochs``; the times to SGD's final quality of the same seed filled in."""
+  of ``epochs``; the times to SGD's final quality of the same seed filled in. With
+  ``store``, each seed's group is kept as it finishes, and read back instead of run where
+  the store resumes and holds it."""
   runs = []
   steps = max(1, round(fraction * epochs * task.steps_per_epoch))
   for seed in seeds:
+    kept = store.load(rows, seed, steps) if store else None
+    if kept is not None:
+      print(f"--- {task.name}: seed {seed}, {steps} steps: finished before, read back")
+      runs.append(kept)
+      continue
     params, model_state = task.init(jax.random.PRNGKey(seed))
     config = RunConfig(epochs=epochs, seed=seed, eval_every=eval_every, steps=steps)
     print(f"--- {task.name}: seed {seed}, {steps} steps ({fraction:.0%} of the budget)")
@@ -123,6 +167,8 @@ def final_runs(
     ]
     results = interleave(trainers, chunk)
     targets.set_times_to_target(results, task.target, window)
+    if store:
+      store.save(rows, seed, steps, results)
     runs.append(results)
   return runs
 
@@ -155,13 +201,17 @@ def run_protocol(
   settings: dict[str, Any] | None = None,
   recorded: dict[str, Any] | None = None,
   tune_only: bool = False,
+  resume: bool = False,
 ) -> Outcome:
   """The three parts of the protocol (the third when ``protocol.budgets`` holds a
   fraction below 1); writes ``protocol.md``, ``protocol.json`` and, per seed, the example's
   report of the final runs (``seed<n>/``) into ``out``. With ``recorded`` (an earlier
   run's ``protocol.json``), part 1 is read from it (:func:`recorded_tuning`) instead of
   run. With ``tune_only``, part 1 alone: its record is a ``protocol.json`` that a later
-  run's ``recorded`` takes, so that a long protocol can be split across sessions."""
+  run's ``recorded`` takes, so that a long protocol can be split across sessions. Each
+  seed's final runs (and each budget's) are kept in ``out/runs/`` as they finish; with
+  ``resume``, those of the same rows and ``settings`` (but for its ``command``) are read
+  back instead of run, so that a protocol stopped midway goes on where it stopped."""
   task = make_task(0.0)
   budget_steps = epochs * task.steps_per_epoch
   tune_steps = protocol.tune_steps(budget_steps)
@@ -179,7 +229,9 @@ def run_protocol(
   if tune_only:
     outcome = Outcome(searches, [], [], {}, None)
   else:
-    outcome = _final_part(task, searches, protocol, base, epochs, eval_every, chunk, window)
+    kept = {k: v for k, v in (settings or {}).items() if k != "command"}
+    store = RunStore(out / "runs", kept, resume)
+    outcome = _final_part(task, searches, protocol, base, epochs, eval_every, chunk, window, store)
   outcome.recorded = recorded is not None
   write(
     outcome,
@@ -204,12 +256,21 @@ def _final_part(
   eval_every: int,
   chunk: int,
   window: int,
+  store: RunStore,
 ) -> Outcome:
   """Parts 2 and 3: the tuned and published rows over the whole budget on every seed,
   then, with a budget below 1, the tuned rows over shorter whole schedules."""
   rows = rows_of(searches, task)
   runs = final_runs(
-    task, rows, protocol.seeds, epochs, base, eval_every=eval_every, chunk=chunk, window=window
+    task,
+    rows,
+    protocol.seeds,
+    epochs,
+    base,
+    eval_every=eval_every,
+    chunk=chunk,
+    window=window,
+    store=store,
   )
   summary = summarise(runs, task.target, window)
   sgd_value = summary[rows[0].name]["final"] if rows[0].spec.key == "sgd" else None
@@ -222,7 +283,9 @@ def _final_part(
       b: (
         whole
         if b == 1
-        else final_runs(task, tuned, seeds, epochs, base, chunk=chunk, window=window, fraction=b)
+        else final_runs(
+          task, tuned, seeds, epochs, base, chunk=chunk, window=window, fraction=b, store=store
+        )
       )
       for b in protocol.budgets
     }

@@ -420,6 +420,64 @@ def test_a_recorded_tuning_gives_the_final_runs_more_seeds_without_tuning_again(
     protocol.recorded_tuning(recorded, specs, protocol.Protocol(**settings), False, 5)
 
 
+def test_a_stopped_protocol_resumes_with_the_final_runs_it_finished(
+  tiny_protocol, tmp_path, monkeypatch
+):
+  specs = [SPEC_BY_KEY["sgd"], SPEC_BY_KEY["eva"]]
+  p = protocol.Protocol(
+    seeds=(0, 2), validation_fraction=0.2, tune_fraction=0.5, budgets=(0.5, 1.0), budget_seeds=(2,)
+  )
+  _, first_out, _ = tiny_protocol
+  recorded = json.loads((first_out / "protocol.json").read_text())
+  ran = []
+  real = protocol.interleave
+
+  def interleave(trainers, chunk):
+    ran.append((trainers[0].config.seed, trainers[0].config.steps))
+    return real(trainers, chunk)
+
+  monkeypatch.setattr(protocol, "interleave", interleave)
+  out = tmp_path / "r"
+
+  def run(resume, settings=None):
+    return protocol.run_protocol(
+      regression_task,
+      specs,
+      p,
+      Options(),
+      epochs=2,
+      out=out,
+      title="tiny",
+      recorded=recorded,
+      settings=settings or {"command": "first"},
+      resume=resume,
+    )
+
+  whole = run(resume=False)
+  assert ran == [(0, 10), (2, 10), (2, 5)]
+  kept = sorted(f.name for f in (out / "runs").iterdir())
+  assert kept == ["seed0-steps10.json", "seed2-steps10.json", "seed2-steps5.json"]
+  (out / "runs" / "seed2-steps10.json").unlink()  # stopped during seed 2
+  ran.clear()
+  resumed = run(resume=True, settings={"command": "first --resume"})  # the command may differ
+  assert ran == [(2, 10)]  # only what was not finished
+  for a, b in zip(whole.runs[0], resumed.runs[0]):
+    assert b.name == a.name and b.step_losses == a.step_losses and b.curvature == a.curvature
+    assert b.step_times == a.step_times and b.time_to_target == a.time_to_target
+  assert resumed.budgets["Eva"]["per_seed"][0]["quality"] == pytest.approx(
+    whole.budgets["Eva"]["per_seed"][0]["quality"]
+  )
+  # Other workload settings, other rows, or no resume: nothing is read back.
+  rows = resumed.rows
+  for store, rows_asked in (
+    (protocol.RunStore(out / "runs", {"epochs": 3}, resume=True), rows),
+    (protocol.RunStore(out / "runs", {}, resume=True), rows[:1]),
+    (protocol.RunStore(out / "runs", {}, resume=False), rows),
+  ):
+    assert store.load(rows_asked, 0, 10) is None
+  assert protocol.RunStore(out / "runs", {}, resume=True).load(rows, 0, 10) is not None
+
+
 def test_the_tuning_alone_is_a_record_the_final_runs_take_later(tiny_protocol, tmp_path):
   """tune_only (benchmarks.protocol --tune-only) writes part 1 only: a protocol.json
   whose tuning a later run reads as its own, and no final runs."""
