@@ -29,10 +29,11 @@ REQUIRE_DATA ?= 1
 
 # make bench's workloads. The character LM is a 1-layer, d_model 32 model on 32-character
 # windows, 16,000 steps (32 epochs of 500): at that budget SGD's and AdamW's test losses have
-# flattened (benchmarks/results/char_lm_budget/), and a step costs about 4 ms, so its tuned
-# protocol fits a 2-core CPU; its knob study runs half that budget.
+# flattened (benchmarks/results/char_lm_budget/), and a step costs about 4 ms; its tuned
+# protocol with every member takes about 4 h 30 min in one process (docs/results.md: how
+# it splits into processes side by side); its knob study runs half that budget.
 AUTOENCODER_BENCH := sgd,adamw,muon,eva,eva-kln,eva-f,eva-s,kfac,kfac-authors,shampoo,eva+adamw,eva-f+adamw
-CHAR_LM_BENCH := sgd,adamw,eva,kfac
+CHAR_LM_BENCH := $(AUTOENCODER_BENCH)
 # The classifier's workload (ResNet-8 of width 8 on all 60k images, 6 epochs) is the one of
 # benchmarks/convergence.py; one seed, for time (an epoch costs 31-39 s per optimizer, and
 # a second seed adds 7 whole runs, about 25 min).
