@@ -283,7 +283,9 @@ def test_flags_are_checked():
 
 def test_without_a_corpus_it_reads_the_readme(monkeypatch, tmp_path):
   lm = load_example("sharded_lm")
-  monkeypatch.setattr(datasets, "FORTUNES_DIR", tmp_path / "no-fortunes")
+  # text_corpus reads the folder from its own module: patch it there (the package's
+  # re-export alone leaves an installed fortunes package in use).
+  monkeypatch.setattr(datasets.text, "FORTUNES_DIR", tmp_path / "no-fortunes")
   monkeypatch.delenv(datasets.CORPUS_ENV_VAR, raising=False)
   train, test, vocab, description = lm.load_text(None)
   assert "README.md" in description and len(train) > 8 * len(test) > 0 and vocab > 50
