@@ -204,17 +204,18 @@ def headline_table(protocols: Sequence[Protocol]) -> str:
     measure("time to SGD's final, / Shampoo's", lambda e, v, k, s, a: baseline(e, s, "Shampoo"))
     measure("steps to AdamW's final, / AdamW's", lambda e, *_: to_adamw(e, "steps_ratio"))
     measure("time to AdamW's final, / AdamW's", lambda e, *_: to_adamw(e, "time_ratio"))
-    lines += ["", member_table(p)]
+    lines += ["", member_table(p, sgd, adamw)]
     blocks.append("\n".join(lines))
   return "\n".join(blocks)
 
 
-def member_table(p: Protocol) -> str:
+def member_table(
+  p: Protocol, sgd: dict[str, dict[str, Any]], adamw: dict[str, dict[str, Any]]
+) -> str:
   """One row per tuned optimizer (the "as published" rows left to :func:`optimizer_table`):
-  its time to SGD's and to AdamW's final quality over theirs, and its final quality, so
-  that every member of the family reads against the baselines in one short table."""
-  sgd = against(p, "SGD")
-  adamw = against(p, "AdamW") if "AdamW" in p.names() else {}
+  its time to SGD's and to AdamW's final quality over theirs (``sgd``, ``adamw``: the
+  workload's :func:`against`, ``{}`` without AdamW), and its final quality, so that every
+  member of the family reads against the baselines in one short table."""
   lines = [
     f"| tuned | time to SGD's final / SGD's | time to AdamW's final / AdamW's | final {p.definition} |",
     "|---|---:|---:|---:|",
