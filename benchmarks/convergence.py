@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import statistics
 import sys
 import time
@@ -58,7 +57,7 @@ from typing import Any
 
 from benchmarks import readme
 from examples.harness import report
-from examples.harness.records import jsonable
+from examples.harness.records import dumps
 from examples.harness.training import Result
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -333,24 +332,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     md += [f"\n## {WORKLOADS[name].title}\n", tables[name]]
   (out / "convergence.md").write_text("\n".join(md))
   (out / "convergence.json").write_text(
-    json.dumps(
-      jsonable(
-        {
-          "machine": info,
-          "headline": headlines,
-          "seeds": seeds_used,
-          "workloads": {
-            n: {
-              "argv": list(WORKLOADS[n].quick if args.quick else WORKLOADS[n].argv),
-              "optimizers": summaries[n],
-            }
-            for n in args.names
-          },
-        }
-      ),
-      indent=1,
+    dumps(
+      {
+        "machine": info,
+        "headline": headlines,
+        "seeds": seeds_used,
+        "workloads": {
+          n: {
+            "argv": list(WORKLOADS[n].quick if args.quick else WORKLOADS[n].argv),
+            "optimizers": summaries[n],
+          }
+          for n in args.names
+        },
+      }
     )
-    + "\n"
   )
   print("\n" + "\n".join(md))
   if args.readme:

@@ -46,7 +46,7 @@ from examples.harness.curvature import curvature_table
 from examples.harness.optimizers import SPEC_BY_KEY
 from examples.harness.protocol_search import default_of
 from examples.harness.protocol_summary import ratios_to, spread, stats
-from examples.harness.records import from_json, jsonable
+from examples.harness.records import from_json, dumps
 from examples.harness.training import Result, Target
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -365,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> str:
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   (out / "headline.md").write_text(md)
-  (out / "headline.json").write_text(json.dumps(jsonable(summary(protocols)), indent=1) + "\n")
+  (out / "headline.json").write_text(dumps(summary(protocols)))
   if args.readme:
     readme.update(Path(args.readme), "headline", block)
   print(md)

@@ -58,7 +58,7 @@ from examples.harness.optimizers import SPEC_BY_KEY, Options, has_passthrough
 from examples.harness.protocol import Row, final_runs
 from examples.harness.protocol_search import Point, default_of, significant
 from examples.harness.protocol_summary import spread, summarise
-from examples.harness.records import jsonable
+from examples.harness.records import dumps
 from examples.harness.training import Task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -311,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     "variants": [{"knob": k, "label": label, **asdict(p)} for k, label, p in knobs],
     "summary": summary,
   }
-  (args.out / "knobs.json").write_text(json.dumps(jsonable(document_out), indent=1) + "\n")
+  (args.out / "knobs.json").write_text(dumps(document_out))
   print("\n" + md)
   return summary
 

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from benchmarks.convergence import WORKLOADS, load_example
 from examples.harness import report, targets
-from examples.harness.records import jsonable
+from examples.harness.records import dumps
 from examples.harness.training import Result
 
 ROOT = Path(__file__).resolve().parent
@@ -116,23 +115,19 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   out.mkdir(parents=True, exist_ok=True)
   (out / "sweep.md").write_text(md)
   (out / "sweep.json").write_text(
-    json.dumps(
-      jsonable(
-        {
-          "workload": args.workload,
-          "optimizer": args.optimizer,
-          "flags": args.extra,
-          "target": target.metric,
-          "sgd_value": value,
-          "sgd_steps": sgd_steps,
-          "sgd_time_s": sgd.time_to_target,
-          "points": rows,
-          "machine": report.machine_info(),
-        }
-      ),
-      indent=1,
+    dumps(
+      {
+        "workload": args.workload,
+        "optimizer": args.optimizer,
+        "flags": args.extra,
+        "target": target.metric,
+        "sgd_value": value,
+        "sgd_steps": sgd_steps,
+        "sgd_time_s": sgd.time_to_target,
+        "points": rows,
+        "machine": report.machine_info(),
+      }
     )
-    + "\n"
   )
   print("\n" + md)
   return rows

@@ -5,7 +5,6 @@ tuned with other settings), from one record or several (:func:`merged_records`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -17,7 +16,7 @@ from .protocol_tables import budget_table, final_table, tuning_tables
 from . import report, targets
 from .curvature import curvature_table
 from .optimizers import Spec
-from .records import jsonable
+from .records import dumps, jsonable
 from .training import Task
 
 if TYPE_CHECKING:  # annotations only: the protocol module imports this one
@@ -248,5 +247,5 @@ def write(
     "summary": outcome.summary,
     "budgets": outcome.budgets,
   }
-  (out / "protocol.json").write_text(json.dumps(jsonable(document), indent=1) + "\n")
+  (out / "protocol.json").write_text(dumps(document))
   return out / "protocol.md"

@@ -4,11 +4,14 @@
 model state, optimizer state) and its JSON metadata, the latest epoch kept
 (:class:`examples.harness.training.Trainer` resumes from them, and so does
 ``examples/sharded_lm.py``); :func:`jsonable` and :func:`from_json` carry tuples, paths and
-non-finite floats through ``metrics.json`` and ``protocol.json``.
+non-finite floats through ``metrics.json`` and ``protocol.json``, and :func:`dumps` writes
+them with one key per line but each list of numbers on one line (a run's per-step losses
+would otherwise take a line per number).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +83,19 @@ def from_json(x: Any) -> Any:
   if isinstance(x, list):
     return [from_json(v) for v in x]
   return x
+
+
+def dumps(x: Any) -> str:
+  """``x`` as JSON text (through :func:`jsonable`): one key or nested item per line, indented
+  by one space per level, and every list that holds no dict or list on a single line."""
+  return _dumps(jsonable(x), 0) + "\n"
+
+
+def _dumps(x: Any, depth: int) -> str:
+  inner, outer = " " * (depth + 1), " " * depth
+  if isinstance(x, dict) and x:
+    items = (f"{inner}{json.dumps(k)}: {_dumps(v, depth + 1)}" for k, v in x.items())
+    return "{\n" + ",\n".join(items) + "\n" + outer + "}"
+  if isinstance(x, list) and any(isinstance(v, dict | list) for v in x):
+    return "[\n" + ",\n".join(inner + _dumps(v, depth + 1) for v in x) + "\n" + outer + "]"
+  return json.dumps(x)

@@ -11,7 +11,6 @@ reached. Steps do not depend on the load of the machine; seconds do.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import platform
 import sys
@@ -26,7 +25,7 @@ from .curvature import curvature_table
 from .plots import plot
 from .targets import final_quality, format_value, quality_definition
 
-from .records import jsonable
+from .records import dumps
 from .training import Result, Target
 
 
@@ -257,7 +256,7 @@ def write_all(
     },
     "optimizers": {r.name: asdict(r) for r in results},
   }
-  (out / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=1) + "\n")
+  (out / "metrics.json").write_text(dumps(metrics))
   write_csv(results, out / "metrics.csv")
   paths = [out / "results.md", out / "metrics.json", out / "metrics.csv"]
   paths += [out / "curvature.md"] if curvature else []

@@ -19,6 +19,7 @@ from examples.harness import (
   protocol_search,
   protocol_summary,
   protocol_tables,
+  records,
   targets,
   training,
 )
@@ -597,3 +598,28 @@ def test_budget_to_quality_by_hand():
   by_budget[0.5][1][1] = _run("eva", 0.27, 4, 1.5)
   s = protocol.budget_summary(by_budget, loss, window=1)
   assert s["EVA"]["reached"] == 1 and s["EVA"]["budget"]["median"] == 0.5
+
+
+def test_records_keep_lists_of_numbers_on_one_line_and_read_back_equal():
+  document = {
+    "name": "SGD",
+    "step_losses": [5.25, 4.5, float("nan")],
+    "point": (0.1, None),
+    "trials": [{"lr": 0.1, "score": 0.5}, {"lr": 1.0, "score": float("inf")}],
+    "grids": {"lr": [0.1, 0.316]},
+    "empty": {},
+    "none": [],
+  }
+  text = records.dumps(document)
+  lines = text.splitlines()
+  assert ' "step_losses": [5.25, 4.5, "nan"],' in lines
+  assert ' "point": [0.1, null],' in lines
+  assert '  "lr": [0.1, 0.316]' in lines
+  assert '   "score": "inf"' in lines  # a dict inside a list: one key per line
+  assert ' "empty": {},' in lines and ' "none": []' in lines
+  assert text.endswith("}\n") and len(lines) == 20
+  read = records.from_json(json.loads(text))
+  assert read["step_losses"][:2] == [5.25, 4.5] and math.isnan(read["step_losses"][2])
+  assert read["trials"] == [{"lr": 0.1, "score": 0.5}, {"lr": 1.0, "score": float("inf")}]
+  assert read["point"] == [0.1, None] and read["grids"] == {"lr": [0.1, 0.316]}
+  assert read["empty"] == {} and read["none"] == [] and read["name"] == "SGD"
