@@ -72,6 +72,24 @@ def curve_styles(names: Sequence[str]) -> dict[str, dict[str, Any]]:
   return styles
 
 
+def tail_limits(
+  tails: Sequence[tuple[np.ndarray, np.ndarray]], target_value: float, higher_is_better: bool
+) -> tuple[float, float] | None:
+  """The y range of the last-half panel: from the best value any line reaches past half
+  the budget to the worst final value (each line's last), SGD's final value included, with
+  5 % of the range as margin; None when no value is finite. ``tails``: per line, (its
+  values past half the budget, its last value)."""
+  best = [v for values, _ in tails for v in values if np.isfinite(v)]
+  last = [v for _, final in tails for v in final if np.isfinite(v)] + [target_value]
+  if not best:
+    return None
+  extreme = max(best) if higher_is_better else min(best)
+  worst = min(last) if higher_is_better else max(last)
+  lo, hi = min(extreme, worst, target_value), max(extreme, worst, target_value)
+  pad = 0.05 * (hi - lo) or 0.05 * abs(target_value) or 1.0
+  return lo - pad, hi + pad
+
+
 def draw_loss_curve(
   ax: Any,
   x: Sequence[float],
@@ -115,7 +133,8 @@ def plot(
   optimizer's first crossing marked; a training loss is drawn as the faint per-step losses
   under their mean over the last ``window`` steps (the target's reading; on runs longer
   than 100 ``window`` steps, under their exponential moving average over a hundredth of
-  the longest run, :func:`smooth`). Eva's family is drawn thick and saturated, the other
+  the longest run, :func:`smooth`); where SGD's final value is given, a third panel zooms
+  on the last half of the steps (linear axis, :func:`tail_limits`). Eva's family is drawn thick and saturated, the other
   optimizers thin and muted (:func:`curve_styles`); line styles tell the splits apart
   (solid: train, dashed: test); the legend sits to the right of the axes; the y axes carry
   the metric's name from ``labels`` (e.g. ``{"loss": "MSE"}``).
@@ -204,8 +223,18 @@ def figures_of(
   # about a hundredth of the longest run.
   longest = max((len(r.step_losses) for r in results), default=0)
   span = max(window, longest // 100)
-  fig, axes = plt.subplots(1, 2, figsize=(14, 4.6), sharey=True, layout="constrained")
-  for ax, by in zip(axes, ("time", "steps")):
+  # A third panel, where SGD's final value is known: the target's own split over the last
+  # half of the steps, on a linear axis zoomed on the band from the best value reached there
+  # to the worst final one (:func:`tail_limits`), where the curves that the first two
+  # panels squeeze together part.
+  views = ("time", "steps", "tail") if target_value is not None else ("time", "steps")
+  fig = plt.figure(figsize=(7 * len(views), 4.6), layout="constrained")
+  axes = [fig.add_subplot(1, len(views), 1)]
+  axes += [fig.add_subplot(1, len(views), 2, sharey=axes[0])]
+  axes += [fig.add_subplot(1, len(views), 3)] if len(views) == 3 else []
+  half = max((r.steps for r in results), default=0) / 2
+  tails: list[tuple[np.ndarray, np.ndarray]] = []  # per run: the lines' values past half
+  for ax, by in zip(axes, views):
     for r in results:
       style = styles[r.name]
       if key == "loss" and r.step_losses:  # the training loss, as the target reads it
@@ -213,16 +242,20 @@ def figures_of(
         line = (
           trailing_mean(r.step_losses, window) if span == window else smooth(r.step_losses, span)
         )
-        draw_loss_curve(ax, x, r.step_losses, style, smoothed=line, linestyle="-")
-      if key in r.evals:
-        ax.plot(
-          r.eval_times if by == "time" else r.eval_steps,
-          r.evals[key],
-          linestyle="--",
-          marker="o",
-          ms=3,
-          **style,
-        )
+        if by == "tail" and split == "train":  # the tail shows the target's own split
+          x, line = np.asarray(x), np.asarray(line)
+          ax.plot(x[x >= half], line[x >= half], linestyle="-", **style)
+          tails.append((line[x >= half], line[-1:]))
+        elif by != "tail":
+          draw_loss_curve(ax, x, r.step_losses, style, smoothed=line, linestyle="-")
+      if key in r.evals and (by != "tail" or split == "test"):
+        x, values = np.asarray(r.eval_times if by == "time" else r.eval_steps), r.evals[key]
+        values = np.asarray(values, dtype=np.float64)
+        if by == "tail":
+          x = np.asarray(r.eval_steps)
+          x, values = x[x >= half], values[x >= half]
+          tails.append((values, values[-1:]))
+        ax.plot(x, values, linestyle="--", marker="o", ms=3, **style)
       if target_value is not None and r.steps_to_target is not None:
         x = r.time_to_target if by == "time" else r.steps_to_target
         ax.plot([x], [target_value], color=style["color"], marker="x", ms=10, mew=2.5, zorder=4)
@@ -230,8 +263,13 @@ def figures_of(
       ax.axhline(target_value, color="k", linestyle=":", lw=1)
     ax.set_xlabel("training wall time (s)" if by == "time" else "steps")
     ax.set_ylabel(label)
-    if log_loss and key == "loss":
+    if log_loss and key == "loss" and by != "tail":
       ax.set_yscale("log")
+    if by == "tail" and target_value is not None:
+      ax.set_xlim(half, None)
+      limits = tail_limits(tails, target_value, target.higher_is_better)
+      if limits is not None:
+        ax.set_ylim(*limits)
     ax.grid(True, alpha=0.3)
   what = quality_definition(target, window)
   extra = [
@@ -259,5 +297,7 @@ def figures_of(
   legend_outside(fig, optimizer_handles + splits + raw + extra)
   axes[0].set_title(f"{label} vs wall time")
   axes[1].set_title(f"{label} vs steps")
+  if len(axes) == 3:
+    axes[2].set_title("the last half of the steps, near SGD's final value")
   fig.suptitle(title)
   return by_epoch, fig

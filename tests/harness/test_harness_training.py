@@ -258,8 +258,15 @@ def test_the_report_has_one_final_quality_and_tells_the_splits_by_line_style():
   # The legend is the figure's, outside the axes.
   assert train_ax.get_legend() is None and len(by_epoch.legends) == 1
   assert [t.get_text() for t in by_epoch.legends[0].get_texts()] == ["SGD", "EVA", "train", "test"]
-  time_ax, steps_ax = by_time.axes
-  assert time_ax.get_ylabel() == steps_ax.get_ylabel() == "MSE"
+  time_ax, steps_ax, tail_ax = by_time.axes
+  assert time_ax.get_ylabel() == steps_ax.get_ylabel() == tail_ax.get_ylabel() == "MSE"
+  # The third panel: the train line (the target's split) past half the 5 steps, its y range
+  # from the best value there (Eva's 0.5) to the worst final one (SGD's 1.0), 5 % margin.
+  assert tail_ax.get_xlim()[0] == 2.5 and tail_ax.get_yscale() == "linear"
+  np.testing.assert_allclose(tail_ax.get_ylim(), (0.475, 1.025))
+  tail_lines = [l for l in tail_ax.lines if l.get_linestyle() == "-" and l.get_marker() != "x"]
+  assert [list(l.get_xdata()) for l in tail_lines] == [[3, 4, 5]] * 2
+  assert not [l for l in tail_ax.lines if l.get_linestyle() == "--"]  # no test split
   assert steps_ax.get_xlabel() == "steps" and "wall time" in time_ax.get_xlabel()
   assert [t.get_text() for t in by_time.legends[0].get_texts()] == [
     "SGD",
@@ -282,6 +289,10 @@ def test_the_report_has_one_final_quality_and_tells_the_splits_by_line_style():
 
   plt.close(by_epoch)
   plt.close(by_time)
+  # Higher is better (an accuracy): from the worst final value up to the best reached.
+  tails = [(np.array([0.8, 0.9]), np.array([0.9])), (np.array([0.7, np.nan]), np.array([0.85]))]
+  np.testing.assert_allclose(plots.tail_limits(tails, 0.88, True), (0.8475, 0.9025))
+  assert plots.tail_limits([(np.array([np.nan]), np.array([np.nan]))], 1.0, False) is None
   # Thirteen runs (the protocol's tuned and "as published" rows): thirteen colours.
   many = [_loss_run(f"opt{i}", [4, 3, 2, 1, 1], [3.0, 1.5]) for i in range(13)]
   by_epoch, by_time = plots.figures_of(many, "t", loss, value, window=2)
