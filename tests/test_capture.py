@@ -16,6 +16,7 @@ import pytest
 
 import eva_optax
 from eva_optax._src import capture
+from eva_optax._src.capture import call_statistics, probes, taps
 from eva_optax._src.capture import ConvGeometry, DenseGeometry
 from eva_optax._src.statistics import KernelLayout, STATISTICS
 
@@ -69,21 +70,21 @@ def test_conv_input_mean_of_wrapped_and_mirrored_padding(padding, mode):
   mean of the image padded by hand ((k−1)//2 low, k//2 high)."""
   geometry = ConvGeometry((3, 2), (1, 2), padding, (1, 1), (1, 1))
   x = np.random.default_rng(0).normal(size=(4, 5, 6, 2))
-  assert capture.patch_selection(geometry, (5, 6)) is None
-  got = capture.input_mean(geometry, jnp.asarray(x, jnp.float32))
+  assert call_statistics.patch_selection(geometry, (5, 6)) is None
+  got = call_statistics.input_mean(geometry, jnp.asarray(x, jnp.float32))
   padded = np.pad(x.mean(0, keepdims=True), [(0, 0), (1, 1), (0, 1), (0, 0)], mode=mode)
   np.testing.assert_allclose(got, _patch_mean(padded, (3, 2), (1, 2)), rtol=1e-5, atol=1e-6)
 
 
 def test_patch_selection_only_for_zero_padding_without_input_dilation():
   same = ConvGeometry((3, 3), (1, 1), "SAME", (1, 1), (1, 1))
-  assert capture.patch_selection(same, (4, 4)).shape == (9, 16)
-  assert capture.patch_selection(same._replace(input_dilation=(2, 1)), (4, 4)) is None
-  assert capture.patch_selection(same._replace(padding="REFLECT"), (4, 4)) is None
+  assert call_statistics.patch_selection(same, (4, 4)).shape == (9, 16)
+  assert call_statistics.patch_selection(same._replace(input_dilation=(2, 1)), (4, 4)) is None
+  assert call_statistics.patch_selection(same._replace(padding="REFLECT"), (4, 4)) is None
   # Each window offset of a VALID 1-d conv reads each output position's pixel once.
   valid = ConvGeometry((2,), (1,), "VALID", (1,), (1,))
   np.testing.assert_allclose(
-    capture.patch_selection(valid, (4,)), [[1, 1, 1, 0], [0, 1, 1, 1]] / np.float32(3)
+    call_statistics.patch_selection(valid, (4,)), [[1, 1, 1, 0], [0, 1, 1, 1]] / np.float32(3)
   )
 
 
@@ -95,13 +96,15 @@ def test_dense_rows_follow_the_kernels_input_order():
   """DenseGeometry(axis=(-1, -2)): rows over the other axes, features in ascending axis order."""
   x = np.random.default_rng(1).normal(size=(2, 3, 4, 5))
   geometry = DenseGeometry(axis=(-1, -2))
-  rows = np.asarray(capture.input_rows(geometry, jnp.asarray(x, jnp.float32)))
+  rows = np.asarray(call_statistics.input_rows(geometry, jnp.asarray(x, jnp.float32)))
   np.testing.assert_allclose(rows, x.reshape(6, 20), rtol=1e-6)
   np.testing.assert_allclose(
-    capture.input_mean(geometry, jnp.asarray(x, jnp.float32)), x.reshape(6, 20).mean(0), rtol=1e-5
+    call_statistics.input_mean(geometry, jnp.asarray(x, jnp.float32)),
+    x.reshape(6, 20).mean(0),
+    rtol=1e-5,
   )
   middle = DenseGeometry(axis=(1,))
-  rows = np.asarray(capture.input_rows(middle, jnp.asarray(x, jnp.float32)))
+  rows = np.asarray(call_statistics.input_rows(middle, jnp.asarray(x, jnp.float32)))
   np.testing.assert_allclose(rows, np.moveaxis(x, 1, -1).reshape(-1, 3), rtol=1e-6)
 
 
@@ -114,19 +117,22 @@ def test_factors_equal_their_formulas(has_bias):
   rows = x.reshape(-1, 5)
   hat = np.concatenate([rows, np.ones((12, 1))], 1) if has_bias else rows
   np.testing.assert_allclose(
-    capture.input_factor(layer, jnp.asarray(x, jnp.float32)), hat.T @ hat / 12, rtol=1e-5, atol=1e-6
+    call_statistics.input_factor(layer, jnp.asarray(x, jnp.float32)),
+    hat.T @ hat / 12,
+    rtol=1e-5,
+    atol=1e-6,
   )
-  assert capture.batch_size(layer.geometry, x) == 4
-  g = capture.output_grad_factor(jnp.asarray(dy, jnp.float32), 2, 4)
+  assert call_statistics.batch_size(layer.geometry, x) == 4
+  g = call_statistics.output_grad_factor(jnp.asarray(dy, jnp.float32), 2, 4)
   np.testing.assert_allclose(g, 4 * dy.reshape(-1, 2).T @ dy.reshape(-1, 2), rtol=1e-5)
 
 
 def test_batch_size_counts_the_samples():
   conv = ConvGeometry((3, 3), (1, 1), "SAME", (1, 1), (1, 1))
-  assert capture.batch_size(conv, np.zeros((2, 3, 7, 6, 3))) == 6  # two batch axes
-  assert capture.batch_size(conv, np.zeros((7, 6, 3))) == 1
-  assert capture.batch_size(DenseGeometry(), np.zeros((5, 9, 3))) == 5
-  assert capture.batch_size(DenseGeometry(), np.zeros((3,))) == 1
+  assert call_statistics.batch_size(conv, np.zeros((2, 3, 7, 6, 3))) == 6  # two batch axes
+  assert call_statistics.batch_size(conv, np.zeros((7, 6, 3))) == 1
+  assert call_statistics.batch_size(DenseGeometry(), np.zeros((5, 9, 3))) == 5
+  assert call_statistics.batch_size(DenseGeometry(), np.zeros((3,))) == 1
 
 
 # ---------------------------------------------------------------------------
@@ -145,8 +151,8 @@ def test_layer_record_of_a_stacked_conv():
     "input_mean": (5, 18),
     "input_factor": (5, 19, 19),
   }
-  assert probes[capture.OUTPUT_PROBE].shape == (5, 4)
-  assert probes[capture.OUTPUT_FACTOR_PROBE].shape == (5, 4, 4)
+  assert probes[taps.OUTPUT_PROBE].shape == (5, 4)
+  assert probes[taps.OUTPUT_FACTOR_PROBE].shape == (5, 4, 4)
 
 
 def test_padding_and_strides_per_axis():
@@ -176,9 +182,9 @@ def test_layer_stats_average_over_the_calls():
   layer = capture.layer_record("Dense", DenseGeometry(), (3, 2), 2, 1, False)
   grads = {
     capture.INPUT_PROBE: {"calls": jnp.float32(2.0), "input_mean": jnp.asarray([2.0, 4.0, 6.0])},
-    capture.OUTPUT_PROBE: jnp.asarray([1.0, -3.0]),
+    taps.OUTPUT_PROBE: jnp.asarray([1.0, -3.0]),
   }
-  stats = capture.layer_stats(layer, grads)
+  stats = probes.layer_stats(layer, grads)
   np.testing.assert_allclose(stats.input_mean, [1.0, 2.0, 3.0])
   np.testing.assert_allclose(stats.output_grad_mean, [0.5, -1.5])
   assert stats.input_factor is None and stats.output_grad_factor is None

@@ -34,7 +34,9 @@ of the layer with them:
 
 The probes are zero and change no value. A layer called several times
 accumulates one contribution per call in each probe, and ``calls`` counts them,
-so :func:`layer_stats` averages the statistics over the calls.
+so :func:`~eva_optax._src.capture.probes.layer_stats` averages the statistics over the calls.
+
+The package exports what the front-ends use; the rest is reached through its module.
 
 References:
   Zhang, Shi, Li. Eva: Practical Second-order Optimization with
@@ -46,44 +48,20 @@ from __future__ import annotations
 from eva_optax._src.capture.geometry import (
   ConvGeometry,
   DenseGeometry,
-  EinsumGeometry,
-  Geometry,
   Layer,
   canonical_padding,
   einsum_geometry,
   layer_record,
   per_axis,
 )
-from eva_optax._src.capture.call_statistics import (
-  batch_size,
-  convolve,
-  input_factor,
-  input_mean,
-  input_rows,
-  output_grad_factor,
-  patch_selection,
-  sample_count,
-  sample_means,
-  varying_like,
-)
 from eva_optax._src.capture.taps import (
-  CALLS,
   FACTORS_DUE,
   INPUT_PROBE,
-  OUTPUT_FACTOR_PROBE,
-  OUTPUT_PROBE,
   PROBES,
-  inputs_of,
-  output_probe_term,
   probed_call,
-  tap_input,
-  tap_output,
-  when_due,
 )
 from eva_optax._src.capture.probes import (
   factors_gate,
-  global_statistics,
-  layer_stats,
   loss_and_aux,
   per_device,
   stats_tree,
@@ -98,47 +76,25 @@ from eva_optax._src.capture.front_end import (
 )
 
 __all__ = [
-  "CALLS",
   "ConvGeometry",
   "DenseGeometry",
-  "EinsumGeometry",
   "FACTORS_DUE",
-  "Geometry",
   "INPUT_PROBE",
   "Layer",
-  "OUTPUT_FACTOR_PROBE",
-  "OUTPUT_PROBE",
   "PROBES",
   "PassThroughWarning",
-  "batch_size",
   "canonical_padding",
   "check_argnums",
-  "convolve",
   "einsum_geometry",
   "factors_gate",
-  "global_statistics",
-  "input_factor",
-  "input_mean",
-  "input_rows",
-  "inputs_of",
   "layer_record",
-  "layer_stats",
   "loss_and_aux",
   "move_to_front",
-  "output_grad_factor",
-  "output_probe_term",
-  "patch_selection",
   "per_axis",
   "per_device",
   "probed_call",
   "put_back",
-  "sample_count",
-  "sample_means",
   "stats_tree",
-  "tap_input",
-  "tap_output",
-  "varying_like",
   "warn_pass_through",
-  "when_due",
   "zero_probes",
 ]
