@@ -46,7 +46,7 @@ from examples.harness.curvature import curvature_table
 from examples.harness.optimizers import SPEC_BY_KEY
 from examples.harness.protocol_search import default_of
 from examples.harness.protocol_summary import ratios_to, spread, stats
-from examples.harness.records import from_json, dumps
+from examples.harness.records import dumps, from_json
 from examples.harness.training import Result, Target
 
 ROOT = Path(__file__).resolve().parents[1]

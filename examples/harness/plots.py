@@ -134,10 +134,10 @@ def plot(
   under their mean over the last ``window`` steps (the target's reading; on runs longer
   than 100 ``window`` steps, under their exponential moving average over a hundredth of
   the longest run, :func:`smooth`); where SGD's final value is given, a third panel zooms
-  on the last half of the steps (linear axis, :func:`tail_limits`). Eva's family is drawn thick and saturated, the other
-  optimizers thin and muted (:func:`curve_styles`); line styles tell the splits apart
-  (solid: train, dashed: test); the legend sits to the right of the axes; the y axes carry
-  the metric's name from ``labels`` (e.g. ``{"loss": "MSE"}``).
+  on the last half of the steps (linear axis, :func:`tail_limits`). Eva's family is drawn
+  thick and saturated, the other optimizers thin and muted (:func:`curve_styles`); line
+  styles tell the splits apart (solid: train, dashed: test); the legend sits to the right
+  of the axes; the y axes carry the metric's name from ``labels`` (e.g. ``{"loss": "MSE"}``).
   """
   import matplotlib
 
@@ -233,26 +233,27 @@ def figures_of(
   axes += [fig.add_subplot(1, len(views), 2, sharey=axes[0])]
   axes += [fig.add_subplot(1, len(views), 3)] if len(views) == 3 else []
   half = max((r.steps for r in results), default=0) / 2
-  tails: list[tuple[np.ndarray, np.ndarray]] = []  # per run: the lines' values past half
+  lines = {  # each run's training-loss line, computed once for every panel
+    r.name: trailing_mean(r.step_losses, window) if span == window else smooth(r.step_losses, span)
+    for r in results
+    if key == "loss" and r.step_losses
+  }
+  tails: list[tuple[np.ndarray, np.ndarray]] = []  # per line: its values past half, its last
   for ax, by in zip(axes, views):
     for r in results:
       style = styles[r.name]
-      if key == "loss" and r.step_losses:  # the training loss, as the target reads it
-        x = r.step_times if by == "time" else np.arange(1, len(r.step_losses) + 1)
-        line = (
-          trailing_mean(r.step_losses, window) if span == window else smooth(r.step_losses, span)
-        )
-        if by == "tail" and split == "train":  # the tail shows the target's own split
-          x, line = np.asarray(x), np.asarray(line)
+      if r.name in lines:  # the training loss, as the target reads it
+        line = np.asarray(lines[r.name])
+        x = np.asarray(r.step_times) if by == "time" else np.arange(1, len(line) + 1)
+        if by != "tail":
+          draw_loss_curve(ax, x, r.step_losses, style, smoothed=line, linestyle="-")
+        elif split == "train":  # the tail shows the target's own split only
           ax.plot(x[x >= half], line[x >= half], linestyle="-", **style)
           tails.append((line[x >= half], line[-1:]))
-        elif by != "tail":
-          draw_loss_curve(ax, x, r.step_losses, style, smoothed=line, linestyle="-")
       if key in r.evals and (by != "tail" or split == "test"):
-        x, values = np.asarray(r.eval_times if by == "time" else r.eval_steps), r.evals[key]
-        values = np.asarray(values, dtype=np.float64)
+        x = np.asarray(r.eval_times if by == "time" else r.eval_steps)
+        values = np.asarray(r.evals[key], dtype=np.float64)
         if by == "tail":
-          x = np.asarray(r.eval_steps)
           x, values = x[x >= half], values[x >= half]
           tails.append((values, values[-1:]))
         ax.plot(x, values, linestyle="--", marker="o", ms=3, **style)
