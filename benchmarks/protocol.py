@@ -24,7 +24,8 @@ long tuning splits into groups of optimizers, run side by side or in different s
 skips those already written, so that a tuning stopped midway resumes where it stopped;
 ``--tuning-from <out>`` reads every record of that folder. The final runs are kept per
 seed and budget as they finish (``<out>/runs/``); ``--resume`` reads back those of a
-stopped run of the same command instead of running them again.
+stopped run of the same command instead of running them again, and resumes the one it
+stopped in from each optimizer's last finished epoch (its checkpoints, kept while it runs).
 
 Usage::
 

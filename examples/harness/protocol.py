@@ -47,9 +47,11 @@ and protocol.md says which) and runs parts 2 and 3 only: more seeds without tuni
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +97,9 @@ class RunStore:
   """The final runs finished so far, one JSON file per seed and budget in ``directory``,
   so that a protocol stopped midway resumes (``resume``) with the groups it finished.
   A group is read back only where its key -- the rows (names, optimizers, values), the
-  seed, the steps and ``settings`` (the workload's) -- is the one it was written with."""
+  seed, the steps and ``settings`` (the workload's) -- is the one it was written with.
+  While a group runs, its trainers keep a checkpoint of each finished epoch
+  (:meth:`checkpoints`), so that a group stopped midway resumes from its last epochs."""
 
   directory: Path
   settings: dict[str, Any]
@@ -122,6 +126,14 @@ class RunStore:
     self.directory.mkdir(parents=True, exist_ok=True)
     document = {"key": self._key(rows, seed, steps), "results": [asdict(r) for r in results]}
     self._path(seed, steps).write_text(json.dumps(jsonable(document)))
+    shutil.rmtree(self.checkpoints(rows, seed, steps), ignore_errors=True)
+
+  def checkpoints(self, rows: Sequence[Row], seed: int, steps: int) -> Path:
+    """Where the group's trainers keep their epoch checkpoints while it runs (named by
+    its key, so that another group never reads them; removed once the group is saved)."""
+    key = json.dumps(self._key(rows, seed, steps), sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return self.directory / f"seed{seed}-steps{steps}-{digest}"
 
 
 def final_runs(
@@ -140,7 +152,8 @@ def final_runs(
   """Every row on ``task`` once per seed, interleaved, a whole schedule over ``fraction``
   of ``epochs``; the times to SGD's final quality of the same seed filled in. With
   ``store``, each seed's group is kept as it finishes, and read back instead of run where
-  the store resumes and holds it."""
+  the store resumes and holds it; a group stopped midway resumes from each trainer's last
+  finished epoch (the clock counts training steps only, so its times stay comparable)."""
   runs = []
   steps = max(1, round(fraction * epochs * task.steps_per_epoch))
   for seed in seeds:
@@ -151,6 +164,11 @@ def final_runs(
       continue
     params, model_state = task.init(jax.random.PRNGKey(seed))
     config = RunConfig(epochs=epochs, seed=seed, eval_every=eval_every, steps=steps)
+    if store:  # every trainer checkpoints each epoch, and resumes from there
+      kept_epochs = store.checkpoints(rows, seed, steps)
+      if not store.resume:
+        shutil.rmtree(kept_epochs, ignore_errors=True)
+      config = replace(config, out=kept_epochs, resume=store.resume)
     print(f"--- {task.name}: seed {seed}, {steps} steps ({fraction:.0%} of the budget)")
     trainers = [
       Trainer(
@@ -162,8 +180,9 @@ def final_runs(
         model_state,
         config,
         name=row.name,
+        checkpoint_name=f"{i:02d}-{row.spec.key}-{row.variant.replace(' ', '-')}",
       )
-      for row in rows
+      for i, row in enumerate(rows)
     ]
     results = interleave(trainers, chunk)
     targets.set_times_to_target(results, task.target, window)

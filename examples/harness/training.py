@@ -283,6 +283,7 @@ class Trainer:
     model_state: Any,
     config: RunConfig,
     name: str | None = None,
+    checkpoint_name: str | None = None,
   ) -> None:
     self.task, self.config = task, config
     self.total_steps = config.total_steps(task.steps_per_epoch)
@@ -307,7 +308,11 @@ class Trainer:
     )
     self.rng = np.random.default_rng(config.seed)
     self._fingerprint = {**dict(config.fingerprint), "lr": lr, "optimizer": spec.key}
-    self._ckpt_dir = None if config.out is None else Path(config.out) / "checkpoints" / spec.key
+    self._ckpt_dir = (
+      None
+      if config.out is None
+      else Path(config.out) / "checkpoints" / (checkpoint_name or spec.key)
+    )
     if config.resume and self._ckpt_dir is not None:
       self._restore()
     self._clock = sum(self.result.epoch_times)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -623,3 +624,68 @@ def test_records_keep_lists_of_numbers_on_one_line_and_read_back_equal():
   assert read["trials"] == [{"lr": 0.1, "score": 0.5}, {"lr": 1.0, "score": float("inf")}]
   assert read["point"] == [0.1, None] and read["grids"] == {"lr": [0.1, 0.316]}
   assert read["empty"] == {} and read["none"] == [] and read["name"] == "SGD"
+
+
+def test_a_final_run_stopped_midway_resumes_from_its_last_epochs(
+  tiny_protocol, tmp_path, monkeypatch
+):
+  """A seed's group stopped between epochs resumes each trainer from its own last epoch
+  checkpoint and ends as the uninterrupted group did; the checkpoints go once it is kept."""
+  specs = [SPEC_BY_KEY["sgd"], SPEC_BY_KEY["eva"]]
+  p = protocol.Protocol(seeds=(0,), validation_fraction=0.2, tune_fraction=0.5, budgets=(1.0,))
+  _, first_out, _ = tiny_protocol
+  recorded = json.loads((first_out / "protocol.json").read_text())
+
+  def run(out, resume):
+    return protocol.run_protocol(
+      regression_task,
+      specs,
+      p,
+      Options(),
+      epochs=2,
+      out=out,
+      title="tiny",
+      recorded=recorded,
+      settings={"command": "first"},
+      resume=resume,
+    )
+
+  whole = run(tmp_path / "whole", resume=False)
+  save = training.save_checkpoint  # as the Trainer imports it
+  saved, stop_after = [], [3]
+
+  def saving(directory, *args, **kwargs):  # stops after the third epoch checkpoint
+    save(directory, *args, **kwargs)
+    saved.append(Path(directory).name)
+    if len(saved) == stop_after[0]:
+      raise KeyboardInterrupt
+
+  monkeypatch.setattr(training, "save_checkpoint", saving)
+  with pytest.raises(KeyboardInterrupt):
+    run(tmp_path / "cut", resume=False)
+  # The first row finished both its epochs, the second one of them (chunks of 10 steps).
+  assert saved == ["00-sgd-tuned", "00-sgd-tuned", "01-eva-tuned"]
+  runs = tmp_path / "cut" / "runs"
+  (group,) = [d for d in runs.iterdir() if d.is_dir()]
+  assert group.name.startswith("seed0-steps10-")
+  saved.clear()
+  stop_after[0] = 0
+  resumed = run(tmp_path / "cut", resume=True)
+  # The first row is not trained again; the second trains its last epoch only.
+  assert "00-sgd-tuned" not in saved and saved.count("01-eva-tuned") == 1
+  assert saved.count("04-eva-as-published") == 2
+  assert [r.name for r in resumed.runs[0]] == [r.name for r in whole.runs[0]]
+  for a, b in zip(whole.runs[0], resumed.runs[0]):
+    assert b.step_losses == a.step_losses and b.test == a.test, a.name
+    assert b.curvature == a.curvature and len(b.epoch_times) == 2, a.name
+  assert not group.exists() and (runs / "seed0-steps10.json").is_file()
+  # Without resume, a stopped group's checkpoints are dropped, not read: all run again.
+  saved.clear()
+  stop_after[0] = 3
+  with pytest.raises(KeyboardInterrupt):
+    run(tmp_path / "cut", resume=False)
+  saved.clear()
+  stop_after[0] = 0
+  again = run(tmp_path / "cut", resume=False)
+  assert saved.count("00-sgd-tuned") == 2 and saved.count("01-eva-tuned") == 2
+  assert again.runs[0][1].step_losses == whole.runs[0][1].step_losses
