@@ -422,10 +422,25 @@ def test_a_recorded_tuning_gives_the_final_runs_more_seeds_without_tuning_again(
     protocol.recorded_tuning(recorded, specs, protocol.Protocol(**settings), False, 5)
 
 
+def run_recorded(recorded, p, out, resume, settings=None):
+  """SGD and Eva on the tiny task, their tuning read from ``recorded``: the final runs."""
+  return protocol.run_protocol(
+    regression_task,
+    [SPEC_BY_KEY["sgd"], SPEC_BY_KEY["eva"]],
+    p,
+    Options(),
+    epochs=2,
+    out=out,
+    title="tiny",
+    recorded=recorded,
+    settings=settings or {"command": "first"},
+    resume=resume,
+  )
+
+
 def test_a_stopped_protocol_resumes_with_the_final_runs_it_finished(
   tiny_protocol, tmp_path, monkeypatch
 ):
-  specs = [SPEC_BY_KEY["sgd"], SPEC_BY_KEY["eva"]]
   p = protocol.Protocol(
     seeds=(0, 2), validation_fraction=0.2, tune_fraction=0.5, budgets=(0.5, 1.0), budget_seeds=(2,)
   )
@@ -442,18 +457,7 @@ def test_a_stopped_protocol_resumes_with_the_final_runs_it_finished(
   out = tmp_path / "r"
 
   def run(resume, settings=None):
-    return protocol.run_protocol(
-      regression_task,
-      specs,
-      p,
-      Options(),
-      epochs=2,
-      out=out,
-      title="tiny",
-      recorded=recorded,
-      settings=settings or {"command": "first"},
-      resume=resume,
-    )
+    return run_recorded(recorded, p, out, resume, settings)
 
   whole = run(resume=False)
   assert ran == [(0, 10), (2, 10), (2, 5)]
@@ -631,24 +635,12 @@ def test_a_final_run_stopped_midway_resumes_from_its_last_epochs(
 ):
   """A seed's group stopped between epochs resumes each trainer from its own last epoch
   checkpoint and ends as the uninterrupted group did; the checkpoints go once it is kept."""
-  specs = [SPEC_BY_KEY["sgd"], SPEC_BY_KEY["eva"]]
   p = protocol.Protocol(seeds=(0,), validation_fraction=0.2, tune_fraction=0.5, budgets=(1.0,))
   _, first_out, _ = tiny_protocol
   recorded = json.loads((first_out / "protocol.json").read_text())
 
   def run(out, resume):
-    return protocol.run_protocol(
-      regression_task,
-      specs,
-      p,
-      Options(),
-      epochs=2,
-      out=out,
-      title="tiny",
-      recorded=recorded,
-      settings={"command": "first"},
-      resume=resume,
-    )
+    return run_recorded(recorded, p, out, resume)
 
   whole = run(tmp_path / "whole", resume=False)
   save = training.save_checkpoint  # as the Trainer imports it
