@@ -9,11 +9,12 @@ import argparse
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -367,6 +368,7 @@ class Worker:
       "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     self.devices = devices
+    self.jobs = list(jobs)
     self.process = subprocess.Popen(
       [sys.executable, "-m", "benchmarks.sharded", "--worker", str(devices)],
       env=env,
@@ -388,7 +390,7 @@ class Worker:
       if line.startswith(REPLY):
         return json.loads(line[len(REPLY) :])
     status = self.process.wait()
-    raise RuntimeError(f"worker with {self.devices} devices exited (status {status})")
+    raise WorkerExited(self.devices, status)
 
   def close(self) -> None:
     if self.process.poll() is None:
@@ -399,15 +401,57 @@ class Worker:
         self.process.kill()
 
 
+class WorkerExited(RuntimeError):
+  """A worker ended before it answered; ``status`` is its exit status (negative: the
+  signal that ended it)."""
+
+  def __init__(self, devices: int, status: int):
+    super().__init__(f"worker with {devices} devices exited (status {status})")
+    self.devices, self.status = devices, status
+
+
+def _timed(
+  worker: Worker, args: argparse.Namespace, retries: int, log: Callable[[str], None]
+) -> list[dict[str, Any]]:
+  """``worker``'s records, timed. XLA's CPU collectives now and then stop at a rendezvous
+  that never completes (the process aborts, status -SIGABRT, after its 40 s timeout); such
+  a worker's jobs run again, up to ``retries`` times, in a fresh worker that must import
+  the same library. Any other exit is raised as it is."""
+  worker.send("time")
+  try:
+    return worker.read()["records"]
+  except WorkerExited as e:
+    if retries <= 0 or e.status != -signal.SIGABRT:
+      raise
+    log(f"{e}; its jobs run again in a fresh worker ({retries} more tries)")
+  fresh = Worker(worker.devices, worker.jobs, args)
+  try:
+    fresh.library = fresh.read()["imported"]
+    if fresh.library != worker.library:
+      raise RuntimeError(
+        f"the library changed during the run ({worker.library} -> {fresh.library}): "
+        "its retry would not measure the same code"
+      )
+    fresh.send("compile")
+    fresh.read()
+    return _timed(fresh, args, retries - 1, log)
+  finally:
+    fresh.close()
+
+
 def run_workers(
   plan: Sequence[tuple[int, Sequence[Job]]],
   args: argparse.Namespace,
   parallel: int = 1,
+  retries: int = 2,
+  log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
   """``(devices, jobs)`` per worker. Every worker starts and imports the library at once
   (so all measure the same code, even if it is edited during the run); they compile
   ``parallel`` at a time, then time their jobs one after the other, so that no timing
-  shares the cores. Returns the records and the library state each worker imported."""
+  shares the cores. A worker aborted by a stuck collective of XLA's CPU runtime is
+  retried (``retries`` times, see ``_timed``). Returns the records and the library state
+  each worker imported."""
   workers = [Worker(devices, jobs, args) for devices, jobs in plan if jobs]
   records: list[dict[str, Any]] = []
   try:
@@ -420,8 +464,7 @@ def run_workers(
       for w in batch:
         w.read()
     for w in workers:
-      w.send("time")
-      records += w.read()["records"]
+      records += _timed(w, args, retries, log)
   finally:
     for w in workers:
       w.close()

@@ -126,3 +126,71 @@ def test_statistics_and_projection():
   # GPT-2 small: 6 x 12 x 768^2 x 2 + 768 x 50304 matmul weights → ~0.85 GFLOP per token
   assert 0.8e9 < sharded_analysis.model_flops_per_token(a.model, a.depth) < 0.9e9
   assert math.isclose(n64["sgd_ms"] * 4, p["meshes"][1]["sgd_ms"] * 16)
+
+
+class _ScriptedWorker:
+  """Stands in for a worker subprocess: each new worker takes the next exit status (None:
+  it answers its records) from ``exits``."""
+
+  exits: list = []
+  started = 0
+  commits = "cccc"
+
+  def __init__(self, devices, jobs, args):
+    type(self).started += 1
+    self.devices, self.jobs, self.library = devices, jobs, {}
+    self.number, self.sent = type(self).started, None
+    self.exit = type(self).exits.pop(0)
+
+  def send(self, line):
+    self.sent = line
+
+  def read(self):
+    if self.sent is None:
+      return {"imported": {"commit": type(self).commits[self.number - 1]}}
+    if self.sent == "compile":
+      return {"ready": len(self.jobs)}
+    if self.exit is not None:
+      raise sharded_worker.WorkerExited(self.devices, self.exit)
+    return {"records": [{"job": j, "worker": self.number} for j in self.jobs]}
+
+  def close(self):
+    pass
+
+
+@pytest.mark.parametrize(
+  "exits, retried",
+  [
+    ([None], 0),  # nothing to retry
+    ([-6, None], 1),  # aborted once: a fresh worker's records
+    ([-6, -6, None], 2),  # twice: the last of the two retries
+  ],
+)
+def test_a_worker_aborted_by_a_stuck_collective_runs_again(monkeypatch, exits, retried):
+  monkeypatch.setattr(sharded_worker, "Worker", _ScriptedWorker)
+  monkeypatch.setattr(_ScriptedWorker, "exits", list(exits))
+  monkeypatch.setattr(_ScriptedWorker, "started", 0)
+  logged = []
+  records, libraries = sharded_worker.run_workers([(8, ["a", "b"])], None, log=logged.append)
+  assert records == [{"job": "a", "worker": 1 + retried}, {"job": "b", "worker": 1 + retried}]
+  assert libraries == [{"commit": "c"}] and _ScriptedWorker.started == 1 + retried
+  assert len(logged) == retried and all("status -6" in m for m in logged)
+
+
+@pytest.mark.parametrize("exits", [[1], [-9], [-6, -6, -6]])
+def test_other_exits_and_a_third_abort_are_raised(monkeypatch, exits):
+  monkeypatch.setattr(sharded_worker, "Worker", _ScriptedWorker)
+  monkeypatch.setattr(_ScriptedWorker, "exits", list(exits))
+  monkeypatch.setattr(_ScriptedWorker, "started", 0)
+  with pytest.raises(sharded_worker.WorkerExited, match=f"status {exits[-1]}"):
+    sharded_worker.run_workers([(8, ["a"])], None, log=lambda m: None)
+  assert _ScriptedWorker.started == len(exits)
+
+
+def test_a_retry_refuses_a_library_changed_since(monkeypatch):
+  monkeypatch.setattr(sharded_worker, "Worker", _ScriptedWorker)
+  monkeypatch.setattr(_ScriptedWorker, "exits", [-6, None])
+  monkeypatch.setattr(_ScriptedWorker, "started", 0)
+  monkeypatch.setattr(_ScriptedWorker, "commits", "cd")
+  with pytest.raises(RuntimeError, match="library changed during the run"):
+    sharded_worker.run_workers([(8, ["a"])], None, log=lambda m: None)
