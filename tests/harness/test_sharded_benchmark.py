@@ -134,7 +134,7 @@ class _ScriptedWorker:
 
   exits: list = []
   started = 0
-  commits = "cccc"
+  commits = ""
 
   def __init__(self, devices, jobs, args):
     type(self).started += 1
@@ -158,6 +158,20 @@ class _ScriptedWorker:
     pass
 
 
+@pytest.fixture
+def scripted(monkeypatch):
+  """``scripted(exits, commits)``: run_workers' workers are _ScriptedWorkers that exit
+  with ``exits`` in turn and import the library at ``commits`` in turn."""
+
+  def script(exits, commits="cccc"):
+    monkeypatch.setattr(sharded_worker, "Worker", _ScriptedWorker)
+    monkeypatch.setattr(_ScriptedWorker, "exits", list(exits))
+    monkeypatch.setattr(_ScriptedWorker, "started", 0)
+    monkeypatch.setattr(_ScriptedWorker, "commits", commits)
+
+  return script
+
+
 @pytest.mark.parametrize(
   "exits, retried",
   [
@@ -166,10 +180,8 @@ class _ScriptedWorker:
     ([-6, -6, None], 2),  # twice: the last of the two retries
   ],
 )
-def test_a_worker_aborted_by_a_stuck_collective_runs_again(monkeypatch, exits, retried):
-  monkeypatch.setattr(sharded_worker, "Worker", _ScriptedWorker)
-  monkeypatch.setattr(_ScriptedWorker, "exits", list(exits))
-  monkeypatch.setattr(_ScriptedWorker, "started", 0)
+def test_a_worker_aborted_by_a_stuck_collective_runs_again(scripted, exits, retried):
+  scripted(exits)
   logged = []
   records, libraries = sharded_worker.run_workers([(8, ["a", "b"])], None, log=logged.append)
   assert records == [{"job": "a", "worker": 1 + retried}, {"job": "b", "worker": 1 + retried}]
@@ -178,19 +190,14 @@ def test_a_worker_aborted_by_a_stuck_collective_runs_again(monkeypatch, exits, r
 
 
 @pytest.mark.parametrize("exits", [[1], [-9], [-6, -6, -6]])
-def test_other_exits_and_a_third_abort_are_raised(monkeypatch, exits):
-  monkeypatch.setattr(sharded_worker, "Worker", _ScriptedWorker)
-  monkeypatch.setattr(_ScriptedWorker, "exits", list(exits))
-  monkeypatch.setattr(_ScriptedWorker, "started", 0)
+def test_other_exits_and_a_third_abort_are_raised(scripted, exits):
+  scripted(exits)
   with pytest.raises(sharded_worker.WorkerExited, match=f"status {exits[-1]}"):
     sharded_worker.run_workers([(8, ["a"])], None, log=lambda m: None)
   assert _ScriptedWorker.started == len(exits)
 
 
-def test_a_retry_refuses_a_library_changed_since(monkeypatch):
-  monkeypatch.setattr(sharded_worker, "Worker", _ScriptedWorker)
-  monkeypatch.setattr(_ScriptedWorker, "exits", [-6, None])
-  monkeypatch.setattr(_ScriptedWorker, "started", 0)
-  monkeypatch.setattr(_ScriptedWorker, "commits", "cd")
+def test_a_retry_refuses_a_library_changed_since(scripted):
+  scripted([-6, None], commits="cd")
   with pytest.raises(RuntimeError, match="library changed during the run"):
     sharded_worker.run_workers([(8, ["a"])], None, log=lambda m: None)
