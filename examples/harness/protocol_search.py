@@ -57,6 +57,12 @@ class Protocol:
       raise ValueError("seeds: at least one")
     if any(not 0 < b <= 1 for b in self.budgets) or list(self.budgets) != sorted(set(self.budgets)):
       raise ValueError(f"budgets must rise within (0, 1], got {self.budgets}")
+    if not self.budgets or self.budgets[-1] != 1:
+      raise ValueError(
+        f"budgets must end with the whole budget 1, the reference the shorter ones are "
+        f"measured against (its runs are the final runs: --resume reads finished ones "
+        f"back), got {self.budgets}"
+      )
     if not set(self.budget_seeds or ()) <= set(self.seeds):
       raise ValueError(
         f"budget_seeds {self.budget_seeds} must be among the seeds "

@@ -542,6 +542,9 @@ def test_the_shortest_budget_is_the_first_to_reach_the_reference():
   assert protocol_summary.shortest_budget(quality, float("nan"), False) is None
   with pytest.raises(ValueError, match="budgets"):
     protocol.Protocol(budgets=(0.5, 0.25, 1.0))
+  # Shorter budgets without the whole one would run and then have nothing to compare with.
+  with pytest.raises(ValueError, match="end with the whole budget 1"):
+    protocol.Protocol(budgets=(0.25, 0.5))
   with pytest.raises(ValueError, match="budget_seeds"):
     protocol.Protocol(seeds=(0, 1), budget_seeds=(2,))
 

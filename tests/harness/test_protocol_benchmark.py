@@ -160,3 +160,9 @@ def test_a_tuning_per_optimizer_resumes_and_reads_back_as_one(tmp_path, calls):
     protocol.main(["--quick", "--tuning-from", str(tmp_path / "f"), "--out", str(tmp_path / "g")])
   with pytest.raises(SystemExit):  # a record per optimizer is a tuning's
     protocol.parse_args(["--quick", "--per-optimizer"])
+
+
+def test_budgets_without_the_whole_one_are_refused_before_any_run(capsys):
+  with pytest.raises(SystemExit):
+    protocol.parse_args(["--quick", "--budgets", "0.25,0.5"])
+  assert "must end with the whole budget 1" in capsys.readouterr().err
