@@ -38,7 +38,7 @@ CHAR_LM_BENCH := $(AUTOENCODER_BENCH)
 # benchmarks/convergence.py, with every member and 2 seeds: its tuning takes about 6 h of
 # one core (run as two processes side by side, --tune-only --per-optimizer), each seed's
 # final runs (15 rows, interleaved) 1 h 50 min of one core, beside another process; the
-# budget runs of seed 0 (25, 50 and 75 %) about 2 h 45 min more.
+# budget runs of seed 0 (25, 50 and 75 %) 1 h 45 min more (two processes, 52 min each).
 CLASSIFIER_BENCH := $(AUTOENCODER_BENCH)
 CHAR_LM_FLAGS := --epochs 32 --steps-per-epoch 500 --seq-len 32 --d-model 32 --layers 1 \
 	--heads 2 --eval-batches 50 --eval-every 500
