@@ -104,7 +104,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     "--budgets",
     default=None,
     help="fractions of the budget for the budget-to-quality runs "
-    "(default 0.25,0.5,0.75,1; 1 alone skips them)",
+    "ending with the whole budget 1 (default 0.25,0.5,0.75,1; 1 alone skips them; with "
+    "--resume the whole runs already finished are read back)",
   )
   p.add_argument(
     "--budget-seeds",
