@@ -57,6 +57,10 @@ def test_classifier_trains_and_writes_the_report(clf, data, tmp_path, capsys):
       "--out",
       str(out_dir),
       "--checkpoint",
+      "--depth",  # the smallest ResNet: the report, not the network, is under test here
+      "8",
+      "--width",
+      "4",
     ]
   )
   out = capsys.readouterr().out
